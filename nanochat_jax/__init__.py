@@ -1,0 +1,1 @@
+"""nanochat-jax: train your own chat LLM in JAX/Flax."""
