@@ -1,0 +1,90 @@
+"""Shared plumbing: the artifacts directory, process/device info, logging on process 0, timers, peak FLOP/s.
+
+Every artifact (tokenizer, data cache, checkpoints, report) lives under one home directory:
+`$NANOCHAT_JAX_HOME`, default `~/.cache/nanochat_jax`.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+HOME_ENV = "NANOCHAT_JAX_HOME"
+
+
+def artifacts_dir(*parts: str, create: bool = True) -> Path:
+    """Path under the artifacts home, e.g. artifacts_dir("tokenizer")."""
+    home = Path(os.environ.get(HOME_ENV) or Path.home() / ".cache" / "nanochat_jax").expanduser()
+    path = home.joinpath(*parts)
+    if create:
+        path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def process_index() -> int:
+    import jax
+
+    return jax.process_index()
+
+
+def is_main_process() -> bool:
+    return process_index() == 0
+
+
+def print0(*args, **kwargs) -> None:
+    """print() on process 0 only (multi-host runs print once)."""
+    if is_main_process():
+        print(*args, **kwargs, flush=True)
+
+
+def device_info() -> dict:
+    import jax
+
+    devices = jax.devices()
+    return {
+        "backend": jax.default_backend(),
+        "device_kind": devices[0].device_kind,
+        "num_devices": len(devices),
+        "num_local_devices": jax.local_device_count(),
+        "num_processes": jax.process_count(),
+        "jax_version": jax.__version__,
+    }
+
+
+# Datasheet dense bf16 peak FLOP/s per device, used for MFU when the device kind is known.
+PEAK_BF16_FLOPS = {
+    "H100": 989e12,  # SXM
+    "H200": 989e12,
+    "A100": 312e12,
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,
+    "TPU v5e": 197e12,
+    "TPU v5p": 459e12,
+    "TPU v6 lite": 918e12,
+    "TPU v6e": 918e12,
+}
+
+
+def peak_flops_per_device(device_kind: str | None = None) -> float | None:
+    """Datasheet bf16 peak for the current (or given) device kind, or None when unknown (e.g. CPU)."""
+    if device_kind is None:
+        import jax
+
+        device_kind = jax.devices()[0].device_kind
+    for name, flops in PEAK_BF16_FLOPS.items():
+        if name.lower() in device_kind.lower():
+            return flops
+    return None
+
+
+class Timer:
+    """Wall-clock stopwatch: `with Timer() as t: ...; t.seconds`."""
+
+    def __enter__(self) -> "Timer":
+        self.start = time.perf_counter()
+        self.seconds = 0.0
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.seconds = time.perf_counter() - self.start

@@ -1,0 +1,357 @@
+"""One config system for every stage: typed dataclasses, TOML files, and --section.key=value overrides.
+
+A run's configuration is a single `Config` made of sections (model, optim, train, data, ...).
+`load_config(argv)` reads `--config FILE.toml` (any subset of sections), then applies command-line
+overrides such as `--model.depth=4` or `--train.device_batch_size 8`. Unknown keys, wrong types and
+invalid values stop with one `ConfigError` line that names the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message names the key and what is allowed."""
+
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass
+class ModelConfig:
+    depth: int = 20  # number of transformer blocks; width = depth * aspect_ratio
+    aspect_ratio: int = 64  # model width per layer of depth
+    head_dim: int = 128  # target head dimension; n_head = ceil(width / head_dim)
+    n_kv_head: int = 0  # key/value heads for GQA/MQA; 0 means "same as n_head"
+    vocab_size: int = 65536  # set from the tokenizer by the training scripts
+    sequence_len: int = 2048
+    softcap: float = 15.0  # logit soft-capping, computed in fp32
+    rope_theta: float = 10000.0
+    compute_dtype: str = "bfloat16"  # activations / matmuls; parameters stay fp32
+    param_dtype: str = "float32"
+    attention_impl: str = "xla"  # xla | cudnn (flash attention on NVIDIA GPUs)
+    remat: str = "none"  # none | block | dots_saveable
+    loss_chunk: int = 0  # >0: cross-entropy over chunks of this many tokens (no full (B,T,V) logits)
+
+    @property
+    def n_layer(self) -> int:
+        return self.depth
+
+    @property
+    def n_embd(self) -> int:
+        return self.depth * self.aspect_ratio
+
+    @property
+    def n_head(self) -> int:
+        return max(1, math.ceil(self.n_embd / self.head_dim))
+
+    @property
+    def n_kv_heads(self) -> int:
+        return self.n_kv_head or self.n_head
+
+    def validate(self) -> None:
+        _positive(self, "model", "depth", "aspect_ratio", "head_dim", "vocab_size", "sequence_len")
+        if self.n_embd % self.n_head:
+            raise ConfigError(f"model: width {self.n_embd} (depth*aspect_ratio) is not divisible by n_head {self.n_head}")
+        if (self.n_embd // self.n_head) % 2:
+            raise ConfigError(f"model: head dimension {self.n_embd // self.n_head} must be even for rotary embeddings")
+        if self.n_kv_head < 0 or self.n_head % self.n_kv_heads:
+            raise ConfigError(f"model.n_kv_head={self.n_kv_head} must divide n_head={self.n_head} (0 = same as n_head)")
+        _choice(self, "model", "compute_dtype", DTYPES)
+        _choice(self, "model", "param_dtype", DTYPES)
+        _choice(self, "model", "attention_impl", ("xla", "cudnn"))
+        _choice(self, "model", "remat", ("none", "block", "dots_saveable"))
+        if self.softcap < 0 or self.loss_chunk < 0:
+            raise ConfigError("model.softcap and model.loss_chunk must be >= 0")
+
+
+@dataclass
+class OptimConfig:
+    embedding_lr: float = 0.2  # AdamW, token embedding (scaled by (width/768)^-0.5)
+    unembedding_lr: float = 0.004  # AdamW, lm_head (scaled by (width/768)^-0.5)
+    matrix_lr: float = 0.02  # Muon, every 2-D matrix inside the blocks
+    weight_decay: float = 0.0  # AdamW weight decay
+    adam_beta1: float = 0.8
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-10
+    muon_momentum: float = 0.95
+    muon_momentum_start: float = 0.85  # Muon momentum warms up linearly from this value ...
+    muon_momentum_warmup_steps: int = 300  # ... over this many steps
+    muon_nesterov: bool = True
+    ns_steps: int = 5  # Newton-Schulz iterations
+    warmup_ratio: float = 0.0  # fraction of steps with linear LR warm-up
+    warmdown_ratio: float = 0.2  # fraction of steps with linear LR warm-down
+    final_lr_frac: float = 0.0  # LR multiplier reached at the end of the warm-down
+    grad_clip: float = 1.0  # global-norm clipping; 0 disables
+
+    def validate(self) -> None:
+        for name in ("embedding_lr", "unembedding_lr", "matrix_lr", "weight_decay", "adam_eps", "grad_clip"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"optim.{name}={getattr(self, name)} must be >= 0")
+        for name in ("adam_beta1", "adam_beta2", "muon_momentum", "muon_momentum_start",
+                     "warmup_ratio", "warmdown_ratio", "final_lr_frac"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"optim.{name}={getattr(self, name)} must be in [0, 1]")
+        if self.warmup_ratio + self.warmdown_ratio > 1.0:
+            raise ConfigError("optim.warmup_ratio + optim.warmdown_ratio must be <= 1")
+        _positive(self, "optim", "ns_steps")
+
+
+@dataclass
+class MeshConfig:
+    """Device mesh axis sizes; their product is the device count. -1 on one axis means 'the rest'."""
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+
+    def validate(self) -> None:
+        sizes = [self.data, self.fsdp, self.tensor]
+        if sum(s == -1 for s in sizes) > 1 or any(s == 0 or s < -1 for s in sizes):
+            raise ConfigError(f"mesh: sizes {sizes} must be positive, with at most one -1 ('the rest')")
+
+
+@dataclass
+class TrainConfig:
+    device_batch_size: int = 32  # sequences per device per micro-batch
+    total_batch_size: int = 524288  # tokens per optimizer step; grad accumulation is derived
+    num_iterations: int = -1  # explicit step count (-1: derive from target_flops or the ratio)
+    target_flops: float = -1.0
+    target_param_data_ratio: float = 20.0  # tokens : params (Chinchilla = 20)
+    eval_every: int = 250  # steps between validation bits-per-byte (0 = only at the end)
+    eval_tokens: int = 20 * 524288
+    sample_every: int = 2000  # steps between greedy samples (0 = only at the end)
+    checkpoint_every: int = 0  # steps between checkpoints (0 = only at the end)
+    keep_checkpoints: int = 2
+    log_every: int = 1
+    seed: int = 0
+    resume: bool = False  # continue from the latest checkpoint of this stage and depth
+
+    def validate(self) -> None:
+        _positive(self, "train", "device_batch_size", "total_batch_size", "eval_tokens", "keep_checkpoints", "log_every")
+        if self.num_iterations <= 0 and self.target_flops <= 0 and self.target_param_data_ratio <= 0:
+            raise ConfigError("train: set one of num_iterations, target_flops or target_param_data_ratio (> 0)")
+
+
+@dataclass
+class DataConfig:
+    source: str = "embedded"  # embedded | fineweb | files
+    path: str = ""  # for source=files: a directory or glob of .parquet / .jsonl / .txt files
+    text_column: str = "text"
+    num_shards: int = 8  # fineweb shards to download (the last shard is always the validation split)
+    download_workers: int = 4
+    tokenizer_threads: int = 4
+    skip_bad_shards: bool = False  # warn and skip an unreadable shard instead of stopping
+    prefetch: int = 2
+
+    def validate(self) -> None:
+        _choice(self, "data", "source", ("embedded", "fineweb", "files"))
+        if self.source == "files" and not self.path:
+            raise ConfigError("data.path must be set when data.source='files'")
+        _positive(self, "data", "num_shards", "download_workers", "tokenizer_threads")
+
+
+@dataclass
+class TokenizerConfig:
+    vocab_size: int = 65536  # including the special tokens
+    max_chars: int = 2_000_000_000  # characters of training text to use
+    doc_cap: int = 10_000  # characters per document at most
+    buffer_size: int = 8192  # documents per batch handed to the Rust trainer
+
+    def validate(self) -> None:
+        _positive(self, "tokenizer", "max_chars", "doc_cap", "buffer_size")
+        if self.vocab_size < 256 + 9:
+            raise ConfigError(f"tokenizer.vocab_size={self.vocab_size} must be >= 265 (256 bytes + 9 special tokens)")
+
+
+@dataclass
+class Config:
+    run: str = "default"  # a name for this run, shown in logs and the report
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+
+    def validate(self) -> "Config":
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if dataclasses.is_dataclass(value):
+                value.validate()
+        return self
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading, overriding and printing
+
+
+def _positive(obj, section: str, *names: str) -> None:
+    for name in names:
+        if getattr(obj, name) <= 0:
+            raise ConfigError(f"{section}.{name}={getattr(obj, name)} must be > 0")
+
+
+def _choice(obj, section: str, name: str, allowed: tuple[str, ...]) -> None:
+    if getattr(obj, name) not in allowed:
+        raise ConfigError(f"{section}.{name}={getattr(obj, name)!r} is not one of {', '.join(allowed)}")
+
+
+def _coerce(key: str, value, typ):
+    """Convert a TOML value or a command-line string to the field's type, or raise ConfigError."""
+    from_cli = isinstance(value, str) and typ is not str
+    try:
+        if typ is bool:
+            if isinstance(value, bool):
+                return value
+            if from_cli and value.lower() in ("true", "1", "yes", "on"):
+                return True
+            if from_cli and value.lower() in ("false", "0", "no", "off"):
+                return False
+            raise ValueError
+        if typ is int:
+            if isinstance(value, bool) or isinstance(value, float):
+                raise ValueError
+            return int(value)
+        if typ is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if typ is str:
+            if not isinstance(value, str):
+                raise ValueError
+            return value
+    except ValueError:
+        pass
+    else:
+        raise ConfigError(f"{key}: unsupported field type {typ}")
+    raise ConfigError(f"{key}={value!r} is not a valid {typ.__name__}")
+
+
+def _fields(obj) -> dict[str, type]:
+    hints = typing.get_type_hints(type(obj))
+    return {f.name: hints[f.name] for f in dataclasses.fields(obj)}
+
+
+def _set(cfg: Config, key: str, value) -> None:
+    parts = key.split(".")
+    obj, prefix = cfg, []
+    for part in parts[:-1]:
+        sub = getattr(obj, part, None) if part in _fields(obj) else None
+        if not dataclasses.is_dataclass(sub):
+            sections = [n for n, t in _fields(obj).items() if dataclasses.is_dataclass(t)]
+            raise ConfigError(f"unknown config section '{'.'.join(prefix + [part])}'; sections are: {', '.join(sections)}")
+        obj, prefix = sub, prefix + [part]
+    name = parts[-1]
+    fields = _fields(obj)
+    if name not in fields or dataclasses.is_dataclass(fields[name]):
+        where = f"[{'.'.join(prefix)}]" if prefix else "the top level"
+        allowed = [n for n, t in fields.items() if not dataclasses.is_dataclass(t)]
+        raise ConfigError(f"unknown config key '{key}'; keys allowed in {where}: {', '.join(allowed)}")
+    setattr(obj, name, _coerce(key, value, fields[name]))
+
+
+def _flatten(table: dict, prefix: str = "") -> list[tuple[str, object]]:
+    items = []
+    for k, v in table.items():
+        if isinstance(v, dict):
+            items += _flatten(v, f"{prefix}{k}.")
+        else:
+            items.append((f"{prefix}{k}", v))
+    return items
+
+
+def parse_overrides(argv: list[str]) -> tuple[str | None, list[tuple[str, str]]]:
+    """Split argv into (config file, [(dotted key, value)]). Accepts --k=v and --k v."""
+    config_file, overrides, i = None, [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--"):
+            raise ConfigError(f"unexpected argument {arg!r}; use --config FILE.toml and --section.key=value")
+        key, eq, value = arg[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(argv):
+                raise ConfigError(f"missing value for --{key}")
+            value, i = argv[i + 1], i + 1
+        if key == "config":
+            config_file = value
+        else:
+            overrides.append((key, value))
+        i += 1
+    return config_file, overrides
+
+
+def load_config(argv: list[str] | None = None, defaults: Config | None = None) -> Config:
+    """Defaults <- TOML file (--config) <- command-line overrides; then validate."""
+    argv = sys.argv[1:] if argv is None else argv
+    cfg = from_dict(to_dict(defaults)) if defaults else Config()
+    config_file, overrides = parse_overrides(argv)
+    if config_file:
+        path = Path(config_file)
+        if not path.exists():
+            raise ConfigError(f"config file not found: {config_file}")
+        try:
+            table = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config file {config_file} is not valid TOML: {e}") from None
+        for key, value in _flatten(table):
+            _set(cfg, key, value)
+    for key, value in overrides:
+        _set(cfg, key, value)
+    return cfg.validate()
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(table: dict) -> Config:
+    """Rebuild a Config from to_dict() output (e.g. the config stored in a checkpoint)."""
+    cfg = Config()
+    for key, value in _flatten(table):
+        _set(cfg, key, value)
+    return cfg
+
+
+def _toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return repr(v)
+
+
+def to_toml(cfg) -> str:
+    """Render a config (or any flat-section dataclass) as TOML that load_config reads back."""
+    table = to_dict(cfg)
+    top = [f"{k} = {_toml_value(v)}" for k, v in table.items() if not isinstance(v, dict)]
+    lines = top + ([""] if top else [])
+    for section, values in table.items():
+        if isinstance(values, dict):
+            lines.append(f"[{section}]")
+            lines += [f"{k} = {_toml_value(v)}" for k, v in values.items()]
+            lines.append("")
+    return "\n".join(lines)
+
+
+def model_config_from_dict(table: dict) -> ModelConfig:
+    cfg = ModelConfig()
+    for key, value in table.items():
+        if key not in _fields(cfg):
+            raise ConfigError(f"unknown model config key '{key}' in checkpoint metadata")
+        setattr(cfg, key, _coerce(f"model.{key}", value, _fields(cfg)[key]))
+    cfg.validate()
+    return cfg
+
+
+__all__ = [
+    "Config", "ConfigError", "DataConfig", "MeshConfig", "ModelConfig", "OptimConfig", "TokenizerConfig",
+    "TrainConfig", "from_dict", "load_config", "model_config_from_dict", "parse_overrides", "to_dict", "to_toml",
+]

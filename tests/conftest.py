@@ -1,0 +1,32 @@
+"""Test set-up: every test process sees 8 simulated CPU devices; fixtures build meshes and temp homes."""
+
+import os
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+
+@pytest.fixture
+def make_mesh():
+    """make_mesh(data, fsdp, tensor) -> a Mesh over the first data*fsdp*tensor simulated devices."""
+    from jax.sharding import Mesh
+
+    def _make(data: int = 1, fsdp: int = 1, tensor: int = 1) -> Mesh:
+        n = data * fsdp * tensor
+        devices = np.array(jax.devices()[:n]).reshape(data, fsdp, tensor)
+        return Mesh(devices, ("data", "fsdp", "tensor"))
+
+    return _make
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    """A fresh artifacts home for the test."""
+    monkeypatch.setenv("NANOCHAT_JAX_HOME", str(tmp_path / "home"))
+    return tmp_path / "home"
