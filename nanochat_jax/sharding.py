@@ -1,0 +1,121 @@
+"""Device meshes and the one table that maps logical axis names to mesh axes.
+
+Every parameter carries logical axis names in its `axes` metadata (see model.py), e.g. ('embed', 'heads').
+`LOGICAL_RULES` maps each name to a mesh axis: FSDP shards parameters (and so optimizer state) over
+`fsdp`; tensor parallelism shards heads and the MLP hidden dimension over `tensor`; the batch is sharded
+over (data, fsdp). A dimension that the mesh axis does not divide is replicated instead, so tiny models
+run on any mesh. No other module writes PartitionSpecs by hand.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from nanochat_jax.config import ConfigError, MeshConfig
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
+    "batch": ("data", "fsdp"),
+    "sequence": None,
+    "embed": "fsdp",
+    "vocab": "tensor",
+    "heads": "tensor",
+    "kv_heads": "tensor",
+    "mlp": "tensor",
+    "layers": None,
+    "cache_len": None,
+}
+
+
+def mesh_shape(cfg: MeshConfig, num_devices: int) -> tuple[int, int, int]:
+    """Resolve the -1 entry and check that the axis sizes multiply to the device count."""
+    sizes = [cfg.data, cfg.fsdp, cfg.tensor]
+    known = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        if num_devices % known:
+            raise ConfigError(f"mesh: {num_devices} devices are not divisible by the fixed axis sizes {sizes}")
+        sizes[sizes.index(-1)] = num_devices // known
+    if math.prod(sizes) != num_devices:
+        raise ConfigError(f"mesh: data*fsdp*tensor = {math.prod(sizes)} but there are {num_devices} devices")
+    return tuple(sizes)
+
+
+def make_mesh(cfg: MeshConfig, devices=None) -> Mesh:
+    """A (data, fsdp, tensor) mesh over all devices of all processes (or the given ones)."""
+    devices = jax.devices() if devices is None else list(devices)
+    shape = mesh_shape(cfg, len(devices))
+    try:
+        from jax.experimental import mesh_utils
+
+        grid = mesh_utils.create_device_mesh(shape, devices=devices)
+    except Exception:  # unusual device sets (e.g. a subset of CPU devices): plain row-major order
+        grid = np.array(devices).reshape(shape)
+    return Mesh(grid, MESH_AXES)
+
+
+def _axis_size(mesh: Mesh, mesh_axes) -> int:
+    if mesh_axes is None:
+        return 1
+    names = (mesh_axes,) if isinstance(mesh_axes, str) else mesh_axes
+    return math.prod(mesh.shape[n] for n in names)
+
+
+def logical_to_spec(axes: tuple[str | None, ...], shape: tuple[int, ...] | None = None,
+                    mesh: Mesh | None = None) -> PartitionSpec:
+    """PartitionSpec for logical axis names; with shape+mesh, undivisible dimensions are replicated."""
+    spec, used = [], set()
+    for i, name in enumerate(axes):
+        if name is not None and name not in LOGICAL_RULES:
+            raise ValueError(f"unknown logical axis name {name!r}; known: {', '.join(LOGICAL_RULES)}")
+        mesh_axes = LOGICAL_RULES.get(name) if name else None
+        names = (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes or ())
+        if any(n in used for n in names):  # a mesh axis may shard only one dimension
+            mesh_axes = None
+        if mesh_axes is not None and shape is not None and mesh is not None:
+            if shape[i] % _axis_size(mesh, mesh_axes):
+                mesh_axes = None
+        if mesh_axes is not None:
+            used.update(names)
+        spec.append(mesh_axes)
+    return PartitionSpec(*spec)
+
+
+def named_sharding(mesh: Mesh, axes: tuple[str | None, ...], shape: tuple[int, ...] | None = None) -> NamedSharding:
+    return NamedSharding(mesh, logical_to_spec(axes, shape, mesh))
+
+
+def param_shardings(state, mesh: Mesh) -> dict:
+    """NamedShardings, as a pure nested dict, for the variables of an nnx State (from their `axes` metadata).
+
+    Works on abstract states too (nnx.eval_shape); a variable without `axes` is replicated.
+    """
+    from flax import nnx
+
+    def one(variable):
+        axes = getattr(variable, "axes", None) or (None,) * len(variable.value.shape)
+        return variable.replace(named_sharding(mesh, tuple(axes), tuple(variable.value.shape)))
+
+    return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable)).to_pure_dict()
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
+    """Batch arrays (B, T, ...): rows over (data, fsdp), the rest replicated."""
+    return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1)))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def bytes_per_device(tree) -> int:
+    """Largest number of bytes any one device holds for the arrays of a pytree (for memory checks)."""
+    totals: dict = {}
+    for leaf in jax.tree.leaves(tree):
+        for shard in leaf.addressable_shards:
+            totals[shard.device] = totals.get(shard.device, 0) + shard.data.nbytes
+    return max(totals.values()) if totals else 0
