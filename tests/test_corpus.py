@@ -1,0 +1,87 @@
+"""The embedded corpus: deterministic, disjoint splits, the promised size, variety, unicode and correct facts."""
+
+import collections
+import datetime
+import math
+import re
+import time
+
+import pytest
+
+from nanochat_jax import corpus
+
+
+@pytest.fixture(scope="module")
+def train_docs():
+    start = time.perf_counter()
+    docs = list(corpus.documents("train"))
+    return docs, time.perf_counter() - start
+
+
+@pytest.fixture(scope="module")
+def val_docs():
+    return list(corpus.documents("val"))
+
+
+def test_deterministic_and_random_access(train_docs):
+    docs, _ = train_docs
+    assert [corpus.document("train", i) for i in (0, 17, len(docs) - 1)] == [docs[0], docs[17], docs[-1]]
+    assert corpus.document("train", 5) == corpus.document("train", 5)
+    assert corpus.document("train", 5, seed=1) != docs[5]
+    assert list(corpus.documents("val", seed=1))[:3] == [corpus.document("val", i, seed=1) for i in range(3)]
+
+
+def test_sizes_and_speed(train_docs, val_docs):
+    docs, seconds = train_docs
+    assert len(docs) == corpus.num_documents("train") and len(val_docs) == corpus.num_documents("val")
+    train_bytes = sum(len(d.encode()) for d in docs)
+    val_bytes = sum(len(d.encode()) for d in val_docs)
+    assert 3_500_000 < train_bytes < 5_000_000
+    assert 0.02 < val_bytes / train_bytes < 0.05
+    assert seconds < 5.0
+    assert all(50 < len(d) < 5000 for d in docs)
+
+
+def test_splits_disjoint_and_no_duplicates(train_docs, val_docs):
+    docs, _ = train_docs
+    assert len(set(docs)) == len(docs)
+    assert len(set(val_docs)) == len(val_docs)
+    assert not set(docs) & set(val_docs)
+
+
+def test_variety_and_unicode(train_docs):
+    docs, _ = train_docs
+    words = collections.Counter(w for d in docs[:1000] for w in re.findall(r"\w+", d))
+    assert len(words) > 700
+    text = "".join(docs[:1000])
+    for s in ("é", "ø", "°C", "×", "🌧️", "猫", "Once upon a time", "Answer:", "Q: ", "Dear diary"):
+        assert s in text, s
+    # unigram byte entropy leaves room to learn: well above a trivial text, well below random bytes
+    counts = collections.Counter(text.encode())
+    total = sum(counts.values())
+    entropy = -sum(c / total * math.log2(c / total) for c in counts.values())
+    assert 4.0 < entropy < 6.0
+
+
+def test_facts_are_consistent(train_docs):
+    docs, _ = train_docs
+    text = "\n".join(docs)
+    capitals = dict((c[0], c[1]) for c in corpus.COUNTRIES)
+    found = re.findall(r"The capital of ([A-Z][\w ]*?) is ([A-Z][\w ]*?)\.", text)
+    assert len(found) > 500
+    assert all(capitals[c] == cap for c, cap in found)
+    sums = re.findall(r"^(\d+) \+ (\d+) = (\d+)$", text, flags=re.M)
+    assert len(sums) > 500 and all(int(a) + int(b) == int(c) for a, b, c in sums)
+    products = re.findall(r"^(\d+) [×*x] (\d+) = (\d+)$", text, flags=re.M)
+    assert len(products) > 200 and all(int(a) * int(b) == int(c) for a, b, c in products)
+    dates = re.findall(r"today is (\w+), (\d+) (\w+) (\d{4})\.", text)
+    assert len(dates) > 100
+    for weekday, day, month, year in dates:
+        assert datetime.datetime.strptime(f"{day} {month} {year}", "%d %B %Y").strftime("%A") == weekday
+
+
+def test_bad_split_and_index():
+    with pytest.raises(ValueError, match="unknown corpus split 'test'"):
+        corpus.num_documents("test")
+    with pytest.raises(IndexError, match="out of range"):
+        corpus.document("val", corpus.num_documents("val"))
