@@ -1,0 +1,58 @@
+"""Evaluation metrics. Bits-per-byte: a tokenizer-independent loss for base models.
+
+bpb = (sum over target tokens of the cross-entropy in nats) / (ln 2 * sum of the targets' UTF-8 bytes),
+where special tokens (0 bytes in the token-bytes table) and ignored targets (-1) count for neither.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Iterable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+
+def bpb_sums(model, inputs: jax.Array, targets: jax.Array, token_bytes: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(sum of nats, sum of bytes) over the targets that have bytes."""
+    losses = model.loss(inputs, targets, reduction="none")  # (B, T), 0 where targets == -1
+    nbytes = jnp.where(targets >= 0, token_bytes[jnp.maximum(targets, 0)], 0)
+    return jnp.sum(jnp.where(nbytes > 0, losses, 0.0)), jnp.sum(nbytes)
+
+
+def make_bpb_step(graphdef) -> Callable:
+    """Jitted (params, inputs, targets, token_bytes) -> (nats, bytes) for one batch."""
+
+    @jax.jit
+    def step(params, inputs, targets, token_bytes):
+        return bpb_sums(nnx.merge(graphdef, params), inputs, targets, token_bytes)
+
+    return step
+
+
+def evaluate_bpb(step: Callable, params, batches: Iterable[tuple[jax.Array, jax.Array]], token_bytes) -> float:
+    """Bits per byte over the given (inputs, targets) batches; one host sync at the end."""
+    total_nats, total_bytes = jnp.zeros(()), jnp.zeros((), jnp.int32)
+    token_bytes = jnp.asarray(token_bytes)
+    for inputs, targets in batches:
+        nats, nbytes = step(params, inputs, targets, token_bytes)
+        total_nats, total_bytes = total_nats + nats, total_bytes + nbytes
+    total_nats, total_bytes = jax.device_get((total_nats, total_bytes))
+    if total_bytes == 0:
+        raise ValueError("bits-per-byte over zero bytes: the evaluation batches hold no ordinary tokens")
+    return float(total_nats) / (math.log(2) * float(total_bytes))
+
+
+def unigram_bpb(token_ids: np.ndarray, token_bytes: np.ndarray, train_ids: np.ndarray | None = None) -> float:
+    """Bits-per-byte of a unigram model (token frequencies of train_ids, add-one smoothed) on token_ids.
+
+    The baseline a trained model must beat clearly; specials are excluded like in evaluate_bpb.
+    """
+    train_ids = token_ids if train_ids is None else train_ids
+    counts = np.bincount(train_ids, minlength=len(token_bytes)).astype(np.float64) + 1.0
+    logp = np.log(counts / counts.sum())
+    nbytes = token_bytes[token_ids]
+    keep = nbytes > 0
+    return float(-logp[token_ids[keep]].sum() / (math.log(2) * nbytes[keep].sum()))

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Run the test suite (sets up .venv first if needed). Extra arguments go to pytest,
+# e.g. `bash run_tests.sh -m slow` for the long end-to-end tests, or `bash run_tests.sh tests/test_model.py`.
+set -euo pipefail
+cd "$(dirname "$0")"
+PY=$(bash scripts/ensure_env.sh)
+if [ $# -eq 0 ]; then set -- -m "not slow"; fi
+exec "$PY" -m pytest "$@"
