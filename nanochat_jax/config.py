@@ -86,6 +86,7 @@ class OptimConfig:
     muon_momentum_warmup_steps: int = 300  # ... over this many steps
     muon_nesterov: bool = True
     ns_steps: int = 5  # Newton-Schulz iterations
+    ns_dtype: str = "bfloat16"  # Newton-Schulz compute dtype (float32 for bit-stable tests)
     warmup_ratio: float = 0.0  # fraction of steps with linear LR warm-up
     warmdown_ratio: float = 0.2  # fraction of steps with linear LR warm-down
     final_lr_frac: float = 0.0  # LR multiplier reached at the end of the warm-down
@@ -102,6 +103,7 @@ class OptimConfig:
         if self.warmup_ratio + self.warmdown_ratio > 1.0:
             raise ConfigError("optim.warmup_ratio + optim.warmdown_ratio must be <= 1")
         _positive(self, "optim", "ns_steps")
+        _choice(self, "optim", "ns_dtype", DTYPES)
 
 
 @dataclass
