@@ -1,0 +1,518 @@
+"""Pretraining data: FineWeb-EDU shards, document sources, and the packed, checkpointable batch iterator.
+
+Sources. A source is random access over documents: `len(src)`, `src[i] -> str`, plus `src.chunks`, the
+(start, stop) document ranges that are cheap to read together (`src.read(start, stop)`). Chunks are the
+unit of reading, shuffling, process sharding and batched tokenization:
+- `EmbeddedSource(split)`: the small corpus shipped in the package (chunks of 32 documents).
+- `FileSource(files, text_column)` (alias `ParquetSource`): `.parquet` files (one chunk per row group, read
+  lazily through pyarrow from the row counts in the parquet footers), `.jsonl` files (one JSON object per
+  line; the text is `obj[text_column]`) and `.txt` files (the whole file is ONE document).
+- `make_source(cfg.data, split)` picks one: "embedded"; "fineweb" (downloads missing shards; the last shard
+  file is the validation split, all others train); "files" (a directory or glob; with the same rule: the
+  last file in sorted order is validation, so at least two files are needed).
+Unreadable files, a missing text column or non-string text stop with a `DataError` naming the file;
+with `skip_bad_shards` an unreadable file is skipped (when its footer/lines are indexed) with a warning.
+
+Batches. `make_batch_iterator` builds a grain pipeline:
+  chunk ids -> this process's chunks (strided: chunk c goes to process c % process_count)
+  -> per-epoch shuffle of chunk order (grain shuffle, reseeded every epoch) and of documents inside a chunk
+  (numpy rng seeded by (seed, epoch, chunk)) -> repeat forever (train) or one pass (val)
+  -> read + tokenize each chunk with a BOS before every document (tokenizer.encode, batched, threaded)
+  -> `_PackIterDataset`: the token stream is cut into rows of seq_len+1 tokens (a row may span documents;
+     nothing is padded or dropped except the incomplete tail of a finite pass)
+  -> grain batch of local rows -> {"inputs": row[:, :-1], "targets": row[:, 1:]} (int32) -> thread prefetch.
+The iterator state is `{"docs": {"next_index": k}, "skip": s, "epoch": e}`: k is the position in the
+(repeated, shuffled) chunk stream of the oldest chunk that still has unconsumed tokens, s how many of its
+tokens were already emitted (e is informational). Restoring re-reads and re-tokenizes that one chunk and
+continues with exactly the batch that would have come next. `global_batch` assembles the processes' local
+batches into one global jax.Array sharded over (data, fsdp).
+"""
+
+from __future__ import annotations
+
+import bisect
+import concurrent.futures
+import glob
+import json
+import os
+import sys
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections import OrderedDict, deque
+from pathlib import Path
+from typing import Iterator
+
+import grain
+import numpy as np
+
+from nanochat_jax.common import artifacts_dir
+
+# FineWeb-EDU 100B tokens, pre-shuffled and repackaged into parquet shards by karpathy (the nanochat dataset)
+BASE_URL = "https://huggingface.co/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main"
+MAX_SHARD = 1822  # shards are shard_00000.parquet ... shard_01822.parquet
+EMBEDDED_CHUNK_DOCS = 32  # documents per chunk for sources without natural chunks
+JSONL_CHUNK_DOCS = 256
+
+
+class DataError(RuntimeError):
+    """Data that cannot be downloaded or read; the message names the file and what is wrong."""
+
+
+def shard_name(index: int) -> str:
+    return f"shard_{index:05d}.parquet"
+
+
+def _warn(msg: str) -> None:
+    print(f"WARNING: {msg}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Download
+
+
+def fineweb_dir() -> Path:
+    return artifacts_dir("data", "fineweb")
+
+
+def _check_parquet(path: Path) -> None:
+    import pyarrow.parquet as pq
+
+    pq.ParquetFile(path).metadata  # raises on a truncated or corrupt footer
+
+
+def _download_one(name: str, data_dir: Path, base_url: str, attempts: int, backoff: float,
+                  stop: threading.Event, progress) -> Path:
+    """Fetch one file into data_dir with resume (HTTP Range on NAME.part), retries and atomic rename."""
+    path, part = data_dir / name, data_dir / (name + ".part")
+    url = f"{base_url}/{name}"
+    for attempt in range(1, attempts + 1):
+        if stop.is_set():
+            raise DataError(f"download of {name} cancelled")
+        have = part.stat().st_size if part.exists() else 0
+        request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                mode = "ab" if have and response.status == 206 else "wb"  # a 200 means the server ignored Range
+                with open(part, mode) as f:
+                    while block := response.read(1 << 20):
+                        f.write(block)
+                        progress(len(block))
+            _check_parquet(part)
+            os.replace(part, path)
+            return path
+        except urllib.error.HTTPError as e:
+            if e.code == 404:
+                raise DataError(f"{url} does not exist (HTTP 404)") from None
+            if e.code == 416:  # our partial file does not fit the remote one: start over
+                part.unlink(missing_ok=True)
+            reason = f"HTTP {e.code} {e.reason}"
+        except (urllib.error.URLError, OSError) as e:
+            reason = str(getattr(e, "reason", None) or e)
+        except Exception as e:  # a complete download that is not a readable parquet file
+            part.unlink(missing_ok=True)
+            reason = f"downloaded file is not valid parquet ({e})"
+        if attempt < attempts:
+            _warn(f"download of {name} failed ({reason}); retry {attempt}/{attempts - 1} in {backoff * 2 ** (attempt - 1):.1f}s")
+            stop.wait(backoff * 2 ** (attempt - 1))
+    host = urllib.parse.urlsplit(base_url).netloc
+    raise DataError(f"cannot reach {host} to download FineWeb-EDU {name}: {reason}; download shards elsewhere "
+                    f"and put them in {data_dir}, or use data.source=embedded")
+
+
+def download_shards(num_shards: int, workers: int = 4, data_dir: str | Path | None = None, *,
+                    base_url: str = BASE_URL, attempts: int = 5, backoff: float = 2.0) -> list[Path]:
+    """Make sure num_shards FineWeb-EDU shards are in data_dir: the first num_shards-1 (train) and the last
+    shard of the dataset (validation). Returns the local paths in sorted order. Already present files are
+    kept; interrupted downloads resume from their `.part` file."""
+    from tqdm import tqdm
+
+    data_dir = Path(data_dir) if data_dir is not None else fineweb_dir()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    names = [shard_name(i) for i in range(min(num_shards - 1, MAX_SHARD))] + [shard_name(MAX_SHARD)]
+    todo = [n for n in names if not (data_dir / n).exists()]
+    if todo:
+        stop = threading.Event()
+        bar = tqdm(total=len(todo), unit="shard", desc=f"FineWeb-EDU -> {data_dir}", disable=None)
+        received = [0]
+
+        def progress(nbytes: int) -> None:
+            received[0] += nbytes
+            bar.set_postfix_str(f"{received[0] / 1e6:.0f} MB", refresh=False)
+
+        with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:
+            futures = [pool.submit(_download_one, n, data_dir, base_url, attempts, backoff, stop, progress)
+                       for n in todo]
+            try:
+                for future in concurrent.futures.as_completed(futures):
+                    future.result()
+                    bar.update(1)
+            except BaseException:
+                stop.set()
+                for future in futures:
+                    future.cancel()
+                raise
+            finally:
+                bar.close()
+    return [data_dir / n for n in sorted(names)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Sources
+
+
+class EmbeddedSource:
+    """The corpus shipped inside the package (nanochat_jax.corpus)."""
+
+    def __init__(self, split: str = "train"):
+        from nanochat_jax import corpus
+
+        self.split, self._corpus = split, corpus
+        self._n = corpus.num_documents(split)
+        self.chunks = [(s, min(s + EMBEDDED_CHUNK_DOCS, self._n)) for s in range(0, self._n, EMBEDDED_CHUNK_DOCS)]
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __getitem__(self, i: int) -> str:
+        return self._corpus.document(self.split, i)
+
+    def read(self, start: int, stop: int) -> list[str]:
+        return [self[i] for i in range(start, stop)]
+
+    def __repr__(self) -> str:
+        return f"EmbeddedSource({self.split!r}, {self._n} documents)"
+
+
+class _ParquetFile:
+    def __init__(self, path: Path, column: str):
+        import pyarrow.parquet as pq
+
+        self.path, self.column = path, column
+        try:
+            self._file = pq.ParquetFile(path)
+            meta = self._file.metadata
+        except Exception as e:
+            raise DataError(f"cannot read parquet file {path}: {e}") from None
+        if column not in self._file.schema_arrow.names:
+            raise DataError(f"parquet file {path} has no column {column!r} (columns: {', '.join(self._file.schema_arrow.names)})")
+        self.chunk_sizes = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
+
+    def read_chunk(self, g: int) -> list[str]:
+        try:
+            values = self._file.read_row_group(g, columns=[self.column]).column(0).to_pylist()
+        except Exception as e:
+            raise DataError(f"cannot read row group {g} of parquet file {self.path}: {e}") from None
+        _check_strings(values, self.path, self.column)
+        return values
+
+
+class _JsonlFile:
+    def __init__(self, path: Path, column: str):
+        self.path, self.column = path, column
+        offsets, pos = [], 0
+        try:
+            with open(path, "rb") as f:
+                for line in f:
+                    if line.strip():
+                        offsets.append(pos)
+                    pos += len(line)
+        except OSError as e:
+            raise DataError(f"cannot read {path}: {e}") from None
+        self._offsets = np.array(offsets, np.int64)
+        n = len(offsets)
+        self.chunk_sizes = [min(JSONL_CHUNK_DOCS, n - s) for s in range(0, n, JSONL_CHUNK_DOCS)]
+
+    def read_chunk(self, c: int) -> list[str]:
+        values = []
+        with open(self.path, "rb") as f:
+            for k in range(c * JSONL_CHUNK_DOCS, c * JSONL_CHUNK_DOCS + self.chunk_sizes[c]):
+                f.seek(self._offsets[k])
+                line = f.readline()
+                try:
+                    obj = json.loads(line)
+                except ValueError as e:
+                    raise DataError(f"{self.path}: document {k} is not valid JSON ({e})") from None
+                if not isinstance(obj, dict) or self.column not in obj:
+                    raise DataError(f"{self.path}: document {k} has no {self.column!r} field")
+                values.append(obj[self.column])
+        _check_strings(values, self.path, self.column)
+        return values
+
+
+class _TextFile:
+    def __init__(self, path: Path, column: str):
+        self.path, self.chunk_sizes = path, [1]
+
+    def read_chunk(self, c: int) -> list[str]:
+        try:
+            return [self.path.read_text(encoding="utf-8")]
+        except (OSError, UnicodeDecodeError) as e:
+            raise DataError(f"cannot read text file {self.path}: {e}") from None
+
+
+_READERS = {".parquet": _ParquetFile, ".jsonl": _JsonlFile, ".txt": _TextFile}
+
+
+def _check_strings(values: list, path: Path, column: str) -> None:
+    bad = next((v for v in values if not isinstance(v, str)), "")
+    if not isinstance(bad, str):
+        raise DataError(f"{path}: column {column!r} holds {type(bad).__name__} values, expected strings")
+
+
+class FileSource:
+    """Documents from .parquet / .jsonl / .txt files, in file order; chunks are parquet row groups,
+    runs of JSONL_CHUNK_DOCS jsonl lines, or one whole .txt file. Recently read chunks are cached."""
+
+    def __init__(self, files, text_column: str = "text", skip_bad: bool = False, cache_chunks: int = 4):
+        self.files = []
+        readers = []
+        for path in map(Path, files):
+            if path.suffix not in _READERS:
+                raise DataError(f"unsupported data file {path}: expected .parquet, .jsonl or .txt")
+            try:
+                reader = _READERS[path.suffix](path, text_column)
+            except DataError as e:
+                if not skip_bad:
+                    raise
+                _warn(f"skipping unreadable data file ({e})")
+                continue
+            readers.append(reader)
+            self.files.append(path)
+        self._where = []  # chunk -> (reader, local chunk index)
+        self.chunks = []
+        start = 0
+        for reader in readers:
+            for c, size in enumerate(reader.chunk_sizes):
+                if size:
+                    self._where.append((reader, c))
+                    self.chunks.append((start, start + size))
+                    start += size
+        self._n = start
+        self._starts = [s for s, _ in self.chunks]
+        self._cache: OrderedDict[int, list[str]] = OrderedDict()
+        self._cache_size = cache_chunks
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return self._n
+
+    def _chunk(self, c: int) -> list[str]:
+        with self._lock:
+            if c in self._cache:
+                self._cache.move_to_end(c)
+                return self._cache[c]
+        reader, local = self._where[c]
+        values = reader.read_chunk(local)
+        with self._lock:
+            self._cache[c] = values
+            while len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
+        return values
+
+    def __getitem__(self, i: int) -> str:
+        if not 0 <= i < self._n:
+            raise IndexError(f"document {i} out of range for {self._n} documents")
+        c = bisect.bisect_right(self._starts, i) - 1
+        return self._chunk(c)[i - self._starts[c]]
+
+    def read(self, start: int, stop: int) -> list[str]:
+        out = []
+        while start < stop:
+            c = bisect.bisect_right(self._starts, start) - 1
+            c_start, c_stop = self.chunks[c]
+            out += self._chunk(c)[start - c_start:min(stop, c_stop) - c_start]
+            start = min(stop, c_stop)
+        return out
+
+    def __repr__(self) -> str:
+        return f"FileSource({len(self.files)} files, {self._n} documents)"
+
+
+ParquetSource = FileSource
+
+
+def _list_files(pattern: str) -> list[Path]:
+    path = Path(pattern).expanduser()
+    if path.is_dir():
+        files = [p for p in path.rglob("*") if p.suffix in _READERS and p.is_file()]
+    else:
+        files = [Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).suffix in _READERS]
+    return sorted(files)
+
+
+def _split_files(files: list[Path], split: str, where: str) -> list[Path]:
+    if split not in ("train", "val"):
+        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    if len(files) < 2:
+        raise DataError(f"found {len(files)} data file(s) in {where}; need at least 2 (the last one is the validation split)")
+    return files[:-1] if split == "train" else files[-1:]
+
+
+def make_source(cfg, split: str):
+    """The document source for a DataConfig and split ('train' | 'val')."""
+    if cfg.source == "embedded":
+        return EmbeddedSource(split)
+    if cfg.source == "fineweb":
+        data_dir = fineweb_dir()
+        download_shards(cfg.num_shards, cfg.download_workers, data_dir)
+        files = sorted(data_dir.glob("shard_*.parquet"))
+        return FileSource(_split_files(files, split, str(data_dir)), cfg.text_column, cfg.skip_bad_shards)
+    if cfg.source == "files":
+        files = _list_files(cfg.path)
+        return FileSource(_split_files(files, split, cfg.path), cfg.text_column, cfg.skip_bad_shards)
+    raise DataError(f"unknown data.source {cfg.source!r}")
+
+
+def text_iterator(cfg, split: str = "train", max_chars: int | None = None, doc_cap: int | None = None) -> Iterator[str]:
+    """Documents of a split in order, each cropped to doc_cap characters, until max_chars characters."""
+    source = make_source(cfg, split)
+    total = 0
+    for start, stop in source.chunks:
+        for text in source.read(start, stop):
+            text = text[:doc_cap] if doc_cap else text
+            yield text
+            total += len(text)
+            if max_chars is not None and total >= max_chars:
+                return
+
+
+# ---------------------------------------------------------------------------------------------
+# Batches
+
+
+def chunk_stream(num_chunks: int, *, seed: int = 0, shuffle: bool = True, infinite: bool = True,
+                 process_index: int = 0, process_count: int = 1) -> grain.MapDataset:
+    """This process's chunk ids as a grain MapDataset, shuffled per epoch and repeated when asked."""
+    ds = grain.MapDataset.range(num_chunks)[process_index::process_count]
+    if len(ds) == 0:
+        raise DataError(f"process {process_index} of {process_count} gets no data: only {num_chunks} chunks of documents")
+    if shuffle:
+        ds = ds.shuffle(seed=seed)
+    return ds.repeat() if infinite else ds
+
+
+class _PackIterDataset(grain.IterDataset):
+    """Cuts a stream of token arrays into rows of row_len tokens (see the module docstring for its state)."""
+
+    def __init__(self, parent: grain.IterDataset, row_len: int, chunks_per_epoch: int):
+        super().__init__(parent)
+        self.row_len, self.chunks_per_epoch = row_len, chunks_per_epoch
+
+    def __iter__(self):
+        return _PackIterator(self._parent.__iter__(), self.row_len, self.chunks_per_epoch)
+
+
+class _PackIterator(grain.DatasetIterator):
+    def __init__(self, parent, row_len: int, chunks_per_epoch: int):
+        super().__init__(parent)
+        self.row_len, self.chunks_per_epoch = row_len, chunks_per_epoch
+        self._chunks: deque = deque()  # (parent state before this chunk, its tokens)
+        self._skip = 0  # tokens of the first buffered chunk already emitted
+        self._buffered = 0
+
+    def __next__(self) -> np.ndarray:
+        while self._buffered < self.row_len:
+            before = self._parent.get_state()
+            tokens = next(self._parent)  # StopIteration ends a finite pass; the incomplete tail is dropped
+            self._chunks.append((before, tokens))
+            self._buffered += len(tokens)
+        row, need = [], self.row_len
+        while need:
+            tokens = self._chunks[0][1]
+            take = min(need, len(tokens) - self._skip)
+            row.append(tokens[self._skip:self._skip + take])
+            self._skip += take
+            need -= take
+            if self._skip == len(tokens):
+                self._chunks.popleft()
+                self._skip = 0
+        self._buffered -= self.row_len
+        return np.concatenate(row)
+
+    def get_state(self) -> dict:
+        docs = dict(self._chunks[0][0] if self._chunks else self._parent.get_state())
+        return {"docs": docs, "skip": self._skip, "epoch": docs["next_index"] // self.chunks_per_epoch}
+
+    def set_state(self, state: dict) -> None:
+        self._parent.set_state(dict(state["docs"]))
+        self._chunks.clear()
+        self._buffered = 0
+        skip = int(state["skip"])
+        if skip:
+            tokens = next(self._parent)
+            self._chunks.append((dict(state["docs"]), tokens))
+            self._skip, self._buffered = skip, len(tokens) - skip
+
+
+def _tokenize_chunk(source, tokenizer, per_epoch: int, seed: int, shuffle: bool, num_threads: int):
+    """Map function: (stream index, chunk id) -> one int32 array of BOS+document tokens."""
+
+    def tokenize(index: int, chunk: int) -> np.ndarray:
+        start, stop = source.chunks[chunk]
+        texts = source.read(start, stop)
+        if shuffle:
+            epoch = index // per_epoch
+            order = np.random.default_rng([seed, epoch, chunk]).permutation(len(texts))
+            texts = [texts[k] for k in order]
+        ids = tokenizer.encode(texts, prepend=tokenizer.bos_token_id, num_threads=num_threads)
+        return np.concatenate([np.asarray(t, np.int32) for t in ids])
+
+    return tokenize
+
+
+class BatchIterator:
+    """Iterator of local batches {"inputs", "targets"} (int32, (B_local, T)) with get_state()/set_state()."""
+
+    def __init__(self, dataset: grain.IterDataset):
+        self._it = iter(dataset)
+
+    def __iter__(self) -> "BatchIterator":
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        return next(self._it)
+
+    def get_state(self) -> dict:
+        return json.loads(json.dumps(self._it.get_state()))
+
+    def set_state(self, state: dict) -> None:
+        self._it.set_state(state)
+
+
+def _split_rows(rows: np.ndarray) -> dict[str, np.ndarray]:
+    return {"inputs": rows[:, :-1], "targets": rows[:, 1:]}
+
+
+def make_batch_iterator(source, tokenizer, batch_rows: int, seq_len: int, *, seed: int = 0, shuffle: bool = True,
+                        infinite: bool = True, process_index: int | None = None, process_count: int | None = None,
+                        num_threads: int = 4, prefetch: int = 2) -> BatchIterator:
+    """Packed next-token batches from a source. batch_rows is the GLOBAL number of rows per batch; each of
+    the process_count processes yields batch_rows // process_count rows from its own disjoint documents."""
+    import jax
+
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+    if batch_rows % process_count:
+        raise ValueError(f"batch_rows={batch_rows} is not divisible by the {process_count} processes")
+    chunks = chunk_stream(len(source.chunks), seed=seed, shuffle=shuffle, infinite=infinite,
+                          process_index=process_index, process_count=process_count)
+    per_epoch = len(range(process_index, len(source.chunks), process_count))
+    ds = chunks.map_with_index(_tokenize_chunk(source, tokenizer, per_epoch, seed, shuffle, num_threads))
+    ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=2))
+    ds = _PackIterDataset(ds, seq_len + 1, per_epoch)
+    ds = ds.batch(batch_rows // process_count, drop_remainder=True).map(_split_rows)
+    if prefetch:
+        ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=prefetch)
+    return BatchIterator(ds)
+
+
+def global_batch(local_batch: dict, mesh) -> dict:
+    """Assemble each process's local rows into global jax.Arrays sharded over the batch axes of the mesh."""
+    import jax
+
+    from nanochat_jax.sharding import batch_sharding
+
+    return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, v.ndim), v) for k, v in local_batch.items()}

@@ -1,0 +1,280 @@
+"""Data pipeline: sources, packing, checkpointable iterator state, process sharding, downloader."""
+
+import http.server
+import io
+import json
+import socket
+import threading
+
+import jax
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import tiktoken
+
+from nanochat_jax import data
+from nanochat_jax.config import DataConfig
+
+
+class ByteTokenizer:
+    """Stand-in with the Tokenizer.encode contract: one token per byte, BOS = 256."""
+
+    bos_token_id = 256
+
+    def __init__(self):
+        self.enc = tiktoken.Encoding("bytes", pat_str=r"[\s\S]", mergeable_ranks={bytes([i]): i for i in range(256)},
+                                     special_tokens={"<|bos|>": 256})
+
+    def encode(self, texts, prepend=None, num_threads=1):
+        ids = self.enc.encode_ordinary_batch(texts, num_threads=num_threads)
+        return [[prepend] + x for x in ids]
+
+
+class ListSource:
+    """Documents in memory, chunks of k documents."""
+
+    def __init__(self, docs, k=5):
+        self.docs = docs
+        self.chunks = [(s, min(s + k, len(docs))) for s in range(0, len(docs), k)]
+
+    def __len__(self):
+        return len(self.docs)
+
+    def read(self, start, stop):
+        return self.docs[start:stop]
+
+
+def make_docs(n):
+    return [f"document {i}: " + "abcdefgh"[: i % 9] * (i % 5) for i in range(n)]
+
+
+def split_docs(tokens):
+    """Token stream -> list of documents (text between BOS tokens)."""
+    tokens = list(tokens)
+    cuts = [i for i, t in enumerate(tokens) if t == 256] + [len(tokens)]
+    return [bytes(tokens[a + 1:b]).decode() for a, b in zip(cuts, cuts[1:])]
+
+
+def take(it, n):
+    return [next(it) for _ in range(n)]
+
+
+def test_packing_preserves_token_stream_and_targets_are_shifted():
+    docs = make_docs(40)
+    it = data.make_batch_iterator(ListSource(docs), ByteTokenizer(), 3, 16, shuffle=False, infinite=False,
+                                  process_index=0, process_count=1)
+    batches = list(it)
+    reference = np.concatenate([[256] + list(d.encode()) for d in docs])
+    rows = np.concatenate([np.concatenate([b["inputs"], b["targets"][:, -1:]], axis=1) for b in batches])
+    assert rows.shape == (len(reference) // 51 * 3, 17)  # only the incomplete tail of the pass is dropped
+    np.testing.assert_array_equal(rows.reshape(-1), reference[: rows.size])
+    for b in batches:
+        assert b["inputs"].dtype == np.int32 and b["inputs"].shape == (3, 16)
+        np.testing.assert_array_equal(b["inputs"][:, 1:], b["targets"][:, :-1])
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_state_restore_gives_next_batch_exactly(shuffle):
+    src, tok = ListSource(make_docs(23)), ByteTokenizer()  # ~330 tokens/epoch: epochs every ~4 batches
+    kw = dict(seed=7, shuffle=shuffle, process_index=0, process_count=1, num_threads=2)
+    it = data.make_batch_iterator(src, tok, 2, 40, **kw)
+    states, batches = [], []
+    for _ in range(14):
+        states.append(it.get_state())
+        batches.append(next(it))
+    assert states[-1]["epoch"] >= 2  # the run crossed epoch boundaries
+    json.dumps(states)
+    for k in (0, 1, 5, 9, 13):
+        fresh = data.make_batch_iterator(src, tok, 2, 40, **kw)
+        fresh.set_state(json.loads(json.dumps(states[k])))
+        for want in batches[k:]:
+            got = next(fresh)
+            np.testing.assert_array_equal(got["inputs"], want["inputs"])
+            np.testing.assert_array_equal(got["targets"], want["targets"])
+
+
+def test_train_epochs_are_reshuffled_and_complete():
+    per_epoch = 4
+    stream = list(data.chunk_stream(per_epoch, seed=3)[: 3 * per_epoch])
+    epochs = [stream[i:i + per_epoch] for i in range(0, len(stream), per_epoch)]
+    assert all(sorted(e) == list(range(per_epoch)) for e in epochs)
+    assert len({tuple(e) for e in epochs}) > 1
+    # one chunk of 20 documents: only the per-epoch shuffle inside the chunk can change the order
+    src = ListSource(make_docs(20), k=20)
+    it = data.make_batch_iterator(src, ByteTokenizer(), 1, 15, seed=1, process_index=0, process_count=1)
+    tokens = np.concatenate([np.append(b["inputs"][0], b["targets"][0, -1]) for b in take(it, 80)])
+    docs = split_docs(tokens)
+    first, second = docs[0:20], docs[20:40]
+    assert sorted(first) == sorted(second) == sorted(src.docs) and first != second
+
+
+@pytest.mark.parametrize("count", [2, 4])
+def test_process_slices_are_disjoint_and_cover_everything(count):
+    num_chunks = 11
+    seen = []
+    for index in range(count):
+        seen += list(data.chunk_stream(num_chunks, seed=5, infinite=False, process_index=index, process_count=count))
+    assert sorted(seen) == list(range(num_chunks))
+    # end to end: each process's token stream holds only its own documents
+    docs = make_docs(44)
+    src = ListSource(docs, k=4)
+    got = []
+    for index in range(count):
+        it = data.make_batch_iterator(src, ByteTokenizer(), count, 8, shuffle=False, infinite=False,
+                                      process_index=index, process_count=count)
+        tokens = [t for b in it for t in np.concatenate([b["inputs"], b["targets"][:, -1:]], 1).reshape(-1)]
+        mine = {d for c in range(index, len(src.chunks), count) for d in docs[src.chunks[c][0]:src.chunks[c][1]]}
+        stream_docs = split_docs(tokens)
+        assert set(stream_docs[:-1]) <= mine  # the last may be cut off by the dropped tail
+        got += stream_docs[:-1]
+    assert len(got) == len(set(got))
+
+
+def test_global_batch_is_sharded_over_the_batch_axes(make_mesh):
+    mesh = make_mesh(2, 2, 2)
+    local = {"inputs": np.arange(8 * 5, dtype=np.int32).reshape(8, 5), "targets": np.ones((8, 5), np.int32)}
+    batch = data.global_batch(local, mesh)
+    assert batch["inputs"].shape == (8, 5)
+    np.testing.assert_array_equal(np.asarray(batch["inputs"]), local["inputs"])
+    assert batch["inputs"].sharding.spec[0] == ("data", "fsdp")
+    assert {s.data.shape for s in batch["inputs"].addressable_shards} == {(2, 5)}
+
+
+# ---------------------------------------------------------------------------------------------
+# File sources
+
+
+def write_parquet(path, texts, row_group_size=3, column="text"):
+    pq.write_table(pa.table({column: texts}), path, row_group_size=row_group_size)
+
+
+def test_parquet_source_random_access_over_files_and_row_groups(tmp_path):
+    write_parquet(tmp_path / "a.parquet", [f"a{i}" for i in range(7)])
+    write_parquet(tmp_path / "b.parquet", [f"b{i}" for i in range(5)], row_group_size=2)
+    src = data.ParquetSource([tmp_path / "a.parquet", tmp_path / "b.parquet"], "text")
+    assert len(src) == 12
+    assert src.chunks == [(0, 3), (3, 6), (6, 7), (7, 9), (9, 11), (11, 12)]  # row groups
+    assert [src[i] for i in (11, 0, 8, 6)] == ["b4", "a0", "b1", "a6"]
+    assert src.read(2, 9) == ["a2", "a3", "a4", "a5", "a6", "b0", "b1"]
+
+
+def test_jsonl_and_txt_sources(tmp_path):
+    lines = [json.dumps({"text": f"line {i}", "id": i}) for i in range(300)]
+    (tmp_path / "a.jsonl").write_text("\n".join(lines[:10]) + "\n\n" + "\n".join(lines[10:]) + "\n")
+    (tmp_path / "b.txt").write_text("a whole file\n\nis one document")
+    src = data.FileSource([tmp_path / "a.jsonl", tmp_path / "b.txt"])
+    assert len(src) == 301 and src.chunks == [(0, 256), (256, 300), (300, 301)]
+    assert src[0] == "line 0" and src[299] == "line 299" and src[300] == "a whole file\n\nis one document"
+    cfg = DataConfig(source="files", path=str(tmp_path))
+    assert len(data.make_source(cfg, "train")) == 300 and len(data.make_source(cfg, "val")) == 1
+    assert list(data.text_iterator(cfg, "train", max_chars=20, doc_cap=4)) == ["line"] * 5
+
+
+def test_bad_files_raise_clear_errors(tmp_path):
+    write_parquet(tmp_path / "nocol.parquet", ["x"], column="content")
+    with pytest.raises(data.DataError, match=r"nocol\.parquet has no column 'text'"):
+        data.FileSource([tmp_path / "nocol.parquet"])
+    pq.write_table(pa.table({"text": [1, 2]}), tmp_path / "ints.parquet")
+    with pytest.raises(data.DataError, match=r"ints\.parquet: column 'text' holds int values"):
+        data.FileSource([tmp_path / "ints.parquet"]).read(0, 2)
+    (tmp_path / "x.jsonl").write_text('{"text": "ok"}\n{"body": "no text"}\n')
+    with pytest.raises(data.DataError, match=r"x\.jsonl: document 1 has no 'text' field"):
+        data.FileSource([tmp_path / "x.jsonl"]).read(0, 2)
+    cfg = DataConfig(source="files", path=str(tmp_path / "x.jsonl"))
+    with pytest.raises(data.DataError, match="need at least 2"):
+        data.make_source(cfg, "train")
+
+
+def test_corrupt_shard_error_or_skip(tmp_path, home, capsys):
+    shards = data.fineweb_dir()
+    for i in range(3):
+        write_parquet(shards / data.shard_name(i), [f"s{i}-{k}" for k in range(4)])
+    write_parquet(shards / data.shard_name(data.MAX_SHARD), ["val"])
+    good = (shards / data.shard_name(1)).read_bytes()
+    (shards / data.shard_name(1)).write_bytes(good[: len(good) // 2])  # truncated download
+    cfg = DataConfig(source="fineweb", num_shards=3)
+    with pytest.raises(data.DataError, match=r"shard_00001\.parquet"):
+        data.make_source(cfg, "train")
+    cfg.skip_bad_shards = True
+    src = data.make_source(cfg, "train")
+    assert "skipping unreadable data file" in capsys.readouterr().err
+    assert src.read(0, len(src)) == [f"s{i}-{k}" for i in (0, 2) for k in range(4)]
+    assert data.make_source(cfg, "val").read(0, 1) == ["val"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Downloader against a local HTTP server
+
+
+def parquet_bytes(texts):
+    buf = io.BytesIO()
+    pq.write_table(pa.table({"text": texts}), buf)
+    return buf.getvalue()
+
+
+@pytest.fixture
+def server():
+    """A local HTTP server with Range support; `fail[name] = k` makes the next k requests for name fail with 500."""
+    files, fail, ranges = {}, {}, []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            name = self.path.rsplit("/", 1)[-1]
+            if fail.get(name, 0) > 0:
+                fail[name] -= 1
+                self.send_error(500)
+                return
+            if name not in files:
+                self.send_error(404)
+                return
+            body, status = files[name], 200
+            if rng := self.headers.get("Range"):
+                ranges.append((name, rng))
+                body, status = body[int(rng.split("=")[1].rstrip("-")):], 206
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}", files, fail, ranges
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def test_download_resume_retry_and_layout(server, tmp_path):
+    url, files, fail, ranges = server
+    names = [data.shard_name(0), data.shard_name(1), data.shard_name(data.MAX_SHARD)]
+    for k, name in enumerate(names):
+        files[name] = parquet_bytes([f"doc {k} {j}" for j in range(50)])
+    (tmp_path / (names[1] + ".part")).write_bytes(files[names[1]][:100])  # an interrupted download
+    fail[names[2]] = 2  # two server errors, then success
+    paths = data.download_shards(3, 2, tmp_path, base_url=url, backoff=0.01)
+    assert paths == [tmp_path / n for n in names]
+    assert all(p.read_bytes() == files[p.name] for p in paths)
+    assert ranges == [(names[1], "bytes=100-")]
+    assert fail[names[2]] == 0 and not list(tmp_path.glob("*.part"))
+
+
+def test_download_unreachable_is_one_clear_error(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens here once closed
+    with pytest.raises(data.DataError) as e:
+        data.download_shards(2, 2, tmp_path, base_url=f"http://127.0.0.1:{port}", attempts=2, backoff=0.01)
+    msg = str(e.value)
+    assert f"cannot reach 127.0.0.1:{port} to download FineWeb-EDU shard_0" in msg
+    assert str(tmp_path) in msg and "data.source=embedded" in msg and "\n" not in msg
+
+
+def test_embedded_source_if_available():
+    corpus = pytest.importorskip("nanochat_jax.corpus")
+    src = data.EmbeddedSource("val")
+    assert len(src) == corpus.num_documents("val") > 0
+    assert src[0] == corpus.document("val", 0) and src.read(0, 2) == [src[0], src[1]]
+    assert jax.process_count() == 1
