@@ -45,6 +45,34 @@ def evaluate_bpb(step: Callable, params, batches: Iterable[tuple[jax.Array, jax.
     return float(total_nats) / (math.log(2) * float(total_bytes))
 
 
+def split_bpb(cfg, tokenizer, step: Callable, params, token_bytes, rows: int, mesh, split: str) -> float:
+    """Bits per byte on the first cfg.train.eval_tokens tokens of a data split (same tokens every call)."""
+    from nanochat_jax.data import make_batch_iterator, make_source
+    from nanochat_jax.train import global_batch
+
+    it = make_batch_iterator(make_source(cfg.data, split), tokenizer, batch_rows=rows,
+                             seq_len=cfg.model.sequence_len, shuffle=False, infinite=False)
+    num_batches = max(1, cfg.train.eval_tokens // (rows * cfg.model.sequence_len))
+    batches = []
+    for _, local in zip(range(num_batches), it):
+        batch = global_batch([local], mesh)
+        batches.append((batch["inputs"][0], batch["targets"][0]))
+    return evaluate_bpb(step, params, batches, token_bytes)
+
+
+SAMPLE_PROMPTS = ["The capital of", "Once upon a time,", "12 + 7 =", "The cat"]
+
+
+def sample_texts(graphdef, params, tokenizer, prompts=SAMPLE_PROMPTS, max_tokens: int = 24) -> list[str]:
+    """Greedy continuations of fixed prompts through the engine (the model's KV-cache decode path)."""
+    from nanochat_jax.engine import Engine
+
+    engine = Engine(nnx.merge(graphdef, params), tokenizer)
+    tokens = [tokenizer.encode(p, prepend=tokenizer.bos_token_id) for p in prompts]
+    results, _ = engine.generate_batch(tokens, max_tokens=max_tokens, temperature=0.0)
+    return [tokenizer.decode(r[1:]) for r in results]
+
+
 def unigram_bpb(token_ids: np.ndarray, token_bytes: np.ndarray, train_ids: np.ndarray | None = None) -> float:
     """Bits-per-byte of a unigram model (token frequencies of train_ids, add-one smoothed) on token_ids.
 

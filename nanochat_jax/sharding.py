@@ -97,10 +97,29 @@ def param_shardings(state, mesh: Mesh) -> dict:
     from flax import nnx
 
     def one(variable):
-        axes = getattr(variable, "axes", None) or (None,) * len(variable.value.shape)
-        return variable.replace(named_sharding(mesh, tuple(axes), tuple(variable.value.shape)))
+        shape = tuple(variable.get_value().shape)
+        axes = getattr(variable, "axes", None) or (None,) * len(shape)
+        return variable.replace(named_sharding(mesh, tuple(axes), shape))
 
-    return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable)).to_pure_dict()
+    return nnx.to_pure_dict(jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable)))
+
+
+def like_params(tree, params_shardings, mesh: Mesh):
+    """Shardings for a pytree of arrays derived from parameters (e.g. optimizer moments).
+
+    A leaf whose key path ends with a parameter's path and has that parameter's shape gets the parameter's
+    sharding; every other leaf (step counters, scalars) is replicated.
+    """
+    by_path = {tuple(path): s for path, s in jax.tree_util.tree_leaves_with_path(params_shardings)}
+
+    def one(path, leaf):
+        for start in range(len(path)):
+            sharding = by_path.get(tuple(path[start:]))
+            if sharding is not None:
+                return sharding
+        return replicated(mesh)
+
+    return jax.tree_util.tree_map_with_path(one, tree)
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
