@@ -1,0 +1,177 @@
+"""Checkpoints: Orbax save/restore of params, optimizer state, data-iterator state and metadata; load_model.
+
+Layout: `<home>/checkpoints/<stage>/d<depth>/<step>/` with one Orbax item per part:
+- params: the pure nested dict of parameter arrays (possibly sharded: each process writes its own shards);
+- opt_state: the optax state pytree;
+- data: {"process_count": n, "states": [iterator state of process 0, 1, ...]} (JSON, gathered from all
+  processes at save time, since every process reads different documents);
+- meta: JSON: step, stage, resolved config, model config dict, tokenizer directory ("tokenizer"), val_bpb, ...
+Saving is asynchronous (Orbax writes in the background; `wait()` blocks until it is on disk) and keeps the
+newest `keep` steps. Restoring takes abstract targets (`jax.ShapeDtypeStruct` with a sharding), so a
+checkpoint written on one mesh restores onto any other mesh.
+
+`load_model(stage)` rebuilds an nnx GPT from the latest checkpoint of a stage for inference. With mesh=None
+the parameters land on one device (the first local one): right for chat/eval of small models; pass a mesh
+to shard a large model.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from nanochat_jax.common import artifacts_dir
+
+STAGE_SCRIPTS = {"base": "scripts/base_train.py", "mid": "scripts/mid_train.py", "sft": "scripts/chat_sft.py",
+                 "rl": "scripts/chat_rl.py"}
+
+
+class CheckpointError(RuntimeError):
+    """A missing, incomplete or corrupt checkpoint; the message names the directory."""
+
+
+def checkpoint_dir(stage: str, depth: int) -> Path:
+    return artifacts_dir("checkpoints", stage, f"d{depth}")
+
+
+def _gather_json(obj) -> list:
+    """The JSON-serialisable obj of every process, in process order (every process gets the list)."""
+    if jax.process_count() == 1:
+        return [obj]
+    from jax.experimental import multihost_utils
+
+    raw = np.frombuffer(json.dumps(obj).encode(), np.uint8)
+    lengths = np.asarray(multihost_utils.process_allgather(np.array([raw.size], np.int32))).reshape(-1)
+    padded = np.zeros(int(lengths.max()), np.uint8)
+    padded[:raw.size] = raw
+    everything = np.asarray(multihost_utils.process_allgather(padded))
+    return [json.loads(bytes(everything[i, :n])) for i, n in enumerate(lengths)]
+
+
+class Checkpointer:
+    """Numbered checkpoints of one run in `directory` (see the module docstring)."""
+
+    def __init__(self, directory, keep: int = 2, async_save: bool = True):
+        self.directory = Path(directory).absolute()
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
+        self._manager = ocp.CheckpointManager(self.directory, options=options,
+                                              item_names=("params", "opt_state", "data", "meta"))
+
+    def save(self, step: int, params, opt_state, data_state: dict | None, meta: dict) -> None:
+        """Start writing checkpoint `step` (returns before the write is done; see wait())."""
+        data = {"process_count": jax.process_count(), "states": _gather_json(data_state)}
+        args = ocp.args.Composite(params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state),
+                                  data=ocp.args.JsonSave(data), meta=ocp.args.JsonSave(meta))
+        self._manager.save(step, args=args, force=True)
+
+    def all_steps(self) -> list[int]:
+        return sorted(self._manager.all_steps())
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def _check_step(self, step: int) -> Path:
+        path = self.directory / str(step)
+        if step not in self._manager.all_steps(read=True):
+            have = ", ".join(map(str, self.all_steps())) or "none"
+            raise CheckpointError(f"no complete checkpoint for step {step} in {self.directory} (steps: {have})")
+        return path
+
+    def _restore(self, step: int, **items):
+        path = self._check_step(step)
+        try:
+            return self._manager.restore(step, args=ocp.args.Composite(**items))
+        except Exception as e:
+            raise CheckpointError(f"checkpoint {path} is incomplete or corrupt: {type(e).__name__}: {e}") from None
+
+    def read_meta(self, step: int) -> dict:
+        return dict(self._restore(step, meta=ocp.args.JsonRestore())["meta"])
+
+    def restore(self, step: int, abstract_params, abstract_opt_state=None) -> dict:
+        """{"params", "opt_state" (None unless asked for), "data" (this process's iterator state), "meta"}.
+
+        abstract_*: pytrees of jax.ShapeDtypeStruct with the target shardings (any mesh). The data state is
+        None when the checkpoint was written by a different number of processes (the data order restarts)."""
+        items = dict(params=ocp.args.StandardRestore(abstract_params), data=ocp.args.JsonRestore(),
+                     meta=ocp.args.JsonRestore())
+        if abstract_opt_state is not None:
+            items["opt_state"] = ocp.args.StandardRestore(abstract_opt_state)
+        restored = self._restore(step, **items)
+        data = restored["data"]
+        state = None
+        if data["process_count"] == jax.process_count():
+            state = data["states"][jax.process_index()]
+        else:
+            print(f"WARNING: checkpoint {self.directory / str(step)} was written by {data['process_count']} processes, "
+                  f"this run has {jax.process_count()}: the data iterator starts from the beginning",
+                  file=sys.stderr, flush=True)
+        return {"params": restored["params"], "opt_state": restored.get("opt_state"), "data": state,
+                "meta": dict(restored["meta"])}
+
+    def wait(self) -> None:
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.wait_until_finished()
+        self._manager.close()
+
+
+def _depth_dirs(stage: str) -> tuple[Path, list[Path]]:
+    root = artifacts_dir("checkpoints", stage, create=False)
+    dirs = [d for d in root.glob("d*") if d.is_dir() and d.name[1:].isdigit() and any(
+        s.is_dir() and s.name.isdigit() for s in d.iterdir())] if root.is_dir() else []
+    return root, dirs
+
+
+def find_checkpoint(stage: str, depth: int | None = None, step: int | None = None) -> tuple[Path, int]:
+    """(run directory, step): the given depth or the most recently written one; the given step or the latest."""
+    root, dirs = _depth_dirs(stage)
+    hint = f"; run {STAGE_SCRIPTS[stage]} first" if stage in STAGE_SCRIPTS else ""
+    if depth is not None:
+        dirs = [d for d in dirs if d.name == f"d{depth}"]
+    if not dirs:
+        what = f"stage '{stage}'" + (f" at depth {depth}" if depth is not None else "")
+        raise CheckpointError(f"no checkpoints for {what} under {root}{hint}")
+    directory = max(dirs, key=lambda d: max(s.stat().st_mtime for s in d.iterdir() if s.name.isdigit()))
+    steps = sorted(int(s.name) for s in directory.iterdir() if s.is_dir() and s.name.isdigit())
+    if step is None:
+        step = steps[-1]
+    elif step not in steps:
+        raise CheckpointError(f"no checkpoint for step {step} in {directory} (steps: {', '.join(map(str, steps))})")
+    return directory, step
+
+
+def load_model(stage: str, step: int | None = None, depth: int | None = None, mesh=None):
+    """(model, tokenizer, meta) from a checkpoint of a stage ('base', 'mid', 'sft', 'rl'); see find_checkpoint."""
+    from flax import nnx
+
+    from nanochat_jax.config import MeshConfig, model_config_from_dict
+    from nanochat_jax.model import init_model
+    from nanochat_jax.sharding import make_mesh, param_shardings
+    from nanochat_jax.tokenizer import load_tokenizer
+
+    directory, step = find_checkpoint(stage, depth, step)
+    ckpt = Checkpointer(directory, async_save=False)
+    try:
+        meta = ckpt.read_meta(step)
+        if "model" not in meta:
+            raise CheckpointError(f"checkpoint {directory / str(step)} has no model config in its metadata")
+        model_cfg = model_config_from_dict(meta["model"])
+        if mesh is None:
+            mesh = make_mesh(MeshConfig(1, 1, 1), jax.local_devices()[:1])
+        graphdef, abstract = nnx.split(nnx.eval_shape(lambda: init_model(model_cfg)), nnx.Param)
+        shardings = param_shardings(abstract, mesh)
+        target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                              nnx.to_pure_dict(abstract), shardings)
+        params = ckpt.restore(step, target)["params"]
+    finally:
+        ckpt.close()
+    nnx.replace_by_pure_dict(abstract, params)
+    model = nnx.merge(graphdef, abstract)
+    tokenizer = load_tokenizer(meta.get("tokenizer"))
+    return model, tokenizer, meta

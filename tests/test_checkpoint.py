@@ -1,0 +1,146 @@
+"""Checkpoints: round trip, restore onto other meshes, keep-last-N, load_model end to end, clear errors."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from nanochat_jax import checkpoint
+from nanochat_jax.checkpoint import CheckpointError, Checkpointer
+
+
+def sharded_params(mesh):
+    """A small params dict: one matrix FSDP-sharded over 8 devices, one replicated vector, a nested dict."""
+    rng = np.random.default_rng(0)
+    params = {"wte": rng.normal(size=(16, 8)).astype(np.float32),
+              "blocks": {"0": {"w": rng.normal(size=(8, 24)).astype(np.float32)}},
+              "scale": np.arange(3, dtype=np.float32)}
+    specs = {"wte": P("fsdp", None), "blocks": {"0": {"w": P(None, "fsdp")}}, "scale": P()}
+    return jax.tree.map(lambda a, s: jax.device_put(a, NamedSharding(mesh, s)), params, specs)
+
+
+def trained_opt_state(params):
+    optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-2))
+    state = optimizer.init(params)
+    grads = jax.tree.map(lambda p: p * 0.5 + 1.0, params)
+    _, state = optimizer.update(grads, state, params)
+    return state
+
+
+def abstract_on(tree, mesh, spec_fn=lambda a: P()):
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=NamedSharding(mesh, spec_fn(a))), tree)
+
+
+def assert_trees_equal(a, b):
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_round_trip_and_restore_onto_other_meshes(tmp_path, make_mesh):
+    mesh8 = make_mesh(1, 8, 1)
+    params = sharded_params(mesh8)
+    opt_state = trained_opt_state(params)
+    data_state = {"docs": {"next_index": 12}, "skip": 345, "epoch": 1}
+    meta = {"step": 10, "model": {"depth": 2}, "val_bpb": 1.25, "tokenizer": "/x/tok"}
+    ckpt = Checkpointer(tmp_path / "run", keep=2)
+    ckpt.save(10, params, opt_state, data_state, meta)
+    ckpt.wait()
+    assert ckpt.latest_step() == 10 and ckpt.all_steps() == [10]
+    assert ckpt.read_meta(10) == meta
+
+    same = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), (params, opt_state))
+    out = ckpt.restore(10, *same)
+    assert_trees_equal(out["params"], params)
+    assert_trees_equal(out["opt_state"], opt_state)
+    assert type(out["opt_state"][1][0]).__name__ == "ScaleByAdamState"  # optax structure, not plain dicts
+    assert out["data"] == data_state and out["meta"] == meta
+    assert out["params"]["wte"].sharding.spec == P("fsdp", None)
+
+    one = make_mesh(1, 1, 1)
+    out = ckpt.restore(10, abstract_on(params, one))
+    assert out["opt_state"] is None
+    assert_trees_equal(out["params"], params)
+    assert out["params"]["wte"].sharding.device_set == {jax.devices()[0]}
+
+    cube = make_mesh(2, 2, 2)
+    tp = lambda a: P(*([None] * (a.ndim - 1) + ["tensor"])) if a.ndim and a.shape[-1] % 2 == 0 else P()
+    out = ckpt.restore(10, abstract_on(params, cube, tp), abstract_on(opt_state, cube, tp))
+    assert_trees_equal(out["params"], params)
+    assert_trees_equal(out["opt_state"], opt_state)
+    assert out["params"]["blocks"]["0"]["w"].sharding.spec == P(None, "tensor")
+    assert {s.data.shape for s in out["params"]["blocks"]["0"]["w"].addressable_shards} == {(8, 12)}
+    ckpt.close()
+
+
+def test_keep_last_n_and_latest_step(tmp_path, make_mesh):
+    params = {"w": jnp.ones((4,))}
+    ckpt = Checkpointer(tmp_path, keep=2)
+    assert ckpt.latest_step() is None
+    for step in (1, 2, 3, 4):
+        ckpt.save(step, jax.tree.map(lambda a: a * step, params), {"m": jnp.zeros(2)}, {"n": step}, {"step": step})
+    ckpt.wait()
+    assert ckpt.all_steps() == [3, 4] and ckpt.latest_step() == 4
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.isdigit()) == ["3", "4"]
+    out = ckpt.restore(3, abstract_on(params, make_mesh(1, 1, 1)))
+    np.testing.assert_array_equal(out["params"]["w"], np.full(4, 3.0))
+    assert out["data"] == {"n": 3}
+    with pytest.raises(CheckpointError, match=r"no complete checkpoint for step 1 in .* \(steps: 3, 4\)"):
+        ckpt.restore(1, abstract_on(params, make_mesh(1, 1, 1)))
+    ckpt.close()
+
+
+def test_corrupt_checkpoint_is_a_clear_error(tmp_path, make_mesh):
+    ckpt = Checkpointer(tmp_path, keep=2, async_save=False)
+    params = {"w": jnp.arange(64.0)}
+    ckpt.save(5, params, {"m": jnp.zeros(2)}, {}, {"step": 5})
+    ckpt.wait()
+    for f in (tmp_path / "5" / "params").rglob("*"):
+        if f.is_file():
+            f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match=rf"checkpoint {tmp_path}/5 is incomplete or corrupt"):
+        ckpt.restore(5, abstract_on(params, make_mesh(1, 1, 1)))
+    ckpt.close()
+
+
+def test_load_model_end_to_end(home, make_mesh):
+    from flax import nnx
+
+    from nanochat_jax.config import Config, ModelConfig, to_dict
+    from nanochat_jax.model import init_model
+    from nanochat_jax.tokenizer import Tokenizer
+
+    with pytest.raises(CheckpointError, match=r"no checkpoints for stage 'sft' under .*; run scripts/chat_sft.py first"):
+        checkpoint.load_model("sft")
+
+    texts = ["the cat sat on the mat", "a dog ran in the park", "hello world"] * 20
+    tokenizer = Tokenizer.train_from_iterator(texts, vocab_size=300)
+    tok_dir = home / "tok"
+    tokenizer.save(tok_dir)
+    cfg = Config(model=ModelConfig(depth=1, aspect_ratio=32, head_dim=16, vocab_size=tokenizer.vocab_size,
+                                   sequence_len=16, compute_dtype="float32"))
+    model = init_model(cfg.model, seed=3)
+    params = nnx.to_pure_dict(nnx.split(model, nnx.Param)[1])
+    params = jax.tree.map(lambda a: jax.device_put(a, NamedSharding(make_mesh(1, 8, 1), P())), params)
+    meta = {"step": 7, "stage": "base", "config": to_dict(cfg), "model": dataclasses.asdict(cfg.model),
+            "tokenizer": str(tok_dir), "val_bpb": 2.5}
+    ckpt = Checkpointer(checkpoint.checkpoint_dir("base", 1))
+    ckpt.save(7, params, optax.adam(1e-3).init(params), {"skip": 0}, meta)
+    ckpt.close()
+
+    loaded, tok, got_meta = checkpoint.load_model("base")
+    assert got_meta == meta
+    assert tok.encode("the cat sat") == tokenizer.encode("the cat sat")
+    tokens = jnp.array([tokenizer.encode("the cat sat on the mat")[:8]])
+    np.testing.assert_allclose(loaded(tokens), model(tokens), rtol=1e-6, atol=1e-6)
+    leaf = jax.tree.leaves(nnx.state(loaded, nnx.Param))[0]
+    assert len(leaf.sharding.device_set) == 1
+
+    sharded, _, _ = checkpoint.load_model("base", step=7, depth=1, mesh=make_mesh(2, 2, 2))
+    np.testing.assert_allclose(sharded(tokens), model(tokens), rtol=1e-5, atol=1e-5)
+    with pytest.raises(CheckpointError, match=r"no checkpoint for step 8 in .*d1 \(steps: 7\)"):
+        checkpoint.load_model("base", step=8)
