@@ -30,6 +30,7 @@ batches into one global jax.Array sharded over (data, fsdp).
 
 from __future__ import annotations
 
+import atexit
 import bisect
 import concurrent.futures
 import glob
@@ -41,6 +42,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+import weakref
 from collections import OrderedDict, deque
 from pathlib import Path
 from typing import Iterator
@@ -468,6 +470,8 @@ class BatchIterator:
 
     def __init__(self, dataset: grain.IterDataset):
         self._it = iter(dataset)
+        ref = weakref.ref(self)  # release grain's threads before interpreter teardown (it errors during it)
+        atexit.register(lambda: (me := ref()) is not None and me.close())
 
     def __iter__(self) -> "BatchIterator":
         return self
@@ -480,6 +484,11 @@ class BatchIterator:
 
     def set_state(self, state: dict) -> None:
         self._it.set_state(state)
+
+    def close(self) -> None:
+        if self._it is not None:
+            self._it.close()
+            self._it = None
 
 
 def _split_rows(rows: np.ndarray) -> dict[str, np.ndarray]:

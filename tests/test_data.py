@@ -272,9 +272,19 @@ def test_download_unreachable_is_one_clear_error(tmp_path):
     assert str(tmp_path) in msg and "data.source=embedded" in msg and "\n" not in msg
 
 
-def test_embedded_source_if_available():
-    corpus = pytest.importorskip("nanochat_jax.corpus")
+def test_embedded_source_with_the_real_tokenizer():
+    from nanochat_jax import corpus
+    from nanochat_jax.tokenizer import Tokenizer
+
     src = data.EmbeddedSource("val")
     assert len(src) == corpus.num_documents("val") > 0
-    assert src[0] == corpus.document("val", 0) and src.read(0, 2) == [src[0], src[1]]
-    assert jax.process_count() == 1
+    assert src.read(0, 2) == [corpus.document("val", 0), corpus.document("val", 1)]
+    texts = list(data.text_iterator(DataConfig(), "train", max_chars=200_000, doc_cap=500))
+    assert all(len(t) <= 500 for t in texts) and 200_000 <= sum(map(len, texts)) < 200_500
+    tok = Tokenizer.train_from_iterator(texts, vocab_size=512)
+    it = data.make_batch_iterator(src, tok, 4, 64, shuffle=False, infinite=False, process_index=0, process_count=1)
+    batch = next(it)
+    stream = np.concatenate([batch["inputs"], batch["targets"][:, -1:]], 1).reshape(-1)
+    reference = [t for d in src.read(0, 40) for t in [tok.bos_token_id] + tok.encode(d)]
+    np.testing.assert_array_equal(stream, reference[: stream.size])
+    it.close()
