@@ -1,0 +1,108 @@
+"""The code sandbox: results, output capture, timeouts, memory limits, and the best-effort guards."""
+
+import socket
+import time
+
+import pytest
+
+from nanochat_jax.execution import execute_code
+
+
+def test_success_captures_stdout_and_stderr():
+    r = execute_code("import sys\nprint(sum(range(10)))\nprint('warn', file=sys.stderr)")
+    assert (r.success, r.stdout, r.stderr, r.error, r.timeout, r.memory_exceeded) == (True, "45\n", "warn\n", None, False, False)
+
+
+def test_exception_reported_with_partial_stdout():
+    r = execute_code("print('before')\nraise ValueError('boom')")
+    assert not r.success and r.stdout == "before\n" and r.error == "ValueError: boom"
+
+
+def test_syntax_error_reported():
+    r = execute_code("def f(:\n    pass")
+    assert not r.success and r.error.startswith("SyntaxError") and "line 1" in r.error
+
+
+def test_exit_codes():
+    assert execute_code("import sys; sys.exit(0)").success
+    r = execute_code("import sys; sys.exit(2)")
+    assert not r.success and r.error == "SystemExit: 2"
+    # leaving without a report (e.g. skipping the tests that come after) is never a success
+    r = execute_code("import os; os._exit(0)\nassert False")
+    assert not r.success and "without reporting a result" in r.error
+
+
+@pytest.mark.parametrize("program", ["while True: pass", "import time\ntime.sleep(60)"])
+def test_hang_is_killed_within_timeout(program):
+    t0 = time.monotonic()
+    r = execute_code(program, timeout=1.0)
+    elapsed = time.monotonic() - t0
+    assert r.timeout and not r.success and elapsed < 1.0 + 2.0
+
+
+def test_memory_bomb_is_stopped():
+    t0 = time.monotonic()
+    r = execute_code("chunks = []\nwhile True:\n    chunks.append(bytearray(2**24))", timeout=20, max_memory_bytes=128 * 2**20)
+    assert r.memory_exceeded and not r.success and not r.timeout and r.error == "MemoryError"
+    assert time.monotonic() - t0 < 20
+    # the same allocation fits under a larger limit
+    assert execute_code("x = bytearray(2**26)\nprint(len(x))", max_memory_bytes=512 * 2**20).stdout == f"{2**26}\n"
+
+
+def test_crash_does_not_take_the_caller_down():
+    r = execute_code("import ctypes\nctypes.string_at(0)")
+    assert not r.success and r.error == "killed by signal SIGSEGV"
+
+
+def test_writes_stay_inside_a_deleted_temp_dir(tmp_path):
+    r = execute_code("import os\nopen('scratch.txt', 'w').write('ok')\nprint(open('scratch.txt').read())\nprint(os.getcwd())")
+    assert r.success and r.stdout.startswith("ok\n")
+    workdir = r.stdout.splitlines()[1]
+    assert workdir != str(tmp_path) and not __import__("os").path.exists(workdir)
+
+
+@pytest.mark.parametrize("how", [
+    "open({p!r}, 'w').write('x')",
+    "open({p!r}, mode='a').write('x')",
+    "import pathlib; pathlib.Path({p!r}).write_text('x')",
+    "import os; os.close(os.open({p!r}, os.O_WRONLY | os.O_CREAT))",
+    "open('../../' + {p!r}.lstrip('/'), 'w').write('x')",
+])
+def test_writing_outside_is_refused(tmp_path, how):
+    target = tmp_path / "escaped.txt"
+    r = execute_code(how.format(p=str(target)))
+    assert not r.success and r.error.startswith("PermissionError") and not target.exists()
+
+
+@pytest.mark.parametrize("how", [
+    "import os; os.remove({p!r})",
+    "import os; os.rename({p!r}, {p!r} + '.moved')",
+    "import shutil; shutil.rmtree({d!r})",
+    "import subprocess; subprocess.run(['rm', {p!r}])",
+    "import os; os.system('rm ' + {p!r})",
+    "import os; os.kill(os.getpid(), 9)",
+])
+def test_destructive_calls_are_refused(tmp_path, how):
+    keep = tmp_path / "keep.txt"
+    keep.write_text("precious")
+    r = execute_code(how.format(p=str(keep), d=str(tmp_path)))
+    assert not r.success and "disabled in the sandbox" in r.error
+    assert keep.read_text() == "precious"
+
+
+def test_network_is_refused():
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    server.setblocking(False)
+    port = server.getsockname()[1]
+    try:
+        for program in [f"import socket; socket.create_connection(('127.0.0.1', {port}))",
+                        f"import socket; s = socket.socket(); s.connect(('127.0.0.1', {port}))",
+                        f"import urllib.request; urllib.request.urlopen('http://127.0.0.1:{port}/')"]:
+            r = execute_code(program)
+            assert not r.success and "disabled in the sandbox" in r.error
+        with pytest.raises(BlockingIOError):
+            server.accept()  # nobody ever connected
+    finally:
+        server.close()
