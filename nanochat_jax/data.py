@@ -38,7 +38,6 @@ import json
 import os
 import sys
 import threading
-import time
 import urllib.error
 import urllib.parse
 import urllib.request

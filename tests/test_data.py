@@ -6,7 +6,6 @@ import json
 import socket
 import threading
 
-import jax
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
