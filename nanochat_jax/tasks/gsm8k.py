@@ -1,0 +1,77 @@
+"""GSM8K: grade-school math word problems whose worked answers use a calculator.
+
+Hub dataset openai/gsm8k, configs main / socratic, splits train / test. Rows: {"question": str,
+"answer": str}; the answer interleaves prose with calculator annotations "<<48/2=24>>" and ends with
+"#### 72". Each annotation becomes a python tool call (the expression) followed by its output (the
+result), which is how our assistant uses its calculator.
+"""
+
+from __future__ import annotations
+
+import re
+
+from nanochat_jax.tasks.base import Task, load_hub_rows
+
+SUBSETS = ("main", "socratic")
+SPLITS = ("train", "test")
+ANSWER_RE = re.compile(r"#### (\-?[0-9\.\,]+)")
+CALC_RE = re.compile(r"(<<[^>]+>>)")
+
+
+def extract_answer(text: str) -> str | None:
+    """The number after '#### ' with thousands commas removed (the official GSM8K normalisation), or None."""
+    match = ANSWER_RE.search(text)
+    return match.group(1).strip().replace(",", "") if match else None
+
+
+def answer_to_parts(answer: str) -> list[dict]:
+    """The worked answer as assistant parts: text, with each <<expr=result>> as a python call and its output."""
+    parts = []
+    for piece in CALC_RE.split(answer):
+        if piece.startswith("<<") and piece.endswith(">>"):
+            expr, _, result = piece[2:-2].rpartition("=")
+            if not _:  # no '=': the whole annotation is the expression
+                expr, result = result, ""
+            parts.append({"type": "python", "text": expr})
+            parts.append({"type": "python_output", "text": result})
+        elif piece:
+            parts.append({"type": "text", "text": piece})
+    return parts
+
+
+def evaluate_final_number(conversation: dict, completion: str) -> int:
+    """1 if the completion's '#### n' matches the one in the reference answer's last part, else 0."""
+    reference = conversation["messages"][-1]["content"]
+    ref_text = reference[-1]["text"] if isinstance(reference, list) else reference
+    return int(extract_answer(completion) == extract_answer(ref_text))
+
+
+class GSM8K(Task):
+    def __init__(self, subset: str, split: str, data: list[dict] | None = None, **kwargs):
+        """`data`: rows in the hub format to use instead of the hub (kept in the given order)."""
+        super().__init__(**kwargs)
+        if subset not in SUBSETS:
+            raise ValueError(f"GSM8K subset must be one of {SUBSETS}, got {subset!r}")
+        if split not in SPLITS:
+            raise ValueError(f"GSM8K split must be one of {SPLITS}, got {split!r}")
+        self.subset, self.split = subset, split
+        self.rows = data if data is not None else load_hub_rows("openai/gsm8k", subset, split)
+
+    @property
+    def eval_type(self) -> str:
+        return "generative"
+
+    def num_examples(self) -> int:
+        return len(self.rows)
+
+    def get_example(self, index: int) -> dict:
+        row = self.rows[index]
+        messages = [
+            {"role": "user", "content": row["question"]},
+            {"role": "assistant", "content": answer_to_parts(row["answer"])},
+        ]
+        return {"messages": messages}
+
+    def evaluate(self, conversation: dict, completion: str) -> int:
+        """1 if the completion's final '#### n' equals the reference number, else 0."""
+        return evaluate_final_number(conversation, completion)
