@@ -202,7 +202,8 @@ def execute_code(program: str, timeout: float = 5.0, max_memory_bytes: int = 256
         except ValueError:
             return ExecutionResult(False, stdout, stderr, _describe_exit(proc.returncode, timeout),
                                    timeout=proc.returncode == -signal.SIGXCPU)
-        return ExecutionResult(bool(status["ok"]), stdout, stderr, status["error"], memory_exceeded=bool(status["memory"]))
+        return ExecutionResult(bool(status["ok"]), stdout, stderr, status["error"],
+                               memory_exceeded=bool(status["memory"]))
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

@@ -171,7 +171,7 @@ def test_gsm8k_scoring():
 
 
 def test_humaneval_rendering_and_scoring():
-    task = HumanEval.from_file(FIXTURES / "humaneval.jsonl", timeout=5.0)
+    task = HumanEval.from_file(FIXTURES / "humaneval.jsonl", timeout=3.0)
     row = json.loads((FIXTURES / "humaneval.jsonl").read_text().splitlines()[0])
     conv = task[0]
     assert conv == {"messages": [{"role": "user", "content": row["prompt"]},

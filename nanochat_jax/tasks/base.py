@@ -122,7 +122,11 @@ def evaluate_letter(conversation: dict, completion: str) -> int:
 
 
 def load_hub_rows(path: str, name: str | None, split: str):
-    """A hub dataset split, shuffled with a fixed seed; TaskDataError (one line) when it cannot be loaded."""
+    """A hub dataset split, shuffled with a fixed seed; TaskDataError (one line) when it cannot be loaded.
+
+    Without a network the hub client retries for about half a minute before giving up; with
+    HF_HUB_OFFLINE=1 (and nothing cached) it fails at once.
+    """
     import datasets
 
     try:

@@ -105,7 +105,8 @@ class SpellingBee(Task):
         if rng.random() < 0.3:
             template = template.lower()
         letter_quote, word_quote = rng.choice(["", "'", '"']), rng.choice(["", "'", '"'])
-        question = template.format(letter=f"{letter_quote}{letter}{letter_quote}", word=f"{word_quote}{word}{word_quote}")
+        question = template.format(letter=f"{letter_quote}{letter}{letter_quote}",
+                                   word=f"{word_quote}{word}{word_quote}")
         if rng.random() < 0.5:
             question += "?"
         return {"messages": [{"role": "user", "content": question},
