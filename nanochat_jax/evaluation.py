@@ -50,8 +50,9 @@ def split_bpb(cfg, tokenizer, step: Callable, params, token_bytes, rows: int, me
     from nanochat_jax.data import make_batch_iterator, make_source
     from nanochat_jax.train import global_batch
 
-    it = make_batch_iterator(make_source(cfg.data, split), tokenizer, batch_rows=rows,
-                             seq_len=cfg.model.sequence_len, shuffle=False, infinite=False)
+    # infinite (wrapping around a small split) so that every process runs the same number of batches
+    it = make_batch_iterator(make_source(cfg.data, split), tokenizer, batch_rows=rows, seq_len=cfg.model.sequence_len,
+                             shuffle=False, infinite=True, num_threads=cfg.data.tokenizer_threads)
     num_batches = max(1, cfg.train.eval_tokens // (rows * cfg.model.sequence_len))
     batches = []
     for _, local in zip(range(num_batches), it):
