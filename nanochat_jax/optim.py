@@ -4,7 +4,7 @@ Follows nanochat's first release: global-norm gradient clipping over all paramet
 `clip_grad_norm_` rule), AdamW with torch semantics (bias correction, eps added to sqrt(v_hat),
 decoupled weight decay scaled by the learning rate) whose learning rates are scaled by
 (width/768)^-0.5, and Muon (SGD momentum with Nesterov, then a quintic Newton-Schulz
-orthogonalisation in bfloat16). Every learning rate follows `lr_multiplier` (warm-up, constant,
+orthogonalisation in bfloat16, or optim.ns_dtype). Every learning rate follows `lr_multiplier` (warm-up, constant,
 linear warm-down) and Muon's momentum warms up following `muon_momentum`.
 
 Parameter layout: kernels are stored (in, out), the transpose of torch's (out, in). Muon's update
@@ -66,8 +66,9 @@ def muon(learning_rate, momentum=0.95, nesterov: bool = True, ns_steps: int = 5,
     """Muon for 2-D kernels stored (in, out). learning_rate and momentum: floats or schedules.
 
     buffer <- lerp(buffer, g, 1 - momentum); g <- lerp(g, buffer, momentum) with Nesterov, else
-    buffer; update = -lr * sqrt(max(1, out/in)) * NS(g). Same-shaped matrices are orthogonalised
-    together in one batched Newton-Schulz call.
+    buffer; update = -lr * sqrt(max(1, out/in)) * NS(g). The same matrix of every layer (same path
+    but for integer layer keys, hence the same shape and sharding) goes through one batched
+    Newton-Schulz call.
     """
 
     def init_fn(params):
@@ -85,8 +86,9 @@ def muon(learning_rate, momentum=0.95, nesterov: bool = True, ns_steps: int = 5,
             g_eff = jax.tree.map(lambda g, b: g + mom * (b - g), updates, buf)
         else:
             g_eff = buf
-        leaves, treedef = jax.tree.flatten(g_eff)
-        ortho = _orthogonalise(leaves, ns_steps, ns_dtype)
+        paths_leaves, treedef = jax.tree_util.tree_flatten_with_path(g_eff)
+        leaves = [leaf for _, leaf in paths_leaves]
+        ortho = _orthogonalise(paths_leaves, ns_steps, ns_dtype)
         # torch's (out, in) is our (in, out) transposed: nanochat's max(1, rows/cols) is out/in here
         new = [-lr * max(1.0, g.shape[-1] / g.shape[-2]) ** 0.5 * o.astype(g.dtype) for g, o in zip(leaves, ortho)]
         return jax.tree.unflatten(treedef, new), MuonState(count=optax.safe_increment(state.count), momentum_buffer=buf)
@@ -94,14 +96,19 @@ def muon(learning_rate, momentum=0.95, nesterov: bool = True, ns_steps: int = 5,
     return optax.GradientTransformation(init_fn, update_fn)
 
 
-def _orthogonalise(mats: list[jax.Array], ns_steps: int, dtype) -> list[jax.Array]:
-    """Newton-Schulz on each matrix, stacking same-shaped ones into one batched call."""
-    by_shape: dict[tuple, list[int]] = {}
-    for i, m in enumerate(mats):
-        by_shape.setdefault(m.shape, []).append(i)
-    out: list = [None] * len(mats)
-    for idx in by_shape.values():
-        ortho = newton_schulz(jnp.stack([mats[i] for i in idx]), ns_steps, dtype)
+def _orthogonalise(paths_leaves: list, ns_steps: int, dtype) -> list[jax.Array]:
+    """Newton-Schulz on each (path, matrix), stacking the layers of one role into one batched call.
+
+    Stacking only matrices that share their path up to layer indices keeps shardings uniform
+    within a stack, so GSPMD never has to reshard to batch them.
+    """
+    groups: dict[tuple, list[int]] = {}
+    for i, (path, m) in enumerate(paths_leaves):
+        role = tuple(name for name in map(_key_name, path) if not name.isdigit())
+        groups.setdefault((role, m.shape), []).append(i)
+    out: list = [None] * len(paths_leaves)
+    for idx in groups.values():
+        ortho = newton_schulz(jnp.stack([paths_leaves[i][1] for i in idx]), ns_steps, dtype)
         for j, i in enumerate(idx):
             out[i] = ortho[j]
     return out
@@ -178,7 +185,7 @@ def build_optimizer(cfg: OptimConfig, model_dim: int, num_iterations: int) -> op
         "unembedding": adamw(cfg.unembedding_lr * adam_scale),
         "muon": optax.inject_hyperparams(muon, static_args=("nesterov", "ns_steps", "ns_dtype"))(
             learning_rate=scheduled(cfg.matrix_lr), momentum=lambda step: muon_momentum(step, cfg),
-            nesterov=cfg.muon_nesterov, ns_steps=cfg.ns_steps),
+            nesterov=cfg.muon_nesterov, ns_steps=cfg.ns_steps, ns_dtype=jnp.dtype(cfg.ns_dtype)),
     }
     parts = [clip_by_global_norm_torch(cfg.grad_clip)] if cfg.grad_clip > 0 else []
     return optax.chain(*parts, optax.partition(transforms, param_labels))

@@ -65,8 +65,8 @@ def ref_momentum(it, cfg):
 class RefOptimizer:
     """nanochat's optimizer step on float64 copies; matrices are held in torch's (out, in) layout."""
 
-    def __init__(self, params, cfg, model_dim, n):
-        self.cfg, self.n, self.step = cfg, n, 0
+    def __init__(self, params, cfg, model_dim, n, nesterov=True):
+        self.cfg, self.n, self.step, self.nesterov = cfg, n, 0, nesterov
         self.scale = (model_dim / 768) ** -0.5
         leaves, self.treedef = jax.tree.flatten(params)
         self.labels = jax.tree.leaves(param_labels(params))
@@ -85,7 +85,7 @@ class RefOptimizer:
             if label == "muon":
                 lr = cfg.matrix_lr * lrm
                 self.m[i] += (1 - mom) * (g[i] - self.m[i])  # buf.lerp_(g, 1 - momentum)
-                gi = g[i] + mom * (self.m[i] - g[i])  # g.lerp_(buf, momentum)
+                gi = g[i] + mom * (self.m[i] - g[i]) if self.nesterov else self.m[i]  # g.lerp_(buf, momentum)
                 rows, cols = self.p[i].shape
                 self.p[i] -= lr * max(1, rows / cols) ** 0.5 * ref_newton_schulz(gi)
             else:
@@ -233,18 +233,27 @@ def test_build_optimizer_matches_reference(num_steps):
     assert float(lrs["muon_momentum"]) == pytest.approx(ref_momentum(last, CFG), rel=1e-6)
 
 
-def test_muon_float32_matches_reference_exactly():
-    """Muon alone with float32 Newton-Schulz, scheduled lr and momentum, no clipping: tight match."""
-    cfg = dataclasses.replace(CFG, grad_clip=0.0)
+def test_build_optimizer_float32_newton_schulz_matches_reference_exactly():
+    """optim.ns_dtype=float32: every parameter, Muon's included, matches the float64 reference tightly."""
+    cfg = dataclasses.replace(CFG, ns_dtype="float32")
     params = toy_tree(0, scale=0.5)
-    blocks = {"blocks": params["blocks"]}
-    grads_list = [{"blocks": toy_tree(10 + k)["blocks"]} for k in range(3)]
-    ref = RefOptimizer(blocks, cfg, C, NUM_ITERATIONS)
+    grads_list = [toy_tree(10 + k, scale=0.3) for k in range(NUM_ITERATIONS)]
+    ref = RefOptimizer(params, cfg, C, NUM_ITERATIONS)
     for grads in grads_list:
         ref.update(grads)
-    opt = muon(lambda s: cfg.matrix_lr * lr_multiplier(s, NUM_ITERATIONS, cfg), lambda s: muon_momentum(s, cfg),
-               ns_dtype=jnp.float32)
-    ours, _ = run_steps(opt, blocks, grads_list)
+    ours, _ = run_steps(build_optimizer(cfg, C, NUM_ITERATIONS), params, grads_list)
+    assert max_rel_err(ours, ref.params(), lambda lab: True) < 1e-6
+
+
+def test_muon_without_nesterov_and_with_float_hyperparameters():
+    cfg = dataclasses.replace(CFG, grad_clip=0.0, muon_nesterov=False, muon_momentum_warmup_steps=1,
+                              muon_momentum_start=0.9, muon_momentum=0.9, warmup_ratio=0.0, warmdown_ratio=0.0)
+    blocks = {"blocks": toy_tree(0, scale=0.5)["blocks"]}
+    grads_list = [{"blocks": toy_tree(10 + k)["blocks"]} for k in range(3)]
+    ref = RefOptimizer(blocks, cfg, C, NUM_ITERATIONS, nesterov=False)
+    for grads in grads_list:
+        ref.update(grads)
+    ours, _ = run_steps(muon(cfg.matrix_lr, 0.9, nesterov=False, ns_dtype=jnp.float32), blocks, grads_list)
     assert max_rel_err(ours, ref.params(), lambda lab: True) < 1e-6
 
 
@@ -262,6 +271,8 @@ def test_unclipped_when_norm_is_small():
 
 
 def test_sharded_update_equals_single_device(make_mesh):
+    """FSDP-style sharding over 8 devices gives the single-device update (float32 Newton-Schulz, to
+    compare tightly; with bf16 the sharded sums round differently: measured <= 0.5% on Muon updates)."""
     mesh = make_mesh(1, 8, 1)
 
     def sharding(path, _):
@@ -273,8 +284,7 @@ def test_sharded_update_equals_single_device(make_mesh):
     grads_list = [toy_tree(10 + k, scale=0.3) for k in range(2)]
     shardings = jax.tree_util.tree_map_with_path(sharding, params)
     sharded_params = jax.device_put(params, shardings)
-    sharded_grads = [jax.device_put(g, shardings) for g in grads_list]
-    opt = build_optimizer(CFG, C, NUM_ITERATIONS)
+    opt = build_optimizer(dataclasses.replace(CFG, ns_dtype="float32"), C, NUM_ITERATIONS)
 
     state = opt.init(sharded_params)  # eager init: zeros_like inherits each param's sharding
     muon_buf = state[-1].inner_states["muon"].inner_state.inner_state.momentum_buffer
@@ -283,19 +293,7 @@ def test_sharded_update_equals_single_device(make_mesh):
     assert adam_mu["wte"]["embedding"].sharding == shardings["wte"]["embedding"]
 
     single, _ = run_steps(opt, params, grads_list)
-    sharded, _ = run_steps(opt, sharded_params, sharded_grads)
+    sharded, _ = run_steps(opt, sharded_params, [jax.device_put(g, shardings) for g in grads_list])
     assert sharded["blocks"][0]["mlp"]["c_fc"]["kernel"].sharding == shardings["blocks"][0]["mlp"]["c_fc"]["kernel"]
-    labels = jax.tree.leaves(param_labels(params))
-    for a, b, p0, label in zip(jax.tree.leaves(sharded), jax.tree.leaves(single), jax.tree.leaves(params), labels):
-        if label == "muon":  # sharded sums round differently, and bf16 Newton-Schulz amplifies that to its noise
-            assert rel_frobenius(np.asarray(a - p0, np.float64), np.asarray(b - p0, np.float64)) < 0.05
-        else:
-            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-6)
-
-    # with float32 Newton-Schulz the sharded Muon update equals the single-device one
-    opt32 = muon(0.02, 0.9, ns_dtype=jnp.float32)
-    blocks = {"blocks": params["blocks"]}
-    single, _ = run_steps(opt32, blocks, [{"blocks": g["blocks"]} for g in grads_list])
-    sharded, _ = run_steps(opt32, {"blocks": sharded_params["blocks"]}, [{"blocks": g["blocks"]} for g in sharded_grads])
     jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-6),
                  sharded, single)
