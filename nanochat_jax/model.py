@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from nanochat_jax.config import ModelConfig
+from nanochat_jax.config import ConfigError, ModelConfig
 
 EPS = float(jnp.finfo(jnp.float32).eps)  # torch's F.rms_norm default eps for fp32
 
@@ -145,6 +145,9 @@ class KVCache(flax.struct.PyTreeNode):
 class GPT(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         cfg.validate()
+        if cfg.attention_impl == "cudnn" and cfg.compute_dtype == "float32":
+            raise ConfigError("model.attention_impl='cudnn' needs compute_dtype bfloat16 or float16 "
+                              "(cuDNN has no fp32 flash attention)")
         # Plain hashable settings only: ModelConfig itself is unhashable and would break nnx graphdef hashing.
         self.compute_dtype, self.softcap, self.loss_chunk = cfg.compute_dtype, cfg.softcap, cfg.loss_chunk
         self.remat, self.rope_theta, self.head_dim = cfg.remat, cfg.rope_theta, head_dim(cfg)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from nanochat_jax.config import ModelConfig
+from nanochat_jax.config import ConfigError, ModelConfig
 from nanochat_jax.model import GPT, KVCache, apply_rotary, flops_per_token, init_model, num_params, rotary_cos_sin
 
 V = 97
@@ -162,6 +162,13 @@ def test_init_zero_heads_and_stds():
     # parameters are fp32 and carry logical axis names
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         assert var[...].dtype == jnp.float32 and len(var.get_metadata()["axes"]) == 2, path
+
+
+def test_config_errors_are_clear():
+    with pytest.raises(ConfigError, match="cudnn"):
+        init_model(tiny(attention_impl="cudnn"))
+    with pytest.raises(ConfigError, match="n_kv_head"):
+        init_model(tiny(n_kv_head=3))
 
 
 def test_param_axes_metadata():
