@@ -1,0 +1,296 @@
+"""Fast batched sampling from a GPT with a preallocated KV cache, plus the calculator tool.
+
+Design
+- The model is split once (nnx.split) and two pure jitted functions do the work: `_prefill` runs the
+  (right-padded) prompts through `GPT.decode` into a fresh cache, and `_decode_chunk` runs a
+  `lax.while_loop` of up to `chunk` decode steps. Shapes are static: prompts are padded to a
+  power-of-two bucket (>= 16) and the cache length is bucket(bucket(prompt) + max_tokens), so prefill
+  compiles once per (prompts, bucket, cache length) and decoding once per (rows, cache length).
+- `num_samples` completions of a prompt share one prefill: prefill runs on the distinct prompts and
+  the cache is repeated along the batch axis.
+- Every decode step samples one token per row from the logits carried from the previous step (or
+  takes the row's next forced token), then feeds it to the model. Rows stop on <|assistant_end|> or
+  <|bos|> or after max_tokens. Each row has its own PRNG key, split every step.
+- Tool use (as in nanochat): when a row closes <|python_start|> expr <|python_end|>, the host must run
+  the calculator. The device loop therefore *freezes* that row right after <|python_end|> (the row
+  stops advancing while the others continue) and the host, between chunks, evaluates the expression
+  with `calculator.calculate` and queues <|output_start|> result <|output_end|> for the row. Queued
+  tokens are handed to the next chunk (at most `chunk` per chunk) and fed one per step with mask 0.
+  So the host only sees each row once per chunk, never once per token.
+- `generate` streams columns: column i holds every row's i-th generated token. Rows that have
+  finished get <|assistant_end|> with mask 0 as filler; the stream ends when every row has finished.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections import deque
+from dataclasses import dataclass, field
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from nanochat_jax.calculator import calculate
+from nanochat_jax.model import KVCache
+
+MIN_BUCKET = 16
+
+
+def bucket(n: int, minimum: int = MIN_BUCKET) -> int:
+    """The smallest power of two >= max(n, minimum)."""
+    n = max(int(n), minimum)
+    return 1 << (n - 1).bit_length()
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling
+
+
+def sample_tokens(keys: jax.Array, logits: jax.Array, temperature, top_k=0, top_p=1.0) -> jax.Array:
+    """One token per row from logits (B, V) with per-row keys (B,).
+
+    temperature 0 -> argmax. Otherwise logits / temperature, restricted to the top_k largest (0 = all)
+    and then to the smallest set of most likely tokens whose probability reaches top_p (1.0 = all);
+    tokens tied with the last kept one are kept too.
+    """
+    temperature = jnp.asarray(temperature, jnp.float32)
+    top_k = jnp.asarray(top_k, jnp.int32)
+    top_p = jnp.asarray(top_p, jnp.float32)
+    V = logits.shape[-1]
+
+    def filtered(x):
+        desc = -jnp.sort(-x, axis=-1)
+        rank = jnp.arange(V)
+        k = jnp.where(top_k > 0, jnp.minimum(top_k, V), V)
+        in_top_k = rank[None, :] < k
+        probs = jax.nn.softmax(jnp.where(in_top_k, desc, -jnp.inf), axis=-1)
+        mass_before = jnp.cumsum(probs, axis=-1) - probs
+        keep = in_top_k & (mass_before < top_p)  # always keeps rank 0; a prefix of the sorted order
+        n_keep = jnp.sum(keep, axis=-1, keepdims=True)
+        threshold = jnp.take_along_axis(desc, n_keep - 1, axis=-1)
+        return jnp.where(x >= threshold, x, -jnp.inf)
+
+    def sampled(logits):
+        x = logits.astype(jnp.float32) / jnp.maximum(temperature, 1e-6)
+        x = jax.lax.cond((top_k > 0) | (top_p < 1.0), filtered, lambda x: x, x)
+        return jax.vmap(jax.random.categorical)(keys, x).astype(jnp.int32)
+
+    greedy = lambda logits: jnp.argmax(logits, axis=-1).astype(jnp.int32)  # noqa: E731
+    return jax.lax.cond(temperature > 0, sampled, greedy, logits)
+
+
+# ---------------------------------------------------------------------------------------------
+# Jitted pure functions of (graphdef, state, ...)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _prefill(graphdef, state, cache: KVCache, tokens, lengths):
+    """Right-padded prompts (P, L) into an empty cache; returns (logits at each prompt's last token, cache)."""
+    model = nnx.merge(graphdef, state)
+    logits, cache = model.decode(tokens, cache)
+    last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]
+    return last, cache.replace(lengths=lengths)
+
+
+@functools.partial(jax.jit, static_argnums=(1,))
+def _repeat_rows(tree, n: int):
+    """Repeat every row of a (cache, logits) pytree n times: prompt p -> rows p*n .. p*n+n-1."""
+    cache, logits = tree
+    rep = lambda x, axis: jnp.repeat(x, n, axis=axis)  # noqa: E731
+    return cache.replace(k=rep(cache.k, 1), v=rep(cache.v, 1), lengths=rep(cache.lengths, 0)), rep(logits, 0)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2), donate_argnames=("cache",))
+def _decode_chunk(graphdef, chunk: int, specials: tuple[int, int, int, int], state, cache: KVCache, logits, keys,
+                  active, in_block, budget, forced, n_forced, temperature, top_k, top_p):
+    """Up to `chunk` steps for all rows. Per row: take the next forced token or sample from `logits`,
+    feed it, stop on a terminal token or an exhausted budget, freeze after a closing <|python_end|>.
+    Returns tokens/emitted/was_forced (B, chunk) and the new cache, logits and keys."""
+    model = nnx.merge(graphdef, state)
+    assistant_end, bos, python_start, python_end = specials
+    B = logits.shape[0]
+    rows = jnp.arange(B)
+    out = jnp.zeros((B, chunk), jnp.int32)
+
+    def cond(carry):
+        step, active = carry[0], carry[5]
+        return (step < chunk) & jnp.any(active)
+
+    def body(carry):
+        step, cache, logits, keys, fpos, active, in_block, count, tokens, emitted, was_forced = carry
+        split = jax.vmap(jax.random.split)(keys)
+        keys, sub = split[:, 0], split[:, 1]
+        sampled = sample_tokens(sub, logits, temperature, top_k, top_p)
+        has_forced = fpos < n_forced
+        tok = jnp.where(has_forced, forced[rows, jnp.minimum(fpos, chunk - 1)], sampled)
+        new_logits, new_cache = model.decode(tok[:, None], cache)
+        cache = new_cache.replace(lengths=jnp.where(active, new_cache.lengths, cache.lengths))
+        logits = jnp.where(active[:, None], new_logits[:, 0], logits)
+        tokens = tokens.at[:, step].set(tok)
+        emitted = emitted.at[:, step].set(active)
+        was_forced = was_forced.at[:, step].set(active & has_forced)
+        fpos = fpos + (active & has_forced)
+        count = count + active
+        closes_block = in_block & (tok == python_end) & ~has_forced
+        finished = (tok == assistant_end) | (tok == bos)
+        in_block = jnp.where(active & ~has_forced & (tok == python_start), True, in_block & ~(active & closes_block))
+        active = active & ~finished & ~closes_block & (count < budget)
+        return step + 1, cache, logits, keys, fpos, active, in_block, count, tokens, emitted, was_forced
+
+    zeros = jnp.zeros((B,), jnp.int32)
+    carry = (0, cache, logits, keys, zeros, active, in_block, zeros, out, out.astype(bool), out.astype(bool))
+    _, cache, logits, keys, _, _, _, _, tokens, emitted, was_forced = jax.lax.while_loop(cond, body, carry)
+    return tokens, emitted, was_forced, cache, logits, keys
+
+
+# ---------------------------------------------------------------------------------------------
+# The host side
+
+
+@dataclass
+class _Row:
+    """Host-side state of one generated row (the tool-use state machine)."""
+
+    remaining: int  # tokens this row may still generate
+    out: list = field(default_factory=list)  # (token, mask) pairs generated so far
+    forced: deque = field(default_factory=deque)
+    in_block: bool = False
+    expr: list = field(default_factory=list)
+    done: bool = False
+
+
+class Engine:
+    """Batched generation with tool use for a GPT held in memory (see the module docstring)."""
+
+    def __init__(self, model, tokenizer, *, mesh: jax.sharding.Mesh | None = None, chunk: int = 16):
+        if chunk < 1:
+            raise ValueError(f"chunk must be >= 1, got {chunk}")
+        self.tokenizer, self.mesh, self.chunk = tokenizer, mesh, chunk
+        self.graphdef, self.state = nnx.split(model)
+        attn = model.blocks[0].attn
+        self.n_layer, self.n_kv_heads, self.head_dim = len(model.blocks), attn.n_kv_heads, attn.head_dim
+        self.cache_dtype = jnp.dtype(model.compute_dtype)
+        sp = tokenizer.encode_special
+        self.assistant_end, self.bos = sp("<|assistant_end|>"), tokenizer.bos_token_id
+        self.python_start, self.python_end = sp("<|python_start|>"), sp("<|python_end|>")
+        self.output_start, self.output_end = sp("<|output_start|>"), sp("<|output_end|>")
+        self.prefill_calls: list[tuple[int, int]] = []  # (prompts, padded length) of every prefill
+
+    @classmethod
+    def from_checkpoint(cls, stage: str, step: int | None = None, **kwargs) -> "Engine":
+        from nanochat_jax.checkpoint import load_model
+
+        model, tokenizer, _ = load_model(stage, step)
+        return cls(model, tokenizer, **kwargs)
+
+    def _empty_cache(self, batch: int, max_len: int) -> KVCache:
+        shape = (self.n_layer, batch, max_len, self.n_kv_heads, self.head_dim)
+        cache = KVCache(k=jnp.zeros(shape, self.cache_dtype), v=jnp.zeros(shape, self.cache_dtype),
+                        lengths=jnp.zeros((batch,), jnp.int32))
+        return self._place(cache)
+
+    def _place(self, cache: KVCache) -> KVCache:
+        """With a mesh: shard the cache rows over the batch mesh axes when they divide, else replicate."""
+        if self.mesh is None:
+            return cache
+        from nanochat_jax.sharding import named_sharding
+
+        kv = named_sharding(self.mesh, ("layers", "batch", "cache_len", "kv_heads", None), cache.k.shape)
+        lengths = named_sharding(self.mesh, ("batch",), cache.lengths.shape)
+        return cache.replace(k=jax.device_put(cache.k, kv), v=jax.device_put(cache.v, kv),
+                             lengths=jax.device_put(cache.lengths, lengths))
+
+    def generate(self, tokens, num_samples: int = 1, max_tokens: int = 256, temperature: float = 1.0,
+                 top_k: int | None = None, top_p: float | None = None, seed: int = 0):
+        """Yield (token_column, mask_column) per step for num_samples rows per prompt (prompt-major order).
+
+        tokens: one prompt (list[int]) or several (list[list[int]]). mask 1 = sampled, 0 = forced tool
+        output (or filler after a row has finished)."""
+        prompts = [tokens] if tokens and isinstance(tokens[0], (int, np.integer)) else tokens
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise ValueError("generate needs at least one non-empty prompt")
+        if num_samples < 1 or max_tokens < 1 or temperature < 0:
+            raise ValueError(f"need num_samples >= 1, max_tokens >= 1, temperature >= 0; got {num_samples}, "
+                             f"{max_tokens}, {temperature}")
+        P, B = len(prompts), len(prompts) * num_samples
+        L = bucket(max(len(p) for p in prompts))
+        max_len = bucket(L + max_tokens)
+
+        padded = np.zeros((P, L), np.int32)
+        for i, p in enumerate(prompts):
+            padded[i, :len(p)] = p
+        lengths = jnp.asarray([len(p) for p in prompts], jnp.int32)
+        self.prefill_calls.append((P, L))
+        logits, cache = _prefill(self.graphdef, self.state, self._empty_cache(P, max_len), jnp.asarray(padded), lengths)
+        if num_samples > 1:
+            cache, logits = _repeat_rows((cache, logits), num_samples)
+            cache = self._place(cache)
+        keys = jax.random.split(jax.random.key(seed), B)
+
+        rows = [_Row(remaining=max_tokens) for _ in range(B)]
+        specials = (self.assistant_end, self.bos, self.python_start, self.python_end)
+        sampling = (jnp.float32(temperature), jnp.int32(top_k or 0), jnp.float32(1.0 if top_p is None else top_p))
+        yielded = 0
+        while not all(r.done for r in rows):
+            forced = np.zeros((B, self.chunk), np.int32)
+            n_forced = np.zeros((B,), np.int32)
+            for i, r in enumerate(rows):
+                queued = list(r.forced)[: self.chunk]
+                forced[i, :len(queued)], n_forced[i] = queued, len(queued)
+            active = np.array([not r.done for r in rows])
+            in_block = np.array([r.in_block for r in rows])
+            budget = np.array([r.remaining for r in rows], np.int32)
+            out = _decode_chunk(self.graphdef, self.chunk, specials, self.state, cache, logits, keys,
+                                jnp.asarray(active), jnp.asarray(in_block), jnp.asarray(budget),
+                                jnp.asarray(forced), jnp.asarray(n_forced), *sampling)
+            toks, emitted, was_forced, cache, logits, keys = out
+            toks, emitted, was_forced = np.asarray(toks), np.asarray(emitted), np.asarray(was_forced)
+            for i, r in enumerate(rows):
+                for t, f in zip(toks[i][emitted[i]], was_forced[i][emitted[i]]):
+                    self._advance(r, int(t), bool(f))
+            # stream every column that all unfinished rows have reached
+            while any(len(r.out) > yielded for r in rows) and all(len(r.out) > yielded or r.done for r in rows):
+                column = [r.out[yielded] if len(r.out) > yielded else (self.assistant_end, 0) for r in rows]
+                yield [t for t, _ in column], [m for _, m in column]
+                yielded += 1
+
+    def _advance(self, r: _Row, token: int, was_forced: bool) -> None:
+        """Record one emitted token of a row and run the tool-use state machine (mirrors the device loop)."""
+        if was_forced:
+            r.forced.popleft()
+        r.out.append((token, 0 if was_forced else 1))
+        r.remaining -= 1
+        if token in (self.assistant_end, self.bos) or r.remaining == 0:
+            r.done = True
+        if was_forced:
+            return
+        if token == self.python_start:
+            r.in_block, r.expr = True, []
+        elif token == self.python_end and r.in_block:
+            r.in_block = False
+            if r.expr:
+                result = calculate(self.tokenizer.decode(r.expr))
+                r.forced.extend([self.output_start, *self.tokenizer.encode(result), self.output_end])
+            r.expr = []
+        elif r.in_block:
+            r.expr.append(token)
+
+    def generate_batch(self, tokens, num_samples: int = 1, **kwargs) -> tuple[list[list[int]], list[list[int]]]:
+        """Full sequences (prompt + completion, without the terminal token) and masks (0 on the prompt and on
+        forced tool output, 1 on sampled tokens), num_samples rows per prompt in prompt-major order."""
+        prompts = [tokens] if tokens and isinstance(tokens[0], (int, np.integer)) else tokens
+        results = [list(p) for p in prompts for _ in range(num_samples)]
+        masks = [[0] * len(p) for p in prompts for _ in range(num_samples)]
+        completed = [False] * len(results)
+        for column, mask_column in self.generate(prompts, num_samples, **kwargs):
+            for i, (token, mask) in enumerate(zip(column, mask_column)):
+                if completed[i]:
+                    continue
+                if token in (self.assistant_end, self.bos):
+                    completed[i] = True
+                else:
+                    results[i].append(token)
+                    masks[i].append(mask)
+        return results, masks

@@ -1,0 +1,219 @@
+"""The inference engine: KV-cache generation equals naive recomputation, batching, shared prefill,
+sampling filters, and the calculator tool-use state machine."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from nanochat_jax.config import ModelConfig
+from nanochat_jax.engine import Engine, bucket, sample_tokens
+from nanochat_jax.model import GPT, Linear, init_model
+from nanochat_jax.tokenizer import Tokenizer
+
+N_BYTES = 256  # byte-level tokenizer: ids 0..255 are bytes, 256.. are the special tokens
+
+
+def byte_tokenizer() -> Tokenizer:
+    return Tokenizer({bytes([i]): i for i in range(N_BYTES)})
+
+
+def tiny_config() -> ModelConfig:
+    return ModelConfig(depth=2, aspect_ratio=32, head_dim=16, n_kv_head=2, vocab_size=N_BYTES + 9,
+                       sequence_len=128, compute_dtype="float32")
+
+
+def random_model(seed: int = 0) -> GPT:
+    """A tiny GPT with every kernel random (the real init zeroes lm_head and the projections); the special
+    tokens' lm_head columns are zero, so greedy decoding never picks them."""
+    model = init_model(tiny_config(), seed=seed)
+    key = jax.random.key(seed + 100)
+    for _, module in nnx.iter_modules(model):
+        if isinstance(module, Linear):
+            key, sub = jax.random.split(key)
+            fan_in = module.kernel.shape[0]
+            module.kernel[...] = jax.random.normal(sub, module.kernel.shape) / np.sqrt(fan_in)
+    model.lm_head.kernel[...] = (3.0 * model.lm_head.kernel[...]).at[:, N_BYTES:].set(0.0)
+    return model
+
+
+@pytest.fixture(scope="module")
+def model():
+    return random_model()
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return byte_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def engine(model, tokenizer):
+    return Engine(model, tokenizer, chunk=8)
+
+
+def naive_greedy(model, prompt, max_tokens, stop, width=64):
+    """Recompute the full forward for every new token (padded to a fixed width: causal, so padding after
+    the last real token does not change its logits; one compilation)."""
+    forward = nnx.jit(lambda model, tokens: model(tokens))
+    tokens = list(prompt)
+    for _ in range(max_tokens):
+        padded = jnp.asarray([tokens + [0] * (width - len(tokens))])
+        token = int(jnp.argmax(forward(model, padded)[0, len(tokens) - 1]))
+        if token in stop:
+            break
+        tokens.append(token)
+    return tokens
+
+
+PROMPTS = [[256, 72, 105, 32, 116, 104, 101, 114, 101], [256, 65], list(range(60, 80))]
+
+
+def test_bucket():
+    assert [bucket(n) for n in (1, 16, 17, 100, 128, 129)] == [16, 16, 32, 128, 128, 256]
+
+
+def test_greedy_equals_naive_recompute(model, engine, tokenizer):
+    stop = {tokenizer.encode_special("<|assistant_end|>"), tokenizer.bos_token_id}
+    for prompt in PROMPTS:
+        expected = naive_greedy(model, prompt, 20, stop)
+        results, masks = engine.generate_batch(prompt, max_tokens=20, temperature=0.0)
+        assert results == [expected]
+        assert masks == [[0] * len(prompt) + [1] * (len(expected) - len(prompt))]
+
+
+def test_batched_prompts_equal_one_by_one(engine):
+    batched, _ = engine.generate_batch(PROMPTS, max_tokens=20, temperature=0.0)
+    single = [engine.generate_batch(p, max_tokens=20, temperature=0.0)[0][0] for p in PROMPTS]
+    assert batched == single
+    assert [len(r) for r in batched] == [len(p) + 20 for p in PROMPTS]
+
+
+def test_streaming_columns(engine):
+    columns = list(engine.generate(PROMPTS[:2], max_tokens=11, temperature=0.0))
+    assert len(columns) == 11
+    assert all(len(c) == 2 and len(m) == 2 and m == [1, 1] for c, m in columns)
+
+
+def test_num_samples_share_one_prefill(model, tokenizer):
+    engine = Engine(model, tokenizer, chunk=8)
+    prompt = PROMPTS[0]
+    results, _ = engine.generate_batch(prompt, num_samples=4, max_tokens=16, temperature=1.0, seed=1)
+    assert engine.prefill_calls == [(1, 16)]  # one prefill of one row for four samples
+    assert len(results) == 4 and all(r[: len(prompt)] == prompt for r in results)
+    assert len({tuple(r) for r in results}) > 1  # rows have their own keys
+    again, _ = engine.generate_batch(prompt, num_samples=4, max_tokens=16, temperature=1.0, seed=1)
+    assert again == results
+    other, _ = engine.generate_batch(prompt, num_samples=4, max_tokens=16, temperature=1.0, seed=2)
+    assert other != results
+    greedy, _ = engine.generate_batch(prompt, num_samples=3, max_tokens=16, temperature=0.0)
+    assert greedy[0] == greedy[1] == greedy[2]
+
+
+def test_top_k_one_and_tiny_top_p_equal_greedy(engine):
+    greedy, _ = engine.generate_batch(PROMPTS, max_tokens=12, temperature=0.0)
+    top1, _ = engine.generate_batch(PROMPTS, max_tokens=12, temperature=1.5, top_k=1, seed=3)
+    tiny_p, _ = engine.generate_batch(PROMPTS, max_tokens=12, temperature=1.5, top_p=1e-6, seed=4)
+    assert top1 == greedy and tiny_p == greedy
+
+
+def test_sharded_cache_matches_unsharded(model, tokenizer, engine, make_mesh):
+    sharded = Engine(model, tokenizer, mesh=make_mesh(data=2), chunk=8)
+    expected, _ = engine.generate_batch(PROMPTS[:2], max_tokens=10, temperature=0.0)
+    assert sharded.generate_batch(PROMPTS[:2], max_tokens=10, temperature=0.0)[0] == expected
+
+
+# ---------------------------------------------------------------------------------------------
+# The sampling function on toy logits
+
+
+def test_sample_greedy_top_k_top_p():
+    logits = jax.random.normal(jax.random.key(0), (64, 50)) * 3
+    keys = jax.random.split(jax.random.key(1), 64)
+    greedy = jnp.argmax(logits, -1)
+    assert (sample_tokens(keys, logits, 0.0) == greedy).all()
+    assert (sample_tokens(keys, logits, 1.0, top_k=1) == greedy).all()
+    assert (sample_tokens(keys, logits, 1.0, top_p=1e-6) == greedy).all()
+
+
+def _frequencies(logits, n=20000, **kwargs):
+    keys = jax.random.split(jax.random.key(7), n)
+    tokens = sample_tokens(keys, jnp.tile(jnp.asarray(logits)[None], (n, 1)), **kwargs)
+    return np.bincount(np.asarray(tokens), minlength=len(logits)) / n
+
+
+def test_sample_frequencies_follow_softmax():
+    logits = np.array([1.0, 2.0, 0.5, -1.0])
+    expected = np.asarray(jax.nn.softmax(logits / 0.7))
+    np.testing.assert_allclose(_frequencies(logits, temperature=0.7), expected, atol=0.015)
+
+
+def test_sample_frequencies_with_top_k_and_top_p():
+    logits = np.log(np.array([0.3, 0.5, 0.05, 0.15]))
+    np.testing.assert_allclose(_frequencies(logits, temperature=1.0, top_k=2), [0.375, 0.625, 0, 0], atol=0.015)
+    # top_p=0.7: 0.5 alone is not enough, 0.5 + 0.3 is -> keep tokens 1 and 0
+    np.testing.assert_allclose(_frequencies(logits, temperature=1.0, top_p=0.7), [0.375, 0.625, 0, 0], atol=0.015)
+    np.testing.assert_allclose(_frequencies(logits, temperature=1.0, top_p=0.9), [0.3 / .95, 0.5 / .95, 0, 0.15 / .95],
+                               atol=0.015)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tool use with a scripted model
+
+
+class ScriptedGPT(GPT):
+    """A GPT whose logits depend only on the last input token, through a (V, V) transition table."""
+
+    def __init__(self, cfg, transitions: dict[int, int], default: int, *, rngs):
+        super().__init__(cfg, rngs=rngs)
+        table = np.full((cfg.vocab_size,), default, np.int32)
+        for a, b in transitions.items():
+            table[a] = b
+        self.script = nnx.Param(jax.nn.one_hot(table, cfg.vocab_size) * 20.0)
+
+    def decode(self, tokens, cache):
+        _, cache = super().decode(tokens, cache)
+        return self.script[...][tokens], cache
+
+
+def scripted_engine(tokenizer, chunk):
+    sp = tokenizer.encode_special
+    c = ord
+    transitions = {
+        c("?"): sp("<|python_start|>"), sp("<|python_start|>"): c("1"), c("1"): c("/"), c("/"): c("7"),
+        c("7"): sp("<|python_end|>"), sp("<|output_end|>"): c("!"), c("!"): sp("<|assistant_end|>"),
+        c("."): c("!"),
+    }
+    model = ScriptedGPT(tiny_config(), transitions, default=c("Z"), rngs=nnx.Rngs(0))
+    return Engine(model, tokenizer, chunk=chunk)
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 16])
+def test_tool_use_forces_calculator_output(tokenizer, chunk):
+    engine = scripted_engine(tokenizer, chunk)
+    sp = tokenizer.encode_special
+    tool_prompt, plain_prompt = [tokenizer.bos_token_id] + tokenizer.encode("what is 1/7?"), tokenizer.encode("ok.")
+    results, masks = engine.generate_batch([tool_prompt, plain_prompt], max_tokens=40, temperature=0.0)
+    output = tokenizer.encode("0.142857142857")
+    expected = [sp("<|python_start|>"), *tokenizer.encode("1/7"), sp("<|python_end|>"),
+                sp("<|output_start|>"), *output, sp("<|output_end|>"), ord("!")]
+    assert results[0] == tool_prompt + expected
+    assert masks[0] == [0] * len(tool_prompt) + [1] * 5 + [0] * (len(output) + 2) + [1]
+    assert results[1] == plain_prompt + [ord("!")]
+    assert masks[1] == [0] * len(plain_prompt) + [1]
+
+
+def test_tool_use_streams_aligned_columns(tokenizer):
+    engine = scripted_engine(tokenizer, chunk=4)
+    columns = list(engine.generate([tokenizer.encode("?"), tokenizer.encode(".")], max_tokens=40, temperature=0.0))
+    assistant_end = tokenizer.encode_special("<|assistant_end|>")
+    assert len(columns) == 5 + 16 + 2  # the tool row: 5 sampled + 16 forced + "!" + <|assistant_end|>
+    assert columns[-1] == ([assistant_end, assistant_end], [1, 0])  # the plain row finished long before
+    assert columns[1][0] == [ord("1"), assistant_end]
+
+
+def test_max_tokens_stops_inside_forced_output(tokenizer):
+    engine = scripted_engine(tokenizer, chunk=4)
+    results, masks = engine.generate_batch(tokenizer.encode("?"), max_tokens=8, temperature=0.0)
+    assert len(results[0]) == 1 + 8 and masks[0][-3:] == [0, 0, 0]
