@@ -1,0 +1,106 @@
+"""The training state and the one jit-compiled, pure training step.
+
+`init_train_state` builds parameters directly on the mesh (each device materialises only its shards)
+and the optimizer state with the same shardings. `make_train_step` returns
+`train_step(state, batch) -> (state, metrics)`: gradient accumulation over the leading micro-batch axis
+of `batch` runs inside the jit (`lax.scan`), the state is donated, and metrics stay on device, so the
+host only feeds batches and reads metrics when it logs.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh
+
+from nanochat_jax.config import ModelConfig, OptimConfig
+from nanochat_jax.model import init_model
+from nanochat_jax.optim import build_optimizer, lr_multiplier
+from nanochat_jax.sharding import like_params, named_sharding, param_shardings, replicated
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array  # int32 scalar: optimizer steps taken
+    params: Any  # pure nested dict of fp32 arrays, sharded by the rule table
+    opt_state: Any
+
+
+def abstract_model(model_cfg: ModelConfig, seed: int = 0):
+    """(graphdef, abstract nnx State of the parameters) without allocating anything."""
+    return nnx.split(nnx.eval_shape(lambda: init_model(model_cfg, seed)), nnx.Param)
+
+
+def state_shardings(model_cfg: ModelConfig, optimizer: optax.GradientTransformation, mesh: Mesh, seed: int = 0):
+    """(graphdef, TrainState of NamedShardings). Optimizer leaves shaped like a parameter share its sharding."""
+    graphdef, abstract = abstract_model(model_cfg, seed)
+    params_sh = param_shardings(abstract, mesh)
+    abstract_opt = jax.eval_shape(optimizer.init, nnx.to_pure_dict(abstract))
+    opt_sh = like_params(abstract_opt, params_sh, mesh)
+    return graphdef, TrainState(step=replicated(mesh), params=params_sh, opt_state=opt_sh)
+
+
+def init_train_state(model_cfg: ModelConfig, optim_cfg: OptimConfig, num_iterations: int, mesh: Mesh, seed: int = 0):
+    """Returns (graphdef, optimizer, state, shardings) with the state created directly in its shardings."""
+    optimizer = build_optimizer(optim_cfg, model_cfg.n_embd, num_iterations)
+    graphdef, shardings = state_shardings(model_cfg, optimizer, mesh, seed)
+
+    def create() -> TrainState:
+        params = nnx.to_pure_dict(nnx.split(init_model(model_cfg, seed), nnx.Param)[1])
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
+
+    state = jax.jit(create, out_shardings=shardings)()
+    return graphdef, optimizer, state, shardings
+
+
+def microbatch_sharding(mesh: Mesh, ndim: int = 3):
+    """Batches fed to the train step are (micro_steps, rows, T): rows sharded over (data, fsdp)."""
+    return named_sharding(mesh, (None, "batch") + (None,) * (ndim - 2))
+
+
+def global_batch(local_batches: list[dict], mesh: Mesh) -> dict:
+    """Stack this process's micro-batches into global (A, B, T) arrays sharded over the mesh."""
+    sharding = microbatch_sharding(mesh)
+    return {k: jax.make_array_from_process_local_data(sharding, np.stack([b[k] for b in local_batches]))
+            for k in local_batches[0]}
+
+
+def make_train_step(graphdef, optimizer: optax.GradientTransformation, shardings: TrainState, mesh: Mesh,
+                    num_iterations: int, optim_cfg: OptimConfig) -> Callable:
+    """train_step(state, batch) -> (state, metrics); batch = {"inputs", "targets"[, "mask"]} of shape (A, B, T)."""
+
+    def loss_fn(params, micro):
+        model = nnx.merge(graphdef, params)
+        return model.loss(micro["inputs"], micro["targets"], micro.get("mask"))
+
+    def train_step(state: TrainState, batch: dict):
+        num_micro = batch["inputs"].shape[0]
+
+        def accumulate(grads, micro):
+            loss, micro_grads = jax.value_and_grad(loss_fn)(state.params, micro)
+            return jax.tree.map(jnp.add, grads, micro_grads), loss
+
+        zeros = jax.tree.map(jnp.zeros_like, state.params)
+        grads, losses = jax.lax.scan(accumulate, zeros, batch)
+        grads = jax.tree.map(lambda g: g / num_micro, grads)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {
+            "loss": jnp.mean(losses),
+            "grad_norm": optax.tree.norm(grads),
+            "lr_multiplier": lr_multiplier(state.step, num_iterations, optim_cfg),
+        }
+        return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+    return jax.jit(
+        train_step,
+        in_shardings=(shardings, microbatch_sharding(mesh)),
+        out_shardings=(shardings, replicated(mesh)),
+        donate_argnums=0,
+    )
