@@ -1,6 +1,11 @@
 """The inference engine: KV-cache generation equals naive recomputation, batching, shared prefill,
 sampling filters, and the calculator tool-use state machine."""
 
+import dataclasses
+import importlib.util
+import io
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -107,8 +112,8 @@ def test_num_samples_share_one_prefill(model, tokenizer):
     assert again == results
     other, _ = engine.generate_batch(prompt, num_samples=4, max_tokens=16, temperature=1.0, seed=2)
     assert other != results
-    greedy, _ = engine.generate_batch(prompt, num_samples=3, max_tokens=16, temperature=0.0)
-    assert greedy[0] == greedy[1] == greedy[2]
+    greedy, _ = engine.generate_batch(prompt, num_samples=4, max_tokens=16, temperature=0.0)
+    assert greedy[0] == greedy[1] == greedy[2] == greedy[3]
 
 
 def test_top_k_one_and_tiny_top_p_equal_greedy(engine):
@@ -128,18 +133,21 @@ def test_sharded_cache_matches_unsharded(model, tokenizer, engine, make_mesh):
 # The sampling function on toy logits
 
 
+sample = jax.jit(sample_tokens)
+
+
 def test_sample_greedy_top_k_top_p():
     logits = jax.random.normal(jax.random.key(0), (64, 50)) * 3
     keys = jax.random.split(jax.random.key(1), 64)
     greedy = jnp.argmax(logits, -1)
-    assert (sample_tokens(keys, logits, 0.0) == greedy).all()
-    assert (sample_tokens(keys, logits, 1.0, top_k=1) == greedy).all()
-    assert (sample_tokens(keys, logits, 1.0, top_p=1e-6) == greedy).all()
+    assert (sample(keys, logits, 0.0) == greedy).all()
+    assert (sample(keys, logits, 1.0, 1) == greedy).all()  # top_k=1
+    assert (sample(keys, logits, 1.0, 0, 1e-6) == greedy).all()  # top_p tiny
 
 
 def _frequencies(logits, n=20000, **kwargs):
     keys = jax.random.split(jax.random.key(7), n)
-    tokens = sample_tokens(keys, jnp.tile(jnp.asarray(logits)[None], (n, 1)), **kwargs)
+    tokens = sample_tokens(keys, jnp.tile(jnp.asarray(logits, jnp.float32)[None], (n, 1)), **kwargs)
     return np.bincount(np.asarray(tokens), minlength=len(logits)) / n
 
 
@@ -183,7 +191,7 @@ def scripted_engine(tokenizer, chunk):
     transitions = {
         c("?"): sp("<|python_start|>"), sp("<|python_start|>"): c("1"), c("1"): c("/"), c("/"): c("7"),
         c("7"): sp("<|python_end|>"), sp("<|output_end|>"): c("!"), c("!"): sp("<|assistant_end|>"),
-        c("."): c("!"),
+        c("."): c("!"), sp("<|assistant_start|>"): c("?"),
     }
     model = ScriptedGPT(tiny_config(), transitions, default=c("Z"), rngs=nnx.Rngs(0))
     return Engine(model, tokenizer, chunk=chunk)
@@ -217,3 +225,66 @@ def test_max_tokens_stops_inside_forced_output(tokenizer):
     engine = scripted_engine(tokenizer, chunk=4)
     results, masks = engine.generate_batch(tokenizer.encode("?"), max_tokens=8, temperature=0.0)
     assert len(results[0]) == 1 + 8 and masks[0][-3:] == [0, 0, 0]
+
+
+# ---------------------------------------------------------------------------------------------
+# scripts/chat_cli.py
+
+
+def load_chat_cli():
+    path = Path(__file__).resolve().parents[1] / "scripts" / "chat_cli.py"
+    spec = importlib.util.spec_from_file_location("chat_cli", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_chat_respond_keeps_tool_calls_as_parts(tokenizer):
+    chat_cli = load_chat_cli()
+    engine = scripted_engine(tokenizer, chunk=8)
+    messages, out = [], io.StringIO()
+    tokens = chat_cli.respond(engine, tokenizer, messages, "what is 1/7", out=out, max_tokens=40, temperature=0.0)
+    assert messages == [{"role": "user", "content": "what is 1/7"},
+                        {"role": "assistant", "content": [{"type": "text", "text": "?"},
+                                                          {"type": "python", "text": "1/7"},
+                                                          {"type": "python_output", "text": "0.142857142857"},
+                                                          {"type": "text", "text": "!"}]}]
+    assert out.getvalue() == tokenizer.decode(tokens) + "\n"
+    # the next turn renders the reply exactly as generated
+    ids, _ = tokenizer.render_conversation({"messages": messages})
+    assert ids[-len(tokens) - 1:] == tokens + [tokenizer.encode_special("<|assistant_end|>")]
+
+
+def save_tiny_checkpoint(home, model, tokenizer, stage="sft", step=3):
+    import optax
+
+    from nanochat_jax.checkpoint import Checkpointer, checkpoint_dir
+
+    tokenizer.save(home / "tok")
+    params = nnx.to_pure_dict(nnx.split(model, nnx.Param)[1])
+    meta = {"step": step, "stage": stage, "model": dataclasses.asdict(tiny_config()), "tokenizer": str(home / "tok")}
+    ckpt = Checkpointer(checkpoint_dir(stage, tiny_config().depth))
+    ckpt.save(step, params, optax.sgd(0.1).init(params), {}, meta)
+    ckpt.close()
+
+
+def test_chat_cli_prompt_and_interactive(home, model, tokenizer, capsys, monkeypatch):
+    chat_cli = load_chat_cli()
+    assert chat_cli.main(["--source", "rl", "-p", "hi"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot load the rl checkpoint" in err
+
+    save_tiny_checkpoint(home, model, tokenizer)
+    expected = io.StringIO()
+    chat_cli.respond(Engine(model, tokenizer), tokenizer, [], "hi", out=expected, max_tokens=8, temperature=0.0)
+    assert chat_cli.main(["--source", "sft", "-p", "hi", "-t", "0", "--max-tokens", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "source=sft step=3 depth=2" in out and "temperature=0.0" in out
+    assert out.endswith("Assistant: " + expected.getvalue())
+
+    lines = iter(["hello", "clear", "", "hi", "exit"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    assert chat_cli.main(["--source", "sft", "-t", "0", "--max-tokens", "8"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("Assistant: ") == 2 and "Conversation cleared." in out
+    assert out.endswith("Assistant: " + expected.getvalue())  # after 'clear', "hi" is a fresh conversation

@@ -1,0 +1,122 @@
+"""Chat with a trained model in the terminal, streaming the reply token by token.
+
+    python scripts/chat_cli.py --source sft                 # interactive; 'clear' resets, 'quit'/'exit' leaves
+    python scripts/chat_cli.py --source mid -p "Why is the sky blue?" -t 0.6 -k 50
+
+The conversation is kept as chat messages and rendered with `tokenizer.render_for_completion`; an
+assistant reply that used the calculator is stored as text / python / python_output parts, so the next
+turn renders the tool call exactly as the model produced it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Chat with a nanochat-jax checkpoint in the terminal")
+    parser.add_argument("-i", "--source", default="sft", choices=["base", "mid", "sft", "rl"], help="checkpoint stage")
+    parser.add_argument("-s", "--step", type=int, default=None, help="checkpoint step (default: latest)")
+    parser.add_argument("--depth", type=int, default=None, help="model depth (default: most recently written)")
+    parser.add_argument("-p", "--prompt", default="", help="answer this one prompt and exit")
+    parser.add_argument("-t", "--temperature", type=float, default=0.6)
+    parser.add_argument("-k", "--top-k", type=int, default=50, help="0 disables top-k")
+    parser.add_argument("--top-p", type=float, default=None)
+    parser.add_argument("--max-tokens", type=int, default=256)
+    parser.add_argument("--seed", type=int, default=0)
+    return parser.parse_args(argv)
+
+
+def reply_parts(tokenizer, tokens: list[int]) -> list[dict]:
+    """Split a generated reply into render_conversation parts: text, python (the call), python_output."""
+    sp = tokenizer.encode_special
+    opening = {sp("<|python_start|>"): "python", sp("<|output_start|>"): "python_output"}
+    closing = {sp("<|python_end|>"), sp("<|output_end|>")}
+    parts, kind, run = [], "text", []
+
+    def flush():
+        if run:
+            parts.append({"type": kind, "text": tokenizer.decode(run)})
+
+    for token in tokens:
+        if token in opening:
+            flush()
+            kind, run = opening[token], []
+        elif token in closing:
+            flush()
+            kind, run = "text", []
+        else:
+            run.append(token)
+    flush()
+    return parts
+
+
+def respond(engine, tokenizer, messages: list[dict], user_text: str, out=sys.stdout, **generate_kwargs) -> list[int]:
+    """Add the user's turn, stream the assistant's reply to `out`, add it to `messages`; return its tokens."""
+    messages.append({"role": "user", "content": user_text})
+    prompt = tokenizer.render_for_completion({"messages": messages + [{"role": "assistant", "content": ""}]})
+    assistant_end = tokenizer.encode_special("<|assistant_end|>")
+    tokens, shown = [], ""
+    for column, _ in engine.generate(prompt, num_samples=1, **generate_kwargs):
+        if column[0] in (assistant_end, tokenizer.bos_token_id):
+            break
+        tokens.append(column[0])
+        text = tokenizer.decode(tokens)
+        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+            out.write(text[len(shown):])
+            out.flush()
+            shown = text
+    out.write(tokenizer.decode(tokens)[len(shown):] + "\n")
+    parts = reply_parts(tokenizer, tokens)
+    messages.append({"role": "assistant", "content": parts if any(p["type"] != "text" for p in parts)
+                     else "".join(p["text"] for p in parts)})
+    return tokens
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from nanochat_jax.checkpoint import CheckpointError, load_model
+    from nanochat_jax.engine import Engine
+
+    try:
+        model, tokenizer, meta = load_model(args.source, step=args.step, depth=args.depth)
+    except (CheckpointError, FileNotFoundError, ValueError) as e:
+        print(f"chat_cli: cannot load the {args.source} checkpoint: {e}", file=sys.stderr)
+        return 1
+    engine = Engine(model, tokenizer)
+    settings = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k or None,
+                    top_p=args.top_p, seed=args.seed)
+    model_cfg = meta.get("model", {})
+    print(f"nanochat-jax chat | source={args.source} step={meta.get('step')} depth={model_cfg.get('depth')} "
+          f"| " + " ".join(f"{k}={v}" for k, v in settings.items()))
+    if not args.prompt:
+        print("Type 'clear' to start a new conversation, 'quit' or 'exit' to leave.")
+
+    messages: list[dict] = []
+    while True:
+        if args.prompt:
+            user_text = args.prompt
+        else:
+            try:
+                user_text = input("\nUser: ").strip()
+            except (EOFError, KeyboardInterrupt):
+                print()
+                return 0
+        if user_text.lower() in ("quit", "exit"):
+            return 0
+        if user_text.lower() == "clear":
+            messages = []
+            print("Conversation cleared.")
+            continue
+        if not user_text:
+            continue
+        print("\nAssistant: ", end="", flush=True)
+        respond(engine, tokenizer, messages, user_text, **settings)
+        settings["seed"] += 1  # a fresh sample each turn
+        if args.prompt:
+            return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
