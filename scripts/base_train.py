@@ -1,0 +1,171 @@
+"""Base pretraining: config -> mesh, model, optimizer -> packed batches -> jit train step -> checkpoints, bpb, samples.
+
+    python scripts/base_train.py --config configs/cpu_tiny.toml [--model.depth=6 --train.resume=true ...]
+
+Logs loss (EMA-smoothed), lr multiplier, tokens/s, MFU, elapsed and ETA; writes metrics to
+<home>/report/base_train.jsonl and a summary to <home>/report/base_train.json for the report.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from nanochat_jax.checkpoint import Checkpointer, checkpoint_dir
+from nanochat_jax.common import artifacts_dir, device_info, is_main_process, peak_flops_per_device, print0
+from nanochat_jax.config import Config, ConfigError, TrainConfig, load_config, to_dict, to_toml
+from nanochat_jax.data import make_batch_iterator, make_source
+from nanochat_jax.evaluation import make_bpb_step, sample_texts, split_bpb
+from nanochat_jax.model import flops_per_token, num_params
+from nanochat_jax.sharding import make_mesh
+from nanochat_jax.tokenizer import default_tokenizer_dir, load_tokenizer, token_bytes
+from nanochat_jax.train import TrainState, global_batch, init_train_state, make_train_step
+
+def training_horizon(train: TrainConfig, n_params: int, flops: float) -> int:
+    """Steps from an explicit count, a FLOPs budget, or a tokens:params ratio (in that order)."""
+    if train.num_iterations > 0:
+        return train.num_iterations
+    if train.target_flops > 0:
+        return max(1, round(train.target_flops / (flops * train.total_batch_size)))
+    return max(1, int(train.target_param_data_ratio * n_params) // train.total_batch_size)
+
+
+def grad_accum_steps(cfg: Config, rows_per_micro: int) -> int:
+    tokens_per_micro = rows_per_micro * cfg.model.sequence_len
+    if cfg.train.total_batch_size % tokens_per_micro:
+        raise ConfigError(
+            f"train.total_batch_size={cfg.train.total_batch_size} is not a multiple of the tokens per micro-batch "
+            f"{tokens_per_micro} (= device_batch_size {cfg.train.device_batch_size} x batch-sharded devices "
+            f"{rows_per_micro // cfg.train.device_batch_size} x sequence_len {cfg.model.sequence_len})")
+    return cfg.train.total_batch_size // tokens_per_micro
+
+
+def main(argv: list[str] | None = None) -> dict:
+    cfg = load_config(argv)
+    tokenizer = load_tokenizer()
+    cfg.model.vocab_size = tokenizer.vocab_size
+    print0(to_toml(cfg))
+    mesh = make_mesh(cfg.mesh)
+    rows = cfg.train.device_batch_size * mesh.shape["data"] * mesh.shape["fsdp"]  # global rows per micro-batch
+    accum = grad_accum_steps(cfg, rows)
+    n_params, flops = num_params(cfg.model), flops_per_token(cfg.model)
+    num_iterations = training_horizon(cfg.train, n_params, flops)
+    total_tokens = num_iterations * cfg.train.total_batch_size
+    info = device_info()
+    print0(f"devices: {info['num_devices']} x {info['device_kind']} | mesh {dict(mesh.shape)} | "
+           f"params {n_params:,} | FLOPs/token {flops:.3e}")
+    print0(f"batch: {rows} rows x {cfg.model.sequence_len} tokens x {accum} micro-steps = "
+           f"{cfg.train.total_batch_size:,} tokens/step | {num_iterations:,} steps | {total_tokens:,} tokens "
+           f"({total_tokens / n_params:.1f} tokens/param) | {flops * total_tokens:.3e} FLOPs")
+
+    graphdef, optimizer, state, shardings = init_train_state(cfg.model, cfg.optim, num_iterations, mesh, cfg.train.seed)
+    train_step = make_train_step(graphdef, optimizer, shardings, mesh, num_iterations, cfg.optim)
+    bpb_step = make_bpb_step(graphdef)
+    tb = jnp.asarray(token_bytes(tokenizer))
+    out_dir = checkpoint_dir("base", cfg.model.depth)
+    if is_main_process():
+        (out_dir / "config.toml").write_text(to_toml(cfg))
+    ckpt = Checkpointer(out_dir, keep=cfg.train.keep_checkpoints)
+    train_iter = make_batch_iterator(make_source(cfg.data, "train"), tokenizer, batch_rows=rows,
+                                     seq_len=cfg.model.sequence_len, seed=cfg.train.seed,
+                                     num_threads=cfg.data.tokenizer_threads, prefetch=cfg.data.prefetch)
+    report_dir = artifacts_dir("report")
+    metrics_path = report_dir / "base_train.jsonl"
+
+    start = 0
+    if cfg.train.resume:
+        start = ckpt.latest_step()
+        if start is None:
+            raise SystemExit(f"--train.resume: no checkpoint in {out_dir}")
+        abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), state)
+        restored = ckpt.restore(start, abstract.params, abstract.opt_state)
+        state = TrainState(step=jax.device_put(jnp.asarray(start, jnp.int32), shardings.step),
+                           params=restored["params"], opt_state=restored["opt_state"])
+        train_iter.set_state(restored["data"])
+        print0(f"resumed from {out_dir}/{start}")
+    elif is_main_process():
+        metrics_path.write_text("")
+
+    def meta(step: int, **extra) -> dict:
+        return {"step": step, "stage": "base", "config": to_dict(cfg), "model": to_dict(cfg.model),
+                "tokenizer": str(default_tokenizer_dir()), **extra}
+
+    def log(record: dict) -> None:
+        if is_main_process():
+            with metrics_path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    peak = peak_flops_per_device()
+    smooth, ema = 0.0, 0.9
+    val_bpb = None
+    data_state = train_iter.get_state()  # the iterator state from which the batch of step `start` comes
+    batch = global_batch([next(train_iter) for _ in range(accum)], mesh)
+    t_start = t_last = time.perf_counter()
+    tokens_since = 0
+    bar = tqdm(total=num_iterations, initial=start, disable=not is_main_process(), dynamic_ncols=True,
+               mininterval=1.0 if sys.stderr.isatty() else 30.0)
+    for step in range(start, num_iterations + 1):
+        last = step == num_iterations
+        if last or (cfg.train.eval_every > 0 and step % cfg.train.eval_every == 0):
+            val_bpb = split_bpb(cfg, tokenizer, bpb_step, state.params, tb, rows, mesh, "val")
+            bar.write(f"step {step:5d} | val bpb {val_bpb:.4f}")
+            log({"step": step, "val_bpb": val_bpb})
+        if last or (cfg.train.sample_every > 0 and step % cfg.train.sample_every == 0 and step > 0):
+            for text in sample_texts(graphdef, state.params, tokenizer):
+                bar.write(f"  sample: {text!r}")
+        if (last and step > start) or (cfg.train.checkpoint_every > 0 and step % cfg.train.checkpoint_every == 0
+                                       and step > start):
+            ckpt.save(step, state.params, state.opt_state, data_state, meta(step, val_bpb=val_bpb))
+        if last:
+            break
+
+        state, metrics = train_step(state, batch)
+        data_state = train_iter.get_state()  # before fetching: the batch of step+1 comes from here
+        batch = global_batch([next(train_iter) for _ in range(accum)], mesh)  # overlaps the device's step
+        tokens_since += cfg.train.total_batch_size
+        if (step + 1) % cfg.train.log_every == 0 or step + 1 == num_iterations:
+            m = jax.device_get(metrics)  # the one host sync of the loop
+            now = time.perf_counter()
+            dt, t_last = now - t_last, now
+            tok_s = tokens_since / dt
+            tokens_since = 0
+            smooth = ema * smooth + (1 - ema) * float(m["loss"])
+            loss_smooth = smooth / (1 - ema ** (step + 1 - start))
+            mfu = flops * tok_s / (peak * info["num_devices"]) if peak else None
+            elapsed = now - t_start
+            eta = elapsed / (step + 1 - start) * (num_iterations - step - 1)
+            mfu_text = f"{100 * mfu:.1f}%" if mfu is not None else "n/a"
+            bar.set_postfix_str(f"loss {loss_smooth:.4f} | lrm {float(m['lr_multiplier']):.2f} | "
+                                f"{tok_s:,.0f} tok/s | MFU {mfu_text} | ETA {eta / 60:.1f} min")
+            bar.update(step + 1 - bar.n)
+            log({"step": step + 1, "loss": float(m["loss"]), "loss_smooth": loss_smooth,
+                 "grad_norm": float(m["grad_norm"]), "lr_multiplier": float(m["lr_multiplier"]),
+                 "tokens_per_sec": tok_s, "mfu": mfu, "elapsed_s": elapsed})
+    bar.close()
+    ckpt.wait()
+    ckpt.close()
+    wall = time.perf_counter() - t_start
+    samples = sample_texts(graphdef, state.params, tokenizer)
+    summary = {
+        "stage": "base", "run": cfg.run, "params": n_params, "flops_per_token": flops, "steps": num_iterations,
+        "tokens": total_tokens, "total_flops": flops * total_tokens, "wall_time_s": wall,
+        "tokens_per_sec": (num_iterations - start) * cfg.train.total_batch_size / wall,
+        "val_bpb": val_bpb, "samples": samples, "device": info, "mesh": dict(mesh.shape),
+        "checkpoint": str(out_dir / str(num_iterations)),
+    }
+    summary["mfu"] = flops * summary["tokens_per_sec"] / (peak * info["num_devices"]) if peak else None
+    if is_main_process():
+        (report_dir / "base_train.json").write_text(json.dumps(summary, indent=2))
+    print0(f"done: {num_iterations} steps in {wall / 60:.1f} min | val bpb {val_bpb:.4f} | "
+           f"{summary['tokens_per_sec']:,.0f} tok/s")
+    return summary
+
+
+if __name__ == "__main__":
+    main()
