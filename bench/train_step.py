@@ -1,0 +1,196 @@
+"""Training-step throughput: compile time, step time, tokens/s and MFU of the real jitted train step.
+
+    python bench/train_step.py --config configs/d20.toml [--model.depth=12 ...] [--steps 10] [--warmup 3]
+                               [--micro-steps 1] [--cpu-devices 8] [--xla-dump DIR]
+
+Builds the training state and step exactly as scripts/base_train.py does (same mesh, shardings, optimizer,
+donated state), but feeds synthetic random tokens, so it needs no tokenizer or data. One step = --micro-steps
+micro-batches of (device_batch_size x batch-sharded devices) rows of sequence_len tokens.
+
+MFU = flops_per_token * tokens/s / peak, against two peaks for the whole mesh:
+  measured:  a large matmul in the model's compute dtype run on every device at once (8192^3 on accelerators,
+             1024^3 on CPU), so it is the best this machine does on one dense matmul;
+  datasheet: common.peak_flops_per_device(kind) x devices, when the device kind is known (bf16 dense).
+Prints a one-line summary and a JSON line starting with `JSON `. With --xla-dump DIR, XLA's dumps go to DIR
+and the optimized HLO of the step to DIR/train_step.hlo.txt, and a summary of that HLO is printed
+(collectives by type, the largest buffer with the vocabulary in its shape, the batched Newton-Schulz matmuls).
+On a CPU backend a cudnn attention_impl is replaced by xla (cuDNN does not exist there).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+
+_ROOT = Path(__file__).resolve().parents[1]
+if str(_ROOT) not in sys.path:
+    sys.path.insert(0, str(_ROOT))
+
+COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=10, help="timed steps (after warm-up)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps after compilation")
+    parser.add_argument("--micro-steps", type=int, default=1, help="micro-batches accumulated per step")
+    parser.add_argument("--cpu-devices", type=int, default=0, help="simulate this many CPU devices (CPU only)")
+    parser.add_argument("--matmul-size", type=int, default=0, help="peak matmul size (default 8192, CPU 1024)")
+    parser.add_argument("--xla-dump", default="", help="directory for XLA dumps and the optimized HLO")
+    return parser.parse_known_args(argv)  # the rest are config overrides: --config FILE --section.key=value
+
+
+def _set_xla_flags(args) -> None:
+    """Must run before jax is imported."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    if args.cpu_devices:
+        flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", flags)
+        flags += f" --xla_force_host_platform_device_count={args.cpu_devices}"
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    if args.xla_dump:
+        flags += f" --xla_dump_to={args.xla_dump} --xla_dump_hlo_as_text"
+    os.environ["XLA_FLAGS"] = flags.strip()
+
+
+def _shape_dims(shape: str) -> list[int]:
+    return [int(d) for d in shape.split(",") if d.strip().isdigit()]
+
+
+DTYPE_BYTES = {"f32": 4, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "f64": 8, "s64": 8, "pred": 1, "s8": 1, "u8": 1}
+
+
+def hlo_summary(hlo: str, vocab_size: int) -> dict:
+    """Facts from optimized HLO text: collectives by type (async start/done pairs counted once), the
+    largest array whose shape contains vocab_size, and the batched Newton-Schulz matmuls (rank-3 dots whose
+    leading dimension stacks layers) with their shapes."""
+    counts = {}
+    for op in COLLECTIVES:
+        sync = len(re.findall(rf"= \S+ {op}\(", hlo))
+        started = len(re.findall(rf"= \S+ {op}-start\(", hlo))
+        counts[op] = sync + started
+    largest_v = (0, "")
+    for m in re.finditer(r"\b(f32|bf16|f16|s32|pred)\[([0-9,]+)\]", hlo):
+        dims = _shape_dims(m.group(2))
+        if vocab_size in dims:
+            n = DTYPE_BYTES[m.group(1)]
+            for d in dims:
+                n *= d
+            if n > largest_v[0]:
+                largest_v = (n, m.group(0))
+    ns = sorted(set(re.findall(r"= (bf16|f32)\[(\d+),(\d+),(\d+)\]\{[^}]*\} (?:dot|custom-call|fusion)\(", hlo)))
+    return {"collectives": counts, "largest_vocab_buffer": largest_v[1], "largest_vocab_buffer_bytes": largest_v[0],
+            "rank3_dot_shapes": [f"{t}[{a},{b},{c}]" for t, a, b, c in ns]}
+
+
+def main(argv=None) -> dict:
+    args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+    _set_xla_flags(args)
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from nanochat_jax.common import device_info, peak_flops_per_device
+    from nanochat_jax.config import load_config
+    from nanochat_jax.model import flops_per_token, num_params
+    from nanochat_jax.sharding import make_mesh
+    from nanochat_jax.train import global_batch, init_train_state, make_train_step
+
+    cfg = load_config(overrides)
+    info = device_info()
+    if info["backend"] == "cpu" and cfg.model.attention_impl == "cudnn":
+        print("note: CPU backend, using model.attention_impl=xla instead of cudnn")
+        cfg.model.attention_impl = "xla"
+    mesh = make_mesh(cfg.mesh)
+    n_dev = mesh.size
+    rows = cfg.train.device_batch_size * mesh.shape["data"] * mesh.shape["fsdp"]
+    T, V, A = cfg.model.sequence_len, cfg.model.vocab_size, args.micro_steps
+    tokens_per_step = A * rows * T
+
+    graphdef, optimizer, state, shardings = init_train_state(cfg.model, cfg.optim, 1000, mesh, cfg.train.seed)
+    step_fn = make_train_step(graphdef, optimizer, shardings, mesh, 1000, cfg.optim)
+    rng = np.random.default_rng(0)
+    micro = [{"inputs": rng.integers(0, V, (rows, T), dtype=np.int32),
+              "targets": rng.integers(0, V, (rows, T), dtype=np.int32)} for _ in range(A)]
+    batch = global_batch(micro, mesh)
+
+    t0 = time.perf_counter()
+    lowered = step_fn.lower(state, batch)
+    t1 = time.perf_counter()
+    compiled = lowered.compile()
+    t2 = time.perf_counter()
+    lower_s, compile_s = t1 - t0, t2 - t1
+    mem = compiled.memory_analysis()
+    hlo = None
+    if args.xla_dump:
+        hlo = compiled.as_text()
+        Path(args.xla_dump).mkdir(parents=True, exist_ok=True)
+        (Path(args.xla_dump) / "train_step.hlo.txt").write_text(hlo)
+
+    losses, times = [], []
+    for i in range(args.warmup + args.steps):
+        start = time.perf_counter()
+        state, metrics = compiled(state, batch)
+        loss = metrics["loss"].block_until_ready()
+        if i >= args.warmup:
+            times.append(time.perf_counter() - start)
+            losses.append(float(loss))
+    step_s = statistics.median(times)
+    tok_s = tokens_per_step / step_s
+    flops = flops_per_token(cfg.model)
+    achieved = flops * tok_s
+
+    # measured peak: one size x size matmul per device, all devices at once
+    size = args.matmul_size or (1024 if info["backend"] == "cpu" else 8192)
+    dtype = jnp.dtype(cfg.model.compute_dtype)
+    sh = NamedSharding(mesh, PartitionSpec(mesh.axis_names))
+    mm = jax.jit(lambda a, b: jnp.einsum("dij,djk->dik", a, b), out_shardings=sh)
+    a = jax.device_put(jnp.ones((n_dev, size, size), dtype), sh)
+    b = jax.device_put(jnp.full((n_dev, size, size), 0.5, dtype), sh)
+    mm(a, b).block_until_ready()
+    mm_times = []
+    for _ in range(5):
+        start = time.perf_counter()
+        mm(a, b).block_until_ready()
+        mm_times.append(time.perf_counter() - start)
+    peak_measured = 2 * size ** 3 * n_dev / min(mm_times)
+    peak_datasheet = peak_flops_per_device(info["device_kind"])
+    peak_datasheet = peak_datasheet * n_dev if peak_datasheet else None
+
+    result = {
+        "config": cfg.run, "depth": cfg.model.depth, "width": cfg.model.n_embd, "vocab": V, "seq": T,
+        "params": num_params(cfg.model), "compute_dtype": cfg.model.compute_dtype,
+        "attention_impl": cfg.model.attention_impl, "remat": cfg.model.remat, "loss_chunk": cfg.model.loss_chunk,
+        "device_kind": info["device_kind"], "backend": info["backend"], "num_devices": n_dev,
+        "mesh": dict(mesh.shape), "device_batch_size": cfg.train.device_batch_size, "micro_steps": A,
+        "tokens_per_step": tokens_per_step, "lower_s": lower_s, "compile_s": compile_s,
+        "step_s_median": step_s, "step_s_min": min(times), "tokens_per_sec": tok_s,
+        "flops_per_token": flops, "achieved_flops": achieved,
+        "matmul_size": size, "matmul_dtype": str(dtype), "peak_measured_flops": peak_measured,
+        "mfu_measured": achieved / peak_measured,
+        "peak_datasheet_flops": peak_datasheet, "mfu_datasheet": achieved / peak_datasheet if peak_datasheet else None,
+        "loss_first": losses[0], "loss_last": losses[-1],
+        "mem_argument_bytes": mem.argument_size_in_bytes if mem else None,
+        "mem_output_bytes": mem.output_size_in_bytes if mem else None,
+        "mem_temp_bytes": mem.temp_size_in_bytes if mem else None,
+    }
+    if hlo is not None:
+        result["hlo"] = hlo_summary(hlo, V)
+    ds = f"{100 * result['mfu_datasheet']:.1f}%" if peak_datasheet else "n/a"
+    print(f"{cfg.run} d{cfg.model.depth} ({result['params'] / 1e6:.1f}M params) on {n_dev} x {info['device_kind']} "
+          f"mesh {dict(mesh.shape)} | batch {A}x{rows}x{T} {cfg.model.compute_dtype} | compile {compile_s:.1f}s | "
+          f"step {1e3 * step_s:.1f} ms | {tok_s:,.0f} tok/s | MFU {100 * result['mfu_measured']:.1f}% of measured "
+          f"{peak_measured / 1e12:.2f} TFLOP/s ({size}^3 {dtype}) | {ds} of datasheet")
+    print("JSON " + json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
