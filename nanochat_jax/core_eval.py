@@ -248,7 +248,8 @@ def score_rows(scorer: Callable, rows: list[tuple[list[int], int, int]], pad_id:
     return losses, correct
 
 
-def _all_reduce_sum(values: np.ndarray) -> np.ndarray:
+def sum_over_processes(values: np.ndarray) -> np.ndarray:
+    """Element-wise sum of a small host array over all processes (the array itself with one process)."""
     if jax.process_count() == 1:
         return values
     from jax.experimental import multihost_utils
@@ -278,7 +279,7 @@ def evaluate_task(scorer: Callable, tokenizer, data: list[dict], task: CoreTask,
             num_correct += bool(correct[members[0]])
         else:
             num_correct += int(np.argmin(losses[members])) == data[idx]["gold"]
-    total = _all_reduce_sum(np.array([num_correct, len(per_item)], np.int64))
+    total = sum_over_processes(np.array([num_correct, len(per_item)], np.int64))
     return float(total[0]) / max(1, int(total[1]))
 
 
@@ -304,3 +305,19 @@ def evaluate_core(scorer: Callable, tokenizer, bundle_dir: Path, max_per_task: i
             f"centered {centered[task.label]:.4f} | {time.perf_counter() - t0:.1f}s")
     core = sum(centered.values()) / len(centered) if centered else float("nan")
     return {"results": results, "centered_results": centered, "core_metric": core}
+
+
+def eval_mesh(mesh_cfg):
+    """The mesh evaluations run on: the configured one with a single process; with several processes, each
+    process scores its own share of the examples, so it gets a data-parallel mesh of its local devices."""
+    from nanochat_jax.config import MeshConfig
+    from nanochat_jax.sharding import make_mesh
+
+    if jax.process_count() == 1:
+        return make_mesh(mesh_cfg)
+    return make_mesh(MeshConfig(data=-1, fsdp=1, tensor=1), jax.local_devices())
+
+
+def batch_rows(mesh) -> int:
+    """How many devices the batch rows are split over (rows per batch must be a multiple of it)."""
+    return mesh.shape["data"] * mesh.shape["fsdp"]

@@ -1,0 +1,160 @@
+"""Chat-model evaluation: categorical tasks from the answer letters' logits, generative tasks by sampling
+(pass@k), and ChatCORE, the mean centered accuracy over the chat tasks.
+
+- Categorical (ARC, MMLU): each conversation is rendered for completion (ending in <|assistant_start|>);
+  the logits at that last position, restricted to the token ids of the conversation's letters, pick the
+  answer. Batches are right-padded with <|bos|> to a power-of-two length and a fixed number of rows, so
+  the forward compiles once per length bucket. No sampling.
+- Generative (GSM8K, HumanEval, SpellingBee): num_samples completions per problem from the Engine; the
+  problem counts as passed if any completion passes the task's evaluate (pass@k with k = num_samples).
+Process p takes batches (categorical) or problems (generative) p, p + P, ...; counts are summed over processes.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from nanochat_jax.common import print0
+from nanochat_jax.core_eval import sum_over_processes, centered_accuracy
+
+# chance accuracy of each chat task (1 of 4 letters; open-ended answers: 0)
+BASELINES = {"ARC-Easy": 0.25, "ARC-Challenge": 0.25, "MMLU": 0.25, "GSM8K": 0.0, "HumanEval": 0.0,
+             "SpellingBee": 0.0}
+CHAT_TASKS = tuple(BASELINES)  # evaluated by default; ChatCORE needs all of them
+SPELLING_BEE_SIZE = 256
+
+
+def load_task(name: str, data_dir: str | Path | None = None):
+    """The test split of a chat task; from <data_dir>/<name>.jsonl (hub-format rows) when that file exists.
+    Raises TaskDataError (one line) when the hub cannot be reached."""
+    from nanochat_jax.tasks import ARC, GSM8K, MMLU, HumanEval, SpellingBee
+
+    makers = {
+        "ARC-Easy": partial(ARC, subset="ARC-Easy", split="test"),
+        "ARC-Challenge": partial(ARC, subset="ARC-Challenge", split="test"),
+        "MMLU": partial(MMLU, subset="all", split="test"),
+        "GSM8K": partial(GSM8K, subset="main", split="test"),
+        "HumanEval": HumanEval,
+    }
+    if name == "SpellingBee":  # generated, needs no data
+        return SpellingBee(size=SPELLING_BEE_SIZE, split="test")
+    if name not in makers:
+        raise ValueError(f"unknown chat task {name!r}; known: {', '.join(CHAT_TASKS)}")
+    local = Path(data_dir) / f"{name}.jsonl" if data_dir else None
+    if local is not None and local.is_file():
+        from nanochat_jax.tasks.base import read_jsonl
+
+        return makers[name](data=read_jsonl(local))
+    return makers[name]()
+
+
+# ---------------------------------------------------------------------------------------------
+# Categorical
+
+
+def make_answer_logits(model, mesh=None) -> Callable:
+    """A jitted (tokens (B, L), positions (B,)) -> logits (B, V) at each row's position, for an nnx GPT or any
+    function tokens -> logits. With a mesh, rows are sharded over its batch axes."""
+    from flax import nnx
+
+    def at(logits, positions):
+        return jnp.take_along_axis(logits, positions[:, None, None], axis=1)[:, 0]
+
+    if isinstance(model, nnx.Module):
+        graphdef, state = nnx.split(model)
+        forward = jax.jit(lambda state, t, p: at(nnx.merge(graphdef, state)(t), p))
+        fn = lambda t, p: forward(state, t, p)  # noqa: E731
+    else:
+        fn = jax.jit(lambda t, p: at(model(t), p))
+    if mesh is None:
+        return fn
+    from nanochat_jax.sharding import batch_sharding
+
+    rows, cols = batch_sharding(mesh, 1), batch_sharding(mesh, 2)
+    return lambda t, p: fn(jax.device_put(t, cols), jax.device_put(p, rows))
+
+
+def letter_token_ids(tokenizer, letters, cache: dict | None = None) -> list[int]:
+    cache = {} if cache is None else cache
+    ids = []
+    for letter in letters:
+        if letter not in cache:
+            encoded = tokenizer.encode(letter)
+            if len(encoded) != 1:
+                raise ValueError(f"answer letter {letter!r} is {len(encoded)} tokens, not one")
+            cache[letter] = encoded[0]
+        ids.append(cache[letter])
+    return ids
+
+
+def run_categorical_eval(task, tokenizer, answer_logits: Callable, batch_size: int = 8,
+                         max_problems: int | None = None) -> tuple[int, int]:
+    """(passed, total): the letter with the highest logit at the answer position is the model's answer."""
+    from nanochat_jax.engine import bucket
+
+    bos = tokenizer.bos_token_id
+    n = len(task) if max_problems is None else min(len(task), max_problems)
+    cache: dict = {}
+    passed = total = 0
+    for b in range(jax.process_index(), -(-n // batch_size), jax.process_count()):
+        conversations = [task[i] for i in range(b * batch_size, min((b + 1) * batch_size, n))]
+        prompts = [tokenizer.render_for_completion(c) for c in conversations]
+        tokens = np.full((batch_size, bucket(max(len(p) for p in prompts))), bos, np.int32)
+        positions = np.zeros(batch_size, np.int32)
+        for r, p in enumerate(prompts):
+            tokens[r, :len(p)], positions[r] = p, len(p) - 1
+        logits = np.asarray(answer_logits(jnp.asarray(tokens), jnp.asarray(positions)))
+        for r, conversation in enumerate(conversations):
+            letters = conversation["letters"]
+            choice = int(np.argmax(logits[r, letter_token_ids(tokenizer, letters, cache)]))
+            passed += task.evaluate(conversation, letters[choice])
+            total += 1
+    passed, total = sum_over_processes(np.array([passed, total], np.int64)).tolist()
+    return int(passed), int(total)
+
+
+# ---------------------------------------------------------------------------------------------
+# Generative
+
+
+def pass_at_k(task, conversation: dict, completions: list[str]) -> bool:
+    """True if any of the completions passes."""
+    return any(task.evaluate(conversation, c) for c in completions)
+
+
+def run_generative_eval(task, tokenizer, engine, num_samples: int = 1, max_new_tokens: int = 512,
+                        temperature: float = 0.0, top_k: int = 50, max_problems: int | None = None,
+                        batch_size: int = 8, seed: int = 0) -> tuple[int, int]:
+    """(passed, total): num_samples completions per problem, batch_size problems per Engine call."""
+    n = len(task) if max_problems is None else min(len(task), max_problems)
+    mine = list(range(jax.process_index(), n, jax.process_count()))
+    passed = total = 0
+    for b in range(0, len(mine), batch_size):
+        conversations = [task[i] for i in mine[b:b + batch_size]]
+        prompts = [tokenizer.render_for_completion(c) for c in conversations]
+        results, _ = engine.generate_batch(prompts, num_samples=num_samples, max_tokens=max_new_tokens,
+                                           temperature=temperature, top_k=top_k, seed=seed + mine[b])
+        for j, (conversation, prompt) in enumerate(zip(conversations, prompts)):
+            rows = results[j * num_samples:(j + 1) * num_samples]
+            passed += pass_at_k(task, conversation, [tokenizer.decode(r[len(prompt):]) for r in rows])
+            total += 1
+        print0(f"\r\033[K{task.__class__.__name__}: {passed}/{total} ({100 * passed / total:.1f}%)", end="")
+    print0()
+    passed, total = sum_over_processes(np.array([passed, total], np.int64)).tolist()
+    return int(passed), int(total)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def chatcore(results: dict[str, float]) -> float | None:
+    """Mean centered accuracy over CHAT_TASKS, or None unless every one of them has a result."""
+    if any(name not in results for name in CHAT_TASKS):
+        return None
+    return sum(centered_accuracy(results[name], BASELINES[name]) for name in CHAT_TASKS) / len(CHAT_TASKS)

@@ -1,0 +1,207 @@
+"""Chat evals: categorical scoring from the letters' logits at the answer position (bigram stub, padded
+batches, a mesh), pass@k, ChatCORE arithmetic, task loading, and the base_eval / chat_eval scripts on a
+tiny checkpoint (including unavailable tasks and the offline bundle error)."""
+
+import dataclasses
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from nanochat_jax.chat_eval import (BASELINES, CHAT_TASKS, chatcore, letter_token_ids, load_task, make_answer_logits,
+                                    pass_at_k, run_categorical_eval, run_generative_eval)
+from nanochat_jax.core_eval import evaluate_core, make_scorer
+from nanochat_jax.config import Config, ModelConfig, to_dict
+from nanochat_jax.model import Linear, init_model
+from nanochat_jax.tasks import ARC, MMLU, Task
+from nanochat_jax.tokenizer import Tokenizer
+
+ROOT = Path(__file__).parent.parent
+TASKS = ROOT / "tests" / "fixtures" / "tasks"
+V = 256 + 9
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return Tokenizer({bytes([i]): i for i in range(256)})
+
+
+def letter_stub(tok):
+    """Bigram logits: after <|assistant_start|>, 'Z' > 'B' > '3' > everything else; after <|bos|> (the
+    padding), 'A' and '1' are highest. So reading a padded position would answer 'A' / '1'."""
+    table = np.zeros((V, V), np.float32)
+    start = tok.encode_special("<|assistant_start|>")
+    table[start, ord("Z")], table[start, ord("B")], table[start, ord("3")] = 9.0, 5.0, 4.0
+    table[tok.bos_token_id, ord("A")] = table[tok.bos_token_id, ord("1")] = 50.0
+    table = jnp.asarray(table)
+    return lambda tokens: table[tokens]
+
+
+def test_categorical_picks_the_highest_letter_logit(tok, make_mesh):
+    arc = ARC.from_file(TASKS / "arc.jsonl", subset="ARC-Easy", split="test")  # answers B, 2, B
+    mmlu = MMLU.from_file(TASKS / "mmlu.jsonl", subset="all", split="test")  # answers B, C, A
+    # ARC: B (right), then letters 1-3 -> '3' (wrong), then B (right); MMLU: B, B, B -> 1 of 3
+    for batch_size in (8, 2, 1):
+        fn = make_answer_logits(letter_stub(tok))
+        assert run_categorical_eval(arc, tok, fn, batch_size) == (2, 3)
+        assert run_categorical_eval(mmlu, tok, fn, batch_size) == (1, 3)
+    assert run_categorical_eval(arc, tok, make_answer_logits(letter_stub(tok), make_mesh(2, 1, 1)), 2) == (2, 3)
+    assert run_categorical_eval(arc, tok, make_answer_logits(letter_stub(tok)), 8, max_problems=2) == (1, 2)
+
+
+def test_answer_logits_of_a_real_model_match_an_unpadded_forward(tok):
+    cfg = ModelConfig(depth=1, aspect_ratio=32, head_dim=16, vocab_size=V, sequence_len=64, compute_dtype="float32")
+    model = init_model(cfg, seed=0)
+    model.lm_head.kernel[...] = jax.random.normal(jax.random.key(1), model.lm_head.kernel.shape)
+    prompts = [[tok.bos_token_id, 70, 71, 72], [tok.bos_token_id, 80]]
+    tokens = np.full((2, 16), tok.bos_token_id, np.int32)
+    for r, p in enumerate(prompts):
+        tokens[r, :len(p)] = p
+    got = make_answer_logits(model)(jnp.asarray(tokens), jnp.asarray([3, 1]))
+    for r, p in enumerate(prompts):
+        want = nnx.jit(lambda m, t: m(t))(model, jnp.asarray([p]))[0, -1]
+        np.testing.assert_allclose(got[r], want, rtol=1e-5, atol=1e-5)
+
+
+def test_letters_must_be_single_tokens(tok):
+    cache = {}
+    assert letter_token_ids(tok, ["A", "B"], cache) == [65, 66] and cache == {"A": 65, "B": 66}
+    with pytest.raises(ValueError, match="answer letter 'AB' is 2 tokens"):
+        letter_token_ids(tok, ["AB"])
+
+
+class Echo(Task):
+    """Problems 'p0', 'p1', ...; a completion passes if it is 'yes'."""
+
+    def __init__(self, n):
+        super().__init__()
+        self.n = n
+
+    @property
+    def eval_type(self):
+        return "generative"
+
+    def num_examples(self):
+        return self.n
+
+    def get_example(self, i):
+        return {"messages": [{"role": "user", "content": f"p{i}"}, {"role": "assistant", "content": "yes"}]}
+
+    def evaluate(self, conversation, completion):
+        return int(completion == "yes")
+
+
+class ScriptedEngine:
+    """Answers problem i's sample j with script[i][j]; records each call's prompts and arguments."""
+
+    def __init__(self, tok, script):
+        self.tok, self.script, self.calls = tok, script, []
+
+    def generate_batch(self, prompts, num_samples, **kwargs):
+        self.calls.append((len(prompts), num_samples, kwargs))
+        results = []
+        for p in prompts:
+            i = int(self.tok.decode(p).split("<|user_start|>p")[1].split("<|user_end|>")[0])
+            results += [list(p) + self.tok.encode(self.script[i][j]) for j in range(num_samples)]
+        return results, [[0] * len(r) for r in results]
+
+
+def test_generative_pass_at_k(tok):
+    script = [["no", "yes", "no"], ["no", "no", "no"], ["yes", "no", "no"], ["nah", "nope", "yes"], ["x", "y", "z"]]
+    engine = ScriptedEngine(tok, script)
+    assert run_generative_eval(Echo(5), tok, engine, num_samples=3, max_new_tokens=7, batch_size=2) == (3, 5)
+    assert [c[:2] for c in engine.calls] == [(2, 3), (2, 3), (1, 3)]
+    assert engine.calls[0][2]["max_tokens"] == 7 and [c[2]["seed"] for c in engine.calls] == [0, 2, 4]
+    assert run_generative_eval(Echo(5), tok, ScriptedEngine(tok, script), num_samples=1) == (1, 5)  # pass@1
+    assert run_generative_eval(Echo(5), tok, ScriptedEngine(tok, script), num_samples=3, max_problems=2) == (1, 2)
+    assert pass_at_k(Echo(1), {}, ["no", "yes"]) and not pass_at_k(Echo(1), {}, ["no"]) and not pass_at_k(Echo(1), {}, [])
+
+
+def test_chatcore():
+    assert chatcore({"ARC-Easy": 0.5}) is None
+    results = {"ARC-Easy": 0.625, "ARC-Challenge": 0.25, "MMLU": 1.0, "GSM8K": 0.1, "HumanEval": 0.0, "SpellingBee": 0.5}
+    # centered: 0.5, 0, 1, 0.1, 0, 0.5
+    assert chatcore(results) == pytest.approx(2.1 / 6)
+    assert set(BASELINES) == set(CHAT_TASKS) and BASELINES["MMLU"] == 0.25 and BASELINES["GSM8K"] == 0.0
+
+
+def test_load_task(tmp_path):
+    shutil.copy(TASKS / "arc.jsonl", tmp_path / "ARC-Challenge.jsonl")
+    task = load_task("ARC-Challenge", tmp_path)
+    assert len(task) == 3 and task.eval_type == "categorical" and task.subset == "ARC-Challenge"
+    bee = load_task("SpellingBee")
+    assert len(bee) == 256 and bee.eval_type == "generative" and bee.split == "test"
+    with pytest.raises(ValueError, match="unknown chat task 'Bogus'"):
+        load_task("Bogus")
+
+
+# ---------------------------------------------------------------------------------------------
+# The scripts on a tiny checkpoint
+
+
+def load_script(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def save_tiny_checkpoint(home, stage):
+    from nanochat_jax import checkpoint
+
+    tok = Tokenizer({bytes([i]): i for i in range(256)})
+    tok.save(home / "tok")
+    cfg = Config(model=ModelConfig(depth=1, aspect_ratio=32, head_dim=16, vocab_size=V, sequence_len=64,
+                                   compute_dtype="float32"))
+    model = init_model(cfg.model, seed=0)
+    for i, (_, module) in enumerate(m for m in nnx.iter_modules(model) if isinstance(m[1], Linear)):
+        module.kernel[...] = jax.random.normal(jax.random.key(i), module.kernel.shape) / np.sqrt(module.kernel.shape[0])
+    params = nnx.to_pure_dict(nnx.split(model, nnx.Param)[1])
+    meta = {"step": 3, "stage": stage, "config": to_dict(cfg), "model": dataclasses.asdict(cfg.model),
+            "tokenizer": str(home / "tok")}
+    ckpt = checkpoint.Checkpointer(checkpoint.checkpoint_dir(stage, 1), async_save=False)
+    ckpt.save(3, params, optax.sgd(0.1).init(params), {}, meta)
+    ckpt.close()
+    return model
+
+
+def test_chat_eval_script(home, tmp_path):
+    save_tiny_checkpoint(home, "sft")
+    shutil.copy(TASKS / "arc.jsonl", tmp_path / "ARC-Easy.jsonl")
+    shutil.copy(TASKS / "gsm8k.jsonl", tmp_path / "GSM8K.jsonl")
+    (tmp_path / "MMLU.jsonl").write_text("{not json\n")  # a task whose data cannot be loaded
+    out = load_script("chat_eval").main(["--source", "sft", "-a", "ARC-Easy|MMLU|GSM8K", "--data-dir", str(tmp_path),
+                                         "-m", "4", "-n", "2", "-t", "1.0", "-b", "3", "--mesh.data=2",
+                                         "--mesh.fsdp=4"])
+    assert set(out["results"]) == {"ARC-Easy", "GSM8K"} and list(out["unavailable"]) == ["MMLU"]
+    assert "MMLU.jsonl:1: invalid JSON" in out["unavailable"]["MMLU"]
+    assert out["counts"]["ARC-Easy"][1] == 3 and out["counts"]["GSM8K"] == [0, 2]  # 4 tokens cannot say '#### 26'
+    assert out["results"]["ARC-Easy"] == out["counts"]["ARC-Easy"][0] / 3 and out["ChatCORE"] is None
+    saved = json.loads((home / "report" / "chat_eval_sft.json").read_text())
+    assert saved["results"] == out["results"] and saved["step"] == 3 and saved["args"]["num_samples"] == 2
+
+
+def test_base_eval_script(home, capsys):
+    model = save_tiny_checkpoint(home, "base")
+    base_eval = load_script("base_eval")
+    with pytest.raises(SystemExit) as e:
+        base_eval.main(["--bundle-url", "http://127.0.0.1:9/eval_bundle.zip"])
+    assert e.value.code == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "http://127.0.0.1:9/eval_bundle.zip" in err and "--bundle-dir" in err
+
+    bundle = ROOT / "tests" / "fixtures" / "core"
+    out = base_eval.main(["--bundle-dir", str(bundle), "--max-per-task", "3", "--mesh.data=4", "--mesh.fsdp=2"])
+    assert list(out["results"]) == ["toy_choice", "toy_schema", "toy_lm"] and out["step"] == 3
+    assert out["core_metric"] == pytest.approx(np.mean(list(out["centered_results"].values())))
+    direct = evaluate_core(make_scorer(model), Tokenizer.load(home / "tok"), bundle, 3, log=lambda s: None)
+    assert out["results"] == pytest.approx(direct["results"])  # the checkpoint's model, sharded, scores the same
+    saved = json.loads((home / "report" / "base_eval.json").read_text())
+    assert saved["core_metric"] == pytest.approx(out["core_metric"]) and saved["max_per_task"] == 3
