@@ -288,3 +288,8 @@ def test_chat_cli_prompt_and_interactive(home, model, tokenizer, capsys, monkeyp
     out = capsys.readouterr().out
     assert out.count("Assistant: ") == 2 and "Conversation cleared." in out
     assert out.endswith("Assistant: " + expected.getvalue())  # after 'clear', "hi" is a fresh conversation
+
+    loaded = Engine.from_checkpoint("sft")
+    prompt = tokenizer.encode("hello", prepend=tokenizer.bos_token_id)
+    assert loaded.generate_batch(prompt, max_tokens=8, temperature=0.0) == \
+        Engine(model, tokenizer).generate_batch(prompt, max_tokens=8, temperature=0.0)

@@ -1,0 +1,108 @@
+"""Inference throughput of the Engine: prefill tokens/s and decode tokens/s per batch size, next to the
+memory-bandwidth bound for decoding.
+
+    python bench/decode.py --depth 4 --prompt-len 64 --max-tokens 64 --batch-sizes 1,16
+
+Synthetic prompts, a freshly initialised model (its zero lm_head makes greedy decoding emit token 0
+forever, so no row stops early). Prefill is timed on the engine's jitted prefill; decode is the
+end-to-end `generate_batch` time minus prefill, divided into batch * max_tokens tokens.
+Bandwidth bound: every decode step reads all weights once (fp32 parameters, cast in the forward; the
+embedding table only gathers rows) and the whole preallocated KV cache (the attention is masked, not
+shortened), so tokens/s <= batch * bandwidth / (weight bytes + cache bytes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from nanochat_jax import engine as engine_lib
+from nanochat_jax.config import ModelConfig
+from nanochat_jax.model import KVCache, head_dim, init_model, num_params
+
+
+class _NoSpecialsTokenizer:
+    """Just enough tokenizer for the engine: special ids past the vocabulary (never sampled), no text."""
+
+    def __init__(self, vocab_size: int):
+        names = ["<|bos|>", "<|assistant_end|>", "<|python_start|>", "<|python_end|>", "<|output_start|>",
+                 "<|output_end|>"]
+        self.ids = {name: vocab_size + i for i, name in enumerate(names)}
+        self.bos_token_id = self.ids["<|bos|>"]
+
+    def encode_special(self, name: str) -> int:
+        return self.ids[name]
+
+
+def bandwidth_bound(cfg: ModelConfig, batch: int, max_len: int, bandwidth_gbs: float) -> float:
+    """Decode tokens/s if every step only had to stream the weights and the KV cache from memory."""
+    param_bytes = jnp.dtype(cfg.param_dtype).itemsize
+    weight_bytes = (num_params(cfg) - cfg.vocab_size * cfg.n_embd) * param_bytes  # embedding: gathered rows only
+    cache_bytes = 2 * cfg.n_layer * batch * max_len * cfg.n_kv_heads * head_dim(cfg) * jnp.dtype(cfg.compute_dtype).itemsize
+    return batch * bandwidth_gbs * 1e9 / (weight_bytes + cache_bytes)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--depth", type=int, default=4)
+    parser.add_argument("--vocab-size", type=int, default=65536)
+    parser.add_argument("--prompt-len", type=int, default=64)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--batch-sizes", default="1,16")
+    parser.add_argument("--chunk", type=int, default=16, help="decode steps per jitted call")
+    parser.add_argument("--compute-dtype", default="float32")
+    parser.add_argument("--bandwidth-gbs", type=float, default=None,
+                        help="memory bandwidth in GB/s for the bound (default 4800, an H200's HBM)")
+    args = parser.parse_args(argv)
+    if args.bandwidth_gbs is None:
+        args.bandwidth_gbs = 4800.0
+        if jax.default_backend() == "cpu":
+            print("note: the bandwidth bound below is for an H200 (4800 GB/s); this CPU's is unknown, "
+                  "pass --bandwidth-gbs")
+
+    cfg = ModelConfig(depth=args.depth, vocab_size=args.vocab_size, sequence_len=args.prompt_len + args.max_tokens,
+                      compute_dtype=args.compute_dtype)
+    model = init_model(cfg)
+    tokenizer = _NoSpecialsTokenizer(cfg.vocab_size)
+    engine = engine_lib.Engine(model, tokenizer, chunk=args.chunk)
+    print(f"backend={jax.default_backend()} device={jax.devices()[0].device_kind} depth={cfg.depth} width={cfg.n_embd} "
+          f"heads={cfg.n_head} params={num_params(cfg) / 1e6:.1f}M vocab={cfg.vocab_size} dtype={cfg.compute_dtype} "
+          f"prompt={args.prompt_len} max_tokens={args.max_tokens} chunk={args.chunk}")
+    rng = np.random.default_rng(0)
+    for batch in [int(b) for b in args.batch_sizes.split(",")]:
+        prompts = rng.integers(0, cfg.vocab_size, (batch, args.prompt_len)).tolist()
+        L = engine_lib.bucket(args.prompt_len)
+        max_len = engine_lib.bucket(L + args.max_tokens)
+        padded, lengths = np.zeros((batch, L), np.int32), jnp.full((batch,), args.prompt_len, jnp.int32)
+        padded[:, :args.prompt_len] = prompts
+
+        def prefill():
+            cache = KVCache.init(cfg, batch, max_len)
+            logits, cache = engine_lib._prefill(engine.graphdef, engine.state, cache, jnp.asarray(padded), lengths)
+            return jax.block_until_ready(logits)
+
+        prefill()  # compile
+        t0 = time.perf_counter()
+        prefill()
+        t_prefill = time.perf_counter() - t0
+
+        kwargs = dict(max_tokens=args.max_tokens, temperature=0.0)
+        engine.generate_batch(prompts, **kwargs)  # compile
+        t0 = time.perf_counter()
+        results, _ = engine.generate_batch(prompts, **kwargs)
+        t_total = time.perf_counter() - t0
+        generated = sum(len(r) - args.prompt_len for r in results)
+        assert generated == batch * args.max_tokens, "a row stopped early"
+        decode_tps = generated / (t_total - t_prefill)
+        bound = bandwidth_bound(cfg, batch, max_len, args.bandwidth_gbs)
+        print(f"batch={batch:3d} cache_len={max_len} | prefill {batch * args.prompt_len / t_prefill:10.0f} tok/s "
+              f"({t_prefill * 1e3:.1f} ms) | decode {decode_tps:8.1f} tok/s ({(t_total - t_prefill) / args.max_tokens * 1e3:.2f} "
+              f"ms/step) | bandwidth bound at {args.bandwidth_gbs:g} GB/s: {bound:10.0f} tok/s")
+
+
+if __name__ == "__main__":
+    main()
