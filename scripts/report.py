@@ -1,0 +1,32 @@
+"""Generate the run report, or clear the report directory.
+
+    python scripts/report.py generate [--hourly-price 24.0]   # writes <home>/report/report.md (+ PNG plots)
+    python scripts/report.py reset                            # deletes everything in <home>/report
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from nanochat_jax import report
+
+
+def main(argv: list[str] | None = None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("command", choices=["generate", "reset"])
+    p.add_argument("--hourly-price", type=float, default=24.0,
+                   help="dollars per hour of the machine, for the cost estimate (default: 8xH100 at $3/GPU-hour)")
+    args = p.parse_args(argv)
+    if args.command == "reset":
+        removed = report.reset()
+        for path in removed:
+            print(f"removed {path}")
+        print(f"report directory {report.report_dir()} is empty ({len(removed)} entries removed)")
+        return removed
+    path = report.generate(hourly_price=args.hourly_price)
+    print(f"wrote {path}")
+    return path
+
+
+if __name__ == "__main__":
+    main()
