@@ -57,7 +57,8 @@ def test_fewshot_is_seeded_by_index_and_excludes_the_item():
     # shuffled with Random(1337): file rows 1, 0, 3, 2; item 0 draws index 2 with Random(1234)
     assert [d["query"] for d in data] == ["Q2: pick", "Q1: pick", "Q4: pick", "Q3: pick"]
     assert fewshot_examples(data, 0, 1) == [data[2]]
-    assert render_prompts(data[0], "multiple_choice", " ", fewshot_examples(data, 0, 1))[1] == "Q4: pick qq\n\nQ2: pick xxa"
+    prompts = render_prompts(data[0], "multiple_choice", " ", fewshot_examples(data, 0, 1))
+    assert prompts == ["Q4: pick qq\n\nQ2: pick abc", "Q4: pick qq\n\nQ2: pick xxa"]
     for idx in range(4):
         shots = fewshot_examples(data, idx, 2)
         assert shots == fewshot_examples(data, idx, 2) and data[idx] not in shots and len(shots) == 2
