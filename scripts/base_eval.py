@@ -13,7 +13,7 @@ import json
 import sys
 import time
 
-from nanochat_jax.checkpoint import load_model
+from nanochat_jax.checkpoint import CheckpointError, load_model
 from nanochat_jax.common import artifacts_dir, is_main_process, print0
 from nanochat_jax.config import load_config
 from nanochat_jax.core_eval import (EVAL_BUNDLE_URL, BundleError, batch_rows, ensure_bundle, eval_mesh, evaluate_core,
@@ -41,7 +41,11 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"base_eval: {e}", file=sys.stderr)
         raise SystemExit(1) from None
     mesh = eval_mesh(cfg.mesh)
-    model, tokenizer, meta = load_model("base", step=args.step, depth=args.depth, mesh=mesh)
+    try:
+        model, tokenizer, meta = load_model("base", step=args.step, depth=args.depth, mesh=mesh)
+    except CheckpointError as e:
+        print(f"base_eval: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
     print0(f"base model: step {meta['step']} | depth {meta['model']['depth']} | mesh {dict(mesh.shape)} | "
            f"bundle {bundle}")
     t0 = time.perf_counter()

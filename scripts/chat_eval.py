@@ -16,7 +16,7 @@ import time
 
 from nanochat_jax.chat_eval import (CHAT_TASKS, chatcore, load_task, make_answer_logits, run_categorical_eval,
                                     run_generative_eval)
-from nanochat_jax.checkpoint import load_model
+from nanochat_jax.checkpoint import CheckpointError, load_model
 from nanochat_jax.common import artifacts_dir, is_main_process, print0
 from nanochat_jax.config import load_config
 from nanochat_jax.core_eval import batch_rows, eval_mesh
@@ -50,7 +50,11 @@ def main(argv: list[str] | None = None) -> dict:
     args, names, rest = parse_args(sys.argv[1:] if argv is None else argv)
     cfg = load_config(rest)
     mesh = eval_mesh(cfg.mesh)
-    model, tokenizer, meta = load_model(args.source, step=args.step, depth=args.depth, mesh=mesh)
+    try:
+        model, tokenizer, meta = load_model(args.source, step=args.step, depth=args.depth, mesh=mesh)
+    except CheckpointError as e:
+        print(f"chat_eval: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
     print0(f"{args.source} model: step {meta['step']} | depth {meta['model']['depth']} | mesh {dict(mesh.shape)}")
     engine = Engine(model, tokenizer, mesh=mesh)
     rows = batch_rows(mesh)

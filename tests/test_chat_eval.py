@@ -191,15 +191,18 @@ def test_chat_eval_script(home, tmp_path):
 
 
 def test_base_eval_script(home, capsys):
-    model = save_tiny_checkpoint(home, "base")
     base_eval = load_script("base_eval")
+    bundle = ROOT / "tests" / "fixtures" / "core"
+    with pytest.raises(SystemExit) as e:
+        base_eval.main(["--bundle-dir", str(bundle)])
+    assert e.value.code == 1 and "base_eval: no checkpoints for stage 'base'" in capsys.readouterr().err
+    model = save_tiny_checkpoint(home, "base")
     with pytest.raises(SystemExit) as e:
         base_eval.main(["--bundle-url", "http://127.0.0.1:9/eval_bundle.zip"])
     assert e.value.code == 1
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "http://127.0.0.1:9/eval_bundle.zip" in err and "--bundle-dir" in err
 
-    bundle = ROOT / "tests" / "fixtures" / "core"
     out = base_eval.main(["--bundle-dir", str(bundle), "--max-per-task", "3", "--mesh.data=4", "--mesh.fsdp=2"])
     assert list(out["results"]) == ["toy_choice", "toy_schema", "toy_lm"] and out["step"] == 3
     assert out["core_metric"] == pytest.approx(np.mean(list(out["centered_results"].values())))
