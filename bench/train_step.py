@@ -43,6 +43,7 @@ def parse_args(argv):
     parser.add_argument("--cpu-devices", type=int, default=0, help="simulate this many CPU devices (CPU only)")
     parser.add_argument("--matmul-size", type=int, default=0, help="peak matmul size (default 8192, CPU 1024)")
     parser.add_argument("--xla-dump", default="", help="directory for XLA dumps and the optimized HLO")
+    parser.add_argument("--compile-only", action="store_true", help="stop after compiling (HLO and memory only)")
     return parser.parse_known_args(argv)  # the rest are config overrides: --config FILE --section.key=value
 
 
@@ -71,9 +72,7 @@ def hlo_summary(hlo: str, vocab_size: int) -> dict:
     leading dimension stacks layers) with their shapes."""
     counts = {}
     for op in COLLECTIVES:
-        sync = len(re.findall(rf"= \S+ {op}\(", hlo))
-        started = len(re.findall(rf"= \S+ {op}-start\(", hlo))
-        counts[op] = sync + started
+        counts[op] = len(re.findall(rf"[\]}})] {op}(?:-start)?\(", hlo))  # after the result type, tuples too
     largest_v = (0, "")
     for m in re.finditer(r"\b(f32|bf16|f16|s32|pred)\[([0-9,]+)\]", hlo):
         dims = _shape_dims(m.group(2))
@@ -86,6 +85,12 @@ def hlo_summary(hlo: str, vocab_size: int) -> dict:
     ns = sorted(set(re.findall(r"= (bf16|f32)\[(\d+),(\d+),(\d+)\]\{[^}]*\} (?:dot|custom-call|fusion)\(", hlo)))
     return {"collectives": counts, "largest_vocab_buffer": largest_v[1], "largest_vocab_buffer_bytes": largest_v[0],
             "rank3_dot_shapes": [f"{t}[{a},{b},{c}]" for t, a, b, c in ns]}
+
+
+def _memory(mem) -> dict:
+    """Per-device bytes from Compiled.memory_analysis() (None where the backend gives none)."""
+    names = ("argument", "output", "temp", "alias")
+    return {f"mem_{n}_bytes": getattr(mem, f"{n}_size_in_bytes", None) if mem else None for n in names}
 
 
 def main(argv=None) -> dict:
@@ -133,6 +138,13 @@ def main(argv=None) -> dict:
         hlo = compiled.as_text()
         Path(args.xla_dump).mkdir(parents=True, exist_ok=True)
         (Path(args.xla_dump) / "train_step.hlo.txt").write_text(hlo)
+    if args.compile_only:
+        result = {"config": cfg.run, "depth": cfg.model.depth, "width": cfg.model.n_embd, "vocab": V, "seq": T,
+                  "mesh": dict(mesh.shape), "rows": rows, "compile_s": compile_s, **_memory(mem)}
+        if hlo is not None:
+            result["hlo"] = hlo_summary(hlo, V)
+        print("JSON " + json.dumps(result))
+        return result
 
     losses, times = [], []
     for i in range(args.warmup + args.steps):
@@ -177,9 +189,7 @@ def main(argv=None) -> dict:
         "mfu_measured": achieved / peak_measured,
         "peak_datasheet_flops": peak_datasheet, "mfu_datasheet": achieved / peak_datasheet if peak_datasheet else None,
         "loss_first": losses[0], "loss_last": losses[-1],
-        "mem_argument_bytes": mem.argument_size_in_bytes if mem else None,
-        "mem_output_bytes": mem.output_size_in_bytes if mem else None,
-        "mem_temp_bytes": mem.temp_size_in_bytes if mem else None,
+        **_memory(mem),
     }
     if hlo is not None:
         result["hlo"] = hlo_summary(hlo, V)

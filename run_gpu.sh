@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# nanochat's d20 speedrun in JAX on one host with 8 NVIDIA GPUs (8 x H100/H200 80-141 GB): one Python
+# process drives all 8 GPUs (no torchrun; the mesh in the config spreads the batch over them).
+#   bash run_gpu.sh                    # the whole pipeline; extra args are overrides for the training
+#   screen -L -Logfile run_gpu.log -S speedrun bash run_gpu.sh   # it takes hours
+# Artifacts go to $NANOCHAT_JAX_HOME (default ~/.cache/nanochat_jax). Steps whose script does not exist
+# yet are skipped with a message.
+set -euo pipefail
+cd "$(dirname "$0")"
+CONFIG=${CONFIG:-configs/d20.toml}
+
+# --- environment: .venv with the CUDA build of jaxlib (inlined: scripts/ensure_env.sh installs only [dev])
+PYTHON=${PYTHON:-python3.11}
+command -v "$PYTHON" >/dev/null 2>&1 || PYTHON=python3
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+if [ "$(cat .venv/.gpu-install-stamp 2>/dev/null)" != "$(sha256sum pyproject.toml | cut -d' ' -f1)" ]; then
+  command -v cargo >/dev/null 2>&1 || { echo "[setup] installing Rust (for rust_bpe)"; \
+    curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs | sh -s -- -y; . "$HOME/.cargo/env"; }
+  echo "[setup] pip install -e .[gpu,dev] (first time: a few minutes, builds rust_bpe)"
+  .venv/bin/python -m pip install -q --upgrade pip
+  .venv/bin/python -m pip install -q -e ".[gpu,dev]"
+  sha256sum pyproject.toml | cut -d' ' -f1 > .venv/.gpu-install-stamp
+fi
+PY=.venv/bin/python
+
+# --- XLA / CUDA settings (flags checked to exist in jaxlib 0.10's XLA)
+# latency-hiding scheduler: overlap FSDP all-gathers / gradient reductions with compute;
+# combine thresholds: fewer, larger collectives for the many per-layer parameters;
+# command buffers: launch whole fused kernel sequences as CUDA graphs (cuts host launch overhead).
+export XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_latency_hiding_scheduler=true
+ --xla_gpu_all_gather_combine_threshold_bytes=134217728
+ --xla_gpu_reduce_scatter_combine_threshold_bytes=134217728
+ --xla_gpu_all_reduce_combine_threshold_bytes=134217728
+ --xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN"
+export XLA_FLAGS=$(echo $XLA_FLAGS)  # one line
+export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.92}
+export JAX_PLATFORMS=${JAX_PLATFORMS:-cuda}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+
+"$PY" -c "import jax; d = jax.devices(); print(f'{len(d)} x {d[0].device_kind}')"
+
+step() { echo; echo "=== $* ==="; }
+run() {  # run SCRIPT ARGS...: a pipeline step, skipped when the script does not exist yet
+  local script=$1; shift
+  if [ ! -f "$script" ]; then echo "skipping: $script does not exist yet"; return 0; fi
+  echo "+ $PY $script $*"
+  "$PY" "$script" "$@"
+}
+
+step "report: reset"
+run scripts/report.py reset
+
+step "data: first 8 FineWeb-EDU shards now (~2B chars for the tokenizer), all 240 in the background"
+"$PY" -c "from nanochat_jax.data import download_shards; download_shards(8, 8)"
+"$PY" -c "from nanochat_jax.data import download_shards; download_shards(240, 8)" &
+DOWNLOAD_PID=$!
+
+step "tokenizer: train (vocab 65536, 2B characters) and evaluate"
+run scripts/tok_train.py --config "$CONFIG" --tokenizer.vocab_size=65536 --tokenizer.max_chars=2000000000 \
+  --data.source=fineweb --data.num_shards=8
+run scripts/tok_eval.py --config "$CONFIG"
+
+echo "waiting for the data download (240 shards, ~24 GB) ..."
+wait $DOWNLOAD_PID
+
+step "base model: pretrain d20 (~11B tokens)"
+run scripts/base_train.py --config "$CONFIG" --data.source=fineweb --data.num_shards=240 "$@"
+step "base model: train/val bits per byte and samples"
+run scripts/base_loss.py --config "$CONFIG" --data.source=fineweb --data.num_shards=240 "$@"
+step "base model: CORE metric"
+run scripts/base_eval.py --config "$CONFIG" "$@"
+
+step "mid-training and its chat eval"
+run scripts/mid_train.py --config "$CONFIG" "$@"
+if [ -f scripts/mid_train.py ]; then run scripts/chat_eval.py -i mid --config "$CONFIG"; fi
+step "supervised fine-tuning and its chat eval"
+run scripts/chat_sft.py --config "$CONFIG" "$@"
+if [ -f scripts/chat_sft.py ]; then run scripts/chat_eval.py -i sft --config "$CONFIG"; fi
+
+step "report: generate"
+run scripts/report.py generate
+echo "done: report in ${NANOCHAT_JAX_HOME:-$HOME/.cache/nanochat_jax}/report/report.md"

@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# nanochat's d20 speedrun in JAX on a Cloud TPU VM slice (v5e / v6e; one host or a multi-host pod).
+# Every host runs this same script; jax.distributed joins them (NANOCHAT_JAX_DISTRIBUTED=1, coordinates
+# taken from the TPU metadata) and the FSDP mesh of the config spans all chips of all hosts.
+#
+#   gcloud compute tpus tpu-vm ssh NAME --zone=ZONE --worker=all \
+#     --command="cd nanochat-jax && bash run_tpu.sh > run_tpu.log 2>&1"
+#
+# (copy or clone the repo onto every worker first, e.g. with `gcloud compute tpus tpu-vm scp --worker=all`.)
+# Artifacts go to $NANOCHAT_JAX_HOME on each host (default ~/.cache/nanochat_jax): every host downloads its
+# own data and trains the same tokenizer. Checkpoints must go to storage that all hosts see for multi-host
+# restores (point NANOCHAT_JAX_HOME at a shared mount). Extra arguments are overrides for the training.
+set -euo pipefail
+cd "$(dirname "$0")"
+CONFIG=${CONFIG:-configs/tpu_v6e_8.toml}
+
+# --- environment: .venv with the TPU build of jaxlib (inlined: scripts/ensure_env.sh installs only [dev])
+PYTHON=${PYTHON:-python3.11}
+command -v "$PYTHON" >/dev/null 2>&1 || PYTHON=python3
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+if [ "$(cat .venv/.tpu-install-stamp 2>/dev/null)" != "$(sha256sum pyproject.toml | cut -d' ' -f1)" ]; then
+  command -v cargo >/dev/null 2>&1 || { echo "[setup] installing Rust (for rust_bpe)"; \
+    curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs | sh -s -- -y; . "$HOME/.cargo/env"; }
+  echo "[setup] pip install -e .[tpu,dev] (first time: a few minutes, builds rust_bpe)"
+  .venv/bin/python -m pip install -q --upgrade pip
+  .venv/bin/python -m pip install -q -e ".[tpu,dev]"
+  sha256sum pyproject.toml | cut -d' ' -f1 > .venv/.tpu-install-stamp
+fi
+PY=.venv/bin/python
+
+export NANOCHAT_JAX_DISTRIBUTED=${NANOCHAT_JAX_DISTRIBUTED:-1}
+export JAX_PLATFORMS=${JAX_PLATFORMS:-tpu}
+
+step() { echo; echo "=== $* ==="; }
+run() {  # run SCRIPT ARGS...: a pipeline step, skipped when the script does not exist yet
+  local script=$1; shift
+  if [ ! -f "$script" ]; then echo "skipping: $script does not exist yet"; return 0; fi
+  echo "+ $PY $script $*"
+  "$PY" "$script" "$@"
+}
+
+step "report: reset"
+run scripts/report.py reset
+
+step "data: first 8 FineWeb-EDU shards now (~2B chars for the tokenizer), all 240 in the background"
+# plain downloads: single-process, so they must not join the distributed runtime
+NANOCHAT_JAX_DISTRIBUTED=0 "$PY" -c "from nanochat_jax.data import download_shards; download_shards(8, 8)"
+NANOCHAT_JAX_DISTRIBUTED=0 "$PY" -c "from nanochat_jax.data import download_shards; download_shards(240, 8)" &
+DOWNLOAD_PID=$!
+
+step "tokenizer: train (vocab 65536, 2B characters) and evaluate (on each host, no devices needed)"
+NANOCHAT_JAX_DISTRIBUTED=0 JAX_PLATFORMS=cpu run scripts/tok_train.py --config "$CONFIG" \
+  --tokenizer.vocab_size=65536 --tokenizer.max_chars=2000000000 --data.source=fineweb --data.num_shards=8
+NANOCHAT_JAX_DISTRIBUTED=0 JAX_PLATFORMS=cpu run scripts/tok_eval.py --config "$CONFIG"
+
+echo "waiting for the data download (240 shards, ~24 GB) ..."
+wait $DOWNLOAD_PID
+
+"$PY" -c "from nanochat_jax.common import init_distributed; init_distributed(); import jax; \
+print(f'process {jax.process_index()}/{jax.process_count()}: {jax.device_count()} x {jax.devices()[0].device_kind}')"
+
+step "base model: pretrain d20"
+run scripts/base_train.py --config "$CONFIG" "$@"
+step "base model: train/val bits per byte and samples"
+run scripts/base_loss.py --config "$CONFIG" "$@"
+step "base model: CORE metric"
+run scripts/base_eval.py --config "$CONFIG" "$@"
+
+step "mid-training and its chat eval"
+run scripts/mid_train.py --config "$CONFIG" "$@"
+if [ -f scripts/mid_train.py ]; then run scripts/chat_eval.py -i mid --config "$CONFIG"; fi
+step "supervised fine-tuning and its chat eval"
+run scripts/chat_sft.py --config "$CONFIG" "$@"
+if [ -f scripts/chat_sft.py ]; then run scripts/chat_eval.py -i sft --config "$CONFIG"; fi
+
+step "report: generate"
+run scripts/report.py generate
+echo "done: report in ${NANOCHAT_JAX_HOME:-$HOME/.cache/nanochat_jax}/report/report.md"
