@@ -88,3 +88,36 @@ class Timer:
 
     def __exit__(self, *exc) -> None:
         self.seconds = time.perf_counter() - self.start
+
+
+DISTRIBUTED_ENV = "NANOCHAT_JAX_DISTRIBUTED"
+
+
+def _wants_distributed() -> bool:
+    """Multi-process when asked (NANOCHAT_JAX_DISTRIBUTED=1), when a coordinator is given
+    (JAX_COORDINATOR_ADDRESS), or on a Cloud TPU pod slice (more than one worker host listed)."""
+    flag = os.environ.get(DISTRIBUTED_ENV, "").strip().lower()
+    if flag in ("0", "false", "no", "off"):
+        return False
+    if flag in ("1", "true", "yes", "on"):
+        return True
+    if os.environ.get("JAX_COORDINATOR_ADDRESS"):
+        return True
+    hosts = os.environ.get("TPU_PROCESS_ADDRESSES") or os.environ.get("TPU_WORKER_HOSTNAMES") or ""
+    return len([h for h in hosts.split(",") if h.strip()]) > 1
+
+
+def init_distributed() -> bool:
+    """Call jax.distributed.initialize() once when this is a multi-process run; a no-op otherwise.
+
+    Must run before anything touches jax devices. Returns True when the distributed runtime is up.
+    NANOCHAT_JAX_DISTRIBUTED=0 forces single-process even on a pod.
+    """
+    import jax
+
+    if jax.distributed.is_initialized():
+        return True
+    if not _wants_distributed():
+        return False
+    jax.distributed.initialize()
+    return True
