@@ -319,3 +319,36 @@ def test_failed_training_keeps_previous_state():
     with pytest.raises(TypeError):
         tok.train_from_iterator(["x", None], 300)
     assert tok.get_mergeable_ranks() == before
+
+
+# --------------------------------------------------------------------------- fast splitter == regex
+
+SPLIT_CASES = [
+    "Hello world's 'S 'LL 'Ve 're 'ſ 'x ''s'' don't",
+    "12345 ١٢٣٤ ½⅓ x2y 3.14\u00a0\u00a05",
+    "a  b   c\t\td \n\n  \r\n x  \u2028\u3000y\x1c\x85z   ",
+    "  ...!!\n\n?? --\r\n\r\n_foo @bar #1",
+    "𝔘𝔫𝔦 𝟘𝟙𝟚 🙂🙂 🇫🇷 e\u0301 \u212a ß",
+    " ", "\n", "'", "a", "1", ".", "\t", " \u00a0",
+]
+
+
+@pytest.mark.parametrize("pattern", [NANOCHAT_SPLIT_PATTERN, GPT4_PATTERN])
+@pytest.mark.parametrize("text", SPLIT_CASES)
+def test_fast_split_equals_regex(pattern, text):
+    fast = rust_bpe._split(text, pattern)
+    assert fast == rust_bpe._split(text, pattern, regex_only=True)
+    assert "".join(fast) == text
+    assert fast == regex.findall(pattern, text)
+
+
+SPLIT_ALPHABET = st.sampled_from(
+    list("aZ '\r\n\t 0.,!_-ſ\u00a0\u2028\u3000\x1c\x85ß\u0301\u212a") + ["١", "½", "𝔘", "𝟘", "🙂", "𐍈"]
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.one_of(st.text(SPLIT_ALPHABET, max_size=30), st.text(max_size=30)))
+def test_fast_split_equals_regex_property(text):
+    for pattern in (NANOCHAT_SPLIT_PATTERN, GPT4_PATTERN):
+        assert rust_bpe._split(text, pattern) == rust_bpe._split(text, pattern, regex_only=True)

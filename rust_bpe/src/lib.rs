@@ -39,6 +39,9 @@ use pyo3::types::{PyIterator, PyString};
 use rayon::prelude::*;
 use rustc_hash::FxHashMap;
 
+mod split;
+pub use split::FastSplit;
+
 /// nanochat's split pattern: GPT-4's `cl100k_base` regex, except that numbers
 /// are split into runs of at most two digits (`\p{N}{1,2}`).
 pub const DEFAULT_PATTERN: &str = r"'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+";
@@ -76,6 +79,41 @@ impl From<BpeError> for PyErr {
     }
 }
 
+/// Splits text into chunks: a hand-written matcher for the two GPT-4 style
+/// patterns (same output as the regex, several times faster), `fancy-regex`
+/// for any other pattern.
+pub struct Splitter {
+    regex: Regex,
+    fast: Option<FastSplit>,
+}
+
+impl Splitter {
+    pub fn new(pattern: &str) -> Result<Self, BpeError> {
+        Ok(Splitter { regex: compile_pattern(pattern)?, fast: FastSplit::for_pattern(pattern) })
+    }
+
+    /// Same as `new` but never uses the fast path (for testing).
+    pub fn regex_only(pattern: &str) -> Result<Self, BpeError> {
+        Ok(Splitter { regex: compile_pattern(pattern)?, fast: None })
+    }
+
+    /// Call `f` on every non-empty chunk of `text`, in order.
+    #[inline]
+    pub fn for_each<'a>(&self, text: &'a str, mut f: impl FnMut(&'a str)) -> Result<(), BpeError> {
+        if let Some(fast) = &self.fast {
+            fast.for_each(text, f);
+            return Ok(());
+        }
+        for m in self.regex.find_iter(text) {
+            let m = m.map_err(|e| BpeError::Regex(format!("regex matching failed: {e}")))?;
+            if !m.as_str().is_empty() {
+                f(m.as_str());
+            }
+        }
+        Ok(())
+    }
+}
+
 pub fn compile_pattern(pattern: &str) -> Result<Regex, BpeError> {
     if pattern.is_empty() {
         return Err(BpeError::InvalidArgument(
@@ -100,27 +138,16 @@ pub struct ChunkCounter {
 impl ChunkCounter {
     /// Split every text of `batch` with `re` (in parallel) and add the chunk
     /// frequencies to the table.
-    pub fn add_batch<S: AsRef<str> + Sync>(&mut self, re: &Regex, batch: &[S]) -> Result<(), BpeError> {
-        type Local<'a> = (FxHashMap<&'a str, u64>, Option<String>);
+    pub fn add_batch<S: AsRef<str> + Sync>(&mut self, re: &Splitter, batch: &[S]) -> Result<(), BpeError> {
+        type Local<'a> = (FxHashMap<&'a str, u64>, Option<BpeError>);
         let (local, err): Local = batch
             .par_iter()
             .fold(
                 || (FxHashMap::default(), None),
                 |(mut map, mut err): Local, text| {
                     if err.is_none() {
-                        for m in re.find_iter(text.as_ref()) {
-                            match m {
-                                Ok(m) => {
-                                    let piece = m.as_str();
-                                    if !piece.is_empty() {
-                                        *map.entry(piece).or_insert(0) += 1;
-                                    }
-                                }
-                                Err(e) => {
-                                    err = Some(format!("regex matching failed: {e}"));
-                                    break;
-                                }
-                            }
+                        if let Err(e) = re.for_each(text.as_ref(), |piece| *map.entry(piece).or_insert(0) += 1) {
+                            err = Some(e);
                         }
                     }
                     (map, err)
@@ -137,7 +164,7 @@ impl ChunkCounter {
                 },
             );
         if let Some(e) = err {
-            return Err(BpeError::Regex(e));
+            return Err(e);
         }
         self.total_bytes += batch.iter().map(|s| s.as_ref().len() as u64).sum::<u64>();
         self.counts.reserve(local.len() / 4);
@@ -422,7 +449,7 @@ fn encode_chunk(encoder: &FxHashMap<Vec<u8>, u32>, piece: &[u8], out: &mut Vec<u
 #[pyclass(module = "rust_bpe")]
 pub struct Tokenizer {
     pattern: String,
-    regex: Option<Regex>,
+    regex: Option<Splitter>,
     merges: Vec<(u32, u32)>,
     encoder: FxHashMap<Vec<u8>, u32>,
 }
@@ -436,9 +463,9 @@ impl Tokenizer {
             .collect();
     }
 
-    fn regex(&mut self) -> PyResult<&Regex> {
+    fn regex(&mut self) -> PyResult<&Splitter> {
         if self.regex.is_none() {
-            self.regex = Some(compile_pattern(&self.pattern)?);
+            self.regex = Some(Splitter::new(&self.pattern)?);
         }
         Ok(self.regex.as_ref().unwrap())
     }
@@ -498,7 +525,7 @@ impl Tokenizer {
             return Err(PyValueError::new_err(format!("buffer_size must be >= 1, got {buffer_size}")));
         }
         let pattern = pattern.unwrap_or_else(|| DEFAULT_PATTERN.to_string());
-        let re = compile_pattern(&pattern)?;
+        let re = Splitter::new(&pattern)?;
         let mut it = PyIterator::from_object(iterator).map_err(|_| {
             PyTypeError::new_err(format!(
                 "train_from_iterator expects an iterable of str, got {}",
@@ -588,14 +615,26 @@ impl Tokenizer {
         let encoder = &self.encoder;
         py.allow_threads(|| {
             let mut out = Vec::with_capacity(text.len() / 3);
-            for m in re.find_iter(text) {
-                let m = m.map_err(|e| BpeError::Regex(format!("regex matching failed: {e}")))?;
-                encode_chunk(encoder, m.as_str().as_bytes(), &mut out);
-            }
+            re.for_each(text, |piece| encode_chunk(encoder, piece.as_bytes(), &mut out))?;
             Ok::<_, BpeError>(out)
         })
         .map_err(Into::into)
     }
+}
+
+/// _split(text, pattern=None, regex_only=False) -> list[str]
+///
+/// Pre-tokenise ``text`` the way training does (testing aid). With
+/// ``regex_only=True`` the fast built-in matcher is bypassed and fancy-regex
+/// is used for every pattern.
+#[pyfunction]
+#[pyo3(signature = (text, pattern=None, regex_only=false))]
+fn _split(text: &str, pattern: Option<&str>, regex_only: bool) -> PyResult<Vec<String>> {
+    let pattern = pattern.unwrap_or(DEFAULT_PATTERN);
+    let sp = if regex_only { Splitter::regex_only(pattern)? } else { Splitter::new(pattern)? };
+    let mut out = Vec::new();
+    sp.for_each(text, |p| out.push(p.to_string()))?;
+    Ok(out)
 }
 
 fn type_name(obj: &Bound<'_, PyAny>) -> String {
@@ -609,6 +648,7 @@ fn type_name(obj: &Bound<'_, PyAny>) -> String {
 fn rust_bpe(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Tokenizer>()?;
     m.add("DEFAULT_PATTERN", DEFAULT_PATTERN)?;
+    m.add_function(wrap_pyfunction!(_split, m)?)?;
     Ok(())
 }
 
@@ -617,7 +657,7 @@ mod tests {
     use super::*;
 
     fn train(texts: &[&str], vocab: u32) -> Vec<(u32, u32)> {
-        let re = compile_pattern(DEFAULT_PATTERN).unwrap();
+        let re = Splitter::new(DEFAULT_PATTERN).unwrap();
         let mut c = ChunkCounter::default();
         c.add_batch(&re, texts).unwrap();
         learn_merges(c, vocab - 256)
