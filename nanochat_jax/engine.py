@@ -89,8 +89,7 @@ def sample_tokens(keys: jax.Array, logits: jax.Array, temperature, top_k=0, top_
 def _prefill(graphdef, state, cache: KVCache, tokens, lengths):
     """Right-padded prompts (P, L) into an empty cache; returns (logits at each prompt's last token, cache)."""
     model = nnx.merge(graphdef, state)
-    logits, cache = model.decode(tokens, cache)
-    last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]
+    last, cache = model.decode(tokens, cache, logits_at=lengths - 1)
     return last, cache.replace(lengths=lengths)
 
 

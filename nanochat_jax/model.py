@@ -221,14 +221,17 @@ class GPT(nnx.Module):
         total = jnp.sum(weights)
         return jnp.sum(losses) / jnp.where(total > 0, total, 1.0)
 
-    def decode(self, tokens: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
+    def decode(self, tokens: jax.Array, cache: KVCache, logits_at: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
         """Append tokens (B, T) to the cache: row b's token t sits at position cache.lengths[b] + t and attends
         to keys 0 .. lengths[b] + t. Returns fp32 logits (B, T, V) and the cache with lengths += T.
+        With logits_at (B,) (e.g. each prompt's last index), only those positions go through the head: (B, V).
         Writes past max_len are dropped (the caller must size the cache)."""
         T, max_len = tokens.shape[1], cache.k.shape[2]
         positions = cache.lengths[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
         mask = (jnp.arange(max_len)[None, None, :] <= positions[:, :, None])[:, None]  # (B, 1, T, max_len)
         x, (k, v, _, _) = self._trunk(tokens, positions, (cache.k, cache.v, positions, mask))
+        if logits_at is not None:
+            x = jnp.take_along_axis(x, logits_at[:, None, None], axis=1)[:, 0]
         logits = self._head(x, self.lm_head.kernel[...])
         return logits, KVCache(k=k, v=v, lengths=cache.lengths + T)
 

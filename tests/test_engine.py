@@ -180,8 +180,10 @@ class ScriptedGPT(GPT):
             table[a] = b
         self.script = nnx.Param(jax.nn.one_hot(table, cfg.vocab_size) * 20.0)
 
-    def decode(self, tokens, cache):
+    def decode(self, tokens, cache, logits_at=None):
         _, cache = super().decode(tokens, cache)
+        if logits_at is not None:
+            tokens = jnp.take_along_axis(tokens, logits_at[:, None], axis=1)[:, 0]
         return self.script[...][tokens], cache
 
 

@@ -224,6 +224,11 @@ def test_ragged_rows_right_padded_prefill_and_decode():
     per_row = [np.asarray(forward_jit(model, jnp.asarray(rows[b : b + 1]))[0]) for b in range(3)]
     for b, n in enumerate(true_lengths):
         assert_close(logits[b, :n], per_row[b][:n])
+    last, _ = nnx.jit(lambda m, t, c, i: m.decode(t, c, logits_at=i))(
+        model, jnp.asarray(bucket), KVCache.init(cfg, batch=3, max_len=16), jnp.asarray(true_lengths) - 1)
+    chex.assert_shape(last, (3, V))
+    for b, n in enumerate(true_lengths):  # only each prompt's last position goes through the head
+        assert_close(last[b], per_row[b][n - 1])
     cache = cache.replace(lengths=jnp.asarray(true_lengths, jnp.int32))  # what the engine does after prefill
     # a 2-token chunk per row (different positions per row), then single tokens
     chunk = np.stack([rows[b, n : n + 2] for b, n in enumerate(true_lengths)])
