@@ -52,14 +52,12 @@ def reply_parts(tokenizer, tokens: list[int]) -> list[dict]:
     return parts
 
 
-def respond(engine, tokenizer, messages: list[dict], user_text: str, out=sys.stdout, **generate_kwargs) -> list[int]:
-    """Add the user's turn, stream the assistant's reply to `out`, add it to `messages`; return its tokens."""
-    messages.append({"role": "user", "content": user_text})
-    prompt = tokenizer.render_for_completion({"messages": messages + [{"role": "assistant", "content": ""}]})
-    assistant_end = tokenizer.encode_special("<|assistant_end|>")
+def stream(engine, tokenizer, prompt: list[int], out=sys.stdout, **generate_kwargs) -> list[int]:
+    """Generate from prompt tokens, writing the text to `out` as it comes; returns the generated tokens."""
+    stop = (tokenizer.encode_special("<|assistant_end|>"), tokenizer.bos_token_id)
     tokens, shown = [], ""
     for column, _ in engine.generate(prompt, num_samples=1, **generate_kwargs):
-        if column[0] in (assistant_end, tokenizer.bos_token_id):
+        if column[0] in stop:
             break
         tokens.append(column[0])
         text = tokenizer.decode(tokens)
@@ -68,6 +66,14 @@ def respond(engine, tokenizer, messages: list[dict], user_text: str, out=sys.std
             out.flush()
             shown = text
     out.write(tokenizer.decode(tokens)[len(shown):] + "\n")
+    return tokens
+
+
+def respond(engine, tokenizer, messages: list[dict], user_text: str, out=sys.stdout, **generate_kwargs) -> list[int]:
+    """Add the user's turn, stream the assistant's reply to `out`, add it to `messages`; return its tokens."""
+    messages.append({"role": "user", "content": user_text})
+    prompt = tokenizer.render_for_completion({"messages": messages + [{"role": "assistant", "content": ""}]})
+    tokens = stream(engine, tokenizer, prompt, out, **generate_kwargs)
     parts = reply_parts(tokenizer, tokens)
     messages.append({"role": "assistant", "content": parts if any(p["type"] != "text" for p in parts)
                      else "".join(p["text"] for p in parts)})
@@ -90,8 +96,10 @@ def main(argv=None) -> int:
     model_cfg = meta.get("model", {})
     print(f"nanochat-jax chat | source={args.source} step={meta.get('step')} depth={model_cfg.get('depth')} "
           f"| " + " ".join(f"{k}={v}" for k, v in settings.items()))
+    base = args.source == "base"  # a base model is not a chat model: it continues plain text
     if not args.prompt:
-        print("Type 'clear' to start a new conversation, 'quit' or 'exit' to leave.")
+        print("Type 'clear' to start a new conversation, 'quit' or 'exit' to leave."
+              + (" The base model continues your text." if base else ""))
 
     messages: list[dict] = []
     while True:
@@ -111,8 +119,12 @@ def main(argv=None) -> int:
             continue
         if not user_text:
             continue
-        print("\nAssistant: ", end="", flush=True)
-        respond(engine, tokenizer, messages, user_text, **settings)
+        if base:
+            print(f"\n{user_text}", end="", flush=True)
+            stream(engine, tokenizer, tokenizer.encode(user_text, prepend=tokenizer.bos_token_id), **settings)
+        else:
+            print("\nAssistant: ", end="", flush=True)
+            respond(engine, tokenizer, messages, user_text, **settings)
         settings["seed"] += 1  # a fresh sample each turn
         if args.prompt:
             return 0

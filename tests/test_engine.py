@@ -295,3 +295,19 @@ def test_chat_cli_prompt_and_interactive(home, model, tokenizer, capsys, monkeyp
     prompt = tokenizer.encode("hello", prepend=tokenizer.bos_token_id)
     assert loaded.generate_batch(prompt, max_tokens=8, temperature=0.0) == \
         Engine(model, tokenizer).generate_batch(prompt, max_tokens=8, temperature=0.0)
+
+
+def test_chat_cli_base_model_continues_plain_text(home, model, tokenizer, capsys):
+    chat_cli = load_chat_cli()
+    save_tiny_checkpoint(home, model, tokenizer, stage="base")
+    assert chat_cli.main(["--source", "base", "-p", "hello", "-t", "0", "--max-tokens", "8"]) == 0
+    out = capsys.readouterr().out
+    results, _ = Engine(model, tokenizer).generate_batch(
+        tokenizer.encode("hello", prepend=tokenizer.bos_token_id), max_tokens=8, temperature=0.0)
+    stop = {tokenizer.encode_special("<|assistant_end|>"), tokenizer.bos_token_id}
+    continuation = []
+    for t in results[0][len(tokenizer.encode("hello")) + 1:]:
+        if t in stop:
+            break
+        continuation.append(t)
+    assert "Assistant:" not in out and out.endswith("hello" + tokenizer.decode(continuation) + "\n")
