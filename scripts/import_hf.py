@@ -1,0 +1,73 @@
+"""Import a Hugging Face transformers `NanoChat` folder as one of our checkpoints plus its tokenizer.
+
+    python scripts/import_hf.py path/to/nanochat-d32                  # -> the sft stage, step 0
+    python scripts/import_hf.py path/to/folder --stage base --step 1000
+    python scripts/chat_cli.py --source sft --depth 32                  # then chat / evaluate as usual
+
+The folder needs config.json, model.safetensors (or a safetensors index with its shards) and tokenizer.json
+(no pickles are read). The tokenizer is written in our format (with token_bytes.npy for bits per byte) to
+<home>/imported/<stage>_d<depth>/tokenizer and recorded in the checkpoint's metadata. The checkpoint holds
+no optimizer state. Refuses to write into a run directory that already holds checkpoints unless --force.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+
+import numpy as np
+
+# Checkpointer.save needs some optimizer state; an imported model has none.
+NO_OPT_STATE = {"imported_without_optimizer_state": np.zeros((), np.int32)}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Import a Hugging Face NanoChat folder as a nanochat-jax checkpoint")
+    parser.add_argument("folder", help="a Hugging Face NanoChat folder (config.json, model.safetensors, tokenizer.json)")
+    parser.add_argument("--stage", default="sft", choices=["base", "mid", "sft", "rl"], help="stage to file it under")
+    parser.add_argument("--step", type=int, default=0, help="step number of the checkpoint")
+    parser.add_argument("--compute-dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"],
+                        help="model.compute_dtype recorded in the checkpoint (parameters are stored in float32)")
+    parser.add_argument("--force", action="store_true", help="write even if the run directory holds checkpoints")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import jax
+
+    from nanochat_jax.checkpoint import Checkpointer, checkpoint_dir
+    from nanochat_jax.common import artifacts_dir
+    from nanochat_jax.config import Config, to_dict
+    from nanochat_jax.hf import HFFormatError, import_hf
+    from nanochat_jax.tokenizer import save_token_bytes
+
+    try:
+        cfg, params, tokenizer = import_hf(args.folder, compute_dtype=args.compute_dtype)
+    except (HFFormatError, FileNotFoundError) as e:
+        print(f"import_hf: {e}", file=sys.stderr)
+        return 1
+    directory = checkpoint_dir(args.stage, cfg.depth)
+    existing = sorted(p.name for p in directory.iterdir() if p.name.isdigit())
+    if existing and not args.force:
+        print(f"import_hf: {directory} already holds checkpoints (steps {', '.join(existing)}); "
+              "choose another --stage or pass --force", file=sys.stderr)
+        return 1
+    tok_dir = artifacts_dir("imported", f"{args.stage}_d{cfg.depth}", "tokenizer")
+    tokenizer.save(tok_dir)
+    save_token_bytes(tokenizer, tok_dir)
+    meta = {"step": args.step, "stage": args.stage, "config": to_dict(Config(model=cfg)),
+            "model": dataclasses.asdict(cfg), "tokenizer": str(tok_dir), "imported_from": str(Path(args.folder).absolute())}
+    ckpt = Checkpointer(directory, keep=max(2, len(existing) + 1), async_save=False)
+    ckpt.save(args.step, params, NO_OPT_STATE, None, meta)
+    ckpt.close()
+    n_params = sum(leaf.size for leaf in jax.tree.leaves(params))
+    print(f"imported {args.folder} ({n_params:,} parameters, depth {cfg.depth}, width {cfg.n_embd}, "
+          f"{cfg.n_head} heads) as {args.stage} step {args.step} in {directory}; tokenizer in {tok_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

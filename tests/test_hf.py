@@ -1,0 +1,326 @@
+"""Hugging Face interop: export/import round trips, tokenizer.json and the chat template against our Tokenizer,
+clear errors for what the format cannot hold, the two scripts; and, where torch and transformers are installed,
+logits and token ids equal to transformers' own NanoChat."""
+
+import importlib.util
+import itertools
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from hypothesis import given, settings, strategies as st
+
+from nanochat_jax import corpus, hf
+from nanochat_jax.config import ModelConfig
+from nanochat_jax.model import EPS, init_model
+from nanochat_jax.tokenizer import SPECIAL_TOKENS, Tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+VOCAB = 600
+# Letters, digits, punctuation, whitespace runs and multi-byte characters: everything the split regex cares about.
+PIECES = list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 .,;:!?'\"()-_/\\#@$%&*+=<>|") + [
+    " ", "  ", "\n", "\n\n", "\t", "\r\n", "'s", "'ll", "é", "ß", "東京", "😀", "🍎", "\u00a0"]
+TEXTS = st.lists(st.sampled_from(PIECES), max_size=40).map("".join)
+SAMPLES = ["", "Hello world!", "Zoë ate 12345 apples 🍎🍎 at 7:30.", "  leading spaces\n\n\ttabs\r\n",
+           "東京は日本の首都です。", "def f(x):\n    return x ** 2  # square", corpus.document("val", 3)]
+CONVERSATIONS = [
+    {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello there!"}]},
+    {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+2?"},
+                  {"role": "assistant", "content": "4"}, {"role": "user", "content": "And 3 + 3 ?\n"},
+                  {"role": "assistant", "content": " 6 "}]},
+    {"messages": [{"role": "user", "content": "Compute 12*7"},
+                  {"role": "assistant", "content": [{"type": "text", "text": "Let me see. "},
+                                                    {"type": "python", "text": "12*7"},
+                                                    {"type": "python_output", "text": "84"},
+                                                    {"type": "text", "text": " It is 84."}]}]},
+]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return Tokenizer.train_from_iterator(itertools.islice(corpus.documents("train"), 200), VOCAB)
+
+
+def tiny_cfg(tok, **kw) -> ModelConfig:
+    return ModelConfig(**{**dict(depth=2, aspect_ratio=32, head_dim=16, n_kv_head=2, vocab_size=tok.vocab_size,
+                                 sequence_len=64, compute_dtype="float32"), **kw})
+
+
+def random_params(cfg: ModelConfig, seed: int = 0) -> dict:
+    """Our pure param dict with every array random (the zero-initialised projections too), numpy float32."""
+    rng = np.random.default_rng(seed)
+    shapes = jax.tree.map(lambda a: a.shape, nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: init_model(cfg)), nnx.Param)))
+    return jax.tree.map(lambda s: rng.normal(0, 0.5, s).astype(np.float32), shapes, is_leaf=lambda x: isinstance(x, tuple))
+
+
+def model_with(cfg: ModelConfig, params: dict):
+    model = init_model(cfg)
+    state = nnx.state(model, nnx.Param)
+    nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, params))
+    nnx.update(model, state)
+    return model
+
+
+def our_logits(cfg, params, ids) -> np.ndarray:
+    return np.asarray(model_with(cfg, params)(jnp.asarray(ids, jnp.int32)))
+
+
+def random_ids(cfg, seed=0, shape=(3, 48)) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, cfg.vocab_size, shape)
+
+
+def load_script(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# ---------------------------------------------------------------------------------------------
+# Without torch
+
+
+def test_export_import_round_trip_is_exact(tok, tmp_path):
+    cfg = tiny_cfg(tok, softcap=12.0, rope_theta=5000.0)
+    params = random_params(cfg)
+    hf.export_hf(params, cfg, tok, tmp_path / "f32")
+    assert sorted(p.name for p in (tmp_path / "f32").iterdir()) == [
+        "config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
+    config = json.loads((tmp_path / "f32" / "config.json").read_text())
+    assert config["model_type"] == "nanochat" and config["rms_norm_eps"] == EPS == float(np.finfo(np.float32).eps)
+    assert (config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]) == (64, 256, 2)
+    assert (config["num_attention_heads"], config["num_key_value_heads"]) == (4, 2)
+    assert config["rope_parameters"]["rope_theta"] == 5000.0 and config["final_logit_softcapping"] == 12.0
+
+    got_cfg, got, got_tok = hf.import_hf(tmp_path / "f32", compute_dtype="float32")
+    assert got_cfg == cfg
+    jax.tree.map(np.testing.assert_array_equal, got, params)
+    assert got_tok.enc._mergeable_ranks == tok.enc._mergeable_ranks and got_tok.pattern == tok.pattern
+    ids = random_ids(cfg)
+    np.testing.assert_array_equal(our_logits(got_cfg, got, ids), our_logits(cfg, params, ids))
+
+    hf.export_hf(params, cfg, tok, tmp_path / "bf16", dtype="bfloat16")
+    _, got16, _ = hf.import_hf(tmp_path / "bf16", compute_dtype="float32")
+    want16 = jax.tree.map(lambda a: a.astype(jnp.bfloat16).astype(np.float32), params)
+    jax.tree.map(np.testing.assert_array_equal, got16, want16)
+    assert (tmp_path / "bf16" / "model.safetensors").stat().st_size < 0.6 * (tmp_path / "f32" / "model.safetensors").stat().st_size
+
+
+def test_tokenizer_round_trip_through_tokenizer_json(tok):
+    back = hf.tokenizer_from_hf_json(json.loads(json.dumps(hf.tokenizer_json(tok))))
+    assert back.enc._mergeable_ranks == tok.enc._mergeable_ranks
+    assert back.pattern == tok.pattern and back.special == tok.special
+    for text in SAMPLES:
+        assert back.encode(text) == tok.encode(text)
+
+
+@pytest.fixture(scope="module")
+def hf_tokenizer(tok):
+    tokenizers = pytest.importorskip("tokenizers")
+    return tokenizers.Tokenizer.from_str(json.dumps(hf.tokenizer_json(tok)))
+
+
+@settings(max_examples=150, deadline=None, derandomize=True)
+@given(text=TEXTS)
+def test_tokenizer_json_encodes_like_ours(tok, hf_tokenizer, text):
+    ids = hf_tokenizer.encode(text, add_special_tokens=False).ids
+    assert ids == tok.encode(text)
+    assert hf_tokenizer.decode(ids) == text
+
+
+def test_tokenizer_json_samples_and_specials(tok, hf_tokenizer):
+    for text in SAMPLES:
+        assert hf_tokenizer.encode(text, add_special_tokens=False).ids == tok.encode(text)
+    assert [hf_tokenizer.token_to_id(t) for t in SPECIAL_TOKENS] == [tok.encode_special(t) for t in SPECIAL_TOKENS]
+
+
+def render_template(conversation, add_generation_prompt: bool) -> str:
+    """The chat template rendered the way transformers renders it (sandboxed, trim_blocks, lstrip_blocks)."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    return env.from_string(hf.CHAT_TEMPLATE).render(messages=conversation["messages"], bos_token="<|bos|>",
+                                                    add_generation_prompt=add_generation_prompt)
+
+
+@pytest.mark.parametrize("conversation", CONVERSATIONS)
+def test_chat_template_renders_like_ours(tok, hf_tokenizer, conversation):
+    text = render_template(conversation, add_generation_prompt=False)
+    assert hf_tokenizer.encode(text, add_special_tokens=False).ids == tok.render_conversation(conversation)[0]
+    prompt = render_template({"messages": conversation["messages"][:-1]}, add_generation_prompt=True)
+    assert hf_tokenizer.encode(prompt, add_special_tokens=False).ids == tok.render_for_completion(conversation)
+
+
+def base_hf_config(**changes) -> dict:
+    config = {"model_type": "nanochat", "vocab_size": 512, "hidden_size": 64, "intermediate_size": 256,
+              "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "hidden_act": "relu2",
+              "max_position_embeddings": 128, "rms_norm_eps": EPS, "final_logit_softcapping": 15.0,
+              "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}}
+    return {**config, **changes}
+
+
+def test_model_config_from_hf_maps_fields():
+    cfg = hf.model_config_from_hf(base_hf_config(), compute_dtype="float32")
+    assert (cfg.depth, cfg.n_embd, cfg.n_head, cfg.n_kv_heads, cfg.sequence_len) == (2, 64, 4, 2, 128)
+    assert (cfg.softcap, cfg.rope_theta, cfg.vocab_size) == (15.0, 10000.0, 512)
+    legacy = hf.model_config_from_hf({**base_hf_config(rope_theta=500.0, final_logit_softcapping=None),
+                                      "rope_parameters": None, "num_key_value_heads": 4})
+    assert (legacy.rope_theta, legacy.softcap, legacy.n_kv_head, legacy.compute_dtype) == (500.0, 0.0, 0, "bfloat16")
+
+
+@pytest.mark.parametrize("changes, match", [
+    ({"model_type": "llama"}, r"model_type='llama' is not supported"),
+    ({"hidden_act": "silu"}, r"hidden_act='silu' is not supported: nanochat's MLP uses relu"),
+    ({"attention_bias": True}, r"attention_bias=True is not supported: our linear layers have no biases"),
+    ({"intermediate_size": 200}, r"intermediate_size=200 is not supported: our MLP width is 4 \* hidden_size = 256"),
+    ({"num_hidden_layers": 3, "intermediate_size": 256}, r"hidden_size=64 is not supported: .*multiple of num_hidden_layers=3"),
+    ({"num_attention_heads": 64}, r"num_attention_heads=64 is not supported: .*heads of an even width"),
+    ({"num_key_value_heads": 3}, r"num_key_value_heads=3 is not supported: must divide num_attention_heads=4"),
+    ({"head_dim": 32}, r"head_dim=32 is not supported"),
+    ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4}}, r"rope_type='yarn' is not supported"),
+    ({"vocab_size": None}, r"vocab_size must be a positive integer"),
+])
+def test_unsupported_hf_configs_name_the_option(changes, match):
+    with pytest.raises(hf.HFFormatError, match=match):
+        hf.model_config_from_hf(base_hf_config(**changes))
+
+
+def test_other_eps_warns():
+    with pytest.warns(UserWarning, match=r"rms_norm_eps=1e-06 differs from ours"):
+        hf.model_config_from_hf(base_hf_config(rms_norm_eps=1e-6))
+
+
+def test_unrepresentable_weights_and_tokenizers_are_clear_errors(tok, tmp_path):
+    cfg = tiny_cfg(tok)
+    params = random_params(cfg)
+    with pytest.raises(hf.HFFormatError, match=r"parameters value_embeds have no equivalent"):
+        hf.params_to_hf({**params, "value_embeds": np.zeros(3)}, cfg)
+    with pytest.raises(hf.HFFormatError, match=r"dtype='float16' is not one of float32, bfloat16"):
+        hf.export_hf(params, cfg, tok, tmp_path / "x", dtype="float16")
+    tensors = hf.params_to_hf(params, cfg)
+    tensors["model.layers.0.self_attn.q_proj.bias"] = np.zeros(64, np.float32)
+    with pytest.raises(hf.HFFormatError, match=r"unexpected \(not representable\) \['model.layers.0.self_attn.q_proj.bias'\]"):
+        hf.params_from_hf(tensors, cfg)
+    del tensors["model.layers.0.self_attn.q_proj.bias"], tensors["lm_head.weight"]
+    with pytest.raises(hf.HFFormatError, match=r"missing \['lm_head.weight'\]"):
+        hf.params_from_hf(tensors, cfg)
+    tied = hf.params_from_hf(tensors, cfg, tie_word_embeddings=True)
+    np.testing.assert_array_equal(tied["lm_head"]["kernel"], params["wte"]["embedding"].T)
+
+    table = hf.tokenizer_json(tok)
+    with pytest.raises(hf.HFFormatError, match=r"model.type='Unigram' is not supported"):
+        hf.tokenizer_from_hf_json({**table, "model": {"type": "Unigram"}})
+    with pytest.raises(hf.HFFormatError, match=r"are not nanochat's special tokens"):
+        hf.tokenizer_from_hf_json({**table, "added_tokens": table["added_tokens"][:-1]})
+    with pytest.raises(hf.HFFormatError, match=r"pre_tokenizer has no Split regex"):
+        hf.tokenizer_from_hf_json({**table, "pre_tokenizer": {"type": "ByteLevel"}})
+    (tmp_path / "pickled").mkdir()
+    (tmp_path / "pickled" / "config.json").write_text(json.dumps(hf.hf_config(cfg, tok)))
+    hf.save_hf_tokenizer(tok, tmp_path / "pickled", cfg.sequence_len)
+    with pytest.raises(FileNotFoundError, match=r"no model.safetensors or model.safetensors.index.json .*never pickles"):
+        hf.import_hf(tmp_path / "pickled")
+
+
+def test_scripts_import_then_export(tok, home, tmp_path, capsys):
+    from nanochat_jax.checkpoint import load_model
+
+    cfg = tiny_cfg(tok)
+    params = random_params(cfg, seed=1)
+    folder = hf.export_hf(params, cfg, tok, tmp_path / "hf_in")
+    import_hf = load_script("import_hf")
+    assert import_hf.main([str(folder), "--stage", "sft", "--step", "5", "--compute-dtype", "float32"]) == 0
+    model, got_tok, meta = load_model("sft")
+    assert (meta["step"], meta["stage"], meta["model"]["depth"]) == (5, "sft", 2)
+    assert got_tok.encode(SAMPLES[2]) == tok.encode(SAMPLES[2])
+    ids = random_ids(cfg, seed=2)
+    np.testing.assert_array_equal(np.asarray(model(jnp.asarray(ids, jnp.int32))), our_logits(cfg, params, ids))
+    assert import_hf.main([str(folder), "--stage", "sft"]) == 1
+    assert "already holds checkpoints (steps 5)" in capsys.readouterr().err
+
+    export_hf = load_script("export_hf")
+    assert export_hf.main(["--source", "sft", "--out", str(tmp_path / "hf_out")]) == 0
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        assert (tmp_path / "hf_out" / name).read_text() == (folder / name).read_text()
+    _, back, _ = hf.import_hf(tmp_path / "hf_out")
+    jax.tree.map(np.testing.assert_array_equal, back, params)
+    assert export_hf.main(["--source", "base"]) == 1
+    assert "cannot load the base checkpoint" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# Against transformers itself (skipped where torch or transformers is missing)
+
+
+@pytest.fixture(scope="module")
+def torch_and_transformers():
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    if not hasattr(transformers, "NanoChatForCausalLM"):
+        pytest.skip(f"transformers {transformers.__version__} has no NanoChat model")
+    return torch, transformers
+
+
+def max_abs_diff(a, b) -> float:
+    return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
+
+
+def test_transformers_model_imports_with_equal_logits(tok, tmp_path, torch_and_transformers):
+    torch, transformers = torch_and_transformers
+    config = transformers.NanoChatConfig(
+        vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=EPS, final_logit_softcapping=15.0,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    theirs = transformers.NanoChatForCausalLM(config).eval()
+    with torch.no_grad():
+        for p in theirs.parameters():  # the default init is too small to exercise the soft-cap
+            p.normal_(0.0, 0.5)
+    theirs.save_pretrained(tmp_path)
+    hf.save_hf_tokenizer(tok, tmp_path, 64)
+    cfg, params, _ = hf.import_hf(tmp_path, compute_dtype="float32")
+    ids = random_ids(cfg, seed=3)
+    with torch.no_grad():
+        want = theirs(torch.tensor(ids)).logits.numpy()
+    got = our_logits(cfg, params, ids)
+    assert np.abs(want).max() > 5.0
+    diff = max_abs_diff(got, want)
+    print(f"transformers -> ours: max abs logit difference {diff:.3g}")
+    assert diff < 1e-4
+
+
+def test_exported_model_loads_in_transformers_with_equal_logits(tok, tmp_path, torch_and_transformers):
+    torch, transformers = torch_and_transformers
+    cfg = tiny_cfg(tok)
+    params = random_params(cfg, seed=4)
+    hf.export_hf(params, cfg, tok, tmp_path)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    assert type(theirs).__name__ == "NanoChatForCausalLM"
+    ids = random_ids(cfg, seed=5)
+    with torch.no_grad():
+        want = theirs(torch.tensor(ids)).logits.numpy()
+    got = our_logits(cfg, params, ids)
+    assert np.abs(want).max() > 5.0
+    diff = max_abs_diff(got, want)
+    print(f"ours -> transformers: max abs logit difference {diff:.3g}")
+    assert diff < 1e-4
+
+
+def test_autotokenizer_encodes_and_renders_like_ours(tok, tmp_path, torch_and_transformers):
+    _, transformers = torch_and_transformers
+    hf.save_hf_tokenizer(tok, tmp_path, 64)
+    auto = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    rng = np.random.default_rng(0)
+    texts = SAMPLES + ["".join(rng.choice(PIECES, size=rng.integers(0, 60))) for _ in range(100)]
+    for text in texts:
+        assert auto(text)["input_ids"] == tok.encode(text)
+        assert auto.decode(tok.encode(text)) == text
+    for conversation in CONVERSATIONS:
+        rendered = auto.apply_chat_template(conversation["messages"], tokenize=True, return_dict=True)["input_ids"]
+        assert rendered == tok.render_conversation(conversation)[0]
+        prompt = auto.apply_chat_template(conversation["messages"][:-1], tokenize=True, add_generation_prompt=True,
+                                          return_dict=True)["input_ids"]
+        assert prompt == tok.render_for_completion(conversation)
