@@ -87,7 +87,7 @@ class HFFormatError(ValueError):
 
 def hf_config(cfg: ModelConfig, tokenizer: Tokenizer, dtype: str = "float32") -> dict:
     """config.json of a transformers NanoChatForCausalLM computing the same forward as our model."""
-    defaults = ModelConfig()
+    defaults = type(cfg)()
     for f in dataclasses.fields(cfg):
         if f.name not in RUNTIME_FIELDS | ARCH_FIELDS and getattr(cfg, f.name) != getattr(defaults, f.name):
             raise HFFormatError(f"model.{f.name}={getattr(cfg, f.name)!r} has no equivalent in the Hugging Face "
@@ -164,8 +164,10 @@ def model_config_from_hf(config: dict, compute_dtype: str = "bfloat16") -> Model
 # Weights: our pure param dict <-> torch-layout state dict
 
 
-LAYER_KEYS = {"self_attn.q_proj": ("attn", "c_q"), "self_attn.k_proj": ("attn", "c_k"), "self_attn.v_proj": ("attn", "c_v"),
-              "self_attn.o_proj": ("attn", "c_proj"), "mlp.fc1": ("mlp", "c_fc"), "mlp.fc2": ("mlp", "c_proj")}
+# transformers module under model.layers.<i> -> our (module, linear) under blocks[i]
+LAYER_KEYS = {"self_attn.q_proj": ("attn", "c_q"), "self_attn.k_proj": ("attn", "c_k"),
+              "self_attn.v_proj": ("attn", "c_v"), "self_attn.o_proj": ("attn", "c_proj"),
+              "mlp.fc1": ("mlp", "c_fc"), "mlp.fc2": ("mlp", "c_proj")}
 
 
 def _expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
@@ -188,7 +190,8 @@ def params_to_hf(params: dict, cfg: ModelConfig, dtype: str = "float32") -> dict
     extra = sorted(set(params) - known) + [f"blocks.{i}" for i in params.get("blocks", {}) if not 0 <= i < cfg.n_layer]
     if extra:
         raise HFFormatError(f"parameters {', '.join(map(str, extra))} have no equivalent in the NanoChat format")
-    out = {"model.embed_tokens.weight": params["wte"]["embedding"], "lm_head.weight": np.asarray(params["lm_head"]["kernel"]).T}
+    out = {"model.embed_tokens.weight": np.asarray(params["wte"]["embedding"]),
+           "lm_head.weight": np.asarray(params["lm_head"]["kernel"]).T}
     for i in range(cfg.n_layer):
         block = params["blocks"][i]
         for key, (module, name) in LAYER_KEYS.items():
@@ -238,7 +241,7 @@ def _check_shapes(tensors: dict, cfg: ModelConfig, what: str) -> None:
 
 def _byte_to_unicode() -> dict[int, str]:
     """GPT-2's reversible byte -> printable unicode character table used by byte-level BPE."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     table, extra = {}, 0
     for b in range(256):
         if b in keep:
@@ -249,8 +252,11 @@ def _byte_to_unicode() -> dict[int, str]:
     return table
 
 
-def _bytes_to_str(token: bytes, table=_byte_to_unicode()) -> str:
-    return "".join(table[b] for b in token)
+BYTE_TO_UNICODE = _byte_to_unicode()
+
+
+def _bytes_to_str(token: bytes) -> str:
+    return "".join(BYTE_TO_UNICODE[b] for b in token)
 
 
 def tokenizer_json(tokenizer: Tokenizer) -> dict:
@@ -313,7 +319,7 @@ def tokenizer_from_hf_json(table: dict, where: str = TOKENIZER_FILE) -> Tokenize
     pattern = _find_split_pattern(table.get("pre_tokenizer"))
     if not pattern:
         raise HFFormatError(f"{where}: pre_tokenizer has no Split regex, so the split pattern is unknown")
-    decode = {c: b for b, c in _byte_to_unicode().items()}
+    decode = {c: b for b, c in BYTE_TO_UNICODE.items()}
     ranks = {}
     for text, token_id in model["vocab"].items():
         try:

@@ -25,7 +25,7 @@ NO_OPT_STATE = {"imported_without_optimizer_state": np.zeros((), np.int32)}
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Import a Hugging Face NanoChat folder as a nanochat-jax checkpoint")
-    parser.add_argument("folder", help="a Hugging Face NanoChat folder (config.json, model.safetensors, tokenizer.json)")
+    parser.add_argument("folder", help="Hugging Face NanoChat folder (config.json, model.safetensors, tokenizer.json)")
     parser.add_argument("--stage", default="sft", choices=["base", "mid", "sft", "rl"], help="stage to file it under")
     parser.add_argument("--step", type=int, default=0, help="step number of the checkpoint")
     parser.add_argument("--compute-dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"],
@@ -41,12 +41,12 @@ def main(argv=None) -> int:
     from nanochat_jax.checkpoint import Checkpointer, checkpoint_dir
     from nanochat_jax.common import artifacts_dir
     from nanochat_jax.config import Config, to_dict
-    from nanochat_jax.hf import HFFormatError, import_hf
+    from nanochat_jax.hf import import_hf
     from nanochat_jax.tokenizer import save_token_bytes
 
     try:
         cfg, params, tokenizer = import_hf(args.folder, compute_dtype=args.compute_dtype)
-    except (HFFormatError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError) as e:  # HFFormatError, ConfigError, a malformed JSON file
         print(f"import_hf: {e}", file=sys.stderr)
         return 1
     directory = checkpoint_dir(args.stage, cfg.depth)
@@ -59,7 +59,8 @@ def main(argv=None) -> int:
     tokenizer.save(tok_dir)
     save_token_bytes(tokenizer, tok_dir)
     meta = {"step": args.step, "stage": args.stage, "config": to_dict(Config(model=cfg)),
-            "model": dataclasses.asdict(cfg), "tokenizer": str(tok_dir), "imported_from": str(Path(args.folder).absolute())}
+            "model": dataclasses.asdict(cfg), "tokenizer": str(tok_dir),
+            "imported_from": str(Path(args.folder).absolute())}
     ckpt = Checkpointer(directory, keep=max(2, len(existing) + 1), async_save=False)
     ckpt.save(args.step, params, NO_OPT_STATE, None, meta)
     ckpt.close()

@@ -2,6 +2,7 @@
 clear errors for what the format cannot hold, the two scripts; and, where torch and transformers are installed,
 logits and token ids equal to transformers' own NanoChat."""
 
+import dataclasses
 import importlib.util
 import itertools
 import json
@@ -110,6 +111,24 @@ def test_export_import_round_trip_is_exact(tok, tmp_path):
     assert (tmp_path / "bf16" / "model.safetensors").stat().st_size < 0.6 * (tmp_path / "f32" / "model.safetensors").stat().st_size
 
 
+def test_import_reads_sharded_safetensors(tok, tmp_path):
+    from safetensors.numpy import save_file
+
+    cfg = tiny_cfg(tok)
+    params = random_params(cfg, seed=7)
+    folder = hf.export_hf(params, cfg, tok, tmp_path)
+    tensors = hf.load_hf_weights(folder)
+    (folder / "model.safetensors").unlink()
+    keys = sorted(tensors)
+    shards = {"model-00001-of-00002.safetensors": keys[:5], "model-00002-of-00002.safetensors": keys[5:]}
+    for name, shard_keys in shards.items():
+        save_file({k: tensors[k] for k in shard_keys}, folder / name, metadata={"format": "pt"})
+    weight_map = {k: name for name, shard_keys in shards.items() for k in shard_keys}
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    _, got, _ = hf.import_hf(folder)
+    jax.tree.map(np.testing.assert_array_equal, got, params)
+
+
 def test_tokenizer_round_trip_through_tokenizer_json(tok):
     back = hf.tokenizer_from_hf_json(json.loads(json.dumps(hf.tokenizer_json(tok))))
     assert back.enc._mergeable_ranks == tok.enc._mergeable_ranks
@@ -194,9 +213,17 @@ def test_other_eps_warns():
         hf.model_config_from_hf(base_hf_config(rms_norm_eps=1e-6))
 
 
+@dataclasses.dataclass
+class FancyModelConfig(ModelConfig):
+    value_embeds: bool = False  # an architecture option the NanoChat format does not have
+
+
 def test_unrepresentable_weights_and_tokenizers_are_clear_errors(tok, tmp_path):
     cfg = tiny_cfg(tok)
     params = random_params(cfg)
+    with pytest.raises(hf.HFFormatError, match=r"model.value_embeds=True has no equivalent in the Hugging Face NanoChat"):
+        hf.export_hf(params, FancyModelConfig(**dataclasses.asdict(cfg), value_embeds=True), tok, tmp_path / "x")
+    hf.hf_config(FancyModelConfig(**dataclasses.asdict(cfg)), tok)  # at its default the option changes nothing
     with pytest.raises(hf.HFFormatError, match=r"parameters value_embeds have no equivalent"):
         hf.params_to_hf({**params, "value_embeds": np.zeros(3)}, cfg)
     with pytest.raises(hf.HFFormatError, match=r"dtype='float16' is not one of float32, bfloat16"):
@@ -311,7 +338,7 @@ def test_exported_model_loads_in_transformers_with_equal_logits(tok, tmp_path, t
 
 def test_autotokenizer_encodes_and_renders_like_ours(tok, tmp_path, torch_and_transformers):
     _, transformers = torch_and_transformers
-    hf.save_hf_tokenizer(tok, tmp_path, 64)
+    hf.save_hf_tokenizer(tok, tmp_path, 2048)
     auto = transformers.AutoTokenizer.from_pretrained(tmp_path)
     rng = np.random.default_rng(0)
     texts = SAMPLES + ["".join(rng.choice(PIECES, size=rng.integers(0, 60))) for _ in range(100)]
