@@ -21,7 +21,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from nanochat_jax.config import ConfigError, ModelConfig
+from nanochat_jax.sharding import constrain
 
+ACTIVATION_AXES = ("batch", "sequence", "embed_act")  # the residual stream (B, T, C): rows over (data, fsdp)
 EPS = float(jnp.finfo(jnp.float32).eps)  # torch's F.rms_norm default eps for fp32
 
 
@@ -169,8 +171,9 @@ class GPT(nnx.Module):
             run = nnx.remat(_run_block)
         elif self.remat == "dots_saveable":
             run = nnx.remat(_run_block, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+        x = constrain(x, ACTIVATION_AXES)
         for block in self.blocks:
-            x = run(block, x, cos, sin)
+            x = constrain(run(block, x, cos, sin), ACTIVATION_AXES)
         return rms_norm(x), None
 
     def _head(self, x, kernel):

@@ -23,6 +23,7 @@ LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
     "batch": ("data", "fsdp"),
     "sequence": None,
     "embed": "fsdp",
+    "embed_act": None,  # the width of activations stays whole (fsdp already shards their rows)
     "vocab": "tensor",
     "heads": "tensor",
     "kv_heads": "tensor",
@@ -120,6 +121,18 @@ def like_params(tree, params_shardings, mesh: Mesh):
         return replicated(mesh)
 
     return jax.tree_util.tree_map_with_path(one, tree)
+
+
+def constrain(x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
+    """Pin an activation's sharding by logical names while tracing under `jax.set_mesh(mesh)`; else a no-op.
+
+    Without it, FSDP lets the compiler gather activations (every device computing the whole batch)
+    instead of gathering the weights.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    return jax.lax.with_sharding_constraint(x, logical_to_spec(axes, x.shape, mesh))
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
