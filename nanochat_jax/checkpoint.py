@@ -63,11 +63,13 @@ class Checkpointer:
                                               item_names=("params", "opt_state", "data", "meta"))
 
     def save(self, step: int, params, opt_state, data_state: dict | None, meta: dict) -> None:
-        """Start writing checkpoint `step` (returns before the write is done; see wait())."""
+        """Start writing checkpoint `step` (returns before the write is done; see wait()).
+        opt_state may be None (e.g. an imported model): such a checkpoint loads but cannot resume training."""
         data = {"process_count": jax.process_count(), "states": _gather_json(data_state)}
-        args = ocp.args.Composite(params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state),
-                                  data=ocp.args.JsonSave(data), meta=ocp.args.JsonSave(meta))
-        self._manager.save(step, args=args, force=True)
+        items = dict(params=ocp.args.StandardSave(params), data=ocp.args.JsonSave(data), meta=ocp.args.JsonSave(meta))
+        if opt_state is not None:
+            items["opt_state"] = ocp.args.StandardSave(opt_state)
+        self._manager.save(step, args=ocp.args.Composite(**items), force=True)
 
     def all_steps(self) -> list[int]:
         return sorted(self._manager.all_steps())

@@ -17,10 +17,6 @@ import dataclasses
 import sys
 from pathlib import Path
 
-import numpy as np
-
-# Checkpointer.save needs some optimizer state; an imported model has none.
-NO_OPT_STATE = {"imported_without_optimizer_state": np.zeros((), np.int32)}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -62,7 +58,7 @@ def main(argv=None) -> int:
             "model": dataclasses.asdict(cfg), "tokenizer": str(tok_dir),
             "imported_from": str(Path(args.folder).absolute())}
     ckpt = Checkpointer(directory, keep=max(2, len(existing) + 1), async_save=False)
-    ckpt.save(args.step, params, NO_OPT_STATE, None, meta)
+    ckpt.save(args.step, params, None, None, meta)  # no optimizer state: loads, cannot resume
     ckpt.close()
     n_params = sum(leaf.size for leaf in jax.tree.leaves(params))
     print(f"imported {args.folder} ({n_params:,} parameters, depth {cfg.depth}, width {cfg.n_embd}, "

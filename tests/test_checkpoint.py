@@ -146,3 +146,16 @@ def test_load_model_end_to_end(home, make_mesh):
     np.testing.assert_allclose(forward(sharded, tokens), want, rtol=1e-5, atol=1e-5)
     with pytest.raises(CheckpointError, match=r"no checkpoint for step 8 in .*d1 \(steps: 7\)"):
         checkpoint.load_model("base", step=8)
+
+
+def test_checkpoint_without_optimizer_state(tmp_path, make_mesh):
+    """An imported model has no optimizer state: it saves and loads; asking for the state is a clear error."""
+    params = {"w": jnp.arange(4.0)}
+    ckpt = Checkpointer(tmp_path, keep=2, async_save=False)
+    ckpt.save(0, params, None, None, {"step": 0})
+    out = ckpt.restore(0, abstract_on(params, make_mesh(1, 1, 1)))
+    np.testing.assert_array_equal(out["params"]["w"], np.arange(4.0))
+    assert out["opt_state"] is None and out["meta"] == {"step": 0}
+    with pytest.raises(CheckpointError, match="checkpoint .*0 is incomplete or corrupt"):
+        ckpt.restore(0, abstract_on(params, make_mesh(1, 1, 1)), abstract_on({"m": jnp.zeros(4)}, make_mesh(1, 1, 1)))
+    ckpt.close()
