@@ -14,7 +14,7 @@ import sys
 import time
 
 from nanochat_jax.checkpoint import CheckpointError, load_model
-from nanochat_jax.common import artifacts_dir, is_main_process, print0
+from nanochat_jax.common import artifacts_dir, init_distributed, is_main_process, print0
 from nanochat_jax.config import load_config
 from nanochat_jax.core_eval import (EVAL_BUNDLE_URL, BundleError, batch_rows, ensure_bundle, eval_mesh, evaluate_core,
                                     make_scorer)
@@ -33,6 +33,7 @@ def parse_args(argv):
 
 
 def main(argv: list[str] | None = None) -> dict:
+    init_distributed()  # multi-host: before anything touches the devices
     args, rest = parse_args(sys.argv[1:] if argv is None else argv)
     cfg = load_config(rest)
     try:

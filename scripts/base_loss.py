@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from nanochat_jax.checkpoint import load_model
-from nanochat_jax.common import artifacts_dir, is_main_process, print0
+from nanochat_jax.common import artifacts_dir, init_distributed, is_main_process, print0
 from nanochat_jax.config import load_config, to_toml
 from nanochat_jax.evaluation import make_bpb_step, sample_texts, split_bpb
 from nanochat_jax.sharding import make_mesh
@@ -22,6 +22,7 @@ from nanochat_jax.tokenizer import token_bytes
 
 
 def main(argv: list[str] | None = None) -> dict:
+    init_distributed()  # multi-host: before anything touches the devices
     cfg = load_config(argv)
     print0(to_toml(cfg))
     mesh = make_mesh(cfg.mesh)

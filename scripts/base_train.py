@@ -14,11 +14,11 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from tqdm import tqdm
 
 from nanochat_jax.checkpoint import Checkpointer, checkpoint_dir
-from nanochat_jax.common import artifacts_dir, device_info, is_main_process, peak_flops_per_device, print0
+from nanochat_jax.common import (artifacts_dir, device_info, init_distributed, is_main_process, peak_flops_per_device,
+                                 print0)
 from nanochat_jax.config import Config, ConfigError, TrainConfig, load_config, to_dict, to_toml
 from nanochat_jax.data import make_batch_iterator, make_source
 from nanochat_jax.evaluation import make_bpb_step, sample_texts, split_bpb
@@ -47,6 +47,7 @@ def grad_accum_steps(cfg: Config, rows_per_micro: int) -> int:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    init_distributed()  # multi-host: before anything touches the devices
     cfg = load_config(argv)
     tokenizer = load_tokenizer()
     cfg.model.vocab_size = tokenizer.vocab_size

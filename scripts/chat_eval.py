@@ -17,7 +17,7 @@ import time
 from nanochat_jax.chat_eval import (CHAT_TASKS, chatcore, load_task, make_answer_logits, run_categorical_eval,
                                     run_generative_eval)
 from nanochat_jax.checkpoint import CheckpointError, load_model
-from nanochat_jax.common import artifacts_dir, is_main_process, print0
+from nanochat_jax.common import artifacts_dir, init_distributed, is_main_process, print0
 from nanochat_jax.config import load_config
 from nanochat_jax.core_eval import batch_rows, eval_mesh
 from nanochat_jax.engine import Engine
@@ -47,6 +47,7 @@ def parse_args(argv):
 
 
 def main(argv: list[str] | None = None) -> dict:
+    init_distributed()  # multi-host: before anything touches the devices
     args, names, rest = parse_args(sys.argv[1:] if argv is None else argv)
     cfg = load_config(rest)
     mesh = eval_mesh(cfg.mesh)
