@@ -9,19 +9,8 @@ set -euo pipefail
 cd "$(dirname "$0")"
 CONFIG=${CONFIG:-configs/d20.toml}
 
-# --- environment: .venv with the CUDA build of jaxlib (inlined: scripts/ensure_env.sh installs only [dev])
-PYTHON=${PYTHON:-python3.11}
-command -v "$PYTHON" >/dev/null 2>&1 || PYTHON=python3
-[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
-if [ "$(cat .venv/.gpu-install-stamp 2>/dev/null)" != "$(sha256sum pyproject.toml | cut -d' ' -f1)" ]; then
-  command -v cargo >/dev/null 2>&1 || { echo "[setup] installing Rust (for rust_bpe)"; \
-    curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs | sh -s -- -y; . "$HOME/.cargo/env"; }
-  echo "[setup] pip install -e .[gpu,dev] (first time: a few minutes, builds rust_bpe)"
-  .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q -e ".[gpu,dev]"
-  sha256sum pyproject.toml | cut -d' ' -f1 > .venv/.gpu-install-stamp
-fi
-PY=.venv/bin/python
+# --- environment: .venv with the GPU build of jaxlib (and rust_bpe built on first use)
+PY=$(EXTRAS=gpu,dev bash scripts/ensure_env.sh)
 
 # --- XLA / CUDA settings (flags checked to exist in jaxlib 0.10's XLA)
 # latency-hiding scheduler: overlap FSDP all-gathers / gradient reductions with compute;

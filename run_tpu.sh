@@ -14,19 +14,8 @@ set -euo pipefail
 cd "$(dirname "$0")"
 CONFIG=${CONFIG:-configs/tpu_v6e_8.toml}
 
-# --- environment: .venv with the TPU build of jaxlib (inlined: scripts/ensure_env.sh installs only [dev])
-PYTHON=${PYTHON:-python3.11}
-command -v "$PYTHON" >/dev/null 2>&1 || PYTHON=python3
-[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
-if [ "$(cat .venv/.tpu-install-stamp 2>/dev/null)" != "$(sha256sum pyproject.toml | cut -d' ' -f1)" ]; then
-  command -v cargo >/dev/null 2>&1 || { echo "[setup] installing Rust (for rust_bpe)"; \
-    curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs | sh -s -- -y; . "$HOME/.cargo/env"; }
-  echo "[setup] pip install -e .[tpu,dev] (first time: a few minutes, builds rust_bpe)"
-  .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q -e ".[tpu,dev]"
-  sha256sum pyproject.toml | cut -d' ' -f1 > .venv/.tpu-install-stamp
-fi
-PY=.venv/bin/python
+# --- environment: .venv with the TPU build of jaxlib (and rust_bpe built on first use)
+PY=$(EXTRAS=tpu,dev bash scripts/ensure_env.sh)
 
 export NANOCHAT_JAX_DISTRIBUTED=${NANOCHAT_JAX_DISTRIBUTED:-1}
 export JAX_PLATFORMS=${JAX_PLATFORMS:-tpu}

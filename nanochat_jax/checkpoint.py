@@ -79,7 +79,8 @@ class Checkpointer:
 
     def _check_step(self, step: int) -> Path:
         path = self.directory / str(step)
-        if step not in self._manager.all_steps(read=True):
+        self._manager.reload()  # pick up steps written by another process or run
+        if step not in self._manager.all_steps():
             have = ", ".join(map(str, self.all_steps())) or "none"
             raise CheckpointError(f"no complete checkpoint for step {step} in {self.directory} (steps: {have})")
         return path
