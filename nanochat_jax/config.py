@@ -174,6 +174,97 @@ class TokenizerConfig:
 
 
 @dataclass
+class MidConfig:
+    """Mid-training: conversations rendered and packed like pretraining text, loss on every token."""
+
+    source: str = "base"  # stage whose checkpoint to start from
+    mixture: str = "nanochat"  # nanochat (hub datasets) | cpu (generated from the embedded corpus)
+    device_batch_size: int = 32
+    total_batch_size: int = 524288  # tokens per optimizer step
+    num_iterations: int = -1  # -1: one pass over the mixture
+    init_lr_frac: float = 1.0  # learning rates are the [optim] ones times this
+    eval_every: int = 150
+    eval_tokens: int = 20 * 524288
+
+    def validate(self) -> None:
+        _choice(self, "mid", "source", ("base", "mid"))
+        _choice(self, "mid", "mixture", ("nanochat", "cpu"))
+        _positive(self, "mid", "device_batch_size", "total_batch_size", "init_lr_frac", "eval_tokens")
+
+
+@dataclass
+class SFTConfig:
+    """Supervised fine-tuning: padded conversations, loss only on the assistant's tokens."""
+
+    source: str = "mid"
+    mixture: str = "nanochat"  # nanochat | cpu
+    device_batch_size: int = 4  # conversations per device per micro-batch
+    target_examples_per_step: int = 32
+    num_epochs: int = 1
+    num_iterations: int = -1  # -1: num_epochs passes over the mixture
+    init_lr_frac: float = 0.02
+    eval_every: int = 100  # steps between validation loss
+    eval_steps: int = 100
+    eval_metrics_every: int = 200  # steps between quick chat-task accuracies
+
+    def validate(self) -> None:
+        _choice(self, "sft", "source", ("base", "mid", "sft"))
+        _choice(self, "sft", "mixture", ("nanochat", "cpu"))
+        _positive(self, "sft", "device_batch_size", "target_examples_per_step", "num_epochs", "init_lr_frac",
+                  "eval_steps")
+
+
+@dataclass
+class RLConfig:
+    """GRPO-style reinforcement learning on a task with a checkable answer (GSM8K)."""
+
+    source: str = "sft"
+    task: str = "gsm8k"  # gsm8k | cpu (generated arithmetic questions answered with the calculator)
+    device_batch_size: int = 8  # rows per forward pass at most
+    examples_per_step: int = 16  # questions per step (each gets num_samples completions)
+    num_samples: int = 16
+    max_new_tokens: int = 256
+    temperature: float = 1.0
+    top_k: int = 50
+    init_lr_frac: float = 0.05
+    num_epochs: int = 1
+    num_iterations: int = -1  # -1: num_epochs passes over the task's train split
+    save_every: int = 60
+    eval_every: int = 60
+    eval_examples: int = 400
+
+    def validate(self) -> None:
+        _choice(self, "rl", "source", ("mid", "sft", "rl"))
+        _choice(self, "rl", "task", ("gsm8k", "cpu"))
+        _positive(self, "rl", "device_batch_size", "examples_per_step", "num_samples", "max_new_tokens",
+                  "init_lr_frac", "num_epochs", "eval_examples")
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation settings shared by base_eval (CORE) and chat_eval."""
+
+    bundle_url: str = ""  # empty: nanochat's DCLM CORE eval bundle
+    bundle_dir: str = ""  # a local unzipped bundle instead of downloading
+    max_per_task: int = -1  # CORE examples per task (-1 = all)
+    batch_tokens: int = 16384
+    max_seq_len: int = 0  # 0: no cropping of long CORE prompts
+    tasks: str = "ARC-Easy|ARC-Challenge|MMLU|GSM8K|HumanEval|SpellingBee"  # chat tasks, '|'-separated
+    max_problems: int = 0  # per chat task (0 = all)
+    num_samples: int = 1  # pass@k for generative tasks
+    temperature: float = 0.0
+    top_k: int = 50
+    max_new_tokens: int = 512
+    batch_size: int = 8
+    data_dir: str = ""  # local <task>.jsonl files instead of the hub
+
+    def validate(self) -> None:
+        _positive(self, "eval", "batch_tokens", "num_samples", "max_new_tokens", "batch_size")
+        if self.temperature < 0 or self.top_k < 0 or self.max_seq_len < 0 or self.max_problems < 0:
+            raise ConfigError("eval.temperature, top_k, max_seq_len and max_problems must be >= 0")
+
+
+@dataclass
 class Config:
     run: str = "default"  # a name for this run, shown in logs and the report
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -182,6 +273,10 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    mid: MidConfig = field(default_factory=MidConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def validate(self) -> "Config":
         for f in dataclasses.fields(self):
@@ -354,6 +449,6 @@ def model_config_from_dict(table: dict) -> ModelConfig:
 
 
 __all__ = [
-    "Config", "ConfigError", "DataConfig", "MeshConfig", "ModelConfig", "OptimConfig", "TokenizerConfig",
-    "TrainConfig", "from_dict", "load_config", "model_config_from_dict", "parse_overrides", "to_dict", "to_toml",
+    "Config", "ConfigError", "DataConfig", "EvalConfig", "MeshConfig", "MidConfig", "ModelConfig", "OptimConfig",
+    "RLConfig", "SFTConfig", "TokenizerConfig", "TrainConfig", "from_dict", "load_config", "model_config_from_dict", "parse_overrides", "to_dict", "to_toml",
 ]

@@ -46,16 +46,23 @@ def state_shardings(model_cfg: ModelConfig, optimizer: optax.GradientTransformat
     return graphdef, TrainState(step=replicated(mesh), params=params_sh, opt_state=opt_sh)
 
 
-def init_train_state(model_cfg: ModelConfig, optim_cfg: OptimConfig, num_iterations: int, mesh: Mesh, seed: int = 0):
-    """Returns (graphdef, optimizer, state, shardings) with the state created directly in its shardings."""
+def init_train_state(model_cfg: ModelConfig, optim_cfg: OptimConfig, num_iterations: int, mesh: Mesh, seed: int = 0,
+                     params=None):
+    """Returns (graphdef, optimizer, state, shardings) with the state created directly in its shardings.
+
+    params: start from these parameters (a pure dict, e.g. a loaded checkpoint's) instead of a fresh init;
+    the optimizer state always starts fresh."""
     optimizer = build_optimizer(optim_cfg, model_cfg.n_embd, num_iterations)
     graphdef, shardings = state_shardings(model_cfg, optimizer, mesh, seed)
 
-    def create() -> TrainState:
-        params = nnx.to_pure_dict(nnx.split(init_model(model_cfg, seed), nnx.Param)[1])
+    def create(params) -> TrainState:
+        if params is None:
+            params = nnx.to_pure_dict(nnx.split(init_model(model_cfg, seed), nnx.Param)[1])
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
 
-    state = jax.jit(create, out_shardings=shardings)()
+    if params is not None:
+        params = jax.device_put(params, shardings.params)
+    state = jax.jit(create, out_shardings=shardings)(params)
     return graphdef, optimizer, state, shardings
 
 
@@ -71,13 +78,20 @@ def global_batch(local_batches: list[dict], mesh: Mesh) -> dict:
             for k in local_batches[0]}
 
 
+def lm_loss(model, micro: dict) -> jax.Array:
+    """The default objective: mean next-token cross-entropy (targets -1 ignored, optional per-token mask)."""
+    return model.loss(micro["inputs"], micro["targets"], micro.get("mask"))
+
+
 def make_train_step(graphdef, optimizer: optax.GradientTransformation, shardings: TrainState, mesh: Mesh,
-                    num_iterations: int, optim_cfg: OptimConfig) -> Callable:
-    """train_step(state, batch) -> (state, metrics); batch = {"inputs", "targets"[, "mask"]} of shape (A, B, T)."""
+                    num_iterations: int, optim_cfg: OptimConfig, objective: Callable = lm_loss) -> Callable:
+    """train_step(state, batch) -> (state, metrics); batch = {"inputs", "targets", ...} of shape (A, B, T).
+
+    objective(model, micro_batch) -> scalar loss; the default is lm_loss (RL passes a policy-gradient one).
+    Every array of the batch is split along its leading micro-step axis."""
 
     def loss_fn(params, micro):
-        model = nnx.merge(graphdef, params)
-        return model.loss(micro["inputs"], micro["targets"], micro.get("mask"))
+        return objective(nnx.merge(graphdef, params), micro)
 
     def train_step(state: TrainState, batch: dict):
         num_micro = batch["inputs"].shape[0]

@@ -94,3 +94,17 @@ def test_d2_overfits_one_batch():
     assert first == pytest.approx(np.log(64), rel=1e-3)  # zero-initialised head: uniform predictions
     assert final < 0.1, final
     assert int(state.step) == steps and jnp.isfinite(metrics["grad_norm"])
+
+
+def test_init_from_given_params_on_another_mesh():
+    """Fine-tuning stages start from a checkpoint's parameters, placed on their own mesh, with a fresh optimizer."""
+    _, _, base, _ = init_train_state(TINY, OPTIM, 3, make_mesh(MeshConfig(1, 1, 1), devices=jax.devices()[:1]), seed=5)
+    given = jax.tree.map(lambda a: np.asarray(a) + 1.0, jax.device_get(base.params))
+    mesh = make_mesh(MeshConfig(2, 2, 2))
+    _, _, state, shardings = init_train_state(TINY, OPTIM, 3, mesh, params=given)
+    for a, b, sh in zip(jax.tree.leaves(state.params), jax.tree.leaves(given), jax.tree.leaves(shardings.params)):
+        np.testing.assert_array_equal(np.asarray(a), b)
+        assert a.sharding == sh
+    assert int(state.step) == 0
+    mu = state.opt_state  # fresh moments: all zero
+    assert all(float(jnp.abs(x).max()) == 0.0 for x in jax.tree.leaves(mu) if x.ndim >= 2)
