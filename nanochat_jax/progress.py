@@ -1,0 +1,111 @@
+"""The training-loop logger shared by every stage: smoothed loss, tokens/s, MFU, ETA, a progress bar, JSONL.
+
+    logger = StepLogger("mid", total_steps=500, start_step=0, flops_per_token=f, peak_flops=peak, num_devices=8)
+    record = logger.log(step + 1, loss, tokens, grad_norm=g, lr_multiplier=lrm)   # after an optimizer step
+    logger.eval({"step": step, "val_bpb": v}, f"step {step} | val bpb {v:.4f}")   # an eval line
+    logger.close()
+
+Records go to artifacts_dir("report")/<stage>_train.jsonl (truncated on a fresh start, appended on resume),
+which the report generator plots. Only process 0 writes anything.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+from tqdm import tqdm
+
+from nanochat_jax.common import artifacts_dir, is_main_process
+
+SHORT_NAMES = {"lr_multiplier": "lrm"}  # progress-bar labels; grad_norm only goes to the JSONL
+HIDDEN = ("grad_norm",)
+
+
+class EMA:
+    """Exponential moving average, debiased like Adam: after n updates, sum_i (1-b) b^(n-i) x_i / (1 - b^n)."""
+
+    def __init__(self, beta: float = 0.9):
+        self.beta, self.value, self.count = beta, 0.0, 0
+
+    def update(self, x: float) -> float:
+        self.value = self.beta * self.value + (1 - self.beta) * x
+        self.count += 1
+        return self.debiased
+
+    @property
+    def debiased(self) -> float:
+        return self.value / (1 - self.beta ** self.count) if self.count else float("nan")
+
+
+def mfu(flops_per_token: float | None, tokens_per_sec: float, peak_flops: float | None, num_devices: int):
+    """Model FLOPs utilisation: achieved FLOP/s over the devices' combined peak; None when the peak is unknown."""
+    if not peak_flops or not flops_per_token:
+        return None
+    return flops_per_token * tokens_per_sec / (peak_flops * num_devices)
+
+
+class StepLogger:
+    """Per-step metrics of one training run (see the module docstring)."""
+
+    def __init__(self, stage: str, total_steps: int, start_step: int = 0, flops_per_token: float | None = None,
+                 peak_flops: float | None = None, num_devices: int = 1, append: bool = False, ema_beta: float = 0.9,
+                 directory: Path | None = None, clock: Callable[[], float] = time.perf_counter):
+        self.stage, self.total, self.start = stage, total_steps, start_step
+        self.flops, self.peak, self.num_devices = flops_per_token, peak_flops, num_devices
+        self.enabled = is_main_process()
+        self.path = Path(directory or artifacts_dir("report")) / f"{stage}_train.jsonl"
+        if self.enabled and not append:
+            self.path.write_text("")
+        self.loss_ema = EMA(ema_beta)
+        self.clock = clock
+        self.t_start = self.t_last = clock()
+        tty = sys.stderr.isatty()
+        self.bar = tqdm(total=total_steps, initial=start_step, disable=not self.enabled, dynamic_ncols=True,
+                        mininterval=1.0 if tty else 30.0, desc=stage)
+
+    @property
+    def elapsed(self) -> float:
+        return self.clock() - self.t_start
+
+    def log(self, step: int, loss: float, tokens: int, **metrics) -> dict:
+        """After optimizer step `step` (1-based count of steps done): `tokens` processed since the previous call.
+        Returns the JSONL record: step, loss, loss_smooth, **metrics, tokens_per_sec, mfu, elapsed_s."""
+        now = self.clock()
+        dt, self.t_last = max(now - self.t_last, 1e-9), now
+        tok_s = tokens / dt
+        elapsed = now - self.t_start
+        record = {"step": step, "loss": float(loss), "loss_smooth": self.loss_ema.update(float(loss)),
+                  **{k: (None if v is None else float(v)) for k, v in metrics.items()},
+                  "tokens_per_sec": tok_s, "mfu": mfu(self.flops, tok_s, self.peak, self.num_devices),
+                  "elapsed_s": elapsed}
+        done = step - self.start
+        eta = elapsed / done * (self.total - step) if done > 0 else float("nan")
+        parts = [f"loss {record['loss_smooth']:.4f}"]
+        parts += [f"{SHORT_NAMES.get(k, k)} {v:.3g}" for k, v in metrics.items() if k not in HIDDEN and v is not None]
+        parts += [f"{tok_s:,.0f} tok/s", "MFU " + (f"{100 * record['mfu']:.1f}%" if record["mfu"] is not None else "n/a"),
+                  f"ETA {eta / 60:.1f} min"]
+        self.bar.set_postfix_str(" | ".join(parts), refresh=False)
+        self.bar.update(step - self.bar.n)
+        self.append(record)
+        return record
+
+    def eval(self, record: dict, message: str) -> None:
+        """An evaluation result: a JSONL record (e.g. {"step", "val_bpb"}) and a line printed above the bar."""
+        self.append(record)
+        self.write(message)
+
+    def append(self, record: dict) -> None:
+        if self.enabled:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def write(self, message: str) -> None:
+        if self.enabled:
+            self.bar.write(message)
+
+    def close(self) -> None:
+        self.bar.close()

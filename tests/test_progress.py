@@ -1,0 +1,57 @@
+"""progress.StepLogger: debiased EMA by hand, MFU arithmetic, JSONL records (fresh start and resume)."""
+
+import json
+
+import pytest
+
+from nanochat_jax.progress import EMA, StepLogger, mfu
+
+
+def test_ema_debiased_by_hand():
+    ema = EMA(0.9)
+    assert ema.update(4.0) == pytest.approx(4.0)  # 0.4 / 0.1
+    # raw = 0.9*0.4 + 0.1*2 = 0.56; debiased = 0.56 / (1 - 0.81) = 2.947368...
+    assert ema.update(2.0) == pytest.approx(0.56 / 0.19)
+    # raw = 0.9*0.56 + 0.1*1 = 0.604; debiased = 0.604 / (1 - 0.729)
+    assert ema.update(1.0) == pytest.approx(0.604 / 0.271)
+    assert EMA(0.5).update(3.0) == 3.0
+
+
+def test_mfu_arithmetic():
+    # 6e9 FLOPs/token * 1e4 tokens/s = 6e13 FLOP/s over 8 devices of 1e13 peak = 0.75
+    assert mfu(6e9, 1e4, 1e13, 8) == pytest.approx(0.75)
+    assert mfu(6e9, 1e4, None, 8) is None
+
+
+class FakeClock:
+    def __init__(self):
+        self.t = 100.0
+
+    def __call__(self):
+        return self.t
+
+
+def test_records_rates_and_resume(tmp_path):
+    clock = FakeClock()
+    log = StepLogger("sft", total_steps=4, flops_per_token=1e6, peak_flops=1e9, num_devices=2, directory=tmp_path,
+                     clock=clock)
+    clock.t += 2.0
+    r1 = log.log(1, 3.0, 1000, grad_norm=0.5, lr_multiplier=1.0)
+    clock.t += 0.5
+    r2 = log.log(2, 1.0, 1000, grad_norm=0.25, lr_multiplier=0.5)
+    log.eval({"step": 2, "val_loss": 1.5}, "step 2 | val loss 1.5")
+    log.close()
+    assert r1 == {"step": 1, "loss": 3.0, "loss_smooth": pytest.approx(3.0), "grad_norm": 0.5, "lr_multiplier": 1.0,
+                  "tokens_per_sec": pytest.approx(500.0), "mfu": pytest.approx(1e6 * 500 / 2e9), "elapsed_s": 2.0}
+    assert r2["tokens_per_sec"] == pytest.approx(2000.0) and r2["elapsed_s"] == pytest.approx(2.5)
+    assert r2["loss_smooth"] == pytest.approx((0.9 * 0.3 + 0.1 * 1.0) / 0.19)
+    lines = [json.loads(x) for x in (tmp_path / "sft_train.jsonl").read_text().splitlines()]
+    assert lines == [json.loads(json.dumps(r1)), json.loads(json.dumps(r2)), {"step": 2, "val_loss": 1.5}]
+
+    resumed = StepLogger("sft", total_steps=4, start_step=2, append=True, directory=tmp_path, clock=clock)
+    assert resumed.log(3, 2.0, 10)["mfu"] is None  # no FLOPs or peak given
+    resumed.close()
+    assert [json.loads(x)["step"] for x in (tmp_path / "sft_train.jsonl").read_text().splitlines()] == [1, 2, 2, 3]
+
+    StepLogger("sft", total_steps=4, directory=tmp_path).close()  # a fresh start truncates
+    assert (tmp_path / "sft_train.jsonl").read_text() == ""
