@@ -1,9 +1,10 @@
 """CORE metric of a base checkpoint; writes <home>/report/base_eval.json.
 
-    python scripts/base_eval.py [--max-per-task 100] [--bundle-dir DIR] [--step N] [--depth D] [--mesh.data=...]
+    python scripts/base_eval.py [--max-per-task 100] [--bundle-dir DIR] [--step N] [--depth D] [--eval.batch_tokens=...]
 
 The eval bundle is downloaded once to <home>/eval_bundle (or pass --bundle-dir to an unzipped copy).
-Flags other than the ones below are config overrides (only [mesh] matters here).
+Settings live in the config's [eval] section (the short flags are aliases for them); --step/--depth pick
+the checkpoint; [mesh] sets the devices.
 """
 
 from __future__ import annotations
@@ -15,29 +16,38 @@ import time
 
 from nanochat_jax.checkpoint import CheckpointError, load_model
 from nanochat_jax.common import artifacts_dir, init_distributed, is_main_process, print0
-from nanochat_jax.config import load_config
+from nanochat_jax.config import load_config, to_toml
 from nanochat_jax.core_eval import (EVAL_BUNDLE_URL, BundleError, batch_rows, ensure_bundle, eval_mesh, evaluate_core,
                                     make_scorer)
 
 
+ALIASES = {"bundle_dir": "bundle_dir", "bundle_url": "bundle_url", "max_per_task": "max_per_task",
+           "batch_tokens": "batch_tokens", "max_seq_len": "max_seq_len"}
+
+
 def parse_args(argv):
+    """(checkpoint args, config overrides): alias flags become --eval.* overrides."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--bundle-dir", default=None, help="an unzipped eval bundle (default: <home>/eval_bundle)")
-    p.add_argument("--bundle-url", default=EVAL_BUNDLE_URL)
-    p.add_argument("--max-per-task", type=int, default=-1, help="items per task (-1 = all)")
-    p.add_argument("--batch-tokens", type=int, default=16384, help="tokens per forward (rows x bucket length)")
-    p.add_argument("--max-seq-len", type=int, default=None, help="crop longer prompts from the left")
+    p.add_argument("--bundle-dir", help="an unzipped eval bundle (default: download to <home>/eval_bundle)")
+    p.add_argument("--bundle-url", help=f"default: {EVAL_BUNDLE_URL}")
+    p.add_argument("--max-per-task", help="items per task (-1 = all)")
+    p.add_argument("--batch-tokens", help="tokens per forward (rows x bucket length)")
+    p.add_argument("--max-seq-len", help="crop longer prompts from the left (0 = no cropping)")
     p.add_argument("--step", type=int, default=None)
     p.add_argument("--depth", type=int, default=None)
-    return p.parse_known_args(argv)
+    args, rest = p.parse_known_args(argv)
+    rest += [f"--eval.{key}={getattr(args, flag)}" for flag, key in ALIASES.items() if getattr(args, flag) is not None]
+    return args, rest
 
 
 def main(argv: list[str] | None = None) -> dict:
     init_distributed()  # multi-host: before anything touches the devices
     args, rest = parse_args(sys.argv[1:] if argv is None else argv)
     cfg = load_config(rest)
+    print0(to_toml(cfg.eval))
+    ev = cfg.eval
     try:
-        bundle = ensure_bundle(args.bundle_dir, args.bundle_url)
+        bundle = ensure_bundle(ev.bundle_dir or None, ev.bundle_url or EVAL_BUNDLE_URL)
     except BundleError as e:
         print(f"base_eval: {e}", file=sys.stderr)
         raise SystemExit(1) from None
@@ -50,9 +60,9 @@ def main(argv: list[str] | None = None) -> dict:
     print0(f"base model: step {meta['step']} | depth {meta['model']['depth']} | mesh {dict(mesh.shape)} | "
            f"bundle {bundle}")
     t0 = time.perf_counter()
-    out = evaluate_core(make_scorer(model, mesh), tokenizer, bundle, args.max_per_task, args.max_seq_len,
-                        args.batch_tokens, batch_rows(mesh), log=print0)
-    out.update(step=meta["step"], depth=meta["model"]["depth"], max_per_task=args.max_per_task,
+    out = evaluate_core(make_scorer(model, mesh), tokenizer, bundle, ev.max_per_task, ev.max_seq_len or None,
+                        ev.batch_tokens, batch_rows(mesh), log=print0)
+    out.update(step=meta["step"], depth=meta["model"]["depth"], max_per_task=ev.max_per_task,
                wall_time_s=time.perf_counter() - t0)
     print0(f"{'Task':<35} {'Accuracy':>10} {'Centered':>10}")
     for label, acc in out["results"].items():

@@ -3,8 +3,9 @@
     python scripts/chat_eval.py --source sft [-a 'ARC-Easy|GSM8K'] [--max-problems 100] [--num-samples 1]
 
 Tasks whose data cannot be loaded (offline hub) are reported as unavailable and skipped. --data-dir DIR
-reads <DIR>/<task>.jsonl (hub-format rows) instead of the hub where such a file exists. Flags other than
-the ones below are config overrides (only [mesh] matters here).
+reads <DIR>/<task>.jsonl (hub-format rows) instead of the hub where such a file exists. Settings live in
+the config's [eval] section (the short flags are aliases for them, as in nanochat); -i/--step/--depth pick
+the checkpoint; [mesh] sets the devices.
 """
 
 from __future__ import annotations
@@ -18,38 +19,51 @@ from nanochat_jax.chat_eval import (CHAT_TASKS, chatcore, load_task, make_answer
                                     run_generative_eval)
 from nanochat_jax.checkpoint import CheckpointError, load_model
 from nanochat_jax.common import artifacts_dir, init_distributed, is_main_process, print0
-from nanochat_jax.config import load_config
+from nanochat_jax.config import ConfigError, load_config, to_dict, to_toml
 from nanochat_jax.core_eval import batch_rows, eval_mesh
 from nanochat_jax.engine import Engine
 from nanochat_jax.tasks import TaskDataError
 
 
+ALIASES = {"task_name": "tasks", "temperature": "temperature", "max_new_tokens": "max_new_tokens",
+           "num_samples": "num_samples", "top_k": "top_k", "batch_size": "batch_size", "max_problems": "max_problems",
+           "data_dir": "data_dir"}
+
+
 def parse_args(argv):
+    """(checkpoint args, config overrides): alias flags become --eval.* overrides."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("-i", "--source", required=True, choices=["mid", "sft", "rl"])
-    p.add_argument("-a", "--task-name", default=None, help=f"tasks split by '|' (default: {'|'.join(CHAT_TASKS)})")
-    p.add_argument("-t", "--temperature", type=float, default=0.0)
-    p.add_argument("-m", "--max-new-tokens", type=int, default=512)
-    p.add_argument("-n", "--num-samples", type=int, default=1)
-    p.add_argument("-k", "--top-k", type=int, default=50)
-    p.add_argument("-b", "--batch-size", type=int, default=8, help="problems per forward / per Engine call")
-    p.add_argument("-x", "--max-problems", type=int, default=None)
+    p.add_argument("-a", "--task-name", help=f"tasks split by '|' (default: {'|'.join(CHAT_TASKS)})")
+    p.add_argument("-t", "--temperature")
+    p.add_argument("-m", "--max-new-tokens")
+    p.add_argument("-n", "--num-samples")
+    p.add_argument("-k", "--top-k")
+    p.add_argument("-b", "--batch-size", help="problems per forward / per Engine call")
+    p.add_argument("-x", "--max-problems", help="problems per task (0 = all)")
     p.add_argument("-s", "--step", type=int, default=None)
     p.add_argument("--depth", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--data-dir", default=None, help="local <task>.jsonl files to use instead of the hub")
+    p.add_argument("--data-dir", help="local <task>.jsonl files to use instead of the hub")
     args, rest = p.parse_known_args(argv)
-    names = CHAT_TASKS if args.task_name is None else tuple(args.task_name.split("|"))
+    rest += [f"--eval.{key}={getattr(args, flag)}" for flag, key in ALIASES.items() if getattr(args, flag) is not None]
+    return args, rest
+
+
+def task_names(tasks: str) -> tuple[str, ...]:
+    names = tuple(tasks.split("|"))
     unknown = [n for n in names if n not in CHAT_TASKS]
     if unknown:
-        p.error(f"unknown task(s) {', '.join(unknown)}; known: {', '.join(CHAT_TASKS)}")
-    return args, names, rest
+        raise ConfigError(f"eval.tasks: unknown task(s) {', '.join(unknown)}; known: {', '.join(CHAT_TASKS)}")
+    return names
 
 
 def main(argv: list[str] | None = None) -> dict:
     init_distributed()  # multi-host: before anything touches the devices
-    args, names, rest = parse_args(sys.argv[1:] if argv is None else argv)
+    args, rest = parse_args(sys.argv[1:] if argv is None else argv)
     cfg = load_config(rest)
+    print0(to_toml(cfg.eval))
+    ev, names = cfg.eval, task_names(cfg.eval.tasks)
     mesh = eval_mesh(cfg.mesh)
     try:
         model, tokenizer, meta = load_model(args.source, step=args.step, depth=args.depth, mesh=mesh)
@@ -59,31 +73,31 @@ def main(argv: list[str] | None = None) -> dict:
     print0(f"{args.source} model: step {meta['step']} | depth {meta['model']['depth']} | mesh {dict(mesh.shape)}")
     engine = Engine(model, tokenizer, mesh=mesh)
     rows = batch_rows(mesh)
-    batch_size = -(-args.batch_size // rows) * rows
+    batch_size = -(-ev.batch_size // rows) * rows
+    max_problems = ev.max_problems or None
     answer_logits = None
     results, counts, unavailable = {}, {}, {}
     t0 = time.perf_counter()
     for name in names:
         try:
-            task = load_task(name, args.data_dir)
+            task = load_task(name, ev.data_dir or None)
         except TaskDataError as e:
             print0(f"{name}: unavailable: {e}")
             unavailable[name] = str(e)
             continue
         if task.eval_type == "categorical":
             answer_logits = answer_logits or make_answer_logits(model, mesh)
-            passed, total = run_categorical_eval(task, tokenizer, answer_logits, batch_size, args.max_problems)
+            passed, total = run_categorical_eval(task, tokenizer, answer_logits, batch_size, max_problems)
         else:
-            passed, total = run_generative_eval(task, tokenizer, engine, args.num_samples, args.max_new_tokens,
-                                                args.temperature, args.top_k, args.max_problems, batch_size,
-                                                args.seed)
+            passed, total = run_generative_eval(task, tokenizer, engine, ev.num_samples, ev.max_new_tokens,
+                                                ev.temperature, ev.top_k, max_problems, batch_size, args.seed)
         results[name] = passed / max(1, total)
         counts[name] = [passed, total]
         print0(f"{name} accuracy: {passed}/{total} = {100 * results[name]:.2f}%")
     score = chatcore(results)
     if score is not None:
         print0(f"ChatCORE: {score:.4f}")
-    out = {"source": args.source, "step": meta["step"], "args": vars(args), "results": results, "counts": counts,
+    out = {"source": args.source, "step": meta["step"], "eval": to_dict(ev), "results": results, "counts": counts,
            "unavailable": unavailable, "ChatCORE": score, "wall_time_s": time.perf_counter() - t0}
     if is_main_process():
         (artifacts_dir("report") / f"chat_eval_{args.source}.json").write_text(json.dumps(out, indent=2))

@@ -187,7 +187,7 @@ def test_chat_eval_script(home, tmp_path):
     assert out["counts"]["ARC-Easy"][1] == 3 and out["counts"]["GSM8K"] == [0, 2]  # 4 tokens cannot say '#### 26'
     assert out["results"]["ARC-Easy"] == out["counts"]["ARC-Easy"][0] / 3 and out["ChatCORE"] is None
     saved = json.loads((home / "report" / "chat_eval_sft.json").read_text())
-    assert saved["results"] == out["results"] and saved["step"] == 3 and saved["args"]["num_samples"] == 2
+    assert saved["results"] == out["results"] and saved["step"] == 3 and saved["eval"]["num_samples"] == 2
 
 
 def test_base_eval_script(home, capsys):
