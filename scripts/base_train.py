@@ -9,12 +9,9 @@ Logs loss (EMA-smoothed), lr multiplier, tokens/s, MFU, elapsed and ETA; writes 
 from __future__ import annotations
 
 import json
-import sys
-import time
 
 import jax
 import jax.numpy as jnp
-from tqdm import tqdm
 
 from nanochat_jax.checkpoint import Checkpointer, checkpoint_dir
 from nanochat_jax.common import (artifacts_dir, device_info, init_distributed, is_main_process, peak_flops_per_device,
@@ -23,6 +20,7 @@ from nanochat_jax.config import Config, ConfigError, TrainConfig, load_config, t
 from nanochat_jax.data import make_batch_iterator, make_source
 from nanochat_jax.evaluation import make_bpb_step, sample_texts, split_bpb
 from nanochat_jax.model import flops_per_token, num_params
+from nanochat_jax.progress import StepLogger, mfu
 from nanochat_jax.sharding import make_mesh
 from nanochat_jax.tokenizer import default_tokenizer_dir, load_tokenizer, token_bytes
 from nanochat_jax.train import TrainState, global_batch, init_train_state, make_train_step
@@ -77,7 +75,6 @@ def main(argv: list[str] | None = None) -> dict:
                                      seq_len=cfg.model.sequence_len, seed=cfg.train.seed,
                                      num_threads=cfg.data.tokenizer_threads, prefetch=cfg.data.prefetch)
     report_dir = artifacts_dir("report")
-    metrics_path = report_dir / "base_train.jsonl"
 
     start = 0
     if cfg.train.resume:
@@ -90,36 +87,26 @@ def main(argv: list[str] | None = None) -> dict:
                            params=restored["params"], opt_state=restored["opt_state"])
         train_iter.set_state(restored["data"])
         print0(f"resumed from {out_dir}/{start}")
-    elif is_main_process():
-        metrics_path.write_text("")
 
     def meta(step: int, **extra) -> dict:
         return {"step": step, "stage": "base", "config": to_dict(cfg), "model": to_dict(cfg.model),
                 "tokenizer": str(default_tokenizer_dir()), **extra}
 
-    def log(record: dict) -> None:
-        if is_main_process():
-            with metrics_path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
-
     peak = peak_flops_per_device()
-    smooth, ema = 0.0, 0.9
     val_bpb = None
     data_state = train_iter.get_state()  # the iterator state from which the batch of step `start` comes
     batch = global_batch([next(train_iter) for _ in range(accum)], mesh)
-    t_start = t_last = time.perf_counter()
+    progress = StepLogger("base", num_iterations, start, flops_per_token=flops, peak_flops=peak,
+                          num_devices=info["num_devices"], append=cfg.train.resume)
     tokens_since = 0
-    bar = tqdm(total=num_iterations, initial=start, disable=not is_main_process(), dynamic_ncols=True,
-               mininterval=1.0 if sys.stderr.isatty() else 30.0)
     for step in range(start, num_iterations + 1):
         last = step == num_iterations
         if last or (cfg.train.eval_every > 0 and step % cfg.train.eval_every == 0):
             val_bpb = split_bpb(cfg, tokenizer, bpb_step, state.params, tb, rows, mesh, "val")
-            bar.write(f"step {step:5d} | val bpb {val_bpb:.4f}")
-            log({"step": step, "val_bpb": val_bpb})
+            progress.eval({"step": step, "val_bpb": val_bpb}, f"step {step:5d} | val bpb {val_bpb:.4f}")
         if last or (cfg.train.sample_every > 0 and step % cfg.train.sample_every == 0 and step > 0):
             for text in sample_texts(graphdef, state.params, tokenizer):
-                bar.write(f"  sample: {text!r}")
+                progress.write(f"  sample: {text!r}")
         if (last and step > start) or (cfg.train.checkpoint_every > 0 and step % cfg.train.checkpoint_every == 0
                                        and step > start):
             ckpt.save(step, state.params, state.opt_state, data_state, meta(step, val_bpb=val_bpb))
@@ -132,26 +119,13 @@ def main(argv: list[str] | None = None) -> dict:
         tokens_since += cfg.train.total_batch_size
         if (step + 1) % cfg.train.log_every == 0 or step + 1 == num_iterations:
             m = jax.device_get(metrics)  # the one host sync of the loop
-            now = time.perf_counter()
-            dt, t_last = now - t_last, now
-            tok_s = tokens_since / dt
+            progress.log(step + 1, m["loss"], tokens_since, grad_norm=m["grad_norm"],
+                         lr_multiplier=m["lr_multiplier"])
             tokens_since = 0
-            smooth = ema * smooth + (1 - ema) * float(m["loss"])
-            loss_smooth = smooth / (1 - ema ** (step + 1 - start))
-            mfu = flops * tok_s / (peak * info["num_devices"]) if peak else None
-            elapsed = now - t_start
-            eta = elapsed / (step + 1 - start) * (num_iterations - step - 1)
-            mfu_text = f"{100 * mfu:.1f}%" if mfu is not None else "n/a"
-            bar.set_postfix_str(f"loss {loss_smooth:.4f} | lrm {float(m['lr_multiplier']):.2f} | "
-                                f"{tok_s:,.0f} tok/s | MFU {mfu_text} | ETA {eta / 60:.1f} min")
-            bar.update(step + 1 - bar.n)
-            log({"step": step + 1, "loss": float(m["loss"]), "loss_smooth": loss_smooth,
-                 "grad_norm": float(m["grad_norm"]), "lr_multiplier": float(m["lr_multiplier"]),
-                 "tokens_per_sec": tok_s, "mfu": mfu, "elapsed_s": elapsed})
-    bar.close()
+    progress.close()
     ckpt.wait()
     ckpt.close()
-    wall = time.perf_counter() - t_start
+    wall = progress.elapsed
     samples = sample_texts(graphdef, state.params, tokenizer)
     summary = {
         "stage": "base", "run": cfg.run, "params": n_params, "flops_per_token": flops, "steps": num_iterations,
@@ -160,7 +134,7 @@ def main(argv: list[str] | None = None) -> dict:
         "val_bpb": val_bpb, "samples": samples, "device": info, "mesh": dict(mesh.shape),
         "checkpoint": str(out_dir / str(num_iterations)),
     }
-    summary["mfu"] = flops * summary["tokens_per_sec"] / (peak * info["num_devices"]) if peak else None
+    summary["mfu"] = mfu(flops, summary["tokens_per_sec"], peak, info["num_devices"])
     if is_main_process():
         (report_dir / "base_train.json").write_text(json.dumps(summary, indent=2))
     print0(f"done: {num_iterations} steps in {wall / 60:.1f} min | val bpb {val_bpb:.4f} | "
