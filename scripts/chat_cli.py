@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from nanochat_jax.web import reply_parts
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Chat with a nanochat-jax checkpoint in the terminal")
@@ -26,30 +28,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--max-tokens", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
-
-
-def reply_parts(tokenizer, tokens: list[int]) -> list[dict]:
-    """Split a generated reply into render_conversation parts: text, python (the call), python_output."""
-    sp = tokenizer.encode_special
-    opening = {sp("<|python_start|>"): "python", sp("<|output_start|>"): "python_output"}
-    closing = {sp("<|python_end|>"), sp("<|output_end|>")}
-    parts, kind, run = [], "text", []
-
-    def flush():
-        if run:
-            parts.append({"type": kind, "text": tokenizer.decode(run)})
-
-    for token in tokens:
-        if token in opening:
-            flush()
-            kind, run = opening[token], []
-        elif token in closing:
-            flush()
-            kind, run = "text", []
-        else:
-            run.append(token)
-    flush()
-    return parts
 
 
 def stream(engine, tokenizer, prompt: list[int], out=sys.stdout, **generate_kwargs) -> list[int]:

@@ -1,0 +1,200 @@
+"""The web chat behind scripts/chat_web.py: request limits, prompt rendering, the reply streamed from the
+Engine as Markdown, and the Gradio app around it.
+
+The conversation is kept as chat messages for `tokenizer.render_conversation`. An assistant reply that
+used the calculator is stored as text / python / python_output parts (`reply_parts`), so the next turn
+renders exactly the tokens the model produced; the Chatbot only shows a Markdown view of the messages, with
+a calculator call as a python code block followed by "→ `result`".
+
+A base model is not a chat model: each message is continued as plain text and earlier turns are not used.
+Gradio is imported only by `build_app`, so the rest (and chat_cli's `reply_parts`) loads without it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+# nanochat's limits on one chat request
+MAX_MESSAGES = 500
+MAX_MESSAGE_CHARS = 8000
+MAX_CONVERSATION_CHARS = 32000
+TEMPERATURE_RANGE = (0.0, 2.0)
+TOP_K_RANGE = (0, 200)  # 0 disables top-k
+MAX_TOKENS_RANGE = (1, 4096)
+
+# Markdown around a tool part: (before, after)
+PART_MARKUP = {"python": ("\n```python\n", "\n```\n"), "python_output": ("→ `", "`\n\n")}
+
+
+class ChatError(ValueError):
+    """A request the chat refuses; its message is meant for the user."""
+
+
+def reply_parts(tokenizer, tokens: list[int]) -> list[dict]:
+    """Split a generated reply into render_conversation parts: text, python (the call), python_output."""
+    sp = tokenizer.encode_special
+    opening = {sp("<|python_start|>"): "python", sp("<|output_start|>"): "python_output"}
+    closing = {sp("<|python_end|>"), sp("<|output_end|>")}
+    parts, kind, run = [], "text", []
+
+    def flush():
+        if run:
+            parts.append({"type": kind, "text": tokenizer.decode(run)})
+
+    for token in tokens:
+        if token in opening:
+            flush()
+            kind, run = opening[token], []
+        elif token in closing:
+            flush()
+            kind, run = "text", []
+        else:
+            run.append(token)
+    flush()
+    return parts
+
+
+def reply_content(parts: list[dict]) -> str | list[dict]:
+    """An assistant message's content: a plain string unless the reply used the tool."""
+    if any(p["type"] != "text" for p in parts):
+        return parts
+    return "".join(p["text"] for p in parts)
+
+
+def to_markdown(content: str | list[dict]) -> str:
+    """How a message's content shows in the chat."""
+    if isinstance(content, str):
+        return content
+    out = []
+    for part in content:
+        before, after = PART_MARKUP.get(part["type"], ("", ""))
+        out.append(before + part["text"] + after)
+    return "".join(out)
+
+
+def chat_display(messages: list[dict]) -> list[dict]:
+    """The Chatbot's value for a conversation."""
+    return [{"role": m["role"], "content": to_markdown(m["content"])} for m in messages]
+
+
+def _chars(content: str | list[dict]) -> int:
+    return len(content) if isinstance(content, str) else sum(len(p["text"]) for p in content)
+
+
+def _number(name: str, value, bounds: tuple, integer: bool = False):
+    lo, hi = bounds
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ChatError(f"{name} must be a number between {lo} and {hi}, got {value!r}")
+    if integer and value != int(value):
+        raise ChatError(f"{name} must be a whole number, got {value}")
+    if not lo <= value <= hi:
+        raise ChatError(f"{name} must be between {lo} and {hi}, got {value}")
+    return int(value) if integer else float(value)
+
+
+def check_request(messages: list[dict], temperature, top_k, max_tokens) -> tuple[float, int, int]:
+    """Apply nanochat's limits to a conversation (ending with the new user message) and the sampling
+    settings; returns (temperature, top_k, max_tokens) as numbers, or raises ChatError saying what is wrong."""
+    if not messages or not str(messages[-1]["content"]).strip():
+        raise ChatError("Please type a message first.")
+    if len(messages) > MAX_MESSAGES:
+        raise ChatError(f"The conversation has {len(messages)} messages; the limit is {MAX_MESSAGES}. "
+                        "Press Clear to start a new one.")
+    for i, m in enumerate(messages):
+        if _chars(m["content"]) > MAX_MESSAGE_CHARS:
+            who = "Your message" if i == len(messages) - 1 else f"Message {i + 1}"
+            raise ChatError(f"{who} is {_chars(m['content'])} characters long; the limit is "
+                            f"{MAX_MESSAGE_CHARS} per message.")
+    total = sum(_chars(m["content"]) for m in messages)
+    if total > MAX_CONVERSATION_CHARS:
+        raise ChatError(f"The conversation is {total} characters long; the limit is {MAX_CONVERSATION_CHARS}. "
+                        "Press Clear to start a new one.")
+    return (_number("Temperature", temperature, TEMPERATURE_RANGE),
+            _number("Top-k", top_k, TOP_K_RANGE, integer=True),
+            _number("Max tokens", max_tokens, MAX_TOKENS_RANGE, integer=True))
+
+
+def completion_prompt(tokenizer, messages: list[dict], base: bool = False) -> list[int]:
+    """Prompt tokens: the chat rendered up to <|assistant_start|>, or for a base model <|bos|> + the last
+    message as plain text."""
+    if base:
+        return tokenizer.encode(messages[-1]["content"], prepend=tokenizer.bos_token_id)
+    # no truncation: the limits above bound the length, and a cut would drop the newest turn
+    return tokenizer.render_for_completion({"messages": messages + [{"role": "assistant", "content": ""}]},
+                                           max_tokens=1 << 30)
+
+
+def stream_tokens(engine, tokenizer, prompt: list[int], **generate_kwargs):
+    """Yield the reply's tokens so far (a growing list, without the terminal token) after every token."""
+    stop = (tokenizer.encode_special("<|assistant_end|>"), tokenizer.bos_token_id)
+    tokens = []
+    for column, _ in engine.generate(prompt, num_samples=1, **generate_kwargs):
+        if column[0] in stop:
+            return
+        tokens.append(column[0])
+        yield tokens
+
+
+def respond(engine, tokenizer, messages: list[dict], user_text: str, *, temperature, top_k, max_tokens,
+            seed: int = 0, base: bool = False):
+    """One chat turn: yields (messages, display) as the reply grows; the last pair has the reply stored.
+
+    Raises ChatError (at the first next()) for a request outside the limits; `messages` is not modified."""
+    turn = [{"role": "user", "content": (user_text or "").strip()}]
+    temperature, top_k, max_tokens = check_request(turn if base else messages + turn, temperature, top_k,
+                                                   max_tokens)
+    messages = messages + turn
+    prompt = completion_prompt(tokenizer, messages, base)
+    shown = chat_display(messages)
+    tokens = []
+    for tokens in stream_tokens(engine, tokenizer, prompt, max_tokens=max_tokens, temperature=temperature,
+                                top_k=top_k or None, seed=seed):
+        text = to_markdown(reply_content(reply_parts(tokenizer, tokens)))
+        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+            yield messages, shown + [{"role": "assistant", "content": text}]
+    messages = messages + [{"role": "assistant", "content": reply_content(reply_parts(tokenizer, list(tokens)))}]
+    yield messages, chat_display(messages)
+
+
+def build_app(engine, tokenizer, *, base: bool = False, title: str = "nanochat-jax", temperature: float = 0.8,
+              top_k: int = 50, max_tokens: int = 512, seed: int = 0):
+    """The Gradio Blocks app. Generation events share one queue slot, so one reply is generated at a time."""
+    import gradio as gr
+
+    seeds = itertools.count(seed)  # a fresh sample every turn
+
+    def submit(user_text, messages, temperature, top_k, max_tokens):
+        try:
+            for messages, display in respond(engine, tokenizer, messages, user_text, temperature=temperature,
+                                             top_k=top_k, max_tokens=max_tokens, seed=next(seeds), base=base):
+                yield "", messages, display
+        except ChatError as e:
+            raise gr.Error(str(e), title="Cannot send", print_exception=False) from None
+
+    def clear():
+        return "", [], []
+
+    note = ("A base model continues your text; earlier turns are not used." if base
+            else "Calculator calls show as a python block followed by → `result`.")
+    with gr.Blocks(title=title) as app:
+        gr.Markdown(f"## {title}\n{note}")
+        messages = gr.State([])
+        chatbot = gr.Chatbot(label="Chat", height=480, feedback_options=None, buttons=["copy"])
+        textbox = gr.Textbox(placeholder="Type a message and press Enter", show_label=False, autofocus=True,
+                             max_length=MAX_MESSAGE_CHARS)
+        with gr.Row():
+            send = gr.Button("Send", variant="primary")
+            clear_button = gr.Button("Clear")
+        with gr.Accordion("Sampling", open=False):
+            temperature_slider = gr.Slider(*TEMPERATURE_RANGE, value=temperature, step=0.05, label="Temperature",
+                                           info="0 is greedy")
+            top_k_slider = gr.Slider(*TOP_K_RANGE, value=top_k, step=1, label="Top-k", info="0 disables top-k")
+            max_tokens_slider = gr.Slider(*MAX_TOKENS_RANGE, value=max_tokens, step=1, label="Max tokens")
+        inputs = [textbox, messages, temperature_slider, top_k_slider, max_tokens_slider]
+        outputs = [textbox, messages, chatbot]
+        for trigger in (textbox.submit, send.click):
+            trigger(submit, inputs, outputs, concurrency_limit=1, concurrency_id="engine",
+                    show_progress="hidden")
+        clear_button.click(clear, None, outputs)
+    return app

@@ -1,0 +1,203 @@
+"""The web chat: streamed replies equal the Engine's greedy generation, multi-turn and tool-call rendering,
+request validation, the Gradio app served over HTTP, and scripts/chat_web.py's start-up."""
+
+import importlib.util
+import json
+import os
+import socket
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+from nanochat_jax import web  # noqa: E402
+from nanochat_jax.engine import Engine  # noqa: E402
+from test_engine import byte_tokenizer, random_model, save_tiny_checkpoint, scripted_engine  # noqa: E402
+
+GREEDY = dict(temperature=0.0, top_k=50, max_tokens=12)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return byte_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def model():
+    return random_model()
+
+
+class Recorder:
+    """An engine wrapper that records every prompt it is asked to continue."""
+
+    def __init__(self, engine):
+        self.engine, self.prompts = engine, []
+
+    def generate(self, prompt, **kwargs):
+        self.prompts.append(list(prompt))
+        return self.engine.generate(prompt, **kwargs)
+
+
+def chat_tokens(tokenizer, turns: list[str]) -> list[int]:
+    """Independent rendering of alternating user/assistant plain-text turns, ending in <|assistant_start|>."""
+    sp = tokenizer.encode_special
+    ids = [tokenizer.bos_token_id]
+    for i, text in enumerate(turns):
+        role = "user" if i % 2 == 0 else "assistant"
+        ids += [sp(f"<|{role}_start|>"), *tokenizer.encode(text), sp(f"<|{role}_end|>")]
+    return ids + [sp("<|assistant_start|>")]
+
+
+def greedy_reply(engine, tokenizer, prompt, max_tokens) -> str:
+    results, _ = engine.generate_batch(prompt, max_tokens=max_tokens, temperature=0.0)
+    return tokenizer.decode(results[0][len(prompt):])
+
+
+def test_streamed_reply_equals_greedy_generation(model, tokenizer):
+    engine = Recorder(Engine(model, tokenizer))
+    steps = list(web.respond(engine, tokenizer, [], "  hi there ", **GREEDY))
+    expected = greedy_reply(engine.engine, tokenizer, chat_tokens(tokenizer, ["hi there"]), GREEDY["max_tokens"])
+    assert engine.prompts == [chat_tokens(tokenizer, ["hi there"])]
+    texts = [display[-1]["content"] for _, display in steps]
+    assert len(expected) > 0 and texts[-1] == expected
+    chunks = [b[len(a):] for a, b in zip([""] + texts, texts)]
+    assert all(b.startswith(a) for a, b in zip(texts, texts[1:]))  # each update only appends
+    assert "".join(chunks) == expected and len(steps) >= 2
+    messages, display = steps[-1]
+    assert messages == [{"role": "user", "content": "hi there"}, {"role": "assistant", "content": expected}]
+    assert display == messages
+    assert all(m == messages[:1] for m, _ in steps[:-1])  # the reply is stored only once it is complete
+
+
+def test_multi_turn_renders_the_history(model, tokenizer):
+    engine = Recorder(Engine(model, tokenizer))
+    messages, _ = list(web.respond(engine, tokenizer, [], "hello", **GREEDY))[-1]
+    first = messages[1]["content"]
+    messages, _ = list(web.respond(engine, tokenizer, messages, "and again?", **GREEDY))[-1]
+    assert engine.prompts[1] == chat_tokens(tokenizer, ["hello", first, "and again?"])
+    assert [m["role"] for m in messages] == ["user", "assistant", "user", "assistant"]
+    assert messages[3]["content"] == greedy_reply(engine.engine, tokenizer, engine.prompts[1], GREEDY["max_tokens"])
+
+
+def test_tool_call_is_shown_as_code_and_kept_as_parts(tokenizer):
+    engine = Recorder(scripted_engine(tokenizer, chunk=4))
+    steps = list(web.respond(engine, tokenizer, [], "what is 1/7", temperature=0.0, top_k=0, max_tokens=40))
+    messages, display = steps[-1]
+    assert messages[1]["content"] == [{"type": "text", "text": "?"}, {"type": "python", "text": "1/7"},
+                                      {"type": "python_output", "text": "0.142857142857"},
+                                      {"type": "text", "text": "!"}]
+    assert display[1]["content"] == "?\n```python\n1/7\n```\n→ `0.142857142857`\n\n!"
+    texts = [d[-1]["content"] for _, d in steps]
+    assert "?\n```python\n1/\n```\n" in texts  # the call shows while it is being written
+    # the next turn renders the tool call exactly as the model produced it
+    list(web.respond(engine, tokenizer, messages, "thanks", temperature=0.0, top_k=0, max_tokens=4))
+    sp = tokenizer.encode_special
+    reply = [ord("?"), sp("<|python_start|>"), *b"1/7", sp("<|python_end|>"), sp("<|output_start|>"),
+             *b"0.142857142857", sp("<|output_end|>"), ord("!"), sp("<|assistant_end|>")]
+    assert engine.prompts[1] == (chat_tokens(tokenizer, ["what is 1/7"]) + reply
+                                 + chat_tokens(tokenizer, ["thanks"])[1:])
+
+
+def test_base_model_continues_the_last_message_only(model, tokenizer):
+    engine = Recorder(Engine(model, tokenizer))
+    history = [{"role": "user", "content": "x" * 7000}] * 6  # over the conversation limit, but unused
+    messages, _ = list(web.respond(engine, tokenizer, history, "once upon", base=True, **GREEDY))[-1]
+    prompt = tokenizer.encode("once upon", prepend=tokenizer.bos_token_id)
+    assert engine.prompts == [prompt]
+    assert messages[-1] == {"role": "assistant",
+                            "content": greedy_reply(engine.engine, tokenizer, prompt, GREEDY["max_tokens"])}
+
+
+class NoEngine:
+    def generate(self, *args, **kwargs):
+        raise AssertionError("a refused request must not reach the engine")
+
+
+@pytest.mark.parametrize("history, text, settings, message", [
+    ([], "", {}, "Please type a message"),
+    ([], " \n ", {}, "Please type a message"),
+    ([], "x" * 8001, {}, "Your message is 8001 characters long; the limit is 8000"),
+    ([{"role": "user", "content": "y" * 8001}, {"role": "assistant", "content": "ok"}], "hi", {},
+     "Message 1 is 8001 characters long"),
+    ([{"role": "user", "content": "y" * 7000}] * 5, "hi", {}, "The conversation is 35002 characters long"),
+    ([{"role": "user", "content": "y"}] * 500, "hi", {}, "501 messages; the limit is 500"),
+    ([], "hi", {"temperature": 2.5}, "Temperature must be between 0.0 and 2.0, got 2.5"),
+    ([], "hi", {"temperature": float("nan")}, "Temperature must be a number"),
+    ([], "hi", {"temperature": None}, "Temperature must be a number"),
+    ([], "hi", {"top_k": 201}, "Top-k must be between 0 and 200"),
+    ([], "hi", {"top_k": 1.5}, "Top-k must be a whole number"),
+    ([], "hi", {"max_tokens": 0}, "Max tokens must be between 1 and 4096"),
+    ([], "hi", {"max_tokens": 5000}, "Max tokens must be between 1 and 4096"),
+])
+def test_validation_errors(tokenizer, history, text, settings, message):
+    with pytest.raises(web.ChatError, match=message):
+        next(web.respond(NoEngine(), tokenizer, history, text, **{**GREEDY, **settings}))
+
+
+def test_limits_match_nanochat():
+    assert (web.MAX_MESSAGES, web.MAX_MESSAGE_CHARS, web.MAX_CONVERSATION_CHARS) == (500, 8000, 32000)
+    assert (web.TEMPERATURE_RANGE, web.TOP_K_RANGE, web.MAX_TOKENS_RANGE) == ((0.0, 2.0), (0, 200), (1, 4096))
+    assert web.check_request([{"role": "user", "content": "a"}], 0, 200.0, 4096) == (0.0, 200, 4096)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_app_serves_its_page_and_chats_over_http(model, tokenizer):
+    from gradio_client import Client
+
+    engine = Engine(model, tokenizer)
+    app = web.build_app(engine, tokenizer, title="nanochat-jax test", temperature=0.0, max_tokens=8)
+    port = free_port()
+    app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        url = f"http://127.0.0.1:{port}/"
+        with urllib.request.urlopen(url, timeout=30) as response:
+            assert response.status == 200 and "text/html" in response.headers["Content-Type"]
+        with urllib.request.urlopen(url + "config", timeout=30) as response:
+            config = json.loads(response.read())
+        assert config["title"] == "nanochat-jax test"
+        assert {"chatbot", "slider", "textbox", "button"} <= {c["type"] for c in config["components"]}
+
+        client = Client(url, verbose=False, download_files=False)
+        text, display = client.predict("hi", 0.0, 50, 8, api_name="/submit")  # the state stays server-side
+        expected = greedy_reply(engine, tokenizer, chat_tokens(tokenizer, ["hi"]), 8)
+        assert text == "" and [(m["role"], m["content"]) for m in display] == \
+            [("user", [{"type": "text", "text": "hi"}]), ("assistant", [{"type": "text", "text": expected}])]
+        with pytest.raises(Exception, match="Please type a message"):
+            client.predict(" ", 0.0, 50, 8, api_name="/submit")
+    finally:
+        app.close()
+
+
+def load_chat_web():
+    path = Path(__file__).resolve().parents[1] / "scripts" / "chat_web.py"
+    spec = importlib.util.spec_from_file_location("chat_web", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_script_loads_once_and_launches_on_localhost(home, model, tokenizer, capsys, monkeypatch):
+    import gradio as gr
+
+    chat_web = load_chat_web()
+    assert chat_web.main(["--source", "rl"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot load the rl checkpoint" in err
+    assert chat_web.main(["-t", "3"]) == 2 and "Temperature must be between" in capsys.readouterr().err
+
+    launched = []
+    monkeypatch.setattr(gr.Blocks, "launch", lambda self, **kwargs: launched.append((self, kwargs)))
+    save_tiny_checkpoint(home, model, tokenizer, stage="sft", step=3)
+    assert chat_web.main(["-i", "sft", "-k", "7"]) == 0
+    app, kwargs = launched[0]
+    assert kwargs["server_name"] == "127.0.0.1" and kwargs["server_port"] == 8000
+    assert app.title == "nanochat-jax · sft d2 step 3" and "http://127.0.0.1:8000" in capsys.readouterr().out
+    sliders = {b.label: b.value for b in app.blocks.values() if isinstance(b, gr.Slider)}
+    assert sliders == {"Temperature": 0.8, "Top-k": 7, "Max tokens": 512}
