@@ -1,0 +1,175 @@
+"""Batches of conversations for the chat stages: packed rows for mid-training, padded rows for SFT.
+
+Both walk a task (any sliceable list of conversations) with process p of P taking examples p, p + P, ...,
+and both have a small JSON state for exact resume (`get_state` / `set_state`, saved in checkpoints).
+
+- `PackedConversations` (mid-training, as nanochat): each conversation is rendered (`render_conversation`,
+  ids only: every token is trained, the mask is ignored), the ids are concatenated into one stream and the
+  stream is cut into rows of seq_len + 1 tokens like pretraining text; `next()` gives {"inputs", "targets"}
+  of shape (rows, seq_len). Epochs wrap around forever. State: the cursor of the oldest conversation that
+  still has unconsumed tokens, how many of its tokens were already used, and the epoch.
+- `SFTBatches` (as nanochat's SFT collate): one conversation per row, truncated to seq_len + 1 tokens; inputs
+  are padded with <|assistant_end|> and targets are -1 on padding and wherever the render mask is 0 (so the
+  loss counts only the assistant's tokens). `next_step(accum)` returns `accum` micro-batches padded to one
+  common width: the next power of two of the longest row (at least 16, at most seq_len), agreed by all
+  processes, so the train step compiles once per width. State: examples consumed by this process.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+import jax
+import numpy as np
+
+from nanochat_jax.engine import bucket
+
+MIN_WIDTH = 16
+
+
+def _process(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+    return (jax.process_index() if process_index is None else process_index,
+            jax.process_count() if process_count is None else process_count)
+
+
+class PackedConversations:
+    """Mid-training rows: rendered conversations packed into (rows, seq_len + 1) windows (module docstring).
+
+    rows: the GLOBAL rows per batch; this process yields rows // process_count of them."""
+
+    def __init__(self, task, tokenizer, rows: int, seq_len: int, *, process_index: int | None = None,
+                 process_count: int | None = None):
+        self.task, self.tokenizer, self.seq_len = task, tokenizer, seq_len
+        self.index, self.count = _process(process_index, process_count)
+        if rows % self.count:
+            raise ValueError(f"rows={rows} is not divisible by the {self.count} processes")
+        if len(task) == 0:
+            raise ValueError("PackedConversations: the task has no conversations")
+        self.local_rows = rows // self.count
+        self.set_state({"cursor": self.index, "skip": 0, "epoch": 0})
+
+    def _render(self, cursor: int) -> list[int]:
+        return self.tokenizer.render_conversation(self.task[cursor])[0]
+
+    def _advance(self) -> None:
+        """Render the next conversation of this process into the buffer."""
+        self.buffer.append((self.next_cursor, self.next_epoch, self._render(self.next_cursor)))
+        self.next_cursor += self.count
+        if self.next_cursor >= len(self.task):
+            self.next_cursor -= len(self.task)
+            self.next_epoch += 1
+
+    def get_state(self) -> dict:
+        if not self.buffer:
+            return {"cursor": self.next_cursor, "skip": 0, "epoch": self.next_epoch}
+        cursor, epoch, _ = self.buffer[0]
+        return {"cursor": cursor, "skip": self.skip, "epoch": epoch}
+
+    def set_state(self, state: dict) -> None:
+        self.buffer: deque = deque()
+        self.skip = 0
+        self.next_cursor, self.next_epoch = int(state["cursor"]), int(state["epoch"])
+        if state["skip"]:
+            self._advance()
+            self.skip = int(state["skip"])
+
+    @property
+    def progress(self) -> float:
+        """Epochs done, fractional: epoch + cursor / len(task) of the oldest conversation in use."""
+        state = self.get_state()
+        return state["epoch"] + state["cursor"] / len(self.task)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        need = self.local_rows * (self.seq_len + 1)
+        out = np.empty(need, np.int32)
+        filled = 0
+        while filled < need:
+            if not self.buffer:
+                self._advance()
+            _, _, ids = self.buffer[0]
+            take = min(len(ids) - self.skip, need - filled)
+            out[filled:filled + take] = ids[self.skip:self.skip + take]
+            filled, self.skip = filled + take, self.skip + take
+            if self.skip == len(ids):
+                self.buffer.popleft()
+                self.skip = 0
+        rows = out.reshape(self.local_rows, self.seq_len + 1)
+        return {"inputs": rows[:, :-1], "targets": rows[:, 1:]}
+
+
+def mean_tokens_per_conversation(task, tokenizer, samples: int = 2000) -> float:
+    """Average rendered length over up to `samples` conversations spread evenly over the task."""
+    n = len(task)
+    picks = np.unique(np.linspace(0, n - 1, min(n, samples)).astype(int))
+    return float(np.mean([len(tokenizer.render_conversation(task[int(i)])[0]) for i in picks]))
+
+
+# ---------------------------------------------------------------------------------------------
+# SFT
+
+
+def collate_sft(rendered: list[tuple[list[int], list[int]]], width: int, pad_id: int) -> dict:
+    """Rows of (ids, mask) -> {"inputs", "targets"} (len(rendered), width) int32: inputs ids[:-1] then pad_id,
+    targets ids[1:] with -1 where mask[1:] is 0 and on the padding."""
+    inputs = np.full((len(rendered), width), pad_id, np.int32)
+    targets = np.full((len(rendered), width), -1, np.int32)
+    for r, (ids, mask) in enumerate(rendered):
+        n = len(ids) - 1
+        if n > width:
+            raise ValueError(f"collate_sft: a row of {n} inputs does not fit width {width}")
+        ids, mask = np.asarray(ids, np.int32), np.asarray(mask, bool)
+        inputs[r, :n] = ids[:-1]
+        targets[r, :n] = np.where(mask[1:], ids[1:], -1)
+    return {"inputs": inputs, "targets": targets}
+
+
+def _max_over_processes(value: int) -> int:
+    if jax.process_count() == 1:
+        return value
+    from jax.experimental import multihost_utils
+
+    return int(np.max(multihost_utils.process_allgather(np.array([value], np.int32))))
+
+
+class SFTBatches:
+    """Padded SFT micro-batches of one conversation per row (module docstring).
+
+    rows: the GLOBAL rows per micro-batch; this process collates rows // process_count of them."""
+
+    def __init__(self, task, tokenizer, rows: int, seq_len: int, *, process_index: int | None = None,
+                 process_count: int | None = None):
+        self.task, self.tokenizer, self.seq_len = task, tokenizer, seq_len
+        index, count = _process(process_index, process_count)
+        if rows % count:
+            raise ValueError(f"rows={rows} is not divisible by the {count} processes")
+        self.local_rows = rows // count
+        self.mine = range(index, len(task), count)
+        if len(self.mine) == 0:
+            raise ValueError(f"SFTBatches: process {index} of {count} gets none of the task's {len(task)} examples")
+        self.pad_id = tokenizer.encode_special("<|assistant_end|>")
+        self.position = 0
+
+    def get_state(self) -> dict:
+        return {"position": self.position}
+
+    def set_state(self, state: dict) -> None:
+        self.position = int(state["position"])
+
+    @property
+    def epoch(self) -> float:
+        return self.position / len(self.mine)
+
+    def _next_rendered(self) -> tuple[list[int], list[int]]:
+        conversation = self.task[self.mine[self.position % len(self.mine)]]
+        self.position += 1
+        return self.tokenizer.render_conversation(conversation, max_tokens=self.seq_len + 1)
+
+    def next_step(self, accum: int) -> list[dict]:
+        """`accum` micro-batches of this process's rows, all padded to the same width."""
+        rendered = [[self._next_rendered() for _ in range(self.local_rows)] for _ in range(accum)]
+        longest = max(len(ids) - 1 for micro in rendered for ids, _ in micro)
+        width = _max_over_processes(min(self.seq_len, bucket(longest, MIN_WIDTH)))
+        return [collate_sft(micro, width, self.pad_id) for micro in rendered]

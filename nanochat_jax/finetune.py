@@ -1,0 +1,77 @@
+"""What the chat training stages (mid, SFT) share: starting from another stage's checkpoint, the stage's
+optimizer settings, checkpoint metadata and chat samples for the report.
+
+The architecture always comes from the source checkpoint's metadata; the runtime fields of the run's
+[model] section (sequence_len, compute_dtype, attention_impl, remat, loss_chunk) apply on top.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from flax import nnx
+
+from nanochat_jax.common import print0
+from nanochat_jax.config import Config, ModelConfig, OptimConfig, model_config_from_dict, to_dict
+from nanochat_jax.tokenizer import default_tokenizer_dir
+
+RUNTIME_FIELDS = ("sequence_len", "compute_dtype", "attention_impl", "remat", "loss_chunk")
+SAMPLE_QUESTIONS = [
+    "What is the capital of Gorsica?",
+    "Who are you?",
+    "Anna has 7 apples and buys 5 more. How many apples does Anna have now?",
+    "Hello!",
+]
+
+
+def source_model_config(checkpoint_model: dict, run_model: ModelConfig) -> ModelConfig:
+    """The checkpoint's architecture with the run's runtime fields."""
+    model_cfg = model_config_from_dict(checkpoint_model)
+    for name in RUNTIME_FIELDS:
+        setattr(model_cfg, name, getattr(run_model, name))
+    model_cfg.validate()
+    return model_cfg
+
+
+def load_source(stage: str, cfg: Config, mesh):
+    """(params as a pure dict sharded on the mesh, tokenizer, model config, source meta) of a stage's latest
+    checkpoint at cfg.model.depth."""
+    from nanochat_jax.checkpoint import load_model
+
+    model, tokenizer, meta = load_model(stage, depth=cfg.model.depth, mesh=mesh)
+    model_cfg = source_model_config(meta["model"], cfg.model)
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    print0(f"starting from the {stage} checkpoint, step {meta.get('step')} (depth {model_cfg.depth}, "
+           f"width {model_cfg.n_embd}, vocab {model_cfg.vocab_size}, sequence_len {model_cfg.sequence_len})")
+    return params, tokenizer, model_cfg, meta
+
+
+def stage_optim(optim: OptimConfig, init_lr_frac: float, **schedule) -> OptimConfig:
+    """A copy of [optim] with the learning rates times init_lr_frac and the stage's schedule fields set."""
+    out = dataclasses.replace(optim, embedding_lr=optim.embedding_lr * init_lr_frac,
+                              unembedding_lr=optim.unembedding_lr * init_lr_frac,
+                              matrix_lr=optim.matrix_lr * init_lr_frac, **schedule)
+    out.validate()
+    print0(f"optimizer: lr embedding {out.embedding_lr:g}, unembedding {out.unembedding_lr:g}, matrix "
+           f"{out.matrix_lr:g} (= [optim] x init_lr_frac {init_lr_frac:g}) | warmup_ratio {out.warmup_ratio:g}, "
+           f"warmdown_ratio {out.warmdown_ratio:g}, final_lr_frac {out.final_lr_frac:g} | Muon momentum "
+           f"{out.muon_momentum_start:g} -> {out.muon_momentum:g} over {out.muon_momentum_warmup_steps} steps")
+    return out
+
+
+def stage_meta(stage: str, step: int, cfg: Config, model_cfg: ModelConfig, **extra) -> dict:
+    """Checkpoint metadata: the same keys as base_train's (step, stage, config, model, tokenizer) plus extra."""
+    return {"step": step, "stage": stage, "config": to_dict(cfg), "model": to_dict(model_cfg),
+            "tokenizer": str(default_tokenizer_dir()), **extra}
+
+
+def chat_samples(graphdef, params, tokenizer, questions=SAMPLE_QUESTIONS, max_tokens: int = 64) -> list[str]:
+    """'question -> answer' for fixed one-turn questions, answered greedily through the Engine (tools on)."""
+    from nanochat_jax.engine import Engine
+
+    engine = Engine(nnx.merge(graphdef, params), tokenizer)
+    prompts = [tokenizer.render_for_completion({"messages": [{"role": "user", "content": q},
+                                                             {"role": "assistant", "content": ""}]})
+               for q in questions]
+    results, _ = engine.generate_batch(prompts, max_tokens=max_tokens, temperature=0.0)
+    return [f"{q} -> {tokenizer.decode(r[len(p):])}" for q, p, r in zip(questions, prompts, results)]
