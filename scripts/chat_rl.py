@@ -1,0 +1,185 @@
+"""Chat RL: nanochat's simplified GRPO (on-policy REINFORCE with group-mean baselines) on GSM8K or, for a
+CPU run (rl.task=cpu), on the corpus world's calculator word problems (tasks/corpuschat.py WordProblems, the
+same format the cpu SFT mixture teaches); see nanochat_jax/rl.py for the objective.
+
+    python scripts/chat_rl.py [--config FILE.toml] [--rl.task=cpu --rl.num_iterations=50 ...]
+
+Each step samples rl.num_samples completions for each of rl.examples_per_step training questions (split
+over processes), rewards them, and takes one optimizer step on the token-level policy-gradient loss in
+micro-batches of rl.device_batch_size rows per device. The learning rates are the [optim] ones times
+rl.init_lr_frac, decaying linearly to 0. Every rl.eval_every steps (and at the end) pass@k, k = 1 ..
+device_batch_size, is measured on rl.eval_examples test questions with temperature 1.0. Checkpoints (no
+optimizer state) go to <home>/checkpoints/rl/d<depth> every rl.save_every steps and at the end; metrics
+to <home>/report/rl_train.jsonl and a summary to <home>/report/rl_train.json.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import time
+
+import jax
+import numpy as np
+from flax import nnx
+
+from nanochat_jax.checkpoint import Checkpointer, CheckpointError, checkpoint_dir, load_model
+from nanochat_jax.common import artifacts_dir, device_info, init_distributed, is_main_process, print0
+from nanochat_jax.config import Config, MeshConfig, load_config, model_config_from_dict, to_dict, to_toml
+from nanochat_jax.core_eval import sum_over_processes
+from nanochat_jax.engine import Engine, bucket
+from nanochat_jax.progress import StepLogger
+from nanochat_jax.rl import group_advantages, micro_batches, pass_at_k, pg_objective, rl_batch, rollout
+from nanochat_jax.sharding import make_mesh
+from nanochat_jax.tasks import TaskDataError
+from nanochat_jax.train import global_batch, init_train_state, make_train_step
+
+
+CPU_TRAIN_SIZE, CPU_TEST_SIZE = 8000, 1000  # generated word problems for task "cpu" (GSM8K train has 7473)
+
+
+def load_tasks(name: str):
+    """(train, test) tasks for [rl] task: GSM8K, or "cpu": the corpus world's calculator word problems."""
+    if name == "cpu":
+        from nanochat_jax.tasks.corpuschat import WordProblems
+
+        return WordProblems(CPU_TRAIN_SIZE, "train"), WordProblems(CPU_TEST_SIZE, "test")
+    from nanochat_jax.tasks import GSM8K
+
+    return GSM8K("main", "train"), GSM8K("main", "test")
+
+
+def rl_optim(cfg: Config):
+    """The [optim] settings with every learning rate times init_lr_frac and a linear decay to 0 over the run."""
+    o, f = cfg.optim, cfg.rl.init_lr_frac
+    return dataclasses.replace(o, embedding_lr=o.embedding_lr * f, unembedding_lr=o.unembedding_lr * f,
+                               matrix_lr=o.matrix_lr * f, warmup_ratio=0.0, warmdown_ratio=1.0, final_lr_frac=0.0)
+
+
+def seed_for(*parts: int) -> int:
+    return int(np.random.SeedSequence(list(parts)).generate_state(1)[0]) & 0x3FFFFFFF
+
+
+def max_over_processes(value: int) -> int:
+    if jax.process_count() == 1:
+        return value
+    from jax.experimental import multihost_utils
+
+    return int(np.max(multihost_utils.process_allgather(np.array([value]))))
+
+
+def main(argv: list[str] | None = None) -> dict:
+    init_distributed()  # multi-host: before anything touches the devices
+    cfg = load_config(argv)
+    rl = cfg.rl
+    print0(to_toml(cfg))
+    mesh = make_mesh(cfg.mesh)
+    try:
+        model, tokenizer, meta = load_model(rl.source, mesh=mesh)
+        train_task, test_task = load_tasks(rl.task)
+    except (CheckpointError, TaskDataError) as e:
+        print(f"chat_rl: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
+    model_cfg = model_config_from_dict(meta["model"])
+    nproc, pid = jax.process_count(), jax.process_index()
+    if rl.examples_per_step % nproc:
+        raise SystemExit(f"chat_rl: rl.examples_per_step={rl.examples_per_step} must be a multiple of the "
+                         f"{nproc} processes")
+    examples_local = rl.examples_per_step // nproc
+    rows_local = rl.device_batch_size * mesh.shape["data"] * mesh.shape["fsdp"] // nproc  # rows per micro-batch
+    num_iterations = rl.num_iterations if rl.num_iterations > 0 else \
+        max(1, len(train_task) // rl.examples_per_step * rl.num_epochs)
+    micro_steps = -(-examples_local * rl.num_samples // rows_local)
+    print0(f"{rl.source} model: step {meta['step']} | depth {model_cfg.depth} | mesh {dict(mesh.shape)} | task "
+           f"{rl.task}: {len(train_task)} train / {len(test_task)} test questions")
+    print0(f"{rl.examples_per_step} questions x {rl.num_samples} samples per step | {micro_steps} micro-batches "
+           f"of {rows_local * nproc} rows | {num_iterations} steps")
+
+    params = nnx.to_pure_dict(nnx.split(model, nnx.Param)[1])
+    optim_cfg = rl_optim(cfg)
+    graphdef, optimizer, state, shardings = init_train_state(model_cfg, optim_cfg, num_iterations, mesh,
+                                                             cfg.train.seed, params=params)
+    del model, params
+    train_step = make_train_step(graphdef, optimizer, shardings, mesh, num_iterations, optim_cfg,
+                                 objective=pg_objective)
+    pad_id = tokenizer.encode_special("<|assistant_end|>")  # never a target: only fills rows
+    # each process samples from its own questions: with several processes, on a mesh of its local devices
+    gen_mesh = mesh if nproc == 1 else make_mesh(MeshConfig(data=-1, fsdp=1, tensor=1), jax.local_devices())
+
+    def policy() -> Engine:
+        params = state.params
+        if nproc > 1:
+            from jax.experimental import multihost_utils
+
+            params = jax.device_put(multihost_utils.process_allgather(params, tiled=True),
+                                    jax.sharding.NamedSharding(gen_mesh, jax.sharding.PartitionSpec()))
+        return Engine(nnx.merge(graphdef, params), tokenizer, mesh=gen_mesh)
+
+    def evaluate(step: int) -> dict:
+        indices = range(pid, min(rl.eval_examples, len(test_task)), nproc)
+        sequences, _, rewards = rollout(policy(), tokenizer, test_task, indices, rl.device_batch_size,
+                                        rl.max_new_tokens, 1.0, rl.top_k, seed_for(cfg.train.seed, step, pid, 1),
+                                        max_rows=rows_local)
+        counts = sum_over_processes(np.concatenate([pass_at_k(rewards), [len(rewards)]]).astype(np.int64))
+        passk = {f"pass@{k + 1}": float(c) / max(1, counts[-1]) for k, c in enumerate(counts[:-1])}
+        logger.eval({"step": step, **passk}, f"step {step:5d} | " + ", ".join(f"{k} {v:.4f}" for k, v in passk.items()))
+        return {"passk": passk, "samples": [tokenizer.decode(s) for s in sequences[:2]]}
+
+    out_dir = checkpoint_dir("rl", model_cfg.depth)
+    ckpt = Checkpointer(out_dir)
+
+    def save(step: int) -> None:
+        ckpt.save(step, state.params, None, None, {
+            "step": step, "stage": "rl", "source": rl.source, "config": to_dict(cfg), "model": to_dict(model_cfg),
+            "tokenizer": meta.get("tokenizer")})
+
+    info = device_info()
+    logger = StepLogger("rl", num_iterations)
+    rewards_per_step, evals = [], {}
+    t_start = time.perf_counter()
+    for step in range(num_iterations):
+        if rl.eval_every > 0 and step % rl.eval_every == 0:
+            evals = evaluate(step)
+        t0 = time.perf_counter()
+        first = step * rl.examples_per_step + pid
+        indices = [(first + j * nproc) % len(train_task) for j in range(examples_local)]
+        sequences, masks, rewards = rollout(policy(), tokenizer, train_task, indices, rl.num_samples,
+                                            rl.max_new_tokens, rl.temperature, rl.top_k,
+                                            seed_for(cfg.train.seed, step, pid), max_rows=rows_local)
+        seq_len = bucket(max_over_processes(max(len(s) for s in sequences)) - 1)
+        batch = rl_batch(sequences, masks, group_advantages(rewards), pad_id, seq_len)
+        t1 = time.perf_counter()
+        state, metrics = train_step(state, global_batch(micro_batches(batch, rows_local, pad_id), mesh))
+        m = jax.device_get(metrics)
+        t2 = time.perf_counter()
+        reward, length, tokens = sum_over_processes(
+            np.array([rewards.sum(), sum(map(len, sequences)), (batch["targets"] >= 0).sum()], np.float64))
+        rows = rl.examples_per_step * rl.num_samples
+        rewards_per_step.append(reward / rows)
+        logger.log(step + 1, m["loss"], int(length), reward=reward / rows, seq_len=length / rows,
+                   sampled_tokens=tokens, lr_multiplier=m["lr_multiplier"], grad_norm=m["grad_norm"],
+                   rollout_s=t1 - t0, train_s=t2 - t1)
+        if step + 1 == num_iterations or (rl.save_every > 0 and (step + 1) % rl.save_every == 0):
+            save(step + 1)
+    evals = evaluate(num_iterations)
+    logger.close()
+    ckpt.close()
+    wall = time.perf_counter() - t_start
+    tail = rewards_per_step[-max(1, len(rewards_per_step) // 10):]
+    summary = {
+        "stage": "rl", "run": cfg.run, "source": rl.source, "source_step": meta["step"], "task": rl.task,
+        "steps": num_iterations, "examples_per_step": rl.examples_per_step, "num_samples": rl.num_samples,
+        "reward_first_step": rewards_per_step[0], "reward_last_10pct": float(np.mean(tail)), **evals["passk"],
+        "wall_time_s": wall, "device": info, "mesh": dict(mesh.shape), "samples": evals["samples"],
+        "checkpoint": str(out_dir / str(num_iterations)),
+    }
+    if is_main_process():
+        (artifacts_dir("report") / "rl_train.json").write_text(json.dumps(summary, indent=2))
+    print0(f"done: {num_iterations} steps in {wall / 60:.1f} min | reward {rewards_per_step[0]:.3f} -> "
+           f"{summary['reward_last_10pct']:.3f} | " + ", ".join(f"{k} {v:.4f}" for k, v in evals["passk"].items()))
+    return summary
+
+
+if __name__ == "__main__":
+    main()
