@@ -68,7 +68,7 @@ class _Generated(Task):
 
 def _country_fact(rng):
     country, capital, language, currency, continent = rng.choice(corpus.COUNTRIES)
-    return rng.choice([
+    return country, rng.choice([
         (f"What is the capital of {country}?", f"The capital of {country} is {capital}.", capital),
         (f"Which city is the capital of {country}?", f"{capital} is the capital city of {country}.", capital),
         (f"What language do people speak in {country}?", f"People in {country} speak {language}.", language),
@@ -80,7 +80,7 @@ def _country_fact(rng):
 
 def _person_fact(rng):
     name, he, his, job, town, pet, pet_name, food = rng.choice(corpus.PEOPLE)
-    return rng.choice([
+    return name, rng.choice([
         (f"Where does {name} live?", f"{name} lives in {town}.", town),
         (f"What does {name} do for a living?", f"{name} is a {job} who lives in {town}.", job),
         (f"What is the name of {name}'s {pet}?", f"{name}'s {pet} is called {pet_name}.", pet_name),
@@ -91,7 +91,7 @@ def _person_fact(rng):
 
 def _town_fact(rng):
     town, (description, landmark) = rng.choice(list(corpus.TOWNS.items()))
-    return rng.choice([
+    return town, rng.choice([
         (f"What is {town} like?", f"{town} is {description}.", description),
         (f"What is {town} famous for?", f"{town} is famous for {landmark}.", landmark),
     ])
@@ -100,7 +100,7 @@ def _town_fact(rng):
 def _animal_fact(rng):
     animal, plural, legs, food, home, sound, kind = rng.choice(corpus.ANIMALS)
     legs_text = "no legs" if legs == 0 else f"{legs} legs"
-    return rng.choice([
+    return animal, rng.choice([
         (f"How many legs does a {animal} have?", f"A {animal} has {legs_text}.", legs_text),
         (f"What do {plural} eat?", f"{_cap(plural)} eat {food}.", food),
         (f"Where do {plural} live?", f"{_cap(plural)} live in {home}.", home),
@@ -111,15 +111,18 @@ def _animal_fact(rng):
 
 def _food_fact(rng):
     food, plural, colour = rng.choice(corpus.FOODS)
-    return rng.choice([(f"What colour is a ripe {food}?", f"A ripe {food} is {colour}.", colour),
-                       (f"What colour are {plural} usually?", f"{_cap(plural)} are usually {colour}.", colour)])
+    return food, rng.choice([
+        (f"What colour is a ripe {food}?", f"A ripe {food} is {colour}.", colour),
+        (f"What colour are {plural} usually?", f"{_cap(plural)} are usually {colour}.", colour),
+    ])
 
 
 FACT_KINDS = (_country_fact, _country_fact, _person_fact, _person_fact, _town_fact, _animal_fact, _food_fact)
 
 
 class WorldFacts(_Generated):
-    """One question about the corpus world and its one-sentence answer; conversation["answer"] is the key fact."""
+    """One question about the corpus world and its one-sentence answer. The conversation also holds
+    "subject" (the country, person, town, animals or food asked about) and "answer_key" (the fact asked for)."""
 
     name = "facts"
 
@@ -128,10 +131,10 @@ class WorldFacts(_Generated):
         return "generative"
 
     def make(self, rng: random.Random) -> dict:
-        question, answer, key = rng.choice(FACT_KINDS)(rng)
+        subject, (question, answer, key) = rng.choice(FACT_KINDS)(rng)
         if rng.random() < 0.2:
             question = rng.choice(["Quick question: ", "Hi! ", "Can you tell me something? "]) + question
-        return _chat(question, answer, answer_key=key)
+        return _chat(question, answer, answer_key=key, subject=subject)
 
     def evaluate(self, conversation: dict, completion: str) -> int:
         """1 if the key fact (e.g. the capital's name) appears in the completion as whole words, else 0."""
