@@ -78,8 +78,11 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         model, tokenizer, meta = load_model(rl.source, mesh=mesh)
         train_task, test_task = load_tasks(rl.task)
-    except (CheckpointError, TaskDataError) as e:
+    except CheckpointError as e:
         print(f"chat_rl: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
+    except TaskDataError as e:
+        print(f"chat_rl: {e} (--rl.task=cpu needs no download)", file=sys.stderr)
         raise SystemExit(1) from None
     model_cfg = model_config_from_dict(meta["model"])
     nproc, pid = jax.process_count(), jax.process_index()
@@ -176,8 +179,9 @@ def main(argv: list[str] | None = None) -> dict:
     }
     if is_main_process():
         (artifacts_dir("report") / "rl_train.json").write_text(json.dumps(summary, indent=2))
+    k = rl.device_batch_size
     print0(f"done: {num_iterations} steps in {wall / 60:.1f} min | reward {rewards_per_step[0]:.3f} -> "
-           f"{summary['reward_last_10pct']:.3f} | " + ", ".join(f"{k} {v:.4f}" for k, v in evals["passk"].items()))
+           f"{summary['reward_last_10pct']:.3f} | pass@1 {summary['pass@1']:.4f} | pass@{k} {summary[f'pass@{k}']:.4f}")
     return summary
 
 
