@@ -159,21 +159,23 @@ def respond(engine, tokenizer, messages: list[dict], user_text: str, *, temperat
 
 def build_app(engine, tokenizer, *, base: bool = False, title: str = "nanochat-jax", temperature: float = 0.8,
               top_k: int = 50, max_tokens: int = 512, seed: int = 0):
-    """The Gradio Blocks app. Generation events share one queue slot, so one reply is generated at a time."""
+    """The Gradio Blocks app. Generation events share one queue slot, so one reply is generated at a time;
+    a refused request shows its reason in a status line under the message box."""
     import gradio as gr
 
     seeds = itertools.count(seed)  # a fresh sample every turn
 
     def submit(user_text, messages, temperature, top_k, max_tokens):
+        """Stream (textbox, messages, chatbot, status); a refused request only sets the status line."""
         try:
             for messages, display in respond(engine, tokenizer, messages, user_text, temperature=temperature,
                                              top_k=top_k, max_tokens=max_tokens, seed=next(seeds), base=base):
-                yield "", messages, display
+                yield "", messages, display, ""
         except ChatError as e:
-            raise gr.Error(str(e), title="Cannot send", print_exception=False) from None
+            yield gr.skip(), gr.skip(), gr.skip(), f"⚠️ {e}"
 
     def clear():
-        return "", [], []
+        return "", [], [], ""
 
     note = ("A base model continues your text; earlier turns are not used." if base
             else "Calculator calls show as a python block followed by → `result`.")
@@ -183,6 +185,7 @@ def build_app(engine, tokenizer, *, base: bool = False, title: str = "nanochat-j
         chatbot = gr.Chatbot(label="Chat", height=480, feedback_options=None, buttons=["copy"])
         textbox = gr.Textbox(placeholder="Type a message and press Enter", show_label=False, autofocus=True,
                              max_length=MAX_MESSAGE_CHARS)
+        status = gr.Markdown("")
         with gr.Row():
             send = gr.Button("Send", variant="primary")
             clear_button = gr.Button("Clear")
@@ -192,9 +195,10 @@ def build_app(engine, tokenizer, *, base: bool = False, title: str = "nanochat-j
             top_k_slider = gr.Slider(*TOP_K_RANGE, value=top_k, step=1, label="Top-k", info="0 disables top-k")
             max_tokens_slider = gr.Slider(*MAX_TOKENS_RANGE, value=max_tokens, step=1, label="Max tokens")
         inputs = [textbox, messages, temperature_slider, top_k_slider, max_tokens_slider]
-        outputs = [textbox, messages, chatbot]
+        outputs = [textbox, messages, chatbot, status]
         for trigger in (textbox.submit, send.click):
             trigger(submit, inputs, outputs, concurrency_limit=1, concurrency_id="engine",
                     show_progress="hidden")
         clear_button.click(clear, None, outputs)
+        chatbot.clear(clear, None, outputs)  # the Chatbot's own trash icon must forget the conversation too
     return app

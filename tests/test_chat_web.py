@@ -165,12 +165,17 @@ def test_app_serves_its_page_and_chats_over_http(model, tokenizer):
         assert {"chatbot", "slider", "textbox", "button"} <= {c["type"] for c in config["components"]}
 
         client = Client(url, verbose=False, download_files=False)
-        text, display = client.predict("hi", 0.0, 50, 8, api_name="/submit")  # the state stays server-side
+        text, display, status = client.predict("hi", 0.0, 50, 8, api_name="/submit")  # state stays server-side
         expected = greedy_reply(engine, tokenizer, chat_tokens(tokenizer, ["hi"]), 8)
-        assert text == "" and [(m["role"], m["content"]) for m in display] == \
+        assert text == "" and status == "" and [(m["role"], m["content"]) for m in display] == \
             [("user", [{"type": "text", "text": "hi"}]), ("assistant", [{"type": "text", "text": expected}])]
-        with pytest.raises(Exception, match="Please type a message"):
-            client.predict(" ", 0.0, 50, 8, api_name="/submit")
+        *_, status = client.predict(" ", 0.0, 50, 8, api_name="/submit")
+        assert status == "⚠️ Please type a message first."
+        _, display, _ = client.predict("more", 0.0, 50, 8, api_name="/submit")  # the session's history goes on
+        assert [m["role"] for m in display] == ["user", "assistant", "user", "assistant"]
+        client.predict(api_name="/clear")
+        _, display, _ = client.predict("hi", 0.0, 50, 8, api_name="/submit")
+        assert display[-1]["content"] == [{"type": "text", "text": expected}] and len(display) == 2
     finally:
         app.close()
 
@@ -199,5 +204,7 @@ def test_script_loads_once_and_launches_on_localhost(home, model, tokenizer, cap
     app, kwargs = launched[0]
     assert kwargs["server_name"] == "127.0.0.1" and kwargs["server_port"] == 8000
     assert app.title == "nanochat-jax · sft d2 step 3" and "http://127.0.0.1:8000" in capsys.readouterr().out
+    assert {(fn.concurrency_id, fn.concurrency_limit) for fn in app.fns.values() if fn.name == "submit"} == \
+        {("engine", 1)}  # Enter and Send share one slot: one reply at a time
     sliders = {b.label: b.value for b in app.blocks.values() if isinstance(b, gr.Slider)}
     assert sliders == {"Temperature": 0.8, "Top-k": 7, "Max tokens": 512}
