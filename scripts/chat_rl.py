@@ -139,11 +139,11 @@ def main(argv: list[str] | None = None) -> dict:
 
     info = device_info()
     logger = StepLogger("rl", num_iterations)
-    rewards_per_step, evals = [], {}
+    rewards_per_step = []
     t_start = time.perf_counter()
     for step in range(num_iterations):
         if rl.eval_every > 0 and step % rl.eval_every == 0:
-            evals = evaluate(step)
+            evaluate(step)
         t0 = time.perf_counter()
         first = step * rl.examples_per_step + pid
         indices = [(first + j * nproc) % len(train_task) for j in range(examples_local)]
