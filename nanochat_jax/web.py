@@ -153,7 +153,7 @@ def respond(engine, tokenizer, messages: list[dict], user_text: str, *, temperat
         text = to_markdown(reply_content(reply_parts(tokenizer, tokens)))
         if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
             yield messages, shown + [{"role": "assistant", "content": text}]
-    messages = messages + [{"role": "assistant", "content": reply_content(reply_parts(tokenizer, list(tokens)))}]
+    messages = messages + [{"role": "assistant", "content": reply_content(reply_parts(tokenizer, tokens))}]
     yield messages, chat_display(messages)
 
 
