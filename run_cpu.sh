@@ -1,25 +1,38 @@
 #!/usr/bin/env bash
-# The whole pipeline on a laptop CPU, on the embedded corpus, in minutes: sets up .venv on first use,
-# then tokenizer -> base pretraining -> evaluation -> a chat sample. Artifacts go to $NANOCHAT_JAX_HOME
-# (default ~/.cache/nanochat_jax). Extra arguments are passed to every training script as overrides,
-# e.g. `bash run_cpu.sh --train.num_iterations=50`.
+# The whole pipeline on a laptop CPU, on the embedded corpus, in about ten minutes: sets up .venv on first
+# use, then tokenizer -> base pretraining -> mid-training -> SFT -> RL -> chat answers -> report.md.
+# Artifacts go to $NANOCHAT_JAX_HOME (default ~/.cache/nanochat_jax). Extra arguments are passed to every
+# training script as config overrides, e.g. `bash run_cpu.sh --train.num_iterations=50`.
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=$(bash scripts/ensure_env.sh)
 CONFIG=${CONFIG:-configs/cpu_tiny.toml}
 export JAX_PLATFORMS=${JAX_PLATFORMS:-cpu}
+CPU_TASKS="WorldFacts|WordProblems|SpellingBee"  # chat evals that need no download (the hub ones do)
 step() { echo; echo "=== $* ==="; }
 
 "$PY" scripts/report.py reset >/dev/null
-step "1/6 tokenizer: train on the embedded corpus"
+step "1/9 tokenizer: train on the embedded corpus"
 "$PY" scripts/tok_train.py --config "$CONFIG"
-step "2/6 tokenizer: compression"
+step "2/9 tokenizer: compression"
 "$PY" scripts/tok_eval.py --config "$CONFIG"
-step "3/6 base pretraining"
+step "3/9 base pretraining"
 "$PY" scripts/base_train.py --config "$CONFIG" "$@"
-step "4/6 base model: bits-per-byte and samples"
+step "4/9 base model: bits-per-byte and samples"
 "$PY" scripts/base_loss.py --config "$CONFIG" "$@"
-step "5/6 a completion from the base model through the engine"
-"$PY" scripts/chat_cli.py --source base -p "Once upon a time" -t 0
-step "6/6 report"
+step "5/9 mid-training on generated conversations, and its chat eval"
+"$PY" scripts/mid_train.py --config "$CONFIG" "$@"
+"$PY" scripts/chat_eval.py --config "$CONFIG" -i mid -a "$CPU_TASKS" -x 64
+step "6/9 supervised fine-tuning, and its chat eval"
+"$PY" scripts/chat_sft.py --config "$CONFIG" "$@"
+"$PY" scripts/chat_eval.py --config "$CONFIG" -i sft -a "$CPU_TASKS" -x 64
+step "7/9 reinforcement learning on word problems (calculator tool), and its chat eval"
+"$PY" scripts/chat_rl.py --config "$CONFIG" "$@"
+"$PY" scripts/chat_eval.py --config "$CONFIG" -i rl -a "$CPU_TASKS" -x 64
+step "8/9 chat with the RL model"
+"$PY" scripts/chat_cli.py --source rl -p "What is the capital of Gorsica?" -t 0
+"$PY" scripts/chat_cli.py --source rl -p "Ben has 3 baskets with 7 apples in each basket. How many apples is that in total?" -t 0
+step "9/9 report"
 "$PY" scripts/report.py generate
+echo
+echo "Chat in the browser: $PY scripts/chat_web.py --source rl   (or in the terminal: scripts/chat_cli.py)"

@@ -27,13 +27,17 @@ from nanochat_jax.core_eval import sum_over_processes, centered_accuracy
 BASELINES = {"ARC-Easy": 0.25, "ARC-Challenge": 0.25, "MMLU": 0.25, "GSM8K": 0.0, "HumanEval": 0.0,
              "SpellingBee": 0.0}
 CHAT_TASKS = tuple(BASELINES)  # evaluated by default; ChatCORE needs all of them
+GENERATED_TASKS = ("WorldFacts", "WordProblems")  # the corpus world's checkable tasks (the CPU pipeline's evals)
+KNOWN_TASKS = CHAT_TASKS + GENERATED_TASKS
 SPELLING_BEE_SIZE = 256
+GENERATED_SIZE = 256
 
 
 def load_task(name: str, data_dir: str | Path | None = None):
     """The test split of a chat task; from <data_dir>/<name>.jsonl (hub-format rows) when that file exists.
     Raises TaskDataError (one line) when the hub cannot be reached."""
     from nanochat_jax.tasks import ARC, GSM8K, MMLU, HumanEval, SpellingBee
+    from nanochat_jax.tasks.corpuschat import WordProblems, WorldFacts
 
     makers = {
         "ARC-Easy": partial(ARC, subset="ARC-Easy", split="test"),
@@ -42,10 +46,13 @@ def load_task(name: str, data_dir: str | Path | None = None):
         "GSM8K": partial(GSM8K, subset="main", split="test"),
         "HumanEval": HumanEval,
     }
-    if name == "SpellingBee":  # generated, needs no data
-        return SpellingBee(size=SPELLING_BEE_SIZE, split="test")
+    generated = {"SpellingBee": partial(SpellingBee, size=SPELLING_BEE_SIZE, split="test"),
+                 "WorldFacts": partial(WorldFacts, size=GENERATED_SIZE, split="test"),
+                 "WordProblems": partial(WordProblems, size=GENERATED_SIZE, split="test")}
+    if name in generated:  # needs no data
+        return generated[name]()
     if name not in makers:
-        raise ValueError(f"unknown chat task {name!r}; known: {', '.join(CHAT_TASKS)}")
+        raise ValueError(f"unknown chat task {name!r}; known: {', '.join(KNOWN_TASKS)}")
     local = Path(data_dir) / f"{name}.jsonl" if data_dir else None
     if local is not None and local.is_file():
         from nanochat_jax.tasks.base import read_jsonl

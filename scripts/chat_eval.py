@@ -15,8 +15,8 @@ import json
 import sys
 import time
 
-from nanochat_jax.chat_eval import (CHAT_TASKS, chatcore, load_task, make_answer_logits, run_categorical_eval,
-                                    run_generative_eval)
+from nanochat_jax.chat_eval import (CHAT_TASKS, KNOWN_TASKS, chatcore, load_task, make_answer_logits,
+                                    run_categorical_eval, run_generative_eval)
 from nanochat_jax.checkpoint import CheckpointError, load_model
 from nanochat_jax.common import artifacts_dir, init_distributed, is_main_process, print0
 from nanochat_jax.config import ConfigError, load_config, to_dict, to_toml
@@ -34,7 +34,8 @@ def parse_args(argv):
     """(checkpoint args, config overrides): alias flags become --eval.* overrides."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("-i", "--source", required=True, choices=["mid", "sft", "rl"])
-    p.add_argument("-a", "--task-name", help=f"tasks split by '|' (default: {'|'.join(CHAT_TASKS)})")
+    p.add_argument("-a", "--task-name", help=f"tasks split by '|' (default: {'|'.join(CHAT_TASKS)}; also "
+                                               f"{'|'.join(KNOWN_TASKS[len(CHAT_TASKS):])})")
     p.add_argument("-t", "--temperature")
     p.add_argument("-m", "--max-new-tokens")
     p.add_argument("-n", "--num-samples")
@@ -52,9 +53,9 @@ def parse_args(argv):
 
 def task_names(tasks: str) -> tuple[str, ...]:
     names = tuple(tasks.split("|"))
-    unknown = [n for n in names if n not in CHAT_TASKS]
+    unknown = [n for n in names if n not in KNOWN_TASKS]
     if unknown:
-        raise ConfigError(f"eval.tasks: unknown task(s) {', '.join(unknown)}; known: {', '.join(CHAT_TASKS)}")
+        raise ConfigError(f"eval.tasks: unknown task(s) {', '.join(unknown)}; known: {', '.join(KNOWN_TASKS)}")
     return names
 
 

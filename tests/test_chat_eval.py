@@ -140,6 +140,13 @@ def test_load_task(tmp_path):
     assert len(task) == 3 and task.eval_type == "categorical" and task.subset == "ARC-Challenge"
     bee = load_task("SpellingBee")
     assert len(bee) == 256 and bee.eval_type == "generative" and bee.split == "test"
+    for name in ("WorldFacts", "WordProblems"):  # the corpus world's tasks: generated, offline
+        task = load_task(name)
+        conv = task[0]
+        assert len(task) == 256 and task.eval_type == "generative"
+        answer = conv["messages"][-1]["content"]
+        text = answer if isinstance(answer, str) else "".join(p["text"] for p in answer)
+        assert task.evaluate(conv, text) == 1 and task.evaluate(conv, "no idea") == 0
     with pytest.raises(ValueError, match="unknown chat task 'Bogus'"):
         load_task("Bogus")
 
