@@ -35,10 +35,10 @@ def source_model_config(checkpoint_model: dict, run_model: ModelConfig) -> Model
 
 def load_source(stage: str, cfg: Config, mesh):
     """(params as a pure dict sharded on the mesh, tokenizer, model config, source meta) of a stage's latest
-    checkpoint at cfg.model.depth."""
+    checkpoint, in the most recently written depth directory (the architecture comes from the checkpoint)."""
     from nanochat_jax.checkpoint import load_model
 
-    model, tokenizer, meta = load_model(stage, depth=cfg.model.depth, mesh=mesh)
+    model, tokenizer, meta = load_model(stage, mesh=mesh)
     model_cfg = source_model_config(meta["model"], cfg.model)
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     print0(f"starting from the {stage} checkpoint, step {meta.get('step')} (depth {model_cfg.depth}, "
@@ -59,10 +59,11 @@ def stage_optim(optim: OptimConfig, init_lr_frac: float, **schedule) -> OptimCon
     return out
 
 
-def stage_meta(stage: str, step: int, cfg: Config, model_cfg: ModelConfig, **extra) -> dict:
-    """Checkpoint metadata: the same keys as base_train's (step, stage, config, model, tokenizer) plus extra."""
+def stage_meta(stage: str, step: int, cfg: Config, model_cfg: ModelConfig, source_meta: dict, **extra) -> dict:
+    """Checkpoint metadata: the same keys as base_train's (step, stage, config, model, tokenizer) plus extra.
+    The tokenizer is the source checkpoint's (an imported model brings its own)."""
     return {"step": step, "stage": stage, "config": to_dict(cfg), "model": to_dict(model_cfg),
-            "tokenizer": str(default_tokenizer_dir()), **extra}
+            "tokenizer": source_meta.get("tokenizer") or str(default_tokenizer_dir()), **extra}
 
 
 def chat_samples(graphdef, params, tokenizer, questions=SAMPLE_QUESTIONS, max_tokens: int = 64) -> list[str]:

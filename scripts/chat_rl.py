@@ -15,7 +15,6 @@ to <home>/report/rl_train.jsonl and a summary to <home>/report/rl_train.json.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import sys
 import time
@@ -24,11 +23,12 @@ import jax
 import numpy as np
 from flax import nnx
 
-from nanochat_jax.checkpoint import Checkpointer, CheckpointError, checkpoint_dir, load_model
+from nanochat_jax.checkpoint import Checkpointer, CheckpointError, checkpoint_dir
 from nanochat_jax.common import artifacts_dir, device_info, init_distributed, is_main_process, print0
-from nanochat_jax.config import Config, MeshConfig, load_config, model_config_from_dict, to_dict, to_toml
+from nanochat_jax.config import MeshConfig, load_config, to_toml
 from nanochat_jax.core_eval import sum_over_processes
 from nanochat_jax.engine import Engine, bucket
+from nanochat_jax.finetune import load_source, stage_meta, stage_optim
 from nanochat_jax.progress import StepLogger
 from nanochat_jax.rl import group_advantages, micro_batches, pass_at_k, pg_objective, rl_batch, rollout
 from nanochat_jax.sharding import make_mesh
@@ -50,13 +50,6 @@ def load_tasks(name: str):
     return GSM8K("main", "train"), GSM8K("main", "test")
 
 
-def rl_optim(cfg: Config):
-    """The [optim] settings with every learning rate times init_lr_frac and a linear decay to 0 over the run."""
-    o, f = cfg.optim, cfg.rl.init_lr_frac
-    return dataclasses.replace(o, embedding_lr=o.embedding_lr * f, unembedding_lr=o.unembedding_lr * f,
-                               matrix_lr=o.matrix_lr * f, warmup_ratio=0.0, warmdown_ratio=1.0, final_lr_frac=0.0)
-
-
 def seed_for(*parts: int) -> int:
     return int(np.random.SeedSequence(list(parts)).generate_state(1)[0]) & 0x3FFFFFFF
 
@@ -76,7 +69,7 @@ def main(argv: list[str] | None = None) -> dict:
     print0(to_toml(cfg))
     mesh = make_mesh(cfg.mesh)
     try:
-        model, tokenizer, meta = load_model(rl.source, mesh=mesh)
+        params, tokenizer, model_cfg, meta = load_source(rl.source, cfg, mesh)
         train_task, test_task = load_tasks(rl.task)
     except CheckpointError as e:
         print(f"chat_rl: {e}", file=sys.stderr)
@@ -84,7 +77,6 @@ def main(argv: list[str] | None = None) -> dict:
     except TaskDataError as e:
         print(f"chat_rl: {e} (--rl.task=cpu needs no download)", file=sys.stderr)
         raise SystemExit(1) from None
-    model_cfg = model_config_from_dict(meta["model"])
     nproc, pid = jax.process_count(), jax.process_index()
     if rl.examples_per_step % nproc:
         raise SystemExit(f"chat_rl: rl.examples_per_step={rl.examples_per_step} must be a multiple of the "
@@ -99,11 +91,12 @@ def main(argv: list[str] | None = None) -> dict:
     print0(f"{rl.examples_per_step} questions x {rl.num_samples} samples per step | {micro_steps} micro-batches "
            f"of {rows_local * nproc} rows | {num_iterations} steps")
 
-    params = nnx.to_pure_dict(nnx.split(model, nnx.Param)[1])
-    optim_cfg = rl_optim(cfg)
+    # nanochat's RL: [optim] learning rates x init_lr_frac, linear decay to 0, no Muon momentum warm-up
+    optim_cfg = stage_optim(cfg.optim, rl.init_lr_frac, warmup_ratio=0.0, warmdown_ratio=1.0, final_lr_frac=0.0,
+                            muon_momentum_start=cfg.optim.muon_momentum)
     graphdef, optimizer, state, shardings = init_train_state(model_cfg, optim_cfg, num_iterations, mesh,
                                                              cfg.train.seed, params=params)
-    del model, params
+    del params
     train_step = make_train_step(graphdef, optimizer, shardings, mesh, num_iterations, optim_cfg,
                                  objective=pg_objective)
     pad_id = tokenizer.encode_special("<|assistant_end|>")  # never a target: only fills rows
@@ -133,9 +126,7 @@ def main(argv: list[str] | None = None) -> dict:
     ckpt = Checkpointer(out_dir)
 
     def save(step: int) -> None:
-        ckpt.save(step, state.params, None, None, {
-            "step": step, "stage": "rl", "source": rl.source, "config": to_dict(cfg), "model": to_dict(model_cfg),
-            "tokenizer": meta.get("tokenizer")})
+        ckpt.save(step, state.params, None, None, stage_meta("rl", step, cfg, model_cfg, meta, source=rl.source))
 
     info = device_info()
     logger = StepLogger("rl", num_iterations)

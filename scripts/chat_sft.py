@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = load_config(argv)
     print0(to_toml(cfg))
     mesh = make_mesh(cfg.mesh)
-    params, tokenizer, model_cfg, _ = load_source(cfg.sft.source, cfg, mesh)
+    params, tokenizer, model_cfg, source_meta = load_source(cfg.sft.source, cfg, mesh)
     seq_len = model_cfg.sequence_len
     rows = cfg.sft.device_batch_size * mesh.shape["data"] * mesh.shape["fsdp"]
     if cfg.sft.target_examples_per_step % rows:
@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> dict:
                           f"step {step:5d} | " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
         if step > start and (last or (cfg.train.checkpoint_every > 0 and step % cfg.train.checkpoint_every == 0)):
             ckpt.save(step, state.params, state.opt_state, data_state,
-                      stage_meta("sft", step, cfg, model_cfg, val_loss=val_loss, **metrics))
+                      stage_meta("sft", step, cfg, model_cfg, source_meta, val_loss=val_loss, **metrics))
         if last:
             break
         supervised = count_targets(batch["targets"])

@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = load_config(argv)
     print0(to_toml(cfg))
     mesh = make_mesh(cfg.mesh)
-    params, tokenizer, model_cfg, _ = load_source(cfg.mid.source, cfg, mesh)
+    params, tokenizer, model_cfg, source_meta = load_source(cfg.mid.source, cfg, mesh)
     seq_len = model_cfg.sequence_len
     rows = cfg.mid.device_batch_size * mesh.shape["data"] * mesh.shape["fsdp"]
     if cfg.mid.total_batch_size % (rows * seq_len):
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> dict:
             progress.eval({"step": step, "val_bpb": val_bpb}, f"step {step:5d} | val bpb {val_bpb:.4f}")
         if step > start and (last or (cfg.train.checkpoint_every > 0 and step % cfg.train.checkpoint_every == 0)):
             ckpt.save(step, state.params, state.opt_state, data_state,
-                      stage_meta("mid", step, cfg, model_cfg, val_bpb=val_bpb))
+                      stage_meta("mid", step, cfg, model_cfg, source_meta, val_bpb=val_bpb))
         if last:
             break
         state, metrics = train_step(state, batch)
