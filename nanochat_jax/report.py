@@ -166,8 +166,17 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+# (title, file suffix, [(JSONL key, label)]): a plot is made when any record of the stage has its first key
+CURVES = (
+    ("training loss", "train_loss", [("loss", "loss"), ("loss_smooth", "loss (smoothed)")]),
+    ("validation bits per byte", "val_bpb", [("val_bpb", "val bpb")]),
+    ("validation loss", "val_loss", [("val_loss", "val loss")]),
+    ("mean reward", "reward", [("reward", "reward")]),
+)
+
+
 def plot_curves(directory: Path, stage: str) -> list[tuple[str, str]]:
-    """PNG plots of <stage>_train.jsonl (training loss; validation bpb); returns (title, file name) pairs."""
+    """PNG plots of <stage>_train.jsonl (the CURVES it has data for); returns (title, file name) pairs."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -175,14 +184,11 @@ def plot_curves(directory: Path, stage: str) -> list[tuple[str, str]]:
 
     records = read_jsonl(directory / f"{stage}_train.jsonl")
     made = []
-    train = [r for r in records if r.get("loss") is not None]
-    evals = [r for r in records if r.get("val_bpb") is not None]
-    for title, name, series in (
-            ("training loss", f"{stage}_train_loss.png", [("loss", "loss"), ("loss_smooth", "loss (smoothed)")]),
-            ("validation bits per byte", f"{stage}_val_bpb.png", [("val_bpb", "val bpb")])):
-        rows = train if name.endswith("loss.png") else evals
+    for title, suffix, series in CURVES:
+        rows = [r for r in records if r.get(series[0][0]) is not None]
         if not rows:
             continue
+        name = f"{stage}_{suffix}.png"
         fig, ax = plt.subplots(figsize=(7, 4))
         for key, label in series:
             points = [(r["step"], r[key]) for r in rows if r.get(key) is not None]

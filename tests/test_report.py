@@ -105,3 +105,16 @@ def test_script_generate_and_reset(filled, capsys):
     assert filled / "report.md" in removed and filled / "base_train.json" in removed
     assert f"removed {filled / 'base_eval.json'}" in out
     assert list(filled.iterdir()) == []
+
+
+def test_plot_curves_per_stage_metrics(tmp_path):
+    """SFT's val_loss and RL's reward get their own plots; a stage without such records gets none."""
+    from nanochat_jax.report import plot_curves
+
+    lines = [{"step": 1, "loss": 2.0, "loss_smooth": 2.0}, {"step": 2, "val_loss": 1.5}]
+    (tmp_path / "sft_train.jsonl").write_text("\n".join(json.dumps(r) for r in lines))
+    (tmp_path / "rl_train.jsonl").write_text(json.dumps({"step": 1, "loss": -0.1, "reward": 0.25}))
+    assert [name for _, name in plot_curves(tmp_path, "sft")] == ["sft_train_loss.png", "sft_val_loss.png"]
+    assert [name for _, name in plot_curves(tmp_path, "rl")] == ["rl_train_loss.png", "rl_reward.png"]
+    assert plot_curves(tmp_path, "mid") == []
+    assert (tmp_path / "rl_reward.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
