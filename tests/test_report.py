@@ -109,6 +109,8 @@ def test_script_generate_and_reset(filled, capsys):
 
 def test_plot_curves_per_stage_metrics(tmp_path):
     """SFT's val_loss and RL's reward get their own plots; a stage without such records gets none."""
+    import json
+
     from nanochat_jax.report import plot_curves
 
     lines = [{"step": 1, "loss": 2.0, "loss_smooth": 2.0}, {"step": 2, "val_loss": 1.5}]
