@@ -3,8 +3,7 @@
 # process drives all 8 GPUs (no torchrun; the mesh in the config spreads the batch over them).
 #   bash run_gpu.sh                    # the whole pipeline; extra args are overrides for the training
 #   screen -L -Logfile run_gpu.log -S speedrun bash run_gpu.sh   # it takes hours
-# Artifacts go to $NANOCHAT_JAX_HOME (default ~/.cache/nanochat_jax). Steps whose script does not exist
-# yet are skipped with a message.
+# Artifacts go to $NANOCHAT_JAX_HOME (default ~/.cache/nanochat_jax). RUN_RL=1 adds the optional RL stage.
 set -euo pipefail
 cd "$(dirname "$0")"
 CONFIG=${CONFIG:-configs/d20.toml}
@@ -29,11 +28,9 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 "$PY" -c "import jax; d = jax.devices(); print(f'{len(d)} x {d[0].device_kind}')"
 
 step() { echo; echo "=== $* ==="; }
-run() {  # run SCRIPT ARGS...: a pipeline step, skipped when the script does not exist yet
-  local script=$1; shift
-  if [ ! -f "$script" ]; then echo "skipping: $script does not exist yet"; return 0; fi
-  echo "+ $PY $script $*"
-  "$PY" "$script" "$@"
+run() {  # run SCRIPT ARGS...: a pipeline step, echoed first
+  echo "+ $PY $*"
+  "$PY" "$@"
 }
 
 step "report: reset"
@@ -61,10 +58,15 @@ run scripts/base_eval.py --config "$CONFIG" "$@"
 
 step "mid-training and its chat eval"
 run scripts/mid_train.py --config "$CONFIG" "$@"
-if [ -f scripts/mid_train.py ]; then run scripts/chat_eval.py -i mid --config "$CONFIG"; fi
+run scripts/chat_eval.py -i mid --config "$CONFIG"
 step "supervised fine-tuning and its chat eval"
 run scripts/chat_sft.py --config "$CONFIG" "$@"
-if [ -f scripts/chat_sft.py ]; then run scripts/chat_eval.py -i sft --config "$CONFIG"; fi
+run scripts/chat_eval.py -i sft --config "$CONFIG"
+if [ "${RUN_RL:-0}" = 1 ]; then  # optional, as in nanochat's speedrun: RUN_RL=1 bash run_gpu.sh
+  step "reinforcement learning on GSM8K and its eval"
+  run scripts/chat_rl.py --config "$CONFIG" "$@"
+  run scripts/chat_eval.py -i rl -a GSM8K --config "$CONFIG"
+fi
 
 step "report: generate"
 run scripts/report.py generate

@@ -21,11 +21,9 @@ export NANOCHAT_JAX_DISTRIBUTED=${NANOCHAT_JAX_DISTRIBUTED:-1}
 export JAX_PLATFORMS=${JAX_PLATFORMS:-tpu}
 
 step() { echo; echo "=== $* ==="; }
-run() {  # run SCRIPT ARGS...: a pipeline step, skipped when the script does not exist yet
-  local script=$1; shift
-  if [ ! -f "$script" ]; then echo "skipping: $script does not exist yet"; return 0; fi
-  echo "+ $PY $script $*"
-  "$PY" "$script" "$@"
+run() {  # run SCRIPT ARGS...: a pipeline step, echoed first
+  echo "+ $PY $*"
+  "$PY" "$@"
 }
 
 step "report: reset"
@@ -57,10 +55,15 @@ run scripts/base_eval.py --config "$CONFIG" "$@"
 
 step "mid-training and its chat eval"
 run scripts/mid_train.py --config "$CONFIG" "$@"
-if [ -f scripts/mid_train.py ]; then run scripts/chat_eval.py -i mid --config "$CONFIG"; fi
+run scripts/chat_eval.py -i mid --config "$CONFIG"
 step "supervised fine-tuning and its chat eval"
 run scripts/chat_sft.py --config "$CONFIG" "$@"
-if [ -f scripts/chat_sft.py ]; then run scripts/chat_eval.py -i sft --config "$CONFIG"; fi
+run scripts/chat_eval.py -i sft --config "$CONFIG"
+if [ "${RUN_RL:-0}" = 1 ]; then  # optional, as in nanochat's speedrun: RUN_RL=1 bash run_tpu.sh
+  step "reinforcement learning on GSM8K and its eval"
+  run scripts/chat_rl.py --config "$CONFIG" "$@"
+  run scripts/chat_eval.py -i rl -a GSM8K --config "$CONFIG"
+fi
 
 step "report: generate"
 run scripts/report.py generate
