@@ -85,7 +85,8 @@ def main(argv: list[str] | None = None) -> dict:
         restored = ckpt.restore(start, abstract.params, abstract.opt_state)
         state = TrainState(step=jax.device_put(jnp.asarray(start, jnp.int32), shardings.step),
                            params=restored["params"], opt_state=restored["opt_state"])
-        train_iter.set_state(restored["data"])
+        if restored["data"] is not None:  # None: written by another process count, the data order restarts
+            train_iter.set_state(restored["data"])
         print0(f"resumed from {out_dir}/{start}")
 
     def meta(step: int, **extra) -> dict:

@@ -85,3 +85,17 @@ def test_base_loss_reads_the_checkpoint(trained):
     assert result["val_bpb"] == pytest.approx(summary["val_bpb"], rel=1e-4)
     assert result["train_bpb"] < 2.0 and len(result["samples"]) == 4
     assert "val bpb" in out
+
+
+def test_resume_from_a_checkpoint_of_another_process_count(trained, tmp_path):
+    """A checkpoint written by 2 processes resumes on 1: weights and optimizer restored, the data order restarts."""
+    home = tmp_path / "home"
+    shutil.copytree(trained, home)
+    shutil.rmtree(home / "checkpoints" / "base" / "d2" / "60")
+    data_item = home / "checkpoints" / "base" / "d2" / "30" / "data" / "metadata"
+    state = json.loads(data_item.read_text())["states"][0]
+    data_item.write_text(json.dumps({"process_count": 2, "states": [state, state]}))
+    run("base_train.py", *TINY, "--train.num_iterations=32", "--train.eval_every=30",
+        "--train.checkpoint_every=30", "--train.resume=true", home=home)
+    lines = [json.loads(x) for x in (home / "report" / "base_train.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines if "loss" in r][-2:] == [31, 32]
