@@ -126,8 +126,10 @@ def lr_multiplier(step, num_iterations: int, cfg: OptimConfig) -> jax.Array:
 
 
 def muon_momentum(step, cfg: OptimConfig) -> jax.Array:
-    """Muon momentum: linear from muon_momentum_start to muon_momentum over the warm-up steps."""
-    frac = jnp.minimum(jnp.asarray(step, jnp.float32) / max(cfg.muon_momentum_warmup_steps, 1), 1.0)
+    """Muon momentum: linear from muon_momentum_start to muon_momentum over the warm-up steps (0: none)."""
+    warmup = cfg.muon_momentum_warmup_steps
+    step = jnp.asarray(step, jnp.float32)
+    frac = jnp.minimum(step / warmup, 1.0) if warmup > 0 else jnp.ones_like(step)
     return (1 - frac) * cfg.muon_momentum_start + frac * cfg.muon_momentum
 
 

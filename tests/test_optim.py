@@ -186,6 +186,12 @@ def test_muon_momentum_warmup():
     assert float(jax.jit(lambda s: muon_momentum(s, cfg))(75)) == pytest.approx(0.875, rel=1e-6)
 
 
+def test_muon_momentum_without_warmup_is_the_final_momentum_from_step_0():
+    cfg = OptimConfig(muon_momentum_warmup_steps=0)
+    for step in (0, 1, 300):
+        assert float(muon_momentum(step, cfg)) == pytest.approx(0.95, rel=1e-6), step
+
+
 def test_param_labels():
     labels = param_labels(toy_tree(0))
     assert labels["wte"]["embedding"] == "embedding"
