@@ -81,6 +81,9 @@ def main(argv: list[str] | None = None) -> dict:
         start = ckpt.latest_step()
         if start is None:
             raise SystemExit(f"--train.resume: no checkpoint in {out_dir}")
+        if start > num_iterations:
+            raise SystemExit(f"--train.resume: the latest checkpoint in {out_dir} is step {start}, past this run's "
+                             f"train.num_iterations={num_iterations}; raise it or start a new run")
         abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), state)
         restored = ckpt.restore(start, abstract.params, abstract.opt_state)
         state = TrainState(step=jax.device_put(jnp.asarray(start, jnp.int32), shardings.step),

@@ -99,3 +99,17 @@ def test_resume_from_a_checkpoint_of_another_process_count(trained, tmp_path):
         "--train.checkpoint_every=30", "--train.resume=true", home=home)
     lines = [json.loads(x) for x in (home / "report" / "base_train.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines if "loss" in r][-2:] == [31, 32]
+
+
+def test_resume_past_the_horizon_is_a_clear_error(trained, tmp_path):
+    """The latest checkpoint (60) is beyond --train.num_iterations=30: stop before touching the report."""
+    home = tmp_path / "home"
+    shutil.copytree(trained, home)
+    summary = (home / "report" / "base_train.json").read_text()
+    env = dict(os.environ, NANOCHAT_JAX_HOME=str(home), JAX_PLATFORMS="cpu",
+               XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "base_train.py"), *TINY, "--train.num_iterations=30",
+                           "--train.resume=true"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0
+    assert "step 60" in proc.stderr and "num_iterations=30" in proc.stderr, proc.stderr[-2000:]
+    assert (home / "report" / "base_train.json").read_text() == summary
