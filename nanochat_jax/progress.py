@@ -3,14 +3,17 @@
     logger = StepLogger("mid", total_steps=500, start_step=0, flops_per_token=f, peak_flops=peak, num_devices=8)
     record = logger.log(step + 1, loss, tokens, grad_norm=g, lr_multiplier=lrm)   # after an optimizer step
     logger.eval({"step": step, "val_bpb": v}, f"step {step} | val bpb {v:.4f}")   # an eval line
+    with logger.paused(): ...   # evals, samples, checkpoints: excluded from tokens/s and MFU
     logger.close()
 
-Records go to artifacts_dir("report")/<stage>_train.jsonl (truncated on a fresh start, appended on resume),
-which the report generator plots. Only process 0 writes anything.
+Records go to artifacts_dir("report")/<stage>_train.jsonl, which the report generator plots: truncated on a
+fresh start; on resume, the records of the steps being redone (training steps after start_step, evals from
+start_step on) are dropped and new ones appended, so every step appears once. Only process 0 writes anything.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
@@ -58,8 +61,10 @@ class StepLogger:
         self.flops, self.peak, self.num_devices = flops_per_token, peak_flops, num_devices
         self.enabled = is_main_process()
         self.path = Path(directory or artifacts_dir("report")) / f"{stage}_train.jsonl"
-        if self.enabled and not append:
-            self.path.write_text("")
+        if self.enabled:
+            kept = [r for r in self._records() if self._before_start(r)] if append else []
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        self.paused_s = 0.0
         self.loss_ema = EMA(ema_beta)
         self.clock = clock
         self.t_start = self.t_last = clock()
@@ -67,9 +72,33 @@ class StepLogger:
         self.bar = tqdm(total=total_steps, initial=start_step, disable=not self.enabled, dynamic_ncols=True,
                         mininterval=1.0 if tty else 30.0, desc=stage)
 
+    def _records(self) -> list[dict]:
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()] \
+            if self.path.is_file() else []
+
+    def _before_start(self, record: dict) -> bool:
+        """Kept on resume: training records up to start_step, eval records before it (the resumed run redoes it)."""
+        return record.get("step", 0) <= self.start if "loss" in record else record.get("step", 0) < self.start
+
     @property
     def elapsed(self) -> float:
         return self.clock() - self.t_start
+
+    @property
+    def train_seconds(self) -> float:
+        """Wall time minus the paused() time: what tokens/s and MFU are measured against."""
+        return self.elapsed - self.paused_s
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Work inside (evals, samples, checkpoint saves) does not count in the next step's tokens/s and MFU."""
+        t0 = self.clock()
+        try:
+            yield
+        finally:
+            dt = self.clock() - t0
+            self.t_last += dt
+            self.paused_s += dt
 
     def log(self, step: int, loss: float, tokens: int, **metrics) -> dict:
         """After optimizer step `step` (1-based count of steps done): `tokens` processed since the previous call.

@@ -19,6 +19,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
+from nanochat_jax.common import print0
 from nanochat_jax.config import ModelConfig, OptimConfig
 from nanochat_jax.model import init_model
 from nanochat_jax.optim import build_optimizer, lr_multiplier
@@ -64,6 +65,26 @@ def init_train_state(model_cfg: ModelConfig, optim_cfg: OptimConfig, num_iterati
         params = jax.device_put(params, shardings.params)
     state = jax.jit(create, out_shardings=shardings)(params)
     return graphdef, optimizer, state, shardings
+
+
+def resume_latest(ckpt, state: TrainState, shardings: TrainState, data_iter, num_iterations: int):
+    """Continue from the checkpointer's latest step: parameters and optimizer state restored into the shardings
+    of `state` (any mesh), the step counter, and the data iterator's position when the checkpoint has one for
+    this process (else its order restarts, as Checkpointer.restore warns). Returns (state, step)."""
+    step = ckpt.latest_step()
+    if step is None:
+        raise SystemExit(f"--train.resume: no checkpoint in {ckpt.directory}")
+    if step > num_iterations:
+        raise SystemExit(f"--train.resume: the latest checkpoint in {ckpt.directory} is step {step}, past this "
+                         f"run's num_iterations={num_iterations}; raise it or start a new run")
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), state)
+    restored = ckpt.restore(step, abstract.params, abstract.opt_state)
+    state = TrainState(step=jax.device_put(jnp.asarray(step, jnp.int32), shardings.step),
+                       params=restored["params"], opt_state=restored["opt_state"])
+    if restored["data"] is not None:
+        data_iter.set_state(restored["data"])
+    print0(f"resumed from {ckpt.directory}/{step}")
+    return state, step
 
 
 def microbatch_sharding(mesh: Mesh, ndim: int = 3):

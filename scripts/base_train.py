@@ -16,14 +16,15 @@ import jax.numpy as jnp
 from nanochat_jax.checkpoint import Checkpointer, checkpoint_dir
 from nanochat_jax.common import (artifacts_dir, device_info, init_distributed, is_main_process, peak_flops_per_device,
                                  print0)
-from nanochat_jax.config import Config, ConfigError, TrainConfig, load_config, to_dict, to_toml
+from nanochat_jax.config import Config, ConfigError, TrainConfig, load_config, to_toml
 from nanochat_jax.data import make_batch_iterator, make_source
 from nanochat_jax.evaluation import make_bpb_step, sample_texts, split_bpb
+from nanochat_jax.finetune import stage_meta
 from nanochat_jax.model import flops_per_token, num_params
 from nanochat_jax.progress import StepLogger, mfu
 from nanochat_jax.sharding import make_mesh
-from nanochat_jax.tokenizer import default_tokenizer_dir, load_tokenizer, token_bytes
-from nanochat_jax.train import TrainState, global_batch, init_train_state, make_train_step
+from nanochat_jax.tokenizer import load_tokenizer, token_bytes
+from nanochat_jax.train import global_batch, init_train_state, make_train_step, resume_latest
 
 def training_horizon(train: TrainConfig, n_params: int, flops: float) -> int:
     """Steps from an explicit count, a FLOPs budget, or a tokens:params ratio (in that order)."""
@@ -78,23 +79,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     start = 0
     if cfg.train.resume:
-        start = ckpt.latest_step()
-        if start is None:
-            raise SystemExit(f"--train.resume: no checkpoint in {out_dir}")
-        if start > num_iterations:
-            raise SystemExit(f"--train.resume: the latest checkpoint in {out_dir} is step {start}, past this run's "
-                             f"train.num_iterations={num_iterations}; raise it or start a new run")
-        abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), state)
-        restored = ckpt.restore(start, abstract.params, abstract.opt_state)
-        state = TrainState(step=jax.device_put(jnp.asarray(start, jnp.int32), shardings.step),
-                           params=restored["params"], opt_state=restored["opt_state"])
-        if restored["data"] is not None:  # None: written by another process count, the data order restarts
-            train_iter.set_state(restored["data"])
-        print0(f"resumed from {out_dir}/{start}")
-
-    def meta(step: int, **extra) -> dict:
-        return {"step": step, "stage": "base", "config": to_dict(cfg), "model": to_dict(cfg.model),
-                "tokenizer": str(default_tokenizer_dir()), **extra}
+        state, start = resume_latest(ckpt, state, shardings, train_iter, num_iterations)
 
     peak = peak_flops_per_device()
     val_bpb = None
@@ -105,15 +90,18 @@ def main(argv: list[str] | None = None) -> dict:
     tokens_since = 0
     for step in range(start, num_iterations + 1):
         last = step == num_iterations
-        if last or (cfg.train.eval_every > 0 and step % cfg.train.eval_every == 0):
-            val_bpb = split_bpb(cfg, tokenizer, bpb_step, state.params, tb, rows, mesh, "val")
-            progress.eval({"step": step, "val_bpb": val_bpb}, f"step {step:5d} | val bpb {val_bpb:.4f}")
-        if last or (cfg.train.sample_every > 0 and step % cfg.train.sample_every == 0 and step > 0):
-            for text in sample_texts(graphdef, state.params, tokenizer):
-                progress.write(f"  sample: {text!r}")
-        if (last and step > start) or (cfg.train.checkpoint_every > 0 and step % cfg.train.checkpoint_every == 0
-                                       and step > start):
-            ckpt.save(step, state.params, state.opt_state, data_state, meta(step, val_bpb=val_bpb))
+        with progress.paused():  # evals, samples and checkpoints do not count in tokens/s and MFU
+            if last or (cfg.train.eval_every > 0 and step % cfg.train.eval_every == 0):
+                val_bpb = split_bpb(cfg, tokenizer, bpb_step, state.params, tb, rows, mesh, "val")
+                progress.eval({"step": step, "val_bpb": val_bpb}, f"step {step:5d} | val bpb {val_bpb:.4f}")
+            if last or (cfg.train.sample_every > 0 and step % cfg.train.sample_every == 0 and step > 0):
+                samples = sample_texts(graphdef, state.params, tokenizer)
+                for text in samples:
+                    progress.write(f"  sample: {text!r}")
+            if (last and step > start) or (cfg.train.checkpoint_every > 0 and step % cfg.train.checkpoint_every == 0
+                                           and step > start):
+                ckpt.save(step, state.params, state.opt_state, data_state,
+                          stage_meta("base", step, cfg, cfg.model, {}, val_bpb=val_bpb))
         if last:
             break
 
@@ -130,11 +118,10 @@ def main(argv: list[str] | None = None) -> dict:
     ckpt.wait()
     ckpt.close()
     wall = progress.elapsed
-    samples = sample_texts(graphdef, state.params, tokenizer)
     summary = {
         "stage": "base", "run": cfg.run, "params": n_params, "flops_per_token": flops, "steps": num_iterations,
         "tokens": total_tokens, "total_flops": flops * total_tokens, "wall_time_s": wall,
-        "tokens_per_sec": (num_iterations - start) * cfg.train.total_batch_size / wall,
+        "tokens_per_sec": (num_iterations - start) * cfg.train.total_batch_size / progress.train_seconds,
         "val_bpb": val_bpb, "samples": samples, "device": info, "mesh": dict(mesh.shape),
         "checkpoint": str(out_dir / str(num_iterations)),
     }

@@ -134,7 +134,8 @@ def main(argv: list[str] | None = None) -> dict:
     t_start = time.perf_counter()
     for step in range(num_iterations):
         if rl.eval_every > 0 and step % rl.eval_every == 0:
-            evaluate(step)
+            with logger.paused():  # not counted in tokens/s
+                evaluate(step)
         t0 = time.perf_counter()
         first = step * rl.examples_per_step + pid
         indices = [(first + j * nproc) % len(train_task) for j in range(examples_local)]
@@ -155,7 +156,8 @@ def main(argv: list[str] | None = None) -> dict:
                    sampled_tokens=tokens, lr_multiplier=m["lr_multiplier"], grad_norm=m["grad_norm"],
                    rollout_s=t1 - t0, train_s=t2 - t1)
         if step + 1 == num_iterations or (rl.save_every > 0 and (step + 1) % rl.save_every == 0):
-            save(step + 1)
+            with logger.paused():
+                save(step + 1)
     evals = evaluate(num_iterations)
     logger.close()
     ckpt.close()

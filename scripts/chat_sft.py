@@ -29,7 +29,7 @@ from nanochat_jax.progress import StepLogger
 from nanochat_jax.sharding import make_mesh
 from nanochat_jax.tasks.base import TaskDataError
 from nanochat_jax.tasks.mixtures import cpu_eval_tasks, sft_mixture
-from nanochat_jax.train import TrainState, global_batch, init_train_state, make_train_step
+from nanochat_jax.train import global_batch, init_train_state, make_train_step, resume_latest
 
 CPU_METRIC_PROBLEMS = 32  # per task, cpu mixture
 CPU_METRIC_TOKENS = 96
@@ -104,16 +104,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     start = 0
     if cfg.train.resume:
-        start = ckpt.latest_step()
-        if start is None:
-            raise SystemExit(f"--train.resume: no checkpoint in {out_dir}")
-        abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), state)
-        restored = ckpt.restore(start, abstract.params, abstract.opt_state)
-        state = TrainState(step=jax.device_put(jnp.asarray(start, jnp.int32), shardings.step),
-                           params=restored["params"], opt_state=restored["opt_state"])
-        if restored["data"] is not None:
-            train_iter.set_state(restored["data"])
-        print0(f"resumed from {out_dir}/{start}")
+        state, start = resume_latest(ckpt, state, shardings, train_iter, num_iterations)
 
     val_loss, metrics = None, {}
     data_state = train_iter.get_state()
@@ -123,18 +114,19 @@ def main(argv: list[str] | None = None) -> dict:
     tokens_since = 0
     for step in range(start, num_iterations + 1):
         last = step == num_iterations
-        if last or (cfg.sft.eval_every > 0 and step % cfg.sft.eval_every == 0):
-            losses = [loss_step(state.params, b["inputs"][0], b["targets"][0]) for b in val_batches]
-            val_loss = float(jnp.mean(jnp.stack(losses)))
-            progress.eval({"step": step, "val_loss": val_loss}, f"step {step:5d} | val loss {val_loss:.4f}")
-        if last or (cfg.sft.eval_metrics_every > 0 and step > 0 and step % cfg.sft.eval_metrics_every == 0):
-            metrics = quick_metrics(cfg.sft.mixture, graphdef, state.params, tokenizer, mesh,
-                                    cfg.sft.device_batch_size * 2)
-            progress.eval({"step": step, **metrics},
-                          f"step {step:5d} | " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-        if step > start and (last or (cfg.train.checkpoint_every > 0 and step % cfg.train.checkpoint_every == 0)):
-            ckpt.save(step, state.params, state.opt_state, data_state,
-                      stage_meta("sft", step, cfg, model_cfg, source_meta, val_loss=val_loss, **metrics))
+        with progress.paused():  # evals, samples and checkpoints do not count in tokens/s and MFU
+            if last or (cfg.sft.eval_every > 0 and step % cfg.sft.eval_every == 0):
+                losses = [loss_step(state.params, b["inputs"][0], b["targets"][0]) for b in val_batches]
+                val_loss = float(jnp.mean(jnp.stack(losses)))
+                progress.eval({"step": step, "val_loss": val_loss}, f"step {step:5d} | val loss {val_loss:.4f}")
+            if last or (cfg.sft.eval_metrics_every > 0 and step > 0 and step % cfg.sft.eval_metrics_every == 0):
+                metrics = quick_metrics(cfg.sft.mixture, graphdef, state.params, tokenizer, mesh,
+                                        cfg.sft.device_batch_size * 2)
+                progress.eval({"step": step, **metrics},
+                              f"step {step:5d} | " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+            if step > start and (last or (cfg.train.checkpoint_every > 0 and step % cfg.train.checkpoint_every == 0)):
+                ckpt.save(step, state.params, state.opt_state, data_state,
+                          stage_meta("sft", step, cfg, model_cfg, source_meta, val_loss=val_loss, **metrics))
         if last:
             break
         supervised = count_targets(batch["targets"])

@@ -28,7 +28,7 @@ from nanochat_jax.progress import StepLogger, mfu
 from nanochat_jax.sharding import make_mesh
 from nanochat_jax.tasks.mixtures import mid_mixture
 from nanochat_jax.tokenizer import token_bytes
-from nanochat_jax.train import TrainState, global_batch, init_train_state, make_train_step
+from nanochat_jax.train import global_batch, init_train_state, make_train_step, resume_latest
 
 WARMDOWN_RATIO = 0.2  # nanochat mid: constant LR, then linear decay to 0 over the last 20% of progress
 
@@ -77,16 +77,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     start = 0
     if cfg.train.resume:
-        start = ckpt.latest_step()
-        if start is None:
-            raise SystemExit(f"--train.resume: no checkpoint in {out_dir}")
-        abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), state)
-        restored = ckpt.restore(start, abstract.params, abstract.opt_state)
-        state = TrainState(step=jax.device_put(jnp.asarray(start, jnp.int32), shardings.step),
-                           params=restored["params"], opt_state=restored["opt_state"])
-        if restored["data"] is not None:
-            train_iter.set_state(restored["data"])
-        print0(f"resumed from {out_dir}/{start}")
+        state, start = resume_latest(ckpt, state, shardings, train_iter, num_iterations)
 
     peak = peak_flops_per_device()
     val_bpb = None
@@ -97,12 +88,13 @@ def main(argv: list[str] | None = None) -> dict:
     tokens_since = 0
     for step in range(start, num_iterations + 1):
         last = step == num_iterations
-        if last or (cfg.mid.eval_every > 0 and step % cfg.mid.eval_every == 0):
-            val_bpb = evaluate_bpb(bpb_step, state.params, val_batches, tb)
-            progress.eval({"step": step, "val_bpb": val_bpb}, f"step {step:5d} | val bpb {val_bpb:.4f}")
-        if step > start and (last or (cfg.train.checkpoint_every > 0 and step % cfg.train.checkpoint_every == 0)):
-            ckpt.save(step, state.params, state.opt_state, data_state,
-                      stage_meta("mid", step, cfg, model_cfg, source_meta, val_bpb=val_bpb))
+        with progress.paused():  # evals, samples and checkpoints do not count in tokens/s and MFU
+            if last or (cfg.mid.eval_every > 0 and step % cfg.mid.eval_every == 0):
+                val_bpb = evaluate_bpb(bpb_step, state.params, val_batches, tb)
+                progress.eval({"step": step, "val_bpb": val_bpb}, f"step {step:5d} | val bpb {val_bpb:.4f}")
+            if step > start and (last or (cfg.train.checkpoint_every > 0 and step % cfg.train.checkpoint_every == 0)):
+                ckpt.save(step, state.params, state.opt_state, data_state,
+                          stage_meta("mid", step, cfg, model_cfg, source_meta, val_bpb=val_bpb))
         if last:
             break
         state, metrics = train_step(state, batch)

@@ -48,10 +48,30 @@ def test_records_rates_and_resume(tmp_path):
     lines = [json.loads(x) for x in (tmp_path / "sft_train.jsonl").read_text().splitlines()]
     assert lines == [json.loads(json.dumps(r1)), json.loads(json.dumps(r2)), {"step": 2, "val_loss": 1.5}]
 
+    # resuming from the step-2 checkpoint: the eval at step 2 is redone by the resumed run, so it is dropped
     resumed = StepLogger("sft", total_steps=4, start_step=2, append=True, directory=tmp_path, clock=clock)
     assert resumed.log(3, 2.0, 10)["mfu"] is None  # no FLOPs or peak given
     resumed.close()
-    assert [json.loads(x)["step"] for x in (tmp_path / "sft_train.jsonl").read_text().splitlines()] == [1, 2, 2, 3]
+    records = [json.loads(x) for x in (tmp_path / "sft_train.jsonl").read_text().splitlines()]
+    assert [(r["step"], "loss" in r) for r in records] == [(1, True), (2, True), (3, True)]
+
+    # resuming from an earlier checkpoint (step 1) drops the records of the steps that will be redone
+    StepLogger("sft", total_steps=4, start_step=1, append=True, directory=tmp_path, clock=clock).close()
+    assert [json.loads(x)["step"] for x in (tmp_path / "sft_train.jsonl").read_text().splitlines()] == [1]
 
     StepLogger("sft", total_steps=4, directory=tmp_path).close()  # a fresh start truncates
     assert (tmp_path / "sft_train.jsonl").read_text() == ""
+
+
+def test_paused_time_is_not_counted_in_rates(tmp_path):
+    clock = FakeClock()
+    log = StepLogger("base", total_steps=2, directory=tmp_path, clock=clock)
+    clock.t += 1.0
+    log.log(1, 1.0, 100)
+    with log.paused():  # e.g. a validation pass
+        clock.t += 5.0
+    clock.t += 1.0
+    record = log.log(2, 1.0, 100)
+    log.close()
+    assert record["tokens_per_sec"] == pytest.approx(100.0) and record["elapsed_s"] == pytest.approx(7.0)
+    assert log.train_seconds == pytest.approx(2.0) and log.paused_s == pytest.approx(5.0)
