@@ -37,6 +37,7 @@ import glob
 import json
 import os
 import sys
+import socket
 import threading
 import urllib.error
 import urllib.parse
@@ -86,8 +87,8 @@ def _check_parquet(path: Path) -> None:
 
 def _download_one(name: str, data_dir: Path, base_url: str, attempts: int, backoff: float,
                   stop: threading.Event, progress) -> Path:
-    """Fetch one file into data_dir with resume (HTTP Range on NAME.part), retries and atomic rename."""
-    path, part = data_dir / name, data_dir / (name + ".part")
+    """Fetch one file into data_dir with resume (HTTP Range on its part file), retries and atomic rename."""
+    path, part = data_dir / name, part_path(data_dir, name)
     url = f"{base_url}/{name}"
     for attempt in range(1, attempts + 1):
         if stop.is_set():
@@ -121,6 +122,12 @@ def _download_one(name: str, data_dir: Path, base_url: str, attempts: int, backo
     host = urllib.parse.urlsplit(base_url).netloc
     raise DataError(f"cannot reach {host} to download FineWeb-EDU {name}: {reason}; download shards elsewhere "
                     f"and put them in {data_dir}, or use data.source=embedded")
+
+
+def part_path(data_dir: Path, name: str) -> Path:
+    """Where an unfinished download of `name` grows: one per host, so hosts sharing a filesystem (a TPU pod's
+    workers, each running the download) never write into the same file; the finished file is renamed in."""
+    return data_dir / f"{name}.{socket.gethostname()}.part"
 
 
 def download_shards(num_shards: int, workers: int = 4, data_dir: str | Path | None = None, *,
@@ -358,8 +365,7 @@ def make_source(cfg, split: str):
         return EmbeddedSource(split)
     if cfg.source == "fineweb":
         data_dir = fineweb_dir()
-        download_shards(cfg.num_shards, cfg.download_workers, data_dir)
-        files = sorted(data_dir.glob("shard_*.parquet"))
+        files = download_shards(cfg.num_shards, cfg.download_workers, data_dir)  # exactly these, present ones kept
         return FileSource(_split_files(files, split, str(data_dir)), cfg.text_column, cfg.skip_bad_shards)
     if cfg.source == "files":
         files = _list_files(cfg.path)

@@ -10,6 +10,7 @@ run on any mesh. No other module writes PartitionSpecs by hand.
 from __future__ import annotations
 
 import math
+import sys
 
 import jax
 import numpy as np
@@ -54,7 +55,9 @@ def make_mesh(cfg: MeshConfig, devices=None) -> Mesh:
         from jax.experimental import mesh_utils
 
         grid = mesh_utils.create_device_mesh(shape, devices=devices)
-    except Exception:  # unusual device sets (e.g. a subset of CPU devices): plain row-major order
+    except Exception as e:  # unusual device sets: plain row-major order, said out loud
+        print(f"make_mesh: no topology-aware layout for {shape} ({type(e).__name__}: {e}); using device order",
+              file=sys.stderr)
         grid = np.array(devices).reshape(shape)
     return Mesh(grid, MESH_AXES)
 
@@ -108,8 +111,9 @@ def param_shardings(state, mesh: Mesh) -> dict:
 def like_params(tree, params_shardings, mesh: Mesh):
     """Shardings for a pytree of arrays derived from parameters (e.g. optimizer moments).
 
-    A leaf whose key path ends with a parameter's path and has that parameter's shape gets the parameter's
-    sharding; every other leaf (step counters, scalars) is replicated.
+    A leaf whose key path ends with a parameter's path gets the parameter's sharding (the optimizers here keep
+    such leaves in the parameter's shape: momentum buffers, Adam moments); every other leaf (step counters,
+    scalars) is replicated.
     """
     by_path = {tuple(path): s for path, s in jax.tree_util.tree_leaves_with_path(params_shardings)}
 

@@ -198,7 +198,10 @@ def test_corrupt_shard_error_or_skip(tmp_path, home, capsys):
     cfg.skip_bad_shards = True
     src = data.make_source(cfg, "train")
     assert "skipping unreadable data file" in capsys.readouterr().err
-    assert src.read(0, len(src)) == [f"s{i}-{k}" for i in (0, 2) for k in range(4)]
+    # num_shards=3 means shards 0 and 1 (train) plus the last one (val): shard 2 on disk is not used
+    assert src.read(0, len(src)) == [f"s0-{k}" for k in range(4)]
+    cfg.num_shards = 4
+    assert data.make_source(cfg, "train").read(0, 8) == [f"s{i}-{k}" for i in (0, 2) for k in range(4)]
     assert data.make_source(cfg, "val").read(0, 1) == ["val"]
 
 
@@ -251,7 +254,7 @@ def test_download_resume_retry_and_layout(server, tmp_path):
     names = [data.shard_name(0), data.shard_name(1), data.shard_name(data.MAX_SHARD)]
     for k, name in enumerate(names):
         files[name] = parquet_bytes([f"doc {k} {j}" for j in range(50)])
-    (tmp_path / (names[1] + ".part")).write_bytes(files[names[1]][:100])  # an interrupted download
+    data.part_path(tmp_path, names[1]).write_bytes(files[names[1]][:100])  # an interrupted download
     fail[names[2]] = 2  # two server errors, then success
     paths = data.download_shards(3, 2, tmp_path, base_url=url, backoff=0.01)
     assert paths == [tmp_path / n for n in names]
