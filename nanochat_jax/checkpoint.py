@@ -103,6 +103,9 @@ class Checkpointer:
         items = dict(params=ocp.args.StandardRestore(abstract_params), data=ocp.args.JsonRestore(),
                      meta=ocp.args.JsonRestore())
         if abstract_opt_state is not None:
+            if not (self._check_step(step) / "opt_state").exists():
+                raise CheckpointError(f"checkpoint {self.directory / str(step)} has no optimizer state (imported, or "
+                                      "written by RL): it loads as a model but cannot resume training")
             items["opt_state"] = ocp.args.StandardRestore(abstract_opt_state)
         restored = self._restore(step, **items)
         data = restored["data"]
