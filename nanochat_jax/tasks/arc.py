@@ -13,6 +13,8 @@ SPLITS = ("train", "validation", "test")
 
 
 class ARC(Task):
+    eval_type = "categorical"
+
     def __init__(self, subset: str, split: str, data: list[dict] | None = None, **kwargs):
         """`data`: rows in the hub format to use instead of the hub (kept in the given order)."""
         super().__init__(**kwargs)
@@ -22,13 +24,6 @@ class ARC(Task):
             raise ValueError(f"ARC split must be one of {SPLITS}, got {split!r}")
         self.subset, self.split = subset, split
         self.rows = data if data is not None else load_hub_rows("allenai/ai2_arc", subset, split)
-
-    @property
-    def eval_type(self) -> str:
-        return "categorical"
-
-    def num_examples(self) -> int:
-        return len(self.rows)
 
     def get_example(self, index: int) -> dict:
         row = self.rows[index]

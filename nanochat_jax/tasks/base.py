@@ -32,13 +32,13 @@ class Task:
             raise ValueError(f"step must be >= 1, got {step}")
         self.start, self.stop, self.step = start, stop, step
 
-    @property
-    def eval_type(self) -> str:
-        """'categorical' (score from the logits of conversation['letters']) or 'generative' (sample, then evaluate)."""
-        raise NotImplementedError(f"{type(self).__name__} has no eval_type")
+    # 'categorical' (score from the logits of conversation['letters']) or 'generative' (sample, then evaluate);
+    # every concrete task sets it as a class attribute
+    eval_type: str
 
     def num_examples(self) -> int:
-        raise NotImplementedError
+        """Tasks over hub rows keep them in self.rows; generated tasks override this."""
+        return len(self.rows)
 
     def get_example(self, index: int) -> dict:
         raise NotImplementedError

@@ -42,6 +42,7 @@ def _cap(s: str) -> str:
 class _Generated(Task):
     """A generated task of `size` examples; subclasses implement make(rng) -> conversation."""
 
+    eval_type = "generative"
     name = ""
 
     def __init__(self, size: int = 1000, split: str = "train", **kwargs):
@@ -126,10 +127,6 @@ class WorldFacts(_Generated):
 
     name = "facts"
 
-    @property
-    def eval_type(self) -> str:
-        return "generative"
-
     def make(self, rng: random.Random) -> dict:
         subject, (question, answer, key) = rng.choice(FACT_KINDS)(rng)
         if rng.random() < 0.2:
@@ -186,10 +183,6 @@ class WordProblems(_Generated):
     """Arithmetic stories answered with a calculator call: text, python, python_output, text ending '#### n'."""
 
     name = "arithmetic"
-
-    @property
-    def eval_type(self) -> str:
-        return "generative"
 
     def make(self, rng: random.Random) -> dict:
         question, lead, expression, closing, n = _problem(rng)

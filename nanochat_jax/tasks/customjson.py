@@ -15,6 +15,8 @@ from nanochat_jax.tasks.smoltalk import check_chat
 
 
 class CustomJSON(Task):
+    eval_type = "generative"
+
     def __init__(self, filepath: str | Path, **kwargs):
         super().__init__(**kwargs)
         self.filepath = Path(filepath)
@@ -23,10 +25,6 @@ class CustomJSON(Task):
             messages = row.get("messages") if isinstance(row, dict) else row
             check_chat(messages, f"{self.filepath}:{lineno}")
             self.conversations.append(messages)
-
-    @property
-    def eval_type(self) -> str:
-        return "generative"
 
     def num_examples(self) -> int:
         return len(self.conversations)

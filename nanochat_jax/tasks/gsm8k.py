@@ -47,6 +47,8 @@ def evaluate_final_number(conversation: dict, completion: str) -> int:
 
 
 class GSM8K(Task):
+    eval_type = "generative"
+
     def __init__(self, subset: str, split: str, data: list[dict] | None = None, **kwargs):
         """`data`: rows in the hub format to use instead of the hub (kept in the given order)."""
         super().__init__(**kwargs)
@@ -56,13 +58,6 @@ class GSM8K(Task):
             raise ValueError(f"GSM8K split must be one of {SPLITS}, got {split!r}")
         self.subset, self.split = subset, split
         self.rows = data if data is not None else load_hub_rows("openai/gsm8k", subset, split)
-
-    @property
-    def eval_type(self) -> str:
-        return "generative"
-
-    def num_examples(self) -> int:
-        return len(self.rows)
 
     def get_example(self, index: int) -> dict:
         row = self.rows[index]

@@ -42,18 +42,13 @@ def build_program(conversation: dict, completion: str) -> str:
 
 
 class HumanEval(Task):
+    eval_type = "generative"
+
     def __init__(self, data: list[dict] | None = None, timeout: float = 5.0, **kwargs):
         """`data`: rows in the hub format to use instead of the hub; `timeout`: seconds per test program."""
         super().__init__(**kwargs)
         self.timeout = timeout
         self.rows = data if data is not None else load_hub_rows("openai/openai_humaneval", None, "test")
-
-    @property
-    def eval_type(self) -> str:
-        return "generative"
-
-    def num_examples(self) -> int:
-        return len(self.rows)
 
     def get_example(self, index: int) -> dict:
         row = self.rows[index]

@@ -14,6 +14,8 @@ LETTERS = ("A", "B", "C", "D")
 
 
 class MMLU(Task):
+    eval_type = "categorical"
+
     letters = LETTERS
 
     def __init__(self, subset: str, split: str, data: list[dict] | None = None, **kwargs):
@@ -25,13 +27,6 @@ class MMLU(Task):
             raise ValueError(f"MMLU split must be one of {SPLITS}, got {split!r}")
         self.subset, self.split = subset, split
         self.rows = data if data is not None else load_hub_rows("cais/mmlu", subset, split)
-
-    @property
-    def eval_type(self) -> str:
-        return "categorical"
-
-    def num_examples(self) -> int:
-        return len(self.rows)
 
     def get_example(self, index: int) -> dict:
         row = self.rows[index]

@@ -30,6 +30,8 @@ def check_chat(messages, where: str) -> None:
 
 
 class SmolTalk(Task):
+    eval_type = "generative"
+
     def __init__(self, split: str, data: list[dict] | None = None, **kwargs):
         """`data`: rows in the hub format to use instead of the hub (kept in the given order)."""
         super().__init__(**kwargs)
@@ -37,13 +39,6 @@ class SmolTalk(Task):
             raise ValueError(f"SmolTalk split must be one of {SPLITS}, got {split!r}")
         self.split = split
         self.rows = data if data is not None else load_hub_rows("HuggingFaceTB/smol-smoltalk", None, split)
-
-    @property
-    def eval_type(self) -> str:
-        return "generative"
-
-    def num_examples(self) -> int:
-        return len(self.rows)
 
     def get_example(self, index: int) -> dict:
         messages = self.rows[index]["messages"]

@@ -84,15 +84,13 @@ def spell(word: str) -> str:
 
 
 class SpellingBee(Task):
+    eval_type = "generative"
+
     def __init__(self, size: int = 1000, split: str = "train", words=WORDS, **kwargs):
         super().__init__(**kwargs)
         if split not in SPLITS:
             raise ValueError(f"SpellingBee split must be one of {SPLITS}, got {split!r}")
         self.size, self.split, self.words = size, split, _check_words(words)
-
-    @property
-    def eval_type(self) -> str:
-        return "generative"
 
     def num_examples(self) -> int:
         return self.size
@@ -140,6 +138,8 @@ def counting_parts(word: str, letter: str) -> list[dict]:
 
 
 class SimpleSpelling(Task):
+    eval_type = "generative"
+
     def __init__(self, size: int = 1000, split: str = "train", words=WORDS, **kwargs):
         super().__init__(**kwargs)
         if split not in SPLITS:
@@ -147,10 +147,6 @@ class SimpleSpelling(Task):
         self.size, self.split = size, split
         self.words = list(_check_words(words))
         random.Random(42).shuffle(self.words)  # a different word order from SpellingBee's
-
-    @property
-    def eval_type(self) -> str:
-        return "generative"
 
     def num_examples(self) -> int:
         return self.size
