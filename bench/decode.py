@@ -6,8 +6,8 @@ memory-bandwidth bound for decoding.
 Synthetic prompts, a freshly initialised model (its zero lm_head makes greedy decoding emit token 0
 forever, so no row stops early). Prefill is timed on the engine's jitted prefill; decode is the
 end-to-end `generate_batch` time minus prefill, divided into batch * max_tokens tokens.
-Bandwidth bound: every decode step reads all weights once (fp32 parameters, cast in the forward; the
-embedding table only gathers rows) and the whole preallocated KV cache (the attention is masked, not
+Bandwidth bound: every decode step reads all weights once (in the compute dtype: the engine casts the
+parameters once; the embedding table only gathers rows) and the whole preallocated KV cache (the attention is masked, not
 shortened), so tokens/s <= batch * bandwidth / (weight bytes + cache bytes).
 """
 
@@ -40,7 +40,7 @@ class _NoSpecialsTokenizer:
 
 def bandwidth_bound(cfg: ModelConfig, batch: int, max_len: int, bandwidth_gbs: float) -> float:
     """Decode tokens/s if every step only had to stream the weights and the KV cache from memory."""
-    param_bytes = jnp.dtype(cfg.param_dtype).itemsize
+    param_bytes = min(jnp.dtype(cfg.param_dtype).itemsize, jnp.dtype(cfg.compute_dtype).itemsize)  # engine casts
     weight_bytes = (num_params(cfg) - cfg.vocab_size * cfg.n_embd) * param_bytes  # embedding: gathered rows only
     cache_bytes = 2 * cfg.n_layer * batch * max_len * cfg.n_kv_heads * head_dim(cfg) * jnp.dtype(cfg.compute_dtype).itemsize
     return batch * bandwidth_gbs * 1e9 / (weight_bytes + cache_bytes)

@@ -44,6 +44,12 @@ def parse_args(argv):
     parser.add_argument("--matmul-size", type=int, default=0, help="peak matmul size (default 8192, CPU 1024)")
     parser.add_argument("--xla-dump", default="", help="directory for XLA dumps and the optimized HLO")
     parser.add_argument("--compile-only", action="store_true", help="stop after compiling (HLO and memory only)")
+    parser.add_argument("--breakdown", action="store_true", help="also time the forward pass and forward+backward "
+                        "alone (same batch, jitted separately); the rest of the step is the optimizer")
+    parser.add_argument("--profile", default="", help="trace 3 steps with jax.profiler into this directory and "
+                        "print where the device time goes (top kernels, by kind, busy fraction)")
+    parser.add_argument("--nanochat-dir", default="", help="also time karpathy/nanochat's torch step from this "
+                        "checkout (bench/nanochat_torch.py, same shapes) and print the tokens/s ratio")
     return parser.parse_known_args(argv)  # the rest are config overrides: --config FILE --section.key=value
 
 
@@ -165,8 +171,9 @@ def main(argv=None) -> dict:
     dtype = jnp.dtype(cfg.model.compute_dtype)
     sh = NamedSharding(mesh, PartitionSpec(mesh.axis_names))
     mm = jax.jit(lambda a, b: jnp.einsum("dij,djk->dik", a, b), out_shardings=sh)
-    a = jax.device_put(jnp.ones((n_dev, size, size), dtype), sh)
-    b = jax.device_put(jnp.full((n_dev, size, size), 0.5, dtype), sh)
+    ka, kb = jax.random.split(jax.random.key(0))  # random data: zeros or constants run faster than real values
+    a = jax.device_put(jax.random.normal(ka, (n_dev, size, size), dtype), sh)
+    b = jax.device_put(jax.random.normal(kb, (n_dev, size, size), dtype), sh)
     mm(a, b).block_until_ready()
     mm_times = []
     for _ in range(5):
@@ -194,13 +201,143 @@ def main(argv=None) -> dict:
     }
     if hlo is not None:
         result["hlo"] = hlo_summary(hlo, V)
+    if args.profile:
+        result["profile"] = profile_steps(args.profile, compiled, state, batch)
+        state = result["profile"].pop("state")
+    if args.breakdown:
+        result["breakdown"] = breakdown(args, graphdef, state, shardings, mesh, batch, step_s)
     ds = f"{100 * result['mfu_datasheet']:.1f}%" if peak_datasheet else "n/a"
     print(f"{cfg.run} d{cfg.model.depth} ({result['params'] / 1e6:.1f}M params) on {n_dev} x {info['device_kind']} "
           f"mesh {dict(mesh.shape)} | batch {A}x{rows}x{T} {cfg.model.compute_dtype} | compile {compile_s:.1f}s | "
           f"step {1e3 * step_s:.1f} ms | {tok_s:,.0f} tok/s | MFU {100 * result['mfu_measured']:.1f}% of measured "
           f"{peak_measured / 1e12:.2f} TFLOP/s ({size}^3 {dtype}) | {ds} of datasheet")
     print("JSON " + json.dumps(result))
+    if args.nanochat_dir:
+        result["nanochat"] = compare_nanochat(args, cfg, rows, result)
     return result
+
+
+KERNEL_KINDS = (  # (kind, substrings of a lower-cased kernel / op name), first match wins
+    ("attention", ("cudnn", "flash", "fmha", "attention")),
+    ("matmul", ("gemm", "cutlass", "xmma", "nvjet", "cublas", "dot", "matmul", "ynn_fusion")),
+    ("collective", ("nccl", "all-gather", "all-reduce", "reduce-scatter", "all_gather", "all_reduce")),
+    ("copy", ("memcpy", "memset", "copy", "transpose")),
+    ("fusion", ("fusion", "loop_", "input_", "reduce", "convert", "scatter", "gather")),
+)
+
+
+def kernel_kind(name: str) -> str:
+    low = name.lower()
+    return next((kind for kind, keys in KERNEL_KINDS if any(k in low for k in keys)), "other")
+
+
+def trace_summary(trace_file: str | Path, steps: int, top: int = 15) -> dict:
+    """Device time by kernel from a perfetto trace (`jax.profiler.trace(..., create_perfetto_trace=True)`).
+
+    Counts complete events ('X') on device processes ('/device:...'); with none (the CPU backend), the XLA
+    compute threads of the host ('tf_XLA...' threads). busy = summed kernel time / traced wall span."""
+    import gzip
+    with gzip.open(trace_file, "rt") as f:
+        data = json.load(f)
+    events = data["traceEvents"] if isinstance(data, dict) else data
+    procs = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
+    threads = {(e["pid"], e["tid"]): e["args"]["name"] for e in events
+               if e.get("ph") == "M" and e.get("name") == "thread_name"}
+    complete = [e for e in events if e.get("ph") == "X" and "dur" in e]
+    device = [e for e in complete if procs.get(e["pid"], "").startswith("/device:")]
+    if not device:  # CPU backend: XLA runs its thunks on the host's tf_XLA* threads
+        device = [e for e in complete if threads.get((e["pid"], e["tid"]), "").startswith("tf_XLA")
+                  and not e["name"].startswith(("ThreadpoolListener", "SlinkyThreadPool", "ThunkExecutor"))]
+    by_name, by_kind = {}, {}
+    for e in device:
+        by_name[e["name"]] = by_name.get(e["name"], 0.0) + e["dur"]
+        kind = kernel_kind(e["name"])
+        by_kind[kind] = by_kind.get(kind, 0.0) + e["dur"]
+    total_us = sum(by_name.values())
+    span_us = (max(e["ts"] + e["dur"] for e in device) - min(e["ts"] for e in device)) if device else 0.0
+    ms_per_step = lambda us: us / 1e3 / steps  # noqa: E731
+    return {"steps": steps, "kernel_ms_per_step": ms_per_step(total_us), "span_ms_per_step": ms_per_step(span_us),
+            "busy": total_us / span_us if span_us else 0.0,
+            "by_kind_ms_per_step": {k: ms_per_step(v) for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])},
+            "top_kernels": [(name[:120], ms_per_step(us)) for name, us in
+                            sorted(by_name.items(), key=lambda kv: -kv[1])[:top]]}
+
+
+def profile_steps(directory: str, compiled, state, batch, steps: int = 3) -> dict:
+    """Traces `steps` train steps and summarises the trace; returns the summary plus the final state."""
+    import jax
+    with jax.profiler.trace(directory, create_perfetto_trace=True):
+        for _ in range(steps):
+            state, metrics = compiled(state, batch)
+        jax.block_until_ready(metrics)
+    trace_file = max(Path(directory).rglob("*.trace.json.gz"), key=lambda p: p.stat().st_mtime)
+    summary = trace_summary(trace_file, steps)
+    print(f"profile ({trace_file}): kernels {summary['kernel_ms_per_step']:.1f} ms/step over a span of "
+          f"{summary['span_ms_per_step']:.1f} ms/step (busy {100 * summary['busy']:.0f}%)")
+    print("  by kind (ms/step): " + ", ".join(f"{k} {v:.1f}" for k, v in summary["by_kind_ms_per_step"].items()))
+    for name, ms in summary["top_kernels"]:
+        print(f"  {ms:8.2f} ms  {name}")
+    return {**summary, "state": state}
+
+
+def _median_seconds(fn, args, repeat: int, warmup: int) -> float:
+    import jax
+    times = []
+    for i in range(warmup + repeat):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def breakdown(args, graphdef, state, shardings, mesh, batch, step_s: float) -> dict:
+    """Median seconds of the loss forward alone and of forward+backward alone (the train step's own loss,
+    shardings and micro-step scan, minus the optimizer); optimizer = step - forward+backward."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from nanochat_jax.train import lm_loss, microbatch_sharding
+
+    def forward(params, batch):
+        return jnp.mean(jax.lax.map(lambda micro: lm_loss(nnx.merge(graphdef, params), micro), batch))
+
+    def forward_backward(params, batch):
+        def one(grads, micro):
+            loss, g = jax.value_and_grad(lambda p: lm_loss(nnx.merge(graphdef, p), micro))(params)
+            return jax.tree.map(jnp.add, grads, g), loss
+        return jax.lax.scan(one, jax.tree.map(jnp.zeros_like, params), batch)
+
+    in_sh = (shardings.params, microbatch_sharding(mesh))
+    out = {}
+    with jax.set_mesh(mesh):
+        for name, fn in (("forward", forward), ("forward_backward", forward_backward)):
+            jitted = jax.jit(fn, in_shardings=in_sh).lower(state.params, batch).compile()
+            out[f"{name}_s"] = _median_seconds(jitted, (state.params, batch), args.steps, args.warmup)
+    out["optimizer_s"] = step_s - out["forward_backward_s"]
+    print(f"breakdown: forward {1e3 * out['forward_s']:.1f} ms | forward+backward {1e3 * out['forward_backward_s']:.1f} ms"
+          f" | optimizer (step - fwd+bwd) {1e3 * out['optimizer_s']:.1f} ms | step {1e3 * step_s:.1f} ms")
+    return out
+
+
+def compare_nanochat(args, cfg, rows: int, ours: dict) -> dict:
+    """Runs bench/nanochat_torch.py in a fresh process (after ours, so the two never share the GPU's memory)
+    on the same shapes and prints our tokens/s over its tokens/s."""
+    import subprocess
+    cmd = [sys.executable, str(Path(__file__).with_name("nanochat_torch.py")), "--nanochat-dir", args.nanochat_dir,
+           "--depth", str(cfg.model.depth), "--device-batch-size", str(rows), "--seq", str(cfg.model.sequence_len),
+           "--vocab", str(cfg.model.vocab_size), "--micro-steps", str(args.micro_steps),
+           "--steps", str(args.steps), "--warmup", str(args.warmup),
+           "--device", "cpu" if ours["backend"] == "cpu" else "cuda"]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    print(out.stdout, end="")
+    theirs = json.loads(out.stdout.split("JSON ", 1)[1].splitlines()[0])
+    ratio = ours["tokens_per_sec"] / theirs["tokens_per_sec"]
+    print(f"RATIO ours/nanochat tokens/s = {ratio:.3f} ({ours['tokens_per_sec']:,.0f} vs "
+          f"{theirs['tokens_per_sec']:,.0f}); flops/token ours {ours['flops_per_token']:.4e} "
+          f"nanochat {theirs['flops_per_token']:.4e}")
+    return {**theirs, "ratio": ratio}
 
 
 if __name__ == "__main__":

@@ -6,6 +6,8 @@ Design
   `lax.while_loop` of up to `chunk` decode steps. Shapes are static: prompts are padded to a
   power-of-two bucket (>= 16) and the cache length is bucket(bucket(prompt) + max_tokens), so prefill
   compiles once per (prompts, bucket, cache length) and decoding once per (rows, cache length).
+- Parameters are held in the compute dtype (cast once when the engine is made): the forward would cast
+  them in every step anyway, and a decode step's time is the bytes of weights it reads.
 - `num_samples` completions of a prompt share one prefill: prefill runs on the distinct prompts and
   the cache is repeated along the batch axis.
 - Every decode step samples one token per row from the logits carried from the previous step (or
@@ -160,6 +162,15 @@ class _Row:
     done: bool = False
 
 
+def _to_compute_dtype(x: jax.Array, dtype) -> jax.Array:
+    """Floating parameters wider than the compute dtype are cast once, here, instead of in every decode step:
+    the forward casts every weight to the compute dtype anyway (so outputs are unchanged), and decoding is
+    bound by the bytes of weights read per step (bf16 halves them against fp32 storage)."""
+    if jnp.issubdtype(x.dtype, jnp.floating) and x.dtype.itemsize > jnp.dtype(dtype).itemsize:
+        return x.astype(dtype)
+    return x
+
+
 class Engine:
     """Batched generation with tool use for a GPT held in memory (see the module docstring)."""
 
@@ -167,10 +178,11 @@ class Engine:
         if chunk < 1:
             raise ValueError(f"chunk must be >= 1, got {chunk}")
         self.tokenizer, self.mesh, self.chunk = tokenizer, mesh, chunk
-        self.graphdef, self.state = nnx.split(model)
+        self.graphdef, state = nnx.split(model)
         attn = model.blocks[0].attn
         self.n_layer, self.n_kv_heads, self.head_dim = len(model.blocks), attn.n_kv_heads, attn.head_dim
         self.cache_dtype = jnp.dtype(model.compute_dtype)
+        self.state = jax.tree.map(lambda x: _to_compute_dtype(x, self.cache_dtype), state)
         sp = tokenizer.encode_special
         self.assistant_end, self.bos = sp("<|assistant_end|>"), tokenizer.bos_token_id
         self.python_start, self.python_end = sp("<|python_start|>"), sp("<|python_end|>")

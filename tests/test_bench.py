@@ -1,6 +1,7 @@
 """bench/train_step.py end to end on a tiny model, bench/memory.py's analytic state bytes against real arrays,
 the HLO summary on a hand-written module, and init_distributed staying off without its environment."""
 
+import gzip
 import json
 import os
 import subprocess
@@ -25,11 +26,11 @@ TINY = ["--model.depth=2", "--model.aspect_ratio=32", "--model.head_dim=32", "--
         "--model.sequence_len=64", "--model.compute_dtype=float32", "--train.device_batch_size=4", "--mesh.data=1"]
 
 
-def test_train_step_bench_json():
+def test_train_step_bench_json(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device, not the 8 of conftest
     env["JAX_PLATFORMS"] = "cpu"
     out = subprocess.run([sys.executable, str(ROOT / "bench" / "train_step.py"), *TINY, "--steps", "2",
-                          "--warmup", "1", "--matmul-size", "512"],
+                          "--warmup", "1", "--matmul-size", "512", "--breakdown", "--profile", str(tmp_path)],
                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     line = next(l for l in out.stdout.splitlines() if l.startswith("JSON "))
@@ -41,6 +42,35 @@ def test_train_step_bench_json():
     assert r["peak_datasheet_flops"] is None and r["mfu_datasheet"] is None  # CPU: no datasheet peak
     assert r["params"] == num_params(ModelConfig(depth=2, aspect_ratio=32, head_dim=32, vocab_size=512))
     assert r["mem_temp_bytes"] > 0
+    b = r["breakdown"]
+    assert b["forward_s"] > 0 and b["forward_backward_s"] > 0
+    assert b["optimizer_s"] == pytest.approx(r["step_s_median"] - b["forward_backward_s"])
+    p = r["profile"]
+    assert p["steps"] == 3 and p["kernel_ms_per_step"] > 0 and p["top_kernels"]
+    assert sum(p["by_kind_ms_per_step"].values()) == pytest.approx(p["kernel_ms_per_step"])
+    assert list(tmp_path.rglob("*.trace.json.gz"))
+
+
+def test_trace_summary_counts_device_kernels(tmp_path):
+    meta = lambda kind, pid, tid, name: {"ph": "M", "name": kind, "pid": pid, "tid": tid, "args": {"name": name}}  # noqa: E731
+    kernel = lambda name, ts, dur: {"ph": "X", "pid": 2, "tid": 7, "name": name, "ts": ts, "dur": dur}  # noqa: E731
+    events = [meta("process_name", 1, 0, "/host:CPU"), meta("process_name", 2, 0, "/device:GPU:0"),
+              meta("thread_name", 2, 7, "Stream #13(Compute)"),
+              {"ph": "X", "pid": 1, "tid": 3, "name": "PjitFunction(train_step)", "ts": 0, "dur": 5000},  # host: ignored
+              kernel("sm90_xmma_gemm_bf16bf16_bf16f32", 0, 400), kernel("sm90_xmma_gemm_bf16bf16_bf16f32", 500, 400),
+              kernel("cudnn_generated_fort_native_sdpa_sm90", 1000, 300),
+              kernel("ncclDevKernel_AllGather_RING_LL", 1300, 100), kernel("loop_multiply_fusion_3", 1500, 500)]
+    path = tmp_path / "t.trace.json.gz"
+    with gzip.open(path, "wt") as f:
+        json.dump({"traceEvents": events}, f)
+    s = train_step.trace_summary(path, steps=2)
+    assert s["kernel_ms_per_step"] == pytest.approx(1.7 / 2)
+    assert s["span_ms_per_step"] == pytest.approx(2.0 / 2)
+    assert s["busy"] == pytest.approx(0.85)
+    assert s["by_kind_ms_per_step"] == pytest.approx({"matmul": 0.4, "attention": 0.15, "collective": 0.05,
+                                                      "fusion": 0.25})
+    assert list(s["by_kind_ms_per_step"]) == ["matmul", "fusion", "attention", "collective"]  # largest first
+    assert s["top_kernels"][0] == ("sm90_xmma_gemm_bf16bf16_bf16f32", pytest.approx(0.4))
 
 
 def test_analytic_state_bytes_match_init_train_state(make_mesh):

@@ -88,6 +88,20 @@ def test_greedy_equals_naive_recompute(model, engine, tokenizer):
         assert masks == [[0] * len(prompt) + [1] * (len(expected) - len(prompt))]
 
 
+def test_bf16_engine_holds_bf16_weights_and_equals_fp32_storage(tokenizer):
+    """With compute_dtype bfloat16 the engine casts the fp32 parameters once; since the forward casts every
+    weight to bf16 anyway, greedy generation equals the naive recompute on the fp32-stored model."""
+    cfg = dataclasses.replace(tiny_config(), compute_dtype="bfloat16")
+    model = random_model()
+    model_bf16 = nnx.merge(nnx.graphdef(init_model(cfg)), nnx.state(model))  # same fp32 params, bf16 compute
+    engine = Engine(model_bf16, tokenizer, chunk=8)
+    assert {x.dtype for x in jax.tree.leaves(engine.state)} == {jnp.dtype(jnp.bfloat16)}
+    assert {x.dtype for x in jax.tree.leaves(nnx.state(model_bf16))} == {jnp.dtype(jnp.float32)}  # model untouched
+    stop = {tokenizer.encode_special("<|assistant_end|>"), tokenizer.bos_token_id}
+    expected = naive_greedy(model_bf16, PROMPTS[0], 12, stop)
+    assert engine.generate_batch(PROMPTS[0], max_tokens=12, temperature=0.0)[0] == [expected]
+
+
 def test_batched_prompts_equal_one_by_one(engine):
     batched, _ = engine.generate_batch(PROMPTS, max_tokens=20, temperature=0.0)
     single = [engine.generate_batch(p, max_tokens=20, temperature=0.0)[0][0] for p in PROMPTS]
