@@ -111,12 +111,30 @@ def init_distributed() -> bool:
     """Call jax.distributed.initialize() once when this is a multi-process run; a no-op otherwise.
 
     Must run before anything touches jax devices. Returns True when the distributed runtime is up.
-    NANOCHAT_JAX_DISTRIBUTED=0 forces single-process even on a pod.
+    NANOCHAT_JAX_DISTRIBUTED=0 forces single-process even on a pod. On Cloud TPU (and SLURM / Open MPI)
+    JAX finds the coordinator, process count and index itself; elsewhere (several GPU hosts) every process
+    sets JAX_COORDINATOR_ADDRESS=host:port, JAX_NUM_PROCESSES and JAX_PROCESS_ID.
     """
     import jax
 
     if jax.distributed.is_initialized():
         return True
+    if not _wants_distributed():
+        return False
+    kwargs = {}
+    for var, arg in (("JAX_NUM_PROCESSES", "num_processes"), ("JAX_PROCESS_ID", "process_id")):
+        value = os.environ.get(var, "").strip()
+        if value:
+            if not value.isdigit():
+                raise ValueError(f"{var}={value!r} must be a non-negative integer")
+            kwargs[arg] = int(value)
+    try:
+        jax.distributed.initialize(**kwargs)
+    except ValueError as e:  # e.g. a coordinator address without a process count outside TPU/SLURM/MPI
+        raise ValueError(f"multi-process start failed ({e}); outside Cloud TPU, SLURM and Open MPI set "
+                         "JAX_COORDINATOR_ADDRESS=host:port, JAX_NUM_PROCESSES and JAX_PROCESS_ID on every "
+                         f"process, or {DISTRIBUTED_ENV}=0 for a single process") from e
+    return True
     if not _wants_distributed():
         return False
     jax.distributed.initialize()

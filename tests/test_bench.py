@@ -123,3 +123,7 @@ def test_init_distributed_is_a_noop_without_env(monkeypatch):
     assert common._wants_distributed() is False and common.init_distributed() is False
     monkeypatch.setenv("NANOCHAT_JAX_DISTRIBUTED", "1")
     assert common._wants_distributed() is True
+    monkeypatch.setenv("JAX_NUM_PROCESSES", "two")
+    with pytest.raises(ValueError, match="JAX_NUM_PROCESSES='two' must be a non-negative integer"):
+        common.init_distributed()
+    assert not jax.distributed.is_initialized()

@@ -1,0 +1,105 @@
+"""Real multi-process runs: two JAX processes on this machine (jax.distributed over localhost, CPU devices,
+gloo collectives) stand in for two hosts of a GPU cluster or TPU pod. The train step over both processes'
+devices equals one process holding all of them, and base_train runs, checkpoints and resumes exactly with
+two processes writing one checkpoint."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def launch(argv: list[str], processes: int, devices_per_process: int, home: Path | None = None) -> list[str]:
+    """Run `python argv` as `processes` cooperating JAX processes (or one plain process); their stdouts."""
+    port = free_port()
+    procs = []
+    for pid in range(processes):
+        env = dict(os.environ, JAX_PLATFORMS="cpu",
+                   XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}")
+        for var in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "NANOCHAT_JAX_DISTRIBUTED"):
+            env.pop(var, None)
+        if processes > 1:
+            env.update(JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES=str(processes),
+                       JAX_PROCESS_ID=str(pid))
+        if home is not None:
+            env["NANOCHAT_JAX_HOME"] = str(home)
+        procs.append(subprocess.Popen([sys.executable, *argv], env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))
+    outputs = []
+    for p in procs:
+        try:
+            out, _ = p.communicate(timeout=600)
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise
+        outputs.append(out)
+    for i, (p, out) in enumerate(zip(procs, outputs)):
+        assert p.returncode == 0, f"process {i} of {processes} failed:\n{out[-4000:]}"
+    return outputs
+
+
+def result(output: str) -> dict:
+    return json.loads(next(line for line in output.splitlines() if line.startswith("RESULT "))[7:])
+
+
+@pytest.mark.parametrize("data,fsdp", [(4, 1), (2, 2)])
+def test_two_processes_equal_one(data, fsdp):
+    worker = [str(ROOT / "tests" / "multiprocess_worker.py"), str(data), str(fsdp), "3"]
+    two = result(launch(worker, processes=2, devices_per_process=2)[0])
+    one = result(launch(worker, processes=1, devices_per_process=4)[0])
+    assert (two["processes"], two["devices"], one["processes"], one["devices"]) == (2, 4, 1, 4)
+    assert two["local_rows"] == [0, 1, 2, 3] and one["local_rows"] == list(range(8))
+    assert two["losses"] == pytest.approx(one["losses"], rel=1e-5)
+    assert two["losses"][-1] < two["losses"][0]
+    assert two["param_sq"].keys() == one["param_sq"].keys()
+    for name, value in one["param_sq"].items():
+        assert two["param_sq"][name] == pytest.approx(value, rel=1e-5), name
+
+
+TINY = ["--config", str(ROOT / "configs" / "cpu_tiny.toml"), "--model.depth=2", "--model.aspect_ratio=32",
+        "--model.head_dim=32", "--model.sequence_len=64", "--train.device_batch_size=2",
+        "--train.total_batch_size=512", "--train.eval_tokens=2048", "--train.sample_every=0",
+        "--mesh.data=2", "--mesh.fsdp=2", "--train.num_iterations=8", "--train.eval_every=4",
+        "--train.checkpoint_every=4"]
+
+
+def base_losses(home: Path) -> dict[int, float]:
+    lines = [json.loads(x) for x in (home / "report" / "base_train.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in lines if "loss" in r}
+
+
+def test_two_process_base_train_checkpoints_and_resumes_exactly(tmp_path):
+    home = tmp_path / "home"
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "tok_train.py"), "--config",
+                    str(ROOT / "configs" / "cpu_tiny.toml"), "--tokenizer.vocab_size=512",
+                    "--tokenizer.max_chars=2000000"], env=dict(os.environ, NANOCHAT_JAX_HOME=str(home)),
+                   cwd=ROOT, check=True, capture_output=True)
+    base_train = [str(ROOT / "scripts" / "base_train.py"), *TINY]
+    outputs = launch(base_train, processes=2, devices_per_process=2, home=home)
+    assert "devices: 4 x cpu" in outputs[0] and "devices:" not in outputs[1]  # print0: process 0 alone logs
+    straight = base_losses(home)
+    assert sorted(straight) == list(range(1, 9)) and straight[8] < straight[1]
+    ckpt = home / "checkpoints" / "base" / "d2"
+    assert sorted(p.name for p in ckpt.iterdir() if p.name.isdigit()) == ["4", "8"]
+
+    # drop the final checkpoint, resume from step 4 with two fresh processes: steps 5..8 are redone exactly
+    import shutil
+    shutil.rmtree(ckpt / "8")
+    launch([*base_train, "--train.resume=true"], processes=2, devices_per_process=2, home=home)
+    resumed = base_losses(home)
+    assert sorted(resumed) == list(range(1, 9))
+    for step in range(5, 9):
+        assert resumed[step] == pytest.approx(straight[step], rel=1e-6), step
