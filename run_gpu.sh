@@ -11,19 +11,8 @@ CONFIG=${CONFIG:-configs/d20.toml}
 # --- environment: .venv with the GPU build of jaxlib (and rust_bpe built on first use)
 PY=$(EXTRAS=gpu,dev bash scripts/ensure_env.sh)
 
-# --- XLA / CUDA settings (flags checked to exist in jaxlib 0.10's XLA)
-# latency-hiding scheduler: overlap FSDP all-gathers / gradient reductions with compute;
-# combine thresholds: fewer, larger collectives for the many per-layer parameters;
-# command buffers: launch whole fused kernel sequences as CUDA graphs (cuts host launch overhead).
-export XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_latency_hiding_scheduler=true
- --xla_gpu_all_gather_combine_threshold_bytes=134217728
- --xla_gpu_reduce_scatter_combine_threshold_bytes=134217728
- --xla_gpu_all_reduce_combine_threshold_bytes=134217728
- --xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN"
-export XLA_FLAGS=$(echo $XLA_FLAGS)  # one line
-export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.92}
-export JAX_PLATFORMS=${JAX_PLATFORMS:-cuda}
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+# --- XLA / CUDA settings (latency-hiding scheduler, collective combining, command buffers)
+source scripts/gpu_env.sh
 
 "$PY" -c "import jax; d = jax.devices(); print(f'{len(d)} x {d[0].device_kind}')"
 
