@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import optax
 
 from nanochat_jax.config import OptimConfig
+from nanochat_jax.sharding import constrain, shard_count
 
 NS_COEFFS = (3.4445, -4.7750, 2.0315)  # quintic Newton-Schulz coefficients (a, b, c)
 LABELS = {"wte": "embedding", "lm_head": "unembedding", "blocks": "muon"}  # top-level module -> group
@@ -66,9 +67,8 @@ def muon(learning_rate, momentum=0.95, nesterov: bool = True, ns_steps: int = 5,
     """Muon for 2-D kernels stored (in, out). learning_rate and momentum: floats or schedules.
 
     buffer <- lerp(buffer, g, 1 - momentum); g <- lerp(g, buffer, momentum) with Nesterov, else
-    buffer; update = -lr * sqrt(max(1, out/in)) * NS(g). The same matrix of every layer (same path
-    but for integer layer keys, hence the same shape and sharding) goes through one batched
-    Newton-Schulz call.
+    buffer; update = -lr * sqrt(max(1, out/in)) * NS(g). All matrices of one shape go through one
+    batched Newton-Schulz call, split over the mesh's devices (see _orthogonalise).
     """
 
     def init_fn(params):
@@ -97,20 +97,29 @@ def muon(learning_rate, momentum=0.95, nesterov: bool = True, ns_steps: int = 5,
 
 
 def _orthogonalise(paths_leaves: list, ns_steps: int, dtype) -> list[jax.Array]:
-    """Newton-Schulz on each (path, matrix), stacking the layers of one role into one batched call.
+    """Newton-Schulz on every matrix, batched: all matrices of one shape (in the wide orientation, tall ones
+    transposed) go through one call, as one stack.
 
-    Stacking only matrices that share their path up to layer indices keeps shardings uniform
-    within a stack, so GSPMD never has to reshard to batch them.
+    Under a mesh the stack is split over every device (logical axis 'stack', padded with zero matrices to a
+    multiple of the device count; NS maps zero to zero): each device orthogonalises its share once, instead
+    of every data-parallel replica repeating all of it (or FSDP gathering inside every NS matmul), and the
+    results go back to the parameters' shardings in one resharding (nanochat's DistMuon splits the same work
+    over ranks).
     """
     groups: dict[tuple, list[int]] = {}
-    for i, (path, m) in enumerate(paths_leaves):
-        role = tuple(name for name in map(_key_name, path) if not name.isdigit())
-        groups.setdefault((role, m.shape), []).append(i)
+    for i, (_, m) in enumerate(paths_leaves):
+        groups.setdefault((min(m.shape), max(m.shape)), []).append(i)
     out: list = [None] * len(paths_leaves)
     for idx in groups.values():
-        ortho = newton_schulz(jnp.stack([paths_leaves[i][1] for i in idx]), ns_steps, dtype)
+        wide = [m if m.shape[0] <= m.shape[1] else m.T for m in (paths_leaves[i][1] for i in idx)]
+        stack = jnp.stack(wide)
+        pad = -len(idx) % shard_count("stack")
+        if pad:
+            stack = jnp.concatenate([stack, jnp.zeros((pad, *stack.shape[1:]), stack.dtype)])
+        ortho = newton_schulz(constrain(stack, ("stack", None, None)), ns_steps, dtype)
         for j, i in enumerate(idx):
-            out[i] = ortho[j]
+            m = paths_leaves[i][1]
+            out[i] = ortho[j] if m.shape[0] <= m.shape[1] else ortho[j].T
     return out
 
 

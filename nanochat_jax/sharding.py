@@ -31,6 +31,7 @@ LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
     "mlp": "tensor",
     "layers": None,
     "cache_len": None,
+    "stack": ("data", "fsdp", "tensor"),  # Muon's stacks of same-shaped matrices: each device orthogonalises its share
 }
 
 
@@ -125,6 +126,12 @@ def like_params(tree, params_shardings, mesh: Mesh):
         return replicated(mesh)
 
     return jax.tree_util.tree_map_with_path(one, tree)
+
+
+def shard_count(name: str) -> int:
+    """How many ways the logical axis `name` is split under the current `jax.set_mesh` (1 without a mesh)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return 1 if mesh.empty else _axis_size(mesh, LOGICAL_RULES[name])
 
 
 def constrain(x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:

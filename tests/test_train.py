@@ -1,5 +1,7 @@
 """The sharded train step: same numbers on every mesh, gradient accumulation, overfitting, FSDP memory."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -108,3 +110,19 @@ def test_init_from_given_params_on_another_mesh():
     assert int(state.step) == 0
     mu = state.opt_state  # fresh moments: all zero
     assert all(float(jnp.abs(x).max()) == 0.0 for x in jax.tree.leaves(mu) if x.ndim >= 2)
+
+
+def test_newton_schulz_work_is_split_over_the_mesh():
+    """Muon stacks every same-shaped matrix (wide orientation) and splits the stack over all devices: on a
+    2-device data-parallel mesh each device's NS matmuls hold half of the 16 square and 8 wide matrices of
+    a depth-4 model, not all of them on every device."""
+    cfg = ModelConfig(depth=4, aspect_ratio=32, head_dim=16, vocab_size=128, sequence_len=16, compute_dtype="float32")
+    mesh = make_mesh(MeshConfig(data=2), devices=jax.devices()[:2])
+    graphdef, optimizer, state, shardings = init_train_state(cfg, OPTIM, 3, mesh, seed=0)
+    step = make_train_step(graphdef, optimizer, shardings, mesh, 3, OPTIM)
+    batch = jax.device_put(_batches(1, 1, 4, cfg.sequence_len, cfg.vocab_size)[0], microbatch_sharding(mesh))
+    with jax.set_mesh(mesh):
+        hlo = step.jitted.lower(state, batch).compile().as_text()
+    stacks = {int(n) for n in re.findall(r"= f32\[(\d+),128,(?:128|512)\]\{[^}]*\} (?:dot|fusion)\(", hlo)}
+    assert stacks and max(stacks) <= 8, stacks  # 16 square matrices / 2 devices; never the whole stack of 16
+    assert 8 in stacks and 4 in stacks, stacks
