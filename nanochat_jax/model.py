@@ -197,7 +197,10 @@ class GPT(nnx.Module):
 
         def token_losses(x, targets):
             logits = self._head(x, kernel)
-            picked = jnp.take_along_axis(logits, jnp.maximum(targets, 0)[..., None], axis=-1)[..., 0]
+            # the target's logit by a one-hot select-and-sum, not take_along_axis: its gradient is then an
+            # elementwise select fused with the softmax gradient instead of a scatter into a (tokens, V) zero array
+            vocab = jnp.arange(logits.shape[-1], dtype=targets.dtype)
+            picked = jnp.sum(jnp.where(vocab == targets[..., None], logits, 0.0), axis=-1)
             return jnp.where(targets == -1, 0.0, jax.nn.logsumexp(logits, axis=-1) - picked)
 
         chunk = self.loss_chunk

@@ -337,3 +337,15 @@ def test_bf16_compute_close_to_fp32():
     logits, _ = decode_jit(model16, tokens, KVCache.init(tiny(compute_dtype="bfloat16"), 2, 16))
     chex.assert_type(logits, jnp.float32)
     assert float(jnp.max(jnp.abs(logits - l32))) / float(jnp.max(jnp.abs(l32))) < 0.05
+
+
+def test_loss_gradient_scatters_only_into_the_embedding():
+    """The target logit is picked by a one-hot select, so the backward pass has no (tokens, vocab) scatter:
+    the only scatter left in the compiled gradient is the embedding table's."""
+    cfg = tiny(depth=1)
+    graphdef, params = nnx.split(random_model(cfg, seed=1))
+    tokens, targets = tokens_for((2, 16), seed=2), tokens_for((2, 16), seed=3)
+    grad = jax.jit(jax.grad(lambda p: nnx.merge(graphdef, p).loss(tokens, targets)))
+    hlo = grad.lower(params).compile().as_text()
+    scatters = [line for line in hlo.splitlines() if " scatter(" in line]
+    assert len(scatters) == 1 and f"f32[{cfg.vocab_size},{cfg.n_embd}]" in scatters[0], scatters
