@@ -53,11 +53,34 @@ def _gather_json(obj) -> list:
     return [json.loads(bytes(everything[i, :n])) for i, n in enumerate(lengths)]
 
 
+def _set_aside_previous_run(directory: Path) -> None:
+    steps = sorted((p for p in directory.glob("*") if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name))
+    if steps and jax.process_index() == 0:
+        import shutil
+
+        previous = directory.with_name(directory.name + ".previous")
+        shutil.rmtree(previous, ignore_errors=True)
+        previous.mkdir(parents=True)
+        for path in steps:
+            path.rename(previous / path.name)
+        print(f"new run: moved the previous run's checkpoints (steps {', '.join(p.name for p in steps)}) from "
+              f"{directory} to {previous} (--train.resume=true continues a run instead)", file=sys.stderr)
+    if jax.process_count() > 1:  # the others wait until process 0 has moved them
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("checkpoint: previous run set aside")
+
+
 class Checkpointer:
     """Numbered checkpoints of one run in `directory` (see the module docstring)."""
 
-    def __init__(self, directory, keep: int = 2, async_save: bool = True):
+    def __init__(self, directory, keep: int = 2, async_save: bool = True, fresh: bool = False):
+        """fresh=True starts a new run in `directory`: checkpoints a previous run left there are moved to
+        `<directory>.previous/` (replacing what an older run left there), so this run neither trips over
+        their step numbers nor mixes its checkpoints with theirs."""
         self.directory = Path(directory).absolute()
+        if fresh:
+            _set_aside_previous_run(self.directory)
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
         self._manager = ocp.CheckpointManager(self.directory, options=options,
                                               item_names=("params", "opt_state", "data", "meta"))

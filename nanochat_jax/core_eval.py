@@ -249,12 +249,13 @@ def score_rows(scorer: Callable, rows: list[tuple[list[int], int, int]], pad_id:
 
 
 def sum_over_processes(values: np.ndarray) -> np.ndarray:
-    """Element-wise sum of a small host array over all processes (the array itself with one process)."""
+    """Element-wise sum of a small host array over all processes (the array itself with one process), in the
+    array's dtype (the gather goes through 32-bit jax arrays; the sum does not)."""
     if jax.process_count() == 1:
         return values
     from jax.experimental import multihost_utils
 
-    return np.asarray(multihost_utils.process_allgather(values)).sum(axis=0)
+    return np.asarray(multihost_utils.process_allgather(values), dtype=values.dtype).sum(axis=0)
 
 
 def evaluate_task(scorer: Callable, tokenizer, data: list[dict], task: CoreTask, max_seq_len: int | None = None,
@@ -305,17 +306,6 @@ def evaluate_core(scorer: Callable, tokenizer, bundle_dir: Path, max_per_task: i
             f"centered {centered[task.label]:.4f} | {time.perf_counter() - t0:.1f}s")
     core = sum(centered.values()) / len(centered) if centered else float("nan")
     return {"results": results, "centered_results": centered, "core_metric": core}
-
-
-def eval_mesh(mesh_cfg):
-    """The mesh evaluations run on: the configured one with a single process; with several processes, each
-    process scores its own share of the examples, so it gets a data-parallel mesh of its local devices."""
-    from nanochat_jax.config import MeshConfig
-    from nanochat_jax.sharding import make_mesh
-
-    if jax.process_count() == 1:
-        return make_mesh(mesh_cfg)
-    return make_mesh(MeshConfig(data=-1, fsdp=1, tensor=1), jax.local_devices())
 
 
 def batch_rows(mesh) -> int:

@@ -17,8 +17,9 @@ import time
 from nanochat_jax.checkpoint import CheckpointError, load_model
 from nanochat_jax.common import artifacts_dir, init_distributed, is_main_process, print0
 from nanochat_jax.config import load_config, to_toml
-from nanochat_jax.core_eval import (EVAL_BUNDLE_URL, BundleError, batch_rows, ensure_bundle, eval_mesh, evaluate_core,
+from nanochat_jax.core_eval import (EVAL_BUNDLE_URL, BundleError, batch_rows, ensure_bundle, evaluate_core,
                                     make_scorer)
+from nanochat_jax.sharding import eval_mesh
 
 
 ALIASES = {"bundle_dir": "bundle_dir", "bundle_url": "bundle_url", "max_per_task": "max_per_task",

@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> dict:
     out_dir = checkpoint_dir("base", cfg.model.depth)
     if is_main_process():
         (out_dir / "config.toml").write_text(to_toml(cfg))
-    ckpt = Checkpointer(out_dir, keep=cfg.train.keep_checkpoints)
+    ckpt = Checkpointer(out_dir, keep=cfg.train.keep_checkpoints, fresh=not cfg.train.resume)
     train_iter = make_batch_iterator(make_source(cfg.data, "train"), tokenizer, batch_rows=rows,
                                      seq_len=cfg.model.sequence_len, seed=cfg.train.seed,
                                      num_threads=cfg.data.tokenizer_threads, prefetch=cfg.data.prefetch)

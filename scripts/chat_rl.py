@@ -25,13 +25,13 @@ from flax import nnx
 
 from nanochat_jax.checkpoint import Checkpointer, CheckpointError, checkpoint_dir
 from nanochat_jax.common import artifacts_dir, device_info, init_distributed, is_main_process, print0
-from nanochat_jax.config import MeshConfig, load_config, to_toml
+from nanochat_jax.config import load_config, to_toml
 from nanochat_jax.core_eval import sum_over_processes
 from nanochat_jax.engine import Engine, bucket
 from nanochat_jax.finetune import load_source, stage_meta, stage_optim
 from nanochat_jax.progress import StepLogger
 from nanochat_jax.rl import group_advantages, micro_batches, pass_at_k, pg_objective, rl_batch, rollout
-from nanochat_jax.sharding import make_mesh
+from nanochat_jax.sharding import eval_mesh, make_mesh, replicated_on
 from nanochat_jax.tasks import TaskDataError
 from nanochat_jax.train import global_batch, init_train_state, make_train_step
 
@@ -101,16 +101,10 @@ def main(argv: list[str] | None = None) -> dict:
                                  objective=pg_objective)
     pad_id = tokenizer.encode_special("<|assistant_end|>")  # never a target: only fills rows
     # each process samples from its own questions: with several processes, on a mesh of its local devices
-    gen_mesh = mesh if nproc == 1 else make_mesh(MeshConfig(data=-1, fsdp=1, tensor=1), jax.local_devices())
+    gen_mesh = eval_mesh(cfg.mesh)
 
     def policy() -> Engine:
-        params = state.params
-        if nproc > 1:
-            from jax.experimental import multihost_utils
-
-            params = jax.device_put(multihost_utils.process_allgather(params, tiled=True),
-                                    jax.sharding.NamedSharding(gen_mesh, jax.sharding.PartitionSpec()))
-        return Engine(nnx.merge(graphdef, params), tokenizer, mesh=gen_mesh)
+        return Engine(nnx.merge(graphdef, replicated_on(state.params, gen_mesh)), tokenizer, mesh=gen_mesh)
 
     def evaluate(step: int) -> dict:
         indices = range(pid, min(rl.eval_examples, len(test_task)), nproc)
@@ -123,7 +117,7 @@ def main(argv: list[str] | None = None) -> dict:
         return {"passk": passk, "samples": [tokenizer.decode(s) for s in sequences[:2]]}
 
     out_dir = checkpoint_dir("rl", model_cfg.depth)
-    ckpt = Checkpointer(out_dir)
+    ckpt = Checkpointer(out_dir, fresh=True)  # RL runs do not resume
 
     def save(step: int) -> None:
         ckpt.save(step, state.params, None, None, stage_meta("rl", step, cfg, model_cfg, meta, source=rl.source))

@@ -26,7 +26,7 @@ from nanochat_jax.config import ConfigError, load_config, to_toml
 from nanochat_jax.finetune import chat_samples, load_source, stage_meta, stage_optim
 from nanochat_jax.model import flops_per_token, num_params
 from nanochat_jax.progress import StepLogger
-from nanochat_jax.sharding import make_mesh
+from nanochat_jax.sharding import eval_mesh, make_mesh, replicated_on
 from nanochat_jax.tasks.base import TaskDataError
 from nanochat_jax.tasks.mixtures import cpu_eval_tasks, sft_mixture
 from nanochat_jax.train import global_batch, init_train_state, make_train_step, resume_latest
@@ -37,11 +37,12 @@ CPU_METRIC_TOKENS = 96
 
 def quick_metrics(mixture: str, graphdef, params, tokenizer, mesh, batch_size: int) -> dict[str, float]:
     """Accuracies on a few checkable tasks: the cpu mixture's generated test tasks, or nanochat's choice
-    (MMLU and ARC-Easy from the letter logits, GSM8K and HumanEval sampled); unreachable hub tasks are skipped."""
+    (MMLU and ARC-Easy from the letter logits, GSM8K and HumanEval sampled); unreachable hub tasks are skipped.
+    mesh: an eval_mesh (each process scores its own problems); params are brought onto it."""
     from nanochat_jax.chat_eval import load_task, make_answer_logits, run_categorical_eval, run_generative_eval
     from nanochat_jax.engine import Engine
 
-    model = nnx.merge(graphdef, params)
+    model = nnx.merge(graphdef, replicated_on(params, mesh))
     engine = Engine(model, tokenizer, mesh=mesh)
     metrics = {}
     if mixture == "cpu":
@@ -72,6 +73,7 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = load_config(argv)
     print0(to_toml(cfg))
     mesh = make_mesh(cfg.mesh)
+    metrics_mesh = eval_mesh(cfg.mesh)  # sampling: per process on its own devices when there are several
     params, tokenizer, model_cfg, source_meta = load_source(cfg.sft.source, cfg, mesh)
     seq_len = model_cfg.sequence_len
     rows = cfg.sft.device_batch_size * mesh.shape["data"] * mesh.shape["fsdp"]
@@ -100,7 +102,7 @@ def main(argv: list[str] | None = None) -> dict:
     val_batches = [global_batch(val_iter.next_step(1), mesh) for _ in range(cfg.sft.eval_steps)]
     train_iter = SFTBatches(train_task, tokenizer, rows, seq_len)
     out_dir = checkpoint_dir("sft", model_cfg.depth)
-    ckpt = Checkpointer(out_dir, keep=cfg.train.keep_checkpoints)
+    ckpt = Checkpointer(out_dir, keep=cfg.train.keep_checkpoints, fresh=not cfg.train.resume)
 
     start = 0
     if cfg.train.resume:
@@ -120,7 +122,7 @@ def main(argv: list[str] | None = None) -> dict:
                 val_loss = float(jnp.mean(jnp.stack(losses)))
                 progress.eval({"step": step, "val_loss": val_loss}, f"step {step:5d} | val loss {val_loss:.4f}")
             if last or (cfg.sft.eval_metrics_every > 0 and step > 0 and step % cfg.sft.eval_metrics_every == 0):
-                metrics = quick_metrics(cfg.sft.mixture, graphdef, state.params, tokenizer, mesh,
+                metrics = quick_metrics(cfg.sft.mixture, graphdef, state.params, tokenizer, metrics_mesh,
                                         cfg.sft.device_batch_size * 2)
                 progress.eval({"step": step, **metrics},
                               f"step {step:5d} | " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))

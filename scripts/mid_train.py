@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> dict:
         val_batches.append((batch["inputs"][0], batch["targets"][0]))
     train_iter = PackedConversations(train_task, tokenizer, rows, seq_len)
     out_dir = checkpoint_dir("mid", model_cfg.depth)
-    ckpt = Checkpointer(out_dir, keep=cfg.train.keep_checkpoints)
+    ckpt = Checkpointer(out_dir, keep=cfg.train.keep_checkpoints, fresh=not cfg.train.resume)
 
     start = 0
     if cfg.train.resume:

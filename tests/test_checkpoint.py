@@ -94,6 +94,37 @@ def test_keep_last_n_and_latest_step(tmp_path, make_mesh):
     ckpt.close()
 
 
+def test_fresh_run_sets_the_previous_run_aside(tmp_path, capsys):
+    """A new (not resumed) run in a directory that holds another run's checkpoints moves them to
+    <dir>.previous instead of failing at its first save on an existing step (or mixing the two runs)."""
+    run_dir = tmp_path / "d2"
+    params = {"w": jnp.ones((4,))}
+    first = Checkpointer(run_dir, keep=3, async_save=False)
+    for step in (10, 20):
+        first.save(step, params, None, {}, {"step": step, "run": 1})
+    first.close()
+    (run_dir / "config.toml").write_text("kept")
+
+    second = Checkpointer(run_dir, keep=3, async_save=False, fresh=True)
+    assert second.all_steps() == [] and second.latest_step() is None
+    assert "moved the previous run's checkpoints (steps 10, 20)" in capsys.readouterr().err
+    previous = tmp_path / "d2.previous"
+    assert sorted(p.name for p in previous.iterdir()) == ["10", "20"]
+    assert (run_dir / "config.toml").read_text() == "kept"
+    second.save(20, jax.tree.map(lambda a: 2 * a, params), None, {}, {"step": 20, "run": 2})  # same step number
+    second.close()
+    old = Checkpointer(previous, async_save=False)
+    assert old.all_steps() == [10, 20] and old.restore(20, params)["meta"]["run"] == 1
+    old.close()
+
+    Checkpointer(run_dir, async_save=False, fresh=True).close()  # a third run replaces the older backup
+    assert sorted(p.name for p in previous.iterdir()) == ["20"]
+    assert Checkpointer(run_dir, fresh=False).all_steps() == []
+    assert "(steps 20)" in capsys.readouterr().err
+    Checkpointer(tmp_path / "empty", fresh=True).close()  # nothing to move: nothing said
+    assert "moved" not in capsys.readouterr().err
+
+
 def test_corrupt_checkpoint_is_a_clear_error(tmp_path, make_mesh):
     ckpt = Checkpointer(tmp_path, keep=2, async_save=False)
     params = {"w": jnp.arange(64.0)}

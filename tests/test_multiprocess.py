@@ -69,11 +69,10 @@ def test_two_processes_equal_one(data, fsdp):
         assert two["param_sq"][name] == pytest.approx(value, rel=1e-5), name
 
 
-TINY = ["--config", str(ROOT / "configs" / "cpu_tiny.toml"), "--model.depth=2", "--model.aspect_ratio=32",
-        "--model.head_dim=32", "--model.sequence_len=64", "--train.device_batch_size=2",
-        "--train.total_batch_size=512", "--train.eval_tokens=2048", "--train.sample_every=0",
-        "--mesh.data=2", "--mesh.fsdp=2", "--train.num_iterations=8", "--train.eval_every=4",
-        "--train.checkpoint_every=4"]
+MODEL_AND_MESH = ["--config", str(ROOT / "configs" / "cpu_tiny.toml"), "--model.depth=2", "--model.aspect_ratio=32",
+                  "--model.head_dim=32", "--model.sequence_len=64", "--mesh.data=2", "--mesh.fsdp=2"]
+TINY = [*MODEL_AND_MESH, "--train.device_batch_size=2", "--train.total_batch_size=512", "--train.eval_tokens=2048",
+        "--train.sample_every=0", "--train.num_iterations=8", "--train.eval_every=4", "--train.checkpoint_every=4"]
 
 
 def base_losses(home: Path) -> dict[int, float]:
@@ -81,14 +80,24 @@ def base_losses(home: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in lines if "loss" in r}
 
 
-def test_two_process_base_train_checkpoints_and_resumes_exactly(tmp_path):
-    home = tmp_path / "home"
+@pytest.fixture(scope="module")
+def two_process_base(tmp_path_factory):
+    """A tokenizer, then base_train over two processes (2 x 2 devices, data 2 x fsdp 2), checkpoints at 4 and 8."""
+    home = tmp_path_factory.mktemp("home")
     subprocess.run([sys.executable, str(ROOT / "scripts" / "tok_train.py"), "--config",
                     str(ROOT / "configs" / "cpu_tiny.toml"), "--tokenizer.vocab_size=512",
                     "--tokenizer.max_chars=2000000"], env=dict(os.environ, NANOCHAT_JAX_HOME=str(home)),
                    cwd=ROOT, check=True, capture_output=True)
-    base_train = [str(ROOT / "scripts" / "base_train.py"), *TINY]
-    outputs = launch(base_train, processes=2, devices_per_process=2, home=home)
+    outputs = launch([str(ROOT / "scripts" / "base_train.py"), *TINY], processes=2, devices_per_process=2, home=home)
+    return home, outputs
+
+
+def test_two_process_base_train_checkpoints_and_resumes_exactly(two_process_base, tmp_path):
+    import shutil
+
+    home = tmp_path / "home"
+    shutil.copytree(two_process_base[0], home)
+    outputs = two_process_base[1]
     assert "devices: 4 x cpu" in outputs[0] and "devices:" not in outputs[1]  # print0: process 0 alone logs
     straight = base_losses(home)
     assert sorted(straight) == list(range(1, 9)) and straight[8] < straight[1]
@@ -96,10 +105,38 @@ def test_two_process_base_train_checkpoints_and_resumes_exactly(tmp_path):
     assert sorted(p.name for p in ckpt.iterdir() if p.name.isdigit()) == ["4", "8"]
 
     # drop the final checkpoint, resume from step 4 with two fresh processes: steps 5..8 are redone exactly
-    import shutil
     shutil.rmtree(ckpt / "8")
-    launch([*base_train, "--train.resume=true"], processes=2, devices_per_process=2, home=home)
+    launch([str(ROOT / "scripts" / "base_train.py"), *TINY, "--train.resume=true"], processes=2,
+           devices_per_process=2, home=home)
     resumed = base_losses(home)
     assert sorted(resumed) == list(range(1, 9))
     for step in range(5, 9):
         assert resumed[step] == pytest.approx(straight[step], rel=1e-6), step
+
+
+def test_two_process_chat_stages(two_process_base, tmp_path):
+    """mid -> SFT (its sampled metrics on per-process meshes) -> chat_eval -> RL -> chat_eval, two processes each;
+    problems are split between the processes and their counts summed."""
+    import shutil
+
+    home = tmp_path / "home"
+    shutil.copytree(two_process_base[0], home)
+    stages = [
+        ("mid_train.py", "--mid.mixture=cpu", "--mid.device_batch_size=2", "--mid.total_batch_size=512",
+         "--mid.eval_tokens=2048", "--mid.num_iterations=4", "--mid.eval_every=2"),
+        ("chat_sft.py", "--sft.mixture=cpu", "--sft.device_batch_size=2", "--sft.target_examples_per_step=8",
+         "--sft.eval_steps=2", "--sft.num_iterations=2", "--sft.eval_every=2"),
+        ("chat_eval.py", "-i", "sft", "-a", "WorldFacts|WordProblems", "-x", "5", "-m", "16"),
+        ("chat_rl.py", "--rl.task=cpu", "--rl.num_samples=2", "--rl.examples_per_step=2", "--rl.max_new_tokens=16",
+         "--rl.num_iterations=2", "--rl.device_batch_size=1", "--rl.eval_examples=4", "--rl.eval_every=2"),
+    ]
+    for script, *args in stages:
+        launch([str(ROOT / "scripts" / script), *MODEL_AND_MESH, *args], processes=2, devices_per_process=2, home=home)
+    report = home / "report"
+    sft = json.loads((report / "sft_train.json").read_text())
+    assert sft["steps"] == 2 and 0 <= sft["WorldFacts_acc"] <= 1
+    evals = json.loads((report / "chat_eval_sft.json").read_text())
+    assert evals["counts"]["WorldFacts"][1] == 5 and evals["counts"]["WordProblems"][1] == 5  # 3 + 2 problems
+    rl = json.loads((report / "rl_train.json").read_text())
+    assert rl["steps"] == 2 and isinstance(rl["reward_first_step"], float) and 0 <= rl["pass@1"] <= 1
+    assert sorted(p.name for p in (home / "checkpoints" / "rl" / "d2").iterdir() if p.name.isdigit()) == ["2"]
