@@ -112,7 +112,9 @@ def _orthogonalise(paths_leaves: list, ns_steps: int, dtype) -> list[jax.Array]:
     out: list = [None] * len(paths_leaves)
     for idx in groups.values():
         wide = [m if m.shape[0] <= m.shape[1] else m.T for m in (paths_leaves[i][1] for i in idx)]
-        stack = jnp.stack(wide)
+        # every member split the same way first (rows over the stack's devices), so that going from rows to
+        # whole matrices per device is one all-to-all rather than a gather of the whole stack
+        stack = jnp.stack([constrain(m, ("stack", None)) for m in wide])
         pad = -len(idx) % shard_count("stack")
         if pad:
             stack = jnp.concatenate([stack, jnp.zeros((pad, *stack.shape[1:]), stack.dtype)])
