@@ -24,8 +24,8 @@ Batches. `make_batch_iterator` builds a grain pipeline:
 The iterator state is `{"docs": {"next_index": k}, "skip": s, "epoch": e}`: k is the position in the
 (repeated, shuffled) chunk stream of the oldest chunk that still has unconsumed tokens, s how many of its
 tokens were already emitted (e is informational). Restoring re-reads and re-tokenizes that one chunk and
-continues with exactly the batch that would have come next. `global_batch` assembles the processes' local
-batches into one global jax.Array sharded over (data, fsdp).
+continues with exactly the batch that would have come next. `train.global_batch` assembles the processes'
+local batches into global jax.Arrays sharded over (data, fsdp).
 """
 
 from __future__ import annotations
@@ -521,12 +521,3 @@ def make_batch_iterator(source, tokenizer, batch_rows: int, seq_len: int, *, see
     if prefetch:
         ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=prefetch)
     return BatchIterator(ds)
-
-
-def global_batch(local_batch: dict, mesh) -> dict:
-    """Assemble each process's local rows into global jax.Arrays sharded over the batch axes of the mesh."""
-    import jax
-
-    from nanochat_jax.sharding import batch_sharding
-
-    return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, v.ndim), v) for k, v in local_batch.items()}

@@ -127,3 +127,11 @@ def test_init_distributed_is_a_noop_without_env(monkeypatch):
     with pytest.raises(ValueError, match="JAX_NUM_PROCESSES='two' must be a non-negative integer"):
         common.init_distributed()
     assert not jax.distributed.is_initialized()
+
+
+def test_data_bench_counts_tokens():
+    import data as data_bench  # bench/data.py
+
+    results = data_bench.main(["--rows", "2", "--seq", "64", "--threads", "1,2", "--batches", "3"])
+    assert [r["threads"] for r in results] == [1, 2]
+    assert all(r["tokens_per_sec"] > 0 and r["rows"] * r["seq"] == 128 and r["vocab"] == 2048 for r in results)

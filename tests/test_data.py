@@ -132,12 +132,15 @@ def test_process_slices_are_disjoint_and_cover_everything(count):
 
 def test_global_batch_is_sharded_over_the_batch_axes(make_mesh):
     mesh = make_mesh(2, 2, 2)
-    local = {"inputs": np.arange(8 * 5, dtype=np.int32).reshape(8, 5), "targets": np.ones((8, 5), np.int32)}
-    batch = data.global_batch(local, mesh)
-    assert batch["inputs"].shape == (8, 5)
-    np.testing.assert_array_equal(np.asarray(batch["inputs"]), local["inputs"])
-    assert batch["inputs"].sharding.spec[0] == ("data", "fsdp")
-    assert {s.data.shape for s in batch["inputs"].addressable_shards} == {(2, 5)}
+    from nanochat_jax.train import global_batch
+
+    local = [{"inputs": np.arange(8 * 5, dtype=np.int32).reshape(8, 5) + 100 * m, "targets": np.ones((8, 5), np.int32)}
+             for m in range(3)]  # three micro-batches
+    batch = global_batch(local, mesh)
+    assert batch["inputs"].shape == (3, 8, 5)
+    np.testing.assert_array_equal(np.asarray(batch["inputs"]), np.stack([b["inputs"] for b in local]))
+    assert batch["inputs"].sharding.spec[:2] == (None, ("data", "fsdp"))
+    assert {s.data.shape for s in batch["inputs"].addressable_shards} == {(3, 2, 5)}
 
 
 # ---------------------------------------------------------------------------------------------
