@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -186,3 +187,30 @@ def test_chat_cli_answers_from_the_sft_checkpoint(chat_home):
     out = run("chat_cli.py", "--source", "sft", "-p", "What is the capital of Gorsica?", "-t", "0", home=chat_home)
     assert "source=sft step=20" in out and "Assistant: " in out
     assert len(out.split("Assistant: ", 1)[1].strip()) > 0
+
+
+@pytest.mark.parametrize("stage", ["mid", "sft"])
+def test_rerun_then_resume_is_exact(chat_home, tmp_path, stage):
+    """A new run in a directory holding another run's checkpoints sets them aside (<dir>.previous), and a
+    resumed run from its step-4 checkpoint redoes steps 5..8 with the straight run's losses."""
+    home = tmp_path / "home"
+    shutil.copytree(chat_home, home)
+    script, args = {
+        "mid": ("mid_train.py", ["--mid.mixture=cpu", "--mid.device_batch_size=8", "--mid.total_batch_size=1024",
+                                 "--mid.eval_tokens=2048", "--mid.num_iterations=8", "--mid.eval_every=4"]),
+        "sft": ("chat_sft.py", ["--sft.mixture=cpu", "--sft.device_batch_size=8", "--sft.target_examples_per_step=16",
+                                "--sft.eval_steps=2", "--sft.num_iterations=8", "--sft.eval_every=4",
+                                "--sft.eval_metrics_every=0"]),
+    }[stage]
+    run(script, *TINY, *args, "--train.checkpoint_every=4", home=home)
+    ckpt = home / "checkpoints" / stage / "d2"
+    assert sorted(p.name for p in ckpt.iterdir() if p.name.isdigit()) == ["4", "8"]
+    assert [p.name for p in (ckpt.parent / "d2.previous").iterdir()] == [{"mid": "30", "sft": "20"}[stage]]
+    straight = {r["step"]: r["loss"] for r in records(home, stage) if "loss" in r}
+
+    shutil.rmtree(ckpt / "8")
+    run(script, *TINY, *args, "--train.checkpoint_every=4", "--train.resume=true", home=home)
+    resumed = {r["step"]: r["loss"] for r in records(home, stage) if "loss" in r}
+    assert sorted(resumed) == list(range(1, 9))
+    for step in range(5, 9):
+        assert resumed[step] == pytest.approx(straight[step], rel=1e-6), (stage, step)
