@@ -6,9 +6,10 @@ memory-bandwidth bound for decoding.
 Synthetic prompts, a freshly initialised model (its zero lm_head makes greedy decoding emit token 0
 forever, so no row stops early). Prefill is timed on the engine's jitted prefill; decode is the
 end-to-end `generate_batch` time minus prefill, divided into batch * max_tokens tokens.
-Bandwidth bound: every decode step reads all weights once (in the compute dtype: the engine casts the
-parameters once; the embedding table only gathers rows) and the whole preallocated KV cache (the attention is masked, not
-shortened), so tokens/s <= batch * bandwidth / (weight bytes + cache bytes).
+Bandwidth bound: every decode step must read all weights once (in the compute dtype: the engine casts the
+parameters once; the embedding table only gathers rows) and the live keys/values (prompt + tokens so far,
+on average prompt + max_tokens / 2 per row; the engine's attention window is at most twice that), so
+tokens/s <= batch * bandwidth / (weight bytes + live cache bytes).
 """
 
 from __future__ import annotations
@@ -38,11 +39,12 @@ class _NoSpecialsTokenizer:
         return self.ids[name]
 
 
-def bandwidth_bound(cfg: ModelConfig, batch: int, max_len: int, bandwidth_gbs: float) -> float:
-    """Decode tokens/s if every step only had to stream the weights and the KV cache from memory."""
+def bandwidth_bound(cfg: ModelConfig, batch: int, live_len: float, bandwidth_gbs: float) -> float:
+    """Decode tokens/s if every step only had to stream the weights and the live part of the KV cache (live_len
+    positions per row, the average over the generation) from memory."""
     param_bytes = min(jnp.dtype(cfg.param_dtype).itemsize, jnp.dtype(cfg.compute_dtype).itemsize)  # engine casts
     weight_bytes = (num_params(cfg) - cfg.vocab_size * cfg.n_embd) * param_bytes  # embedding: gathered rows only
-    cache_bytes = 2 * cfg.n_layer * batch * max_len * cfg.n_kv_heads * head_dim(cfg) * jnp.dtype(cfg.compute_dtype).itemsize
+    cache_bytes = 2 * cfg.n_layer * batch * live_len * cfg.n_kv_heads * head_dim(cfg) * jnp.dtype(cfg.compute_dtype).itemsize
     return batch * bandwidth_gbs * 1e9 / (weight_bytes + cache_bytes)
 
 
@@ -98,7 +100,7 @@ def main(argv=None) -> None:
         generated = sum(len(r) - args.prompt_len for r in results)
         assert generated == batch * args.max_tokens, "a row stopped early"
         decode_tps = generated / (t_total - t_prefill)
-        bound = bandwidth_bound(cfg, batch, max_len, args.bandwidth_gbs)
+        bound = bandwidth_bound(cfg, batch, args.prompt_len + args.max_tokens / 2, args.bandwidth_gbs)
         print(f"batch={batch:3d} cache_len={max_len} | prefill {batch * args.prompt_len / t_prefill:10.0f} tok/s "
               f"({t_prefill * 1e3:.1f} ms) | decode {decode_tps:8.1f} tok/s ({(t_total - t_prefill) / args.max_tokens * 1e3:.2f} "
               f"ms/step) | bandwidth bound at {args.bandwidth_gbs:g} GB/s: {bound:10.0f} tok/s")

@@ -5,7 +5,10 @@ Design
   (right-padded) prompts through `GPT.decode` into a fresh cache, and `_decode_chunk` runs a
   `lax.while_loop` of up to `chunk` decode steps. Shapes are static: prompts are padded to a
   power-of-two bucket (>= 16) and the cache length is bucket(bucket(prompt) + max_tokens), so prefill
-  compiles once per (prompts, bucket, cache length) and decoding once per (rows, cache length).
+  compiles once per (prompts, bucket, cache length) and decoding once per (rows, cache length, window).
+- Attention reads a window of the cache, not all of it: the smallest power of two that holds every position
+  the next chunk can write (prefill: the prompt bucket). Decode cost follows the live length; the few
+  window sizes are each compiled once.
 - Parameters are held in the compute dtype (cast once when the engine is made): the forward would cast
   them in every step anyway, and a decode step's time is the bytes of weights it reads.
 - `num_samples` completions of a prompt share one prefill: prefill runs on the distinct prompts and
@@ -91,7 +94,7 @@ def sample_tokens(keys: jax.Array, logits: jax.Array, temperature, top_k=0, top_
 def _prefill(graphdef, state, cache: KVCache, tokens, lengths):
     """Right-padded prompts (P, L) into an empty cache; returns (logits at each prompt's last token, cache)."""
     model = nnx.merge(graphdef, state)
-    last, cache = model.decode(tokens, cache, logits_at=lengths - 1)
+    last, cache = model.decode(tokens, cache, logits_at=lengths - 1, window=tokens.shape[1])
     return last, cache.replace(lengths=lengths)
 
 
@@ -103,11 +106,12 @@ def _repeat_rows(tree, n: int):
     return cache.replace(k=rep(cache.k, 1), v=rep(cache.v, 1), lengths=rep(cache.lengths, 0)), rep(logits, 0)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2), donate_argnames=("cache",))
-def _decode_chunk(graphdef, chunk: int, specials: tuple[int, int, int, int], state, cache: KVCache, logits, keys,
-                  active, in_block, budget, forced, n_forced, temperature, top_k, top_p):
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3), donate_argnames=("cache",))
+def _decode_chunk(graphdef, chunk: int, specials: tuple[int, int, int, int], window: int, state, cache: KVCache,
+                  logits, keys, active, in_block, budget, forced, n_forced, temperature, top_k, top_p):
     """Up to `chunk` steps for all rows. Per row: take the next forced token or sample from `logits`,
     feed it, stop on a terminal token or an exhausted budget, freeze after a closing <|python_end|>.
+    Attention reads the first `window` cache positions (> every position this chunk writes).
     Returns tokens/emitted/was_forced (B, chunk) and the new cache, logits and keys."""
     model = nnx.merge(graphdef, state)
     assistant_end, bos, python_start, python_end = specials
@@ -126,7 +130,7 @@ def _decode_chunk(graphdef, chunk: int, specials: tuple[int, int, int, int], sta
         sampled = sample_tokens(sub, logits, temperature, top_k, top_p)
         has_forced = fpos < n_forced
         tok = jnp.where(has_forced, forced[rows, jnp.minimum(fpos, chunk - 1)], sampled)
-        new_logits, new_cache = model.decode(tok[:, None], cache)
+        new_logits, new_cache = model.decode(tok[:, None], cache, window=window)
         cache = new_cache.replace(lengths=jnp.where(active, new_cache.lengths, cache.lengths))
         logits = jnp.where(active[:, None], new_logits[:, 0], logits)
         tokens = tokens.at[:, step].set(tok)
@@ -188,6 +192,7 @@ class Engine:
         self.python_start, self.python_end = sp("<|python_start|>"), sp("<|python_end|>")
         self.output_start, self.output_end = sp("<|output_start|>"), sp("<|output_end|>")
         self.prefill_calls: list[tuple[int, int]] = []  # (prompts, padded length) of every prefill
+        self.decode_windows: list[int] = []  # attention window of every decode chunk
 
     @classmethod
     def from_checkpoint(cls, stage: str, step: int | None = None, **kwargs) -> "Engine":
@@ -253,7 +258,11 @@ class Engine:
             active = np.array([not r.done for r in rows])
             in_block = np.array([r.in_block for r in rows])
             budget = np.array([r.remaining for r in rows], np.int32)
-            out = _decode_chunk(self.graphdef, self.chunk, specials, self.state, cache, logits, keys,
+            # attend over a power-of-two window that holds every position this chunk can write
+            live = max(len(prompts[i // num_samples]) + len(r.out) for i, r in enumerate(rows))
+            window = min(max_len, bucket(live + self.chunk))
+            self.decode_windows.append(window)
+            out = _decode_chunk(self.graphdef, self.chunk, specials, window, self.state, cache, logits, keys,
                                 jnp.asarray(active), jnp.asarray(in_block), jnp.asarray(budget),
                                 jnp.asarray(forced), jnp.asarray(n_forced), *sampling)
             toks, emitted, was_forced, cache, logits, keys = out

@@ -99,7 +99,8 @@ class Attention(nnx.Module):
             rows = jnp.arange(B)[:, None]
             k_all = k_all.at[self.layer, rows, positions].set(k.astype(k_all.dtype), mode="drop")
             v_all = v_all.at[self.layer, rows, positions].set(v.astype(v_all.dtype), mode="drop")
-            k_l, v_l = k_all[self.layer].astype(q.dtype), v_all[self.layer].astype(q.dtype)
+            window = mask.shape[-1]  # attend to the first `window` cache positions only (see GPT.decode)
+            k_l, v_l = k_all[self.layer, :, :window].astype(q.dtype), v_all[self.layer, :, :window].astype(q.dtype)
             y = jax.nn.dot_product_attention(q, k_l, v_l, mask=mask)  # XLA: cuDNN takes no arbitrary masks
             cache = (k_all, v_all, positions, mask)
         return self.c_proj(y.reshape(B, T, self.n_head * self.head_dim)), cache
@@ -227,14 +228,18 @@ class GPT(nnx.Module):
         total = jnp.sum(weights)
         return jnp.sum(losses) / jnp.where(total > 0, total, 1.0)
 
-    def decode(self, tokens: jax.Array, cache: KVCache, logits_at: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
+    def decode(self, tokens: jax.Array, cache: KVCache, logits_at: jax.Array | None = None,
+               window: int | None = None) -> tuple[jax.Array, KVCache]:
         """Append tokens (B, T) to the cache: row b's token t sits at position cache.lengths[b] + t and attends
         to keys 0 .. lengths[b] + t. Returns fp32 logits (B, T, V) and the cache with lengths += T.
         With logits_at (B,) (e.g. each prompt's last index), only those positions go through the head: (B, V).
+        window (static, <= max_len): attention reads only the first `window` cache positions, so its cost
+        follows the live length instead of the allocated one; every position written must be < window.
         Writes past max_len are dropped (the caller must size the cache)."""
         T, max_len = tokens.shape[1], cache.k.shape[2]
+        window = max_len if window is None else min(window, max_len)
         positions = cache.lengths[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
-        mask = (jnp.arange(max_len)[None, None, :] <= positions[:, :, None])[:, None]  # (B, 1, T, max_len)
+        mask = (jnp.arange(window)[None, None, :] <= positions[:, :, None])[:, None]  # (B, 1, T, window)
         x, (k, v, _, _) = self._trunk(tokens, positions, (cache.k, cache.v, positions, mask))
         if logits_at is not None:
             x = jnp.take_along_axis(x, logits_at[:, None, None], axis=1)[:, 0]

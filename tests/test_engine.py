@@ -102,6 +102,21 @@ def test_bf16_engine_holds_bf16_weights_and_equals_fp32_storage(tokenizer):
     assert engine.generate_batch(PROMPTS[0], max_tokens=12, temperature=0.0)[0] == [expected]
 
 
+def test_attention_window_follows_the_live_length(model, tokenizer):
+    """Decode chunks attend over the smallest power-of-two window holding every position they write (not the
+    whole 128-position cache); 60 greedy tokens still equal the naive full recomputation."""
+    engine = Engine(model, tokenizer, chunk=8)
+    stop = {tokenizer.encode_special("<|assistant_end|>"), tokenizer.bos_token_id}
+    prompt = PROMPTS[0]  # 9 tokens: prefill bucket 16, cache bucket(16 + 60) = 128
+    expected = naive_greedy(model, prompt, 60, stop, width=128)
+    assert len(expected) == len(prompt) + 60  # no early stop: every chunk runs
+    results, _ = engine.generate_batch(prompt, max_tokens=60, temperature=0.0)
+    assert results == [expected]
+    live = [len(prompt) + 8 * i for i in range(len(engine.decode_windows))]  # cache length before each chunk
+    assert engine.decode_windows == [min(128, bucket(n + 8)) for n in live]
+    assert engine.decode_windows[:3] == [32, 32, 64] and engine.decode_windows[-1] == 128
+
+
 def test_batched_prompts_equal_one_by_one(engine):
     batched, _ = engine.generate_batch(PROMPTS, max_tokens=20, temperature=0.0)
     single = [engine.generate_batch(p, max_tokens=20, temperature=0.0)[0][0] for p in PROMPTS]
@@ -194,8 +209,8 @@ class ScriptedGPT(GPT):
             table[a] = b
         self.script = nnx.Param(jax.nn.one_hot(table, cfg.vocab_size) * 20.0)
 
-    def decode(self, tokens, cache, logits_at=None):
-        _, cache = super().decode(tokens, cache)
+    def decode(self, tokens, cache, logits_at=None, window=None):
+        _, cache = super().decode(tokens, cache, window=window)
         if logits_at is not None:
             tokens = jnp.take_along_axis(tokens, logits_at[:, None], axis=1)[:, 0]
         return self.script[...][tokens], cache
