@@ -135,7 +135,3 @@ def init_distributed() -> bool:
                          "JAX_COORDINATOR_ADDRESS=host:port, JAX_NUM_PROCESSES and JAX_PROCESS_ID on every "
                          f"process, or {DISTRIBUTED_ENV}=0 for a single process") from e
     return True
-    if not _wants_distributed():
-        return False
-    jax.distributed.initialize()
-    return True

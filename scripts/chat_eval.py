@@ -21,8 +21,8 @@ from nanochat_jax.checkpoint import CheckpointError, load_model
 from nanochat_jax.common import artifacts_dir, init_distributed, is_main_process, print0
 from nanochat_jax.config import ConfigError, load_config, to_dict, to_toml
 from nanochat_jax.core_eval import batch_rows
-from nanochat_jax.sharding import eval_mesh
 from nanochat_jax.engine import Engine
+from nanochat_jax.sharding import eval_mesh
 from nanochat_jax.tasks import TaskDataError
 
 

@@ -135,3 +135,15 @@ def test_data_bench_counts_tokens():
     results = data_bench.main(["--rows", "2", "--seq", "64", "--threads", "1,2", "--batches", "3"])
     assert [r["threads"] for r in results] == [1, 2]
     assert all(r["tokens_per_sec"] > 0 and r["rows"] * r["seq"] == 128 and r["vocab"] == 2048 for r in results)
+
+
+def test_serve_bench_streams_in_bursts_of_one_chunk():
+    import serve  # bench/serve.py
+
+    results = serve.main(["--depth", "1", "--vocab-size", "256", "--chunks", "1,8", "--prompt-len", "8",
+                          "--max-tokens", "16", "--turns", "1"])
+    assert [r["chunk"] for r in results] == [1, 8]
+    one, eight = results
+    assert all(r["first_token_s"] > 0 and r["tokens_per_sec"] > 0 for r in results)
+    # chunk 8 streams 16 tokens as two bursts: within a burst the gap is ~0, so the median gap is tiny
+    assert eight["gap_median_s"] < 0.1 * eight["gap_max_s"]
