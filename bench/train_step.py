@@ -330,8 +330,10 @@ def compare_nanochat(args, cfg, rows: int, ours: dict) -> dict:
            "--vocab", str(cfg.model.vocab_size), "--micro-steps", str(args.micro_steps),
            "--steps", str(args.steps), "--warmup", str(args.warmup),
            "--device", "cpu" if ours["backend"] == "cpu" else "cuda"]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    out = subprocess.run(cmd, capture_output=True, text=True)
     print(out.stdout, end="")
+    if out.returncode != 0:
+        raise SystemExit(f"bench/nanochat_torch.py failed (exit {out.returncode}):\n{out.stderr[-3000:]}")
     theirs = json.loads(out.stdout.split("JSON ", 1)[1].splitlines()[0])
     ratio = ours["tokens_per_sec"] / theirs["tokens_per_sec"]
     print(f"RATIO ours/nanochat tokens/s = {ratio:.3f} ({ours['tokens_per_sec']:,.0f} vs "
