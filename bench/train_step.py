@@ -244,7 +244,7 @@ def trace_summary(trace_file: str | Path, steps: int, top: int = 15) -> dict:
     threads = {(e["pid"], e["tid"]): e["args"]["name"] for e in events
                if e.get("ph") == "M" and e.get("name") == "thread_name"}
     complete = [e for e in events if e.get("ph") == "X" and "dur" in e]
-    device = [e for e in complete if procs.get(e["pid"], "").startswith("/device:")]
+    device = [e for e in complete if "/device:" in procs.get(e["pid"], "")]
     if not device:  # CPU backend: XLA runs its thunks on the host's tf_XLA* threads
         device = [e for e in complete if threads.get((e["pid"], e["tid"]), "").startswith("tf_XLA")
                   and not e["name"].startswith(("ThreadpoolListener", "SlinkyThreadPool", "ThunkExecutor"))]
