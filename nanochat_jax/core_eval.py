@@ -159,11 +159,14 @@ def common_length(seqs: list[list[int]], from_end: bool = False) -> int:
 
 def item_rows(tokens: list[list[int]], task_type: str) -> list[tuple[list[int], int, int]]:
     """(tokens, start, end) per scored row; tokens[start:end] is the continuation to score."""
+    # an option that is a whole prefix (suffix) of another would leave nothing to score (or no context before
+    # it): the shared part stops one token short of the shortest row, so every row scores at least one token
+    shortest = min(len(t) for t in tokens)
     if task_type == "multiple_choice":
-        start = common_length(tokens)
+        start = min(common_length(tokens), shortest - 1)
         return [(t, start, len(t)) for t in tokens]
     if task_type == "schema":
-        suffix = common_length(tokens, from_end=True)
+        suffix = min(common_length(tokens, from_end=True), shortest - 1)
         return [(t, len(t) - suffix, len(t)) for t in tokens]
     without, with_ = tokens
     if len(without) >= len(with_) or with_[:len(without)] != without:

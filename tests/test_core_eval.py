@@ -72,6 +72,10 @@ def test_item_rows_spans(tok):
     schema = item_rows([[1, 7, 8, 9], [1, 2, 3, 8, 9]], "schema")
     assert [(s, e) for _, s, e in schema] == [(2, 4), (3, 5)]
     assert item_rows([[1, 2], [1, 2, 3, 4]], "language_modeling") == [([1, 2, 3, 4], 2, 4)]
+    # an option that is a strict prefix of another still scores its last token (else its mean loss would be
+    # over nothing, and such an option would always win)
+    assert item_rows([[1, 2, 3], [1, 2, 3, 4]], "multiple_choice") == [([1, 2, 3], 2, 3), ([1, 2, 3, 4], 2, 4)]
+    assert item_rows([[8, 9], [1, 8, 9]], "schema") == [([8, 9], 1, 2), ([1, 8, 9], 2, 3)]
     with pytest.raises(ValueError, match="prefix"):
         item_rows([[1, 9], [1, 2, 3]], "language_modeling")
 
