@@ -147,3 +147,24 @@ def test_serve_bench_streams_in_bursts_of_one_chunk():
     assert all(r["first_token_s"] > 0 and r["tokens_per_sec"] > 0 for r in results)
     # chunk 8 streams 16 tokens as two bursts: within a burst the gap is ~0, so the median gap is tiny
     assert eight["gap_median_s"] < 0.1 * eight["gap_max_s"]
+
+
+def test_gpu_suite_stages_run_on_cpu(tmp_path):
+    """bench/gpu_suite.sh's train and decode stages, shrunk by overrides, run end to end here (CPU backend), so
+    the one-call-per-stage GPU script does not rot between the sessions that have a GPU."""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env.update(PY=sys.executable, OUT=str(tmp_path), JAX_PLATFORMS="cpu")
+    suite = ["bash", str(ROOT / "bench" / "gpu_suite.sh")]
+    train = subprocess.run([*suite, "train", "1", "--model.sequence_len=32", "--train.device_batch_size=2",
+                            "--model.vocab_size=256", "--model.aspect_ratio=32", "--steps", "1", "--warmup", "0",
+                            "--matmul-size", "128"], env=env, capture_output=True, text=True, timeout=300)
+    log = (tmp_path / "train.log").read_text()
+    assert train.returncode == 0 and "breakdown: forward" in log and "by kind (ms/step)" in log, log[-2000:]
+    result = json.loads(next(line for line in log.splitlines() if line.startswith("JSON "))[5:])
+    assert result["depth"] == 1 and result["profile"]["kernel_ms_per_step"] > 0
+    decode = subprocess.run([*suite, "decode", "--depth", "1", "--vocab-size", "256", "--prompt-len", "8",
+                             "--max-tokens", "8", "--batch-sizes", "1", "--compute-dtype", "float32"],
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert decode.returncode == 0 and "bandwidth bound at 4300 GB/s" in (tmp_path / "decode.log").read_text()
+    unknown = subprocess.run([*suite, "nonsense"], env=env, capture_output=True, text=True, timeout=60)
+    assert unknown.returncode == 2 and "unknown stage 'nonsense'" in unknown.stderr
