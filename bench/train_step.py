@@ -298,16 +298,13 @@ def breakdown(args, graphdef, state, shardings, mesh, batch, step_s: float) -> d
     import jax.numpy as jnp
     from flax import nnx
 
-    from nanochat_jax.train import lm_loss, microbatch_sharding
+    from nanochat_jax.train import lm_loss, microbatch_sharding, summed_grads
 
     def forward(params, batch):
         return jnp.mean(jax.lax.map(lambda micro: lm_loss(nnx.merge(graphdef, params), micro), batch))
 
     def forward_backward(params, batch):
-        def one(grads, micro):
-            loss, g = jax.value_and_grad(lambda p: lm_loss(nnx.merge(graphdef, p), micro))(params)
-            return jax.tree.map(jnp.add, grads, g), loss
-        return jax.lax.scan(one, jax.tree.map(jnp.zeros_like, params), batch)
+        return summed_grads(graphdef, params, batch)
 
     in_sh = (shardings.params, microbatch_sharding(mesh))
     out = {}

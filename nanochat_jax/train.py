@@ -104,6 +104,17 @@ def lm_loss(model, micro: dict) -> jax.Array:
     return model.loss(micro["inputs"], micro["targets"], micro.get("mask"))
 
 
+def summed_grads(graphdef, params, batch: dict, objective: Callable = lm_loss):
+    """(gradients summed over the micro-steps, per-micro-step losses): one value_and_grad per slice of the
+    batch's leading micro-step axis, accumulated in a lax.scan (the forward+backward half of a train step)."""
+
+    def accumulate(grads, micro):
+        loss, micro_grads = jax.value_and_grad(lambda p: objective(nnx.merge(graphdef, p), micro))(params)
+        return jax.tree.map(jnp.add, grads, micro_grads), loss
+
+    return jax.lax.scan(accumulate, jax.tree.map(jnp.zeros_like, params), batch)
+
+
 def make_train_step(graphdef, optimizer: optax.GradientTransformation, shardings: TrainState, mesh: Mesh,
                     num_iterations: int, optim_cfg: OptimConfig, objective: Callable = lm_loss) -> Callable:
     """train_step(state, batch) -> (state, metrics); batch = {"inputs", "targets", ...} of shape (A, B, T).
@@ -111,18 +122,9 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, shardings
     objective(model, micro_batch) -> scalar loss; the default is lm_loss (RL passes a policy-gradient one).
     Every array of the batch is split along its leading micro-step axis."""
 
-    def loss_fn(params, micro):
-        return objective(nnx.merge(graphdef, params), micro)
-
     def train_step(state: TrainState, batch: dict):
         num_micro = batch["inputs"].shape[0]
-
-        def accumulate(grads, micro):
-            loss, micro_grads = jax.value_and_grad(loss_fn)(state.params, micro)
-            return jax.tree.map(jnp.add, grads, micro_grads), loss
-
-        zeros = jax.tree.map(jnp.zeros_like, state.params)
-        grads, losses = jax.lax.scan(accumulate, zeros, batch)
+        grads, losses = summed_grads(graphdef, state.params, batch, objective)
         grads = jax.tree.map(lambda g: g / num_micro, grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
