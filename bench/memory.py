@@ -1,6 +1,6 @@
 """Per-device training memory for d20 / d26: an analytic estimate, checked against XLA's own accounting.
 
-    python bench/memory.py [--measure]            # table for d20 and d26, 80 GB and 141 GB cards
+    python bench/memory.py [--measure]            # table for d20 and d26; 32, 80 and 141 GB devices
 
 Analytic terms per device (P parameters, V vocab, C width, N = device_batch_size x sequence_len tokens):
   params      4 P bytes (fp32), divided by the FSDP degree
@@ -33,7 +33,7 @@ from nanochat_jax.config import ModelConfig, load_config  # noqa: E402
 from nanochat_jax.model import head_dim, num_params  # noqa: E402
 
 GB = 1e9
-CARDS = {"80GB": 80e9, "141GB": 141e9}
+CARDS = {"32GB": 32e9, "80GB": 80e9, "141GB": 141e9}  # TPU v6e chip, H100, H200
 MESHES = {"1 device": 1, "8x data": 1, "8x fsdp": 8}  # name -> sharding factor of params/opt/grads
 USABLE = 0.9
 
@@ -48,12 +48,13 @@ def optimizer_bytes(cfg: ModelConfig) -> int:
     return 4 * (2 * embed + (num_params(cfg) - embed))
 
 
-def activation_bytes(cfg: ModelConfig, rows: int, attention: str = "cudnn") -> dict:
+def activation_bytes(cfg: ModelConfig, rows: int, attention: str = "flash") -> dict:
     """Bytes the backward pass keeps for one micro-batch of `rows` sequences: {"layers", "loss", "total"}.
 
     Per token and layer, in the compute dtype (no remat): block input, attention norm, q/k/v, rotated q/k,
     normed q/k, attention output, residual after attention, MLP norm, c_fc output and relu^2 output.
-    Attention itself adds the fp32 log-sum-exp per head (cudnn) or (heads, T) fp32 probabilities per token (xla).
+    Attention itself adds the fp32 log-sum-exp per head (flash: cuDNN or splash) or (heads, T) fp32 probabilities
+    per token (xla).
     remat='block' keeps only the block input per layer plus one layer recomputed in the backward pass;
     'dots_saveable' keeps the outputs of the six projections.
     """
@@ -62,7 +63,7 @@ def activation_bytes(cfg: ModelConfig, rows: int, attention: str = "cudnn") -> d
     tokens = rows * T
     qkv = (H + 2 * Hkv) * D
     full_layer = a * (C + C + qkv + 2 * (H + Hkv) * D + H * D + C + C + 4 * C + 4 * C)
-    attn = 4 * H if attention == "cudnn" else 4 * H * T
+    attn = 4 * H if attention == "flash" else 4 * H * T
     per_layer = full_layer + attn
     if cfg.remat == "block":
         layers = tokens * (L * a * C + per_layer)
@@ -76,7 +77,7 @@ def activation_bytes(cfg: ModelConfig, rows: int, attention: str = "cudnn") -> d
     return {"layers": layers, "loss": loss, "total": layers + loss}
 
 
-def estimate(cfg: ModelConfig, device_batch_size: int, shard: int, attention: str = "cudnn") -> dict:
+def estimate(cfg: ModelConfig, device_batch_size: int, shard: int, attention: str = "flash") -> dict:
     """Per-device bytes by term for a mesh that shards params/optimizer/grads `shard` ways."""
     act = activation_bytes(cfg, device_batch_size, attention)
     out = {"params": param_bytes(cfg) / shard, "optimizer": optimizer_bytes(cfg) / shard,
@@ -85,7 +86,7 @@ def estimate(cfg: ModelConfig, device_batch_size: int, shard: int, attention: st
     return out
 
 
-def largest_fitting(cfg: ModelConfig, shard: int, capacity: float, attention: str = "cudnn") -> int:
+def largest_fitting(cfg: ModelConfig, shard: int, capacity: float, attention: str = "flash") -> int:
     best = 0
     for b in (1, 2, 4, 8, 16, 32, 64, 128):
         if estimate(cfg, b, shard, attention)["total"] <= USABLE * capacity:
@@ -132,15 +133,16 @@ def main(argv=None) -> None:
         m, B = cfg.model, cfg.train.device_batch_size
         print(f"\n{cfg.run}: depth {m.depth}, width {m.n_embd}, {num_params(m) / 1e6:.0f}M params, "
               f"{m.compute_dtype}, seq {m.sequence_len}, loss_chunk {m.loss_chunk}; device_batch_size {B}")
-        print(f"{'mesh':9} {'remat':6} {'params':>7} {'optim':>7} {'grads':>7} {'acts':>7} {'loss':>7} "
-              f"{'total':>7} {'xla-attn':>8} | largest device batch that fits 80GB / 141GB (cudnn)")
+        print(f"{'mesh':9} {'remat':13} {'params':>7} {'optim':>7} {'grads':>7} {'acts':>7} {'loss':>7} "
+              f"{'total':>7} {'xla-attn':>8} | largest device batch that fits "
+              f"{' / '.join(CARDS)} (flash attention)")
         for mesh_name, shard in MESHES.items():
-            for remat in ("none", "block"):
+            for remat in ("none", "dots_saveable", "block"):
                 c = dataclasses.replace(m, remat=remat)
                 e = estimate(c, B, shard)
                 x = estimate(c, B, shard, "xla")["total"]
                 fits = " / ".join(str(largest_fitting(c, shard, cap)) for cap in CARDS.values())
-                print(f"{mesh_name:9} {remat:6} " + " ".join(f"{e[k] / GB:7.1f}" for k in
+                print(f"{mesh_name:9} {remat:13} " + " ".join(f"{e[k] / GB:7.1f}" for k in
                       ("params", "optimizer", "grads", "activations", "loss", "total")) + f" {x / GB:8.1f} | {fits}")
         if args.measure:
             meas = measure_temp(m)

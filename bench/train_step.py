@@ -14,7 +14,7 @@ MFU = flops_per_token * tokens/s / peak, against two peaks for the whole mesh:
 Prints a one-line summary and a JSON line starting with `JSON `. With --xla-dump DIR, XLA's dumps go to DIR
 and the optimized HLO of the step to DIR/train_step.hlo.txt, and a summary of that HLO is printed
 (collectives by type, the largest buffer with the vocabulary in its shape, the batched Newton-Schulz matmuls).
-On a CPU backend a cudnn attention_impl is replaced by xla (cuDNN does not exist there).
+An attention_impl meant for another backend (cudnn off GPUs, splash off TPUs) is replaced by xla.
 """
 
 from __future__ import annotations
@@ -116,8 +116,9 @@ def main(argv=None) -> dict:
 
     cfg = load_config(overrides)
     info = device_info()
-    if info["backend"] == "cpu" and cfg.model.attention_impl == "cudnn":
-        print("note: CPU backend, using model.attention_impl=xla instead of cudnn")
+    native = {"cudnn": "gpu", "splash": "tpu"}.get(cfg.model.attention_impl)
+    if native and info["backend"] != native:  # cuDNN does not exist there; splash would run interpreted
+        print(f"note: {info['backend']} backend, using model.attention_impl=xla instead of {cfg.model.attention_impl}")
         cfg.model.attention_impl = "xla"
     mesh = make_mesh(cfg.mesh)
     n_dev = mesh.size

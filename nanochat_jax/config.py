@@ -36,7 +36,7 @@ class ModelConfig:
     rope_theta: float = 10000.0
     compute_dtype: str = "bfloat16"  # activations / matmuls; parameters stay fp32
     param_dtype: str = "float32"
-    attention_impl: str = "xla"  # xla | cudnn (flash attention on NVIDIA GPUs)
+    attention_impl: str = "xla"  # xla | cudnn (flash attention on NVIDIA GPUs) | splash (flash attention on TPU)
     remat: str = "none"  # none | block | dots_saveable
     loss_chunk: int = 0  # >0: cross-entropy over chunks of this many tokens (no full (B,T,V) logits)
 
@@ -66,7 +66,7 @@ class ModelConfig:
             raise ConfigError(f"model.n_kv_head={self.n_kv_head} must divide n_head={self.n_head} (0 = same as n_head)")
         _choice(self, "model", "compute_dtype", DTYPES)
         _choice(self, "model", "param_dtype", DTYPES)
-        _choice(self, "model", "attention_impl", ("xla", "cudnn"))
+        _choice(self, "model", "attention_impl", ("xla", "cudnn", "splash"))
         _choice(self, "model", "remat", ("none", "block", "dots_saveable"))
         if self.softcap < 0 or self.loss_chunk < 0:
             raise ConfigError("model.softcap and model.loss_chunk must be >= 0")

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from nanochat_jax import splash
 from nanochat_jax.config import ConfigError, ModelConfig
 from nanochat_jax.sharding import constrain
 
@@ -78,7 +79,7 @@ class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, layer: int, *, rngs: nnx.Rngs):
         C, D = cfg.n_embd, head_dim(cfg)
         self.layer, self.n_head, self.n_kv_heads, self.head_dim = layer, cfg.n_head, cfg.n_kv_heads, D
-        self.implementation = None if cfg.attention_impl == "xla" else cfg.attention_impl
+        self.attention_impl = cfg.attention_impl
         self.c_q = Linear(C, self.n_head * D, ("embed", "heads"), cfg, zero=False, rngs=rngs)
         self.c_k = Linear(C, self.n_kv_heads * D, ("embed", "kv_heads"), cfg, zero=False, rngs=rngs)
         self.c_v = Linear(C, self.n_kv_heads * D, ("embed", "kv_heads"), cfg, zero=False, rngs=rngs)
@@ -92,8 +93,11 @@ class Attention(nnx.Module):
         k = self.c_k(x).reshape(B, T, self.n_kv_heads, self.head_dim)
         v = self.c_v(x).reshape(B, T, self.n_kv_heads, self.head_dim)
         q, k = rms_norm(apply_rotary(q, cos, sin)), rms_norm(apply_rotary(k, cos, sin))
-        if cache is None:
-            y = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=self.implementation)
+        if cache is None and self.attention_impl == "splash" and splash.block_size(T):
+            y = splash.causal_attention(q, k, v)
+        elif cache is None:  # XLA's attention also stands in for splash when no tile divides T (short evals)
+            cudnn = self.attention_impl == "cudnn"
+            y = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn" if cudnn else None)
         else:
             k_all, v_all, positions, mask = cache
             rows = jnp.arange(B)[:, None]
