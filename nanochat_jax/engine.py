@@ -191,8 +191,10 @@ class Engine:
         self.assistant_end, self.bos = sp("<|assistant_end|>"), tokenizer.bos_token_id
         self.python_start, self.python_end = sp("<|python_start|>"), sp("<|python_end|>")
         self.output_start, self.output_end = sp("<|output_start|>"), sp("<|output_end|>")
-        self.prefill_calls: list[tuple[int, int]] = []  # (prompts, padded length) of every prefill
-        self.decode_windows: list[int] = []  # attention window of every decode chunk
+        # what the latest generate call ran (for tests): (prompts, padded length) of its one prefill and the
+        # attention window of each of its decode chunks
+        self.last_prefill: tuple[int, int] | None = None
+        self.decode_windows: list[int] = []
 
     @classmethod
     def from_checkpoint(cls, stage: str, step: int | None = None, **kwargs) -> "Engine":
@@ -238,7 +240,7 @@ class Engine:
         for i, p in enumerate(prompts):
             padded[i, :len(p)] = p
         lengths = jnp.asarray([len(p) for p in prompts], jnp.int32)
-        self.prefill_calls.append((P, L))
+        self.last_prefill, self.decode_windows = (P, L), []
         logits, cache = _prefill(self.graphdef, self.state, self._empty_cache(P, max_len), jnp.asarray(padded), lengths)
         if num_samples > 1:
             cache, logits = _repeat_rows((cache, logits), num_samples)

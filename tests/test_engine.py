@@ -134,7 +134,7 @@ def test_num_samples_share_one_prefill(model, tokenizer):
     engine = Engine(model, tokenizer, chunk=8)
     prompt = PROMPTS[0]
     results, _ = engine.generate_batch(prompt, num_samples=4, max_tokens=16, temperature=1.0, seed=1)
-    assert engine.prefill_calls == [(1, 16)]  # one prefill of one row for four samples
+    assert engine.last_prefill == (1, 16)  # one prefill of one row for four samples
     assert len(results) == 4 and all(r[: len(prompt)] == prompt for r in results)
     assert len({tuple(r) for r in results}) > 1  # rows have their own keys
     again, _ = engine.generate_batch(prompt, num_samples=4, max_tokens=16, temperature=1.0, seed=1)
