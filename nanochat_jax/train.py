@@ -115,6 +115,19 @@ def summed_grads(graphdef, params, batch: dict, objective: Callable = lm_loss):
     return jax.lax.scan(accumulate, jax.tree.map(jnp.zeros_like, params), batch)
 
 
+def out_of_memory_advice(shape: tuple[int, int, int], mesh: Mesh, error: str) -> str:
+    """What to change when a train step of batch shape (micro_steps, rows, T) does not fit in device memory."""
+    from nanochat_jax.sharding import shard_count
+
+    with jax.set_mesh(mesh):
+        rows = shard_count("batch")
+    first_line = error.strip().splitlines()[0][:300]
+    return (f"the train step ran out of device memory with {shape[1] // rows} rows of {shape[2]} tokens per device "
+            f"and micro-batch: lower --train.device_batch_size (gradient accumulation keeps total_batch_size), "
+            f"or set --model.remat=dots_saveable (or block) or --model.loss_chunk=256; bench/memory.py estimates "
+            f"the memory per device. XLA said: {first_line}")
+
+
 def make_train_step(graphdef, optimizer: optax.GradientTransformation, shardings: TrainState, mesh: Mesh,
                     num_iterations: int, optim_cfg: OptimConfig, objective: Callable = lm_loss) -> Callable:
     """train_step(state, batch) -> (state, metrics); batch = {"inputs", "targets", ...} of shape (A, B, T).
@@ -144,7 +157,12 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, shardings
 
     def run(state: TrainState, batch: dict):
         with jax.set_mesh(mesh):  # lets the model pin its activations' sharding (sharding.constrain)
-            return jitted(state, batch)
+            try:
+                return jitted(state, batch)
+            except jax.errors.JaxRuntimeError as e:
+                if "RESOURCE_EXHAUSTED" not in str(e):
+                    raise
+                raise MemoryError(out_of_memory_advice(batch["inputs"].shape, mesh, str(e))) from e
 
     run.jitted = jitted  # for lowering / inspection (bench/train_step.py)
     return run

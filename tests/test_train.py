@@ -126,3 +126,19 @@ def test_newton_schulz_work_is_split_over_the_mesh():
     stacks = {int(n) for n in re.findall(r"= f32\[(\d+),128,(?:128|512)\]\{[^}]*\} (?:dot|fusion)\(", hlo)}
     assert stacks and max(stacks) <= 8, stacks  # 16 square matrices / 2 devices; never the whole stack of 16
     assert 8 in stacks and 4 in stacks, stacks
+
+
+def test_out_of_memory_names_the_knobs_to_turn():
+    """A step that runs out of device memory (simulated: XLA's error raised while tracing) says per-device rows
+    and which settings lower the memory, instead of XLA's bare RESOURCE_EXHAUSTED."""
+    mesh = make_mesh(MeshConfig(8, 1, 1))
+    graphdef, optimizer, state, shardings = init_train_state(TINY, OPTIM, 3, mesh)
+
+    def objective(model, micro):
+        raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 9.50GiB.\nmore")
+
+    step = make_train_step(graphdef, optimizer, shardings, mesh, 3, OPTIM, objective=objective)
+    batch = jax.device_put(_batches(1, 2, 16, TINY.sequence_len, TINY.vocab_size)[0], microbatch_sharding(mesh))
+    with pytest.raises(MemoryError, match=r"2 rows of 16 tokens per device.*device_batch_size.*remat.*"
+                                          r"allocate 9\.50GiB\.$"):
+        step(state, batch)
