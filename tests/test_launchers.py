@@ -1,0 +1,60 @@
+"""The launchers' stage commands parse: every `scripts/*.py` call in run_gpu.sh, run_tpu.sh and run_cpu.sh names a
+script that exists, and its flags and config overrides are accepted with the launcher's default config. A renamed
+config key would otherwise surface only on the GPU or TPU machine, hours into a run, at the stage that uses it."""
+
+import importlib.util
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+from nanochat_jax.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+NO_CONFIG = {"report.py"}  # takes reset / generate, no config
+
+
+def stage_commands(launcher: str) -> list[tuple[str, list[str]]]:
+    """(script, argv) of each `run scripts/X.py ...` / `"$PY" scripts/X.py ...` line, with the launcher's
+    variables substituted ($CONFIG by its default, "$@" dropped)."""
+    text = (ROOT / launcher).read_text().replace("\\\n", " ")
+    variables = dict(re.findall(r'^(\w+)=\$\{\w+:-([^}]*)\}', text, re.M))  # CONFIG=${CONFIG:-configs/x.toml}
+    variables.update(re.findall(r'^(\w+)="([^"$]*)"', text, re.M))  # CPU_TASKS="..."
+    commands = []
+    for match in re.finditer(r'(?:^|\s)(?:run|"\$PY")\s+(scripts/\S+\.py)([^\n]*)', text, re.M):
+        args = match.group(2).split("#")[0].replace('"$@"', "")
+        args = re.sub(r'"\$(\w+)"', lambda m: shlex.quote(variables[m.group(1)]), args)
+        commands.append((match.group(1), shlex.split(args)))
+    return commands
+
+
+def _load(script: str):
+    spec = importlib.util.spec_from_file_location(Path(script).stem + "_launch_check", ROOT / script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("launcher", ["run_gpu.sh", "run_tpu.sh", "run_cpu.sh"])
+def test_every_stage_command_parses(launcher):
+    commands = stage_commands(launcher)
+    scripts = {script for script, _ in commands}
+    assert {"scripts/base_train.py", "scripts/mid_train.py", "scripts/chat_sft.py", "scripts/chat_rl.py",
+            "scripts/chat_eval.py", "scripts/report.py"} <= scripts, scripts
+    for script, argv in commands:
+        assert (ROOT / script).is_file(), script
+        if Path(script).name in NO_CONFIG:
+            continue
+        module = _load(script)
+        parsed = module.parse_args(argv) if hasattr(module, "parse_args") else (None, argv)
+        if isinstance(parsed, tuple):  # (script flags, config overrides)
+            cfg = load_config(parsed[1])
+            assert "--config" not in argv or cfg.run != "default", (script, argv)
+
+
+def test_gpu_and_tpu_launchers_use_their_configs():
+    gpu = dict(stage_commands("run_gpu.sh"))["scripts/base_train.py"]
+    tpu = dict(stage_commands("run_tpu.sh"))["scripts/base_train.py"]
+    assert load_config(gpu).model.attention_impl == "cudnn" and load_config(gpu).model.depth == 20
+    assert load_config(tpu).model.attention_impl == "splash" and load_config(tpu).mesh.fsdp == -1
