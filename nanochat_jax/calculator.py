@@ -15,6 +15,7 @@ from __future__ import annotations
 import ast
 import math
 import operator
+import re
 import warnings
 
 MAX_INPUT_CHARS = 1000
@@ -24,6 +25,7 @@ MAX_INT_BITS = 4096  # ~1233 decimal digits
 MAX_STR_LEN = 10_000
 MAX_RESULT_CHARS = 500
 PURE_MATH_CHARS = set("0123456789.+-*/%() ,")
+THOUSANDS_COMMA = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")  # the comma in 1,234 (not in 3,5 or 1,2)
 
 
 class CalcError(Exception):
@@ -53,7 +55,7 @@ def _evaluate(expression: str):
         raise CalcError(f"expression longer than {MAX_INPUT_CHARS} characters")
     expression = expression.strip()
     if set(expression) <= PURE_MATH_CHARS:
-        expression = expression.replace(",", "")  # "1,234 * 5": thousands separators
+        expression = THOUSANDS_COMMA.sub("", expression)  # "1,234 * 5"; any other comma stays and is refused
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -166,6 +168,8 @@ def _checked(x):
 
 def _precheck(op: ast.operator, a, b) -> None:
     """Refuse operations whose result would be too big, before computing them."""
+    if isinstance(op, ast.Mod) and isinstance(a, str):  # '%0999999999d' % 1 would build the whole string first
+        raise CalcError("string formatting with % is not supported")
     if isinstance(op, ast.Mult):
         if isinstance(a, str) or isinstance(b, str):
             s, n = (a, b) if isinstance(a, str) else (b, a)

@@ -72,8 +72,8 @@ def sample_tokens(keys: jax.Array, logits: jax.Array, temperature, top_k=0, top_
         in_top_k = rank[None, :] < k
         probs = jax.nn.softmax(jnp.where(in_top_k, desc, -jnp.inf), axis=-1)
         mass_before = jnp.cumsum(probs, axis=-1) - probs
-        keep = in_top_k & (mass_before < top_p)  # always keeps rank 0; a prefix of the sorted order
-        n_keep = jnp.sum(keep, axis=-1, keepdims=True)
+        keep = in_top_k & (mass_before < top_p)  # a prefix of the sorted order
+        n_keep = jnp.maximum(jnp.sum(keep, axis=-1, keepdims=True), 1)  # rank 0 always (top_p = 0: greedy)
         threshold = jnp.take_along_axis(desc, n_keep - 1, axis=-1)
         return jnp.where(x >= threshold, x, -jnp.inf)
 
@@ -226,12 +226,12 @@ class Engine:
 
         tokens: one prompt (list[int]) or several (list[list[int]]). mask 1 = sampled, 0 = forced tool
         output (or filler after a row has finished)."""
-        prompts = [tokens] if tokens and isinstance(tokens[0], (int, np.integer)) else tokens
+        prompts = [tokens] if len(tokens) and isinstance(tokens[0], (int, np.integer)) else tokens
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("generate needs at least one non-empty prompt")
-        if num_samples < 1 or max_tokens < 1 or temperature < 0:
-            raise ValueError(f"need num_samples >= 1, max_tokens >= 1, temperature >= 0; got {num_samples}, "
-                             f"{max_tokens}, {temperature}")
+        if num_samples < 1 or max_tokens < 1 or not temperature >= 0 or (top_p is not None and not 0 <= top_p <= 1):
+            raise ValueError(f"need num_samples >= 1, max_tokens >= 1, temperature >= 0, 0 <= top_p <= 1; got "
+                             f"{num_samples}, {max_tokens}, {temperature}, {top_p}")
         P, B = len(prompts), len(prompts) * num_samples
         L = bucket(max(len(p) for p in prompts))
         max_len = bucket(L + max_tokens)
@@ -302,7 +302,7 @@ class Engine:
     def generate_batch(self, tokens, num_samples: int = 1, **kwargs) -> tuple[list[list[int]], list[list[int]]]:
         """Full sequences (prompt + completion, without the terminal token) and masks (0 on the prompt and on
         forced tool output, 1 on sampled tokens), num_samples rows per prompt in prompt-major order."""
-        prompts = [tokens] if tokens and isinstance(tokens[0], (int, np.integer)) else tokens
+        prompts = [tokens] if len(tokens) and isinstance(tokens[0], (int, np.integer)) else tokens
         results = [list(p) for p in prompts for _ in range(num_samples)]
         masks = [[0] * len(p) for p in prompts for _ in range(num_samples)]
         completed = [False] * len(results)

@@ -122,6 +122,15 @@ HOSTILE = [
     "   ",
     "1 +",
     "\x00",
+    # %-formatting builds the padded string before any size check could see it (seconds, gigabytes)
+    "'%04000000000d' % 1",
+    "'%.999999999f' % 1.0",
+    "'%s' % 'a'",
+    # commas that are not thousands separators: a decimal comma or a tuple would silently give another number
+    "3,5 * 2",
+    "(1,5)",
+    "1,2",
+    "1,2345",
 ]
 
 LEGIT = {
@@ -143,6 +152,7 @@ LEGIT = {
     "2 ** 100": "1267650600228229401496703205376",
     "1,234 * 5": "6170",
     "12,345.5 + 0.5": "12346.0",
+    "1,234,567 - 1": "1234566",
     "3 < 4 < 5": "True",
     "2 == 3": "False",
     "abs(-4.5)": "4.5",

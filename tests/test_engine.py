@@ -172,6 +172,15 @@ def test_sample_greedy_top_k_top_p():
     assert (sample(keys, logits, 0.0) == greedy).all()
     assert (sample(keys, logits, 1.0, 1) == greedy).all()  # top_k=1
     assert (sample(keys, logits, 1.0, 0, 1e-6) == greedy).all()  # top_p tiny
+    assert (sample(keys, logits, 1.0, 0, 0.0) == greedy).all()  # top_p 0 keeps the top token, not everything
+
+
+def test_generate_refuses_bad_sampling_settings(engine):
+    for bad in (dict(top_p=-0.1), dict(top_p=1.5), dict(top_p=float("nan")), dict(temperature=float("nan"))):
+        with pytest.raises(ValueError, match="top_p"):
+            engine.generate_batch(PROMPTS, max_tokens=2, **bad)
+    tokens, _ = engine.generate_batch([np.array(PROMPTS[0])], max_tokens=2, temperature=0.0)  # numpy prompt
+    assert len(tokens) == 1
 
 
 def _frequencies(logits, n=20000, **kwargs):

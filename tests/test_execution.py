@@ -24,9 +24,15 @@ def test_syntax_error_reported():
 
 
 def test_exit_codes():
-    assert execute_code("import sys; sys.exit(0)").success
     r = execute_code("import sys; sys.exit(2)")
     assert not r.success and r.error == "SystemExit: 2"
+    # a wrong completion that exits before the tests run (even with status 0) must not pass
+    wrong = "def add(a, b):\n    return a - b\n"
+    tests = "\nassert add(1, 2) == 3\n"
+    assert not execute_code(wrong + tests).success
+    for leave in ("import sys\nsys.exit(0)\n", "raise SystemExit\n"):
+        r = execute_code(wrong + leave + tests)
+        assert not r.success and r.error.startswith("SystemExit"), leave
     # leaving without a report (e.g. skipping the tests that come after) is never a success
     r = execute_code("import os; os._exit(0)\nassert False")
     assert not r.success and "without reporting a result" in r.error
