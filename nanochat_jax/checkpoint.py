@@ -5,7 +5,7 @@ Layout: `<home>/checkpoints/<stage>/d<depth>/<step>/` with one Orbax item per pa
 - opt_state: the optax state pytree;
 - data: {"process_count": n, "states": [iterator state of process 0, 1, ...]} (JSON, gathered from all
   processes at save time, since every process reads different documents);
-- meta: JSON: step, stage, resolved config, model config dict, tokenizer directory ("tokenizer"), val_bpb, ...
+- meta: JSON: step, stage, resolved config, model config dict, tokenizer directory ("tokenizer"), ...
 Saving is asynchronous (Orbax writes in the background; `wait()` blocks until it is on disk) and keeps the
 newest `keep` steps. Restoring takes abstract targets (`jax.ShapeDtypeStruct` with a sharding), so a
 checkpoint written on one mesh restores onto any other mesh.
@@ -59,7 +59,11 @@ def _set_aside_previous_run(directory: Path) -> None:
         import shutil
 
         previous = directory.with_name(directory.name + ".previous")
+        older = sorted(p.name for p in previous.glob("*") if p.is_dir() and p.name.isdigit())
         shutil.rmtree(previous, ignore_errors=True)
+        if older:
+            print(f"new run: deleted the older backup {previous} (steps {', '.join(older)}); one run is kept there",
+                  file=sys.stderr)
         previous.mkdir(parents=True)
         for path in steps:
             path.rename(previous / path.name)
@@ -85,14 +89,18 @@ class Checkpointer:
         self._manager = ocp.CheckpointManager(self.directory, options=options,
                                               item_names=("params", "opt_state", "data", "meta"))
 
-    def save(self, step: int, params, opt_state, data_state: dict | None, meta: dict) -> None:
-        """Start writing checkpoint `step` (returns before the write is done; see wait()).
-        opt_state may be None (e.g. an imported model): such a checkpoint loads but cannot resume training."""
+    def save(self, step: int, params, opt_state, data_state: dict | None, meta: dict, wait: bool = False) -> None:
+        """Start writing checkpoint `step`; it returns before the write is done unless wait=True. Use wait=True
+        for a run's last checkpoint: a write still under way when the process dies (say, a crash in the evaluation
+        that follows) is lost. opt_state may be None (e.g. an imported model): such a checkpoint loads but cannot
+        resume training."""
         data = {"process_count": jax.process_count(), "states": _gather_json(data_state)}
         items = dict(params=ocp.args.StandardSave(params), data=ocp.args.JsonSave(data), meta=ocp.args.JsonSave(meta))
         if opt_state is not None:
             items["opt_state"] = ocp.args.StandardSave(opt_state)
         self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+        if wait:
+            self.wait()
 
     def all_steps(self) -> list[int]:
         return sorted(self._manager.all_steps())

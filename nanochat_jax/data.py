@@ -368,8 +368,11 @@ def make_source(cfg, split: str):
         files = download_shards(cfg.num_shards, cfg.download_workers, data_dir)  # exactly these, present ones kept
         return FileSource(_split_files(files, split, str(data_dir)), cfg.text_column, cfg.skip_bad_shards)
     if cfg.source == "files":
-        files = _list_files(cfg.path)
-        return FileSource(_split_files(files, split, cfg.path), cfg.text_column, cfg.skip_bad_shards)
+        files = _split_files(_list_files(cfg.path), split, cfg.path)
+        source = FileSource(files, cfg.text_column, cfg.skip_bad_shards)
+        if not source.chunks:
+            raise DataError(f"the {split} split has no documents: {', '.join(str(f) for f in files)}")
+        return source
     raise DataError(f"unknown data.source {cfg.source!r}")
 
 

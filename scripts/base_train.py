@@ -75,6 +75,7 @@ def main(argv: list[str] | None = None) -> dict:
     train_iter = make_batch_iterator(make_source(cfg.data, "train"), tokenizer, batch_rows=rows,
                                      seq_len=cfg.model.sequence_len, seed=cfg.train.seed,
                                      num_threads=cfg.data.tokenizer_threads, prefetch=cfg.data.prefetch)
+    make_source(cfg.data, "val")  # an unusable validation split fails now, not after the training
     report_dir = artifacts_dir("report")
 
     start = 0
@@ -91,6 +92,11 @@ def main(argv: list[str] | None = None) -> dict:
     for step in range(start, num_iterations + 1):
         last = step == num_iterations
         with progress.paused():  # evals, samples and checkpoints do not count in tokens/s and MFU
+            # the checkpoint first: a failure in the evaluation or sampling below cannot lose the trained model
+            if (last and step > start) or (cfg.train.checkpoint_every > 0 and step % cfg.train.checkpoint_every == 0
+                                           and step > start):
+                ckpt.save(step, state.params, state.opt_state, data_state, stage_meta("base", step, cfg, cfg.model, {}),
+                          wait=last)
             if last or (cfg.train.eval_every > 0 and step % cfg.train.eval_every == 0):
                 val_bpb = split_bpb(cfg, tokenizer, bpb_step, state.params, tb, rows, mesh, "val")
                 progress.eval({"step": step, "val_bpb": val_bpb}, f"step {step:5d} | val bpb {val_bpb:.4f}")
@@ -98,10 +104,6 @@ def main(argv: list[str] | None = None) -> dict:
                 samples = sample_texts(graphdef, state.params, tokenizer)
                 for text in samples:
                     progress.write(f"  sample: {text!r}")
-            if (last and step > start) or (cfg.train.checkpoint_every > 0 and step % cfg.train.checkpoint_every == 0
-                                           and step > start):
-                ckpt.save(step, state.params, state.opt_state, data_state,
-                          stage_meta("base", step, cfg, cfg.model, {}, val_bpb=val_bpb))
         if last:
             break
 

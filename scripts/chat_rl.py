@@ -119,8 +119,9 @@ def main(argv: list[str] | None = None) -> dict:
     out_dir = checkpoint_dir("rl", model_cfg.depth)
     ckpt = Checkpointer(out_dir, fresh=True)  # RL runs do not resume
 
-    def save(step: int) -> None:
-        ckpt.save(step, state.params, None, None, stage_meta("rl", step, cfg, model_cfg, meta, source=rl.source))
+    def save(step: int) -> None:  # the last one is on disk before the final evaluation starts
+        ckpt.save(step, state.params, None, None, stage_meta("rl", step, cfg, model_cfg, meta, source=rl.source),
+                  wait=step == num_iterations)
 
     info = device_info()
     logger = StepLogger("rl", num_iterations)

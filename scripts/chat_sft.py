@@ -117,6 +117,9 @@ def main(argv: list[str] | None = None) -> dict:
     for step in range(start, num_iterations + 1):
         last = step == num_iterations
         with progress.paused():  # evals, samples and checkpoints do not count in tokens/s and MFU
+            if step > start and (last or (cfg.train.checkpoint_every > 0 and step % cfg.train.checkpoint_every == 0)):
+                ckpt.save(step, state.params, state.opt_state, data_state,  # before the evaluation (base_train.py)
+                          stage_meta("sft", step, cfg, model_cfg, source_meta), wait=last)
             if last or (cfg.sft.eval_every > 0 and step % cfg.sft.eval_every == 0):
                 losses = [loss_step(state.params, b["inputs"][0], b["targets"][0]) for b in val_batches]
                 val_loss = float(jnp.mean(jnp.stack(losses)))
@@ -126,9 +129,6 @@ def main(argv: list[str] | None = None) -> dict:
                                         cfg.sft.device_batch_size * 2)
                 progress.eval({"step": step, **metrics},
                               f"step {step:5d} | " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-            if step > start and (last or (cfg.train.checkpoint_every > 0 and step % cfg.train.checkpoint_every == 0)):
-                ckpt.save(step, state.params, state.opt_state, data_state,
-                          stage_meta("sft", step, cfg, model_cfg, source_meta, val_loss=val_loss, **metrics))
         if last:
             break
         supervised = count_targets(batch["targets"])

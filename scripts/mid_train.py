@@ -89,12 +89,12 @@ def main(argv: list[str] | None = None) -> dict:
     for step in range(start, num_iterations + 1):
         last = step == num_iterations
         with progress.paused():  # evals, samples and checkpoints do not count in tokens/s and MFU
+            if step > start and (last or (cfg.train.checkpoint_every > 0 and step % cfg.train.checkpoint_every == 0)):
+                ckpt.save(step, state.params, state.opt_state, data_state,  # before the evaluation (base_train.py)
+                          stage_meta("mid", step, cfg, model_cfg, source_meta), wait=last)
             if last or (cfg.mid.eval_every > 0 and step % cfg.mid.eval_every == 0):
                 val_bpb = evaluate_bpb(bpb_step, state.params, val_batches, tb)
                 progress.eval({"step": step, "val_bpb": val_bpb}, f"step {step:5d} | val bpb {val_bpb:.4f}")
-            if step > start and (last or (cfg.train.checkpoint_every > 0 and step % cfg.train.checkpoint_every == 0)):
-                ckpt.save(step, state.params, state.opt_state, data_state,
-                          stage_meta("mid", step, cfg, model_cfg, source_meta, val_bpb=val_bpb))
         if last:
             break
         state, metrics = train_step(state, batch)

@@ -177,7 +177,7 @@ def test_sft_checkpoint_and_loss(chat_home):
     lrm = [r["lr_multiplier"] for r in sft if "loss" in r]
     np.testing.assert_allclose(lrm, [1 - s / 20 for s in range(20)], rtol=1e-5)  # linear decay to 0
     meta = read_meta(chat_home / "checkpoints" / "sft" / "d2" / "20")
-    assert meta["stage"] == "sft" and meta["step"] == 20 and meta["val_loss"] == pytest.approx(val[-1])
+    assert meta["stage"] == "sft" and meta["step"] == 20
     summary = json.loads((chat_home / "report" / "sft_train.json").read_text())
     assert {"WorldFacts_acc", "WordProblems_acc", "SimpleSpelling_acc"} <= set(summary)
     assert summary["samples"][1].startswith("Who are you? -> ")

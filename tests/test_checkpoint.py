@@ -1,6 +1,10 @@
 """Checkpoints: round trip, restore onto other meshes, keep-last-N, load_model end to end, clear errors."""
 
 import dataclasses
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -11,6 +15,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from nanochat_jax import checkpoint
 from nanochat_jax.checkpoint import CheckpointError, Checkpointer
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def sharded_params(mesh):
@@ -120,9 +126,28 @@ def test_fresh_run_sets_the_previous_run_aside(tmp_path, capsys):
     Checkpointer(run_dir, async_save=False, fresh=True).close()  # a third run replaces the older backup
     assert sorted(p.name for p in previous.iterdir()) == ["20"]
     assert Checkpointer(run_dir, fresh=False).all_steps() == []
-    assert "(steps 20)" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "deleted the older backup" in err and "(steps 10, 20)" in err and "(steps 20)" in err
     Checkpointer(tmp_path / "empty", fresh=True).close()  # nothing to move: nothing said
     assert "moved" not in capsys.readouterr().err
+
+
+def test_a_waited_save_survives_a_crash_right_after_it(tmp_path):
+    """The last checkpoint of a run is saved with wait=True before the final evaluation: if that evaluation
+    crashes the process, the checkpoint is complete on disk (an unwaited asynchronous save can be left half
+    written: Orbax's writer threads stop with the interpreter)."""
+    program = (
+        "import sys, jax.numpy as jnp\n"
+        "from nanochat_jax.checkpoint import Checkpointer\n"
+        "ckpt = Checkpointer(sys.argv[1], keep=2)\n"
+        "params = {'w': jnp.arange(1_000_000, dtype=jnp.float32)}\n"
+        "ckpt.save(7, params, params, {'pos': 3}, {'step': 7}, wait=sys.argv[2] == 'wait')\n"
+        "raise RuntimeError('the final evaluation failed')\n")
+    proc = subprocess.run([sys.executable, "-c", program, str(tmp_path / "run"), "wait"], capture_output=True,
+                          text=True, timeout=300, cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert "the final evaluation failed" in proc.stderr
+    restored = Checkpointer(tmp_path / "run").restore(7, {"w": jax.ShapeDtypeStruct((1_000_000,), jnp.float32)})
+    assert float(restored["params"]["w"][-1]) == 999_999.0 and restored["meta"]["step"] == 7
 
 
 def test_corrupt_checkpoint_is_a_clear_error(tmp_path, make_mesh):

@@ -186,6 +186,12 @@ def test_bad_files_raise_clear_errors(tmp_path):
     cfg = DataConfig(source="files", path=str(tmp_path / "x.jsonl"))
     with pytest.raises(data.DataError, match="need at least 2"):
         data.make_source(cfg, "train")
+    split = tmp_path / "split"
+    split.mkdir()
+    (split / "a.jsonl").write_text('{"text": "a document"}\n')
+    (split / "b.jsonl").write_text("")
+    with pytest.raises(data.DataError, match=r"the val split has no documents: .*b\.jsonl"):
+        data.make_source(DataConfig(source="files", path=str(split)), "val")
 
 
 def test_corrupt_shard_error_or_skip(tmp_path, home, capsys):
