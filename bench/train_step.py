@@ -110,16 +110,15 @@ def main(argv=None) -> dict:
 
     from nanochat_jax.common import device_info, peak_flops_per_device
     from nanochat_jax.config import load_config
-    from nanochat_jax.model import flops_per_token, num_params
+    from nanochat_jax.model import flops_per_token, num_params, runnable_here
     from nanochat_jax.sharding import make_mesh
     from nanochat_jax.train import global_batch, init_train_state, make_train_step
 
     cfg = load_config(overrides)
     info = device_info()
-    native = {"cudnn": "gpu", "splash": "tpu"}.get(cfg.model.attention_impl)
-    if native and info["backend"] != native:  # cuDNN does not exist there; splash would run interpreted
+    if runnable_here(cfg.model) != cfg.model:  # cuDNN does not exist there; splash would run interpreted
         print(f"note: {info['backend']} backend, using model.attention_impl=xla instead of {cfg.model.attention_impl}")
-        cfg.model.attention_impl = "xla"
+        cfg.model = runnable_here(cfg.model)
     mesh = make_mesh(cfg.mesh)
     n_dev = mesh.size
     rows = cfg.train.device_batch_size * mesh.shape["data"] * mesh.shape["fsdp"]

@@ -188,7 +188,7 @@ def load_model(stage: str, step: int | None = None, depth: int | None = None, me
     from flax import nnx
 
     from nanochat_jax.config import MeshConfig, model_config_from_dict
-    from nanochat_jax.model import init_model
+    from nanochat_jax.model import init_model, runnable_here
     from nanochat_jax.sharding import make_mesh, param_shardings
     from nanochat_jax.tokenizer import load_tokenizer
 
@@ -198,7 +198,7 @@ def load_model(stage: str, step: int | None = None, depth: int | None = None, me
         meta = ckpt.read_meta(step)
         if "model" not in meta:
             raise CheckpointError(f"checkpoint {directory / str(step)} has no model config in its metadata")
-        model_cfg = model_config_from_dict(meta["model"])
+        model_cfg = runnable_here(model_config_from_dict(meta["model"]))
         if mesh is None:
             mesh = make_mesh(MeshConfig(1, 1, 1), jax.local_devices()[:1])
         graphdef, abstract = nnx.split(nnx.eval_shape(lambda: init_model(model_cfg)), nnx.Param)

@@ -13,6 +13,7 @@ axis names that the sharding rules map onto the device mesh.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import flax.struct
@@ -252,6 +253,18 @@ class GPT(nnx.Module):
 
     def num_params(self) -> int:
         return sum(p.size for p in jax.tree.leaves(nnx.state(self, nnx.Param)))
+
+
+NATIVE_BACKEND = {"cudnn": "gpu", "splash": "tpu"}  # attention implementations that exist on one backend only
+
+
+def runnable_here(cfg: ModelConfig) -> ModelConfig:
+    """cfg with an attention_impl this JAX backend runs: cudnn off GPUs and splash off TPUs become xla (the
+    same attention computed by XLA), e.g. for a model trained on GPUs and evaluated or served on a laptop."""
+    native = NATIVE_BACKEND.get(cfg.attention_impl)
+    if native is None or jax.default_backend() == native:
+        return cfg
+    return dataclasses.replace(cfg, attention_impl="xla")
 
 
 def init_model(cfg: ModelConfig, seed: int = 0) -> GPT:

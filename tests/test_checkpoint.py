@@ -167,7 +167,7 @@ def test_load_model_end_to_end(home, make_mesh):
     from flax import nnx
 
     from nanochat_jax.config import Config, ModelConfig, to_dict
-    from nanochat_jax.model import init_model
+    from nanochat_jax.model import init_model, runnable_here
     from nanochat_jax.tokenizer import Tokenizer
 
     with pytest.raises(CheckpointError, match=r"no checkpoints for stage 'sft' under .*; run scripts/chat_sft.py first"):
@@ -202,6 +202,16 @@ def test_load_model_end_to_end(home, make_mesh):
     np.testing.assert_allclose(forward(sharded, tokens), want, rtol=1e-5, atol=1e-5)
     with pytest.raises(CheckpointError, match=r"no checkpoint for step 8 in .*d1 \(steps: 7\)"):
         checkpoint.load_model("base", step=8)
+
+    # trained on TPUs (or GPUs): that backend's attention kernel becomes XLA's attention on this CPU
+    for impl in ("cudnn", "splash"):
+        assert runnable_here(dataclasses.replace(cfg.model, attention_impl=impl)).attention_impl == "xla"
+    ckpt = Checkpointer(checkpoint.checkpoint_dir("base", 1))
+    ckpt.save(8, params, None, None, {**meta, "step": 8, "model": {**meta["model"], "attention_impl": "splash"}})
+    ckpt.close()
+    from_tpu, _, tpu_meta = checkpoint.load_model("base", step=8)
+    assert tpu_meta["model"]["attention_impl"] == "splash" and from_tpu.blocks[0].attn.attention_impl == "xla"
+    np.testing.assert_allclose(forward(from_tpu, tokens), want, rtol=1e-6, atol=1e-6)
 
 
 def test_checkpoint_without_optimizer_state(tmp_path, make_mesh):
