@@ -190,7 +190,7 @@ def load_model(stage: str, step: int | None = None, depth: int | None = None, me
     from nanochat_jax.config import MeshConfig, model_config_from_dict
     from nanochat_jax.model import init_model, runnable_here
     from nanochat_jax.sharding import make_mesh, param_shardings
-    from nanochat_jax.tokenizer import load_tokenizer
+    from nanochat_jax.tokenizer import load_tokenizer, tokenizer_fingerprint
 
     directory, step = find_checkpoint(stage, depth, step)
     ckpt = Checkpointer(directory, async_save=False)
@@ -211,4 +211,10 @@ def load_model(stage: str, step: int | None = None, depth: int | None = None, me
     nnx.replace_by_pure_dict(abstract, params)
     model = nnx.merge(graphdef, abstract)
     tokenizer = load_tokenizer(meta.get("tokenizer"))
+    recorded = meta.get("tokenizer_fingerprint")  # absent in checkpoints written before it was recorded
+    if (recorded and recorded != tokenizer_fingerprint(meta.get("tokenizer"))) or tokenizer.vocab_size != model_cfg.vocab_size:
+        raise CheckpointError(
+            f"the tokenizer in {meta.get('tokenizer')} ({tokenizer.vocab_size} tokens) is not the one checkpoint "
+            f"{directory / str(step)} was trained with ({model_cfg.vocab_size} tokens); it was retrained or replaced "
+            f"since, so the model would read other token ids: restore that tokenizer or train the model again")
     return model, tokenizer, meta

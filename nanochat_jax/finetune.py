@@ -13,7 +13,7 @@ from flax import nnx
 
 from nanochat_jax.common import print0
 from nanochat_jax.config import Config, ModelConfig, OptimConfig, model_config_from_dict, to_dict
-from nanochat_jax.tokenizer import default_tokenizer_dir
+from nanochat_jax.tokenizer import default_tokenizer_dir, tokenizer_fingerprint
 
 RUNTIME_FIELDS = ("sequence_len", "compute_dtype", "attention_impl", "remat", "loss_chunk")
 SAMPLE_QUESTIONS = [
@@ -61,9 +61,10 @@ def stage_optim(optim: OptimConfig, init_lr_frac: float, **schedule) -> OptimCon
 
 def stage_meta(stage: str, step: int, cfg: Config, model_cfg: ModelConfig, source_meta: dict, **extra) -> dict:
     """Checkpoint metadata: the same keys as base_train's (step, stage, config, model, tokenizer) plus extra.
-    The tokenizer is the source checkpoint's (an imported model brings its own)."""
+    The tokenizer is the source checkpoint's (an imported model brings its own), with its fingerprint."""
+    tokenizer = source_meta.get("tokenizer") or str(default_tokenizer_dir())
     return {"step": step, "stage": stage, "config": to_dict(cfg), "model": to_dict(model_cfg),
-            "tokenizer": source_meta.get("tokenizer") or str(default_tokenizer_dir()), **extra}
+            "tokenizer": tokenizer, "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer), **extra}
 
 
 def chat_samples(graphdef, params, tokenizer, questions=SAMPLE_QUESTIONS, max_tokens: int = 64) -> list[str]:

@@ -11,6 +11,7 @@ becomes one.
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 from pathlib import Path
 
@@ -265,6 +266,13 @@ def _require(path: Path) -> Path:
     if not path.exists():
         raise FileNotFoundError(f"no tokenizer at {path}; run scripts/tok_train.py first")
     return path
+
+
+def tokenizer_fingerprint(directory=None) -> str:
+    """A short hash of a saved tokenizer: checkpoints record it, so that loading one with a retrained
+    tokenizer (other token ids for the same text) is an error instead of a model reading garbage."""
+    directory = Path(directory) if directory is not None else default_tokenizer_dir()
+    return hashlib.sha256(_require(directory / TOKENIZER_FILE).read_bytes()).hexdigest()[:16]
 
 
 def load_tokenizer(directory=None) -> Tokenizer:

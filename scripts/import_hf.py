@@ -26,7 +26,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--step", type=int, default=0, help="step number of the checkpoint")
     parser.add_argument("--compute-dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"],
                         help="model.compute_dtype recorded in the checkpoint (parameters are stored in float32)")
-    parser.add_argument("--force", action="store_true", help="write even if the run directory holds checkpoints")
+    parser.add_argument("--force", action="store_true", help="import even if the run directory holds checkpoints "
+                        "(they are set aside to <dir>.previous)")
     return parser.parse_args(argv)
 
 
@@ -38,7 +39,7 @@ def main(argv=None) -> int:
     from nanochat_jax.common import artifacts_dir
     from nanochat_jax.config import Config, to_dict
     from nanochat_jax.hf import import_hf
-    from nanochat_jax.tokenizer import save_token_bytes
+    from nanochat_jax.tokenizer import save_token_bytes, tokenizer_fingerprint
 
     try:
         cfg, params, tokenizer = import_hf(args.folder, compute_dtype=args.compute_dtype)
@@ -56,8 +57,11 @@ def main(argv=None) -> int:
     save_token_bytes(tokenizer, tok_dir)
     meta = {"step": args.step, "stage": args.stage, "config": to_dict(Config(model=cfg)),
             "model": dataclasses.asdict(cfg), "tokenizer": str(tok_dir),
+            "tokenizer_fingerprint": tokenizer_fingerprint(tok_dir),
             "imported_from": str(Path(args.folder).absolute())}
-    ckpt = Checkpointer(directory, keep=max(2, len(existing) + 1), async_save=False)
+    # --force: the checkpoints there are set aside to <directory>.previous (their tokenizer is replaced below, and
+    # the fingerprint in their metadata then refuses to load them with it)
+    ckpt = Checkpointer(directory, keep=2, async_save=False, fresh=args.force)
     ckpt.save(args.step, params, None, None, meta)  # no optimizer state: loads, cannot resume
     ckpt.close()
     n_params = sum(leaf.size for leaf in jax.tree.leaves(params))

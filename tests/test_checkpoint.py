@@ -168,7 +168,7 @@ def test_load_model_end_to_end(home, make_mesh):
 
     from nanochat_jax.config import Config, ModelConfig, to_dict
     from nanochat_jax.model import init_model, runnable_here
-    from nanochat_jax.tokenizer import Tokenizer
+    from nanochat_jax.tokenizer import Tokenizer, tokenizer_fingerprint
 
     with pytest.raises(CheckpointError, match=r"no checkpoints for stage 'sft' under .*; run scripts/chat_sft.py first"):
         checkpoint.load_model("sft")
@@ -183,7 +183,7 @@ def test_load_model_end_to_end(home, make_mesh):
     params = nnx.to_pure_dict(nnx.split(model, nnx.Param)[1])
     params = jax.tree.map(lambda a: jax.device_put(a, NamedSharding(make_mesh(1, 8, 1), P())), params)
     meta = {"step": 7, "stage": "base", "config": to_dict(cfg), "model": dataclasses.asdict(cfg.model),
-            "tokenizer": str(tok_dir), "val_bpb": 2.5}
+            "tokenizer": str(tok_dir), "tokenizer_fingerprint": tokenizer_fingerprint(tok_dir), "val_bpb": 2.5}
     ckpt = Checkpointer(checkpoint.checkpoint_dir("base", 1))
     ckpt.save(7, params, optax.adam(1e-3).init(params), {"skip": 0}, meta)
     ckpt.close()
@@ -212,6 +212,12 @@ def test_load_model_end_to_end(home, make_mesh):
     from_tpu, _, tpu_meta = checkpoint.load_model("base", step=8)
     assert tpu_meta["model"]["attention_impl"] == "splash" and from_tpu.blocks[0].attn.attention_impl == "xla"
     np.testing.assert_allclose(forward(from_tpu, tokens), want, rtol=1e-6, atol=1e-6)
+
+    # the tokenizer retrained since (same size, other merges; or another size): other token ids, refused
+    for vocab, corpus in ((300, ["zebras quietly juggle xylophones"] * 60), (290, texts)):
+        Tokenizer.train_from_iterator(corpus, vocab_size=vocab).save(tok_dir)
+        with pytest.raises(CheckpointError, match=r"not the one checkpoint .*d1/7 was trained with"):
+            checkpoint.load_model("base", step=7)
 
 
 def test_checkpoint_without_optimizer_state(tmp_path, make_mesh):

@@ -267,6 +267,10 @@ def test_scripts_import_then_export(tok, home, tmp_path, capsys):
     np.testing.assert_array_equal(np.asarray(model(jnp.asarray(ids, jnp.int32))), our_logits(cfg, params, ids))
     assert import_hf.main([str(folder), "--stage", "sft"]) == 1
     assert "already holds checkpoints (steps 5)" in capsys.readouterr().err
+    # --force on the same step: the old import is set aside (it crashed with Orbax's StepAlreadyExists before)
+    assert import_hf.main([str(folder), "--stage", "sft", "--step", "5", "--force", "--compute-dtype", "float32"]) == 0
+    assert "moved the previous run's checkpoints (steps 5)" in capsys.readouterr().err
+    assert load_model("sft")[2]["step"] == 5
 
     export_hf = load_script("export_hf")
     assert export_hf.main(["--source", "sft", "--out", str(tmp_path / "hf_out")]) == 0
