@@ -182,6 +182,7 @@ class Engine:
         if chunk < 1:
             raise ValueError(f"chunk must be >= 1, got {chunk}")
         self.tokenizer, self.mesh, self.chunk = tokenizer, mesh, chunk
+        self.context_len = model.sequence_len
         self.graphdef, state = nnx.split(model)
         attn = model.blocks[0].attn
         self.n_layer, self.n_kv_heads, self.head_dim = len(model.blocks), attn.n_kv_heads, attn.head_dim

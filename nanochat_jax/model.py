@@ -159,6 +159,7 @@ class GPT(nnx.Module):
         # Plain hashable settings only: ModelConfig itself is unhashable and would break nnx graphdef hashing.
         self.compute_dtype, self.softcap, self.loss_chunk = cfg.compute_dtype, cfg.softcap, cfg.loss_chunk
         self.remat, self.rope_theta, self.head_dim = cfg.remat, cfg.rope_theta, head_dim(cfg)
+        self.sequence_len = cfg.sequence_len  # the context it was trained on (chat front ends refuse longer prompts)
         C, V = cfg.n_embd, cfg.vocab_size
         self.wte = Embedding(V, C, cfg, rngs=rngs)
         self.blocks = nnx.List([Block(cfg, i, rngs=rngs) for i in range(cfg.n_layer)])

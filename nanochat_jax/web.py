@@ -101,8 +101,8 @@ def check_request(messages: list[dict], temperature, top_k, max_tokens) -> tuple
     if len(messages) > MAX_MESSAGES:
         raise ChatError(f"The conversation has {len(messages)} messages; the limit is {MAX_MESSAGES}. "
                         "Press Clear to start a new one.")
-    for i, m in enumerate(messages):
-        if _chars(m["content"]) > MAX_MESSAGE_CHARS:
+    for i, m in enumerate(messages):  # the user's turns: a long reply of the model's own must not block the chat
+        if m["role"] == "user" and _chars(m["content"]) > MAX_MESSAGE_CHARS:
             who = "Your message" if i == len(messages) - 1 else f"Message {i + 1}"
             raise ChatError(f"{who} is {_chars(m['content'])} characters long; the limit is "
                             f"{MAX_MESSAGE_CHARS} per message.")
@@ -115,14 +115,19 @@ def check_request(messages: list[dict], temperature, top_k, max_tokens) -> tuple
             _number("Max tokens", max_tokens, MAX_TOKENS_RANGE, integer=True))
 
 
-def completion_prompt(tokenizer, messages: list[dict], base: bool = False) -> list[int]:
+def completion_prompt(tokenizer, messages: list[dict], base: bool = False, context_len: int | None = None) -> list[int]:
     """Prompt tokens: the chat rendered up to <|assistant_start|>, or for a base model <|bos|> + the last
-    message as plain text."""
+    message as plain text. ChatError when that is context_len tokens or more (the model was trained on
+    shorter texts; cutting the conversation instead would drop the newest turn)."""
     if base:
-        return tokenizer.encode(messages[-1]["content"], prepend=tokenizer.bos_token_id)
-    # no truncation: the limits above bound the length, and a cut would drop the newest turn
-    return tokenizer.render_for_completion({"messages": messages + [{"role": "assistant", "content": ""}]},
-                                           max_tokens=1 << 30)
+        prompt = tokenizer.encode(messages[-1]["content"], prepend=tokenizer.bos_token_id)
+    else:
+        prompt = tokenizer.render_for_completion({"messages": messages + [{"role": "assistant", "content": ""}]},
+                                                 max_tokens=1 << 30)
+    if context_len is not None and len(prompt) >= context_len:
+        raise ChatError(f"The conversation is {len(prompt)} tokens long; this model reads at most {context_len - 1} "
+                        "before its reply. Start a new conversation.")
+    return prompt
 
 
 def stream_tokens(engine, tokenizer, prompt: list[int], **generate_kwargs):
@@ -138,22 +143,23 @@ def stream_tokens(engine, tokenizer, prompt: list[int], **generate_kwargs):
 
 def respond(engine, tokenizer, messages: list[dict], user_text: str, *, temperature, top_k, max_tokens,
             seed: int = 0, base: bool = False):
-    """One chat turn: yields (messages, display) as the reply grows; the last pair has the reply stored.
+    """One chat turn: yields (messages, display) as the reply grows. Only the last pair's messages hold the
+    new turn and its reply; until then they are the conversation as it was, so a reply that fails half way
+    leaves a conversation that still continues.
 
     Raises ChatError (at the first next()) for a request outside the limits; `messages` is not modified."""
     turn = [{"role": "user", "content": (user_text or "").strip()}]
     temperature, top_k, max_tokens = check_request(turn if base else messages + turn, temperature, top_k,
                                                    max_tokens)
-    messages = messages + turn
-    prompt = completion_prompt(tokenizer, messages, base)
-    shown = chat_display(messages)
+    prompt = completion_prompt(tokenizer, messages + turn, base, engine.context_len)
+    shown = chat_display(messages + turn)
     tokens = []
     for tokens in stream_tokens(engine, tokenizer, prompt, max_tokens=max_tokens, temperature=temperature,
                                 top_k=top_k or None, seed=seed):
         text = to_markdown(reply_content(reply_parts(tokenizer, tokens)))
         if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
             yield messages, shown + [{"role": "assistant", "content": text}]
-    messages = messages + [{"role": "assistant", "content": reply_content(reply_parts(tokenizer, tokens))}]
+    messages = messages + turn + [{"role": "assistant", "content": reply_content(reply_parts(tokenizer, tokens))}]
     yield messages, chat_display(messages)
 
 

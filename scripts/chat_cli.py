@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from nanochat_jax.web import reply_parts
+from nanochat_jax.web import ChatError, completion_prompt, reply_parts
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -27,7 +27,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--top-p", type=float, default=None)
     parser.add_argument("--max-tokens", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.max_tokens < 1 or not args.temperature >= 0 or (args.top_p is not None and not 0 <= args.top_p <= 1):
+        parser.error("need --max-tokens >= 1, --temperature >= 0 and --top-p within [0, 1]")
+    return args
 
 
 def stream(engine, tokenizer, prompt: list[int], out=sys.stdout, **generate_kwargs) -> list[int]:
@@ -48,13 +51,14 @@ def stream(engine, tokenizer, prompt: list[int], out=sys.stdout, **generate_kwar
 
 
 def respond(engine, tokenizer, messages: list[dict], user_text: str, out=sys.stdout, **generate_kwargs) -> list[int]:
-    """Add the user's turn, stream the assistant's reply to `out`, add it to `messages`; return its tokens."""
-    messages.append({"role": "user", "content": user_text})
-    prompt = tokenizer.render_for_completion({"messages": messages + [{"role": "assistant", "content": ""}]})
+    """Stream the assistant's reply to the user's turn to `out`, add both to `messages`; return its tokens.
+    ChatError (and `messages` unchanged) when the conversation no longer fits the model's context."""
+    turn = {"role": "user", "content": user_text}
+    prompt = completion_prompt(tokenizer, messages + [turn], context_len=engine.context_len)
     tokens = stream(engine, tokenizer, prompt, out, **generate_kwargs)
     parts = reply_parts(tokenizer, tokens)
-    messages.append({"role": "assistant", "content": parts if any(p["type"] != "text" for p in parts)
-                     else "".join(p["text"] for p in parts)})
+    messages += [turn, {"role": "assistant", "content": parts if any(p["type"] != "text" for p in parts)
+                        else "".join(p["text"] for p in parts)}]
     return tokens
 
 
@@ -102,7 +106,12 @@ def main(argv=None) -> int:
             stream(engine, tokenizer, tokenizer.encode(user_text, prepend=tokenizer.bos_token_id), **settings)
         else:
             print("\nAssistant: ", end="", flush=True)
-            respond(engine, tokenizer, messages, user_text, **settings)
+            try:
+                respond(engine, tokenizer, messages, user_text, **settings)
+            except ChatError as e:
+                print(f"({e} Type 'clear'.)")
+                if args.prompt:
+                    return 1
         settings["seed"] += 1  # a fresh sample each turn
         if args.prompt:
             return 0

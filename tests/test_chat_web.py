@@ -33,7 +33,7 @@ class Recorder:
     """An engine wrapper that records every prompt it is asked to continue."""
 
     def __init__(self, engine):
-        self.engine, self.prompts = engine, []
+        self.engine, self.prompts, self.context_len = engine, [], engine.context_len
 
     def generate(self, prompt, **kwargs):
         self.prompts.append(list(prompt))
@@ -68,7 +68,38 @@ def test_streamed_reply_equals_greedy_generation(model, tokenizer):
     messages, display = steps[-1]
     assert messages == [{"role": "user", "content": "hi there"}, {"role": "assistant", "content": expected}]
     assert display == messages
-    assert all(m == messages[:1] for m, _ in steps[:-1])  # the reply is stored only once it is complete
+    assert all(m == [] for m, _ in steps[:-1])  # the turn is stored only with the complete reply
+
+
+class FailsMidReply:
+    """An engine that streams two tokens, then fails (as a device running out of memory would)."""
+    context_len = 1 << 20
+
+    def generate(self, prompt, **kwargs):
+        yield [ord("o")], [1]
+        yield [ord("k")], [1]
+        raise RuntimeError("RESOURCE_EXHAUSTED: out of memory")
+
+
+def test_a_reply_that_fails_half_way_leaves_a_conversation_that_continues(model, tokenizer):
+    history = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    state = history
+    with pytest.raises(RuntimeError, match="RESOURCE_EXHAUSTED"):
+        for state, display in web.respond(FailsMidReply(), tokenizer, history, "more", **GREEDY):
+            assert display[-1]["role"] == "assistant"  # the partial reply is shown ...
+    assert state == history  # ... but the state the app keeps is the conversation before the failed turn
+    messages, _ = list(web.respond(Engine(model, tokenizer), tokenizer, state, "again", **GREEDY))[-1]
+    assert [m["role"] for m in messages] == ["user", "assistant", "user", "assistant"]
+
+
+def test_long_model_replies_do_not_block_and_the_context_length_is_enforced(model, tokenizer):
+    engine = Recorder(Engine(model, tokenizer))
+    long_reply = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "z" * 9000}]
+    with pytest.raises(web.ChatError, match=r"is \d+ tokens long; this model reads at most 127 before its reply"):
+        next(web.respond(engine, tokenizer, long_reply, "and now?", **GREEDY))  # only the context refuses it
+    assert engine.context_len == 128 and engine.prompts == []
+    short = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]
+    assert list(web.respond(engine, tokenizer, short, "and now?", **GREEDY))[-1][0][-1]["role"] == "assistant"
 
 
 def test_multi_turn_renders_the_history(model, tokenizer):
@@ -111,6 +142,8 @@ def test_base_model_continues_the_last_message_only(model, tokenizer):
 
 
 class NoEngine:
+    context_len = 1 << 20
+
     def generate(self, *args, **kwargs):
         raise AssertionError("a refused request must not reach the engine")
 

@@ -295,6 +295,18 @@ def test_chat_respond_keeps_tool_calls_as_parts(tokenizer):
     assert ids[-len(tokens) - 1:] == tokens + [tokenizer.encode_special("<|assistant_end|>")]
 
 
+def test_chat_cli_refuses_a_conversation_over_the_context_and_keeps_it(model, tokenizer):
+    from nanochat_jax.web import ChatError
+
+    chat_cli = load_chat_cli()
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]
+    with pytest.raises(ChatError, match="this model reads at most 127"):
+        chat_cli.respond(Engine(model, tokenizer), tokenizer, messages, "tell me " * 40, out=io.StringIO())
+    assert messages == [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]
+    with pytest.raises(SystemExit):
+        chat_cli.parse_args(["--max-tokens", "0"])
+
+
 def save_tiny_checkpoint(home, model, tokenizer, stage="sft", step=3):
     import optax
 
