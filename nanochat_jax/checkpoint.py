@@ -121,6 +121,10 @@ class Checkpointer:
         try:
             return self._manager.restore(step, args=ocp.args.Composite(**items))
         except Exception as e:
+            if "not compatible with the stored shape" in str(e):  # a sound checkpoint of another model size
+                raise CheckpointError(f"checkpoint {path} holds a model of another size than this run's ("
+                                      f"{str(e).splitlines()[0][:200]}): resume with the [model] settings it was "
+                                      "trained with (see its run's config.toml), or start a new run") from None
             raise CheckpointError(f"checkpoint {path} is incomplete or corrupt: {type(e).__name__}: {e}") from None
 
     def read_meta(self, step: int) -> dict:

@@ -318,14 +318,14 @@ def _coerce(key: str, value, typ):
                 raise ValueError
             return int(value)
         if typ is float:
-            if isinstance(value, bool):
+            if isinstance(value, bool) or not math.isfinite(float(value)):  # inf / nan: no setting wants them
                 raise ValueError
             return float(value)
         if typ is str:
             if not isinstance(value, str):
                 raise ValueError
             return value
-    except ValueError:
+    except (ValueError, TypeError):  # TypeError: a TOML array, table or date where a number belongs
         pass
     else:
         raise ConfigError(f"{key}: unsupported field type {typ}")

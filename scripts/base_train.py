@@ -69,8 +69,6 @@ def main(argv: list[str] | None = None) -> dict:
     bpb_step = make_bpb_step(graphdef)
     tb = jnp.asarray(token_bytes(tokenizer))
     out_dir = checkpoint_dir("base", cfg.model.depth)
-    if is_main_process():
-        (out_dir / "config.toml").write_text(to_toml(cfg))
     ckpt = Checkpointer(out_dir, keep=cfg.train.keep_checkpoints, fresh=not cfg.train.resume)
     train_iter = make_batch_iterator(make_source(cfg.data, "train"), tokenizer, batch_rows=rows,
                                      seq_len=cfg.model.sequence_len, seed=cfg.train.seed,
@@ -81,6 +79,8 @@ def main(argv: list[str] | None = None) -> dict:
     start = 0
     if cfg.train.resume:
         state, start = resume_latest(ckpt, state, shardings, train_iter, num_iterations)
+    if is_main_process():  # after a resume succeeded: a refused one leaves the run's config.toml as it was
+        (out_dir / "config.toml").write_text(to_toml(cfg))
 
     peak = peak_flops_per_device()
     val_bpb = None

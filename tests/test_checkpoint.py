@@ -80,6 +80,10 @@ def test_round_trip_and_restore_onto_other_meshes(tmp_path, make_mesh):
     assert_trees_equal(out["opt_state"], opt_state)
     assert out["params"]["blocks"]["0"]["w"].sharding.spec == P(None, "tensor")
     assert {s.data.shape for s in out["params"]["blocks"]["0"]["w"].addressable_shards} == {(8, 12)}
+    # a run with a wider model: not "corrupt" (which invites deleting a good checkpoint) but another size
+    wider = dict(params, wte=jax.ShapeDtypeStruct((16, 16), jnp.float32, sharding=NamedSharding(one, P())))
+    with pytest.raises(CheckpointError, match=r"holds a model of another size than this run's .*\(16, 16\)"):
+        ckpt.restore(10, {**abstract_on(params, one), "wte": wider["wte"]})
     ckpt.close()
 
 

@@ -38,6 +38,8 @@ def test_round_trip_through_toml(tmp_path):
         (["--mesh.data=-1", "--mesh.fsdp=-1"], "at most one -1"),
         (["--config", "/nonexistent.toml"], "config file not found"),
         (["positional"], "unexpected argument 'positional'"),
+        (["--train.target_flops=inf"], "train.target_flops='inf' is not a valid float"),
+        (["--train.target_param_data_ratio=nan"], "train.target_param_data_ratio='nan' is not a valid float"),
     ],
 )
 def test_errors_name_the_key(argv, message):
@@ -50,6 +52,12 @@ def test_bad_toml_type(tmp_path):
     path.write_text("[model]\ndepth = \"four\"\n")
     with pytest.raises(ConfigError, match="model.depth='four' is not a valid int"):
         load_config(["--config", str(path)])
+    for line, message in (("[model]\ndepth = [4, 6]", r"model.depth=\[4, 6\] is not a valid int"),
+                          ("[train]\nseed = 1979-05-27", r"train.seed=datetime.date\(1979, 5, 27\) is not a valid int"),
+                          ("[optim]\nmatrix_lr = [0.02]", r"optim.matrix_lr=\[0.02\] is not a valid float")):
+        path.write_text(line + "\n")
+        with pytest.raises(ConfigError, match=message):
+            load_config(["--config", str(path)])
 
 
 def test_defaults_follow_nanochat_d20():
