@@ -51,6 +51,21 @@ def mfu(flops_per_token: float | None, tokens_per_sec: float, peak_flops: float 
     return flops_per_token * tokens_per_sec / (peak_flops * num_devices)
 
 
+def read_log(path: Path) -> list[dict]:
+    """The records of a JSONL log; a line that is not JSON (the last one, cut short when a run was killed
+    mid-write) is skipped with a warning naming the file."""
+    records = []
+    if not path.is_file():
+        return records
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                print(f"WARNING: {path}:{number} is not a JSON record (cut short?); skipped", file=sys.stderr)
+    return records
+
+
 class StepLogger:
     """Per-step metrics of one training run (see the module docstring)."""
 
@@ -61,9 +76,11 @@ class StepLogger:
         self.flops, self.peak, self.num_devices = flops_per_token, peak_flops, num_devices
         self.enabled = is_main_process()
         self.path = Path(directory or artifacts_dir("report")) / f"{stage}_train.jsonl"
+        kept = [r for r in self._records() if self._before_start(r)] if append and self.enabled else []
         if self.enabled:
-            kept = [r for r in self._records() if self._before_start(r)] if append else []
             self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        # a resumed run's wall time continues from its earlier sessions' (as logged up to the resumed step)
+        self.prior_s = max((r.get("elapsed_s", 0.0) for r in kept if "loss" in r), default=0.0)
         self.paused_s = 0.0
         self.loss_ema = EMA(ema_beta)
         self.clock = clock
@@ -73,8 +90,7 @@ class StepLogger:
                         mininterval=1.0 if tty else 30.0, desc=stage)
 
     def _records(self) -> list[dict]:
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()] \
-            if self.path.is_file() else []
+        return read_log(self.path)
 
     def _before_start(self, record: dict) -> bool:
         """Kept on resume: training records up to start_step, eval records before it (the resumed run redoes it)."""
@@ -82,12 +98,13 @@ class StepLogger:
 
     @property
     def elapsed(self) -> float:
-        return self.clock() - self.t_start
+        """Wall time of the whole run: this session's plus, after a resume, the earlier sessions'."""
+        return self.prior_s + self.clock() - self.t_start
 
     @property
     def train_seconds(self) -> float:
-        """Wall time minus the paused() time: what tokens/s and MFU are measured against."""
-        return self.elapsed - self.paused_s
+        """This session's wall time minus the paused() time: what tokens/s and MFU are measured against."""
+        return self.clock() - self.t_start - self.paused_s
 
     @contextlib.contextmanager
     def paused(self):
@@ -106,13 +123,14 @@ class StepLogger:
         now = self.clock()
         dt, self.t_last = max(now - self.t_last, 1e-9), now
         tok_s = tokens / dt
-        elapsed = now - self.t_start
+        session = now - self.t_start
+        elapsed = self.prior_s + session
         record = {"step": step, "loss": float(loss), "loss_smooth": self.loss_ema.update(float(loss)),
                   **{k: (None if v is None else float(v)) for k, v in metrics.items()},
                   "tokens_per_sec": tok_s, "mfu": mfu(self.flops, tok_s, self.peak, self.num_devices),
                   "elapsed_s": elapsed}
         done = step - self.start
-        eta = elapsed / done * (self.total - step) if done > 0 else float("nan")
+        eta = session / done * (self.total - step) if done > 0 else float("nan")
         parts = [f"loss {record['loss_smooth']:.4f}"]
         parts += [f"{SHORT_NAMES.get(k, k)} {v:.3g}" for k, v in metrics.items() if k not in HIDDEN and v is not None]
         parts += [f"{tok_s:,.0f} tok/s", "MFU " + (f"{100 * record['mfu']:.1f}%" if record["mfu"] is not None else "n/a"),

@@ -19,6 +19,7 @@ import subprocess
 from pathlib import Path
 
 from nanochat_jax.common import artifacts_dir
+from nanochat_jax.progress import read_log
 
 STAGES = ("base", "mid", "sft", "rl")
 STAGE_TITLES = {"base": "Base model training", "mid": "Midtraining", "sft": "Chat SFT", "rl": "Chat RL"}
@@ -160,12 +161,6 @@ def read_json(path: Path):
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 # (title, file suffix, [(JSONL key, label)]): a plot is made when any record of the stage has its first key
 CURVES = (
     ("training loss", "train_loss", [("loss", "loss"), ("loss_smooth", "loss (smoothed)")]),
@@ -182,7 +177,7 @@ def plot_curves(directory: Path, stage: str) -> list[tuple[str, str]]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    records = read_jsonl(directory / f"{stage}_train.jsonl")
+    records = read_log(directory / f"{stage}_train.jsonl")
     made = []
     for title, suffix, series in CURVES:
         rows = [r for r in records if r.get(series[0][0]) is not None]

@@ -108,11 +108,11 @@ def main(argv: list[str] | None = None) -> dict:
             tokens_since = 0
     progress.close()
     ckpt.close()
-    wall = progress.elapsed
+    wall, train_seconds = progress.elapsed, progress.train_seconds  # the run's; this session's without evals
     samples = chat_samples(graphdef, state.params, tokenizer)
     for s in samples:
         print0(f"  sample: {s!r}")
-    tokens_per_sec = (num_iterations - start) * cfg.mid.total_batch_size / wall
+    tokens_per_sec = (num_iterations - start) * cfg.mid.total_batch_size / train_seconds
     summary = {
         "stage": "mid", "run": cfg.run, "mixture": cfg.mid.mixture, "source": cfg.mid.source, "params": n_params,
         "steps": num_iterations, "tokens": num_iterations * cfg.mid.total_batch_size,

@@ -31,7 +31,7 @@ class FakeClock:
         return self.t
 
 
-def test_records_rates_and_resume(tmp_path):
+def test_records_rates_and_resume(tmp_path, capsys):
     clock = FakeClock()
     log = StepLogger("sft", total_steps=4, flops_per_token=1e6, peak_flops=1e9, num_devices=2, directory=tmp_path,
                      clock=clock)
@@ -49,8 +49,18 @@ def test_records_rates_and_resume(tmp_path):
     assert lines == [json.loads(json.dumps(r1)), json.loads(json.dumps(r2)), {"step": 2, "val_loss": 1.5}]
 
     # resuming from the step-2 checkpoint: the eval at step 2 is redone by the resumed run, so it is dropped
+    # (the killed first session left half a line behind: skipped with a warning naming the file)
+    with (tmp_path / "sft_train.jsonl").open("a") as f:
+        f.write('{"step": 3, "lo')
+    clock.t += 100.0  # the restart
     resumed = StepLogger("sft", total_steps=4, start_step=2, append=True, directory=tmp_path, clock=clock)
-    assert resumed.log(3, 2.0, 10)["mfu"] is None  # no FLOPs or peak given
+    assert "sft_train.jsonl:4 is not a JSON record" in capsys.readouterr().err
+    clock.t += 1.0
+    r3 = resumed.log(3, 2.0, 10)
+    assert r3["mfu"] is None  # no FLOPs or peak given
+    # the run's wall time continues from the first session's 2.5 s; rates count this session only
+    assert r3["elapsed_s"] == pytest.approx(3.5) and resumed.elapsed == pytest.approx(3.5)
+    assert resumed.train_seconds == pytest.approx(1.0) and r3["tokens_per_sec"] == pytest.approx(10.0)
     resumed.close()
     records = [json.loads(x) for x in (tmp_path / "sft_train.jsonl").read_text().splitlines()]
     assert [(r["step"], "loss" in r) for r in records] == [(1, True), (2, True), (3, True)]
