@@ -235,3 +235,30 @@ def test_checkpoint_without_optimizer_state(tmp_path, make_mesh):
     with pytest.raises(CheckpointError, match="checkpoint .*0 has no optimizer state .* cannot resume training"):
         ckpt.restore(0, abstract_on(params, make_mesh(1, 1, 1)), abstract_on({"m": jnp.zeros(4)}, make_mesh(1, 1, 1)))
     ckpt.close()
+
+
+def test_finetuning_starts_from_the_runs_depth_else_the_newest(home):
+    """mid/SFT/RL load their source stage at --model.depth when it exists there (not whichever depth was written
+    last), and fall back to the newest depth directory otherwise (e.g. an imported model of another depth)."""
+    from flax import nnx
+
+    from nanochat_jax.config import Config, MeshConfig, ModelConfig, to_dict
+    from nanochat_jax.finetune import load_source
+    from nanochat_jax.model import init_model
+    from nanochat_jax.sharding import make_mesh as mesh_of
+    from nanochat_jax.tokenizer import Tokenizer, tokenizer_fingerprint
+
+    tokenizer = Tokenizer.train_from_iterator(["the cat sat on the mat"] * 20, vocab_size=280)
+    tokenizer.save(home / "tok")
+    for depth in (1, 2):  # d2 is written last
+        model_cfg = ModelConfig(depth=depth, aspect_ratio=32, head_dim=16, vocab_size=tokenizer.vocab_size,
+                                sequence_len=16, compute_dtype="float32")
+        params = nnx.to_pure_dict(nnx.split(init_model(model_cfg), nnx.Param)[1])
+        ckpt = Checkpointer(checkpoint.checkpoint_dir("base", depth))
+        ckpt.save(5, params, None, None, {"step": 5, "model": to_dict(model_cfg), "tokenizer": str(home / "tok"),
+                                          "tokenizer_fingerprint": tokenizer_fingerprint(home / "tok")})
+        ckpt.close()
+    mesh = mesh_of(MeshConfig(1, 1, 1), jax.devices()[:1])
+    for asked, got in ((1, 1), (2, 2), (3, 2)):
+        cfg = Config(model=ModelConfig(depth=asked, compute_dtype="float32"))
+        assert load_source("base", cfg, mesh)[2].depth == got
