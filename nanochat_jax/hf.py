@@ -129,7 +129,7 @@ def model_config_from_hf(config: dict, compute_dtype: str = "bfloat16") -> Model
 
     need("model_type", config.get("model_type") == "nanochat", "expected 'nanochat'")
     for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size"):
-        if not isinstance(config.get(key), int) or config[key] <= 0:
+        if type(config.get(key)) is not int or config[key] <= 0:  # (bool is an int too)
             raise HFFormatError(f"config.json: {key} must be a positive integer, got {config.get(key)!r}")
     C, L, H = config["hidden_size"], config["num_hidden_layers"], config["num_attention_heads"]
     kv = config.get("num_key_value_heads") or H
@@ -367,27 +367,55 @@ def save_hf_tokenizer(tokenizer: Tokenizer, directory, sequence_len: int) -> Non
     _write_json(directory / TOKENIZER_CONFIG_FILE, tokenizer_config(tokenizer, sequence_len))
 
 
+def _read_json(path: Path) -> dict:
+    try:
+        obj = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise HFFormatError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(obj, dict):
+        raise HFFormatError(f"{path} should hold a JSON object, not a {type(obj).__name__}")
+    return obj
+
+
+def _reading(path: Path, parse, *args):
+    """parse(*args), with a missing field or a value of the wrong kind reported as an HFFormatError naming path."""
+    try:
+        return parse(*args)
+    except (KeyError, TypeError, AttributeError, IndexError) as e:
+        raise HFFormatError(f"{path}: missing or malformed field ({type(e).__name__}: {e})") from None
+
+
 def load_hf_tokenizer(directory) -> Tokenizer:
     path = Path(directory) / TOKENIZER_FILE
     if not path.exists():
         raise FileNotFoundError(f"no {TOKENIZER_FILE} in {directory}")
-    return tokenizer_from_hf_json(json.loads(path.read_text()), str(path))
+    return _reading(path, tokenizer_from_hf_json, _read_json(path), str(path))
+
+
+def _load_safetensors(path: Path) -> dict[str, np.ndarray]:
+    from safetensors.numpy import load_file
+
+    if not path.is_file():
+        raise FileNotFoundError(f"no weights file {path}")
+    try:
+        return load_file(path)
+    except Exception as e:  # safetensors' own error type: a truncated or foreign file
+        raise HFFormatError(f"{path} is not a readable safetensors file: {e}") from None
 
 
 def load_hf_weights(directory) -> dict[str, np.ndarray]:
     """All tensors of model.safetensors, or of the shards listed in model.safetensors.index.json."""
-    from safetensors.numpy import load_file
-
     directory = Path(directory)
     if (directory / WEIGHTS_FILE).exists():
-        return load_file(directory / WEIGHTS_FILE)
+        return _load_safetensors(directory / WEIGHTS_FILE)
     index = directory / WEIGHTS_INDEX_FILE
     if not index.exists():
         raise FileNotFoundError(f"no {WEIGHTS_FILE} or {WEIGHTS_INDEX_FILE} in {directory} "
                                 "(only safetensors weights are read, never pickles)")
+    shards = _reading(index, lambda table: sorted(set(table["weight_map"].values())), _read_json(index))
     tensors = {}
-    for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
-        tensors.update(load_file(directory / shard))
+    for shard in shards:
+        tensors.update(_load_safetensors(directory / shard))
     return tensors
 
 
@@ -397,8 +425,8 @@ def import_hf(directory, compute_dtype: str = "bfloat16") -> tuple[ModelConfig, 
     path = directory / CONFIG_FILE
     if not path.exists():
         raise FileNotFoundError(f"no {CONFIG_FILE} in {directory}")
-    config = json.loads(path.read_text())
-    cfg = model_config_from_hf(config, compute_dtype)
+    config = _read_json(path)
+    cfg = _reading(path, model_config_from_hf, config, compute_dtype)
     tokenizer = load_hf_tokenizer(directory)
     if tokenizer.vocab_size > cfg.vocab_size:
         raise HFFormatError(f"{TOKENIZER_FILE} has {tokenizer.vocab_size} tokens but vocab_size={cfg.vocab_size}")

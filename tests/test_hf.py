@@ -252,6 +252,41 @@ def test_unrepresentable_weights_and_tokenizers_are_clear_errors(tok, tmp_path):
         hf.import_hf(tmp_path / "pickled")
 
 
+def test_malformed_folders_name_the_file(tok, tmp_path):
+    """Damaged or foreign files give an HFFormatError naming the file, never a bare KeyError / TypeError."""
+    cfg = tiny_cfg(tok)
+    good = hf.export_hf(random_params(cfg), cfg, tok, tmp_path / "good")
+    config, tokenizer = json.loads((good / "config.json").read_text()), json.loads((good / "tokenizer.json").read_text())
+    weights = (good / "model.safetensors").read_bytes()
+
+    def folder(name, config_text=None, tokenizer_text=None, weights_bytes=None, index=None):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "config.json").write_text(config_text if config_text is not None else json.dumps(config))
+        (d / "tokenizer.json").write_text(tokenizer_text if tokenizer_text is not None else json.dumps(tokenizer))
+        if index is None:
+            (d / "model.safetensors").write_bytes(weights if weights_bytes is None else weights_bytes)
+        else:
+            (d / "model.safetensors.index.json").write_text(index)
+        return d
+
+    no_vocab = {**tokenizer, "model": {k: v for k, v in tokenizer["model"].items() if k != "vocab"}}
+    cases = [
+        (folder("truncated_weights", weights_bytes=weights[:100]), r"model.safetensors is not a readable safetensors"),
+        (folder("no_weight_map", index="{}"), r"model.safetensors.index.json: missing or malformed field"),
+        (folder("config_list", config_text="[1, 2]"), r"config.json should hold a JSON object, not a list"),
+        (folder("config_cut", config_text=json.dumps(config)[:40]), r"config.json is not valid JSON"),
+        (folder("layers_bool", config_text=json.dumps({**config, "num_hidden_layers": True})),
+         r"num_hidden_layers must be a positive integer, got True"),
+        (folder("positions_null", config_text=json.dumps({**config, "max_position_embeddings": None})),
+         r"config.json: missing or malformed field \(TypeError"),
+        (folder("tokenizer_no_vocab", tokenizer_text=json.dumps(no_vocab)), r"tokenizer.json: missing or malformed"),
+    ]
+    for path, message in cases:
+        with pytest.raises(hf.HFFormatError, match=message):
+            hf.import_hf(path)
+
+
 def test_scripts_import_then_export(tok, home, tmp_path, capsys):
     from nanochat_jax.checkpoint import load_model
 
