@@ -195,22 +195,27 @@ class EmbeddedSource:
 
 
 class _ParquetFile:
+    """Keeps the footer only and opens the file per read: thousands of shards stay under the open-files limit."""
+
     def __init__(self, path: Path, column: str):
         import pyarrow.parquet as pq
 
         self.path, self.column = path, column
         try:
-            self._file = pq.ParquetFile(path)
-            meta = self._file.metadata
+            with pq.ParquetFile(path) as f:
+                self._metadata, names = f.metadata, f.schema_arrow.names
         except Exception as e:
             raise DataError(f"cannot read parquet file {path}: {e}") from None
-        if column not in self._file.schema_arrow.names:
-            raise DataError(f"parquet file {path} has no column {column!r} (columns: {', '.join(self._file.schema_arrow.names)})")
-        self.chunk_sizes = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
+        if column not in names:
+            raise DataError(f"parquet file {path} has no column {column!r} (columns: {', '.join(names)})")
+        self.chunk_sizes = [self._metadata.row_group(g).num_rows for g in range(self._metadata.num_row_groups)]
 
     def read_chunk(self, g: int) -> list[str]:
+        import pyarrow.parquet as pq
+
         try:
-            values = self._file.read_row_group(g, columns=[self.column]).column(0).to_pylist()
+            with pq.ParquetFile(self.path, metadata=self._metadata) as f:
+                values = f.read_row_group(g, columns=[self.column]).column(0).to_pylist()
         except Exception as e:
             raise DataError(f"cannot read row group {g} of parquet file {self.path}: {e}") from None
         _check_strings(values, self.path, self.column)

@@ -299,3 +299,16 @@ def test_embedded_source_with_the_real_tokenizer():
     reference = [t for d in src.read(0, 40) for t in [tok.bos_token_id] + tok.encode(d)]
     np.testing.assert_array_equal(stream, reference[: stream.size])
     it.close()
+
+
+def test_many_parquet_files_hold_no_open_files(tmp_path):
+    """A source of thousands of shards must stay under the usual 1024 open-files limit: footers only are kept."""
+    import os
+
+    paths = [tmp_path / f"s{i:03d}.parquet" for i in range(60)]
+    for i, path in enumerate(paths):
+        write_parquet(path, [f"doc {i}"])
+    before = len(os.listdir("/proc/self/fd"))
+    src = data.FileSource(paths)
+    assert len(os.listdir("/proc/self/fd")) - before < 5
+    assert src.read(58, 60) == ["doc 58", "doc 59"]
