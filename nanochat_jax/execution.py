@@ -115,7 +115,14 @@ def guarded_os_open(path, flags, *args, **kwargs):
         raise PermissionError(f"writing outside the sandbox directory is not allowed: {path!r}")
     return real_os_open(path, flags, *args, **kwargs)
 
+class GuardedFileIO(io.FileIO):
+    def __init__(self, file, mode="r", *args, **kwargs):
+        if any(c in mode for c in "wax+") and not inside_work(file):
+            raise PermissionError(f"writing outside the sandbox directory is not allowed: {file!r}")
+        super().__init__(file, mode, *args, **kwargs)
+
 builtins.open = io.open = guarded_open
+io.FileIO = GuardedFileIO
 os.open = guarded_os_open
 builtins.exit = builtins.quit = disabled("exit()")
 

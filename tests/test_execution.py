@@ -73,6 +73,7 @@ def test_writes_stay_inside_a_deleted_temp_dir(tmp_path):
     "import pathlib; pathlib.Path({p!r}).write_text('x')",
     "import os; os.close(os.open({p!r}, os.O_WRONLY | os.O_CREAT))",
     "open('../../' + {p!r}.lstrip('/'), 'w').write('x')",
+    "import io; io.FileIO({p!r}, 'w').write(b'x')",
 ])
 def test_writing_outside_is_refused(tmp_path, how):
     target = tmp_path / "escaped.txt"
