@@ -353,6 +353,7 @@ def export_hf(params: dict, cfg: ModelConfig, tokenizer: Tokenizer, directory, d
     directory.mkdir(parents=True, exist_ok=True)
     save_file(tensors, directory / WEIGHTS_FILE, metadata={"format": "pt"})
     _write_json(directory / CONFIG_FILE, config)
+    (directory / WEIGHTS_FILE).chmod((directory / CONFIG_FILE).stat().st_mode & 0o777)  # safetensors writes 0600
     _write_json(directory / GENERATION_CONFIG_FILE, {"bos_token_id": config["bos_token_id"],
                                                      "eos_token_id": config["eos_token_id"],
                                                      "pad_token_id": config["pad_token_id"]})

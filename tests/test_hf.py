@@ -91,6 +91,8 @@ def test_export_import_round_trip_is_exact(tok, tmp_path):
     hf.export_hf(params, cfg, tok, tmp_path / "f32")
     assert sorted(p.name for p in (tmp_path / "f32").iterdir()) == [
         "config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
+    mode = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "f32").iterdir()}
+    assert mode["model.safetensors"] == mode["config.json"]  # as readable as the rest (safetensors writes 0600)
     config = json.loads((tmp_path / "f32" / "config.json").read_text())
     assert config["model_type"] == "nanochat" and config["rms_norm_eps"] == EPS == float(np.finfo(np.float32).eps)
     assert (config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]) == (64, 256, 2)
