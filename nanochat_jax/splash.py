@@ -16,8 +16,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as kernel_lib
-from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as mask_lib
 
 from nanochat_jax.sharding import logical_to_spec
 
@@ -32,7 +30,10 @@ def block_size(seq_len: int) -> int | None:
 @functools.lru_cache(maxsize=None)
 def _kernel(heads: int, seq_len: int, interpret: bool):
     """The splash kernel for `heads` query heads attending causally over seq_len positions (built once: its
-    block-sparsity tables are computed on the host)."""
+    block-sparsity tables are computed on the host). Pallas is imported here, so that only splash runs need it."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as kernel_lib
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as mask_lib
+
     b = block_size(seq_len)
     sizes = kernel_lib.BlockSizes(block_q=b, block_kv=b, block_kv_compute=b, block_q_dkv=b, block_kv_dkv=b,
                                   block_kv_dkv_compute=b, block_q_dq=b, block_kv_dq=b)
