@@ -216,7 +216,8 @@ def load_model(stage: str, step: int | None = None, depth: int | None = None, me
     model = nnx.merge(graphdef, abstract)
     tokenizer = load_tokenizer(meta.get("tokenizer"))
     recorded = meta.get("tokenizer_fingerprint")  # absent in checkpoints written before it was recorded
-    if (recorded and recorded != tokenizer_fingerprint(meta.get("tokenizer"))) or tokenizer.vocab_size != model_cfg.vocab_size:
+    changed = recorded and recorded != tokenizer_fingerprint(meta.get("tokenizer"))
+    if changed or tokenizer.vocab_size > model_cfg.vocab_size:  # (a model's table may be padded past the tokenizer)
         raise CheckpointError(
             f"the tokenizer in {meta.get('tokenizer')} ({tokenizer.vocab_size} tokens) is not the one checkpoint "
             f"{directory / str(step)} was trained with ({model_cfg.vocab_size} tokens); it was retrained or replaced "

@@ -258,7 +258,8 @@ def test_malformed_folders_name_the_file(tok, tmp_path):
     """Damaged or foreign files give an HFFormatError naming the file, never a bare KeyError / TypeError."""
     cfg = tiny_cfg(tok)
     good = hf.export_hf(random_params(cfg), cfg, tok, tmp_path / "good")
-    config, tokenizer = json.loads((good / "config.json").read_text()), json.loads((good / "tokenizer.json").read_text())
+    config = json.loads((good / "config.json").read_text())
+    tokenizer = json.loads((good / "tokenizer.json").read_text())
     weights = (good / "model.safetensors").read_bytes()
 
     def folder(name, config_text=None, tokenizer_text=None, weights_bytes=None, index=None):
