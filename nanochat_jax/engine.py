@@ -228,7 +228,7 @@ class Engine:
         tokens: one prompt (list[int]) or several (list[list[int]]). mask 1 = sampled, 0 = forced tool
         output (or filler after a row has finished)."""
         prompts = [tokens] if len(tokens) and isinstance(tokens[0], (int, np.integer)) else tokens
-        if not prompts or any(len(p) == 0 for p in prompts):
+        if len(prompts) == 0 or any(len(p) == 0 for p in prompts):
             raise ValueError("generate needs at least one non-empty prompt")
         if num_samples < 1 or max_tokens < 1 or not temperature >= 0 or (top_p is not None and not 0 <= top_p <= 1):
             raise ValueError(f"need num_samples >= 1, max_tokens >= 1, temperature >= 0, 0 <= top_p <= 1; got "

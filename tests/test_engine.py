@@ -179,8 +179,11 @@ def test_generate_refuses_bad_sampling_settings(engine):
     for bad in (dict(top_p=-0.1), dict(top_p=1.5), dict(top_p=float("nan")), dict(temperature=float("nan"))):
         with pytest.raises(ValueError, match="top_p"):
             engine.generate_batch(PROMPTS, max_tokens=2, **bad)
-    tokens, _ = engine.generate_batch([np.array(PROMPTS[0])], max_tokens=2, temperature=0.0)  # numpy prompt
+    tokens, _ = engine.generate_batch([np.array(PROMPTS[0])], max_tokens=2, temperature=0.0)  # numpy prompts
     assert len(tokens) == 1
+    first = [column for column, _ in engine.generate(np.array(PROMPTS[0]), max_tokens=2, temperature=0.0)]
+    both = [column for column, _ in engine.generate(np.array([PROMPTS[0], PROMPTS[0]]), max_tokens=2, temperature=0.0)]
+    assert [c[0] for c in first] == [c[0] for c in both] == [c[1] for c in both]
 
 
 def _frequencies(logits, n=20000, **kwargs):
