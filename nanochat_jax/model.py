@@ -168,7 +168,10 @@ class GPT(nnx.Module):
     def _trunk(self, tokens, positions, cache=None):
         """Embedding, blocks and final norm: hidden states (B, T, C) in the compute dtype (and the updated cache)."""
         cos, sin = rotary_cos_sin(positions, self.head_dim, self.rope_theta, self.compute_dtype)
-        x = rms_norm(self.wte.embedding[...][tokens].astype(self.compute_dtype))
+        # the looked-up rows keep the table's FSDP-split width, split over data only; the constraint to the
+        # residual layout below is then an all-to-all (without it, data x FSDP meshes gathered the whole batch)
+        x = constrain(self.wte.embedding[...][tokens], ("batch_data", "sequence", "embed"))
+        x = rms_norm(x.astype(self.compute_dtype))
         if cache is not None:
             for block in self.blocks:
                 x, cache = block(x, cos, sin, cache)

@@ -22,6 +22,7 @@ MESH_AXES = ("data", "fsdp", "tensor")
 
 LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
     "batch": ("data", "fsdp"),
+    "batch_data": "data",  # the embedding lookup's rows, before they are spread over fsdp too (model.py)
     "sequence": None,
     "embed": "fsdp",
     "embed_act": None,  # the width of activations stays whole (fsdp already shards their rows)
