@@ -67,10 +67,12 @@ def init_train_state(model_cfg: ModelConfig, optim_cfg: OptimConfig, num_iterati
     return graphdef, optimizer, state, shardings
 
 
-def resume_latest(ckpt, state: TrainState, shardings: TrainState, data_iter, num_iterations: int):
+def resume_latest(ckpt, state: TrainState, shardings: TrainState, data_iter, num_iterations: int,
+                  tokenizer_dir=None):
     """Continue from the checkpointer's latest step: parameters and optimizer state restored into the shardings
     of `state` (any mesh), the step counter, and the data iterator's position when the checkpoint has one for
-    this process (else its order restarts, as Checkpointer.restore warns). Returns (state, step)."""
+    this process (else its order restarts, as Checkpointer.restore warns). Returns (state, step).
+    tokenizer_dir: the tokenizer this run uses (default: the trained one); it must be the checkpoint's."""
     step = ckpt.latest_step()
     if step is None:
         raise SystemExit(f"--train.resume: no checkpoint in {ckpt.directory}")
@@ -78,7 +80,14 @@ def resume_latest(ckpt, state: TrainState, shardings: TrainState, data_iter, num
         raise SystemExit(f"--train.resume: the latest checkpoint in {ckpt.directory} is step {step}, past this "
                          f"run's num_iterations={num_iterations}; raise it or start a new run")
     abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), state)
+    from nanochat_jax.tokenizer import tokenizer_fingerprint  # here: the GPU benchmarks import this module without it
+
     restored = ckpt.restore(step, abstract.params, abstract.opt_state)
+    recorded = restored["meta"].get("tokenizer_fingerprint")
+    if recorded and recorded != tokenizer_fingerprint(tokenizer_dir):
+        raise SystemExit(f"--train.resume: the tokenizer this run uses ({tokenizer_dir or 'the trained one'}) is not "
+                         f"the one checkpoint {ckpt.directory}/{step} was trained with (retrained or replaced since); "
+                         "resuming would feed the model other token ids")
     state = TrainState(step=jax.device_put(jnp.asarray(step, jnp.int32), shardings.step),
                        params=restored["params"], opt_state=restored["opt_state"])
     if restored["data"] is not None:

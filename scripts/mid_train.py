@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     start = 0
     if cfg.train.resume:
-        state, start = resume_latest(ckpt, state, shardings, train_iter, num_iterations)
+        state, start = resume_latest(ckpt, state, shardings, train_iter, num_iterations, source_meta.get("tokenizer"))
 
     peak = peak_flops_per_device()
     val_bpb = None

@@ -101,6 +101,21 @@ def test_resume_from_a_checkpoint_of_another_process_count(trained, tmp_path):
     assert [r["step"] for r in lines if "loss" in r][-2:] == [31, 32]
 
 
+def test_resume_after_the_tokenizer_was_retrained_is_refused(trained, tmp_path):
+    """Same vocabulary size, other merges (trained on less text): the checkpoint's tokenizer fingerprint differs,
+    so resuming (which would feed the model other token ids) stops with a message naming the tokenizer."""
+    home = tmp_path / "home"
+    shutil.copytree(trained, home)
+    run("tok_train.py", "--config", str(ROOT / "configs" / "cpu_tiny.toml"), "--tokenizer.vocab_size=512",
+        "--tokenizer.max_chars=200000", home=home)
+    env = dict(os.environ, NANOCHAT_JAX_HOME=str(home), JAX_PLATFORMS="cpu",
+               XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "base_train.py"), *TINY, "--train.num_iterations=60",
+                           "--train.resume=true"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0 and "tokenizer" in proc.stderr and "retrained or replaced since" in proc.stderr, \
+        proc.stderr[-2000:]
+
+
 def test_resume_past_the_horizon_is_a_clear_error(trained, tmp_path):
     """The latest checkpoint (60) is beyond --train.num_iterations=30: stop before touching the report."""
     home = tmp_path / "home"
