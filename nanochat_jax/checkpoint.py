@@ -187,6 +187,19 @@ def find_checkpoint(stage: str, depth: int | None = None, step: int | None = Non
     return directory, step
 
 
+def check_tokenizer(meta: dict, tokenizer_dir, checkpoint: Path) -> None:
+    """CheckpointError unless the tokenizer in tokenizer_dir (None: the trained one) is the one the checkpoint
+    recorded; a retrained or replaced one would feed the model other token ids. Checkpoints written before
+    the fingerprint was recorded pass."""
+    from nanochat_jax.tokenizer import tokenizer_fingerprint
+
+    recorded = meta.get("tokenizer_fingerprint")
+    if recorded and recorded != tokenizer_fingerprint(tokenizer_dir):
+        raise CheckpointError(f"the tokenizer in {tokenizer_dir or 'the artifacts home'} is not the one checkpoint "
+                              f"{checkpoint} was trained with (retrained or replaced since), so the model would read "
+                              "other token ids: restore that tokenizer or train the model again")
+
+
 def load_model(stage: str, step: int | None = None, depth: int | None = None, mesh=None):
     """(model, tokenizer, meta) from a checkpoint of a stage ('base', 'mid', 'sft', 'rl'); see find_checkpoint."""
     from flax import nnx
@@ -194,7 +207,7 @@ def load_model(stage: str, step: int | None = None, depth: int | None = None, me
     from nanochat_jax.config import MeshConfig, model_config_from_dict
     from nanochat_jax.model import init_model, runnable_here
     from nanochat_jax.sharding import make_mesh, param_shardings
-    from nanochat_jax.tokenizer import load_tokenizer, tokenizer_fingerprint
+    from nanochat_jax.tokenizer import load_tokenizer
 
     directory, step = find_checkpoint(stage, depth, step)
     ckpt = Checkpointer(directory, async_save=False)
@@ -215,11 +228,8 @@ def load_model(stage: str, step: int | None = None, depth: int | None = None, me
     nnx.replace_by_pure_dict(abstract, params)
     model = nnx.merge(graphdef, abstract)
     tokenizer = load_tokenizer(meta.get("tokenizer"))
-    recorded = meta.get("tokenizer_fingerprint")  # absent in checkpoints written before it was recorded
-    changed = recorded and recorded != tokenizer_fingerprint(meta.get("tokenizer"))
-    if changed or tokenizer.vocab_size > model_cfg.vocab_size:  # (a model's table may be padded past the tokenizer)
-        raise CheckpointError(
-            f"the tokenizer in {meta.get('tokenizer')} ({tokenizer.vocab_size} tokens) is not the one checkpoint "
-            f"{directory / str(step)} was trained with ({model_cfg.vocab_size} tokens); it was retrained or replaced "
-            f"since, so the model would read other token ids: restore that tokenizer or train the model again")
+    check_tokenizer(meta, meta.get("tokenizer"), directory / str(step))
+    if tokenizer.vocab_size > model_cfg.vocab_size:  # (a model's table may be padded past the tokenizer's size)
+        raise CheckpointError(f"the tokenizer in {meta.get('tokenizer')} has {tokenizer.vocab_size} tokens, more than "
+                              f"the {model_cfg.vocab_size} of checkpoint {directory / str(step)}: not its tokenizer")
     return model, tokenizer, meta

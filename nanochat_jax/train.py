@@ -80,14 +80,10 @@ def resume_latest(ckpt, state: TrainState, shardings: TrainState, data_iter, num
         raise SystemExit(f"--train.resume: the latest checkpoint in {ckpt.directory} is step {step}, past this "
                          f"run's num_iterations={num_iterations}; raise it or start a new run")
     abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), state)
-    from nanochat_jax.tokenizer import tokenizer_fingerprint  # here: the GPU benchmarks import this module without it
+    from nanochat_jax.checkpoint import check_tokenizer  # here: the GPU benchmarks import this module without it
 
     restored = ckpt.restore(step, abstract.params, abstract.opt_state)
-    recorded = restored["meta"].get("tokenizer_fingerprint")
-    if recorded and recorded != tokenizer_fingerprint(tokenizer_dir):
-        raise SystemExit(f"--train.resume: the tokenizer this run uses ({tokenizer_dir or 'the trained one'}) is not "
-                         f"the one checkpoint {ckpt.directory}/{step} was trained with (retrained or replaced since); "
-                         "resuming would feed the model other token ids")
+    check_tokenizer(restored["meta"], tokenizer_dir, ckpt.directory / str(step))
     state = TrainState(step=jax.device_put(jnp.asarray(step, jnp.int32), shardings.step),
                        params=restored["params"], opt_state=restored["opt_state"])
     if restored["data"] is not None:
