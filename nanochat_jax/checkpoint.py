@@ -5,7 +5,8 @@ Layout: `<home>/checkpoints/<stage>/d<depth>/<step>/` with one Orbax item per pa
 - opt_state: the optax state pytree;
 - data: {"process_count": n, "states": [iterator state of process 0, 1, ...]} (JSON, gathered from all
   processes at save time, since every process reads different documents);
-- meta: JSON: step, stage, resolved config, model config dict, tokenizer directory ("tokenizer"), ...
+- meta: JSON: step, stage, resolved config, model config dict, tokenizer directory ("tokenizer": relative to the
+  artifacts home when inside it, so a copied home works) and its fingerprint, ...
 Saving is asynchronous (Orbax writes in the background; `wait()` blocks until it is on disk) and keeps the
 newest `keep` steps. Restoring takes abstract targets (`jax.ShapeDtypeStruct` with a sharding), so a
 checkpoint written on one mesh restores onto any other mesh.
@@ -191,11 +192,12 @@ def check_tokenizer(meta: dict, tokenizer_dir, checkpoint: Path) -> None:
     """CheckpointError unless the tokenizer in tokenizer_dir (None: the trained one) is the one the checkpoint
     recorded; a retrained or replaced one would feed the model other token ids. Checkpoints written before
     the fingerprint was recorded pass."""
+    from nanochat_jax.tokenizer import tokenizer_dir as tokenizer_dir_of
     from nanochat_jax.tokenizer import tokenizer_fingerprint
 
     recorded = meta.get("tokenizer_fingerprint")
     if recorded and recorded != tokenizer_fingerprint(tokenizer_dir):
-        raise CheckpointError(f"the tokenizer in {tokenizer_dir or 'the artifacts home'} is not the one checkpoint "
+        raise CheckpointError(f"the tokenizer in {tokenizer_dir_of(tokenizer_dir)} is not the one checkpoint "
                               f"{checkpoint} was trained with (retrained or replaced since), so the model would read "
                               "other token ids: restore that tokenizer or train the model again")
 
@@ -207,7 +209,7 @@ def load_model(stage: str, step: int | None = None, depth: int | None = None, me
     from nanochat_jax.config import MeshConfig, model_config_from_dict
     from nanochat_jax.model import init_model, runnable_here
     from nanochat_jax.sharding import make_mesh, param_shardings
-    from nanochat_jax.tokenizer import load_tokenizer
+    from nanochat_jax.tokenizer import load_tokenizer, tokenizer_dir
 
     directory, step = find_checkpoint(stage, depth, step)
     ckpt = Checkpointer(directory, async_save=False)
@@ -230,6 +232,6 @@ def load_model(stage: str, step: int | None = None, depth: int | None = None, me
     tokenizer = load_tokenizer(meta.get("tokenizer"))
     check_tokenizer(meta, meta.get("tokenizer"), directory / str(step))
     if tokenizer.vocab_size > model_cfg.vocab_size:  # (a model's table may be padded past the tokenizer's size)
-        raise CheckpointError(f"the tokenizer in {meta.get('tokenizer')} has {tokenizer.vocab_size} tokens, more than "
+        raise CheckpointError(f"the tokenizer in {tokenizer_dir(meta.get('tokenizer'))} has {tokenizer.vocab_size} tokens, more than "
                               f"the {model_cfg.vocab_size} of checkpoint {directory / str(step)}: not its tokenizer")
     return model, tokenizer, meta

@@ -13,7 +13,7 @@ from flax import nnx
 
 from nanochat_jax.common import print0
 from nanochat_jax.config import Config, ModelConfig, OptimConfig, model_config_from_dict, to_dict
-from nanochat_jax.tokenizer import default_tokenizer_dir, tokenizer_fingerprint
+from nanochat_jax.tokenizer import default_tokenizer_dir, tokenizer_fingerprint, tokenizer_record
 
 RUNTIME_FIELDS = ("sequence_len", "compute_dtype", "attention_impl", "remat", "loss_chunk")
 SAMPLE_QUESTIONS = [
@@ -68,7 +68,7 @@ def stage_optim(optim: OptimConfig, init_lr_frac: float, **schedule) -> OptimCon
 def stage_meta(stage: str, step: int, cfg: Config, model_cfg: ModelConfig, source_meta: dict, **extra) -> dict:
     """Checkpoint metadata: the same keys as base_train's (step, stage, config, model, tokenizer) plus extra.
     The tokenizer is the source checkpoint's (an imported model brings its own), with its fingerprint."""
-    tokenizer = source_meta.get("tokenizer") or str(default_tokenizer_dir())
+    tokenizer = source_meta.get("tokenizer") or tokenizer_record(default_tokenizer_dir())
     return {"step": step, "stage": stage, "config": to_dict(cfg), "model": to_dict(model_cfg),
             "tokenizer": tokenizer, "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer), **extra}
 

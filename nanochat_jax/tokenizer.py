@@ -262,6 +262,21 @@ def default_tokenizer_dir() -> Path:
     return artifacts_dir("tokenizer")
 
 
+def tokenizer_dir(recorded=None) -> Path:
+    """The tokenizer directory a checkpoint's metadata names: None is the trained one; a relative path lies under
+    the artifacts home (so a home copied to another machine or user still finds its tokenizers)."""
+    if recorded is None:
+        return default_tokenizer_dir()
+    path = Path(recorded)
+    return path if path.is_absolute() else artifacts_dir(create=False) / path
+
+
+def tokenizer_record(directory) -> str:
+    """How checkpoint metadata names a tokenizer directory: relative to the artifacts home when inside it."""
+    path, home = Path(directory).absolute(), artifacts_dir(create=False).absolute()
+    return str(path.relative_to(home)) if path.is_relative_to(home) else str(path)
+
+
 def _require(path: Path) -> Path:
     if not path.exists():
         raise FileNotFoundError(f"no tokenizer at {path}; run scripts/tok_train.py first")
@@ -271,16 +286,16 @@ def _require(path: Path) -> Path:
 def tokenizer_fingerprint(directory=None) -> str:
     """A short hash of a saved tokenizer: checkpoints record it, so that loading one with a retrained
     tokenizer (other token ids for the same text) is an error instead of a model reading garbage."""
-    directory = Path(directory) if directory is not None else default_tokenizer_dir()
+    directory = tokenizer_dir(directory)
     return hashlib.sha256(_require(directory / TOKENIZER_FILE).read_bytes()).hexdigest()[:16]
 
 
 def load_tokenizer(directory=None) -> Tokenizer:
-    directory = Path(directory) if directory is not None else default_tokenizer_dir()
+    directory = tokenizer_dir(directory)
     _require(directory / TOKENIZER_FILE)
     return Tokenizer.load(directory)
 
 
 def load_token_bytes(directory=None) -> np.ndarray:
-    directory = Path(directory) if directory is not None else default_tokenizer_dir()
+    directory = tokenizer_dir(directory)
     return np.load(_require(directory / TOKEN_BYTES_FILE))

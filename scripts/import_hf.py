@@ -39,7 +39,7 @@ def main(argv=None) -> int:
     from nanochat_jax.common import artifacts_dir
     from nanochat_jax.config import Config, to_dict
     from nanochat_jax.hf import import_hf
-    from nanochat_jax.tokenizer import save_token_bytes, tokenizer_fingerprint
+    from nanochat_jax.tokenizer import save_token_bytes, tokenizer_fingerprint, tokenizer_record
 
     try:
         cfg, params, tokenizer = import_hf(args.folder, compute_dtype=args.compute_dtype)
@@ -56,7 +56,7 @@ def main(argv=None) -> int:
     tokenizer.save(tok_dir)
     save_token_bytes(tokenizer, tok_dir)
     meta = {"step": args.step, "stage": args.stage, "config": to_dict(Config(model=cfg)),
-            "model": dataclasses.asdict(cfg), "tokenizer": str(tok_dir),
+            "model": dataclasses.asdict(cfg), "tokenizer": tokenizer_record(tok_dir),
             "tokenizer_fingerprint": tokenizer_fingerprint(tok_dir),
             "imported_from": str(Path(args.folder).absolute())}
     # --force: the checkpoints there are set aside to <directory>.previous (their tokenizer is replaced below, and

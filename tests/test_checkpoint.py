@@ -262,3 +262,38 @@ def test_finetuning_starts_from_the_runs_depth_else_the_newest(home):
     for asked, got in ((1, 1), (2, 2), (3, 2)):
         cfg = Config(model=ModelConfig(depth=asked, compute_dtype="float32"))
         assert load_source("base", cfg, mesh)[2].depth == got
+
+
+def test_a_moved_artifacts_home_still_finds_its_tokenizer(home, monkeypatch, tmp_path):
+    """Checkpoints name their tokenizer relative to the artifacts home, so a home trained on one machine and
+    copied to another (or to another user's directory) loads; a tokenizer outside the home stays absolute."""
+    import shutil
+
+    from flax import nnx
+
+    from nanochat_jax.config import Config, ModelConfig
+    from nanochat_jax.finetune import stage_meta
+    from nanochat_jax.model import init_model
+    from nanochat_jax.tokenizer import Tokenizer, default_tokenizer_dir, tokenizer_dir, tokenizer_record
+
+    tokenizer = Tokenizer.train_from_iterator(["the cat sat on the mat"] * 20, vocab_size=280)
+    tokenizer.save(default_tokenizer_dir())
+    model_cfg = ModelConfig(depth=1, aspect_ratio=32, head_dim=16, vocab_size=tokenizer.vocab_size,
+                            sequence_len=16, compute_dtype="float32")
+    meta = stage_meta("base", 3, Config(model=model_cfg), model_cfg, {})
+    assert meta["tokenizer"] == "tokenizer"
+    ckpt = Checkpointer(checkpoint.checkpoint_dir("base", 1))
+    ckpt.save(3, nnx.to_pure_dict(nnx.split(init_model(model_cfg), nnx.Param)[1]), None, None, meta)
+    ckpt.close()
+
+    moved = tmp_path / "elsewhere" / "home"
+    shutil.copytree(home, moved)
+    shutil.rmtree(home)
+    monkeypatch.setenv("NANOCHAT_JAX_HOME", str(moved))
+    _, tok, got = checkpoint.load_model("base")
+    assert tok.encode("the cat sat") == tokenizer.encode("the cat sat")
+    assert stage_meta("mid", 1, Config(model=model_cfg), model_cfg, got)["tokenizer"] == "tokenizer"
+    assert tokenizer_dir("imported/sft_d1/tokenizer") == moved / "imported" / "sft_d1" / "tokenizer"
+    assert tokenizer_record(moved / "imported" / "sft_d1" / "tokenizer") == "imported/sft_d1/tokenizer"
+    assert tokenizer_record(tmp_path / "own_tok") == str(tmp_path / "own_tok")
+    assert tokenizer_dir(str(tmp_path / "own_tok")) == tmp_path / "own_tok"

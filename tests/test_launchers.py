@@ -58,3 +58,23 @@ def test_gpu_and_tpu_launchers_use_their_configs():
     tpu = dict(stage_commands("run_tpu.sh"))["scripts/base_train.py"]
     assert load_config(gpu).model.attention_impl == "cudnn" and load_config(gpu).model.depth == 20
     assert load_config(tpu).model.attention_impl == "splash" and load_config(tpu).mesh.fsdp == -1
+
+
+def test_gpu_env_xla_flags_are_known_to_this_jaxlib():
+    """XLA aborts the process on an unknown flag in XLA_FLAGS, so a flag renamed or removed by a newer jaxlib
+    would kill run_gpu.sh at its first JAX call. The GPU flags are parsed by every jaxlib, CPU ones included."""
+    import os
+    import subprocess
+    import sys
+
+    flags = subprocess.run(["bash", "-c", "XLA_FLAGS= && source scripts/gpu_env.sh && echo $XLA_FLAGS"], cwd=ROOT,
+                           capture_output=True, text=True, check=True).stdout.split()
+    assert "--xla_gpu_enable_latency_hiding_scheduler=true" in flags
+    env = {**os.environ, "XLA_FLAGS": " ".join(flags), "JAX_PLATFORMS": "cpu"}
+    ok = subprocess.run([sys.executable, "-c", "import jax; print(jax.numpy.ones(2).sum())"], env=env,
+                        capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0 and ok.stdout.strip() == "2.0", ok.stderr[-2000:]
+    env["XLA_FLAGS"] += " --xla_gpu_no_such_flag=true"  # the check itself: a bad flag is fatal
+    bad = subprocess.run([sys.executable, "-c", "import jax; jax.numpy.ones(2).sum()"], env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "xla_gpu_no_such_flag" in bad.stderr
