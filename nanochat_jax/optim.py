@@ -113,15 +113,18 @@ def _orthogonalise(paths_leaves: list, ns_steps: int, dtype) -> list[jax.Array]:
     for idx in groups.values():
         wide = [m if m.shape[0] <= m.shape[1] else m.T for m in (paths_leaves[i][1] for i in idx)]
         # every member split the same way first (rows over the stack's devices), so that going from rows to
-        # whole matrices per device is one all-to-all rather than a gather of the whole stack
-        stack = jnp.stack([constrain(m, ("stack", None)) for m in wide])
+        # whole matrices per device is one all-to-all rather than a gather of the whole stack; on the way, rows
+        # over (fsdp, tensor) (one all-to-all when tensor splits the columns: XLA finds no direct path from
+        # (fsdp rows, tensor columns) to rows over every device and would gather the whole matrix instead)
+        stack = jnp.stack([constrain(constrain(m, ("stack_rows", None)), ("stack", None)) for m in wide])
         pad = -len(idx) % shard_count("stack")
         if pad:
             stack = jnp.concatenate([stack, jnp.zeros((pad, *stack.shape[1:]), stack.dtype)])
         ortho = newton_schulz(constrain(stack, ("stack", None, None)), ns_steps, dtype)
         for j, i in enumerate(idx):
             m = paths_leaves[i][1]
-            out[i] = ortho[j] if m.shape[0] <= m.shape[1] else ortho[j].T
+            o = constrain(ortho[j], ("stack_rows", None))  # the same way back
+            out[i] = o if m.shape[0] <= m.shape[1] else o.T
     return out
 
 

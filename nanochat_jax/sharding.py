@@ -33,6 +33,7 @@ LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
     "layers": None,
     "cache_len": None,
     "stack": ("data", "fsdp", "tensor"),  # Muon's stacks of same-shaped matrices: each device orthogonalises its share
+    "stack_rows": ("fsdp", "tensor"),  # a matrix's rows on its way into (and out of) a Muon stack (optim.py)
 }
 
 

@@ -157,3 +157,20 @@ def test_data_by_fsdp_mesh_never_gathers_the_batch_activations():
         hlo = step.jitted.lower(state, batch).compile().as_text()
     gathered = re.findall(r"= (f32\[[\d,]+\])\{[^}]*\} all-gather", hlo)
     assert gathered and not [g for g in gathered if g.startswith("f32[16,16,")], gathered  # rows x positions x ...
+
+
+def test_muon_stacks_on_a_data_fsdp_tensor_mesh_never_gather_whole_matrices():
+    """On a 2 x 2 x 2 mesh each Muon matrix (FSDP rows, tensor columns, replicated over data) goes to rows over
+    (fsdp, tensor) and then into its stack split over every device, and back the same way; going there directly
+    made XLA gather every whole matrix (and whole stacks) on every device ("involuntary full rematerialization")."""
+    cfg = ModelConfig(depth=2, aspect_ratio=32, head_dim=16, vocab_size=256, sequence_len=16, compute_dtype="float32")
+    mesh = make_mesh(MeshConfig(2, 2, 2))
+    graphdef, optimizer, state, shardings = init_train_state(cfg, OPTIM, 3, mesh, seed=0)
+    step = make_train_step(graphdef, optimizer, shardings, mesh, 3, OPTIM)
+    batch = jax.device_put(_batches(1, 2, 8, cfg.sequence_len, cfg.vocab_size)[0], microbatch_sharding(mesh))
+    with jax.set_mesh(mesh):
+        hlo = step.jitted.lower(state, batch).compile().as_text()
+    gathered = set(re.findall(r"= f32\[([\d,]+)\]\{[^}]*\} all-gather", hlo))
+    c = cfg.n_embd
+    whole = {f"{c},{c}", f"{c},{4 * c}", f"{4 * c},{c}"}
+    assert gathered and not [g for g in gathered if g in whole or g.count(",") >= 2], gathered
