@@ -94,9 +94,9 @@ class Attention(nnx.Module):
         k = self.c_k(x).reshape(B, T, self.n_kv_heads, self.head_dim)
         v = self.c_v(x).reshape(B, T, self.n_kv_heads, self.head_dim)
         q, k = rms_norm(apply_rotary(q, cos, sin)), rms_norm(apply_rotary(k, cos, sin))
-        if cache is None and self.attention_impl == "splash" and splash.block_size(T):
+        if cache is None and self.attention_impl == "splash" and splash.usable(T):
             y = splash.causal_attention(q, k, v)
-        elif cache is None:  # XLA's attention also stands in for splash when no tile divides T (short evals)
+        elif cache is None:  # XLA's attention also stands in for splash where it cannot run (see splash.usable)
             cudnn = self.attention_impl == "cudnn"
             y = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn" if cudnn else None)
         else:

@@ -27,6 +27,15 @@ def block_size(seq_len: int) -> int | None:
     return next((b for b in BLOCKS if seq_len % b == 0), None)
 
 
+def usable(seq_len: int) -> bool:
+    """Whether attention over seq_len positions can run the kernel here: a tile must divide seq_len, and the
+    call must be either under `jax.set_mesh` (then it runs in shard_map) or in a one-device process. Mosaic
+    kernels cannot be partitioned automatically, so a multi-device jit outside a mesh (evaluations) would fail
+    to compile on TPU; there XLA's attention stands in."""
+    return block_size(seq_len) is not None and (not jax.sharding.get_abstract_mesh().empty
+                                                or jax.device_count() == 1)
+
+
 @functools.lru_cache(maxsize=None)
 def _kernel(heads: int, seq_len: int, interpret: bool):
     """The splash kernel for `heads` query heads attending causally over seq_len positions (built once: its

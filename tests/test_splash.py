@@ -58,6 +58,30 @@ def test_model_falls_back_to_xla_when_no_tile_divides_the_sequence():
                                   xla_model.loss(tokens, tokens, reduction="none"))
 
 
+def test_model_uses_xla_attention_outside_a_mesh_on_several_devices(monkeypatch):
+    """Evaluations jit over several devices without `jax.set_mesh`; the TPU compiler cannot partition the kernel
+    there, so the model takes XLA's attention, and the kernel only inside a mesh (shard_map) or on one device."""
+    assert jax.device_count() > 1
+    cfg = ModelConfig(depth=1, aspect_ratio=64, head_dim=32, vocab_size=64, sequence_len=128,
+                      compute_dtype="float32", attention_impl="splash")
+    model, xla_model = init_model(cfg), init_model(dataclasses.replace(cfg, attention_impl="xla"))
+    tokens = jax.random.randint(jax.random.key(1), (2, 128), 0, 64)
+    want = xla_model.loss(tokens, tokens, reduction="none")
+
+    def kernel_called(*args):
+        raise AssertionError("the splash kernel ran")
+
+    monkeypatch.setattr(splash, "_local_attention", kernel_called)
+    assert not splash.usable(128)
+    np.testing.assert_array_equal(model.loss(tokens, tokens, reduction="none"), want)
+    with jax.set_mesh(make_mesh(MeshConfig(2, 1, 1), devices=jax.devices()[:2])):
+        assert splash.usable(128) and not splash.usable(100)
+        with pytest.raises(AssertionError, match="the splash kernel ran"):
+            model.loss(tokens, tokens, reduction="none")
+    monkeypatch.setattr(jax, "device_count", lambda: 1)
+    assert splash.usable(128)
+
+
 OPTIM = OptimConfig(warmdown_ratio=0.5, ns_dtype="float32")
 TINY = ModelConfig(depth=2, aspect_ratio=32, head_dim=16, vocab_size=128, sequence_len=128, compute_dtype="float32")
 
