@@ -183,6 +183,7 @@ class MidConfig:
     total_batch_size: int = 524288  # tokens per optimizer step
     num_iterations: int = -1  # -1: one pass over the mixture
     init_lr_frac: float = 1.0  # learning rates are the [optim] ones times this
+    grad_clip: float = 0.0  # global-norm clipping, 0 = none: nanochat clips only base training
     eval_every: int = 150
     eval_tokens: int = 20 * 524288
 
@@ -190,6 +191,7 @@ class MidConfig:
         _choice(self, "mid", "source", ("base", "mid"))
         _choice(self, "mid", "mixture", ("nanochat", "cpu"))
         _positive(self, "mid", "device_batch_size", "total_batch_size", "init_lr_frac", "eval_tokens")
+        _non_negative(self, "mid", "grad_clip")
 
 
 @dataclass
@@ -203,6 +205,7 @@ class SFTConfig:
     num_epochs: int = 1
     num_iterations: int = -1  # -1: num_epochs passes over the mixture
     init_lr_frac: float = 0.02
+    grad_clip: float = 0.0  # global-norm clipping, 0 = none: nanochat clips only base training
     eval_every: int = 100  # steps between validation loss
     eval_steps: int = 100
     eval_metrics_every: int = 200  # steps between quick chat-task accuracies
@@ -212,6 +215,7 @@ class SFTConfig:
         _choice(self, "sft", "mixture", ("nanochat", "cpu"))
         _positive(self, "sft", "device_batch_size", "target_examples_per_step", "num_epochs", "init_lr_frac",
                   "eval_steps")
+        _non_negative(self, "sft", "grad_clip")
 
 
 @dataclass
@@ -227,6 +231,7 @@ class RLConfig:
     temperature: float = 1.0
     top_k: int = 50
     init_lr_frac: float = 0.05
+    grad_clip: float = 0.0  # global-norm clipping, 0 = none: nanochat clips only base training
     num_epochs: int = 1
     num_iterations: int = -1  # -1: num_epochs passes over the task's train split
     save_every: int = 60
@@ -238,6 +243,7 @@ class RLConfig:
         _choice(self, "rl", "task", ("gsm8k", "cpu"))
         _positive(self, "rl", "device_batch_size", "examples_per_step", "num_samples", "max_new_tokens",
                   "init_lr_frac", "num_epochs", "eval_examples")
+        _non_negative(self, "rl", "grad_clip")
 
 
 @dataclass
@@ -294,6 +300,12 @@ def _positive(obj, section: str, *names: str) -> None:
     for name in names:
         if getattr(obj, name) <= 0:
             raise ConfigError(f"{section}.{name}={getattr(obj, name)} must be > 0")
+
+
+def _non_negative(obj, section: str, *names: str) -> None:
+    for name in names:
+        if getattr(obj, name) < 0:
+            raise ConfigError(f"{section}.{name}={getattr(obj, name)} must be >= 0")
 
 
 def _choice(obj, section: str, name: str, allowed: tuple[str, ...]) -> None:

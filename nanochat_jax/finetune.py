@@ -61,7 +61,8 @@ def stage_optim(optim: OptimConfig, init_lr_frac: float, **schedule) -> OptimCon
     print0(f"optimizer: lr embedding {out.embedding_lr:g}, unembedding {out.unembedding_lr:g}, matrix "
            f"{out.matrix_lr:g} (= [optim] x init_lr_frac {init_lr_frac:g}) | warmup_ratio {out.warmup_ratio:g}, "
            f"warmdown_ratio {out.warmdown_ratio:g}, final_lr_frac {out.final_lr_frac:g} | Muon momentum "
-           f"{out.muon_momentum_start:g} -> {out.muon_momentum:g} over {out.muon_momentum_warmup_steps} steps")
+           f"{out.muon_momentum_start:g} -> {out.muon_momentum:g} over {out.muon_momentum_warmup_steps} steps | "
+           f"grad_clip {out.grad_clip:g}")
     return out
 
 

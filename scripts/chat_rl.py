@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     # nanochat's RL: [optim] learning rates x init_lr_frac, linear decay to 0, no Muon momentum warm-up
     optim_cfg = stage_optim(cfg.optim, rl.init_lr_frac, warmup_ratio=0.0, warmdown_ratio=1.0, final_lr_frac=0.0,
-                            muon_momentum_start=cfg.optim.muon_momentum)
+                            muon_momentum_start=cfg.optim.muon_momentum, grad_clip=rl.grad_clip)
     graphdef, optimizer, state, shardings = init_train_state(model_cfg, optim_cfg, num_iterations, mesh,
                                                              cfg.train.seed, params=params)
     del params

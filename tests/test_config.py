@@ -40,6 +40,7 @@ def test_round_trip_through_toml(tmp_path):
         (["positional"], "unexpected argument 'positional'"),
         (["--train.target_flops=inf"], "train.target_flops='inf' is not a valid float"),
         (["--train.target_param_data_ratio=nan"], "train.target_param_data_ratio='nan' is not a valid float"),
+        (["--rl.grad_clip=-1"], "rl.grad_clip=-1.0 must be >= 0"),
     ],
 )
 def test_errors_name_the_key(argv, message):
@@ -63,3 +64,14 @@ def test_bad_toml_type(tmp_path):
 def test_defaults_follow_nanochat_d20():
     m = Config().model
     assert (m.n_layer, m.n_embd, m.n_head, m.n_kv_heads) == (20, 1280, 10, 10)
+
+
+def test_only_base_training_clips_gradients_by_default():
+    """nanochat 3a5e0bc clips the global gradient norm at 1.0 in base training only; mid, SFT and RL take
+    [optim]'s learning rates but their own grad_clip (0: none)."""
+    from nanochat_jax.finetune import stage_optim
+
+    cfg = load_config(["--sft.grad_clip=0.5"])
+    assert cfg.optim.grad_clip == 1.0 and cfg.mid.grad_clip == cfg.rl.grad_clip == 0.0
+    assert stage_optim(cfg.optim, 1.0, grad_clip=cfg.mid.grad_clip).grad_clip == 0.0
+    assert stage_optim(cfg.optim, 1.0, grad_clip=cfg.sft.grad_clip).grad_clip == 0.5
