@@ -11,10 +11,20 @@ CONFIG=${CONFIG:-configs/d20.toml}
 # --- environment: .venv with the GPU build of jaxlib (and rust_bpe built on first use)
 PY=$(EXTRAS=gpu,dev bash scripts/ensure_env.sh)
 
-# --- XLA / CUDA settings (latency-hiding scheduler, collective combining, command buffers)
+# --- XLA / CUDA settings (latency-hiding scheduler, collective combining, compilation cache)
 source scripts/gpu_env.sh
 
-"$PY" -c "import jax; d = jax.devices(); print(f'{len(d)} x {d[0].device_kind}')"
+# --- the config's data size and batch rows (with any overrides), and the GPUs' memory
+read -r NUM_SHARDS TRAIN_ROWS MID_ROWS <<< "$("$PY" -c "import sys; from nanochat_jax.config import load_config
+c = load_config(['--config', *sys.argv[1:]]); print(c.data.num_shards, c.train.device_batch_size, c.mid.device_batch_size)" \
+  "$CONFIG" "$@" | tail -1)"
+GPU_GIB=$("$PY" -c "import jax; d = jax.devices(); gib = d[0].memory_stats()['bytes_limit'] // 2**30
+print(f'{len(d)} x {d[0].device_kind}, {gib} GiB usable each', file=__import__('sys').stderr); print(gib)")
+ROWS=""  # bench/memory.py puts d20 at 32 rows (d26 at 16) at ~78-83 GB per GPU: too close for an 80 GB card
+if [ "$GPU_GIB" -lt 100 ] && [ "${FULL_ROWS:-0}" != 1 ]; then
+  ROWS="--train.device_batch_size=$(( (TRAIN_ROWS + 1) / 2 )) --mid.device_batch_size=$(( (MID_ROWS + 1) / 2 ))"
+  echo "GPUs under 100 GiB: $ROWS (gradient accumulation keeps the batch size; FULL_ROWS=1 keeps the config's)"
+fi
 
 step() { echo; echo "=== $* ==="; }
 run() {  # run SCRIPT ARGS...: a pipeline step, echoed first
@@ -25,9 +35,9 @@ run() {  # run SCRIPT ARGS...: a pipeline step, echoed first
 step "report: reset"
 run scripts/report.py reset
 
-step "data: first 8 FineWeb-EDU shards now (~2B chars for the tokenizer), all 240 in the background"
+step "data: first 8 FineWeb-EDU shards now (~2B chars for the tokenizer), all $NUM_SHARDS in the background"
 "$PY" -c "from nanochat_jax.data import download_shards; download_shards(8, 8)"
-"$PY" -c "from nanochat_jax.data import download_shards; download_shards(240, 8)" &
+"$PY" -c "from nanochat_jax.data import download_shards; download_shards($NUM_SHARDS, 8)" &
 DOWNLOAD_PID=$!
 
 step "tokenizer: train (vocab 65536, 2B characters) and evaluate"
@@ -35,18 +45,18 @@ run scripts/tok_train.py --config "$CONFIG" --tokenizer.vocab_size=65536 --token
   --data.source=fineweb --data.num_shards=8
 run scripts/tok_eval.py --config "$CONFIG"
 
-echo "waiting for the data download (240 shards, ~24 GB) ..."
+echo "waiting for the data download ($NUM_SHARDS shards, ~100 MB each) ..."
 wait $DOWNLOAD_PID
 
-step "base model: pretrain d20 (~11B tokens)"
-run scripts/base_train.py --config "$CONFIG" --data.source=fineweb --data.num_shards=240 "$@"
+step "base model: pretrain (d20: ~11B tokens)"
+run scripts/base_train.py --config "$CONFIG" $ROWS "$@"
 step "base model: train/val bits per byte and samples"
-run scripts/base_loss.py --config "$CONFIG" --data.source=fineweb --data.num_shards=240 "$@"
+run scripts/base_loss.py --config "$CONFIG" "$@"
 step "base model: CORE metric"
 run scripts/base_eval.py --config "$CONFIG" "$@"
 
 step "mid-training and its chat eval"
-run scripts/mid_train.py --config "$CONFIG" "$@"
+run scripts/mid_train.py --config "$CONFIG" $ROWS "$@"
 run scripts/chat_eval.py -i mid --config "$CONFIG"
 step "supervised fine-tuning and its chat eval"
 run scripts/chat_sft.py --config "$CONFIG" "$@"

@@ -25,6 +25,7 @@ def stage_commands(launcher: str) -> list[tuple[str, list[str]]]:
     for match in re.finditer(r'(?:^|\s)(?:run|"\$PY")\s+(scripts/\S+\.py)([^\n]*)', text, re.M):
         args = match.group(2).split("#")[0].replace('"$@"', "")
         args = re.sub(r'"\$(\w+)"', lambda m: shlex.quote(variables[m.group(1)]), args)
+        args = re.sub(r'\$(\w+)', lambda m: variables[m.group(1)], args)  # unquoted: word-split options
         commands.append((match.group(1), shlex.split(args)))
     return commands
 
@@ -58,6 +59,16 @@ def test_gpu_and_tpu_launchers_use_their_configs():
     tpu = dict(stage_commands("run_tpu.sh"))["scripts/base_train.py"]
     assert load_config(gpu).model.attention_impl == "cudnn" and load_config(gpu).model.depth == 20
     assert load_config(tpu).model.attention_impl == "splash" and load_config(tpu).mesh.fsdp == -1
+
+
+def test_gpu_launcher_halves_rows_with_real_config_keys():
+    """run_gpu.sh halves the training rows per GPU on cards under 100 GiB; the keys it sets must exist."""
+    text = (ROOT / "run_gpu.sh").read_text()
+    keys = re.findall(r'ROWS="(.*)"', text)[-1]
+    overrides = re.sub(r"\$\(\(.*?\)\)", "16", keys).split()
+    assert len(overrides) == 2
+    cfg = load_config(["--config", "configs/d20.toml", *overrides])
+    assert cfg.train.device_batch_size == cfg.mid.device_batch_size == 16
 
 
 def test_gpu_env_xla_flags_are_known_to_this_jaxlib():
