@@ -7,9 +7,11 @@
 #     --command="cd nanochat-jax && bash run_tpu.sh > run_tpu.log 2>&1"
 #
 # (copy or clone the repo onto every worker first, e.g. with `gcloud compute tpus tpu-vm scp --worker=all`.)
-# Artifacts go to $NANOCHAT_JAX_HOME on each host (default ~/.cache/nanochat_jax): every host downloads its
-# own data and trains the same tokenizer. Checkpoints must go to storage that all hosts see for multi-host
-# restores (point NANOCHAT_JAX_HOME at a shared mount). Extra arguments are overrides for the training.
+# Artifacts go to $NANOCHAT_JAX_HOME on each host's own disk (default ~/.cache/nanochat_jax): every host downloads
+# its own data and trains the same tokenizer (deterministic; checkpoints check its fingerprint). On a multi-host
+# pod, checkpoints must go to storage every host sees: set NANOCHAT_JAX_CHECKPOINTS=/path/on/a/shared/mount
+# (a run whose hosts do not see one directory stops at its first stage with a message saying so).
+# Extra arguments are overrides for the training.
 set -euo pipefail
 cd "$(dirname "$0")"
 CONFIG=${CONFIG:-configs/tpu_v6e_8.toml}
@@ -19,6 +21,10 @@ PY=$(EXTRAS=tpu,dev bash scripts/ensure_env.sh)
 
 export NANOCHAT_JAX_DISTRIBUTED=${NANOCHAT_JAX_DISTRIBUTED:-1}
 export JAX_PLATFORMS=${JAX_PLATFORMS:-tpu}
+# compiled programs persist across stages and reruns (SFT and RL compile one step per padded width)
+export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-${NANOCHAT_JAX_HOME:-$HOME/.cache/nanochat_jax}/xla_cache}
+NUM_SHARDS=$(NANOCHAT_JAX_DISTRIBUTED=0 JAX_PLATFORMS=cpu "$PY" -c "import sys; from nanochat_jax.config import load_config
+print(load_config(['--config', *sys.argv[1:]]).data.num_shards)" "$CONFIG" "$@" | tail -1)
 
 step() { echo; echo "=== $* ==="; }
 run() {  # run SCRIPT ARGS...: a pipeline step, echoed first
@@ -29,10 +35,10 @@ run() {  # run SCRIPT ARGS...: a pipeline step, echoed first
 step "report: reset"
 run scripts/report.py reset
 
-step "data: first 8 FineWeb-EDU shards now (~2B chars for the tokenizer), all 240 in the background"
+step "data: first 8 FineWeb-EDU shards now (~2B chars for the tokenizer), all $NUM_SHARDS in the background"
 # plain downloads: single-process, so they must not join the distributed runtime
 NANOCHAT_JAX_DISTRIBUTED=0 "$PY" -c "from nanochat_jax.data import download_shards; download_shards(8, 8)"
-NANOCHAT_JAX_DISTRIBUTED=0 "$PY" -c "from nanochat_jax.data import download_shards; download_shards(240, 8)" &
+NANOCHAT_JAX_DISTRIBUTED=0 "$PY" -c "from nanochat_jax.data import download_shards; download_shards($NUM_SHARDS, 8)" &
 DOWNLOAD_PID=$!
 
 step "tokenizer: train (vocab 65536, 2B characters) and evaluate (on each host, no devices needed)"
@@ -40,7 +46,7 @@ NANOCHAT_JAX_DISTRIBUTED=0 JAX_PLATFORMS=cpu run scripts/tok_train.py --config "
   --tokenizer.vocab_size=65536 --tokenizer.max_chars=2000000000 --data.source=fineweb --data.num_shards=8
 NANOCHAT_JAX_DISTRIBUTED=0 JAX_PLATFORMS=cpu run scripts/tok_eval.py --config "$CONFIG"
 
-echo "waiting for the data download (240 shards, ~24 GB) ..."
+echo "waiting for the data download ($NUM_SHARDS shards, ~100 MB each) ..."
 wait $DOWNLOAD_PID
 
 "$PY" -c "from nanochat_jax.common import init_distributed; init_distributed(); import jax; \

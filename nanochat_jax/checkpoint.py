@@ -1,6 +1,7 @@
 """Checkpoints: Orbax save/restore of params, optimizer state, data-iterator state and metadata; load_model.
 
-Layout: `<home>/checkpoints/<stage>/d<depth>/<step>/` with one Orbax item per part:
+Layout: `<root>/<stage>/d<depth>/<step>/` with one Orbax item per part, where root is `<home>/checkpoints` or
+`$NANOCHAT_JAX_CHECKPOINTS` (a multi-host run needs a root every host sees; Checkpointer checks that it does):
 - params: the pure nested dict of parameter arrays (possibly sharded: each process writes its own shards);
 - opt_state: the optax state pytree;
 - data: {"process_count": n, "states": [iterator state of process 0, 1, ...]} (JSON, gathered from all
@@ -19,6 +20,7 @@ to shard a large model.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -36,8 +38,19 @@ class CheckpointError(RuntimeError):
     """A missing, incomplete or corrupt checkpoint; the message names the directory."""
 
 
+CHECKPOINTS_ENV = "NANOCHAT_JAX_CHECKPOINTS"
+
+
+def checkpoints_root() -> Path:
+    """$NANOCHAT_JAX_CHECKPOINTS (storage that every host of a multi-host run sees), else <home>/checkpoints."""
+    root = os.environ.get(CHECKPOINTS_ENV)
+    return Path(root).expanduser() if root else artifacts_dir("checkpoints", create=False)
+
+
 def checkpoint_dir(stage: str, depth: int) -> Path:
-    return artifacts_dir("checkpoints", stage, f"d{depth}")
+    path = checkpoints_root() / stage / f"d{depth}"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def _gather_json(obj) -> list:
@@ -52,6 +65,30 @@ def _gather_json(obj) -> list:
     padded[:raw.size] = raw
     everything = np.asarray(multihost_utils.process_allgather(padded))
     return [json.loads(bytes(everything[i, :n])) for i, n in enumerate(lengths)]
+
+
+def _check_shared(directory: Path) -> None:
+    """With several processes, CheckpointError on every process unless all of them see `directory` as one
+    place: each process writes its own shards of a checkpoint and process 0 finishes it, so a directory on
+    each host's local disk would give checkpoints that no host can restore, found out only at the end."""
+    if jax.process_count() == 1:
+        return
+    import secrets
+
+    from jax.experimental import multihost_utils
+
+    directory.mkdir(parents=True, exist_ok=True)
+    probe = directory / f".shared-check-{_gather_json(secrets.token_hex(8))[0]}"
+    if jax.process_index() == 0:
+        probe.touch()
+    multihost_utils.sync_global_devices("checkpoint: shared-storage probe written")
+    blind = [i for i, seen in enumerate(_gather_json(probe.exists())) if not seen]
+    if jax.process_index() == 0:
+        probe.unlink()
+    if blind:
+        raise CheckpointError(f"processes {blind} cannot see {directory} as process 0 does: every host of a "
+                              f"multi-host run must write checkpoints to the same storage; set {CHECKPOINTS_ENV} "
+                              "(or NANOCHAT_JAX_HOME) to a directory on a mount all hosts share")
 
 
 def _set_aside_previous_run(directory: Path) -> None:
@@ -84,6 +121,7 @@ class Checkpointer:
         `<directory>.previous/` (replacing what an older run left there), so this run neither trips over
         their step numbers nor mixes its checkpoints with theirs."""
         self.directory = Path(directory).absolute()
+        _check_shared(self.directory)
         if fresh:
             _set_aside_previous_run(self.directory)
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
@@ -164,7 +202,7 @@ class Checkpointer:
 
 
 def _depth_dirs(stage: str) -> tuple[Path, list[Path]]:
-    root = artifacts_dir("checkpoints", stage, create=False)
+    root = checkpoints_root() / stage
     dirs = [d for d in root.glob("d*") if d.is_dir() and d.name[1:].isdigit() and any(
         s.is_dir() and s.name.isdigit() for s in d.iterdir())] if root.is_dir() else []
     return root, dirs

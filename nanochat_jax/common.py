@@ -128,8 +128,10 @@ def init_distributed() -> bool:
             if not value.isdigit():
                 raise ValueError(f"{var}={value!r} must be a non-negative integer")
             kwargs[arg] = int(value)
+    # hosts may arrive far apart (each finishes its own downloads first): wait up to 30 minutes, not 5
+    timeout = int(os.environ.get("NANOCHAT_JAX_INIT_TIMEOUT", "1800"))
     try:
-        jax.distributed.initialize(**kwargs)
+        jax.distributed.initialize(**kwargs, initialization_timeout=timeout)
     except ValueError as e:  # e.g. a coordinator address without a process count outside TPU/SLURM/MPI
         raise ValueError(f"multi-process start failed ({e}); outside Cloud TPU, SLURM and Open MPI set "
                          "JAX_COORDINATOR_ADDRESS=host:port, JAX_NUM_PROCESSES and JAX_PROCESS_ID on every "

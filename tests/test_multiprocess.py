@@ -168,3 +168,28 @@ def test_two_process_base_evals(two_process_base):
     assert loss2["val_bpb"] == pytest.approx(loss1["val_bpb"], rel=0.05)
     assert loss2["train_bpb"] == pytest.approx(loss1["train_bpb"], rel=0.05)
     assert core2["results"] == pytest.approx(core1["results"]) and core2["core_metric"] == pytest.approx(core1["core_metric"])
+
+
+SHARED_CHECK = """
+import os, sys
+from nanochat_jax.common import init_distributed
+init_distributed()
+own = sys.argv[2] == "own"  # each process its own checkpoint root, as with a home on each host's local disk
+os.environ["NANOCHAT_JAX_CHECKPOINTS"] = os.path.join(sys.argv[1], "host" + os.environ["JAX_PROCESS_ID"] if own else "")
+from nanochat_jax.checkpoint import CheckpointError, Checkpointer, checkpoint_dir
+try:
+    Checkpointer(checkpoint_dir("base", 1), fresh=True).close()
+    print("ACCEPTED", sorted(os.listdir(checkpoint_dir("base", 1))))
+except CheckpointError as e:
+    print("REFUSED", e)
+"""
+
+
+def test_checkpoints_on_storage_not_all_hosts_see_are_refused_at_start(tmp_path):
+    """Every process must see the checkpoint directory process 0 sees; with a root on each host's own disk all
+    processes stop at the Checkpointer with the same message, instead of a run whose checkpoints cannot load."""
+    shared = launch(["-c", SHARED_CHECK, str(tmp_path / "shared"), "shared"], processes=2, devices_per_process=1)
+    assert all(out.strip().splitlines()[-1] == "ACCEPTED []" for out in shared), shared  # the probe is gone
+    own = launch(["-c", SHARED_CHECK, str(tmp_path / "own"), "own"], processes=2, devices_per_process=1)
+    for out in own:
+        assert "REFUSED processes [1] cannot see" in out and "NANOCHAT_JAX_CHECKPOINTS" in out, out
