@@ -35,7 +35,25 @@ GENERATED_SIZE = 256
 
 def load_task(name: str, data_dir: str | Path | None = None):
     """The test split of a chat task; from <data_dir>/<name>.jsonl (hub-format rows) when that file exists.
-    Raises TaskDataError (one line) when the hub cannot be reached."""
+    Raises TaskDataError (one line) when the hub cannot be reached, on every process when it cannot be reached
+    from any of them: each process loads the task itself, and one that skipped a task would pair the count sums
+    (collectives) of the tasks after it with another task's."""
+    from nanochat_jax.tasks import TaskDataError
+
+    task, error = None, None
+    try:
+        task = _load_task_here(name, data_dir)
+    except TaskDataError as e:
+        error = e
+    failed = int(sum_over_processes(np.array([error is not None], np.int32))[0])
+    if error is not None:
+        raise error
+    if failed:
+        raise TaskDataError(f"{name}: unavailable on {failed} other process(es)")
+    return task
+
+
+def _load_task_here(name: str, data_dir: str | Path | None = None):
     from nanochat_jax.tasks import ARC, GSM8K, MMLU, HumanEval, SpellingBee
     from nanochat_jax.tasks.corpuschat import WordProblems, WorldFacts
 

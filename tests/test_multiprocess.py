@@ -193,3 +193,38 @@ def test_checkpoints_on_storage_not_all_hosts_see_are_refused_at_start(tmp_path)
     own = launch(["-c", SHARED_CHECK, str(tmp_path / "own"), "own"], processes=2, devices_per_process=1)
     for out in own:
         assert "REFUSED processes [1] cannot see" in out and "NANOCHAT_JAX_CHECKPOINTS" in out, out
+
+
+TASK_AGREEMENT = """
+import os, sys
+import numpy as np
+from nanochat_jax.common import init_distributed
+init_distributed()
+from nanochat_jax.chat_eval import load_task
+from nanochat_jax.core_eval import sum_over_processes
+from nanochat_jax.tasks import TaskDataError
+pid = int(os.environ["JAX_PROCESS_ID"])
+try:  # process 0 has the task's file; process 1 has none and (offline) no hub
+    load_task("ARC-Easy", sys.argv[1] if pid == 0 else sys.argv[2])
+    print("LOADED")
+except TaskDataError as e:
+    print("UNAVAILABLE", e)
+print("SUM", int(sum_over_processes(np.array([pid + 1], np.int32))[0]))  # the next collective still pairs up
+"""
+
+
+def test_a_task_unavailable_on_one_process_is_skipped_by_all(tmp_path, monkeypatch):
+    """chat_eval skips an unavailable task; all processes must skip it together, or the per-task count sums
+    (collectives) of the following tasks pair up across different tasks."""
+    import shutil
+
+    has, lacks = tmp_path / "has", tmp_path / "lacks"
+    has.mkdir()
+    lacks.mkdir()
+    shutil.copy(ROOT / "tests" / "fixtures" / "tasks" / "arc.jsonl", has / "ARC-Easy.jsonl")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    outputs = launch(["-c", TASK_AGREEMENT, str(has), str(lacks)], processes=2, devices_per_process=1)
+    assert "UNAVAILABLE ARC-Easy: unavailable on 1 other process(es)" in outputs[0], outputs[0]
+    assert "UNAVAILABLE" in outputs[1] and "LOADED" not in outputs[1], outputs[1]
+    assert all("SUM 3" in out for out in outputs), outputs
