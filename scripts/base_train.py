@@ -18,7 +18,7 @@ from nanochat_jax.common import (artifacts_dir, device_info, init_distributed, i
                                  print0)
 from nanochat_jax.config import Config, ConfigError, TrainConfig, load_config, to_toml
 from nanochat_jax.data import make_batch_iterator, make_source
-from nanochat_jax.evaluation import make_bpb_step, sample_texts, split_bpb
+from nanochat_jax.evaluation import evaluate_bpb, make_bpb_step, sample_texts, split_batches
 from nanochat_jax.finetune import stage_meta
 from nanochat_jax.model import flops_per_token, num_params
 from nanochat_jax.progress import StepLogger, mfu
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> dict:
         (out_dir / "config.toml").write_text(to_toml(cfg))
 
     peak = peak_flops_per_device()
-    val_bpb = None
+    val_bpb, val_batches = None, []
     data_state = train_iter.get_state()  # the iterator state from which the batch of step `start` comes
     batch = global_batch([next(train_iter) for _ in range(accum)], mesh)
     progress = StepLogger("base", num_iterations, start, flops_per_token=flops, peak_flops=peak,
@@ -98,7 +98,8 @@ def main(argv: list[str] | None = None) -> dict:
                 ckpt.save(step, state.params, state.opt_state, data_state, stage_meta("base", step, cfg, cfg.model, {}),
                           wait=last)
             if last or (cfg.train.eval_every > 0 and step % cfg.train.eval_every == 0):
-                val_bpb = split_bpb(cfg, tokenizer, bpb_step, state.params, tb, rows, mesh, "val")
+                val_batches = val_batches or split_batches(cfg, tokenizer, rows, mesh, "val")  # tokenized once
+                val_bpb = evaluate_bpb(bpb_step, state.params, val_batches, tb)
                 progress.eval({"step": step, "val_bpb": val_bpb}, f"step {step:5d} | val bpb {val_bpb:.4f}")
             if last or (cfg.train.sample_every > 0 and step % cfg.train.sample_every == 0 and step > 0):
                 samples = sample_texts(graphdef, state.params, tokenizer)
