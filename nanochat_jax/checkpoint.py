@@ -19,16 +19,14 @@ to shard a large model.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 
-from nanochat_jax.common import artifacts_dir
+from nanochat_jax.common import artifacts_dir, gather_json
 
 STAGE_SCRIPTS = {"base": "scripts/base_train.py", "mid": "scripts/mid_train.py", "sft": "scripts/chat_sft.py",
                  "rl": "scripts/chat_rl.py"}
@@ -53,20 +51,6 @@ def checkpoint_dir(stage: str, depth: int) -> Path:
     return path
 
 
-def _gather_json(obj) -> list:
-    """The JSON-serialisable obj of every process, in process order (every process gets the list)."""
-    if jax.process_count() == 1:
-        return [obj]
-    from jax.experimental import multihost_utils
-
-    raw = np.frombuffer(json.dumps(obj).encode(), np.uint8)
-    lengths = np.asarray(multihost_utils.process_allgather(np.array([raw.size], np.int32))).reshape(-1)
-    padded = np.zeros(int(lengths.max()), np.uint8)
-    padded[:raw.size] = raw
-    everything = np.asarray(multihost_utils.process_allgather(padded))
-    return [json.loads(bytes(everything[i, :n])) for i, n in enumerate(lengths)]
-
-
 def _check_shared(directory: Path) -> None:
     """With several processes, CheckpointError on every process unless all of them see `directory` as one
     place: each process writes its own shards of a checkpoint and process 0 finishes it, so a directory on
@@ -78,11 +62,11 @@ def _check_shared(directory: Path) -> None:
     from jax.experimental import multihost_utils
 
     directory.mkdir(parents=True, exist_ok=True)
-    probe = directory / f".shared-check-{_gather_json(secrets.token_hex(8))[0]}"
+    probe = directory / f".shared-check-{gather_json(secrets.token_hex(8))[0]}"
     if jax.process_index() == 0:
         probe.touch()
     multihost_utils.sync_global_devices("checkpoint: shared-storage probe written")
-    blind = [i for i, seen in enumerate(_gather_json(probe.exists())) if not seen]
+    blind = [i for i, seen in enumerate(gather_json(probe.exists())) if not seen]
     if jax.process_index() == 0:
         probe.unlink()
     if blind:
@@ -133,7 +117,7 @@ class Checkpointer:
         for a run's last checkpoint: a write still under way when the process dies (say, a crash in the evaluation
         that follows) is lost. opt_state may be None (e.g. an imported model): such a checkpoint loads but cannot
         resume training."""
-        data = {"process_count": jax.process_count(), "states": _gather_json(data_state)}
+        data = {"process_count": jax.process_count(), "states": gather_json(data_state)}
         items = dict(params=ocp.args.StandardSave(params), data=ocp.args.JsonSave(data), meta=ocp.args.JsonSave(meta))
         if opt_state is not None:
             items["opt_state"] = ocp.args.StandardSave(opt_state)

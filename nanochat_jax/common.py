@@ -6,6 +6,7 @@ Every artifact (tokenizer, data cache, checkpoints, report) lives under one home
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -105,6 +106,35 @@ def _wants_distributed() -> bool:
         return True
     hosts = os.environ.get("TPU_PROCESS_ADDRESSES") or os.environ.get("TPU_WORKER_HOSTNAMES") or ""
     return len([h for h in hosts.split(",") if h.strip()]) > 1
+
+
+def gather_json(obj) -> list:
+    """The JSON-serialisable obj of every process, in process order (every process gets the list)."""
+    import jax
+
+    if jax.process_count() == 1:
+        return [obj]
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    raw = np.frombuffer(json.dumps(obj).encode(), np.uint8)
+    lengths = np.asarray(multihost_utils.process_allgather(np.array([raw.size], np.int32))).reshape(-1)
+    padded = np.zeros(int(lengths.max()), np.uint8)
+    padded[:raw.size] = raw
+    everything = np.asarray(multihost_utils.process_allgather(padded))
+    return [json.loads(bytes(everything[i, :n])) for i, n in enumerate(lengths)]
+
+
+def check_same_on_all_processes(facts: dict) -> None:
+    """ValueError on every process unless all processes report the same facts (JSON values). Each host of a
+    multi-host run trains its own tokenizer and lists its own data files; hosts that differ would train
+    together on mismatched token ids or documents without any error."""
+    everyone = gather_json(facts)
+    differing = {k: [f[k] for f in everyone] for k in facts if any(f[k] != facts[k] for f in everyone)}
+    if differing:
+        raise ValueError("the processes of this run disagree on "
+                         + "; ".join(f"{k} (per process: {v})" for k, v in differing.items())
+                         + ": every host must have the same tokenizer and data")
 
 
 def init_distributed() -> bool:

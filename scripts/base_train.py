@@ -14,8 +14,8 @@ import jax
 import jax.numpy as jnp
 
 from nanochat_jax.checkpoint import Checkpointer, checkpoint_dir
-from nanochat_jax.common import (artifacts_dir, device_info, init_distributed, is_main_process, peak_flops_per_device,
-                                 print0)
+from nanochat_jax.common import (artifacts_dir, check_same_on_all_processes, device_info, init_distributed,
+                                 is_main_process, peak_flops_per_device, print0)
 from nanochat_jax.config import Config, ConfigError, TrainConfig, load_config, to_toml
 from nanochat_jax.data import make_batch_iterator, make_source
 from nanochat_jax.evaluation import evaluate_bpb, make_bpb_step, sample_texts, split_batches
@@ -23,7 +23,7 @@ from nanochat_jax.finetune import stage_meta
 from nanochat_jax.model import flops_per_token, num_params
 from nanochat_jax.progress import StepLogger, mfu
 from nanochat_jax.sharding import make_mesh
-from nanochat_jax.tokenizer import load_tokenizer, token_bytes
+from nanochat_jax.tokenizer import load_tokenizer, token_bytes, tokenizer_fingerprint
 from nanochat_jax.train import global_batch, init_train_state, make_train_step, resume_latest
 
 def training_horizon(train: TrainConfig, n_params: int, flops: float) -> int:
@@ -70,7 +70,10 @@ def main(argv: list[str] | None = None) -> dict:
     tb = jnp.asarray(token_bytes(tokenizer))
     out_dir = checkpoint_dir("base", cfg.model.depth)
     ckpt = Checkpointer(out_dir, keep=cfg.train.keep_checkpoints, fresh=not cfg.train.resume)
-    train_iter = make_batch_iterator(make_source(cfg.data, "train"), tokenizer, batch_rows=rows,
+    train_source = make_source(cfg.data, "train")
+    check_same_on_all_processes({"tokenizer fingerprint": tokenizer_fingerprint(),
+                                 "training data chunks": len(train_source.chunks)})
+    train_iter = make_batch_iterator(train_source, tokenizer, batch_rows=rows,
                                      seq_len=cfg.model.sequence_len, seed=cfg.train.seed,
                                      num_threads=cfg.data.tokenizer_threads, prefetch=cfg.data.prefetch)
     make_source(cfg.data, "val")  # an unusable validation split fails now, not after the training

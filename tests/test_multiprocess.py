@@ -228,3 +228,24 @@ def test_a_task_unavailable_on_one_process_is_skipped_by_all(tmp_path, monkeypat
     assert "UNAVAILABLE ARC-Easy: unavailable on 1 other process(es)" in outputs[0], outputs[0]
     assert "UNAVAILABLE" in outputs[1] and "LOADED" not in outputs[1], outputs[1]
     assert all("SUM 3" in out for out in outputs), outputs
+
+
+SAME_FACTS = """
+import os
+from nanochat_jax.common import check_same_on_all_processes, init_distributed
+init_distributed()
+pid = int(os.environ["JAX_PROCESS_ID"])
+check_same_on_all_processes({"tokenizer fingerprint": "abc", "training data chunks": 7})
+print("AGREED")
+try:  # host 1 lists one data file fewer
+    check_same_on_all_processes({"tokenizer fingerprint": "abc", "training data chunks": 7 - pid})
+except ValueError as e:
+    print("DISAGREE", e)
+"""
+
+
+def test_hosts_with_different_data_or_tokenizer_are_refused_together():
+    outputs = launch(["-c", SAME_FACTS], processes=2, devices_per_process=1)
+    for out in outputs:
+        assert "AGREED" in out
+        assert "DISAGREE the processes of this run disagree on training data chunks (per process: [7, 6])" in out, out
