@@ -53,6 +53,9 @@ def bucket(n: int, minimum: int = MIN_BUCKET) -> int:
 # Sampling
 
 
+TOP_K_FAST = 256  # top_k up to this takes the partial top-k path in sample_tokens
+
+
 def sample_tokens(keys: jax.Array, logits: jax.Array, temperature, top_k=0, top_p=1.0) -> jax.Array:
     """One token per row from logits (B, V) with per-row keys (B,).
 
@@ -64,18 +67,23 @@ def sample_tokens(keys: jax.Array, logits: jax.Array, temperature, top_k=0, top_
     top_k = jnp.asarray(top_k, jnp.int32)
     top_p = jnp.asarray(top_p, jnp.float32)
     V = logits.shape[-1]
+    few = min(TOP_K_FAST, V)
 
-    def filtered(x):
-        desc = -jnp.sort(-x, axis=-1)
-        rank = jnp.arange(V)
+    def threshold(desc):
+        """The smallest kept logit, from the row's largest logits in descending order (B, n)."""
         k = jnp.where(top_k > 0, jnp.minimum(top_k, V), V)
-        in_top_k = rank[None, :] < k
+        in_top_k = jnp.arange(desc.shape[-1])[None, :] < k
         probs = jax.nn.softmax(jnp.where(in_top_k, desc, -jnp.inf), axis=-1)
         mass_before = jnp.cumsum(probs, axis=-1) - probs
         keep = in_top_k & (mass_before < top_p)  # a prefix of the sorted order
         n_keep = jnp.maximum(jnp.sum(keep, axis=-1, keepdims=True), 1)  # rank 0 always (top_p = 0: greedy)
-        threshold = jnp.take_along_axis(desc, n_keep - 1, axis=-1)
-        return jnp.where(x >= threshold, x, -jnp.inf)
+        return jnp.take_along_axis(desc, n_keep - 1, axis=-1)
+
+    def filtered(x):
+        # a small top_k (RL and evals use 50) needs only the `few` largest logits, not a sort of the vocabulary
+        t = jax.lax.cond((top_k > 0) & (top_k <= few), lambda x: threshold(jax.lax.top_k(x, few)[0]),
+                         lambda x: threshold(-jnp.sort(-x, axis=-1)), x)
+        return jnp.where(x >= t, x, -jnp.inf)
 
     def sampled(logits):
         x = logits.astype(jnp.float32) / jnp.maximum(temperature, 1e-6)

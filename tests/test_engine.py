@@ -175,6 +175,22 @@ def test_sample_greedy_top_k_top_p():
     assert (sample(keys, logits, 1.0, 0, 0.0) == greedy).all()  # top_p 0 keeps the top token, not everything
 
 
+def test_small_top_k_takes_a_partial_top_k_with_the_same_samples(monkeypatch):
+    """top_k <= TOP_K_FAST filters from lax.top_k's largest logits instead of sorting the vocabulary: the same
+    kept set, so the same tokens for the same keys, with and without top_p."""
+    import nanochat_jax.engine as engine_module
+
+    logits = jax.random.normal(jax.random.key(3), (32, 1000)) * 2
+    keys = jax.random.split(jax.random.key(4), 32)
+    settings = [(1, 1.0), (5, 1.0), (50, 1.0), (50, 0.8), (256, 0.95), (300, 0.9), (0, 0.9)]
+    fast = [sample_tokens(keys, logits, 1.0, k, p) for k, p in settings]
+    monkeypatch.setattr(engine_module, "TOP_K_FAST", 0)  # every top_k through the full sort
+    for (k, p), got in zip(settings, fast):
+        np.testing.assert_array_equal(got, sample_tokens(keys, logits, 1.0, k, p), err_msg=f"top_k={k} top_p={p}")
+    top5 = np.argsort(-np.asarray(logits), axis=-1)[:, :5]
+    assert all(int(t) in row for t, row in zip(fast[1], top5))
+
+
 def test_generate_refuses_bad_sampling_settings(engine):
     for bad in (dict(top_p=-0.1), dict(top_p=1.5), dict(top_p=float("nan")), dict(temperature=float("nan"))):
         with pytest.raises(ValueError, match="top_p"):
