@@ -127,7 +127,7 @@ os.open = guarded_os_open
 builtins.exit = builtins.quit = disabled("exit()")
 
 status = {"ok": True, "error": None, "memory": False}
-scope = {"__name__": "__main__", "__builtins__": builtins}
+scope = {"__name__": "program", "__builtins__": builtins}  # not "__main__": as HumanEval's harness, main blocks skip
 try:
     exec(compile(source, "program.py", "exec"), scope)
 except SystemExit as e:  # even exit(0): leaving early skips the tests that follow the completion

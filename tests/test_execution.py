@@ -13,6 +13,13 @@ def test_success_captures_stdout_and_stderr():
     assert (r.success, r.stdout, r.stderr, r.error, r.timeout, r.memory_exceeded) == (True, "45\n", "warn\n", None, False, False)
 
 
+def test_main_blocks_do_not_run():
+    """As in HumanEval's own harness (exec with fresh globals), a completion's `if __name__ == "__main__":` demo
+    (say, reading input() from a closed stdin) is not run."""
+    r = execute_code("def f():\n    return 1\nif __name__ == '__main__':\n    input()\nassert f() == 1")
+    assert r.success, r.error
+
+
 def test_exception_reported_with_partial_stdout():
     r = execute_code("print('before')\nraise ValueError('boom')")
     assert not r.success and r.stdout == "before\n" and r.error == "ValueError: boom"
