@@ -38,8 +38,8 @@ def reply_parts(tokenizer, tokens: list[int]) -> list[dict]:
     closing = {sp("<|python_end|>"), sp("<|output_end|>")}
     parts, kind, run = [], "text", []
 
-    def flush():
-        if run:
+    def flush():  # an empty tool part stays: the next turn must render exactly the tokens the model produced
+        if run or kind != "text":
             parts.append({"type": kind, "text": tokenizer.decode(run)})
 
     for token in tokens:
@@ -152,48 +152,57 @@ def respond(engine, tokenizer, messages: list[dict], user_text: str, *, temperat
     temperature, top_k, max_tokens = check_request(turn if base else messages + turn, temperature, top_k,
                                                    max_tokens)
     prompt = completion_prompt(tokenizer, messages + turn, base, engine.context_len)
+    max_tokens = min(max_tokens, engine.context_len - len(prompt))  # the reply ends at the trained context too
     shown = chat_display(messages + turn)
     tokens = []
     for tokens in stream_tokens(engine, tokenizer, prompt, max_tokens=max_tokens, temperature=temperature,
                                 top_k=top_k or None, seed=seed):
-        text = to_markdown(reply_content(reply_parts(tokenizer, tokens)))
-        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-            yield messages, shown + [{"role": "assistant", "content": text}]
+        parts = reply_parts(tokenizer, tokens)
+        if not parts[-1]["text"].endswith("\ufffd"):  # wait for the rest of a multi-byte character
+            yield messages, shown + [{"role": "assistant", "content": to_markdown(reply_content(parts))}]
     messages = messages + turn + [{"role": "assistant", "content": reply_content(reply_parts(tokenizer, tokens))}]
     yield messages, chat_display(messages)
 
 
 def build_app(engine, tokenizer, *, base: bool = False, title: str = "nanochat-jax", temperature: float = 0.8,
               top_k: int = 50, max_tokens: int = 512, seed: int = 0):
-    """The Gradio Blocks app. Generation events share one queue slot, so one reply is generated at a time;
-    a refused request shows its reason in a status line under the message box."""
+    """The Gradio Blocks app. Enter and Send are one event with one queue slot, so one reply is generated at
+    a time; a refused request shows its reason in a status line under the message box. Stop and Clear cancel a
+    reply being generated; an unfinished turn is never kept (Stop puts the message back in the box)."""
     import gradio as gr
 
     seeds = itertools.count(seed)  # a fresh sample every turn
 
     def submit(user_text, messages, temperature, top_k, max_tokens):
-        """Stream (textbox, messages, chatbot, status); a refused request only sets the status line."""
+        """Stream (textbox, messages, chatbot, status, pending); a refused request only sets the status line.
+        The box is emptied once, with the first token, so what the user types meanwhile stays."""
         try:
-            for messages, display in respond(engine, tokenizer, messages, user_text, temperature=temperature,
-                                             top_k=top_k, max_tokens=max_tokens, seed=next(seeds), base=base):
-                yield "", messages, display, ""
+            for i, (messages, display) in enumerate(respond(
+                    engine, tokenizer, messages, user_text, temperature=temperature, top_k=top_k,
+                    max_tokens=max_tokens, seed=next(seeds), base=base)):
+                yield "" if i == 0 else gr.skip(), messages, display, "", user_text
         except ChatError as e:
-            yield gr.skip(), gr.skip(), gr.skip(), f"⚠️ {e}"
+            yield gr.skip(), gr.skip(), gr.skip(), f"⚠️ {e}", gr.skip()
+
+    def stop(messages, pending):
+        return pending, chat_display(messages), "Stopped: that reply was discarded and your message is back in the box."
 
     def clear():
-        return "", [], [], ""
+        return "", [], [], "", ""
 
     note = ("A base model continues your text; earlier turns are not used." if base
             else "Calculator calls show as a python block followed by → `result`.")
     with gr.Blocks(title=title) as app:
         gr.Markdown(f"## {title}\n{note}")
         messages = gr.State([])
+        pending = gr.State("")  # the message of the reply being generated
         chatbot = gr.Chatbot(label="Chat", height=480, feedback_options=None, buttons=["copy"])
         textbox = gr.Textbox(placeholder="Type a message and press Enter", show_label=False, autofocus=True,
                              max_length=MAX_MESSAGE_CHARS)
         status = gr.Markdown("")
         with gr.Row():
             send = gr.Button("Send", variant="primary")
+            stop_button = gr.Button("Stop")
             clear_button = gr.Button("Clear")
         with gr.Accordion("Sampling", open=False):
             temperature_slider = gr.Slider(*TEMPERATURE_RANGE, value=temperature, step=0.05, label="Temperature",
@@ -201,10 +210,10 @@ def build_app(engine, tokenizer, *, base: bool = False, title: str = "nanochat-j
             top_k_slider = gr.Slider(*TOP_K_RANGE, value=top_k, step=1, label="Top-k", info="0 disables top-k")
             max_tokens_slider = gr.Slider(*MAX_TOKENS_RANGE, value=max_tokens, step=1, label="Max tokens")
         inputs = [textbox, messages, temperature_slider, top_k_slider, max_tokens_slider]
-        outputs = [textbox, messages, chatbot, status]
-        for trigger in (textbox.submit, send.click):
-            trigger(submit, inputs, outputs, concurrency_limit=1, concurrency_id="engine",
-                    show_progress="hidden")
-        clear_button.click(clear, None, outputs)
-        chatbot.clear(clear, None, outputs)  # the Chatbot's own trash icon must forget the conversation too
+        outputs = [textbox, messages, chatbot, status, pending]
+        reply = gr.on([textbox.submit, send.click], submit, inputs, outputs, concurrency_limit=1,
+                      concurrency_id="engine", show_progress="hidden")
+        stop_button.click(stop, [messages, pending], [textbox, chatbot, status], cancels=[reply])
+        clear_button.click(clear, None, outputs, cancels=[reply])
+        chatbot.clear(clear, None, outputs, cancels=[reply])  # the Chatbot's own trash icon forgets it too
     return app

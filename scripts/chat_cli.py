@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from nanochat_jax.web import ChatError, completion_prompt, reply_parts
+from nanochat_jax.web import ChatError, completion_prompt, reply_content, reply_parts
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -33,11 +33,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def stream(engine, tokenizer, prompt: list[int], out=sys.stdout, **generate_kwargs) -> list[int]:
-    """Generate from prompt tokens, writing the text to `out` as it comes; returns the generated tokens."""
+def stream(engine, tokenizer, prompt: list[int], out=sys.stdout, max_tokens: int = 256, **generate_kwargs) -> list[int]:
+    """Generate from prompt tokens, writing the text to `out` as it comes; returns the generated tokens. The
+    reply ends at max_tokens or at the model's trained context, whichever comes first."""
     stop = (tokenizer.encode_special("<|assistant_end|>"), tokenizer.bos_token_id)
     tokens, shown = [], ""
-    for column, _ in engine.generate(prompt, num_samples=1, **generate_kwargs):
+    max_tokens = min(max_tokens, engine.context_len - len(prompt))
+    for column, _ in engine.generate(prompt, num_samples=1, max_tokens=max_tokens, **generate_kwargs):
         if column[0] in stop:
             break
         tokens.append(column[0])
@@ -56,9 +58,7 @@ def respond(engine, tokenizer, messages: list[dict], user_text: str, out=sys.std
     turn = {"role": "user", "content": user_text}
     prompt = completion_prompt(tokenizer, messages + [turn], context_len=engine.context_len)
     tokens = stream(engine, tokenizer, prompt, out, **generate_kwargs)
-    parts = reply_parts(tokenizer, tokens)
-    messages += [turn, {"role": "assistant", "content": parts if any(p["type"] != "text" for p in parts)
-                        else "".join(p["text"] for p in parts)}]
+    messages += [turn, {"role": "assistant", "content": reply_content(reply_parts(tokenizer, tokens))}]
     return tokens
 
 
@@ -101,17 +101,20 @@ def main(argv=None) -> int:
             continue
         if not user_text:
             continue
-        if base:
-            print(f"\n{user_text}", end="", flush=True)
-            stream(engine, tokenizer, tokenizer.encode(user_text, prepend=tokenizer.bos_token_id), **settings)
-        else:
-            print("\nAssistant: ", end="", flush=True)
-            try:
+        try:
+            if base:
+                prompt = completion_prompt(tokenizer, [{"role": "user", "content": user_text}], base=True,
+                                           context_len=engine.context_len)
+                print(f"\n{user_text}", end="", flush=True)
+                stream(engine, tokenizer, prompt, **settings)
+            else:
+                print("\nAssistant: ", end="", flush=True)
                 respond(engine, tokenizer, messages, user_text, **settings)
-            except ChatError as e:
-                print(f"({e} Type 'clear'.)")
-                if args.prompt:
-                    return 1
+        except ChatError as e:
+            hint = "" if base else " Type 'clear'."
+            print(f"({e}{hint})")
+            if args.prompt:
+                return 1
         settings["seed"] += 1  # a fresh sample each turn
         if args.prompt:
             return 0

@@ -200,7 +200,7 @@ def test_app_serves_its_page_and_chats_over_http(model, tokenizer):
         client = Client(url, verbose=False, download_files=False)
         text, display, status = client.predict("hi", 0.0, 50, 8, api_name="/submit")  # state stays server-side
         expected = greedy_reply(engine, tokenizer, chat_tokens(tokenizer, ["hi"]), 8)
-        assert text == "" and status == "" and [(m["role"], m["content"]) for m in display] == \
+        assert status == "" and [(m["role"], m["content"]) for m in display] == \
             [("user", [{"type": "text", "text": "hi"}]), ("assistant", [{"type": "text", "text": expected}])]
         *_, status = client.predict(" ", 0.0, 50, 8, api_name="/submit")
         assert status == "⚠️ Please type a message first."
@@ -241,3 +241,49 @@ def test_script_loads_once_and_launches_on_localhost(home, model, tokenizer, cap
         {("engine", 1)}  # Enter and Send share one slot: one reply at a time
     sliders = {b.label: b.value for b in app.blocks.values() if isinstance(b, gr.Slider)}
     assert sliders == {"Temperature": 0.8, "Top-k": 7, "Max tokens": 512}
+
+
+class Scripted:
+    """An engine that streams fixed tokens (one row) and records the max_tokens it was given."""
+
+    def __init__(self, tokens, context_len=128):
+        self.tokens, self.context_len, self.max_tokens = tokens, context_len, []
+
+    def generate(self, prompt, max_tokens, **kwargs):
+        self.max_tokens.append(max_tokens)
+        for token in self.tokens[:max_tokens]:
+            yield [token], [1]
+
+
+def test_empty_tool_parts_and_split_characters_in_a_tool_call(tokenizer):
+    """An empty calculator call or result is kept as a part (the next turn renders exactly the produced tokens),
+    and half a UTF-8 character inside a tool call is not shown as U+FFFD while the rest is coming."""
+    sp = tokenizer.encode_special
+    py, py_end, out, out_end = (sp(f"<|{t}|>") for t in ("python_start", "python_end", "output_start", "output_end"))
+    assert web.reply_parts(tokenizer, [py, py_end, out, out_end, *b"ok"]) == [
+        {"type": "python", "text": ""}, {"type": "python_output", "text": ""}, {"type": "text", "text": "ok"}]
+    e_acute = list("é".encode())
+    engine = Scripted([py, *b"'", *e_acute, *b"'", py_end, sp("<|assistant_end|>")])
+    steps = list(web.respond(engine, tokenizer, [], "hi", temperature=0.0, top_k=0, max_tokens=50))
+    shown = [display[-1]["content"] for _, display in steps]
+    assert not [s for s in shown if "\ufffd" in s], shown
+    assert steps[-1][0][-1]["content"] == [{"type": "python", "text": "'é'"}]
+
+
+def test_the_reply_stops_at_the_trained_context(tokenizer):
+    engine = Scripted([ord("z")] * 200, context_len=40)
+    prompt = web.completion_prompt(tokenizer, [{"role": "user", "content": "hello"}], context_len=40)
+    messages, _ = list(web.respond(engine, tokenizer, [], "hello", temperature=0.0, top_k=0, max_tokens=500))[-1]
+    assert engine.max_tokens == [40 - len(prompt)] and messages[-1]["content"] == "z" * (40 - len(prompt))
+
+
+def test_enter_and_send_are_one_event_that_stop_and_clear_cancel(tokenizer):
+    app = web.build_app(Scripted([]), tokenizer)
+    deps = app.get_config_file()["dependencies"]
+    submit = next(d for d in deps if d["api_name"] == "submit")
+    assert len(submit["targets"]) == 2  # one event: pressing Enter then Send cannot queue the message twice
+    import gradio as gr
+
+    names = {b._id: b.value if isinstance(b, gr.Button) else type(b).__name__ for b in app.blocks.values()}
+    cancelling = {names[t[0]] for d in deps if d.get("cancels") == [submit["id"]] for t in d["targets"]}
+    assert cancelling == {"Stop", "Clear", "Chatbot"}  # the Chatbot's trash icon too

@@ -324,6 +324,11 @@ def test_chat_cli_refuses_a_conversation_over_the_context_and_keeps_it(model, to
     assert messages == [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]
     with pytest.raises(SystemExit):
         chat_cli.parse_args(["--max-tokens", "0"])
+    # a reply ends at the trained context (128) even when --max-tokens asks for more
+    prompt = tokenizer.encode("z" * 120, prepend=tokenizer.bos_token_id)
+    tokens = chat_cli.stream(Engine(model, tokenizer), tokenizer, prompt, out=io.StringIO(), max_tokens=500,
+                             temperature=1.0, seed=0)
+    assert len(tokens) <= 128 - len(prompt)
 
 
 def save_tiny_checkpoint(home, model, tokenizer, stage="sft", step=3):
