@@ -130,6 +130,8 @@ class TrainConfig:
     eval_every: int = 250  # steps between validation bits-per-byte (0 = only at the end)
     eval_tokens: int = 20 * 524288
     sample_every: int = 2000  # steps between greedy samples (0 = only at the end)
+    core_every: int = 2000  # steps between CORE estimates, and at the end (0 = none; needs the eval bundle)
+    core_max_per_task: int = 500  # items per CORE task in those estimates (base_eval scores them all)
     checkpoint_every: int = 0  # steps between checkpoints (0 = only at the end)
     keep_checkpoints: int = 2
     log_every: int = 1
@@ -137,7 +139,9 @@ class TrainConfig:
     resume: bool = False  # continue from the latest checkpoint of this stage and depth
 
     def validate(self) -> None:
-        _positive(self, "train", "device_batch_size", "total_batch_size", "eval_tokens", "keep_checkpoints", "log_every")
+        _positive(self, "train", "device_batch_size", "total_batch_size", "eval_tokens", "keep_checkpoints", "log_every",
+                  "core_max_per_task")
+        _non_negative(self, "train", "core_every")
         if self.num_iterations <= 0 and self.target_flops <= 0 and self.target_param_data_ratio <= 0:
             raise ConfigError("train: set one of num_iterations, target_flops or target_param_data_ratio (> 0)")
 

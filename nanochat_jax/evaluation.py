@@ -1,7 +1,8 @@
-"""Evaluation metrics. Bits-per-byte: a tokenizer-independent loss for base models.
+"""Evaluation during base training. Bits-per-byte: a tokenizer-independent loss for base models.
 
 bpb = (sum over target tokens of the cross-entropy in nats) / (ln 2 * sum of the targets' UTF-8 bytes),
 where special tokens (0 bytes in the token-bytes table) and ignored targets (-1) count for neither.
+Also greedy samples, and nanochat's CORE estimate (CORE on a few hundred items per task, core_eval.py).
 """
 
 from __future__ import annotations
@@ -65,6 +66,38 @@ def split_batches(cfg, tokenizer, rows: int, mesh, split: str) -> list[tuple[jax
         batch = global_batch([local], mesh)
         batches.append((batch["inputs"][0], batch["targets"][0]))
     return batches
+
+
+def core_bundle(cfg):
+    """The CORE eval bundle for base_train's estimates, or None (said once) when they are off or it cannot be had:
+    a missing bundle must not stop a training run. With several processes, None on all unless every one has it
+    (the estimates' count sums are collectives)."""
+    if cfg.train.core_every <= 0:
+        return None
+    from nanochat_jax.common import gather_json, print0
+    from nanochat_jax.core_eval import EVAL_BUNDLE_URL, BundleError, ensure_bundle
+
+    try:
+        bundle, error = ensure_bundle(cfg.eval.bundle_dir or None, cfg.eval.bundle_url or EVAL_BUNDLE_URL), None
+    except BundleError as e:
+        bundle, error = None, str(e)
+    errors = [e for e in gather_json(error) if e]
+    if errors:
+        print0(f"CORE estimates off (train.core_every=0 silences this): {errors[0]}")
+        return None
+    return bundle
+
+
+def core_estimate(graphdef, params, tokenizer, bundle, cfg, mesh) -> float:
+    """The CORE metric on at most cfg.train.core_max_per_task items per task. mesh: an eval_mesh (each process
+    scores its own items); params are brought onto it."""
+    from nanochat_jax.core_eval import batch_rows, evaluate_core, make_scorer
+    from nanochat_jax.sharding import replicated_on
+
+    model = nnx.merge(graphdef, replicated_on(params, mesh))
+    out = evaluate_core(make_scorer(model, mesh), tokenizer, bundle, cfg.train.core_max_per_task,
+                        cfg.eval.max_seq_len or None, cfg.eval.batch_tokens, batch_rows(mesh), log=lambda _: None)
+    return out["core_metric"]
 
 
 SAMPLE_PROMPTS = ["The capital of", "Once upon a time,", "12 + 7 =", "The cat"]

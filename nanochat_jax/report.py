@@ -165,6 +165,7 @@ def read_json(path: Path):
 CURVES = (
     ("training loss", "train_loss", [("loss", "loss"), ("loss_smooth", "loss (smoothed)")]),
     ("validation bits per byte", "val_bpb", [("val_bpb", "val bpb")]),
+    ("CORE estimate", "core", [("core_metric", "CORE")]),
     ("validation loss", "val_loss", [("val_loss", "val loss")]),
     ("mean reward", "reward", [("reward", "reward")]),
 )

@@ -2,7 +2,9 @@
 
     python scripts/base_train.py --config configs/cpu_tiny.toml [--model.depth=6 --train.resume=true ...]
 
-Logs loss (EMA-smoothed), lr multiplier, tokens/s, MFU, elapsed and ETA; writes metrics to
+Logs loss (EMA-smoothed), lr multiplier, tokens/s, MFU, elapsed and ETA; validation bits per byte every
+train.eval_every steps and, as nanochat does, a CORE estimate every train.core_every steps (on
+train.core_max_per_task items per task; needs the eval bundle, downloaded at start). Writes metrics to
 <home>/report/base_train.jsonl and a summary to <home>/report/base_train.json for the report.
 """
 
@@ -18,11 +20,11 @@ from nanochat_jax.common import (artifacts_dir, check_same_on_all_processes, dev
                                  is_main_process, peak_flops_per_device, print0)
 from nanochat_jax.config import Config, ConfigError, TrainConfig, load_config, to_toml
 from nanochat_jax.data import make_batch_iterator, make_source
-from nanochat_jax.evaluation import evaluate_bpb, make_bpb_step, sample_texts, split_batches
+from nanochat_jax.evaluation import core_bundle, core_estimate, evaluate_bpb, make_bpb_step, sample_texts, split_batches
 from nanochat_jax.finetune import stage_meta
 from nanochat_jax.model import flops_per_token, num_params
 from nanochat_jax.progress import StepLogger, mfu
-from nanochat_jax.sharding import make_mesh
+from nanochat_jax.sharding import eval_mesh, make_mesh
 from nanochat_jax.tokenizer import load_tokenizer, token_bytes, tokenizer_fingerprint
 from nanochat_jax.train import global_batch, init_train_state, make_train_step, resume_latest
 
@@ -77,6 +79,8 @@ def main(argv: list[str] | None = None) -> dict:
                                      seq_len=cfg.model.sequence_len, seed=cfg.train.seed,
                                      num_threads=cfg.data.tokenizer_threads, prefetch=cfg.data.prefetch)
     make_source(cfg.data, "val")  # an unusable validation split fails now, not after the training
+    bundle = core_bundle(cfg)  # downloaded now (once), not in the middle of the run
+    core_mesh = eval_mesh(cfg.mesh) if bundle else None
     report_dir = artifacts_dir("report")
 
     start = 0
@@ -86,7 +90,7 @@ def main(argv: list[str] | None = None) -> dict:
         (out_dir / "config.toml").write_text(to_toml(cfg))
 
     peak = peak_flops_per_device()
-    val_bpb, val_batches = None, []
+    val_bpb, val_batches, core = None, [], None
     data_state = train_iter.get_state()  # the iterator state from which the batch of step `start` comes
     batch = global_batch([next(train_iter) for _ in range(accum)], mesh)
     progress = StepLogger("base", num_iterations, start, flops_per_token=flops, peak_flops=peak,
@@ -104,6 +108,9 @@ def main(argv: list[str] | None = None) -> dict:
                 val_batches = val_batches or split_batches(cfg, tokenizer, rows, mesh, "val")  # tokenized once
                 val_bpb = evaluate_bpb(bpb_step, state.params, val_batches, tb)
                 progress.eval({"step": step, "val_bpb": val_bpb}, f"step {step:5d} | val bpb {val_bpb:.4f}")
+            if bundle and (last or (step > 0 and step % cfg.train.core_every == 0)):
+                core = core_estimate(graphdef, state.params, tokenizer, bundle, cfg, core_mesh)
+                progress.eval({"step": step, "core_metric": core}, f"step {step:5d} | CORE estimate {core:.4f}")
             if last or (cfg.train.sample_every > 0 and step % cfg.train.sample_every == 0 and step > 0):
                 samples = sample_texts(graphdef, state.params, tokenizer)
                 for text in samples:
@@ -128,7 +135,7 @@ def main(argv: list[str] | None = None) -> dict:
         "stage": "base", "run": cfg.run, "params": n_params, "flops_per_token": flops, "steps": num_iterations,
         "tokens": total_tokens, "total_flops": flops * total_tokens, "wall_time_s": wall,
         "tokens_per_sec": (num_iterations - start) * cfg.train.total_batch_size / progress.train_seconds,
-        "val_bpb": val_bpb, "samples": samples, "device": info, "mesh": dict(mesh.shape),
+        "val_bpb": val_bpb, "core_metric_estimate": core, "samples": samples, "device": info, "mesh": dict(mesh.shape),
         "checkpoint": str(out_dir / str(num_iterations)),
     }
     summary["mfu"] = mfu(flops, summary["tokens_per_sec"], peak, info["num_devices"])

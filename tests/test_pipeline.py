@@ -39,8 +39,23 @@ def trained(tmp_path_factory):
     home = tmp_path_factory.mktemp("home")
     run("tok_train.py", "--config", str(ROOT / "configs" / "cpu_tiny.toml"), "--tokenizer.vocab_size=512", home=home)
     run("base_train.py", *TINY, "--train.num_iterations=60", "--train.eval_every=30",
-        "--train.checkpoint_every=30", home=home)
+        "--train.checkpoint_every=30", *CORE, "--train.core_every=30", home=home)
     return home
+
+
+CORE = ["--eval.bundle_dir", str(ROOT / "tests" / "fixtures" / "core"), "--train.core_max_per_task=6"]
+
+
+def test_base_train_estimates_core_like_base_eval(trained):
+    """nanochat's in-training CORE estimate (at most core_max_per_task items per task) at steps 30 and 60; at the
+    last step it is base_eval's CORE of the final checkpoint on the same items."""
+    records = [json.loads(line) for line in (trained / "report" / "base_train.jsonl").read_text().splitlines()]
+    estimates = {r["step"]: r["core_metric"] for r in records if "core_metric" in r}
+    summary = json.loads((trained / "report" / "base_train.json").read_text())
+    assert sorted(estimates) == [30, 60] and summary["core_metric_estimate"] == estimates[60]
+    run("base_eval.py", *TINY, "--max-per-task=6", "--bundle-dir", CORE[1], home=trained)
+    assert json.loads((trained / "report" / "base_eval.json").read_text())["core_metric"] == \
+        pytest.approx(estimates[60], abs=1e-9)
 
 
 def test_base_train_learns_the_corpus(trained):
