@@ -144,17 +144,23 @@ def test_out_of_memory_names_the_knobs_to_turn():
         step(state, batch)
 
 
+def _compiled_step_hlo(vocab_size: int, mesh_shape: tuple, rows: int) -> str:
+    """Optimized HLO of a 2-micro-step train step of a width-64 model on a mesh of the 8 CPU devices."""
+    cfg = ModelConfig(depth=2, aspect_ratio=32, head_dim=16, vocab_size=vocab_size, sequence_len=16,
+                      compute_dtype="float32")
+    mesh = make_mesh(MeshConfig(*mesh_shape))
+    graphdef, optimizer, state, shardings = init_train_state(cfg, OPTIM, 3, mesh, seed=0)
+    step = make_train_step(graphdef, optimizer, shardings, mesh, 3, OPTIM)
+    batch = jax.device_put(_batches(1, 2, rows, cfg.sequence_len, cfg.vocab_size)[0], microbatch_sharding(mesh))
+    with jax.set_mesh(mesh):
+        return step.jitted.lower(state, batch).compile().as_text()
+
+
 def test_data_by_fsdp_mesh_never_gathers_the_batch_activations():
     """On a 2 x 4 data x FSDP mesh the embedding lookup's rows go from (data rows, FSDP-split width) to
     (data x FSDP rows, whole width) by an all-to-all; without the lookup's constraint XLA gathered all 16 rows
     of the micro-batch's activations on every device (f32[16,16,16]: "involuntary full rematerialization")."""
-    cfg = ModelConfig(depth=2, aspect_ratio=32, head_dim=16, vocab_size=128, sequence_len=16, compute_dtype="float32")
-    mesh = make_mesh(MeshConfig(2, 4, 1))
-    graphdef, optimizer, state, shardings = init_train_state(cfg, OPTIM, 3, mesh, seed=0)
-    step = make_train_step(graphdef, optimizer, shardings, mesh, 3, OPTIM)
-    batch = jax.device_put(_batches(1, 2, 16, cfg.sequence_len, cfg.vocab_size)[0], microbatch_sharding(mesh))
-    with jax.set_mesh(mesh):
-        hlo = step.jitted.lower(state, batch).compile().as_text()
+    hlo = _compiled_step_hlo(128, (2, 4, 1), rows=16)
     gathered = re.findall(r"= (f32\[[\d,]+\])\{[^}]*\} all-gather", hlo)
     assert gathered and not [g for g in gathered if g.startswith("f32[16,16,")], gathered  # rows x positions x ...
 
@@ -163,14 +169,8 @@ def test_muon_stacks_on_a_data_fsdp_tensor_mesh_never_gather_whole_matrices():
     """On a 2 x 2 x 2 mesh each Muon matrix (FSDP rows, tensor columns, replicated over data) goes to rows over
     (fsdp, tensor) and then into its stack split over every device, and back the same way; going there directly
     made XLA gather every whole matrix (and whole stacks) on every device ("involuntary full rematerialization")."""
-    cfg = ModelConfig(depth=2, aspect_ratio=32, head_dim=16, vocab_size=256, sequence_len=16, compute_dtype="float32")
-    mesh = make_mesh(MeshConfig(2, 2, 2))
-    graphdef, optimizer, state, shardings = init_train_state(cfg, OPTIM, 3, mesh, seed=0)
-    step = make_train_step(graphdef, optimizer, shardings, mesh, 3, OPTIM)
-    batch = jax.device_put(_batches(1, 2, 8, cfg.sequence_len, cfg.vocab_size)[0], microbatch_sharding(mesh))
-    with jax.set_mesh(mesh):
-        hlo = step.jitted.lower(state, batch).compile().as_text()
+    hlo = _compiled_step_hlo(256, (2, 2, 2), rows=8)  # (vocab 256: lm_head's FSDP gather is not C x C)
     gathered = set(re.findall(r"= f32\[([\d,]+)\]\{[^}]*\} all-gather", hlo))
-    c = cfg.n_embd
+    c = 64  # width: depth 2 x aspect ratio 32
     whole = {f"{c},{c}", f"{c},{4 * c}", f"{4 * c},{c}"}
     assert gathered and not [g for g in gathered if g in whole or g.count(",") >= 2], gathered
