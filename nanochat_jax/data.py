@@ -371,14 +371,15 @@ def make_source(cfg, split: str):
     if cfg.source == "fineweb":
         data_dir = fineweb_dir()
         files = download_shards(cfg.num_shards, cfg.download_workers, data_dir)  # exactly these, present ones kept
-        return FileSource(_split_files(files, split, str(data_dir)), cfg.text_column, cfg.skip_bad_shards)
-    if cfg.source == "files":
+        files = _split_files(files, split, str(data_dir))
+    elif cfg.source == "files":
         files = _split_files(_list_files(cfg.path), split, cfg.path)
-        source = FileSource(files, cfg.text_column, cfg.skip_bad_shards)
-        if not source.chunks:
-            raise DataError(f"the {split} split has no documents: {', '.join(str(f) for f in files)}")
-        return source
-    raise DataError(f"unknown data.source {cfg.source!r}")
+    else:
+        raise DataError(f"unknown data.source {cfg.source!r}")
+    source = FileSource(files, cfg.text_column, cfg.skip_bad_shards)
+    if not source.chunks:  # (skip_bad_shards can leave none)
+        raise DataError(f"the {split} split has no documents: {', '.join(str(f) for f in files)}")
+    return source
 
 
 def text_iterator(cfg, split: str = "train", max_chars: int | None = None, doc_cap: int | None = None) -> Iterator[str]:

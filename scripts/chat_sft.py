@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> dict:
     if cfg.train.resume:
         state, start = resume_latest(ckpt, state, shardings, train_iter, num_iterations, source_meta.get("tokenizer"))
 
-    val_loss, metrics = None, {}
+    val_loss, metrics, train_loss = None, {}, None
     data_state = train_iter.get_state()
     batch = global_batch(train_iter.next_step(accum), mesh)
     progress = StepLogger("sft", num_iterations, start, flops_per_token=flops_per_token(model_cfg),
@@ -138,6 +138,7 @@ def main(argv: list[str] | None = None) -> dict:
         batch = global_batch(train_iter.next_step(accum), mesh)
         if (step + 1) % cfg.train.log_every == 0 or step + 1 == num_iterations:
             m, supervised = jax.device_get((step_metrics, supervised))
+            train_loss = float(m["loss"])
             progress.log(step + 1, m["loss"], tokens_since, grad_norm=m["grad_norm"],
                          lr_multiplier=m["lr_multiplier"], num_tokens=supervised)
             tokens_since = 0
@@ -150,7 +151,7 @@ def main(argv: list[str] | None = None) -> dict:
     summary = {
         "stage": "sft", "run": cfg.run, "mixture": cfg.sft.mixture, "source": cfg.sft.source,
         "params": num_params(model_cfg), "steps": num_iterations, "train_conversations": len(train_task),
-        "epochs": train_iter.epoch, "wall_time_s": wall, "val_loss": val_loss, **metrics, "samples": samples,
+        "epochs": train_iter.epoch, "wall_time_s": wall, "train_loss": train_loss, "val_loss": val_loss, **metrics, "samples": samples,
         "device": info, "mesh": dict(mesh.shape), "checkpoint": str(out_dir / str(num_iterations)),
     }
     if is_main_process():

@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> dict:
         state, start = resume_latest(ckpt, state, shardings, train_iter, num_iterations, source_meta.get("tokenizer"))
 
     peak = peak_flops_per_device()
-    val_bpb = None
+    val_bpb, min_val_bpb = None, float("inf")
     data_state = train_iter.get_state()
     batch = global_batch([next(train_iter) for _ in range(accum)], mesh)
     progress = StepLogger("mid", num_iterations, start, flops_per_token=flops, peak_flops=peak,
@@ -94,6 +94,7 @@ def main(argv: list[str] | None = None) -> dict:
                           stage_meta("mid", step, cfg, model_cfg, source_meta), wait=last)
             if last or (cfg.mid.eval_every > 0 and step % cfg.mid.eval_every == 0):
                 val_bpb = evaluate_bpb(bpb_step, state.params, val_batches, tb)
+                min_val_bpb = min(min_val_bpb, val_bpb)  # nanochat's report line
                 progress.eval({"step": step, "val_bpb": val_bpb}, f"step {step:5d} | val bpb {val_bpb:.4f}")
         if last:
             break
@@ -118,7 +119,7 @@ def main(argv: list[str] | None = None) -> dict:
         "steps": num_iterations, "tokens": num_iterations * cfg.mid.total_batch_size,
         "train_conversations": len(train_task), "epochs": train_iter.progress, "wall_time_s": wall,
         "tokens_per_sec": tokens_per_sec, "mfu": mfu(flops, tokens_per_sec, peak, info["num_devices"]),
-        "val_bpb": val_bpb, "samples": samples, "device": info, "mesh": dict(mesh.shape),
+        "val_bpb": val_bpb, "min_val_bpb": min_val_bpb, "samples": samples, "device": info, "mesh": dict(mesh.shape),
         "checkpoint": str(out_dir / str(num_iterations)),
     }
     if is_main_process():

@@ -20,17 +20,14 @@ SAMPLE_CHARS = 1_000_000  # characters of training text kept to measure compress
 
 
 def source_texts(cfg: Config, split: str = "train"):
-    """Documents of the configured data source."""
+    """Documents of the configured data source ([data]: embedded, fineweb shards or local files)."""
     if cfg.data.source == "embedded":
         from nanochat_jax import corpus
 
         return corpus.documents(split)
-    try:
-        from nanochat_jax.data import text_iterator
-    except ImportError as e:
-        raise RuntimeError(f"data.source={cfg.data.source!r} needs nanochat_jax.data.text_iterator, "
-                           f"which is not available ({e}); use data.source='embedded'") from None
-    return text_iterator(cfg, split)
+    from nanochat_jax.data import text_iterator
+
+    return text_iterator(cfg.data, split)
 
 
 def capped_texts(texts, max_chars: int, doc_cap: int, sample: list[str], progress: tqdm):

@@ -163,6 +163,7 @@ def test_mid_checkpoint_and_loss(chat_home):
     assert meta["config"]["mid"]["mixture"] == "cpu" and meta["tokenizer"].endswith("tokenizer")
     summary = json.loads((chat_home / "report" / "mid_train.json").read_text())
     assert summary["steps"] == 30 and summary["val_bpb"] == bpb[-1] and len(summary["samples"]) == 4
+    assert summary["min_val_bpb"] == min(bpb)
     assert summary["wall_time_s"] > 0
 
 
@@ -180,6 +181,7 @@ def test_sft_checkpoint_and_loss(chat_home):
     assert meta["stage"] == "sft" and meta["step"] == 20
     summary = json.loads((chat_home / "report" / "sft_train.json").read_text())
     assert {"WorldFacts_acc", "WordProblems_acc", "SimpleSpelling_acc"} <= set(summary)
+    assert summary["train_loss"] == pytest.approx(losses[20])
     assert summary["samples"][1].startswith("Who are you? -> ")
 
 

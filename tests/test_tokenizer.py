@@ -4,7 +4,6 @@ import copy
 import importlib.util
 import itertools
 import json
-import sys
 import types
 from pathlib import Path
 
@@ -252,17 +251,16 @@ def test_capped_texts():
     assert texts == ["abcd", "gh", "i"] and sample == texts and progress.n == 7
 
 
-def test_source_texts(monkeypatch):
+def test_source_texts(tmp_path):
+    """The embedded corpus, or the documents of the [data] source (local files here; FineWeb shards are files
+    of the same kind): the train split is every file but the last."""
     tok_train = load_script("tok_train")
     assert next(iter(tok_train.source_texts(load_config([])))) == corpus.document("train", 0)
-    cfg = load_config(["--data.source=fineweb"])
-    monkeypatch.setitem(sys.modules, "nanochat_jax.data", types.ModuleType("nanochat_jax.data"))
-    with pytest.raises(RuntimeError, match="needs nanochat_jax.data.text_iterator"):
-        tok_train.source_texts(cfg)
-    fake = types.ModuleType("nanochat_jax.data")
-    fake.text_iterator = lambda cfg, split: iter([f"{cfg.data.source}/{split}"])
-    monkeypatch.setitem(sys.modules, "nanochat_jax.data", fake)
-    assert list(tok_train.source_texts(cfg, "val")) == ["fineweb/val"]
+    for name, docs in (("a.jsonl", ["first doc", "second doc"]), ("b.jsonl", ["third"]), ("c.jsonl", ["val doc"])):
+        (tmp_path / name).write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    cfg = load_config(["--data.source=files", f"--data.path={tmp_path}"])
+    assert list(tok_train.source_texts(cfg, "train")) == ["first doc", "second doc", "third"]
+    assert list(tok_train.source_texts(cfg, "val")) == ["val doc"]
 
 
 def test_tok_train_and_eval_scripts(home, monkeypatch, capsys):
