@@ -143,3 +143,28 @@ def test_resume_past_the_horizon_is_a_clear_error(trained, tmp_path):
     assert proc.returncode != 0
     assert "step 60" in proc.stderr and "num_iterations=30" in proc.stderr, proc.stderr[-2000:]
     assert (home / "report" / "base_train.json").read_text() == summary
+
+
+def test_the_speedrun_data_path_on_local_fineweb_shards(tmp_path):
+    """run_gpu.sh / run_tpu.sh read FineWeb shards (data.source=fineweb): tokenizer training, base training and
+    base_loss on shards already in the home (named like the real ones, so nothing is downloaded)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from nanochat_jax import corpus, data
+
+    home = tmp_path / "home"
+    shards = home / "data" / "fineweb"
+    shards.mkdir(parents=True)
+    docs = list(corpus.documents("train"))
+    for i, name in enumerate([data.shard_name(0), data.shard_name(1), data.shard_name(data.MAX_SHARD)]):
+        part = docs[i::3] if i < 2 else list(corpus.documents("val"))
+        pq.write_table(pa.table({"text": part}), shards / name, row_group_size=64)
+    fineweb = ["--data.source=fineweb", "--data.num_shards=3"]
+    run("tok_train.py", "--config", str(ROOT / "configs" / "cpu_tiny.toml"), "--tokenizer.vocab_size=512",
+        "--tokenizer.max_chars=3000000", *fineweb, home=home)
+    assert json.loads((home / "report" / "tokenizer.json").read_text())["train"]["train_chars"] > 1_000_000
+    run("base_train.py", *TINY, *fineweb, "--train.num_iterations=4", "--train.eval_every=4", home=home)
+    run("base_loss.py", *TINY, *fineweb, home=home)
+    result = json.loads((home / "report" / "base_loss.json").read_text())
+    assert result["step"] == 4 and 0 < result["val_bpb"] < 10
