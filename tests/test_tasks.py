@@ -305,3 +305,35 @@ def test_hub_offline_for_real_fails_fast(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
     assert out.stdout.startswith("cannot load openai/gsm8k (main) split 'test' from the Hugging Face hub (offline?): ")
     assert out.stdout.count("\n") == 1
+
+
+def test_nanochat_mixtures_build_and_render_from_a_fake_hub(monkeypatch):
+    """mid_train's and chat_sft's 'nanochat' mixtures (what run_gpu.sh trains on), built from fixture rows served
+    as hub datasets: every task loads its split, and every conversation renders with a loss mask that trains
+    assistant tokens only."""
+    import datasets
+
+    from nanochat_jax.tasks.mixtures import mid_mixture, sft_mixture
+
+    fixture = {"allenai/ai2_arc": "arc", "cais/mmlu": "mmlu", "openai/gsm8k": "gsm8k",
+               "HuggingFaceTB/smol-smoltalk": "smoltalk"}
+    loaded = []
+
+    def fake_hub(path, name=None, split=None, **kwargs):
+        loaded.append((path, name, split))
+        rows = [json.loads(line) for line in (FIXTURES / f"{fixture[path]}.jsonl").read_text().splitlines()]
+        if (path, split) == ("cais/mmlu", "auxiliary_train"):
+            rows = [{"train": row} for row in rows]  # the hub nests that split's rows
+        return datasets.Dataset.from_list(rows)
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_hub)
+    tok = Tokenizer.train_from_iterator(["The quick brown fox 0123456789 jumps."] * 5, vocab_size=300)
+    for make in (mid_mixture, sft_mixture):
+        for split in ("train", "val"):
+            mixture = make("nanochat", split)
+            assert len(mixture) > 0
+            for i in range(len(mixture)):
+                ids, mask = tok.render_conversation(mixture[i])
+                assert len(ids) == len(mask) and 0 < sum(mask) < len(ids)
+    assert {path for path, _, _ in loaded} == set(fixture)
+    assert ("cais/mmlu", "all", "auxiliary_train") in loaded and ("allenai/ai2_arc", "ARC-Challenge", "train") in loaded
