@@ -210,16 +210,15 @@ def find_checkpoint(stage: str, depth: int | None = None, step: int | None = Non
     return directory, step
 
 
-def check_tokenizer(meta: dict, tokenizer_dir, checkpoint: Path) -> None:
-    """CheckpointError unless the tokenizer in tokenizer_dir (None: the trained one) is the one the checkpoint
-    recorded; a retrained or replaced one would feed the model other token ids. Checkpoints written before
-    the fingerprint was recorded pass."""
-    from nanochat_jax.tokenizer import tokenizer_dir as tokenizer_dir_of
-    from nanochat_jax.tokenizer import tokenizer_fingerprint
+def check_tokenizer(meta: dict, directory, checkpoint: Path) -> None:
+    """CheckpointError unless the tokenizer in `directory` (as metadata names it; None: the trained one) is the
+    one the checkpoint recorded; a retrained or replaced one would feed the model other token ids. Checkpoints
+    written before the fingerprint was recorded pass."""
+    from nanochat_jax.tokenizer import tokenizer_dir, tokenizer_fingerprint
 
     recorded = meta.get("tokenizer_fingerprint")
-    if recorded and recorded != tokenizer_fingerprint(tokenizer_dir):
-        raise CheckpointError(f"the tokenizer in {tokenizer_dir_of(tokenizer_dir)} is not the one checkpoint "
+    if recorded and recorded != tokenizer_fingerprint(directory):
+        raise CheckpointError(f"the tokenizer in {tokenizer_dir(directory)} is not the one checkpoint "
                               f"{checkpoint} was trained with (retrained or replaced since), so the model would read "
                               "other token ids: restore that tokenizer or train the model again")
 
@@ -254,6 +253,7 @@ def load_model(stage: str, step: int | None = None, depth: int | None = None, me
     tokenizer = load_tokenizer(meta.get("tokenizer"))
     check_tokenizer(meta, meta.get("tokenizer"), directory / str(step))
     if tokenizer.vocab_size > model_cfg.vocab_size:  # (a model's table may be padded past the tokenizer's size)
-        raise CheckpointError(f"the tokenizer in {tokenizer_dir(meta.get('tokenizer'))} has {tokenizer.vocab_size} tokens, more than "
-                              f"the {model_cfg.vocab_size} of checkpoint {directory / str(step)}: not its tokenizer")
+        raise CheckpointError(f"the tokenizer in {tokenizer_dir(meta.get('tokenizer'))} has {tokenizer.vocab_size} "
+                              f"tokens, more than the {model_cfg.vocab_size} of checkpoint {directory / str(step)}: "
+                              "not its tokenizer")
     return model, tokenizer, meta

@@ -139,8 +139,8 @@ class TrainConfig:
     resume: bool = False  # continue from the latest checkpoint of this stage and depth
 
     def validate(self) -> None:
-        _positive(self, "train", "device_batch_size", "total_batch_size", "eval_tokens", "keep_checkpoints", "log_every",
-                  "core_max_per_task")
+        _positive(self, "train", "device_batch_size", "total_batch_size", "eval_tokens", "keep_checkpoints",
+                  "log_every", "core_max_per_task")
         _non_negative(self, "train", "core_every")
         if self.num_iterations <= 0 and self.target_flops <= 0 and self.target_param_data_ratio <= 0:
             raise ConfigError("train: set one of num_iterations, target_flops or target_param_data_ratio (> 0)")

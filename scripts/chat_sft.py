@@ -151,8 +151,8 @@ def main(argv: list[str] | None = None) -> dict:
     summary = {
         "stage": "sft", "run": cfg.run, "mixture": cfg.sft.mixture, "source": cfg.sft.source,
         "params": num_params(model_cfg), "steps": num_iterations, "train_conversations": len(train_task),
-        "epochs": train_iter.epoch, "wall_time_s": wall, "train_loss": train_loss, "val_loss": val_loss, **metrics, "samples": samples,
-        "device": info, "mesh": dict(mesh.shape), "checkpoint": str(out_dir / str(num_iterations)),
+        "epochs": train_iter.epoch, "wall_time_s": wall, "train_loss": train_loss, "val_loss": val_loss, **metrics,
+        "samples": samples, "device": info, "mesh": dict(mesh.shape), "checkpoint": str(out_dir / str(num_iterations)),
     }
     if is_main_process():
         (artifacts_dir("report") / "sft_train.json").write_text(json.dumps(summary, indent=2))
