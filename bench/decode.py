@@ -15,15 +15,19 @@ tokens/s <= batch * bandwidth / (weight bytes + live cache bytes).
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
-import jax
-import jax.numpy as jnp
-import numpy as np
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo, when run as `python bench/decode.py`
 
-from nanochat_jax import engine as engine_lib
-from nanochat_jax.config import ModelConfig
-from nanochat_jax.model import KVCache, head_dim, init_model, num_params
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from nanochat_jax import engine as engine_lib  # noqa: E402
+from nanochat_jax.config import ModelConfig  # noqa: E402
+from nanochat_jax.model import KVCache, head_dim, init_model, num_params  # noqa: E402
 
 
 class _NoSpecialsTokenizer:
