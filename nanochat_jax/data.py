@@ -450,9 +450,15 @@ class _PackIterator(grain.DatasetIterator):
 
     def get_state(self) -> dict:
         docs = dict(self._chunks[0][0] if self._chunks else self._parent.get_state())
-        return {"docs": docs, "skip": self._skip, "epoch": docs["next_index"] // self.chunks_per_epoch}
+        return {"docs": docs, "skip": self._skip, "epoch": docs["next_index"] // self.chunks_per_epoch,
+                "chunks": self.chunks_per_epoch}
 
     def set_state(self, state: dict) -> None:
+        if state.get("chunks", self.chunks_per_epoch) != self.chunks_per_epoch:  # another data set: other order
+            print(f"data: the saved position is in an order of {state['chunks']} chunks of documents, this run has "
+                  f"{self.chunks_per_epoch} (data.num_shards or the files changed); the data order starts over",
+                  file=sys.stderr)
+            return
         self._parent.set_state(dict(state["docs"]))
         self._chunks.clear()
         self._buffered = 0

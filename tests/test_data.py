@@ -93,6 +93,22 @@ def test_state_restore_gives_next_batch_exactly(shuffle):
             np.testing.assert_array_equal(got["targets"], want["targets"])
 
 
+def test_a_position_saved_over_other_data_restarts_the_order_with_a_warning(capsys):
+    """A checkpoint's data position is an index into one data set's shuffled chunk order; with more or fewer
+    chunks (data.num_shards changed) it would land somewhere arbitrary, so the order starts over, said aloud."""
+    tok, kw = ByteTokenizer(), dict(seed=7, process_index=0, process_count=1)
+    it = data.make_batch_iterator(ListSource(make_docs(23)), tok, 2, 40, **kw)
+    first = next(it)
+    next(it)
+    state = it.get_state()
+    other = data.make_batch_iterator(ListSource(make_docs(23)[:20]), tok, 2, 40, **kw)  # fewer chunks
+    other.set_state(state)
+    assert "the data order starts over" in capsys.readouterr().err
+    fresh = next(data.make_batch_iterator(ListSource(make_docs(23)[:20]), tok, 2, 40, **kw))
+    np.testing.assert_array_equal(next(other)["inputs"], fresh["inputs"])
+    assert state["chunks"] == len(ListSource(make_docs(23)).chunks) and first["inputs"].shape == (2, 40)
+
+
 def test_train_epochs_are_reshuffled_and_complete():
     per_epoch = 4
     stream = list(data.chunk_stream(per_epoch, seed=3)[: 3 * per_epoch])
