@@ -219,3 +219,30 @@ def test_base_eval_script(home, capsys):
     assert out["results"] == pytest.approx(direct["results"])  # the checkpoint's model, sharded, scores the same
     saved = json.loads((home / "report" / "base_eval.json").read_text())
     assert saved["core_metric"] == pytest.approx(out["core_metric"]) and saved["max_per_task"] == 3
+
+
+def test_sft_quick_metrics_on_nanochat_tasks(monkeypatch):
+    """chat_sft's quick metrics with the nanochat mixture (run_gpu.sh's SFT, every sft.eval_metrics_every steps):
+    MMLU and ARC-Easy from the letter logits, GSM8K and HumanEval sampled, here on fixture rows."""
+    from flax import nnx
+
+    import nanochat_jax.chat_eval as chat_eval_lib
+    from nanochat_jax.config import MeshConfig
+    from nanochat_jax.sharding import make_mesh
+    from nanochat_jax.tasks import ARC, GSM8K, MMLU, HumanEval
+    from test_engine import byte_tokenizer, random_model
+
+    def rows(name):
+        return [json.loads(line) for line in (TASKS / f"{name}.jsonl").read_text().splitlines()]
+
+    makers = {"MMLU": lambda: MMLU("all", "test", data=rows("mmlu")),
+              "ARC-Easy": lambda: ARC("ARC-Easy", "test", data=rows("arc")),
+              "GSM8K": lambda: GSM8K("main", "test", data=rows("gsm8k")),
+              "HumanEval": lambda: HumanEval(data=rows("humaneval"))}
+    monkeypatch.setattr(chat_eval_lib, "load_task", lambda name, data_dir=None: makers[name]())
+    graphdef, params = nnx.split(random_model(), nnx.Param)
+    mesh = make_mesh(MeshConfig(1, 1, 1), jax.devices()[:1])
+    metrics = load_script("chat_sft").quick_metrics("nanochat", graphdef, nnx.to_pure_dict(params), byte_tokenizer(),
+                                                    mesh, 4)
+    assert set(metrics) == {"mmlu_acc", "arc_easy_acc", "gsm8k_acc", "humaneval_acc"}
+    assert all(0 <= v <= 1 for v in metrics.values())
