@@ -97,31 +97,47 @@ def _download_one(name: str, data_dir: Path, base_url: str, attempts: int, backo
         request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
         try:
             with urllib.request.urlopen(request, timeout=30) as response:
-                mode = "ab" if have and response.status == 206 else "wb"  # a 200 means the server ignored Range
-                with open(part, mode) as f:
+                partial = have and response.status == 206  # a 200 means the server ignored Range
+                total = _remote_size(response, have if partial else 0)
+                with open(part, "ab" if partial else "wb") as f:
                     while block := response.read(1 << 20):
                         f.write(block)
                         progress(len(block))
-            _check_parquet(part)
-            os.replace(part, path)
-            return path
+            size = part.stat().st_size
+            if total is not None and size < total:  # a connection closed early reads as a clean end of data
+                raise ConnectionError(f"the connection closed after {size:,} of {total:,} bytes")
         except urllib.error.HTTPError as e:
             if e.code == 404:
                 raise DataError(f"{url} does not exist (HTTP 404)") from None
             if e.code == 416:  # our partial file does not fit the remote one: start over
                 part.unlink(missing_ok=True)
             reason = f"HTTP {e.code} {e.reason}"
-        except (urllib.error.URLError, OSError) as e:
+        except (urllib.error.URLError, OSError) as e:  # the part file stays: the next attempt resumes it
             reason = str(getattr(e, "reason", None) or e)
-        except Exception as e:  # a complete download that is not a readable parquet file
-            part.unlink(missing_ok=True)
-            reason = f"downloaded file is not valid parquet ({e})"
+        else:
+            try:
+                _check_parquet(part)
+            except Exception as e:  # complete, yet not a readable parquet file: start over
+                part.unlink(missing_ok=True)
+                reason = f"downloaded file is not valid parquet ({e})"
+            else:
+                os.replace(part, path)
+                return path
         if attempt < attempts:
             _warn(f"download of {name} failed ({reason}); retry {attempt}/{attempts - 1} in {backoff * 2 ** (attempt - 1):.1f}s")
             stop.wait(backoff * 2 ** (attempt - 1))
     host = urllib.parse.urlsplit(base_url).netloc
     raise DataError(f"cannot reach {host} to download FineWeb-EDU {name}: {reason}; download shards elsewhere "
                     f"and put them in {data_dir}, or use data.source=embedded")
+
+
+def _remote_size(response, offset: int) -> int | None:
+    """The whole remote file's size from a response starting at byte `offset` (None when not said)."""
+    total = response.headers.get("Content-Range", "").rpartition("/")[2]
+    if total.isdigit():
+        return int(total)
+    length = response.headers.get("Content-Length", "")
+    return offset + int(length) if length.isdigit() else None
 
 
 def part_path(data_dir: Path, name: str) -> Path:

@@ -242,8 +242,9 @@ def parquet_bytes(texts):
 
 @pytest.fixture
 def server():
-    """A local HTTP server with Range support; `fail[name] = k` makes the next k requests for name fail with 500."""
-    files, fail, ranges = {}, {}, []
+    """A local HTTP server with Range support; `fail[name] = k` makes the next k requests for name fail with 500,
+    `cut[name] = k` makes the next k responses for name stop half way (the full length announced)."""
+    files, fail, ranges, cut = {}, {}, [], {}
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self):
@@ -262,6 +263,10 @@ def server():
             self.send_response(status)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
+            if cut.get(name, 0) > 0:
+                cut[name] -= 1
+                body = body[: len(body) // 2]
+                self.close_connection = True
             self.wfile.write(body)
 
         def log_message(self, *args):
@@ -269,13 +274,13 @@ def server():
 
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}", files, fail, ranges
+    yield f"http://127.0.0.1:{httpd.server_address[1]}", files, fail, ranges, cut
     httpd.shutdown()
     httpd.server_close()
 
 
 def test_download_resume_retry_and_layout(server, tmp_path):
-    url, files, fail, ranges = server
+    url, files, fail, ranges, _ = server
     names = [data.shard_name(0), data.shard_name(1), data.shard_name(data.MAX_SHARD)]
     for k, name in enumerate(names):
         files[name] = parquet_bytes([f"doc {k} {j}" for j in range(50)])
@@ -286,6 +291,20 @@ def test_download_resume_retry_and_layout(server, tmp_path):
     assert all(p.read_bytes() == files[p.name] for p in paths)
     assert ranges == [(names[1], "bytes=100-")]
     assert fail[names[2]] == 0 and not list(tmp_path.glob("*.part"))
+
+
+def test_a_download_cut_short_resumes_where_it_stopped(server, tmp_path, capsys):
+    """A connection that closes early reads like a clean end of data: the size check keeps the part file and
+    the next attempt asks for the rest, instead of calling the file invalid parquet and starting over."""
+    url, files, _, ranges, cut = server
+    names = [data.shard_name(0), data.shard_name(data.MAX_SHARD)]
+    for k, name in enumerate(names):
+        files[name] = parquet_bytes([f"doc {k} {j}" for j in range(200)])
+    cut[names[0]] = 1
+    paths = data.download_shards(2, 1, tmp_path, base_url=url, backoff=0.01)
+    assert all(p.read_bytes() == files[p.name] for p in paths)
+    assert ranges == [(names[0], f"bytes={len(files[names[0]]) // 2}-")]
+    assert "closed after" in capsys.readouterr().err
 
 
 def test_download_unreachable_is_one_clear_error(tmp_path):
