@@ -15,10 +15,10 @@ PY=$(EXTRAS=gpu,dev bash scripts/ensure_env.sh)
 source scripts/gpu_env.sh
 
 # --- the config's data size and batch rows (with any overrides), and the GPUs' memory
-read -r NUM_SHARDS TRAIN_ROWS MID_ROWS <<< "$("$PY" -c "import sys; from nanochat_jax.config import load_config
+SIZES=$("$PY" -c "import sys; from nanochat_jax.config import load_config
 c = load_config(['--config', *sys.argv[1:]]); print(c.data.num_shards, c.train.device_batch_size, c.mid.device_batch_size)" \
-  "$CONFIG" "$@" | tail -1)"
-[ -n "$MID_ROWS" ] || { echo "run_gpu.sh: cannot read $CONFIG with the overrides '$*'" >&2; exit 1; }
+  "$CONFIG" "$@" | tail -1)  # (a bad config or override stops the script here)
+read -r NUM_SHARDS TRAIN_ROWS MID_ROWS <<< "$SIZES"
 GPU_GIB=$("$PY" -c "import jax; d = jax.devices(); gib = (d[0].memory_stats() or {}).get('bytes_limit', -2**30) // 2**30
 print(f'{len(d)} x {d[0].device_kind}, {gib} GiB usable each (-1: not reported)', file=__import__('sys').stderr); print(gib)")
 ROWS=""  # bench/memory.py puts d20 at 32 rows (d26 at 16) at ~78-83 GB per GPU: too close for an 80 GB card

@@ -343,9 +343,10 @@ def run_nanochat(args, cfg) -> dict:
         for line in proc.stdout:
             print("[nanochat] " + line, end="", flush=True)
             lines.append(line)
-    if proc.returncode != 0:
-        raise SystemExit(f"bench/nanochat_torch.py failed (exit {proc.returncode})")
-    return json.loads(next(line for line in lines if line.startswith("JSON "))[5:])
+    results = [line for line in lines if line.startswith("JSON ")]
+    if proc.returncode != 0 or not results:
+        raise SystemExit(f"bench/nanochat_torch.py failed (exit {proc.returncode}; its output is above)")
+    return json.loads(results[0][5:])
 
 
 if __name__ == "__main__":

@@ -63,8 +63,15 @@ def _check_shared(directory: Path) -> None:
 
     directory.mkdir(parents=True, exist_ok=True)
     probe = directory / f".shared-check-{gather_json(secrets.token_hex(8))[0]}"
+    unwritable = None
     if jax.process_index() == 0:
-        probe.touch()
+        try:
+            probe.touch()
+        except OSError as e:  # said on every process below, not left to hang the others
+            unwritable = f"{type(e).__name__}: {e}"
+    unwritable = gather_json(unwritable)[0]
+    if unwritable:
+        raise CheckpointError(f"process 0 cannot write to {directory}: {unwritable}")
     multihost_utils.sync_global_devices("checkpoint: shared-storage probe written")
     blind = [i for i, seen in enumerate(gather_json(probe.exists())) if not seen]
     if jax.process_index() == 0:

@@ -159,7 +159,10 @@ def init_distributed() -> bool:
                 raise ValueError(f"{var}={value!r} must be a non-negative integer")
             kwargs[arg] = int(value)
     # hosts may arrive far apart (each finishes its own downloads first): wait up to 30 minutes, not 5
-    timeout = int(os.environ.get("NANOCHAT_JAX_INIT_TIMEOUT", "1800"))
+    timeout = os.environ.get("NANOCHAT_JAX_INIT_TIMEOUT", "1800").strip()
+    if not timeout.isdigit():
+        raise ValueError(f"NANOCHAT_JAX_INIT_TIMEOUT={timeout!r} must be a number of seconds")
+    timeout = int(timeout)
     try:
         jax.distributed.initialize(**kwargs, initialization_timeout=timeout)
     except ValueError as e:  # e.g. a coordinator address without a process count outside TPU/SLURM/MPI

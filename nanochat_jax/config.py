@@ -90,7 +90,7 @@ class OptimConfig:
     warmup_ratio: float = 0.0  # fraction of steps with linear LR warm-up
     warmdown_ratio: float = 0.2  # fraction of steps with linear LR warm-down
     final_lr_frac: float = 0.0  # LR multiplier reached at the end of the warm-down
-    grad_clip: float = 1.0  # global-norm clipping; 0 disables
+    grad_clip: float = 1.0  # base training's global-norm clipping (0 disables); mid/sft/rl have their own
 
     def validate(self) -> None:
         for name in ("embedding_lr", "unembedding_lr", "matrix_lr", "weight_decay", "adam_eps", "grad_clip"):

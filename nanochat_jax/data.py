@@ -429,18 +429,19 @@ def chunk_stream(num_chunks: int, *, seed: int = 0, shuffle: bool = True, infini
 class _PackIterDataset(grain.IterDataset):
     """Cuts a stream of token arrays into rows of row_len tokens (see the module docstring for its state)."""
 
-    def __init__(self, parent: grain.IterDataset, row_len: int, chunks_per_epoch: int):
+    def __init__(self, parent: grain.IterDataset, row_len: int, chunks_per_epoch: int, num_chunks: int):
         super().__init__(parent)
-        self.row_len, self.chunks_per_epoch = row_len, chunks_per_epoch
+        self.row_len, self.chunks_per_epoch, self.num_chunks = row_len, chunks_per_epoch, num_chunks
 
     def __iter__(self):
-        return _PackIterator(self._parent.__iter__(), self.row_len, self.chunks_per_epoch)
+        return _PackIterator(self._parent.__iter__(), self.row_len, self.chunks_per_epoch, self.num_chunks)
 
 
 class _PackIterator(grain.DatasetIterator):
-    def __init__(self, parent, row_len: int, chunks_per_epoch: int):
+    def __init__(self, parent, row_len: int, chunks_per_epoch: int, num_chunks: int):
         super().__init__(parent)
         self.row_len, self.chunks_per_epoch = row_len, chunks_per_epoch
+        self.num_chunks = num_chunks  # of the whole source (all processes): the shuffled order is over these
         self._chunks: deque = deque()  # (parent state before this chunk, its tokens)
         self._skip = 0  # tokens of the first buffered chunk already emitted
         self._buffered = 0
@@ -467,12 +468,12 @@ class _PackIterator(grain.DatasetIterator):
     def get_state(self) -> dict:
         docs = dict(self._chunks[0][0] if self._chunks else self._parent.get_state())
         return {"docs": docs, "skip": self._skip, "epoch": docs["next_index"] // self.chunks_per_epoch,
-                "chunks": self.chunks_per_epoch}
+                "chunks": self.num_chunks}
 
     def set_state(self, state: dict) -> None:
-        if state.get("chunks", self.chunks_per_epoch) != self.chunks_per_epoch:  # another data set: other order
+        if state.get("chunks", self.num_chunks) != self.num_chunks:  # another data set: another order
             print(f"data: the saved position is in an order of {state['chunks']} chunks of documents, this run has "
-                  f"{self.chunks_per_epoch} (data.num_shards or the files changed); the data order starts over",
+                  f"{self.num_chunks} (data.num_shards or the files changed); the data order starts over",
                   file=sys.stderr)
             return
         self._parent.set_state(dict(state["docs"]))
@@ -547,7 +548,7 @@ def make_batch_iterator(source, tokenizer, batch_rows: int, seq_len: int, *, see
     per_epoch = len(range(process_index, len(source.chunks), process_count))
     ds = chunks.map_with_index(_tokenize_chunk(source, tokenizer, per_epoch, seed, shuffle, num_threads))
     ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=2))
-    ds = _PackIterDataset(ds, seq_len + 1, per_epoch)
+    ds = _PackIterDataset(ds, seq_len + 1, per_epoch, len(source.chunks))
     ds = ds.batch(batch_rows // process_count, drop_remainder=True).map(_split_rows)
     if prefetch:
         ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=prefetch)

@@ -81,6 +81,8 @@ def core_bundle(cfg):
         bundle, error = ensure_bundle(cfg.eval.bundle_dir or None, cfg.eval.bundle_url or EVAL_BUNDLE_URL), None
     except BundleError as e:
         bundle, error = None, str(e)
+    except OSError as e:  # unzipping or moving it: still not a reason to leave the other processes waiting
+        bundle, error = None, f"{type(e).__name__}: {e}"
     errors = [e for e in gather_json(error) if e]
     if errors:
         print0(f"CORE estimates off (train.core_every=0 silences this): {errors[0]}")

@@ -158,7 +158,7 @@ def respond(engine, tokenizer, messages: list[dict], user_text: str, *, temperat
     for tokens in stream_tokens(engine, tokenizer, prompt, max_tokens=max_tokens, temperature=temperature,
                                 top_k=top_k or None, seed=seed):
         parts = reply_parts(tokenizer, tokens)
-        if not parts[-1]["text"].endswith("\ufffd"):  # wait for the rest of a multi-byte character
+        if not (parts and parts[-1]["text"].endswith("\ufffd")):  # wait for the rest of a multi-byte character
             yield messages, shown + [{"role": "assistant", "content": to_markdown(reply_content(parts))}]
     messages = messages + turn + [{"role": "assistant", "content": reply_content(reply_parts(tokenizer, tokens))}]
     yield messages, chat_display(messages)
@@ -175,16 +175,21 @@ def build_app(engine, tokenizer, *, base: bool = False, title: str = "nanochat-j
 
     def submit(user_text, messages, temperature, top_k, max_tokens):
         """Stream (textbox, messages, chatbot, status, pending); a refused request only sets the status line.
-        The box is emptied once, with the first token, so what the user types meanwhile stays."""
+        The box is emptied once, with the first token, so what the user types meanwhile stays; `pending` holds
+        the message while its reply is unfinished."""
         try:
-            for i, (messages, display) in enumerate(respond(
-                    engine, tokenizer, messages, user_text, temperature=temperature, top_k=top_k,
-                    max_tokens=max_tokens, seed=next(seeds), base=base)):
+            steps = respond(engine, tokenizer, messages, user_text, temperature=temperature, top_k=top_k,
+                            max_tokens=max_tokens, seed=next(seeds), base=base)
+            display = chat_display(messages)
+            for i, (messages, display) in enumerate(steps):
                 yield "" if i == 0 else gr.skip(), messages, display, "", user_text
+            yield gr.skip(), messages, display, "", ""  # finished: nothing left to give back
         except ChatError as e:
             yield gr.skip(), gr.skip(), gr.skip(), f"⚠️ {e}", gr.skip()
 
     def stop(messages, pending):
+        if not pending:  # no reply under way (or its first token not out yet: the message is still in the box)
+            return gr.skip(), chat_display(messages), "Stopped."
         return pending, chat_display(messages), "Stopped: that reply was discarded and your message is back in the box."
 
     def clear():

@@ -70,17 +70,18 @@ def main(argv: list[str] | None = None) -> dict:
     train_step = make_train_step(graphdef, optimizer, shardings, mesh, num_iterations, cfg.optim)
     bpb_step = make_bpb_step(graphdef)
     tb = jnp.asarray(token_bytes(tokenizer))
-    out_dir = checkpoint_dir("base", cfg.model.depth)
-    ckpt = Checkpointer(out_dir, keep=cfg.train.keep_checkpoints, fresh=not cfg.train.resume)
+    # everything that can refuse the run comes before the Checkpointer, which sets a previous run aside
     train_source = make_source(cfg.data, "train")
+    make_source(cfg.data, "val")  # an unusable validation split fails now, not after the training
     check_same_on_all_processes({"tokenizer fingerprint": tokenizer_fingerprint(),
                                  "training data chunks": len(train_source.chunks)})
+    bundle = core_bundle(cfg)  # downloaded now (once), not in the middle of the run
+    core_mesh = eval_mesh(cfg.mesh) if bundle else None
+    out_dir = checkpoint_dir("base", cfg.model.depth)
+    ckpt = Checkpointer(out_dir, keep=cfg.train.keep_checkpoints, fresh=not cfg.train.resume)
     train_iter = make_batch_iterator(train_source, tokenizer, batch_rows=rows,
                                      seq_len=cfg.model.sequence_len, seed=cfg.train.seed,
                                      num_threads=cfg.data.tokenizer_threads, prefetch=cfg.data.prefetch)
-    make_source(cfg.data, "val")  # an unusable validation split fails now, not after the training
-    bundle = core_bundle(cfg)  # downloaded now (once), not in the middle of the run
-    core_mesh = eval_mesh(cfg.mesh) if bundle else None
     report_dir = artifacts_dir("report")
 
     start = 0
@@ -108,7 +109,7 @@ def main(argv: list[str] | None = None) -> dict:
                 val_batches = val_batches or split_batches(cfg, tokenizer, rows, mesh, "val")  # tokenized once
                 val_bpb = evaluate_bpb(bpb_step, state.params, val_batches, tb)
                 progress.eval({"step": step, "val_bpb": val_bpb}, f"step {step:5d} | val bpb {val_bpb:.4f}")
-            if bundle and (last or (step > 0 and step % cfg.train.core_every == 0)):
+            if bundle and (last or (step > start and step % cfg.train.core_every == 0)):  # (not again on resume)
                 core = core_estimate(graphdef, state.params, tokenizer, bundle, cfg, core_mesh)
                 progress.eval({"step": step, "core_metric": core}, f"step {step:5d} | CORE estimate {core:.4f}")
             if last or (cfg.train.sample_every > 0 and step % cfg.train.sample_every == 0 and step > 0):

@@ -287,3 +287,27 @@ def test_enter_and_send_are_one_event_that_stop_and_clear_cancel(tokenizer):
     names = {b._id: b.value if isinstance(b, gr.Button) else type(b).__name__ for b in app.blocks.values()}
     cancelling = {names[t[0]] for d in deps if d.get("cancels") == [submit["id"]] for t in d["targets"]}
     assert cancelling == {"Stop", "Clear", "Chatbot"}  # the Chatbot's trash icon too
+
+
+def test_a_reply_of_only_closing_tokens_and_what_stop_gives_back(tokenizer):
+    """A reply that so far holds no part (a lone <|python_end|>) streams as empty text; the Send event marks its
+    message as pending only while the reply is unfinished, and Stop gives a pending message back to the box."""
+    import gradio as gr
+
+    sp = tokenizer.encode_special
+    steps = list(web.respond(Scripted([sp("<|python_end|>"), sp("<|assistant_end|>")]), tokenizer, [], "hi",
+                             temperature=0.0, top_k=0, max_tokens=5))
+    assert steps[-1][0][-1] == {"role": "assistant", "content": ""}
+    app = web.build_app(Scripted([*b"ok", sp("<|assistant_end|>")]), tokenizer)
+    fns = {fn.name: fn.fn for fn in app.fns.values()}
+    outputs = list(fns["submit"]("hi", [], 0.0, 0, 10))
+    box, pending = [o[0] for o in outputs], [o[4] for o in outputs]
+    assert box[0] == "" and all(isinstance(b, type(gr.skip())) for b in box[1:])  # emptied once, then left alone
+    assert pending[0] == "hi" and pending[-1] == ""
+    messages = outputs[-1][1]
+    assert outputs[-1][1:4] == outputs[-2][1:4]  # the last update repeats the finished turn (API callers read it)
+    assert messages[-1] == {"role": "assistant", "content": "ok"}
+    skipped, display, status = fns["stop"](messages, "")  # after a finished reply: the box is not touched
+    assert isinstance(skipped, type(gr.skip())) and len(display) == 2 and status == "Stopped."
+    back, display, status = fns["stop"]([], "hi")  # mid-reply: the message returns, the turn is dropped
+    assert back == "hi" and display == [] and "discarded" in status

@@ -107,6 +107,13 @@ def test_a_position_saved_over_other_data_restarts_the_order_with_a_warning(caps
     fresh = next(data.make_batch_iterator(ListSource(make_docs(23)[:20]), tok, 2, 40, **kw))
     np.testing.assert_array_equal(next(other)["inputs"], fresh["inputs"])
     assert state["chunks"] == len(ListSource(make_docs(23)).chunks) and first["inputs"].shape == (2, 40)
+    # with 2 processes, 5 -> 6 chunks leaves process 0 with 3 of them either way: the total is what is compared
+    kw = dict(seed=7, process_index=0, process_count=2)
+    it = data.make_batch_iterator(ListSource(make_docs(23)), tok, 2, 40, **kw)
+    next(it)
+    state = it.get_state()
+    data.make_batch_iterator(ListSource(make_docs(26)), tok, 2, 40, **kw).set_state(state)
+    assert "an order of 5 chunks of documents, this run has 6" in capsys.readouterr().err
 
 
 def test_train_epochs_are_reshuffled_and_complete():
