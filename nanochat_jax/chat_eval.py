@@ -39,6 +39,7 @@ def load_task(name: str, data_dir: str | Path | None = None):
     Raises TaskDataError (one line) when the hub cannot be reached, on every process when it cannot be reached
     from any of them: each process loads the task itself, and one that skipped a task would pair the count sums
     (collectives) of the tasks after it with another task's."""
+    from nanochat_jax.common import errors_anywhere
     from nanochat_jax.tasks import TaskDataError
 
     task, error = None, None
@@ -46,11 +47,11 @@ def load_task(name: str, data_dir: str | Path | None = None):
         task = _load_task_here(name, data_dir)
     except TaskDataError as e:
         error = e
-    failed = int(sum_over_processes(np.array([error is not None], np.int32))[0])
+    errors = errors_anywhere(str(error) if error else None)
     if error is not None:
         raise error
-    if failed:
-        raise TaskDataError(f"{name}: unavailable on {failed} other process(es)")
+    if errors:
+        raise TaskDataError(f"{name}: unavailable on {len(errors)} other process(es)")
     return task
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 import jax
 import orbax.checkpoint as ocp
 
-from nanochat_jax.common import artifacts_dir, gather_json
+from nanochat_jax.common import artifacts_dir, errors_anywhere, gather_json
 
 STAGE_SCRIPTS = {"base": "scripts/base_train.py", "mid": "scripts/mid_train.py", "sft": "scripts/chat_sft.py",
                  "rl": "scripts/chat_rl.py"}
@@ -63,15 +63,14 @@ def _check_shared(directory: Path) -> None:
 
     directory.mkdir(parents=True, exist_ok=True)
     probe = directory / f".shared-check-{gather_json(secrets.token_hex(8))[0]}"
-    unwritable = None
+    error = None
     if jax.process_index() == 0:
         try:
             probe.touch()
-        except OSError as e:  # said on every process below, not left to hang the others
-            unwritable = f"{type(e).__name__}: {e}"
-    unwritable = gather_json(unwritable)[0]
-    if unwritable:
-        raise CheckpointError(f"process 0 cannot write to {directory}: {unwritable}")
+        except OSError as e:
+            error = f"{type(e).__name__}: {e}"
+    if errors := errors_anywhere(error):
+        raise CheckpointError(f"process 0 cannot write to {directory}: {errors[0]}")
     multihost_utils.sync_global_devices("checkpoint: shared-storage probe written")
     blind = [i for i, seen in enumerate(gather_json(probe.exists())) if not seen]
     if jax.process_index() == 0:

@@ -125,6 +125,12 @@ def gather_json(obj) -> list:
     return [json.loads(bytes(everything[i, :n])) for i, n in enumerate(lengths)]
 
 
+def errors_anywhere(error: str | None) -> list[str]:
+    """Every process's error (each passes its own, or None), for all of them: a failure on one process becomes
+    known to all, so none is left waiting in the next collective."""
+    return [e for e in gather_json(error) if e]
+
+
 def check_same_on_all_processes(facts: dict) -> None:
     """ValueError on every process unless all processes report the same facts (JSON values). Each host of a
     multi-host run trains its own tokenizer and lists its own data files; hosts that differ would train

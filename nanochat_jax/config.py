@@ -93,9 +93,8 @@ class OptimConfig:
     grad_clip: float = 1.0  # base training's global-norm clipping (0 disables); mid/sft/rl have their own
 
     def validate(self) -> None:
-        for name in ("embedding_lr", "unembedding_lr", "matrix_lr", "weight_decay", "adam_eps", "grad_clip"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"optim.{name}={getattr(self, name)} must be >= 0")
+        _non_negative(self, "optim", "embedding_lr", "unembedding_lr", "matrix_lr", "weight_decay", "adam_eps",
+                      "grad_clip")
         for name in ("adam_beta1", "adam_beta2", "muon_momentum", "muon_momentum_start",
                      "warmup_ratio", "warmdown_ratio", "final_lr_frac"):
             if not 0.0 <= getattr(self, name) <= 1.0:

@@ -74,7 +74,7 @@ def core_bundle(cfg):
     (the estimates' count sums are collectives)."""
     if cfg.train.core_every <= 0:
         return None
-    from nanochat_jax.common import gather_json, print0
+    from nanochat_jax.common import errors_anywhere, print0
     from nanochat_jax.core_eval import EVAL_BUNDLE_URL, BundleError, ensure_bundle
 
     try:
@@ -83,8 +83,7 @@ def core_bundle(cfg):
         bundle, error = None, str(e)
     except OSError as e:  # unzipping or moving it: still not a reason to leave the other processes waiting
         bundle, error = None, f"{type(e).__name__}: {e}"
-    errors = [e for e in gather_json(error) if e]
-    if errors:
+    if errors := errors_anywhere(error):
         print0(f"CORE estimates off (train.core_every=0 silences this): {errors[0]}")
         return None
     return bundle
