@@ -130,11 +130,13 @@ def completion_prompt(tokenizer, messages: list[dict], base: bool = False, conte
     return prompt
 
 
-def stream_tokens(engine, tokenizer, prompt: list[int], **generate_kwargs):
-    """Yield the reply's tokens so far (a growing list, without the terminal token) after every token."""
+def stream_tokens(engine, tokenizer, prompt: list[int], max_tokens: int, **generate_kwargs):
+    """Yield the reply's tokens so far (a growing list, without the terminal token) after every token. The reply
+    ends after max_tokens or at the model's trained context, whichever comes first."""
     stop = (tokenizer.encode_special("<|assistant_end|>"), tokenizer.bos_token_id)
+    max_tokens = min(max_tokens, engine.context_len - len(prompt))
     tokens = []
-    for column, _ in engine.generate(prompt, num_samples=1, **generate_kwargs):
+    for column, _ in engine.generate(prompt, num_samples=1, max_tokens=max_tokens, **generate_kwargs):
         if column[0] in stop:
             return
         tokens.append(column[0])
@@ -152,7 +154,6 @@ def respond(engine, tokenizer, messages: list[dict], user_text: str, *, temperat
     temperature, top_k, max_tokens = check_request(turn if base else messages + turn, temperature, top_k,
                                                    max_tokens)
     prompt = completion_prompt(tokenizer, messages + turn, base, engine.context_len)
-    max_tokens = min(max_tokens, engine.context_len - len(prompt))  # the reply ends at the trained context too
     shown = chat_display(messages + turn)
     tokens = []
     for tokens in stream_tokens(engine, tokenizer, prompt, max_tokens=max_tokens, temperature=temperature,

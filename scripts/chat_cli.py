@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from nanochat_jax.web import ChatError, completion_prompt, reply_content, reply_parts
+from nanochat_jax.web import ChatError, completion_prompt, reply_content, reply_parts, stream_tokens
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -33,16 +33,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def stream(engine, tokenizer, prompt: list[int], out=sys.stdout, max_tokens: int = 256, **generate_kwargs) -> list[int]:
-    """Generate from prompt tokens, writing the text to `out` as it comes; returns the generated tokens. The
-    reply ends at max_tokens or at the model's trained context, whichever comes first."""
-    stop = (tokenizer.encode_special("<|assistant_end|>"), tokenizer.bos_token_id)
+def stream(engine, tokenizer, prompt: list[int], out=sys.stdout, **generate_kwargs) -> list[int]:
+    """Generate from prompt tokens (web.stream_tokens: up to max_tokens or the trained context), writing the text
+    to `out` as it comes; returns the generated tokens."""
     tokens, shown = [], ""
-    max_tokens = min(max_tokens, engine.context_len - len(prompt))
-    for column, _ in engine.generate(prompt, num_samples=1, max_tokens=max_tokens, **generate_kwargs):
-        if column[0] in stop:
-            break
-        tokens.append(column[0])
+    for tokens in stream_tokens(engine, tokenizer, prompt, **generate_kwargs):
         text = tokenizer.decode(tokens)
         if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
             out.write(text[len(shown):])
