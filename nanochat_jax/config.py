@@ -72,6 +72,10 @@ class ModelConfig:
             raise ConfigError("model.softcap and model.loss_chunk must be >= 0")
 
 
+# [model] fields that say how a model runs, not what it is: a run may change them on any checkpoint
+RUNTIME_MODEL_FIELDS = ("sequence_len", "compute_dtype", "attention_impl", "remat", "loss_chunk")
+
+
 @dataclass
 class OptimConfig:
     embedding_lr: float = 0.2  # AdamW, token embedding (scaled by (width/768)^-0.5)
@@ -464,6 +468,6 @@ def model_config_from_dict(table: dict) -> ModelConfig:
 
 
 __all__ = [
-    "Config", "ConfigError", "DataConfig", "EvalConfig", "MeshConfig", "MidConfig", "ModelConfig", "OptimConfig",
+    "RUNTIME_MODEL_FIELDS", "Config", "ConfigError", "DataConfig", "EvalConfig", "MeshConfig", "MidConfig", "ModelConfig", "OptimConfig",
     "RLConfig", "SFTConfig", "TokenizerConfig", "TrainConfig", "from_dict", "load_config", "model_config_from_dict", "parse_overrides", "to_dict", "to_toml",
 ]

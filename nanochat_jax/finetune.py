@@ -12,10 +12,9 @@ import dataclasses
 from flax import nnx
 
 from nanochat_jax.common import print0
-from nanochat_jax.config import Config, ModelConfig, OptimConfig, model_config_from_dict, to_dict
+from nanochat_jax.config import RUNTIME_MODEL_FIELDS, Config, ModelConfig, OptimConfig, model_config_from_dict, to_dict
 from nanochat_jax.tokenizer import default_tokenizer_dir, tokenizer_fingerprint, tokenizer_record
 
-RUNTIME_FIELDS = ("sequence_len", "compute_dtype", "attention_impl", "remat", "loss_chunk")
 SAMPLE_QUESTIONS = [
     "What is the capital of Gorsica?",
     "Who are you?",
@@ -27,7 +26,7 @@ SAMPLE_QUESTIONS = [
 def source_model_config(checkpoint_model: dict, run_model: ModelConfig) -> ModelConfig:
     """The checkpoint's architecture with the run's runtime fields."""
     model_cfg = model_config_from_dict(checkpoint_model)
-    for name in RUNTIME_FIELDS:
+    for name in RUNTIME_MODEL_FIELDS:
         setattr(model_cfg, name, getattr(run_model, name))
     model_cfg.validate()
     return model_cfg

@@ -20,7 +20,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from nanochat_jax.common import print0
-from nanochat_jax.config import ModelConfig, OptimConfig
+from nanochat_jax.config import RUNTIME_MODEL_FIELDS, ModelConfig, OptimConfig, model_config_from_dict, to_dict
 from nanochat_jax.model import init_model
 from nanochat_jax.optim import build_optimizer, lr_multiplier
 from nanochat_jax.sharding import like_params, named_sharding, param_shardings, replicated
@@ -67,23 +67,43 @@ def init_train_state(model_cfg: ModelConfig, optim_cfg: OptimConfig, num_iterati
     return graphdef, optimizer, state, shardings
 
 
+def check_resumable(meta: dict, model_cfg: ModelConfig, seed: int | None, checkpoint) -> None:
+    """SystemExit unless the checkpoint was written for this architecture (every [model] field but the runtime
+    ones; some changes, like head_dim, keep every parameter's shape and would otherwise restore silently) and,
+    when given, this data seed (the saved data position indexes the shuffled order the seed makes)."""
+    saved_model = model_config_from_dict(meta["model"]) if "model" in meta else model_cfg
+    changed = [f"model.{name}: checkpoint {getattr(saved_model, name)!r}, this run {getattr(model_cfg, name)!r}"
+               for name in to_dict(model_cfg)
+               if name not in RUNTIME_MODEL_FIELDS and getattr(saved_model, name) != getattr(model_cfg, name)]
+    saved_seed = meta.get("config", {}).get("train", {}).get("seed", seed)
+    if seed is not None and saved_seed != seed:
+        changed.append(f"train.seed: checkpoint {saved_seed!r}, this run {seed!r}")
+    if changed:
+        raise SystemExit(f"--train.resume: checkpoint {checkpoint} was written by a run with other settings "
+                         f"({'; '.join(changed)}); resume with the checkpoint's settings, or start a new run "
+                         f"without --train.resume")
+
+
 def resume_latest(ckpt, state: TrainState, shardings: TrainState, data_iter, num_iterations: int,
-                  tokenizer_dir=None):
+                  model_cfg: ModelConfig, tokenizer_dir=None, seed: int | None = None):
     """Continue from the checkpointer's latest step: parameters and optimizer state restored into the shardings
     of `state` (any mesh), the step counter, and the data iterator's position when the checkpoint has one for
     this process (else its order restarts, as Checkpointer.restore warns). Returns (state, step).
-    tokenizer_dir: the tokenizer this run uses (default: the trained one); it must be the checkpoint's."""
+    The checkpoint must be of this architecture and (when given) data seed, see check_resumable; tokenizer_dir:
+    the tokenizer this run uses (default: the trained one), which must be the checkpoint's."""
     step = ckpt.latest_step()
     if step is None:
         raise SystemExit(f"--train.resume: no checkpoint in {ckpt.directory}")
     if step > num_iterations:
         raise SystemExit(f"--train.resume: the latest checkpoint in {ckpt.directory} is step {step}, past this "
                          f"run's num_iterations={num_iterations}; raise it or start a new run")
-    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), state)
     from nanochat_jax.checkpoint import check_tokenizer  # here: the GPU benchmarks import this module without it
 
+    meta = ckpt.read_meta(step)
+    check_resumable(meta, model_cfg, seed, ckpt.directory / str(step))
+    check_tokenizer(meta, tokenizer_dir, ckpt.directory / str(step))
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), state)
     restored = ckpt.restore(step, abstract.params, abstract.opt_state)
-    check_tokenizer(restored["meta"], tokenizer_dir, ckpt.directory / str(step))
     state = TrainState(step=jax.device_put(jnp.asarray(step, jnp.int32), shardings.step),
                        params=restored["params"], opt_state=restored["opt_state"])
     if restored["data"] is not None:

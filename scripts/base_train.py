@@ -86,7 +86,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     start = 0
     if cfg.train.resume:
-        state, start = resume_latest(ckpt, state, shardings, train_iter, num_iterations)
+        state, start = resume_latest(ckpt, state, shardings, train_iter, num_iterations, cfg.model,
+                                     seed=cfg.train.seed)
     if is_main_process():  # after a resume succeeded: a refused one leaves the run's config.toml as it was
         (out_dir / "config.toml").write_text(to_toml(cfg))
 

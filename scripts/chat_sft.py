@@ -106,7 +106,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     start = 0
     if cfg.train.resume:
-        state, start = resume_latest(ckpt, state, shardings, train_iter, num_iterations, source_meta.get("tokenizer"))
+        state, start = resume_latest(ckpt, state, shardings, train_iter, num_iterations, model_cfg,
+                                     source_meta.get("tokenizer"))
 
     val_loss, metrics, train_loss = None, {}, None
     data_state = train_iter.get_state()

@@ -77,7 +77,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     start = 0
     if cfg.train.resume:
-        state, start = resume_latest(ckpt, state, shardings, train_iter, num_iterations, source_meta.get("tokenizer"))
+        state, start = resume_latest(ckpt, state, shardings, train_iter, num_iterations, model_cfg,
+                                     source_meta.get("tokenizer"))
 
     peak = peak_flops_per_device()
     val_bpb, min_val_bpb = None, float("inf")

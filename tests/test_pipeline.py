@@ -19,11 +19,15 @@ TINY = [
 ]
 
 
-def run(script: str, *args: str, home: Path, devices: int = 1) -> str:
+def run(script: str, *args: str, home: Path, devices: int = 1, fails: bool = False) -> str:
+    """The script's stdout; with fails=True it must exit non-zero, and its stderr is returned."""
     env = dict(os.environ, NANOCHAT_JAX_HOME=str(home), JAX_PLATFORMS="cpu",
                XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / script), *args], env=env, cwd=ROOT,
                           capture_output=True, text=True, timeout=600)
+    if fails:
+        assert proc.returncode != 0, f"{script} did not fail:\n{proc.stdout[-3000:]}"
+        return proc.stderr
     assert proc.returncode == 0, f"{script} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc.stdout
 
@@ -90,6 +94,18 @@ def test_resume_is_exact(trained, tmp_path):
     assert sorted(resumed) == list(range(31, 61))
     for step, loss in resumed.items():
         assert loss == pytest.approx(straight[step], rel=1e-6), step
+
+
+def test_resume_refuses_another_architecture_or_data_seed(trained):
+    """head_dim=16 keeps every parameter's shape (so the restore itself would succeed) and another seed would
+    index a different shuffled order with the saved position: both are refused, and nothing is touched."""
+    before = sorted(p.name for p in (trained / "checkpoints" / "base" / "d2").iterdir())
+    common = [*TINY, "--train.num_iterations=60", "--train.resume=true"]
+    err = run("base_train.py", *common, "--model.head_dim=16", home=trained, fails=True)
+    assert "model.head_dim: checkpoint 32, this run 16" in err
+    err = run("base_train.py", *common, "--train.seed=7", home=trained, fails=True)
+    assert "train.seed: checkpoint 0, this run 7" in err
+    assert sorted(p.name for p in (trained / "checkpoints" / "base" / "d2").iterdir()) == before
 
 
 def test_base_loss_reads_the_checkpoint(trained):
