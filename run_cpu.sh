@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole pipeline on a laptop CPU, on the embedded corpus, in about ten minutes: sets up .venv on first
+# The whole pipeline on a laptop CPU, on the embedded corpus, in about eight minutes on 2 cores: sets up .venv on first
 # use, then tokenizer -> base pretraining -> mid-training -> SFT -> RL -> chat answers -> report.md.
 # Artifacts go to $NANOCHAT_JAX_HOME (default ~/.cache/nanochat_jax). Extra arguments are passed to every
 # training script as config overrides, e.g. `bash run_cpu.sh --train.num_iterations=50`.
@@ -36,4 +36,4 @@ step "8/9 chat with the RL model"
 step "9/9 report"
 "$PY" scripts/report.py generate
 echo
-echo "Chat in the browser: $PY scripts/chat_web.py --source rl   (or in the terminal: scripts/chat_cli.py)"
+echo "Chat in the browser: $PY scripts/chat_web.py --source rl   (or in the terminal: $PY scripts/chat_cli.py --source rl)"

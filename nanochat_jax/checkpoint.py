@@ -26,13 +26,13 @@ from pathlib import Path
 import jax
 import orbax.checkpoint as ocp
 
-from nanochat_jax.common import artifacts_dir, errors_anywhere, gather_json
+from nanochat_jax.common import UserError, artifacts_dir, errors_anywhere, gather_json
 
 STAGE_SCRIPTS = {"base": "scripts/base_train.py", "mid": "scripts/mid_train.py", "sft": "scripts/chat_sft.py",
                  "rl": "scripts/chat_rl.py"}
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A missing, incomplete or corrupt checkpoint; the message names the directory."""
 
 
@@ -153,8 +153,12 @@ class Checkpointer:
             if "not compatible with the stored shape" in str(e):  # a sound checkpoint of another model size
                 raise CheckpointError(f"checkpoint {path} holds a model of another size than this run's ("
                                       f"{str(e).splitlines()[0][:200]}): resume with the [model] settings it was "
-                                      "trained with (see its run's config.toml), or start a new run") from None
-            raise CheckpointError(f"checkpoint {path} is incomplete or corrupt: {type(e).__name__}: {e}") from None
+                                      "trained with (its metadata's \"model\"), or start a new run") from None
+            others = [s for s in self.all_steps() if s != step]
+            way_out = (f"; other steps here: {', '.join(map(str, others))} (remove {path} to fall back to step "
+                       f"{others[-1]})" if others else "")
+            raise CheckpointError(f"checkpoint {path} is incomplete or corrupt: {type(e).__name__}: "
+                                  f"{str(e)[:500]}{way_out}") from None
 
     def read_meta(self, step: int) -> dict:
         return dict(self._restore(step, meta=ocp.args.JsonRestore())["meta"])
@@ -202,11 +206,13 @@ def find_checkpoint(stage: str, depth: int | None = None, step: int | None = Non
     """(run directory, step): the given depth or the most recently written one; the given step or the latest."""
     root, dirs = _depth_dirs(stage)
     hint = f"; run {STAGE_SCRIPTS[stage]} first" if stage in STAGE_SCRIPTS else ""
+    present = sorted((d.name for d in dirs), key=lambda name: int(name[1:]))
     if depth is not None:
         dirs = [d for d in dirs if d.name == f"d{depth}"]
     if not dirs:
         what = f"stage '{stage}'" + (f" at depth {depth}" if depth is not None else "")
-        raise CheckpointError(f"no checkpoints for {what} under {root}{hint}")
+        there = f" (depths there: {', '.join(present)})" if present else ""
+        raise CheckpointError(f"no checkpoints for {what} under {root}{there}{hint}")
     directory = max(dirs, key=lambda d: max(s.stat().st_mtime for s in d.iterdir() if s.name.isdigit()))
     steps = sorted(int(s.name) for s in directory.iterdir() if s.is_dir() and s.name.isdigit())
     if step is None:
@@ -214,6 +220,16 @@ def find_checkpoint(stage: str, depth: int | None = None, step: int | None = Non
     elif step not in steps:
         raise CheckpointError(f"no checkpoint for step {step} in {directory} (steps: {', '.join(map(str, steps))})")
     return directory, step
+
+
+def depth_or_latest(stage: str, depth: int) -> int | None:
+    """`depth` when the stage has checkpoints at that depth, else None (find_checkpoint then takes the most
+    recently written depth: an imported model, or a run trained with another --model.depth)."""
+    try:
+        find_checkpoint(stage, depth)
+        return depth
+    except CheckpointError:
+        return None
 
 
 def check_tokenizer(meta: dict, directory, checkpoint: Path) -> None:

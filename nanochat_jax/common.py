@@ -8,10 +8,27 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
 HOME_ENV = "NANOCHAT_JAX_HOME"
+
+
+class UserError(Exception):
+    """Bad input from the user: a config value, data file, checkpoint, task or tokenizer. Each module's error class
+    derives from it; its message names what is wrong, and the scripts print it on one line (run_script)."""
+
+
+def run_script(main) -> None:
+    """A script's `if __name__ == "__main__"`: main()'s integer return is the exit code; a UserError ends the
+    process with "script: message" on stderr and exit code 1, without a traceback."""
+    try:
+        code = main()
+    except UserError as e:
+        print(f"{Path(sys.argv[0]).name}: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
+    raise SystemExit(code if isinstance(code, int) else 0)
 
 
 def artifacts_dir(*parts: str, create: bool = True) -> Path:
@@ -96,7 +113,8 @@ DISTRIBUTED_ENV = "NANOCHAT_JAX_DISTRIBUTED"
 
 def _wants_distributed() -> bool:
     """Multi-process when asked (NANOCHAT_JAX_DISTRIBUTED=1), when a coordinator is given
-    (JAX_COORDINATOR_ADDRESS), or on a Cloud TPU pod slice (more than one worker host listed)."""
+    (JAX_COORDINATOR_ADDRESS), on a Cloud TPU pod slice (more than one worker host listed), or in an srun step
+    or mpirun launch of several processes (jax.distributed reads their variables)."""
     flag = os.environ.get(DISTRIBUTED_ENV, "").strip().lower()
     if flag in ("0", "false", "no", "off"):
         return False
@@ -105,7 +123,8 @@ def _wants_distributed() -> bool:
     if os.environ.get("JAX_COORDINATOR_ADDRESS"):
         return True
     hosts = os.environ.get("TPU_PROCESS_ADDRESSES") or os.environ.get("TPU_WORKER_HOSTNAMES") or ""
-    return len([h for h in hosts.split(",") if h.strip()]) > 1
+    launched = [os.environ.get(name, "") for name in ("SLURM_STEP_NUM_TASKS", "OMPI_COMM_WORLD_SIZE")]
+    return len([h for h in hosts.split(",") if h.strip()]) > 1 or any(n.isdigit() and int(n) > 1 for n in launched)
 
 
 def gather_json(obj) -> list:

@@ -16,8 +16,10 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from nanochat_jax.common import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A bad configuration value; the message names the key and what is allowed."""
 
 
@@ -404,10 +406,22 @@ def parse_overrides(argv: list[str]) -> tuple[str | None, list[tuple[str, str]]]
     return config_file, overrides
 
 
+def usage(cfg: Config) -> str:
+    """--help of a config-driven script: its docstring and every setting with its default."""
+    doc = (getattr(sys.modules.get("__main__"), "__doc__", None) or "").strip()
+    return (f"usage: python {Path(sys.argv[0]).name} [--config FILE.toml] [--section.key=value ...]\n\n"
+            + (f"{doc}\n\n" if doc else "")
+            + "Settings and their defaults (a --config file, then --section.key=value, override them):\n\n"
+            + to_toml(cfg))
+
+
 def load_config(argv: list[str] | None = None, defaults: Config | None = None) -> Config:
     """Defaults <- TOML file (--config) <- command-line overrides; then validate."""
     argv = sys.argv[1:] if argv is None else argv
     cfg = from_dict(to_dict(defaults)) if defaults else Config()
+    if "-h" in argv or "--help" in argv:
+        print(usage(cfg))
+        raise SystemExit(0)
     config_file, overrides = parse_overrides(argv)
     if config_file:
         path = Path(config_file)

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nanochat_jax.common import artifacts_dir
+from nanochat_jax.common import UserError, artifacts_dir
 
 EVAL_BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
 FEWSHOT_SEED = 1234  # few-shot examples of item i: random.Random(FEWSHOT_SEED + i)
@@ -40,7 +40,7 @@ TASK_TYPES = ("multiple_choice", "schema", "language_modeling")
 MIN_BUCKET = 64
 
 
-class BundleError(RuntimeError):
+class BundleError(UserError, RuntimeError):
     """The eval bundle is missing, cannot be downloaded, or is malformed; the message says what to do."""
 
 

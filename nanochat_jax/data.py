@@ -50,7 +50,7 @@ from typing import Iterator
 import grain
 import numpy as np
 
-from nanochat_jax.common import artifacts_dir
+from nanochat_jax.common import UserError, artifacts_dir
 
 # FineWeb-EDU 100B tokens, pre-shuffled and repackaged into parquet shards by karpathy (the nanochat dataset)
 BASE_URL = "https://huggingface.co/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main"
@@ -59,7 +59,7 @@ EMBEDDED_CHUNK_DOCS = 32  # documents per chunk for sources without natural chun
 JSONL_CHUNK_DOCS = 256
 
 
-class DataError(RuntimeError):
+class DataError(UserError, RuntimeError):
     """Data that cannot be downloaded or read; the message names the file and what is wrong."""
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 
+from nanochat_jax.common import UserError
 from nanochat_jax.config import ModelConfig
 from nanochat_jax.model import EPS
 from nanochat_jax.tokenizer import SPECIAL_TOKENS, Tokenizer
@@ -77,7 +78,7 @@ CHAT_TEMPLATE = (
 )
 
 
-class HFFormatError(ValueError):
+class HFFormatError(UserError, ValueError):
     """A folder or model that the NanoChat format (or our ModelConfig) cannot represent; names the option."""
 
 

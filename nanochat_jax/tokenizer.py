@@ -19,7 +19,7 @@ import numpy as np
 import rust_bpe
 import tiktoken
 
-from nanochat_jax.common import artifacts_dir
+from nanochat_jax.common import UserError, artifacts_dir
 
 SPECIAL_TOKENS = [
     "<|bos|>",  # starts every document
@@ -277,9 +277,13 @@ def tokenizer_record(directory) -> str:
     return str(path.relative_to(home)) if path.is_relative_to(home) else str(path)
 
 
+class TokenizerMissing(UserError, FileNotFoundError):
+    """No trained tokenizer where one is needed."""
+
+
 def _require(path: Path) -> Path:
     if not path.exists():
-        raise FileNotFoundError(f"no tokenizer at {path}; run scripts/tok_train.py first")
+        raise TokenizerMissing(f"no tokenizer at {path}; run scripts/tok_train.py first")
     return path
 
 

@@ -15,7 +15,7 @@ import sys
 import time
 
 from nanochat_jax.checkpoint import CheckpointError, load_model
-from nanochat_jax.common import artifacts_dir, init_distributed, is_main_process, print0
+from nanochat_jax.common import artifacts_dir, init_distributed, is_main_process, print0, run_script
 from nanochat_jax.config import load_config, to_toml
 from nanochat_jax.core_eval import (EVAL_BUNDLE_URL, BundleError, batch_rows, ensure_bundle, evaluate_core,
                                     make_scorer)
@@ -75,4 +75,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

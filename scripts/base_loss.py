@@ -13,8 +13,8 @@ import json
 import jax.numpy as jnp
 from flax import nnx
 
-from nanochat_jax.checkpoint import load_model
-from nanochat_jax.common import artifacts_dir, init_distributed, is_main_process, print0
+from nanochat_jax.checkpoint import depth_or_latest, load_model
+from nanochat_jax.common import artifacts_dir, init_distributed, is_main_process, print0, run_script
 from nanochat_jax.config import load_config, to_toml
 from nanochat_jax.evaluation import make_bpb_step, sample_texts, split_bpb
 from nanochat_jax.sharding import make_mesh
@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = load_config(argv)
     print0(to_toml(cfg))
     mesh = make_mesh(cfg.mesh)
-    model, tokenizer, meta = load_model("base", mesh=mesh)
+    model, tokenizer, meta = load_model("base", depth=depth_or_latest("base", cfg.model.depth), mesh=mesh)
     cfg.model = type(cfg.model)(**meta["model"])
     graphdef, params = nnx.split(model, nnx.Param)
     params = nnx.to_pure_dict(params)
@@ -45,4 +45,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

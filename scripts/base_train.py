@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 from nanochat_jax.checkpoint import Checkpointer, checkpoint_dir
 from nanochat_jax.common import (artifacts_dir, check_same_on_all_processes, device_info, init_distributed,
-                                 is_main_process, peak_flops_per_device, print0)
+                                 is_main_process, peak_flops_per_device, print0, run_script)
 from nanochat_jax.config import Config, ConfigError, TrainConfig, load_config, to_toml
 from nanochat_jax.data import make_batch_iterator, make_source
 from nanochat_jax.evaluation import core_bundle, core_estimate, evaluate_bpb, make_bpb_step, sample_texts, split_batches
@@ -149,4 +149,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from nanochat_jax.common import run_script
 from nanochat_jax.web import ChatError, completion_prompt, reply_content, reply_parts, stream_tokens
 
 
@@ -116,4 +117,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_script(main)

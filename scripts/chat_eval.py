@@ -18,7 +18,7 @@ import time
 from nanochat_jax.chat_eval import (CHAT_TASKS, KNOWN_TASKS, chatcore, load_task, make_answer_logits,
                                     run_categorical_eval, run_generative_eval)
 from nanochat_jax.checkpoint import CheckpointError, load_model
-from nanochat_jax.common import artifacts_dir, init_distributed, is_main_process, print0
+from nanochat_jax.common import artifacts_dir, init_distributed, is_main_process, print0, run_script
 from nanochat_jax.config import ConfigError, load_config, to_dict, to_toml
 from nanochat_jax.core_eval import batch_rows
 from nanochat_jax.engine import Engine
@@ -107,4 +107,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

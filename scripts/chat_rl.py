@@ -24,7 +24,7 @@ import numpy as np
 from flax import nnx
 
 from nanochat_jax.checkpoint import Checkpointer, CheckpointError, checkpoint_dir
-from nanochat_jax.common import artifacts_dir, device_info, init_distributed, is_main_process, print0
+from nanochat_jax.common import artifacts_dir, device_info, init_distributed, is_main_process, print0, run_script
 from nanochat_jax.config import load_config, to_toml
 from nanochat_jax.core_eval import sum_over_processes
 from nanochat_jax.engine import Engine, bucket
@@ -174,4 +174,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

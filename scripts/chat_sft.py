@@ -21,7 +21,8 @@ from flax import nnx
 
 from nanochat_jax.chat_data import SFTBatches
 from nanochat_jax.checkpoint import Checkpointer, checkpoint_dir
-from nanochat_jax.common import artifacts_dir, device_info, init_distributed, is_main_process, peak_flops_per_device, print0
+from nanochat_jax.common import (artifacts_dir, device_info, init_distributed, is_main_process,
+                                 peak_flops_per_device, print0, run_script)
 from nanochat_jax.config import ConfigError, load_config, to_toml
 from nanochat_jax.finetune import chat_samples, load_source, stage_meta, stage_optim
 from nanochat_jax.model import flops_per_token, num_params
@@ -162,4 +163,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

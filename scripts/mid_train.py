@@ -19,7 +19,8 @@ import jax.numpy as jnp
 
 from nanochat_jax.chat_data import PackedConversations, mean_tokens_per_conversation
 from nanochat_jax.checkpoint import Checkpointer, checkpoint_dir
-from nanochat_jax.common import artifacts_dir, device_info, init_distributed, is_main_process, peak_flops_per_device, print0
+from nanochat_jax.common import (artifacts_dir, device_info, init_distributed, is_main_process,
+                                 peak_flops_per_device, print0, run_script)
 from nanochat_jax.config import ConfigError, load_config, to_toml
 from nanochat_jax.evaluation import evaluate_bpb, make_bpb_step
 from nanochat_jax.finetune import chat_samples, load_source, stage_meta, stage_optim
@@ -130,4 +131,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

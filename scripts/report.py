@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 
 from nanochat_jax import report
+from nanochat_jax.common import run_script
 
 
 def main(argv: list[str] | None = None):
@@ -29,4 +30,4 @@ def main(argv: list[str] | None = None):
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

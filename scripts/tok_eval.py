@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 
 from nanochat_jax import corpus
-from nanochat_jax.common import artifacts_dir
+from nanochat_jax.common import artifacts_dir, run_script
 from nanochat_jax.config import load_config, to_toml
 from nanochat_jax.tokenizer import load_tokenizer
 
@@ -107,4 +107,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

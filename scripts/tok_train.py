@@ -12,7 +12,7 @@ import json
 import numpy as np
 from tqdm import tqdm
 
-from nanochat_jax.common import Timer, artifacts_dir
+from nanochat_jax.common import Timer, artifacts_dir, run_script
 from nanochat_jax.config import Config, load_config, to_toml
 from nanochat_jax.tokenizer import Tokenizer, default_tokenizer_dir, save_token_bytes, token_bytes
 
@@ -90,4 +90,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -114,11 +114,18 @@ def test_hlo_summary_counts_collectives_and_vocab_buffers():
 
 
 def test_init_distributed_is_a_noop_without_env(monkeypatch):
-    for var in ("NANOCHAT_JAX_DISTRIBUTED", "JAX_COORDINATOR_ADDRESS", "TPU_WORKER_HOSTNAMES", "TPU_PROCESS_ADDRESSES"):
+    for var in ("NANOCHAT_JAX_DISTRIBUTED", "JAX_COORDINATOR_ADDRESS", "TPU_WORKER_HOSTNAMES", "TPU_PROCESS_ADDRESSES",
+                "SLURM_STEP_NUM_TASKS", "OMPI_COMM_WORLD_SIZE"):
         monkeypatch.delenv(var, raising=False)
     assert common.init_distributed() is False
     assert common.init_distributed() is False
     assert not jax.distributed.is_initialized()
+    for var in ("SLURM_STEP_NUM_TASKS", "OMPI_COMM_WORLD_SIZE"):  # srun / mpirun of one process: single; of two: not
+        monkeypatch.setenv(var, "1")
+        assert common._wants_distributed() is False
+        monkeypatch.setenv(var, "2")
+        assert common._wants_distributed() is True
+        monkeypatch.delenv(var)
     monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "10.0.0.2")  # a single-host TPU VM stays single-process
     assert common._wants_distributed() is False
     monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "10.0.0.2,10.0.0.3")

@@ -155,15 +155,19 @@ def test_a_waited_save_survives_a_crash_right_after_it(tmp_path):
 
 
 def test_corrupt_checkpoint_is_a_clear_error(tmp_path, make_mesh):
+    """The message names the broken step and the way back to the one before it."""
     ckpt = Checkpointer(tmp_path, keep=2, async_save=False)
     params = {"w": jnp.arange(64.0)}
-    ckpt.save(5, params, {"m": jnp.zeros(2)}, {}, {"step": 5})
+    for step in (3, 5):
+        ckpt.save(step, params, {"m": jnp.zeros(2)}, {}, {"step": step})
     ckpt.wait()
     for f in (tmp_path / "5" / "params").rglob("*"):
         if f.is_file():
             f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
-    with pytest.raises(CheckpointError, match=rf"checkpoint {tmp_path}/5 is incomplete or corrupt"):
+    with pytest.raises(CheckpointError, match=rf"checkpoint {tmp_path}/5 is incomplete or corrupt: .*other steps "
+                                              rf"here: 3 \(remove {tmp_path}/5 to fall back to step 3\)"):
         ckpt.restore(5, abstract_on(params, make_mesh(1, 1, 1)))
+    assert float(ckpt.restore(3, abstract_on(params, make_mesh(1, 1, 1)))["params"]["w"][-1]) == 63.0
     ckpt.close()
 
 
@@ -206,6 +210,9 @@ def test_load_model_end_to_end(home, make_mesh):
     np.testing.assert_allclose(forward(sharded, tokens), want, rtol=1e-5, atol=1e-5)
     with pytest.raises(CheckpointError, match=r"no checkpoint for step 8 in .*d1 \(steps: 7\)"):
         checkpoint.load_model("base", step=8)
+    with pytest.raises(CheckpointError, match=r"no checkpoints for stage 'base' at depth 7 under .* \(depths there: d1\)"):
+        checkpoint.load_model("base", depth=7)
+    assert checkpoint.depth_or_latest("base", 7) is None and checkpoint.depth_or_latest("base", 1) == 1
 
     # trained on TPUs (or GPUs): that backend's attention kernel becomes XLA's attention on this CPU
     for impl in ("cudnn", "splash"):

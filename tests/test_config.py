@@ -75,3 +75,30 @@ def test_only_base_training_clips_gradients_by_default():
     assert cfg.optim.grad_clip == 1.0 and cfg.mid.grad_clip == cfg.rl.grad_clip == 0.0
     assert stage_optim(cfg.optim, 1.0, grad_clip=cfg.mid.grad_clip).grad_clip == 0.0
     assert stage_optim(cfg.optim, 1.0, grad_clip=cfg.sft.grad_clip).grad_clip == 0.5
+
+
+def test_scripts_print_user_errors_on_one_line_and_help(tmp_path):
+    """A bad setting ends a script with exit code 1 and one line naming the key (no traceback); --help prints
+    the script's docstring and every setting with its default, and exits 0."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, NANOCHAT_JAX_HOME=str(tmp_path), JAX_PLATFORMS="cpu")
+
+    def script(*args):
+        return subprocess.run([sys.executable, str(root / "scripts" / "chat_sft.py"), *args], env=env,
+                              capture_output=True, text=True, timeout=120)
+
+    bad = script("--sft.device_batch_size=abc")
+    assert bad.returncode == 1 and "Traceback" not in bad.stderr
+    assert bad.stderr.strip() == "chat_sft.py: sft.device_batch_size='abc' is not a valid int"
+    missing = script("--config", str(root / "configs" / "cpu_tiny.toml"))  # no mid checkpoint in this home
+    assert missing.returncode == 1 and "Traceback" not in missing.stderr
+    assert "no checkpoints for stage 'mid'" in missing.stderr and "scripts/mid_train.py first" in missing.stderr
+    helped = script("--help")
+    assert helped.returncode == 0 and helped.stdout.startswith("usage: python chat_sft.py [--config FILE.toml]")
+    assert "Supervised fine-tuning: one padded conversation per row" in helped.stdout
+    assert from_dict(__import__("tomllib").loads(helped.stdout.split("override them):\n\n", 1)[1])) == Config()

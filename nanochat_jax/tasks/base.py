@@ -12,11 +12,13 @@ import random
 from pathlib import Path
 from typing import Sequence
 
+from nanochat_jax.common import UserError
+
 MIX_SEED = 42  # the fixed shuffle of TaskMixture
 HUB_SHUFFLE_SEED = 42  # hub datasets are shuffled once after loading
 
 
-class TaskDataError(RuntimeError):
+class TaskDataError(UserError, RuntimeError):
     """A task's data could not be loaded or is malformed; the message says which and why in one line."""
 
 
@@ -135,7 +137,7 @@ def load_hub_rows(path: str, name: str | None, split: str):
         reason = (str(e).strip().splitlines() or [""])[0][:200]
         what = f"{path}" + (f" ({name})" if name else "") + f" split {split!r}"
         raise TaskDataError(f"cannot load {what} from the Hugging Face hub (offline?): {type(e).__name__}: "
-                            f"{reason}; pass data=[rows] or use from_file(path.jsonl) for local rows") from None
+                            f"{reason}") from None
     return ds.shuffle(seed=HUB_SHUFFLE_SEED)
 
 

@@ -13,7 +13,7 @@
 from __future__ import annotations
 
 from nanochat_jax.tasks.arc import ARC
-from nanochat_jax.tasks.base import Task, TaskMixture
+from nanochat_jax.tasks.base import Task, TaskDataError, TaskMixture
 from nanochat_jax.tasks.corpuschat import Identity, SmallTalk, WordProblems, WorldFacts
 from nanochat_jax.tasks.gsm8k import GSM8K
 from nanochat_jax.tasks.mmlu import MMLU
@@ -40,16 +40,26 @@ def _cpu_tasks(split: str, facts: int, arithmetic: int, talk: int, identity: int
             SimpleSpelling(max(1, spelling // div), task_split), SpellingBee(max(1, spelling // div), task_split)]
 
 
+def _offline_hint(stage: str, build):
+    """build(); a hub task that cannot load gets the command-line way out added to its message."""
+    try:
+        return build()
+    except TaskDataError as e:
+        raise TaskDataError(f"{e}; without the hub, --{stage}.mixture=cpu trains on conversations generated from "
+                            "the embedded corpus") from None
+
+
 def mid_mixture(name: str, split: str) -> Task:
     """The mid-training conversations of a mixture ('nanochat' | 'cpu') and split ('train' | 'val')."""
     _check(name, split)
     if name == "cpu":
         return TaskMixture(_cpu_tasks(split, facts=8000, arithmetic=4000, talk=3000, identity=400, spelling=1000))
     if split == "train":
-        return TaskMixture([SmolTalk(split="train"), MMLU(subset="all", split="auxiliary_train"),
-                            GSM8K(subset="main", split="train")])
-    return TaskMixture([SmolTalk(split="test"), MMLU(subset="all", split="test", stop=5200),
-                        GSM8K(subset="main", split="test", stop=420)])
+        return _offline_hint("mid", lambda: TaskMixture([SmolTalk(split="train"),
+                                                         MMLU(subset="all", split="auxiliary_train"),
+                                                         GSM8K(subset="main", split="train")]))
+    return _offline_hint("mid", lambda: TaskMixture([SmolTalk(split="test"), MMLU(subset="all", split="test", stop=5200),
+                                                     GSM8K(subset="main", split="test", stop=420)]))
 
 
 def sft_mixture(name: str, split: str) -> Task:
@@ -58,9 +68,11 @@ def sft_mixture(name: str, split: str) -> Task:
     if name == "cpu":
         return TaskMixture(_cpu_tasks(split, facts=2000, arithmetic=1000, talk=800, identity=200, spelling=300))
     if split == "train":
-        return TaskMixture([ARC(subset="ARC-Easy", split="train"), ARC(subset="ARC-Challenge", split="train"),
-                            GSM8K(subset="main", split="train"), SmolTalk(split="train", stop=10_000)])
-    return SmolTalk(split="test")
+        return _offline_hint("sft", lambda: TaskMixture([ARC(subset="ARC-Easy", split="train"),
+                                                         ARC(subset="ARC-Challenge", split="train"),
+                                                         GSM8K(subset="main", split="train"),
+                                                         SmolTalk(split="train", stop=10_000)]))
+    return _offline_hint("sft", lambda: SmolTalk(split="test"))
 
 
 def cpu_eval_tasks(max_problems: int = 0) -> dict[str, Task]:
