@@ -12,10 +12,11 @@ Meshes: one device; 8-way data parallel (everything replicated, N per device); 8
 state and grads sharded 8 ways, N per device). Collective buffers, XLA scratch and fragmentation are not
 modelled: a configuration "fits" when the estimate is under 90% of the card.
 
---measure also compiles the train step on CPU (1 device, batch 1, depth 1 and 2 at the real width) and reads
-`Compiled.memory_analysis()`: temp bytes per extra layer and the depth-independent rest, scaled to the real
-depth and batch. CPU has no cuDNN, so that measurement uses XLA attention, which keeps (heads, T, T) fp32
-probabilities per row and layer; compare it with the analytic "xla attention" column.
+--measure also compiles the train step on CPU (1 device, depth 1 and 2 at the real width, 1 and 2 rows) and reads
+`Compiled.memory_analysis()`: temp = fixed + L x per_layer + B x (per_row + L x per_layer_row), so what grows
+with the batch (activations) is told apart from what does not (gradients, optimizer temporaries), then scaled
+to the real depth and batch. CPU has no cuDNN, so that measurement uses XLA attention, which keeps (heads, T, T)
+fp32 probabilities per row and layer; compare it with the analytic "xla attention" column.
 """
 
 from __future__ import annotations
@@ -95,8 +96,8 @@ def largest_fitting(cfg: ModelConfig, shard: int, capacity: float, attention: st
 
 
 def measure_temp(cfg: ModelConfig) -> dict:
-    """XLA's temp bytes for the train step on one CPU device, batch 1, at depth 1 and 2 with cfg's width:
-    {"per_layer", "rest"} per row, from which depth L and batch B scale as B * (rest + L * per_layer)."""
+    """XLA's temp bytes for the train step on one CPU device at depth 1 and 2 (cfg's width) and 1 and 2 rows:
+    {"fixed", "per_layer", "per_row", "per_layer_row"}, see measured_total."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -107,7 +108,7 @@ def measure_temp(cfg: ModelConfig) -> dict:
     from nanochat_jax.train import TrainState, abstract_model, make_train_step, state_shardings
 
     mesh = make_mesh(MeshConfig(data=1), jax.devices()[:1])
-    temps = []
+    temps = {}
     for depth in (1, 2):
         small = dataclasses.replace(cfg, depth=depth, aspect_ratio=cfg.n_embd // depth,
                                     attention_impl="xla", head_dim=head_dim(cfg))
@@ -116,11 +117,21 @@ def measure_temp(cfg: ModelConfig) -> dict:
         params = nnx.to_pure_dict(abstract_model(small)[1])
         abstract = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
                               opt_state=jax.eval_shape(optimizer.init, params))
-        tokens = jax.ShapeDtypeStruct((1, 1, small.sequence_len), jnp.int32)
         step = make_train_step(graphdef, optimizer, shardings, mesh, 100, OptimConfig())
-        mem = step.lower(abstract, {"inputs": tokens, "targets": tokens}).compile().memory_analysis()
-        temps.append(mem.temp_size_in_bytes)
-    return {"per_layer": temps[1] - temps[0], "rest": 2 * temps[0] - temps[1]}
+        for rows in (1, 2):
+            tokens = jax.ShapeDtypeStruct((1, rows, small.sequence_len), jnp.int32)
+            mem = step.jitted.lower(abstract, {"inputs": tokens, "targets": tokens}).compile().memory_analysis()
+            temps[depth, rows] = mem.temp_size_in_bytes
+    per_layer_row = temps[2, 2] - temps[1, 2] - temps[2, 1] + temps[1, 1]
+    per_layer = temps[2, 1] - temps[1, 1] - per_layer_row
+    per_row = temps[1, 2] - temps[1, 1] - per_layer_row
+    return {"fixed": temps[1, 1] - per_layer - per_row - per_layer_row, "per_layer": per_layer, "per_row": per_row,
+            "per_layer_row": per_layer_row}
+
+
+def measured_total(meas: dict, depth: int, rows: int) -> float:
+    """measure_temp's terms at `depth` layers and `rows` rows per device."""
+    return meas["fixed"] + depth * meas["per_layer"] + rows * (meas["per_row"] + depth * meas["per_layer_row"])
 
 
 def main(argv=None) -> None:
@@ -146,12 +157,12 @@ def main(argv=None) -> None:
                       ("params", "optimizer", "grads", "activations", "loss", "total")) + f" {x / GB:8.1f} | {fits}")
         if args.measure:
             meas = measure_temp(m)
-            measured = B * (meas["rest"] + m.n_layer * meas["per_layer"])
             analytic = activation_bytes(dataclasses.replace(m, remat="none"), B, "xla")["total"]
-            print(f"measured on CPU (xla attention, remat none, scaled from depth 1-2, batch 1): temp "
-                  f"{meas['per_layer'] / 1e6:.0f} MB/layer/row + {meas['rest'] / 1e6:.0f} MB/row -> "
-                  f"{measured / GB:.1f} GB at depth {m.n_layer} x batch {B}; analytic activations+loss "
-                  f"(xla attention) {analytic / GB:.1f} GB")
+            print(f"measured on CPU (xla attention, remat none, from depth 1-2 x rows 1-2): temp "
+                  f"{meas['per_layer_row'] / 1e6:.0f} MB/layer/row + {meas['per_row'] / 1e6:.0f} MB/row + "
+                  f"{meas['per_layer'] / 1e6:.0f} MB/layer + {meas['fixed'] / 1e6:.0f} MB -> "
+                  f"{measured_total(meas, m.n_layer, B) / GB:.1f} GB at depth {m.n_layer} x batch {B}; analytic "
+                  f"activations+loss (xla attention) {analytic / GB:.1f} GB")
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ and both have a small JSON state for exact resume (`get_state` / `set_state`, sa
 
 from __future__ import annotations
 
+import sys
 from collections import deque
 
 import jax
@@ -30,6 +31,16 @@ MIN_WIDTH = 16
 def _process(process_index: int | None, process_count: int | None) -> tuple[int, int]:
     return (jax.process_index() if process_index is None else process_index,
             jax.process_count() if process_count is None else process_count)
+
+
+def _task_changed(state: dict, task) -> bool:
+    """True (with a warning) when a saved position belongs to a mixture of another size: it would point at other
+    conversations, or past the end, so the order restarts instead."""
+    saved = state.get("conversations", len(task))  # (states saved before the size was recorded: trusted)
+    if saved != len(task):
+        print(f"WARNING: the data position was saved for a mixture of {saved} conversations, this one has "
+              f"{len(task)}: its order starts from the beginning", file=sys.stderr, flush=True)
+    return saved != len(task)
 
 
 class PackedConversations:
@@ -61,11 +72,13 @@ class PackedConversations:
 
     def get_state(self) -> dict:
         if not self.buffer:
-            return {"cursor": self.next_cursor, "skip": 0, "epoch": self.next_epoch}
+            return {"cursor": self.next_cursor, "skip": 0, "epoch": self.next_epoch, "conversations": len(self.task)}
         cursor, epoch, _ = self.buffer[0]
-        return {"cursor": cursor, "skip": self.skip, "epoch": epoch}
+        return {"cursor": cursor, "skip": self.skip, "epoch": epoch, "conversations": len(self.task)}
 
     def set_state(self, state: dict) -> None:
+        if _task_changed(state, self.task):
+            state = {"cursor": self.index, "skip": 0, "epoch": 0}
         self.buffer: deque = deque()
         self.skip = 0
         self.next_cursor, self.next_epoch = int(state["cursor"]), int(state["epoch"])
@@ -153,10 +166,10 @@ class SFTBatches:
         self.position = 0
 
     def get_state(self) -> dict:
-        return {"position": self.position}
+        return {"position": self.position, "conversations": len(self.task)}
 
     def set_state(self, state: dict) -> None:
-        self.position = int(state["position"])
+        self.position = 0 if _task_changed(state, self.task) else int(state["position"])
 
     @property
     def epoch(self) -> float:

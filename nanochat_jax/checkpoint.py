@@ -132,15 +132,15 @@ class Checkpointer:
             self.wait()
 
     def all_steps(self) -> list[int]:
-        return sorted(self._manager.all_steps())
+        return sorted(s for s in self._manager.all_steps() if _complete(self.directory / str(s)))
 
     def latest_step(self) -> int | None:
-        return self._manager.latest_step()
+        return max(self.all_steps(), default=None)
 
     def _check_step(self, step: int) -> Path:
         path = self.directory / str(step)
         self._manager.reload()  # pick up steps written by another process or run
-        if step not in self._manager.all_steps():
+        if step not in self.all_steps():
             have = ", ".join(map(str, self.all_steps())) or "none"
             raise CheckpointError(f"no complete checkpoint for step {step} in {self.directory} (steps: {have})")
         return path
@@ -172,8 +172,9 @@ class Checkpointer:
                      meta=ocp.args.JsonRestore())
         if abstract_opt_state is not None:
             if not (self._check_step(step) / "opt_state").exists():
-                raise CheckpointError(f"checkpoint {self.directory / str(step)} has no optimizer state (imported, or "
-                                      "written by RL): it loads as a model but cannot resume training")
+                raise CheckpointError(f"checkpoint {self.directory / str(step)} has no optimizer state (an imported "
+                                      "model, or an RL run's before session 5): it loads as a model but cannot "
+                                      "resume training")
             items["opt_state"] = ocp.args.StandardRestore(abstract_opt_state)
         restored = self._restore(step, **items)
         data = restored["data"]
@@ -195,10 +196,16 @@ class Checkpointer:
         self._manager.close()
 
 
+def _complete(step_dir: Path) -> bool:
+    """A step directory Orbax finished writing (its metadata file is written last); a directory copied or deleted
+    only part way does not count as a checkpoint."""
+    return step_dir.name.isdigit() and (step_dir / "_CHECKPOINT_METADATA").is_file()
+
+
 def _depth_dirs(stage: str) -> tuple[Path, list[Path]]:
     root = checkpoints_root() / stage
     dirs = [d for d in root.glob("d*") if d.is_dir() and d.name[1:].isdigit() and any(
-        s.is_dir() and s.name.isdigit() for s in d.iterdir())] if root.is_dir() else []
+        _complete(s) for s in d.iterdir())] if root.is_dir() else []
     return root, dirs
 
 
@@ -213,8 +220,8 @@ def find_checkpoint(stage: str, depth: int | None = None, step: int | None = Non
         what = f"stage '{stage}'" + (f" at depth {depth}" if depth is not None else "")
         there = f" (depths there: {', '.join(present)})" if present else ""
         raise CheckpointError(f"no checkpoints for {what} under {root}{there}{hint}")
-    directory = max(dirs, key=lambda d: max(s.stat().st_mtime for s in d.iterdir() if s.name.isdigit()))
-    steps = sorted(int(s.name) for s in directory.iterdir() if s.is_dir() and s.name.isdigit())
+    directory = max(dirs, key=lambda d: max(s.stat().st_mtime for s in d.iterdir() if _complete(s)))
+    steps = sorted(int(s.name) for s in directory.iterdir() if _complete(s))
     if step is None:
         step = steps[-1]
     elif step not in steps:

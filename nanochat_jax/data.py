@@ -398,6 +398,19 @@ def make_source(cfg, split: str):
     return source
 
 
+def check_enough_chunks(source, split: str, process_count: int | None = None) -> None:
+    """DataError unless every process gets at least one chunk of the split (chunk c goes to process c % count):
+    said at start, before a run sets a previous one aside, instead of at the first evaluation."""
+    if process_count is None:
+        import jax
+
+        process_count = jax.process_count()
+    if len(source.chunks) < process_count:
+        raise DataError(f"the {split} split has {len(source.chunks)} chunk(s) of documents (row groups of parquet "
+                        f"files, {JSONL_CHUNK_DOCS} lines of .jsonl files, whole .txt files), fewer than the "
+                        f"{process_count} processes, so some would get no data: give it more or larger files")
+
+
 def text_iterator(cfg, split: str = "train", max_chars: int | None = None, doc_cap: int | None = None) -> Iterator[str]:
     """Documents of a split in order, each cropped to doc_cap characters, until max_chars characters."""
     source = make_source(cfg, split)

@@ -71,18 +71,23 @@ class StepLogger:
 
     def __init__(self, stage: str, total_steps: int, start_step: int = 0, flops_per_token: float | None = None,
                  peak_flops: float | None = None, num_devices: int = 1, append: bool = False, ema_beta: float = 0.9,
-                 directory: Path | None = None, clock: Callable[[], float] = time.perf_counter):
-        self.stage, self.total, self.start = stage, total_steps, start_step
+                 directory: Path | None = None, clock: Callable[[], float] = time.perf_counter,
+                 not_redone: tuple[str, ...] = ()):
+        self.stage, self.total, self.start, self.not_redone = stage, total_steps, start_step, not_redone
         self.flops, self.peak, self.num_devices = flops_per_token, peak_flops, num_devices
         self.enabled = is_main_process()
         self.path = Path(directory or artifacts_dir("report")) / f"{stage}_train.jsonl"
         kept = [r for r in self._records() if self._before_start(r)] if append and self.enabled else []
+        self.kept = kept  # the earlier sessions' records (process 0), e.g. for a best-so-far metric
         if self.enabled:
             self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
         # a resumed run's wall time continues from its earlier sessions' (as logged up to the resumed step)
         self.prior_s = max((r.get("elapsed_s", 0.0) for r in kept if "loss" in r), default=0.0)
         self.paused_s = 0.0
         self.loss_ema = EMA(ema_beta)
+        for record in kept:  # the smoothed loss continues as if the run had never stopped
+            if "loss" in record:
+                self.loss_ema.update(record["loss"])
         self.clock = clock
         self.t_start = self.t_last = clock()
         tty = sys.stderr.isatty()
@@ -93,8 +98,12 @@ class StepLogger:
         return read_log(self.path)
 
     def _before_start(self, record: dict) -> bool:
-        """Kept on resume: training records up to start_step, eval records before it (the resumed run redoes it)."""
-        return record.get("step", 0) <= self.start if "loss" in record else record.get("step", 0) < self.start
+        """Kept on resume: training records up to start_step, eval records before it (the resumed run redoes
+        the evaluations of start_step, except those holding a `not_redone` key)."""
+        step = record.get("step", 0)
+        if "loss" in record or any(key in record for key in self.not_redone):
+            return step <= self.start
+        return step < self.start
 
     @property
     def elapsed(self) -> float:

@@ -8,9 +8,10 @@ Each step samples rl.num_samples completions for each of rl.examples_per_step tr
 over processes), rewards them, and takes one optimizer step on the token-level policy-gradient loss in
 micro-batches of rl.device_batch_size rows per device. The learning rates are the [optim] ones times
 rl.init_lr_frac, decaying linearly to 0. Every rl.eval_every steps (and at the end) pass@k, k = 1 ..
-device_batch_size, is measured on rl.eval_examples test questions with temperature 1.0. Checkpoints (no
+device_batch_size, is measured on rl.eval_examples test questions with temperature 1.0. Checkpoints (with the
 optimizer state) go to <home>/checkpoints/rl/d<depth> every rl.save_every steps and at the end; metrics
-to <home>/report/rl_train.jsonl and a summary to <home>/report/rl_train.json.
+to <home>/report/rl_train.jsonl and a summary to <home>/report/rl_train.json. --train.resume=true continues
+from the latest checkpoint exactly: a step's questions and sampling seeds depend only on the step number.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from nanochat_jax.progress import StepLogger
 from nanochat_jax.rl import group_advantages, micro_batches, pass_at_k, pg_objective, rl_batch, rollout
 from nanochat_jax.sharding import eval_mesh, make_mesh, replicated_on
 from nanochat_jax.tasks import TaskDataError
-from nanochat_jax.train import global_batch, init_train_state, make_train_step
+from nanochat_jax.train import global_batch, init_train_state, make_train_step, resume_latest
 
 
 CPU_TRAIN_SIZE, CPU_TEST_SIZE = 8000, 1000  # generated word problems for task "cpu" (GSM8K train has 7473)
@@ -117,17 +118,19 @@ def main(argv: list[str] | None = None) -> dict:
         return {"passk": passk, "samples": [tokenizer.decode(s) for s in sequences[:2]]}
 
     out_dir = checkpoint_dir("rl", model_cfg.depth)
-    ckpt = Checkpointer(out_dir, fresh=True)  # RL runs do not resume
+    ckpt = Checkpointer(out_dir, keep=cfg.train.keep_checkpoints, fresh=not cfg.train.resume)
+    start = 0
+    if cfg.train.resume:
+        state, start = resume_latest(ckpt, state, shardings, None, num_iterations, model_cfg, meta.get("tokenizer"))
 
     def save(step: int) -> None:  # the last one is on disk before the final evaluation starts
-        ckpt.save(step, state.params, None, None, stage_meta("rl", step, cfg, model_cfg, meta, source=rl.source),
-                  wait=step == num_iterations)
+        ckpt.save(step, state.params, state.opt_state, None,
+                  stage_meta("rl", step, cfg, model_cfg, meta, source=rl.source), wait=step == num_iterations)
 
     info = device_info()
-    logger = StepLogger("rl", num_iterations)
-    rewards_per_step = []
-    t_start = time.perf_counter()
-    for step in range(num_iterations):
+    logger = StepLogger("rl", num_iterations, start, append=cfg.train.resume)
+    rewards_per_step = [r["reward"] for r in logger.kept if "reward" in r]  # (process 0's log: for the summary)
+    for step in range(start, num_iterations):
         if rl.eval_every > 0 and step % rl.eval_every == 0:
             with logger.paused():  # not counted in tokens/s
                 evaluate(step)
@@ -156,7 +159,9 @@ def main(argv: list[str] | None = None) -> dict:
     evals = evaluate(num_iterations)
     logger.close()
     ckpt.close()
-    wall = time.perf_counter() - t_start
+    wall = logger.elapsed
+    # (a process other than 0 has no earlier sessions' rewards; only process 0 writes the summary)
+    rewards_per_step = rewards_per_step or [float("nan")]
     tail = rewards_per_step[-max(1, len(rewards_per_step) // 10):]
     summary = {
         "stage": "rl", "run": cfg.run, "source": rl.source, "source_step": meta["step"], "task": rl.task,

@@ -86,6 +86,18 @@ def test_analytic_state_bytes_match_init_train_state(make_mesh):
     assert memory.optimizer_bytes(cfg) == pytest.approx(actual_opt, rel=0.02)  # + a few step/lr scalars
 
 
+def test_measured_temp_grows_with_depth():
+    """--measure compiles the step at depth 1 and 2 and 1 and 2 rows, and splits XLA's temp bytes into what grows
+    with layers, rows, both, and neither: a layer costs about its own fp32 gradient whatever the batch (XLA reuses
+    some buffers: at least half of it), and a row of a layer at least its bf16 MLP hidden activations."""
+    cfg = ModelConfig(depth=2, aspect_ratio=64, head_dim=32, vocab_size=512, sequence_len=64)
+    measured = memory.measure_temp(cfg)
+    assert measured["per_layer"] >= 0.5 * 4 * 12 * cfg.n_embd ** 2
+    assert measured["per_layer_row"] >= 2 * 4 * cfg.n_embd * cfg.sequence_len and measured["per_row"] > 0
+    assert memory.measured_total(measured, 2, 2) == pytest.approx(sum(measured.values()) + measured["per_layer"]
+                                                                  + measured["per_row"] + 3 * measured["per_layer_row"])
+
+
 def test_fsdp_estimate_divides_state_by_eight():
     cfg = ModelConfig(depth=4, aspect_ratio=64, vocab_size=1024, sequence_len=128)
     one, fsdp = memory.estimate(cfg, 2, 1), memory.estimate(cfg, 2, 8)

@@ -111,6 +111,30 @@ def test_mid_packing_resumes_exactly_and_wraps(tok, task):
     np.testing.assert_array_equal(first["inputs"][1], odd[51:101])
 
 
+def test_a_position_saved_for_another_mixture_size_restarts_the_order(tok, task, capsys):
+    """A mixture that shrank (or grew) since the checkpoint: the saved cursor would point past the end or at other
+    conversations, so both iterators warn and start over."""
+    packed = PackedConversations(task, tok, rows=2, seq_len=50, process_index=0, process_count=1)
+    for _ in range(5):
+        next(packed)
+    state = packed.get_state()
+    assert state["conversations"] == len(task) == 40 and state["cursor"] > 0
+    smaller = TaskMixture([WordProblems(20)])
+    again = PackedConversations(smaller, tok, rows=2, seq_len=50, process_index=0, process_count=1)
+    again.set_state(state)
+    assert "saved for a mixture of 40 conversations" in capsys.readouterr().err
+    np.testing.assert_array_equal(next(again)["inputs"],
+                                  next(PackedConversations(smaller, tok, rows=2, seq_len=50))["inputs"])
+
+    sft = SFTBatches(task, tok, rows=2, seq_len=64, process_index=0, process_count=1)
+    sft.next_step(5)
+    moved = SFTBatches(smaller, tok, rows=2, seq_len=64, process_index=0, process_count=1)
+    moved.set_state(sft.get_state())
+    assert moved.position == 0 and "its order starts from the beginning" in capsys.readouterr().err
+    moved.set_state({"position": 3})  # saved before the size was recorded: trusted
+    assert moved.position == 3
+
+
 # ---------------------------------------------------------------------------------------------
 # Scripts end to end
 
@@ -209,6 +233,8 @@ def test_rerun_then_resume_is_exact(chat_home, tmp_path, stage):
     assert sorted(p.name for p in ckpt.iterdir() if p.name.isdigit()) == ["4", "8"]
     assert [p.name for p in (ckpt.parent / "d2.previous").iterdir()] == [{"mid": "30", "sft": "20"}[stage]]
     straight = {r["step"]: r["loss"] for r in records(home, stage) if "loss" in r}
+    straight_smooth = {r["step"]: r["loss_smooth"] for r in records(home, stage) if "loss" in r}
+    summary = json.loads((home / "report" / f"{stage}_train.json").read_text())
 
     shutil.rmtree(ckpt / "8")
     run(script, *TINY, *args, "--train.checkpoint_every=4", "--train.resume=true", home=home)
@@ -216,3 +242,9 @@ def test_rerun_then_resume_is_exact(chat_home, tmp_path, stage):
     assert sorted(resumed) == list(range(1, 9))
     for step in range(5, 9):
         assert resumed[step] == pytest.approx(straight[step], rel=1e-6), (stage, step)
+    # the smoothed curve and the best validation figure span both sessions, as in the straight run
+    smooth = {r["step"]: r["loss_smooth"] for r in records(home, stage) if "loss" in r}
+    assert smooth[5] == pytest.approx(straight_smooth[5], rel=1e-6)
+    if stage == "mid":
+        resumed_summary = json.loads((home / "report" / "mid_train.json").read_text())
+        assert resumed_summary["min_val_bpb"] == pytest.approx(summary["min_val_bpb"], rel=1e-6)

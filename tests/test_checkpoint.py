@@ -2,6 +2,7 @@
 
 import dataclasses
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -101,6 +102,11 @@ def test_keep_last_n_and_latest_step(tmp_path, make_mesh):
     assert out["data"] == {"n": 3}
     with pytest.raises(CheckpointError, match=r"no complete checkpoint for step 1 in .* \(steps: 3, 4\)"):
         ckpt.restore(1, abstract_on(params, make_mesh(1, 1, 1)))
+    # a step directory copied only part way (no metadata file, which Orbax writes last) is not a checkpoint
+    shutil.copytree(tmp_path / "4" / "params", tmp_path / "9" / "params")
+    assert ckpt.latest_step() == 4 and ckpt.all_steps() == [3, 4]
+    with pytest.raises(CheckpointError, match=r"no complete checkpoint for step 9 in .* \(steps: 3, 4\)"):
+        ckpt.restore(9, abstract_on(params, make_mesh(1, 1, 1)))
     ckpt.close()
 
 

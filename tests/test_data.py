@@ -194,6 +194,11 @@ def test_jsonl_and_txt_sources(tmp_path):
     cfg = DataConfig(source="files", path=str(tmp_path))
     assert len(data.make_source(cfg, "train")) == 300 and len(data.make_source(cfg, "val")) == 1
     assert list(data.text_iterator(cfg, "train", max_chars=20, doc_cap=4)) == ["line"] * 5
+    # the .txt validation file is one chunk: enough for one process, refused up front for two
+    data.check_enough_chunks(data.make_source(cfg, "val"), "val", process_count=1)
+    with pytest.raises(data.DataError, match=r"the val split has 1 chunk\(s\) of documents .* fewer than the 2 "
+                                             r"processes, so some would get no data"):
+        data.check_enough_chunks(data.make_source(cfg, "val"), "val", process_count=2)
 
 
 def test_bad_files_raise_clear_errors(tmp_path):

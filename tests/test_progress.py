@@ -40,30 +40,37 @@ def test_records_rates_and_resume(tmp_path, capsys):
     clock.t += 0.5
     r2 = log.log(2, 1.0, 1000, grad_norm=0.25, lr_multiplier=0.5)
     log.eval({"step": 2, "val_loss": 1.5}, "step 2 | val loss 1.5")
+    log.eval({"step": 2, "core_metric": 0.25}, "step 2 | CORE 0.25")
     log.close()
     assert r1 == {"step": 1, "loss": 3.0, "loss_smooth": pytest.approx(3.0), "grad_norm": 0.5, "lr_multiplier": 1.0,
                   "tokens_per_sec": pytest.approx(500.0), "mfu": pytest.approx(1e6 * 500 / 2e9), "elapsed_s": 2.0}
     assert r2["tokens_per_sec"] == pytest.approx(2000.0) and r2["elapsed_s"] == pytest.approx(2.5)
     assert r2["loss_smooth"] == pytest.approx((0.9 * 0.3 + 0.1 * 1.0) / 0.19)
     lines = [json.loads(x) for x in (tmp_path / "sft_train.jsonl").read_text().splitlines()]
-    assert lines == [json.loads(json.dumps(r1)), json.loads(json.dumps(r2)), {"step": 2, "val_loss": 1.5}]
+    assert lines == [json.loads(json.dumps(r1)), json.loads(json.dumps(r2)), {"step": 2, "val_loss": 1.5},
+                     {"step": 2, "core_metric": 0.25}]
 
-    # resuming from the step-2 checkpoint: the eval at step 2 is redone by the resumed run, so it is dropped
-    # (the killed first session left half a line behind: skipped with a warning naming the file)
+    # resuming from the step-2 checkpoint: the eval at step 2 is redone by the resumed run, so it is dropped,
+    # except the one the resumed run does not redo (not_redone); the killed first session left half a line
+    # behind: skipped with a warning naming the file
     with (tmp_path / "sft_train.jsonl").open("a") as f:
         f.write('{"step": 3, "lo')
     clock.t += 100.0  # the restart
-    resumed = StepLogger("sft", total_steps=4, start_step=2, append=True, directory=tmp_path, clock=clock)
-    assert "sft_train.jsonl:4 is not a JSON record" in capsys.readouterr().err
+    resumed = StepLogger("sft", total_steps=4, start_step=2, append=True, directory=tmp_path, clock=clock,
+                         not_redone=("core_metric",))
+    assert "sft_train.jsonl:5 is not a JSON record" in capsys.readouterr().err
+    assert resumed.kept == [json.loads(json.dumps(r1)), json.loads(json.dumps(r2)), {"step": 2, "core_metric": 0.25}]
     clock.t += 1.0
     r3 = resumed.log(3, 2.0, 10)
     assert r3["mfu"] is None  # no FLOPs or peak given
+    # the smoothed loss continues over the first session's losses, as in a run that never stopped
+    assert r3["loss_smooth"] == pytest.approx((0.9 * (0.9 * 0.3 + 0.1 * 1.0) + 0.1 * 2.0) / (1 - 0.9 ** 3))
     # the run's wall time continues from the first session's 2.5 s; rates count this session only
     assert r3["elapsed_s"] == pytest.approx(3.5) and resumed.elapsed == pytest.approx(3.5)
     assert resumed.train_seconds == pytest.approx(1.0) and r3["tokens_per_sec"] == pytest.approx(10.0)
     resumed.close()
     records = [json.loads(x) for x in (tmp_path / "sft_train.jsonl").read_text().splitlines()]
-    assert [(r["step"], "loss" in r) for r in records] == [(1, True), (2, True), (3, True)]
+    assert [(r["step"], "loss" in r) for r in records] == [(1, True), (2, True), (2, False), (3, True)]
 
     # resuming from an earlier checkpoint (step 1) drops the records of the steps that will be redone
     StepLogger("sft", total_steps=4, start_step=1, append=True, directory=tmp_path, clock=clock).close()

@@ -4,6 +4,7 @@ that learns its rewarded answer, the cpu task's rewards, and chat_rl.py end to e
 import dataclasses
 import importlib.util
 import json
+import shutil
 from pathlib import Path
 
 import jax
@@ -239,6 +240,32 @@ def test_chat_rl_end_to_end(home, tokenizer, monkeypatch, capsys):
     rl_params = nnx.to_pure_dict(nnx.split(model, nnx.Param)[1])
     changed = [not np.allclose(a, b) for a, b in zip(jax.tree.leaves(rl_params), jax.tree.leaves(sft_params))]
     assert any(changed)
+
+
+def test_chat_rl_resumes_exactly(home, tokenizer, monkeypatch):
+    """Steps 3..4 after a resume from the step-2 checkpoint repeat the straight run's losses and rewards (a step's
+    questions and sampling seeds depend only on its number); the summary spans both sessions."""
+    chat_rl = load_chat_rl()
+    args = ["--rl.task=cpu", "--rl.num_samples=2", "--rl.examples_per_step=2", "--rl.max_new_tokens=8",
+            "--rl.num_iterations=4", "--rl.device_batch_size=2", "--rl.eval_examples=2", "--rl.eval_every=2",
+            "--rl.save_every=2", "--rl.init_lr_frac=1.0"]
+    save_tiny_checkpoint(home, random_model(), tokenizer)
+    monkeypatch.setattr(WordProblems, "reward", lambda self, conversation, completion: float(len(completion) % 2))
+
+    def steps():
+        records = [json.loads(line) for line in (home / "report" / "rl_train.jsonl").read_text().splitlines()]
+        return {r["step"]: (r["loss"], r["reward"]) for r in records if "loss" in r}
+
+    straight = chat_rl.main(args)
+    straight_steps = steps()
+    shutil.rmtree(home / "checkpoints" / "rl" / "d2" / "4")
+    resumed = chat_rl.main([*args, "--train.resume=true"])
+    assert sorted(steps()) == [1, 2, 3, 4]
+    for step in (3, 4):
+        assert steps()[step] == pytest.approx(straight_steps[step], rel=1e-6), step
+    assert resumed["reward_first_step"] == straight["reward_first_step"]
+    assert resumed["reward_last_10pct"] == pytest.approx(straight["reward_last_10pct"], rel=1e-6)
+    assert resumed["pass@1"] == straight["pass@1"]
 
 
 def test_chat_rl_learns_a_dense_reward(home, tokenizer, monkeypatch):
