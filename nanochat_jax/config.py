@@ -322,9 +322,12 @@ def _choice(obj, section: str, name: str, allowed: tuple[str, ...]) -> None:
         raise ConfigError(f"{section}.{name}={getattr(obj, name)!r} is not one of {', '.join(allowed)}")
 
 
-def _coerce(key: str, value, typ):
-    """Convert a TOML value or a command-line string to the field's type, or raise ConfigError."""
-    from_cli = isinstance(value, str) and typ is not str
+def _coerce(key: str, value, typ, cli: bool = False):
+    """Convert a TOML value or (cli=True) a command-line string to the field's type, or raise ConfigError."""
+    from_cli = cli and isinstance(value, str) and typ is not str
+    if isinstance(value, str) and typ is not str and not cli:
+        kind = {"int": "an integer", "float": "a number", "bool": "true or false"}.get(typ.__name__, typ.__name__)
+        raise ConfigError(f"{key}={value!r} is a string where {kind} belongs: write it without quotes")
     try:
         if typ is bool:
             if isinstance(value, bool):
@@ -358,7 +361,7 @@ def _fields(obj) -> dict[str, type]:
     return {f.name: hints[f.name] for f in dataclasses.fields(obj)}
 
 
-def _set(cfg: Config, key: str, value) -> None:
+def _set(cfg: Config, key: str, value, cli: bool = False) -> None:
     parts = key.split(".")
     obj, prefix = cfg, []
     for part in parts[:-1]:
@@ -373,7 +376,7 @@ def _set(cfg: Config, key: str, value) -> None:
         where = f"[{'.'.join(prefix)}]" if prefix else "the top level"
         allowed = [n for n, t in fields.items() if not dataclasses.is_dataclass(t)]
         raise ConfigError(f"unknown config key '{key}'; keys allowed in {where}: {', '.join(allowed)}")
-    setattr(obj, name, _coerce(key, value, fields[name]))
+    setattr(obj, name, _coerce(key, value, fields[name], cli))
 
 
 def _flatten(table: dict, prefix: str = "") -> list[tuple[str, object]]:
@@ -434,7 +437,7 @@ def load_config(argv: list[str] | None = None, defaults: Config | None = None) -
         for key, value in _flatten(table):
             _set(cfg, key, value)
     for key, value in overrides:
-        _set(cfg, key, value)
+        _set(cfg, key, value, cli=True)
     return cfg.validate()
 
 

@@ -50,8 +50,12 @@ def test_errors_name_the_key(argv, message):
 
 def test_bad_toml_type(tmp_path):
     path = tmp_path / "c.toml"
-    path.write_text("[model]\ndepth = \"four\"\n")
-    with pytest.raises(ConfigError, match="model.depth='four' is not a valid int"):
+    for quoted in ('"four"', '"4"'):  # a quoted number in a TOML file is a string, not the number
+        path.write_text(f"[model]\ndepth = {quoted}\n")
+        with pytest.raises(ConfigError, match=f"model.depth='{quoted[1:-1]}' is a string where an integer belongs"):
+            load_config(["--config", str(path)])
+    path.write_text("[train]\nresume = \"true\"\n")
+    with pytest.raises(ConfigError, match="train.resume='true' is a string where true or false belongs"):
         load_config(["--config", str(path)])
     for line, message in (("[model]\ndepth = [4, 6]", r"model.depth=\[4, 6\] is not a valid int"),
                           ("[train]\nseed = 1979-05-27", r"train.seed=datetime.date\(1979, 5, 27\) is not a valid int"),
