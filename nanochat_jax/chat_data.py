@@ -23,6 +23,7 @@ from collections import deque
 import jax
 import numpy as np
 
+from nanochat_jax.config import ConfigError
 from nanochat_jax.engine import bucket
 
 MIN_WIDTH = 16
@@ -53,9 +54,9 @@ class PackedConversations:
         self.task, self.tokenizer, self.seq_len = task, tokenizer, seq_len
         self.index, self.count = _process(process_index, process_count)
         if rows % self.count:
-            raise ValueError(f"rows={rows} is not divisible by the {self.count} processes")
+            raise ConfigError(f"rows={rows} is not divisible by the {self.count} processes")
         if len(task) == 0:
-            raise ValueError("PackedConversations: the task has no conversations")
+            raise ConfigError("PackedConversations: the task has no conversations")
         self.local_rows = rows // self.count
         self.set_state({"cursor": self.index, "skip": 0, "epoch": 0})
 
@@ -157,11 +158,11 @@ class SFTBatches:
         self.task, self.tokenizer, self.seq_len = task, tokenizer, seq_len
         index, count = _process(process_index, process_count)
         if rows % count:
-            raise ValueError(f"rows={rows} is not divisible by the {count} processes")
+            raise ConfigError(f"rows={rows} is not divisible by the {count} processes")
         self.local_rows = rows // count
         self.mine = range(index, len(task), count)
         if len(self.mine) == 0:
-            raise ValueError(f"SFTBatches: process {index} of {count} gets none of the task's {len(task)} examples")
+            raise ConfigError(f"SFTBatches: process {index} of {count} gets none of the task's {len(task)} examples")
         self.pad_id = tokenizer.encode_special("<|assistant_end|>")
         self.position = 0
 

@@ -132,10 +132,10 @@ class Checkpointer:
             self.wait()
 
     def all_steps(self) -> list[int]:
-        return sorted(s for s in self._manager.all_steps() if _complete(self.directory / str(s)))
+        return sorted(self._manager.all_steps())
 
     def latest_step(self) -> int | None:
-        return max(self.all_steps(), default=None)
+        return self._manager.latest_step()
 
     def _check_step(self, step: int) -> Path:
         path = self.directory / str(step)
@@ -154,11 +154,10 @@ class Checkpointer:
                 raise CheckpointError(f"checkpoint {path} holds a model of another size than this run's ("
                                       f"{str(e).splitlines()[0][:200]}): resume with the [model] settings it was "
                                       "trained with (its metadata's \"model\"), or start a new run") from None
-            others = [s for s in self.all_steps() if s != step]
-            way_out = (f"; other steps here: {', '.join(map(str, others))} (remove {path} to fall back to step "
-                       f"{others[-1]})" if others else "")
-            raise CheckpointError(f"checkpoint {path} is incomplete or corrupt: {type(e).__name__}: "
-                                  f"{str(e)[:500]}{way_out}") from None
+            earlier = [s for s in self.all_steps() if s < step]
+            way_out = f" (remove {path} to fall back to step {earlier[-1]})" if earlier else ""
+            raise CheckpointError(f"checkpoint {path} is incomplete or corrupt{way_out}: {type(e).__name__}: "
+                                  f"{' '.join(str(e).split())[:500]}") from None
 
     def read_meta(self, step: int) -> dict:
         return dict(self._restore(step, meta=ocp.args.JsonRestore())["meta"])
@@ -173,8 +172,8 @@ class Checkpointer:
         if abstract_opt_state is not None:
             if not (self._check_step(step) / "opt_state").exists():
                 raise CheckpointError(f"checkpoint {self.directory / str(step)} has no optimizer state (an imported "
-                                      "model, or an RL run's before session 5): it loads as a model but cannot "
-                                      "resume training")
+                                      "model, or RL's before its checkpoints kept it): it loads as a model but "
+                                      "cannot resume training")
             items["opt_state"] = ocp.args.StandardRestore(abstract_opt_state)
         restored = self._restore(step, **items)
         data = restored["data"]
@@ -196,16 +195,10 @@ class Checkpointer:
         self._manager.close()
 
 
-def _complete(step_dir: Path) -> bool:
-    """A step directory Orbax finished writing (its metadata file is written last); a directory copied or deleted
-    only part way does not count as a checkpoint."""
-    return step_dir.name.isdigit() and (step_dir / "_CHECKPOINT_METADATA").is_file()
-
-
 def _depth_dirs(stage: str) -> tuple[Path, list[Path]]:
     root = checkpoints_root() / stage
     dirs = [d for d in root.glob("d*") if d.is_dir() and d.name[1:].isdigit() and any(
-        _complete(s) for s in d.iterdir())] if root.is_dir() else []
+        s.is_dir() and s.name.isdigit() for s in d.iterdir())] if root.is_dir() else []
     return root, dirs
 
 
@@ -220,8 +213,8 @@ def find_checkpoint(stage: str, depth: int | None = None, step: int | None = Non
         what = f"stage '{stage}'" + (f" at depth {depth}" if depth is not None else "")
         there = f" (depths there: {', '.join(present)})" if present else ""
         raise CheckpointError(f"no checkpoints for {what} under {root}{there}{hint}")
-    directory = max(dirs, key=lambda d: max(s.stat().st_mtime for s in d.iterdir() if _complete(s)))
-    steps = sorted(int(s.name) for s in directory.iterdir() if _complete(s))
+    directory = max(dirs, key=lambda d: max(s.stat().st_mtime for s in d.iterdir() if s.name.isdigit()))
+    steps = sorted(int(s.name) for s in directory.iterdir() if s.is_dir() and s.name.isdigit())
     if step is None:
         step = steps[-1]
     elif step not in steps:

@@ -20,6 +20,10 @@ class UserError(Exception):
     derives from it; its message names what is wrong, and the scripts print it on one line (run_script)."""
 
 
+class SetupError(UserError, ValueError):
+    """A multi-process run that cannot start or whose processes disagree."""
+
+
 def run_script(main) -> None:
     """A script's `if __name__ == "__main__"`: main()'s integer return is the exit code; a UserError ends the
     process with "script: message" on stderr and exit code 1, without a traceback."""
@@ -114,7 +118,7 @@ DISTRIBUTED_ENV = "NANOCHAT_JAX_DISTRIBUTED"
 def _wants_distributed() -> bool:
     """Multi-process when asked (NANOCHAT_JAX_DISTRIBUTED=1), when a coordinator is given
     (JAX_COORDINATOR_ADDRESS), on a Cloud TPU pod slice (more than one worker host listed), or in an srun step
-    or mpirun launch of several processes (jax.distributed reads their variables)."""
+    or an Open MPI (4.x) mpirun of several processes (jax.distributed reads their variables)."""
     flag = os.environ.get(DISTRIBUTED_ENV, "").strip().lower()
     if flag in ("0", "false", "no", "off"):
         return False
@@ -123,8 +127,11 @@ def _wants_distributed() -> bool:
     if os.environ.get("JAX_COORDINATOR_ADDRESS"):
         return True
     hosts = os.environ.get("TPU_PROCESS_ADDRESSES") or os.environ.get("TPU_WORKER_HOSTNAMES") or ""
-    launched = [os.environ.get(name, "") for name in ("SLURM_STEP_NUM_TASKS", "OMPI_COMM_WORLD_SIZE")]
-    return len([h for h in hosts.split(",") if h.strip()]) > 1 or any(n.isdigit() and int(n) > 1 for n in launched)
+    # an srun step, or an Open MPI launch of the kind jax.distributed recognises (it reads OMPI_MCA_orte_hnp_uri)
+    tasks = os.environ.get("SLURM_STEP_NUM_TASKS", "")
+    if not tasks and os.environ.get("OMPI_MCA_orte_hnp_uri"):
+        tasks = os.environ.get("OMPI_COMM_WORLD_SIZE", "")
+    return len([h for h in hosts.split(",") if h.strip()]) > 1 or (tasks.isdigit() and int(tasks) > 1)
 
 
 def gather_json(obj) -> list:
@@ -151,13 +158,13 @@ def errors_anywhere(error: str | None) -> list[str]:
 
 
 def check_same_on_all_processes(facts: dict) -> None:
-    """ValueError on every process unless all processes report the same facts (JSON values). Each host of a
+    """SetupError on every process unless all processes report the same facts (JSON values). Each host of a
     multi-host run trains its own tokenizer and lists its own data files; hosts that differ would train
     together on mismatched token ids or documents without any error."""
     everyone = gather_json(facts)
     differing = {k: [f[k] for f in everyone] for k in facts if any(f[k] != facts[k] for f in everyone)}
     if differing:
-        raise ValueError("the processes of this run disagree on "
+        raise SetupError("the processes of this run disagree on "
                          + "; ".join(f"{k} (per process: {v})" for k, v in differing.items())
                          + ": every host must have the same tokenizer and data")
 
@@ -181,17 +188,17 @@ def init_distributed() -> bool:
         value = os.environ.get(var, "").strip()
         if value:
             if not value.isdigit():
-                raise ValueError(f"{var}={value!r} must be a non-negative integer")
+                raise SetupError(f"{var}={value!r} must be a non-negative integer")
             kwargs[arg] = int(value)
     # hosts may arrive far apart (each finishes its own downloads first): wait up to 30 minutes, not 5
     timeout = os.environ.get("NANOCHAT_JAX_INIT_TIMEOUT", "1800").strip()
     if not timeout.isdigit():
-        raise ValueError(f"NANOCHAT_JAX_INIT_TIMEOUT={timeout!r} must be a number of seconds")
+        raise SetupError(f"NANOCHAT_JAX_INIT_TIMEOUT={timeout!r} must be a number of seconds")
     timeout = int(timeout)
     try:
         jax.distributed.initialize(**kwargs, initialization_timeout=timeout)
     except ValueError as e:  # e.g. a coordinator address without a process count outside TPU/SLURM/MPI
-        raise ValueError(f"multi-process start failed ({e}); outside Cloud TPU, SLURM and Open MPI set "
+        raise SetupError(f"multi-process start failed ({e}); outside Cloud TPU, SLURM and Open MPI set "
                          "JAX_COORDINATOR_ADDRESS=host:port, JAX_NUM_PROCESSES and JAX_PROCESS_ID on every "
                          f"process, or {DISTRIBUTED_ENV}=0 for a single process") from e
     return True

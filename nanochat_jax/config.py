@@ -409,6 +409,16 @@ def parse_overrides(argv: list[str]) -> tuple[str | None, list[tuple[str, str]]]
     return config_file, overrides
 
 
+def _asks_for_help(argv: list[str]) -> bool:
+    """-h or --help where an option may stand (not as the value of --key value)."""
+    i = 0
+    while i < len(argv):
+        if argv[i] in ("-h", "--help"):
+            return True
+        i += 1 if "=" in argv[i] or not argv[i].startswith("--") else 2
+    return False
+
+
 def usage(cfg: Config) -> str:
     """--help of a config-driven script: its docstring and every setting with its default."""
     doc = (getattr(sys.modules.get("__main__"), "__doc__", None) or "").strip()
@@ -422,7 +432,7 @@ def load_config(argv: list[str] | None = None, defaults: Config | None = None) -
     """Defaults <- TOML file (--config) <- command-line overrides; then validate."""
     argv = sys.argv[1:] if argv is None else argv
     cfg = from_dict(to_dict(defaults)) if defaults else Config()
-    if "-h" in argv or "--help" in argv:
+    if _asks_for_help(argv):
         print(usage(cfg))
         raise SystemExit(0)
     config_file, overrides = parse_overrides(argv)

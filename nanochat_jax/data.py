@@ -555,7 +555,7 @@ def make_batch_iterator(source, tokenizer, batch_rows: int, seq_len: int, *, see
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
     if batch_rows % process_count:
-        raise ValueError(f"batch_rows={batch_rows} is not divisible by the {process_count} processes")
+        raise DataError(f"batch_rows={batch_rows} is not divisible by the {process_count} processes")
     chunks = chunk_stream(len(source.chunks), seed=seed, shuffle=shuffle, infinite=infinite,
                           process_index=process_index, process_count=process_count)
     per_epoch = len(range(process_index, len(source.chunks), process_count))

@@ -74,11 +74,12 @@ def main(argv: list[str] | None = None) -> dict:
     bpb_step = make_bpb_step(graphdef)
     tb = jnp.asarray(token_bytes(tokenizer))
     # everything that can refuse the run comes before the Checkpointer, which sets a previous run aside
-    train_source = make_source(cfg.data, "train")
-    for split, source in (("train", train_source), ("val", make_source(cfg.data, "val"))):
+    train_source, val_source = make_source(cfg.data, "train"), make_source(cfg.data, "val")
+    check_same_on_all_processes({"tokenizer fingerprint": tokenizer_fingerprint(),  # (all processes, or none, fail)
+                                 "training data chunks": len(train_source.chunks),
+                                 "validation data chunks": len(val_source.chunks)})
+    for split, source in (("train", train_source), ("val", val_source)):
         check_enough_chunks(source, split)  # an unusable split fails now, not after the training
-    check_same_on_all_processes({"tokenizer fingerprint": tokenizer_fingerprint(),
-                                 "training data chunks": len(train_source.chunks)})
     bundle = core_bundle(cfg)  # downloaded now (once), not in the middle of the run
     core_mesh = eval_mesh(cfg.mesh) if bundle else None
     out_dir = checkpoint_dir("base", cfg.model.depth)
@@ -148,7 +149,7 @@ def main(argv: list[str] | None = None) -> dict:
     if is_main_process():
         (report_dir / "base_train.json").write_text(json.dumps(summary, indent=2))
     print0(f"done: {num_iterations} steps in {wall / 60:.1f} min | val bpb {val_bpb:.4f} | "
-           f"{summary['tokens_per_sec']:,.0f} tok/s over the run, compilation included")
+           f"{summary['tokens_per_sec']:,.0f} tok/s in this session, compilation included")
     return summary
 
 

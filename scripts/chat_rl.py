@@ -121,7 +121,8 @@ def main(argv: list[str] | None = None) -> dict:
     ckpt = Checkpointer(out_dir, keep=cfg.train.keep_checkpoints, fresh=not cfg.train.resume)
     start = 0
     if cfg.train.resume:
-        state, start = resume_latest(ckpt, state, shardings, None, num_iterations, model_cfg, meta.get("tokenizer"))
+        state, start = resume_latest(ckpt, state, shardings, None, num_iterations, model_cfg, meta.get("tokenizer"),
+                                     seed=cfg.train.seed)  # the rollouts' sampling seeds derive from it
 
     def save(step: int) -> None:  # the last one is on disk before the final evaluation starts
         ckpt.save(step, state.params, state.opt_state, None,

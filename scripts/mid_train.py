@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> dict:
     if is_main_process():
         (artifacts_dir("report") / "mid_train.json").write_text(json.dumps(summary, indent=2))
     print0(f"done: {num_iterations} steps in {wall / 60:.1f} min | val bpb {val_bpb:.4f} | {tokens_per_sec:,.0f} tok/s "
-           "over the run, compilation included")
+           "in this session, compilation included")
     return summary
 
 

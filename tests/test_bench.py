@@ -132,10 +132,14 @@ def test_init_distributed_is_a_noop_without_env(monkeypatch):
     assert common.init_distributed() is False
     assert common.init_distributed() is False
     assert not jax.distributed.is_initialized()
+    monkeypatch.delenv("OMPI_MCA_orte_hnp_uri", raising=False)
     for var in ("SLURM_STEP_NUM_TASKS", "OMPI_COMM_WORLD_SIZE"):  # srun / mpirun of one process: single; of two: not
         monkeypatch.setenv(var, "1")
         assert common._wants_distributed() is False
         monkeypatch.setenv(var, "2")
+        if var == "OMPI_COMM_WORLD_SIZE":  # only the Open MPI launches that jax.distributed can read (4.x)
+            assert common._wants_distributed() is False
+            monkeypatch.setenv("OMPI_MCA_orte_hnp_uri", "123.0;tcp://10.0.0.1:4000")
         assert common._wants_distributed() is True
         monkeypatch.delenv(var)
     monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "10.0.0.2")  # a single-host TPU VM stays single-process

@@ -102,11 +102,6 @@ def test_keep_last_n_and_latest_step(tmp_path, make_mesh):
     assert out["data"] == {"n": 3}
     with pytest.raises(CheckpointError, match=r"no complete checkpoint for step 1 in .* \(steps: 3, 4\)"):
         ckpt.restore(1, abstract_on(params, make_mesh(1, 1, 1)))
-    # a step directory copied only part way (no metadata file, which Orbax writes last) is not a checkpoint
-    shutil.copytree(tmp_path / "4" / "params", tmp_path / "9" / "params")
-    assert ckpt.latest_step() == 4 and ckpt.all_steps() == [3, 4]
-    with pytest.raises(CheckpointError, match=r"no complete checkpoint for step 9 in .* \(steps: 3, 4\)"):
-        ckpt.restore(9, abstract_on(params, make_mesh(1, 1, 1)))
     ckpt.close()
 
 
@@ -170,8 +165,8 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path, make_mesh):
     for f in (tmp_path / "5" / "params").rglob("*"):
         if f.is_file():
             f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
-    with pytest.raises(CheckpointError, match=rf"checkpoint {tmp_path}/5 is incomplete or corrupt: .*other steps "
-                                              rf"here: 3 \(remove {tmp_path}/5 to fall back to step 3\)"):
+    with pytest.raises(CheckpointError, match=rf"^checkpoint {tmp_path}/5 is incomplete or corrupt \(remove "
+                                              rf"{tmp_path}/5 to fall back to step 3\): [^\n]*$"):
         ckpt.restore(5, abstract_on(params, make_mesh(1, 1, 1)))
     assert float(ckpt.restore(3, abstract_on(params, make_mesh(1, 1, 1)))["params"]["w"][-1]) == 63.0
     ckpt.close()

@@ -1,6 +1,6 @@
 import pytest
 
-from nanochat_jax.config import Config, ConfigError, from_dict, load_config, to_dict, to_toml
+from nanochat_jax.config import Config, ConfigError, _asks_for_help, from_dict, load_config, to_dict, to_toml
 
 
 def test_overrides_and_types():
@@ -106,3 +106,9 @@ def test_scripts_print_user_errors_on_one_line_and_help(tmp_path):
     assert helped.returncode == 0 and helped.stdout.startswith("usage: python chat_sft.py [--config FILE.toml]")
     assert "Supervised fine-tuning: one padded conversation per row" in helped.stdout
     assert from_dict(__import__("tomllib").loads(helped.stdout.split("override them):\n\n", 1)[1])) == Config()
+
+
+def test_help_is_asked_where_an_option_stands():
+    assert _asks_for_help(["--help"]) and _asks_for_help(["--config", "c.toml", "-h"])
+    assert _asks_for_help(["--run=x", "--help"])
+    assert not _asks_for_help(["--run", "-h"]) and not _asks_for_help(["--run", "--help"])  # a value, not an option
