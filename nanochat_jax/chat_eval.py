@@ -12,6 +12,8 @@ Process p takes batches (categorical) or problems (generative) p, p + P, ...; co
 
 from __future__ import annotations
 
+import sys
+import time
 from functools import partial
 from pathlib import Path
 from typing import Callable
@@ -162,6 +164,7 @@ def run_generative_eval(task, tokenizer, engine, num_samples: int = 1, max_new_t
     n = len(task) if max_problems is None else min(len(task), max_problems)
     mine = list(range(jax.process_index(), n, jax.process_count()))
     passed = total = 0
+    live, last_line = sys.stdout.isatty(), time.monotonic()  # a log file gets a plain line every 30 s instead
     for b in range(0, len(mine), batch_size):
         conversations = [task[i] for i in mine[b:b + batch_size]]
         prompts = [tokenizer.render_for_completion(c) for c in conversations]
@@ -171,8 +174,14 @@ def run_generative_eval(task, tokenizer, engine, num_samples: int = 1, max_new_t
             rows = results[j * num_samples:(j + 1) * num_samples]
             passed += pass_at_k(task, conversation, [tokenizer.decode(r[len(prompt):]) for r in rows])
             total += 1
-        print0(f"\r\033[K{task.__class__.__name__}: {passed}/{total} ({100 * passed / total:.1f}%)", end="")
-    print0()
+        so_far = f"{task.__class__.__name__}: {passed}/{total} ({100 * passed / total:.1f}%)"
+        if live:
+            print0(f"\r\033[K{so_far}", end="")
+        elif time.monotonic() - last_line > 30:
+            print0(so_far)
+            last_line = time.monotonic()
+    if live:
+        print0()
     passed, total = sum_over_processes(np.array([passed, total], np.int64)).tolist()
     return int(passed), int(total)
 

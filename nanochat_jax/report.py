@@ -225,7 +225,8 @@ def train_section(directory: Path, stage: str) -> str | None:
 def _samples(samples) -> str:
     if not samples:
         return ""
-    return "Samples:\n\n" + "\n".join(f"- `{json.dumps(s)[1:-1]}`" for s in samples) + "\n"
+    # as JSON string bodies (newlines shown as \n, one sample per line), but with the characters themselves
+    return "Samples:\n\n" + "\n".join(f"- `{json.dumps(s, ensure_ascii=False)[1:-1]}`" for s in samples) + "\n"
 
 
 def tokenizer_sections(directory: Path) -> list[str]:
@@ -326,8 +327,12 @@ def wall_times(directory: Path) -> dict[str, float]:
     return times
 
 
-def generate(directory: Path | None = None, hourly_price: float = 24.0, root: Path = REPO_ROOT) -> Path:
-    """Write <report dir>/report.md (and its PNG plots) from whatever the stages left there."""
+GPU_HOUR_PRICE = 3.0  # dollars per GPU-hour: nanochat's $24/hour for 8 x H100
+
+
+def generate(directory: Path | None = None, hourly_price: float | None = None, root: Path = REPO_ROOT) -> Path:
+    """Write <report dir>/report.md (and its PNG plots) from whatever the stages left there. The cost line uses
+    hourly_price, or without it GPU_HOUR_PRICE per GPU that base training ran on (none for CPU or TPU runs)."""
     directory = Path(directory or report_dir())
     train_summary = read_json(directory / "base_train.json")
     sections = tokenizer_sections(directory)
@@ -346,8 +351,12 @@ def generate(directory: Path | None = None, hourly_price: float = 24.0, root: Pa
     bloat_lines = head.split("### Bloat\n", 1)[1].strip()
     summary = ["## Summary", "", bloat_lines, "", summary_table(collect_metrics(directory))]
     summary += [f"- {name}: {seconds / 60:.1f} min" for name, seconds in times.items()]
-    summary += ["", f"Total wall clock time: {hours}h{minutes}m" if times else "Total wall clock time: unknown",
-                f"Estimated cost: ${total / 3600 * hourly_price:.2f} (at ${hourly_price:.2f}/hour)"]
+    summary += ["", f"Total wall clock time: {hours}h{minutes}m" if times else "Total wall clock time: unknown"]
+    device = (train_summary or {}).get("device") or {}
+    if hourly_price is None and device.get("backend") == "gpu":
+        hourly_price = GPU_HOUR_PRICE * device.get("num_devices", 1)
+    if hourly_price is not None:
+        summary.append(f"Estimated cost: ${total / 3600 * hourly_price:.2f} (at ${hourly_price:.2f}/hour)")
     path = directory / "report.md"
     path.write_text(head + "\n".join(s.rstrip("\n") + "\n" for s in sections if s) + "\n" + "\n".join(summary) + "\n")
     return path

@@ -115,7 +115,12 @@ def main(argv: list[str] | None = None) -> dict:
         counts = sum_over_processes(np.concatenate([pass_at_k(rewards), [len(rewards)]]).astype(np.int64))
         passk = {f"pass@{k + 1}": float(c) / max(1, counts[-1]) for k, c in enumerate(counts[:-1])}
         logger.eval({"step": step, **passk}, f"step {step:5d} | " + ", ".join(f"{k} {v:.4f}" for k, v in passk.items()))
-        return {"passk": passk, "samples": [tokenizer.decode(s) for s in sequences[:2]]}
+        samples = []  # the first two completions, as "question -> completion"
+        for j, sequence in enumerate(sequences[:2]):
+            conversation = test_task[indices[j // rl.device_batch_size]]
+            prompt_len = len(tokenizer.render_for_completion(conversation))
+            samples.append(f"{conversation['messages'][0]['content']} -> {tokenizer.decode(sequence[prompt_len:])}")
+        return {"passk": passk, "samples": samples}
 
     out_dir = checkpoint_dir("rl", model_cfg.depth)
     ckpt = Checkpointer(out_dir, keep=cfg.train.keep_checkpoints, fresh=not cfg.train.resume)

@@ -15,8 +15,9 @@ from nanochat_jax.common import run_script
 def main(argv: list[str] | None = None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("command", choices=["generate", "reset"])
-    p.add_argument("--hourly-price", type=float, default=24.0,
-                   help="dollars per hour of the machine, for the cost estimate (default: 8xH100 at $3/GPU-hour)")
+    p.add_argument("--hourly-price", type=float, default=None,
+                   help="dollars per hour of the machine, for the cost estimate (default: $3 per GPU-hour when base "
+                        "training ran on GPUs, as nanochat's $24/hour for 8 x H100; no estimate otherwise)")
     args = p.parse_args(argv)
     if args.command == "reset":
         removed = report.reset()

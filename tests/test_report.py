@@ -59,6 +59,7 @@ def test_generate_from_fixture_files(filled):
     assert "| arc_easy | 0.5000 | 0.3333 |" in text and "- CORE metric: 0.2219" in text
     assert "- HumanEval: unavailable (cannot load openai/openai_humaneval" in text
     assert '- `Once upon a \\"time\\"\\nthere was`' in text  # samples stay on one line
+    assert "- `Björn waves 🙂`" in text  # the characters themselves, not JSON escapes
     summary = text.split("## Summary\n", 1)[1]
     assert "- Lines: " in summary and "- Files: " in summary  # bloat numbers repeated in the summary
 
@@ -89,6 +90,7 @@ def test_log_section_is_included(home):
     assert body.endswith("- reward: 0.2500\n- tokens: 123,456\n- note: ok\nfree text\n\n")
     text = report.generate().read_text()
     assert "## Chat RL notes" in text and "Total wall clock time: unknown" in text
+    assert "Estimated cost" not in text  # no GPU training to price
     assert "| CORE            | -        | -        | -        | -        |" in text
     with pytest.raises(ValueError, match="not usable"):
         report.log_section("Report", {})
@@ -98,8 +100,10 @@ def test_script_generate_and_reset(filled, capsys):
     spec = importlib.util.spec_from_file_location("report_script", ROOT / "scripts" / "report.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
-    script.main(["generate", "--hourly-price", "24"])
+    script.main(["generate"])  # base training ran on 8 GPUs: $3 per GPU-hour, nanochat's $24/hour
     assert "Estimated cost: $86.00 (at $24.00/hour)" in (filled / "report.md").read_text()
+    script.main(["generate", "--hourly-price", "12"])
+    assert "Estimated cost: $43.00 (at $12.00/hour)" in (filled / "report.md").read_text()
     removed = script.main(["reset"])
     out = capsys.readouterr().out
     assert filled / "report.md" in removed and filled / "base_train.json" in removed

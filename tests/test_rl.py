@@ -226,6 +226,9 @@ def test_chat_rl_end_to_end(home, tokenizer, monkeypatch, capsys):
     assert saved["steps"] == 2 and saved["task"] == "cpu" and saved["source_step"] == 3
     assert saved["wall_time_s"] > 0 and 0 <= saved["reward_first_step"] <= 1
     assert saved["pass@1"] == summary["pass@1"] and 0 <= saved["pass@1"] <= 1 and "pass@2" not in saved
+    test_task = chat_rl.load_tasks("cpu")[1]
+    for j, sample in enumerate(saved["samples"]):  # one sample per question (pass@1 only): two questions
+        assert sample.startswith(f"{test_task[j]['messages'][0]['content']} -> ") and "<|bos|>" not in sample
     records = [json.loads(line) for line in (home / "report" / "rl_train.jsonl").read_text().splitlines()]
     steps = [r for r in records if "loss" in r]
     evals = [r for r in records if "pass@1" in r]
