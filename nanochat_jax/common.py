@@ -44,6 +44,15 @@ def artifacts_dir(*parts: str, create: bool = True) -> Path:
     return path
 
 
+def enable_compilation_cache() -> None:
+    """Keep compiled XLA programs on disk, in $JAX_COMPILATION_CACHE_DIR or else <home>/xla_cache (the launchers'
+    place), so that a chat launched again does not stall mid-reply compiling its prefill and decode shapes."""
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir",
+                      os.environ.get("JAX_COMPILATION_CACHE_DIR") or str(artifacts_dir("xla_cache")))
+
+
 def process_index() -> int:
     import jax
 

@@ -238,9 +238,14 @@ class Engine:
         prompts = [tokens] if len(tokens) and isinstance(tokens[0], (int, np.integer)) else tokens
         if len(prompts) == 0 or any(len(p) == 0 for p in prompts):
             raise ValueError("generate needs at least one non-empty prompt")
-        if num_samples < 1 or max_tokens < 1 or not temperature >= 0 or (top_p is not None and not 0 <= top_p <= 1):
-            raise ValueError(f"need num_samples >= 1, max_tokens >= 1, temperature >= 0, 0 <= top_p <= 1; got "
-                             f"{num_samples}, {max_tokens}, {temperature}, {top_p}")
+        whole = all(isinstance(n, (int, np.integer)) and not isinstance(n, bool) for n in (num_samples, max_tokens))
+        if top_k is not None and (not isinstance(top_k, (int, np.integer)) or top_k < 0):
+            whole = False
+        if (not whole or num_samples < 1 or max_tokens < 1 or not temperature >= 0
+                or (top_p is not None and not 0 <= top_p <= 1)):
+            raise ValueError(f"need whole numbers num_samples >= 1, max_tokens >= 1 and top_k >= 0 (or None), "
+                             f"temperature >= 0 and 0 <= top_p <= 1; got num_samples={num_samples!r}, "
+                             f"max_tokens={max_tokens!r}, top_k={top_k!r}, temperature={temperature!r}, top_p={top_p!r}")
         P, B = len(prompts), len(prompts) * num_samples
         L = bucket(max(len(p) for p in prompts))
         max_len = bucket(L + max_tokens)

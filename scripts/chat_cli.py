@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from nanochat_jax.common import run_script
+from nanochat_jax.common import enable_compilation_cache, run_script
 from nanochat_jax.web import ChatError, completion_prompt, reply_content, reply_parts, stream_tokens
 
 
@@ -80,41 +80,51 @@ def main(argv=None) -> int:
               + (" The base model continues your text." if base else ""))
 
     messages: list[dict] = []
-    while True:
-        if args.prompt:
-            user_text = args.prompt
+
+    def answer(user_text: str) -> None:
+        if base:
+            prompt = completion_prompt(tokenizer, [{"role": "user", "content": user_text}], base=True,
+                                       context_len=engine.context_len)
+            print(f"\n{user_text}", end="", flush=True)
+            stream(engine, tokenizer, prompt, **settings)
         else:
-            try:
-                user_text = input("\nUser: ").strip()
-            except (EOFError, KeyboardInterrupt):
-                print()
-                return 0
+            print("\nAssistant: ", end="", flush=True)
+            respond(engine, tokenizer, messages, user_text, **settings)  # (messages grow only when it finishes)
+
+    if args.prompt:  # one answer, to the text as given: no commands
+        if not args.prompt.strip():
+            print("chat_cli: the prompt is empty", file=sys.stderr)
+            return 2
+        try:
+            answer(args.prompt.strip())
+        except ChatError as e:
+            print(f"\nchat_cli: {e}", file=sys.stderr)
+            return 1
+        return 0
+
+    while True:
+        try:
+            user_text = input("\nUser: ").strip()
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return 0
         if user_text.lower() in ("quit", "exit"):
             return 0
         if user_text.lower() == "clear":
-            messages = []
+            messages.clear()
             print("Conversation cleared.")
             continue
         if not user_text:
             continue
         try:
-            if base:
-                prompt = completion_prompt(tokenizer, [{"role": "user", "content": user_text}], base=True,
-                                           context_len=engine.context_len)
-                print(f"\n{user_text}", end="", flush=True)
-                stream(engine, tokenizer, prompt, **settings)
-            else:
-                print("\nAssistant: ", end="", flush=True)
-                respond(engine, tokenizer, messages, user_text, **settings)
+            answer(user_text)
         except ChatError as e:
-            hint = "" if base else " Type 'clear'."
-            print(f"({e}{hint})")
-            if args.prompt:
-                return 1
+            print(f"({e}" + ("" if base else " Type 'clear'.") + ")")
+        except KeyboardInterrupt:  # Ctrl-C stops this reply only; the conversation goes on without it
+            print("\n(stopped: that reply is not kept)")
         settings["seed"] += 1  # a fresh sample each turn
-        if args.prompt:
-            return 0
 
 
 if __name__ == "__main__":
+    enable_compilation_cache()
     run_script(main)

@@ -56,4 +56,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    from nanochat_jax.common import enable_compilation_cache
+
+    enable_compilation_cache()
     sys.exit(main())

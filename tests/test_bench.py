@@ -201,3 +201,18 @@ def test_gpu_suite_stages_run_on_cpu(tmp_path):
     assert decode.returncode == 0 and "bandwidth bound at 4800 GB/s" in (tmp_path / "decode.log").read_text()
     unknown = subprocess.run([*suite, "nonsense"], env=env, capture_output=True, text=True, timeout=60)
     assert unknown.returncode == 2 and "unknown stage 'nonsense'" in unknown.stderr
+
+
+def test_compilation_cache_goes_to_the_home_or_the_launchers_directory(monkeypatch, tmp_path):
+    """chat_cli/chat_web keep compiled programs where run_gpu.sh and run_tpu.sh put theirs."""
+    before = jax.config.jax_compilation_cache_dir
+    try:
+        monkeypatch.setenv("NANOCHAT_JAX_HOME", str(tmp_path / "home"))
+        monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
+        common.enable_compilation_cache()
+        assert jax.config.jax_compilation_cache_dir == str(tmp_path / "home" / "xla_cache")
+        monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "elsewhere"))
+        common.enable_compilation_cache()
+        assert jax.config.jax_compilation_cache_dir == str(tmp_path / "elsewhere")
+    finally:
+        jax.config.update("jax_compilation_cache_dir", before)

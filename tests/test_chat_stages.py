@@ -209,10 +209,21 @@ def test_sft_checkpoint_and_loss(chat_home):
     assert summary["samples"][1].startswith("Who are you? -> ")
 
 
-def test_chat_cli_answers_from_the_sft_checkpoint(chat_home):
+def test_chat_cli_answers_from_the_sft_checkpoint(chat_home, monkeypatch):
+    """chat_cli -p prints the SFT model's greedy reply: the Engine's, decoded (tool calls shown as calculator
+    markup, so compared up to the first tool call)."""
     out = run("chat_cli.py", "--source", "sft", "-p", "What is the capital of Gorsica?", "-t", "0", home=chat_home)
     assert "source=sft step=20" in out and "Assistant: " in out
-    assert len(out.split("Assistant: ", 1)[1].strip()) > 0
+    from nanochat_jax.engine import Engine
+
+    monkeypatch.setenv("NANOCHAT_JAX_HOME", str(chat_home))
+    engine = Engine.from_checkpoint("sft")
+    tok = engine.tokenizer
+    prompt = tok.render_for_completion({"messages": [{"role": "user", "content": "What is the capital of Gorsica?"},
+                                                     {"role": "assistant", "content": ""}]})
+    (tokens,), _ = engine.generate_batch([prompt], max_tokens=256, temperature=0.0)
+    reply = tok.decode([t for t in tokens[len(prompt):]]).split("<|python_start|>")[0].strip()
+    assert reply and out.split("Assistant: ", 1)[1].startswith(reply), (reply, out[-500:])
 
 
 @pytest.mark.parametrize("stage", ["mid", "sft"])

@@ -14,7 +14,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 from nanochat_jax import web  # noqa: E402
 from nanochat_jax.engine import Engine  # noqa: E402
-from test_engine import byte_tokenizer, random_model, save_tiny_checkpoint, scripted_engine  # noqa: E402
+from test_engine import byte_tokenizer, load_chat_cli, random_model, save_tiny_checkpoint, scripted_engine  # noqa: E402
 
 GREEDY = dict(temperature=0.0, top_k=50, max_tokens=12)
 
@@ -241,6 +241,18 @@ def test_script_loads_once_and_launches_on_localhost(home, model, tokenizer, cap
         {("engine", 1)}  # Enter and Send share one slot: one reply at a time
     sliders = {b.label: b.value for b in app.blocks.values() if isinstance(b, gr.Slider)}
     assert sliders == {"Temperature": 0.8, "Top-k": 7, "Max tokens": 512}
+
+
+def test_cli_prompt_mode_answers_the_text_as_given(home, model, tokenizer, capsys):
+    """-p 'clear' or 'quit' is a question like any other in prompt mode (it used to loop on 'clear' forever);
+    an empty prompt is refused."""
+    chat_cli = load_chat_cli()
+    save_tiny_checkpoint(home, model, tokenizer, stage="sft", step=3)
+    for text in ("clear", "quit"):
+        assert chat_cli.main(["-p", text, "-t", "0", "--max-tokens", "4"]) == 0
+        out = capsys.readouterr().out
+        assert out.count("Assistant: ") == 1 and "Conversation cleared" not in out
+    assert chat_cli.main(["-p", "   "]) == 2 and "the prompt is empty" in capsys.readouterr().err
 
 
 class Scripted:

@@ -38,7 +38,7 @@ def test_sizes_and_speed(train_docs, val_docs):
     val_bytes = sum(len(d.encode()) for d in val_docs)
     assert 3_500_000 < train_bytes < 5_000_000
     assert 0.02 < val_bytes / train_bytes < 0.05
-    assert seconds < 5.0
+    assert seconds < 30.0  # (~2 s measured; guards a generator gone quadratic, not speed)
     assert all(50 < len(d) < 5000 for d in docs)
 
 

@@ -50,3 +50,37 @@ def test_unigram_bpb_by_hand():
     # add-one counts: token0 1, token1 3, token2 2, token3 2 -> total 8
     expected = -(2 * math.log(3 / 8) + math.log(2 / 8) + math.log(2 / 8)) / (math.log(2) * (1 + 1 + 2 + 3))
     assert unigram_bpb(ids, tb) == pytest.approx(expected)
+
+
+def test_bpb_of_a_real_model_on_8_devices_equals_one(make_mesh):
+    """make_bpb_step on a GPT with params and batches sharded over 2 x 2 x 2 devices gives one device's bits per
+    byte (batches with ignored targets and special tokens, as validation batches have)."""
+    import jax
+    from flax import nnx
+
+    from nanochat_jax.config import ModelConfig
+    from nanochat_jax.evaluation import make_bpb_step
+    from nanochat_jax.model import init_model
+    from nanochat_jax.sharding import batch_sharding, param_shardings
+
+    cfg = ModelConfig(depth=2, aspect_ratio=32, head_dim=16, vocab_size=96, sequence_len=32, compute_dtype="float32")
+    model = init_model(cfg, seed=1)
+    graphdef, state = nnx.split(model, nnx.Param)
+    params = jax.tree.map(lambda a: a + 0.02 * np.random.default_rng(0).standard_normal(a.shape).astype(a.dtype),
+                          nnx.to_pure_dict(state))  # (zero-initialised lm_head would give a uniform model)
+    rng = np.random.default_rng(1)
+    batches = []
+    for _ in range(3):
+        inputs = rng.integers(0, cfg.vocab_size, (8, cfg.sequence_len)).astype(np.int32)
+        targets = np.where(rng.random((8, cfg.sequence_len)) < 0.1, -1, np.roll(inputs, -1, axis=1)).astype(np.int32)
+        batches.append((inputs, targets))
+    token_bytes = jnp.asarray(np.r_[0, 0, rng.integers(1, 5, cfg.vocab_size - 2)].astype(np.int32))
+    step = make_bpb_step(graphdef)
+    one = evaluate_bpb(step, params, [(jnp.asarray(i), jnp.asarray(t)) for i, t in batches], token_bytes)
+    mesh = make_mesh(2, 2, 2)
+    sharded = jax.device_put(params, param_shardings(state, mesh))
+    on_mesh = [tuple(jax.device_put(a, batch_sharding(mesh)) for a in b) for b in batches]
+    with jax.set_mesh(mesh):
+        eight = evaluate_bpb(step, sharded, on_mesh, token_bytes)
+    assert 2.0 < one < 20.0
+    assert eight == pytest.approx(one, rel=1e-6)

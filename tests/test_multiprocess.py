@@ -224,6 +224,7 @@ def test_a_task_unavailable_on_one_process_is_skipped_by_all(tmp_path, monkeypat
     shutil.copy(ROOT / "tests" / "fixtures" / "tasks" / "arc.jsonl", has / "ARC-Easy.jsonl")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # no hub cache from earlier runs on this machine
     outputs = launch(["-c", TASK_AGREEMENT, str(has), str(lacks)], processes=2, devices_per_process=1)
     assert "UNAVAILABLE ARC-Easy: unavailable on 1 other process(es)" in outputs[0], outputs[0]
     assert "UNAVAILABLE" in outputs[1] and "LOADED" not in outputs[1], outputs[1]
