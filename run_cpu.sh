@@ -11,7 +11,8 @@ export JAX_PLATFORMS=${JAX_PLATFORMS:-cpu}
 CPU_TASKS="WorldFacts|WordProblems|SpellingBee"  # chat evals that need no download (the hub ones do);
 # their reference answers are at most 208 tokens (SpellingBee), so 256 new tokens instead of the default 512;
 # EVAL_PROBLEMS / EVAL_TOKENS shrink them (the CI smoke test does)
-EVAL=(-a "$CPU_TASKS" -x "${EVAL_PROBLEMS:-64}" -m "${EVAL_TOKENS:-256}")
+EVAL_PROBLEMS=${EVAL_PROBLEMS:-64}
+EVAL_TOKENS=${EVAL_TOKENS:-256}
 step() { echo; echo "=== $* ==="; }
 
 "$PY" scripts/report.py reset >/dev/null
@@ -25,13 +26,13 @@ step "4/9 base model: bits-per-byte and samples"
 "$PY" scripts/base_loss.py --config "$CONFIG" "$@"
 step "5/9 mid-training on generated conversations, and its chat eval"
 "$PY" scripts/mid_train.py --config "$CONFIG" "$@"
-"$PY" scripts/chat_eval.py --config "$CONFIG" -i mid "${EVAL[@]}"
+"$PY" scripts/chat_eval.py --config "$CONFIG" -i mid -a "$CPU_TASKS" -x "$EVAL_PROBLEMS" -m "$EVAL_TOKENS"
 step "6/9 supervised fine-tuning, and its chat eval"
 "$PY" scripts/chat_sft.py --config "$CONFIG" "$@"
-"$PY" scripts/chat_eval.py --config "$CONFIG" -i sft "${EVAL[@]}"
+"$PY" scripts/chat_eval.py --config "$CONFIG" -i sft -a "$CPU_TASKS" -x "$EVAL_PROBLEMS" -m "$EVAL_TOKENS"
 step "7/9 reinforcement learning on word problems (calculator tool), and its chat eval"
 "$PY" scripts/chat_rl.py --config "$CONFIG" "$@"
-"$PY" scripts/chat_eval.py --config "$CONFIG" -i rl "${EVAL[@]}"
+"$PY" scripts/chat_eval.py --config "$CONFIG" -i rl -a "$CPU_TASKS" -x "$EVAL_PROBLEMS" -m "$EVAL_TOKENS"
 step "8/9 chat with the RL model"
 "$PY" scripts/chat_cli.py --source rl -p "What is the capital of Gorsica?" -t 0
 "$PY" scripts/chat_cli.py --source rl -p "Ben has 3 baskets with 7 apples in each basket. How many apples is that in total?" -t 0

@@ -226,7 +226,7 @@ def test_chat_cli_answers_from_the_sft_checkpoint(chat_home, monkeypatch):
     assert reply and out.split("Assistant: ", 1)[1].startswith(reply), (reply, out[-500:])
 
 
-@pytest.mark.parametrize("stage", ["mid", "sft"])
+@pytest.mark.parametrize("stage", ["mid", pytest.param("sft", marks=pytest.mark.slow)])  # (SFTBatches' state: above)
 def test_rerun_then_resume_is_exact(chat_home, tmp_path, stage):
     """A new run in a directory holding another run's checkpoints sets them aside (<dir>.previous), and a
     resumed run from its step-4 checkpoint redoes steps 5..8 with the straight run's losses."""

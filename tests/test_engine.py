@@ -193,9 +193,11 @@ def test_small_top_k_takes_a_partial_top_k_with_the_same_samples(monkeypatch):
 
 def test_generate_refuses_bad_sampling_settings(engine):
     for bad in (dict(top_p=-0.1), dict(top_p=1.5), dict(top_p=float("nan")), dict(temperature=float("nan")),
-                dict(top_k=-1), dict(top_k=0.5), dict(num_samples=1.5)):
+                dict(top_k=-1), dict(top_k=0.5)):
         with pytest.raises(ValueError, match="top_p"):
             engine.generate_batch(PROMPTS, max_tokens=2, **bad)
+    with pytest.raises(ValueError, match="num_samples=1.5"):
+        next(engine.generate(PROMPTS, max_tokens=2, num_samples=1.5))
     with pytest.raises(ValueError, match="max_tokens=5.5"):  # (a fractional budget never reached 0: it ran away)
         engine.generate_batch(PROMPTS, max_tokens=5.5)
     tokens, _ = engine.generate_batch([np.array(PROMPTS[0])], max_tokens=2, temperature=0.0)  # numpy prompts

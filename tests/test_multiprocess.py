@@ -114,6 +114,7 @@ def test_two_process_base_train_checkpoints_and_resumes_exactly(two_process_base
         assert resumed[step] == pytest.approx(straight[step], rel=1e-6), step
 
 
+@pytest.mark.slow  # ~95 s: CI runs the same stages in one process (test_run_cpu_smoke, test_chat_stages, test_rl)
 def test_two_process_chat_stages(two_process_base, tmp_path):
     """mid -> SFT (its sampled metrics on per-process meshes) -> chat_eval -> RL -> chat_eval, two processes each;
     problems are split between the processes and their counts summed."""

@@ -208,11 +208,14 @@ def load_chat_rl():
     return module
 
 
-def test_chat_rl_end_to_end(home, tokenizer, monkeypatch, capsys):
+def test_chat_rl_end_to_end_and_resume(home, tokenizer, monkeypatch, capsys):
+    """chat_rl on a 2 x 2 x 2 mesh: its log, summary and checkpoints; then, resumed from the step-2 checkpoint,
+    steps 3..4 repeat the straight run's losses and rewards (a step's questions and sampling seeds depend only on
+    its number) and the summary spans both sessions."""
     chat_rl = load_chat_rl()
     args = ["--rl.task=cpu", "--rl.num_samples=2", "--rl.examples_per_step=2", "--rl.max_new_tokens=16",
-            "--rl.num_iterations=2", "--rl.device_batch_size=1", "--rl.eval_examples=3", "--rl.eval_every=2",
-            "--mesh.data=2", "--mesh.fsdp=2", "--mesh.tensor=2"]
+            "--rl.num_iterations=4", "--rl.device_batch_size=1", "--rl.eval_examples=3", "--rl.eval_every=2",
+            "--rl.save_every=2", "--mesh.data=2", "--mesh.fsdp=2", "--mesh.tensor=2"]
     with pytest.raises(SystemExit) as e:
         chat_rl.main(args)
     assert e.value.code == 1 and "chat_rl: no checkpoints for stage 'sft'" in capsys.readouterr().err
@@ -223,52 +226,40 @@ def test_chat_rl_end_to_end(home, tokenizer, monkeypatch, capsys):
     summary = chat_rl.main(args)
 
     saved = json.loads((home / "report" / "rl_train.json").read_text())
-    assert saved["steps"] == 2 and saved["task"] == "cpu" and saved["source_step"] == 3
+    assert saved["steps"] == 4 and saved["task"] == "cpu" and saved["source_step"] == 3
     assert saved["wall_time_s"] > 0 and 0 <= saved["reward_first_step"] <= 1
     assert saved["pass@1"] == summary["pass@1"] and 0 <= saved["pass@1"] <= 1 and "pass@2" not in saved
     test_task = chat_rl.load_tasks("cpu")[1]
     for j, sample in enumerate(saved["samples"]):  # one sample per question (pass@1 only): two questions
         assert sample.startswith(f"{test_task[j]['messages'][0]['content']} -> ") and "<|bos|>" not in sample
-    records = [json.loads(line) for line in (home / "report" / "rl_train.jsonl").read_text().splitlines()]
-    steps = [r for r in records if "loss" in r]
-    evals = [r for r in records if "pass@1" in r]
-    assert [r["step"] for r in steps] == [1, 2] and [r["step"] for r in evals] == [0, 2]
+
+    def records():
+        return [json.loads(line) for line in (home / "report" / "rl_train.jsonl").read_text().splitlines()]
+
+    steps = [r for r in records() if "loss" in r]
+    evals = [r for r in records() if "pass@1" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4] and [r["step"] for r in evals] == [0, 2, 4]
     assert all(0 <= r["reward"] <= 1 and r["seq_len"] > 0 and r["sampled_tokens"] > 0 for r in steps)
-    assert steps[0]["lr_multiplier"] == 1.0 and steps[1]["lr_multiplier"] == 0.5  # linear decay to 0
+    assert [r["lr_multiplier"] for r in steps] == [1.0, 0.75, 0.5, 0.25]  # linear decay to 0
 
     from nanochat_jax.checkpoint import load_model
 
     model, _, meta = load_model("rl")
-    assert meta["step"] == 2 and meta["stage"] == "rl" and meta["source"] == "sft"
+    assert meta["step"] == 4 and meta["stage"] == "rl" and meta["source"] == "sft"
     rl_params = nnx.to_pure_dict(nnx.split(model, nnx.Param)[1])
     changed = [not np.allclose(a, b) for a, b in zip(jax.tree.leaves(rl_params), jax.tree.leaves(sft_params))]
     assert any(changed)
 
-
-def test_chat_rl_resumes_exactly(home, tokenizer, monkeypatch):
-    """Steps 3..4 after a resume from the step-2 checkpoint repeat the straight run's losses and rewards (a step's
-    questions and sampling seeds depend only on its number); the summary spans both sessions."""
-    chat_rl = load_chat_rl()
-    args = ["--rl.task=cpu", "--rl.num_samples=2", "--rl.examples_per_step=2", "--rl.max_new_tokens=8",
-            "--rl.num_iterations=4", "--rl.device_batch_size=2", "--rl.eval_examples=2", "--rl.eval_every=2",
-            "--rl.save_every=2", "--rl.init_lr_frac=1.0"]
-    save_tiny_checkpoint(home, random_model(), tokenizer)
-    monkeypatch.setattr(WordProblems, "reward", lambda self, conversation, completion: float(len(completion) % 2))
-
-    def steps():
-        records = [json.loads(line) for line in (home / "report" / "rl_train.jsonl").read_text().splitlines()]
-        return {r["step"]: (r["loss"], r["reward"]) for r in records if "loss" in r}
-
-    straight = chat_rl.main(args)
-    straight_steps = steps()
+    straight = {r["step"]: (r["loss"], r["reward"]) for r in steps}
     shutil.rmtree(home / "checkpoints" / "rl" / "d2" / "4")
     resumed = chat_rl.main([*args, "--train.resume=true"])
-    assert sorted(steps()) == [1, 2, 3, 4]
+    again = {r["step"]: (r["loss"], r["reward"]) for r in records() if "loss" in r}
+    assert sorted(again) == [1, 2, 3, 4]
     for step in (3, 4):
-        assert steps()[step] == pytest.approx(straight_steps[step], rel=1e-6), step
-    assert resumed["reward_first_step"] == straight["reward_first_step"]
-    assert resumed["reward_last_10pct"] == pytest.approx(straight["reward_last_10pct"], rel=1e-6)
-    assert resumed["pass@1"] == straight["pass@1"]
+        assert again[step] == pytest.approx(straight[step], rel=1e-6), step
+    assert resumed["reward_first_step"] == summary["reward_first_step"]
+    assert resumed["reward_last_10pct"] == pytest.approx(summary["reward_last_10pct"], rel=1e-6)
+    assert resumed["pass@1"] == summary["pass@1"]
 
 
 def test_chat_rl_learns_a_dense_reward(home, tokenizer, monkeypatch):
