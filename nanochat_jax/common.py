@@ -26,11 +26,12 @@ class SetupError(UserError, ValueError):
 
 def run_script(main) -> None:
     """A script's `if __name__ == "__main__"`: main()'s integer return is the exit code; a UserError ends the
-    process with "script: message" on stderr and exit code 1, without a traceback."""
+    process with "script: message" on stderr (named like the scripts' own messages, e.g. "chat_rl: ...") and exit
+    code 1, without a traceback."""
     try:
         code = main()
     except UserError as e:
-        print(f"{Path(sys.argv[0]).name}: {e}", file=sys.stderr, flush=True)
+        print(f"{Path(sys.argv[0]).stem}: {e}", file=sys.stderr, flush=True)
         raise SystemExit(1) from None
     raise SystemExit(code if isinstance(code, int) else 0)
 

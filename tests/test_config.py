@@ -98,7 +98,7 @@ def test_scripts_print_user_errors_on_one_line_and_help(tmp_path):
 
     bad = script("--sft.device_batch_size=abc")
     assert bad.returncode == 1 and "Traceback" not in bad.stderr
-    assert bad.stderr.strip() == "chat_sft.py: sft.device_batch_size='abc' is not a valid int"
+    assert bad.stderr.strip() == "chat_sft: sft.device_batch_size='abc' is not a valid int"
     missing = script("--config", str(root / "configs" / "cpu_tiny.toml"))  # no mid checkpoint in this home
     assert missing.returncode == 1 and "Traceback" not in missing.stderr
     assert "no checkpoints for stage 'mid'" in missing.stderr and "scripts/mid_train.py first" in missing.stderr
