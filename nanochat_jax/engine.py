@@ -94,6 +94,14 @@ def sample_tokens(keys: jax.Array, logits: jax.Array, temperature, top_k=0, top_
     return jax.lax.cond(temperature > 0, sampled, greedy, logits)
 
 
+def _sample(keys, logits, temperature, top_k, top_p) -> jax.Array:
+    """sample_tokens with one setting for all rows (scalars) or per row ((B,) arrays, as the scheduler's rows)."""
+    if jnp.ndim(temperature) == 0:
+        return sample_tokens(keys, logits, temperature, top_k, top_p)
+    row = lambda key, x, t, k, p: sample_tokens(key[None], x[None], t, k, p)[0]  # noqa: E731
+    return jax.vmap(row)(keys, logits, temperature, top_k, top_p)
+
+
 # ---------------------------------------------------------------------------------------------
 # Jitted pure functions of (graphdef, state, ...)
 
@@ -135,7 +143,7 @@ def _decode_chunk(graphdef, chunk: int, specials: tuple[int, int, int, int], win
         step, cache, logits, keys, fpos, active, in_block, count, tokens, emitted, was_forced = carry
         split = jax.vmap(jax.random.split)(keys)
         keys, sub = split[:, 0], split[:, 1]
-        sampled = sample_tokens(sub, logits, temperature, top_k, top_p)
+        sampled = _sample(sub, logits, temperature, top_k, top_p)
         has_forced = fpos < n_forced
         tok = jnp.where(has_forced, forced[rows, jnp.minimum(fpos, chunk - 1)], sampled)
         new_logits, new_cache = model.decode(tok[:, None], cache, window=window)
@@ -262,35 +270,40 @@ class Engine:
         keys = jax.random.split(jax.random.key(seed), B)
 
         rows = [_Row(remaining=max_tokens) for _ in range(B)]
-        specials = (self.assistant_end, self.bos, self.python_start, self.python_end)
         sampling = (jnp.float32(temperature), jnp.int32(top_k or 0), jnp.float32(1.0 if top_p is None else top_p))
         yielded = 0
         while not all(r.done for r in rows):
-            forced = np.zeros((B, self.chunk), np.int32)
-            n_forced = np.zeros((B,), np.int32)
-            for i, r in enumerate(rows):
-                queued = list(r.forced)[: self.chunk]
-                forced[i, :len(queued)], n_forced[i] = queued, len(queued)
-            active = np.array([not r.done for r in rows])
-            in_block = np.array([r.in_block for r in rows])
-            budget = np.array([r.remaining for r in rows], np.int32)
             # attend over a power-of-two window that holds every position this chunk can write
             live = max(len(prompts[i // num_samples]) + len(r.out) for i, r in enumerate(rows))
             window = min(max_len, bucket(live + self.chunk))
             self.decode_windows.append(window)
-            out = _decode_chunk(self.graphdef, self.chunk, specials, window, self.state, cache, logits, keys,
-                                jnp.asarray(active), jnp.asarray(in_block), jnp.asarray(budget),
-                                jnp.asarray(forced), jnp.asarray(n_forced), *sampling)
-            toks, emitted, was_forced, cache, logits, keys = out
-            toks, emitted, was_forced = np.asarray(toks), np.asarray(emitted), np.asarray(was_forced)
-            for i, r in enumerate(rows):
-                for t, f in zip(toks[i][emitted[i]], was_forced[i][emitted[i]]):
-                    self._advance(r, int(t), bool(f))
+            cache, logits, keys = self._decode(rows, window, cache, logits, keys, sampling)
             # stream every column that all unfinished rows have reached
             while any(len(r.out) > yielded for r in rows) and all(len(r.out) > yielded or r.done for r in rows):
                 column = [r.out[yielded] if len(r.out) > yielded else (self.assistant_end, 0) for r in rows]
                 yield [t for t, _ in column], [m for _, m in column]
                 yielded += 1
+
+    def _decode(self, rows: list[_Row], window: int, cache, logits, keys, sampling):
+        """One decode chunk for every row (finished rows stay inactive): the tokens go through _advance; returns
+        the new (cache, logits, keys). sampling: (temperature, top_k, top_p), scalars or one value per row."""
+        forced = np.zeros((len(rows), self.chunk), np.int32)
+        n_forced = np.zeros((len(rows),), np.int32)
+        for i, r in enumerate(rows):
+            queued = list(r.forced)[: self.chunk]
+            forced[i, :len(queued)], n_forced[i] = queued, len(queued)
+        active = jnp.asarray([not r.done for r in rows])
+        in_block = jnp.asarray([r.in_block for r in rows])
+        budget = jnp.asarray([r.remaining for r in rows], jnp.int32)
+        specials = (self.assistant_end, self.bos, self.python_start, self.python_end)
+        out = _decode_chunk(self.graphdef, self.chunk, specials, window, self.state, cache, logits, keys, active,
+                            in_block, budget, jnp.asarray(forced), jnp.asarray(n_forced), *sampling)
+        toks, emitted, was_forced, cache, logits, keys = out
+        toks, emitted, was_forced = np.asarray(toks), np.asarray(emitted), np.asarray(was_forced)
+        for i, r in enumerate(rows):
+            for t, f in zip(toks[i][emitted[i]], was_forced[i][emitted[i]]):
+                self._advance(r, int(t), bool(f))
+        return cache, logits, keys
 
     def _advance(self, r: _Row, token: int, was_forced: bool) -> None:
         """Record one emitted token of a row and run the tool-use state machine (mirrors the device loop)."""

@@ -1,10 +1,14 @@
-"""Chat with a trained model in the browser (a Gradio app; the reply streams token by token).
+"""Chat with a trained model in the browser, and over an OpenAI-compatible API on the same port.
 
     python scripts/chat_web.py --source sft                       # then open http://127.0.0.1:8000
     python scripts/chat_web.py -i mid -t 0.6 -k 50 -m 256 -p 8080
-    python scripts/chat_web.py --host 0.0.0.0                     # reachable from other machines
+    python scripts/chat_web.py --host 0.0.0.0 --api-key SECRET    # reachable from other machines
+    python scripts/chat_web.py --share                            # a public Gradio link too
 
-The model is loaded once; one reply is generated at a time. The UI logic lives in nanochat_jax/web.py.
+The model is loaded once; the page and the API (POST /v1/chat/completions, GET /v1/models, GET /health) share
+one Scheduler: up to --slots replies are generated together and --max-queue more wait for a slot. The page is
+nanochat_jax/web.py, the API nanochat_jax/api.py; the API's routes are added to the Gradio app's own FastAPI
+app, so --share publishes both.
 """
 
 from __future__ import annotations
@@ -26,14 +30,43 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("-p", "--port", type=int, default=8000)
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to listen on (default: this machine only; 0.0.0.0 exposes it to the network)")
-    return parser.parse_args(argv)
+    parser.add_argument("--slots", type=int, default=8, help="replies generated together (rows of the KV cache)")
+    parser.add_argument("--max-queue", type=int, default=64, help="requests that may wait for a slot (then: busy)")
+    parser.add_argument("--api-key", default=os.environ.get("NANOCHAT_JAX_API_KEY"),
+                        help="require 'Authorization: Bearer KEY' on /v1 (default: $NANOCHAT_JAX_API_KEY, else none)")
+    parser.add_argument("--share", action="store_true", help="also open a public Gradio share link")
+    parser.add_argument("--share-server", default=None, help="a self-hosted Gradio share server (host:port)")
+    args = parser.parse_args(argv)
+    if args.slots < 1 or args.max_queue < 0:
+        parser.error("--slots must be >= 1 and --max-queue >= 0")
+    return args
+
+
+def launch(app, router, args) -> str | None:
+    """Start the Gradio app with the API's routes on its FastAPI app; returns the share link, if one opened.
+    Without a network the share link fails: Gradio's own long explanation is replaced by one line of ours."""
+    import contextlib
+    import io
+
+    share = args.share or args.share_server is not None
+    quiet = io.StringIO()
+    with contextlib.redirect_stdout(quiet) if share else contextlib.nullcontext():
+        app.launch(server_name=args.host, server_port=args.port, quiet=True, prevent_thread_lock=True, share=share,
+                   share_server_address=args.share_server)
+    app.app.include_router(router)
+    if share and not app.share_url:
+        where = f"share server {args.share_server}" if args.share_server else "Gradio's share server"
+        print(f"chat_web: could not open a public link through {where}; serving locally only", file=sys.stderr)
+    return app.share_url
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home
     from nanochat_jax.checkpoint import CheckpointError, load_model
+    from nanochat_jax.api import api_router
     from nanochat_jax.engine import Engine
+    from nanochat_jax.scheduler import Scheduler
     from nanochat_jax.web import ChatError, build_app, check_request
 
     try:
@@ -48,10 +81,20 @@ def main(argv=None) -> int:
         return 1
     depth = meta.get("model", {}).get("depth")
     title = f"nanochat-jax · {args.source} d{depth} step {meta.get('step')}"
-    app = build_app(Engine(model, tokenizer), tokenizer, base=args.source == "base", title=title,
-                    temperature=args.temperature, top_k=args.top_k, max_tokens=args.max_tokens, seed=args.seed)
-    print(f"{title} | http://{args.host}:{args.port}")
-    app.launch(server_name=args.host, server_port=args.port, quiet=True)
+    scheduler = Scheduler(Engine(model, tokenizer), slots=args.slots, max_queue=args.max_queue)
+    base = args.source == "base"
+    app = build_app(scheduler, tokenizer, base=base, title=title, temperature=args.temperature, top_k=args.top_k,
+                    max_tokens=args.max_tokens, seed=args.seed)
+    router = api_router(scheduler, tokenizer, model=f"nanochat-jax-{args.source}-d{depth}", api_key=args.api_key,
+                        temperature=args.temperature, top_k=args.top_k, max_tokens=args.max_tokens, base=base)
+    share_url = launch(app, router, args)
+    key = ", key required" if args.api_key else ""
+    print(f"{title} | http://{args.host}:{args.port} (API: /v1/chat/completions{key})"
+          + (f" | public: {share_url}" if share_url else ""))
+    try:
+        app.block_thread()
+    finally:
+        scheduler.close()
     return 0
 
 

@@ -231,11 +231,13 @@ def test_script_loads_once_and_launches_on_localhost(home, model, tokenizer, cap
     assert chat_web.main(["-t", "3"]) == 2 and "Temperature must be between" in capsys.readouterr().err
 
     launched = []
-    monkeypatch.setattr(gr.Blocks, "launch", lambda self, **kwargs: launched.append((self, kwargs)))
+    monkeypatch.setattr(chat_web, "launch", lambda app, router, args: launched.append((app, router, args)))
+    monkeypatch.setattr(gr.Blocks, "block_thread", lambda self: None)
     save_tiny_checkpoint(home, model, tokenizer, stage="sft", step=3)
     assert chat_web.main(["-i", "sft", "-k", "7"]) == 0
-    app, kwargs = launched[0]
-    assert kwargs["server_name"] == "127.0.0.1" and kwargs["server_port"] == 8000
+    app, router, args = launched[0]
+    assert (args.host, args.port, args.share, args.api_key) == ("127.0.0.1", 8000, False, None)
+    assert {route.path for route in router.routes} == {"/v1/chat/completions", "/v1/models", "/health"}
     assert app.title == "nanochat-jax · sft d2 step 3" and "http://127.0.0.1:8000" in capsys.readouterr().out
     assert {(fn.concurrency_id, fn.concurrency_limit) for fn in app.fns.values() if fn.name == "submit"} == \
         {("engine", 1)}  # Enter and Send share one slot: one reply at a time

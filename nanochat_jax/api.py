@@ -1,0 +1,223 @@
+"""The OpenAI-compatible HTTP API of the chat server: a FastAPI router over the Scheduler.
+
+    POST /v1/chat/completions   messages, temperature, top_p, top_k (ours), max_tokens, n, stop, seed, stream
+    GET  /v1/models             the one model served
+    GET  /health                status and slot use (no key needed)
+
+Requests get the web chat's limits (web.check_request, the model's context); a refused request is HTTP 400 with
+OpenAI's {"error": {"message", "type"}}, a full queue 429, a missing or wrong key 401 (with --api-key). A reply's
+text is the page's Markdown view without the escaping: a calculator call shows as a python block and "→ `result`";
+other special tokens the model emits are not shown. `stream: true` sends OpenAI's chat.completion.chunk events
+(server-sent events) ending with `data: [DONE]`; a client that goes away cancels its requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import time
+import uuid
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from nanochat_jax import web
+from nanochat_jax.scheduler import Busy
+
+N_RANGE = (1, 8)
+MAX_STOPS = 4
+DEFAULT_MAX_TOKENS = 512
+
+
+def error(status: int, message: str, kind: str = "invalid_request_error") -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": kind, "param": None, "code": None}}, status_code=status)
+
+
+def reply_text(tokenizer, tokens: list[int], final: bool) -> str:
+    """The text of a reply so far; append-only while it grows (a tool part's closing markup and half a UTF-8
+    character wait until they are complete)."""
+    parts = web.reply_parts(tokenizer, tokens)
+    out = []
+    for i, part in enumerate(parts):
+        before, after = web.PART_MARKUP.get(part["type"], ("", ""))
+        out.append(before + part["text"] + (after if final or i < len(parts) - 1 else ""))
+    text = "".join(out)
+    return text if final else text.rstrip("\ufffd")
+
+
+def apply_stops(text: str, stops: list[str], final: bool) -> tuple[str, bool]:
+    """(the text that may be shown, whether a stop string ended it). Unfinished text holds back an ending that
+    could be the start of a stop string."""
+    cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
+    if cut >= 0:
+        return text[:cut], True
+    if not final:
+        held = max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+        text = text[:len(text) - held]
+    return text, False
+
+
+def _parse(body, defaults: dict) -> dict:
+    """The request's settings, or web.ChatError saying what is wrong."""
+    if not isinstance(body, dict):
+        raise web.ChatError("The request body must be a JSON object.")
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise web.ChatError("'messages' must be a non-empty list of {role, content} objects.")
+    clean = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
+            raise web.ChatError(f"messages[{i}] must be an object with role system, user or assistant.")
+        content = m.get("content")
+        if isinstance(content, list):  # OpenAI's content parts: only text
+            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                       for p in content):
+                raise web.ChatError(f"messages[{i}].content: only text parts are supported.")
+            content = "".join(p["text"] for p in content)
+        if not isinstance(content, str):
+            raise web.ChatError(f"messages[{i}].content must be a string.")
+        clean.append({"role": m["role"], "content": content})
+    if clean[-1]["role"] != "user":
+        raise web.ChatError("The last message must be from the user.")
+    stop = body.get("stop")
+    stops = [] if stop is None else [stop] if isinstance(stop, str) else stop
+    if not isinstance(stops, list) or len(stops) > MAX_STOPS or not all(isinstance(s, str) and s for s in stops):
+        raise web.ChatError(f"'stop' must be a non-empty string or a list of up to {MAX_STOPS} of them.")
+    seed = body.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise web.ChatError(f"'seed' must be an integer, got {seed!r}.")
+    get = lambda name: body.get(name) if body.get(name) is not None else defaults[name]  # noqa: E731
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    temperature, top_k, max_tokens = web.check_request(
+        clean, get("temperature"), get("top_k"),
+        defaults["max_tokens"] if max_tokens is None else max_tokens)
+    return {"messages": clean, "temperature": temperature, "top_k": top_k, "max_tokens": max_tokens,
+            "top_p": web._number("top_p", get("top_p"), (0.0, 1.0)),
+            "n": web._number("n", get("n"), N_RANGE, integer=True), "stops": stops,
+            "seed": secrets.randbits(31) if seed is None else seed, "stream": bool(body.get("stream", False))}
+
+
+def api_router(scheduler, tokenizer, *, model: str, api_key: str | None = None, temperature: float = 0.8,
+               top_k: int = 50, max_tokens: int = DEFAULT_MAX_TOKENS, base: bool = False) -> APIRouter:
+    """The API's routes. A base model continues the last message as plain text (web.completion_prompt)."""
+    router = APIRouter()
+    defaults = {"temperature": temperature, "top_k": top_k, "max_tokens": max_tokens, "top_p": 1.0, "n": 1}
+    created = int(time.time())
+
+    def refused(request: Request) -> JSONResponse | None:
+        if api_key is None:
+            return None
+        given = request.headers.get("authorization", "")
+        if not secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+            return error(401, "Missing or wrong API key: send the header 'Authorization: Bearer <key>'.",
+                         "authentication_error")
+        return None
+
+    @router.get("/health")
+    def health():
+        return {"status": "ok" if scheduler.error is None else f"error: {scheduler.error}", "model": model,
+                "slots": scheduler.slots, "busy_slots": scheduler.busy_slots(), "queued": len(scheduler.waiting)}
+
+    @router.get("/v1/models")
+    def models(request: Request):
+        return refused(request) or {"object": "list", "data": [
+            {"id": model, "object": "model", "created": created, "owned_by": "nanochat-jax"}]}
+
+    @router.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        if (no := refused(request)) is not None:
+            return no
+        try:
+            body = json.loads(await request.body())
+        except ValueError as e:
+            return error(400, f"The request body is not valid JSON: {e}")
+        try:
+            settings = _parse(body, defaults)
+            prompt = web.completion_prompt(tokenizer, settings["messages"], base, scheduler.context_len)
+        except ValueError as e:  # web.ChatError, or the renderer's complaint about the order of the roles
+            return error(400, str(e))
+
+        loop, events = asyncio.get_running_loop(), asyncio.Queue()
+        requests = []
+        try:
+            for i in range(settings["n"]):
+                sink = lambda *event, i=i: loop.call_soon_threadsafe(events.put_nowait, (i, *event))  # noqa: E731
+                requests.append(scheduler.submit(
+                    prompt, settings["max_tokens"], sink, temperature=settings["temperature"],
+                    top_k=settings["top_k"], top_p=settings["top_p"], seed=settings["seed"] + i))
+        except Busy as e:
+            for r in requests:
+                r.cancel()
+            return error(429, str(e), "rate_limit_error")
+        except (ValueError, RuntimeError) as e:
+            for r in requests:
+                r.cancel()
+            return error(503 if isinstance(e, RuntimeError) else 400, str(e))
+
+        completion_id, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        head = {"id": completion_id, "created": now, "model": model}
+
+        async def choices():
+            """Yield (index, text so far, finish_reason or None) as the replies grow; cancels what is left."""
+            tokens = [[] for _ in requests]
+            open_ = set(range(len(requests)))
+            try:
+                while open_:
+                    i, new, _, finish = await events.get()
+                    if i not in open_:
+                        continue
+                    tokens[i] += new
+                    if finish in ("error", "cancelled"):
+                        raise RuntimeError(f"generation failed: {scheduler.error or finish}")
+                    text, stopped = apply_stops(reply_text(tokenizer, tokens[i], finish is not None),
+                                                settings["stops"], finish is not None)
+                    if stopped:
+                        requests[i].cancel()
+                        finish = "stop"
+                    if finish is not None:
+                        open_.discard(i)
+                    yield i, text, finish, len(tokens[i])
+            finally:
+                for r in requests:
+                    r.cancel()
+
+        usage = lambda completion: {"prompt_tokens": len(prompt) * len(requests),  # noqa: E731
+                                    "completion_tokens": completion,
+                                    "total_tokens": len(prompt) * len(requests) + completion}
+        if not settings["stream"]:
+            final, counts = {}, {}
+            try:
+                async for i, text, finish, count in choices():
+                    counts[i] = count
+                    if finish is not None:
+                        final[i] = (text, finish)
+            except RuntimeError as e:
+                return error(500, str(e), "server_error")
+            return {**head, "object": "chat.completion", "usage": usage(sum(counts.values())), "choices": [
+                {"index": i, "message": {"role": "assistant", "content": final[i][0]}, "finish_reason": final[i][1]}
+                for i in range(len(requests))]}
+
+        def chunk(i, delta, finish=None):
+            event = {**head, "object": "chat.completion.chunk",
+                     "choices": [{"index": i, "delta": delta, "finish_reason": finish}]}
+            return f"data: {json.dumps(event)}\n\n"
+
+        async def stream():
+            shown = [""] * len(requests)
+            for i in range(len(requests)):
+                yield chunk(i, {"role": "assistant", "content": ""})
+            try:
+                async for i, text, finish, _ in choices():
+                    if len(text) > len(shown[i]):
+                        yield chunk(i, {"content": text[len(shown[i]):]})
+                        shown[i] = text
+                    if finish is not None:
+                        yield chunk(i, {}, finish)
+            except RuntimeError as e:
+                yield f"data: {json.dumps({'error': {'message': str(e), 'type': 'server_error'}})}\n\n"
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(stream(), media_type="text/event-stream")
+
+    return router

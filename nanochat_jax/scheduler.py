@@ -1,0 +1,224 @@
+"""Continuous batching in front of the Engine: the chat requests of all users share one KV cache.
+
+Owns the serving loop and its state: a fixed number of decode slots (the rows of one preallocated cache of
+bucket(context_len) positions), the bounded queue of requests waiting for a slot, and each request's sampling
+settings (temperature, top_k, top_p, max_tokens, seed) and token stream.
+
+One background thread runs the loop: admit waiting requests into free slots (each prompt is prefilled alone and
+copied into its slot: nobody waits for the others to finish), run one decode chunk for all slots
+(Engine._decode: the engine's jitted while_loop with per-row sampling settings, and Engine._advance's calculator
+state machine per row), hand each request its new tokens, free the slots of finished and cancelled requests.
+Shapes stay fixed (slots rows, a power-of-two cache and windows), so the loop compiles a few programs once.
+A request alone in the scheduler gets the tokens Engine.generate gives it (same prefill, same per-row key).
+
+Consumers receive (tokens, masks, finish) events through the request's `sink`: the new tokens (without the
+terminal token; mask 0 = forced tool output) and finish = None, "stop" (the model ended the reply), "length"
+(max_tokens or the context), "cancelled" or "error".
+"""
+
+from __future__ import annotations
+
+import functools
+import queue
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from nanochat_jax.engine import _prefill, _Row, bucket
+
+
+class Busy(RuntimeError):
+    """The wait queue is full."""
+
+
+@dataclass(eq=False)
+class Request:
+    """One completion: the prompt, its sampling settings, and where its events go."""
+
+    prompt: list[int]
+    max_tokens: int
+    sink: Callable[[list[int], list[int], str | None], None]
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+    cancelled: bool = False
+    row: _Row | None = field(default=None, repr=False)
+    sent: int = 0  # tokens of row.out handed to the sink
+
+    def cancel(self) -> None:
+        """Stop generating (the slot frees at the next chunk boundary); the sink gets finish="cancelled"."""
+        self.cancelled = True
+
+
+@functools.partial(jax.jit, donate_argnums=(0, 1, 2))
+def _insert(cache, logits, keys, row_cache, row_logits, row_key, slot):
+    """Copy one prefilled prompt (cache row, last logits, PRNG key) into slot `slot` of the shared state."""
+    k = jax.lax.dynamic_update_slice(cache.k, row_cache.k, (0, slot, 0, 0, 0))
+    v = jax.lax.dynamic_update_slice(cache.v, row_cache.v, (0, slot, 0, 0, 0))
+    cache = cache.replace(k=k, v=v, lengths=cache.lengths.at[slot].set(row_cache.lengths[0]))
+    return cache, logits.at[slot].set(row_logits[0]), keys.at[slot].set(row_key)
+
+
+class Scheduler:
+    """Continuous batching over `slots` rows of one cache (see the module docstring)."""
+
+    def __init__(self, engine, slots: int = 8, max_queue: int = 64):
+        if slots < 1 or max_queue < 0:
+            raise ValueError(f"need slots >= 1 and max_queue >= 0, got slots={slots}, max_queue={max_queue}")
+        self.engine, self.slots, self.max_queue = engine, slots, max_queue
+        self.context_len = engine.context_len
+        self.cache_len = bucket(engine.context_len)
+        self.requests: list[Request | None] = [None] * slots
+        self.waiting: deque[Request] = deque()
+        self.cond = threading.Condition()
+        self.closed, self.error = False, None
+        self.cache = engine._empty_cache(slots, self.cache_len)
+        self.logits = None  # (slots, vocab) fp32, made with the first prefill
+        self.keys = jax.random.split(jax.random.key(0), slots)
+        self.decode_windows: list[int] = []  # the attention window of every chunk run (for tests)
+        self.thread = threading.Thread(target=self._loop, name="scheduler", daemon=True)
+        self.thread.start()
+
+    # -- the client side ---------------------------------------------------------------------------
+
+    def submit(self, prompt: list[int], max_tokens: int, sink, *, temperature: float = 0.0, top_k: int | None = 0,
+               top_p: float | None = 1.0, seed: int = 0) -> Request:
+        """Queue a request; raises Busy when the queue is full, ValueError for bad settings. max_tokens is cut to
+        what fits in the model's context after the prompt."""
+        if not len(prompt) or len(prompt) >= self.context_len:
+            raise ValueError(f"the prompt must hold 1 to {self.context_len - 1} tokens, got {len(prompt)}")
+        top_k, top_p = top_k or 0, 1.0 if top_p is None else top_p
+        if (not isinstance(max_tokens, (int, np.integer)) or max_tokens < 1 or not temperature >= 0
+                or not isinstance(top_k, (int, np.integer)) or top_k < 0 or not 0 <= top_p <= 1):
+            raise ValueError(f"need a whole max_tokens >= 1, temperature >= 0, a whole top_k >= 0 and 0 <= top_p <= 1;"
+                             f" got max_tokens={max_tokens!r}, temperature={temperature!r}, top_k={top_k!r}, "
+                             f"top_p={top_p!r}")
+        request = Request(list(prompt), min(int(max_tokens), self.context_len - len(prompt)), sink,
+                          float(temperature), int(top_k), float(top_p), int(seed))
+        with self.cond:
+            if self.closed or self.error:
+                raise RuntimeError(f"the scheduler has stopped{f': {self.error}' if self.error else ''}")
+            if len(self.waiting) >= self.max_queue and None not in self.requests:
+                raise Busy(f"The server is busy: {len(self.waiting)} requests are already waiting. "
+                           "Please try again in a moment.")
+            self.waiting.append(request)
+            self.cond.notify()
+        return request
+
+    def generate(self, tokens, num_samples: int = 1, max_tokens: int = 256, temperature: float = 1.0,
+                 top_k: int | None = None, top_p: float | None = None, seed: int = 0):
+        """Engine.generate's interface for one prompt and one sample (the web chat streams from it): yields
+        ([token], [mask]) per token; closing the generator cancels the request."""
+        if num_samples != 1:
+            raise ValueError("the scheduler generates one sample per request")
+        events = queue.Queue()
+        request = self.submit(tokens, max_tokens, lambda *event: events.put(event), temperature=temperature,
+                              top_k=top_k, top_p=top_p, seed=seed)
+        try:
+            while True:
+                tokens, masks, finish = events.get()
+                for token, mask in zip(tokens, masks):
+                    yield [token], [mask]
+                if finish == "error":
+                    raise RuntimeError(f"generation failed: {self.error}")
+                if finish is not None:
+                    return
+        finally:
+            request.cancel()
+
+    def busy_slots(self) -> int:
+        return sum(r is not None for r in self.requests)
+
+    def close(self) -> None:
+        with self.cond:
+            self.closed = True
+            self.cond.notify()
+        self.thread.join()
+
+    # -- the loop ----------------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        try:
+            while True:
+                with self.cond:
+                    while not self.closed and not self.waiting and self.busy_slots() == 0:
+                        self.cond.wait()
+                    if self.closed:
+                        break
+                    admitted = []
+                    for slot in [i for i, r in enumerate(self.requests) if r is None]:
+                        if not self.waiting:
+                            break
+                        admitted.append((slot, self.waiting.popleft()))
+                for slot, request in admitted:
+                    if request.cancelled:
+                        request.sink([], [], "cancelled")
+                    else:
+                        self._admit(slot, request)
+                for slot, request in enumerate(self.requests):
+                    if request is not None and request.cancelled:
+                        self._finish(slot, "cancelled")
+                if self.busy_slots():
+                    self._step()
+        except Exception as e:  # a device failure: every request hears of it, later ones are refused
+            with self.cond:
+                self.error = f"{type(e).__name__}: {e}"
+        with self.cond:
+            pending = [r for r in self.requests if r is not None] + list(self.waiting)
+            self.requests, self.waiting = [None] * self.slots, deque()
+        for request in pending:
+            request.sink([], [], "error" if self.error else "cancelled")
+
+    def _admit(self, slot: int, request: Request) -> None:
+        """Prefill the prompt alone (as Engine.generate would) and copy it into the slot."""
+        engine, n = self.engine, len(request.prompt)
+        L = bucket(n)
+        padded = np.zeros((1, L), np.int32)
+        padded[0, :n] = request.prompt
+        logits, row_cache = _prefill(engine.graphdef, engine.state, engine._empty_cache(1, L), jnp.asarray(padded),
+                                     jnp.asarray([n], jnp.int32))
+        if self.logits is None:
+            self.logits = jnp.zeros((self.slots, logits.shape[-1]), logits.dtype)
+        key = jax.random.split(jax.random.key(request.seed), 1)[0]
+        self.cache, self.logits, self.keys = _insert(self.cache, self.logits, self.keys, row_cache, logits, key,
+                                                     jnp.int32(slot))
+        request.row = _Row(remaining=request.max_tokens)
+        self.requests[slot] = request
+
+    def _step(self) -> None:
+        """One decode chunk for every slot, then hand out the new tokens and free finished slots."""
+        engine = self.engine
+        rows = [r.row if r is not None else _Row(remaining=0, done=True) for r in self.requests]
+        live = max(len(r.prompt) + len(r.row.out) for r in self.requests if r is not None)
+        window = min(self.cache_len, bucket(live + engine.chunk))
+        self.decode_windows.append(window)
+        setting = lambda name, empty, dtype: jnp.asarray(  # noqa: E731
+            [getattr(r, name) if r is not None else empty for r in self.requests], dtype)
+        sampling = (setting("temperature", 0.0, jnp.float32), setting("top_k", 0, jnp.int32),
+                    setting("top_p", 1.0, jnp.float32))
+        self.cache, self.logits, self.keys = engine._decode(rows, window, self.cache, self.logits, self.keys, sampling)
+        stop = (engine.assistant_end, engine.bos)
+        for slot, request in enumerate(self.requests):
+            if request is None:
+                continue
+            row = request.row
+            new = row.out[request.sent:]
+            request.sent = len(row.out)
+            if row.done and row.out[-1][0] in stop:
+                new, finish = new[:-1], "stop"
+            else:
+                finish = "length" if row.done else None
+            if new or finish:
+                request.sink([t for t, _ in new], [m for _, m in new], finish)
+            if finish:
+                self.requests[slot] = None
+
+    def _finish(self, slot: int, finish: str) -> None:
+        self.requests[slot].sink([], [], finish)
+        self.requests[slot] = None
