@@ -4,7 +4,9 @@ Engine as Markdown, and the Gradio app around it.
 The conversation is kept as chat messages for `tokenizer.render_conversation`. An assistant reply that
 used the calculator is stored as text / python / python_output parts (`reply_parts`), so the next turn
 renders exactly the tokens the model produced; the Chatbot only shows a Markdown view of the messages, with
-a calculator call as a python code block followed by "→ `result`".
+a calculator call as a python code block followed by "→ `result`", a line starting with "#" (GSM8K's
+"#### 42") kept as text, and a notice under a reply that was stopped or cut by max tokens or the context.
+Special tokens other than the calculator's never show as text.
 
 A base model is not a chat model: each message is continued as plain text and earlier turns are not used.
 Gradio is imported only by `build_app`, so the rest (and chat_cli's `reply_parts`) loads without it.
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import re
 
 # nanochat's limits on one chat request
 MAX_MESSAGES = 500
@@ -25,6 +28,9 @@ MAX_TOKENS_RANGE = (1, 4096)
 
 # Markdown around a tool part: (before, after)
 PART_MARKUP = {"python": ("\n```python\n", "\n```\n"), "python_output": ("→ `", "`\n\n")}
+STOPPED = "\n\n*(stopped)*"
+CUT_BY_MAX_TOKENS = "\n\n*(cut at {} tokens: the Max tokens setting)*"
+CUT_BY_CONTEXT = "\n\n*(cut: the conversation reached the model's context of {} tokens; press Clear to start anew)*"
 
 
 class ChatError(ValueError):
@@ -32,10 +38,12 @@ class ChatError(ValueError):
 
 
 def reply_parts(tokenizer, tokens: list[int]) -> list[dict]:
-    """Split a generated reply into render_conversation parts: text, python (the call), python_output."""
+    """Split a generated reply into render_conversation parts: text, python (the call), python_output. Other
+    special tokens (a model that writes <|user_start|> mid-reply) are dropped: they are never text."""
     sp = tokenizer.encode_special
     opening = {sp("<|python_start|>"): "python", sp("<|output_start|>"): "python_output"}
     closing = {sp("<|python_end|>"), sp("<|output_end|>")}
+    hidden = {sp(name) for name in tokenizer.get_special_tokens()} - set(opening) - closing
     parts, kind, run = [], "text", []
 
     def flush():  # an empty tool part stays: the next turn must render exactly the tokens the model produced
@@ -49,7 +57,7 @@ def reply_parts(tokenizer, tokens: list[int]) -> list[dict]:
         elif token in closing:
             flush()
             kind, run = "text", []
-        else:
+        elif token not in hidden:
             run.append(token)
     flush()
     return parts
@@ -62,14 +70,19 @@ def reply_content(parts: list[dict]) -> str | list[dict]:
     return "".join(p["text"] for p in parts)
 
 
+def plain(text: str) -> str:
+    """Text that Markdown shows as written: a "#" starting a line is not a heading ("#### 42" stays)."""
+    return re.sub(r"(?m)^( {0,3})#", r"\1\\#", text)
+
+
 def to_markdown(content: str | list[dict]) -> str:
     """How a message's content shows in the chat."""
     if isinstance(content, str):
-        return content
+        return plain(content)
     out = []
     for part in content:
         before, after = PART_MARKUP.get(part["type"], ("", ""))
-        out.append(before + part["text"] + after)
+        out.append(before + (plain(part["text"]) if part["type"] == "text" else part["text"]) + after)
     return "".join(out)
 
 
@@ -145,66 +158,97 @@ def stream_tokens(engine, tokenizer, prompt: list[int], max_tokens: int, **gener
 
 def respond(engine, tokenizer, messages: list[dict], user_text: str, *, temperature, top_k, max_tokens,
             seed: int = 0, base: bool = False):
-    """One chat turn: yields (messages, display) as the reply grows. Only the last pair's messages hold the
-    new turn and its reply; until then they are the conversation as it was, so a reply that fails half way
-    leaves a conversation that still continues.
+    """One chat turn: returns a generator of (messages, display, partial) as the reply grows. Only the last
+    triple's messages hold the new turn and its reply; until then they are the conversation as it was, so a
+    reply that fails half way leaves a conversation that still continues. `partial` is the conversation with
+    the turn and the reply so far (what Stop keeps). A reply cut by max_tokens or the context ends with a notice
+    in the display.
 
-    Raises ChatError (at the first next()) for a request outside the limits; `messages` is not modified."""
+    Raises ChatError (right away) for a request outside the limits; `messages` is not modified."""
     turn = [{"role": "user", "content": (user_text or "").strip()}]
     temperature, top_k, max_tokens = check_request(turn if base else messages + turn, temperature, top_k,
                                                    max_tokens)
     prompt = completion_prompt(tokenizer, messages + turn, base, engine.context_len)
-    shown = chat_display(messages + turn)
-    tokens = []
-    for tokens in stream_tokens(engine, tokenizer, prompt, max_tokens=max_tokens, temperature=temperature,
-                                top_k=top_k or None, seed=seed):
-        parts = reply_parts(tokenizer, tokens)
-        if not (parts and parts[-1]["text"].endswith("\ufffd")):  # wait for the rest of a multi-byte character
-            yield messages, shown + [{"role": "assistant", "content": to_markdown(reply_content(parts))}]
-    messages = messages + turn + [{"role": "assistant", "content": reply_content(reply_parts(tokenizer, tokens))}]
-    yield messages, chat_display(messages)
+    budget = min(max_tokens, engine.context_len - len(prompt))  # as stream_tokens
+
+    def steps(messages):
+        shown = chat_display(messages + turn)
+        tokens = []
+        for tokens in stream_tokens(engine, tokenizer, prompt, max_tokens=max_tokens, temperature=temperature,
+                                    top_k=top_k or None, seed=seed):
+            parts = reply_parts(tokenizer, tokens)
+            if not (parts and parts[-1]["text"].endswith("\ufffd")):  # wait for the rest of a multi-byte character
+                content = reply_content(parts)
+                yield (messages, shown + [{"role": "assistant", "content": to_markdown(content)}],
+                       messages + turn + [{"role": "assistant", "content": content}])
+        messages = messages + turn + [{"role": "assistant", "content": reply_content(reply_parts(tokenizer, tokens))}]
+        display = chat_display(messages)
+        if len(tokens) == budget:
+            by_context = budget < max_tokens
+            display[-1]["content"] += (CUT_BY_CONTEXT.format(engine.context_len) if by_context
+                                       else CUT_BY_MAX_TOKENS.format(budget))
+        yield messages, display, messages
+
+    return steps(messages)
 
 
 def build_app(engine, tokenizer, *, base: bool = False, title: str = "nanochat-jax", temperature: float = 0.8,
               top_k: int = 50, max_tokens: int = 512, seed: int = 0):
-    """The Gradio Blocks app. Enter and Send are one event with one queue slot, so one reply is generated at
-    a time; a refused request shows its reason in a status line under the message box. Stop and Clear cancel a
-    reply being generated; an unfinished turn is never kept (Stop puts the message back in the box)."""
+    """The Gradio Blocks app over an Engine (one reply at a time) or a Scheduler (replies of all users together,
+    in its queue; a full queue shows as busy). Enter and Send are one event; a refused request shows its reason
+    in a status line under the message box, which also says "Thinking…" (and the queue ahead) until the first
+    token. Stop keeps the reply so far, marked "(stopped)"; Stop with no reply under way does nothing. Clear
+    forgets the conversation."""
     import gradio as gr
 
+    from nanochat_jax.scheduler import Busy
+
     seeds = itertools.count(seed)  # a fresh sample every turn
+    scheduled = hasattr(engine, "submit")
+
+    def thinking() -> str:
+        ahead = len(engine.waiting) if scheduled else 0
+        return f"⏳ Thinking… ({ahead} requests ahead of yours)" if ahead else "⏳ Thinking…"
 
     def submit(user_text, messages, temperature, top_k, max_tokens):
-        """Stream (textbox, messages, chatbot, status, pending); a refused request only sets the status line.
-        The box is emptied once, with the first token, so what the user types meanwhile stays; `pending` holds
-        the message while its reply is unfinished."""
+        """Stream (textbox, messages, chatbot, status, partial); a refused request only sets the status line.
+        The box is emptied once, when the request is accepted, so what the user types meanwhile stays; `partial`
+        holds the conversation with the unfinished reply, for Stop."""
         try:
             steps = respond(engine, tokenizer, messages, user_text, temperature=temperature, top_k=top_k,
                             max_tokens=max_tokens, seed=next(seeds), base=base)
-            display = chat_display(messages)
-            for i, (messages, display) in enumerate(steps):
-                yield "" if i == 0 else gr.skip(), messages, display, "", user_text
-            yield gr.skip(), messages, display, "", ""  # finished: nothing left to give back
         except ChatError as e:
             yield gr.skip(), gr.skip(), gr.skip(), f"⚠️ {e}", gr.skip()
+            return
+        turn = messages + [{"role": "user", "content": user_text.strip()}]
+        yield "", messages, chat_display(turn), thinking(), turn + [{"role": "assistant", "content": ""}]
+        try:
+            for messages, display, partial in steps:
+                yield gr.skip(), messages, display, "", partial
+        except Busy as e:  # the turn is dropped and the message goes back in the box
+            yield user_text, messages, chat_display(messages), f"⚠️ {e}", None
+            return
+        yield gr.skip(), messages, display, "", None  # finished: nothing left for Stop
 
-    def stop(messages, pending):
-        if not pending:  # no reply under way (or its first token not out yet: the message is still in the box)
-            return gr.skip(), chat_display(messages), "Stopped."
-        return pending, chat_display(messages), "Stopped: that reply was discarded and your message is back in the box."
+    def stop(partial):
+        if partial is None:  # no reply under way: nothing changes
+            return gr.skip(), gr.skip(), gr.skip(), gr.skip()
+        display = chat_display(partial)
+        display[-1]["content"] += STOPPED
+        return partial, display, "", None
 
     def clear():
-        return "", [], [], "", ""
+        return "", [], [], "", None
 
     note = ("A base model continues your text; earlier turns are not used." if base
             else "Calculator calls show as a python block followed by → `result`.")
     with gr.Blocks(title=title) as app:
         gr.Markdown(f"## {title}\n{note}")
         messages = gr.State([])
-        pending = gr.State("")  # the message of the reply being generated
+        partial = gr.State(None)  # the conversation with the reply being generated
         chatbot = gr.Chatbot(label="Chat", height=480, feedback_options=None, buttons=["copy"])
-        textbox = gr.Textbox(placeholder="Type a message and press Enter", show_label=False, autofocus=True,
-                             max_length=MAX_MESSAGE_CHARS)
+        textbox = gr.Textbox(placeholder=f"Type a message (up to {MAX_MESSAGE_CHARS} characters) and press Enter",
+                             show_label=False, autofocus=True, max_length=MAX_MESSAGE_CHARS)
         status = gr.Markdown("")
         with gr.Row():
             send = gr.Button("Send", variant="primary")
@@ -214,12 +258,16 @@ def build_app(engine, tokenizer, *, base: bool = False, title: str = "nanochat-j
             temperature_slider = gr.Slider(*TEMPERATURE_RANGE, value=temperature, step=0.05, label="Temperature",
                                            info="0 is greedy")
             top_k_slider = gr.Slider(*TOP_K_RANGE, value=top_k, step=1, label="Top-k", info="0 disables top-k")
-            max_tokens_slider = gr.Slider(*MAX_TOKENS_RANGE, value=max_tokens, step=1, label="Max tokens")
+            max_tokens_slider = gr.Slider(*MAX_TOKENS_RANGE, value=max_tokens, step=1, label="Max tokens",
+                                          info=f"a reply also ends at the model's context ({engine.context_len} tokens "
+                                               "with the conversation)")
         inputs = [textbox, messages, temperature_slider, top_k_slider, max_tokens_slider]
-        outputs = [textbox, messages, chatbot, status, pending]
-        reply = gr.on([textbox.submit, send.click], submit, inputs, outputs, concurrency_limit=1,
+        outputs = [textbox, messages, chatbot, status, partial]
+        # with a Scheduler every user's request goes straight to its queue (which bounds them); an Engine is one
+        # reply at a time
+        reply = gr.on([textbox.submit, send.click], submit, inputs, outputs, concurrency_limit=None if scheduled else 1,
                       concurrency_id="engine", show_progress="hidden")
-        stop_button.click(stop, [messages, pending], [textbox, chatbot, status], cancels=[reply])
+        stop_button.click(stop, [partial], [messages, chatbot, status, partial], cancels=[reply])
         clear_button.click(clear, None, outputs, cancels=[reply])
         chatbot.clear(clear, None, outputs, cancels=[reply])  # the Chatbot's own trash icon forgets it too
     return app

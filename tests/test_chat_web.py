@@ -60,15 +60,17 @@ def test_streamed_reply_equals_greedy_generation(model, tokenizer):
     steps = list(web.respond(engine, tokenizer, [], "  hi there ", **GREEDY))
     expected = greedy_reply(engine.engine, tokenizer, chat_tokens(tokenizer, ["hi there"]), GREEDY["max_tokens"])
     assert engine.prompts == [chat_tokens(tokenizer, ["hi there"])]
-    texts = [display[-1]["content"] for _, display in steps]
+    messages, display, partial = steps[-1]
+    texts = [display[-1]["content"] for _, display, _ in steps[:-1]] + [messages[-1]["content"]]
     assert len(expected) > 0 and texts[-1] == expected
     chunks = [b[len(a):] for a, b in zip([""] + texts, texts)]
     assert all(b.startswith(a) for a, b in zip(texts, texts[1:]))  # each update only appends
     assert "".join(chunks) == expected and len(steps) >= 2
-    messages, display = steps[-1]
-    assert messages == [{"role": "user", "content": "hi there"}, {"role": "assistant", "content": expected}]
-    assert display == messages
-    assert all(m == [] for m, _ in steps[:-1])  # the turn is stored only with the complete reply
+    assert messages == partial == [{"role": "user", "content": "hi there"}, {"role": "assistant", "content": expected}]
+    assert display[0] == messages[0]  # the reply was cut by max_tokens (the random model never ends it): it says so
+    assert display[1]["content"] == expected + "\n\n*(cut at 12 tokens: the Max tokens setting)*"
+    assert all(m == [] for m, _, _ in steps[:-1])  # the turn is stored only with the complete reply
+    assert [p[1]["content"] for _, _, p in steps[:-1]] == texts[:-1]  # ... and kept as partial for Stop
 
 
 class FailsMidReply:
@@ -85,10 +87,10 @@ def test_a_reply_that_fails_half_way_leaves_a_conversation_that_continues(model,
     history = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
     state = history
     with pytest.raises(RuntimeError, match="RESOURCE_EXHAUSTED"):
-        for state, display in web.respond(FailsMidReply(), tokenizer, history, "more", **GREEDY):
+        for state, display, _ in web.respond(FailsMidReply(), tokenizer, history, "more", **GREEDY):
             assert display[-1]["role"] == "assistant"  # the partial reply is shown ...
     assert state == history  # ... but the state the app keeps is the conversation before the failed turn
-    messages, _ = list(web.respond(Engine(model, tokenizer), tokenizer, state, "again", **GREEDY))[-1]
+    messages = list(web.respond(Engine(model, tokenizer), tokenizer, state, "again", **GREEDY))[-1][0]
     assert [m["role"] for m in messages] == ["user", "assistant", "user", "assistant"]
 
 
@@ -104,9 +106,9 @@ def test_long_model_replies_do_not_block_and_the_context_length_is_enforced(mode
 
 def test_multi_turn_renders_the_history(model, tokenizer):
     engine = Recorder(Engine(model, tokenizer))
-    messages, _ = list(web.respond(engine, tokenizer, [], "hello", **GREEDY))[-1]
+    messages = list(web.respond(engine, tokenizer, [], "hello", **GREEDY))[-1][0]
     first = messages[1]["content"]
-    messages, _ = list(web.respond(engine, tokenizer, messages, "and again?", **GREEDY))[-1]
+    messages = list(web.respond(engine, tokenizer, messages, "and again?", **GREEDY))[-1][0]
     assert engine.prompts[1] == chat_tokens(tokenizer, ["hello", first, "and again?"])
     assert [m["role"] for m in messages] == ["user", "assistant", "user", "assistant"]
     assert messages[3]["content"] == greedy_reply(engine.engine, tokenizer, engine.prompts[1], GREEDY["max_tokens"])
@@ -115,12 +117,12 @@ def test_multi_turn_renders_the_history(model, tokenizer):
 def test_tool_call_is_shown_as_code_and_kept_as_parts(tokenizer):
     engine = Recorder(scripted_engine(tokenizer, chunk=4))
     steps = list(web.respond(engine, tokenizer, [], "what is 1/7", temperature=0.0, top_k=0, max_tokens=40))
-    messages, display = steps[-1]
+    messages, display, _ = steps[-1]
     assert messages[1]["content"] == [{"type": "text", "text": "?"}, {"type": "python", "text": "1/7"},
                                       {"type": "python_output", "text": "0.142857142857"},
                                       {"type": "text", "text": "!"}]
     assert display[1]["content"] == "?\n```python\n1/7\n```\n→ `0.142857142857`\n\n!"
-    texts = [d[-1]["content"] for _, d in steps]
+    texts = [d[-1]["content"] for _, d, _ in steps]
     assert "?\n```python\n1/\n```\n" in texts  # the call shows while it is being written
     # the next turn renders the tool call exactly as the model produced it
     list(web.respond(engine, tokenizer, messages, "thanks", temperature=0.0, top_k=0, max_tokens=4))
@@ -134,7 +136,7 @@ def test_tool_call_is_shown_as_code_and_kept_as_parts(tokenizer):
 def test_base_model_continues_the_last_message_only(model, tokenizer):
     engine = Recorder(Engine(model, tokenizer))
     history = [{"role": "user", "content": "x" * 7000}] * 6  # over the conversation limit, but unused
-    messages, _ = list(web.respond(engine, tokenizer, history, "once upon", base=True, **GREEDY))[-1]
+    messages = list(web.respond(engine, tokenizer, history, "once upon", base=True, **GREEDY))[-1][0]
     prompt = tokenizer.encode("once upon", prepend=tokenizer.bos_token_id)
     assert engine.prompts == [prompt]
     assert messages[-1] == {"role": "assistant",
@@ -184,8 +186,11 @@ def free_port() -> int:
 def test_app_serves_its_page_and_chats_over_http(model, tokenizer):
     from gradio_client import Client
 
+    from nanochat_jax.scheduler import Scheduler
+
     engine = Engine(model, tokenizer)
-    app = web.build_app(engine, tokenizer, title="nanochat-jax test", temperature=0.0, max_tokens=8)
+    scheduler = Scheduler(engine, slots=2)  # the page goes through the scheduler, as in chat_web
+    app = web.build_app(scheduler, tokenizer, title="nanochat-jax test", temperature=0.0, max_tokens=8)
     port = free_port()
     app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
     try:
@@ -200,6 +205,7 @@ def test_app_serves_its_page_and_chats_over_http(model, tokenizer):
         client = Client(url, verbose=False, download_files=False)
         text, display, status = client.predict("hi", 0.0, 50, 8, api_name="/submit")  # state stays server-side
         expected = greedy_reply(engine, tokenizer, chat_tokens(tokenizer, ["hi"]), 8)
+        expected += "\n\n*(cut at 8 tokens: the Max tokens setting)*"
         assert status == "" and [(m["role"], m["content"]) for m in display] == \
             [("user", [{"type": "text", "text": "hi"}]), ("assistant", [{"type": "text", "text": expected}])]
         *_, status = client.predict(" ", 0.0, 50, 8, api_name="/submit")
@@ -211,6 +217,7 @@ def test_app_serves_its_page_and_chats_over_http(model, tokenizer):
         assert display[-1]["content"] == [{"type": "text", "text": expected}] and len(display) == 2
     finally:
         app.close()
+        scheduler.close()
 
 
 def load_chat_web():
@@ -240,7 +247,7 @@ def test_script_loads_once_and_launches_on_localhost(home, model, tokenizer, cap
     assert {route.path for route in router.routes} == {"/v1/chat/completions", "/v1/models", "/health"}
     assert app.title == "nanochat-jax · sft d2 step 3" and "http://127.0.0.1:8000" in capsys.readouterr().out
     assert {(fn.concurrency_id, fn.concurrency_limit) for fn in app.fns.values() if fn.name == "submit"} == \
-        {("engine", 1)}  # Enter and Send share one slot: one reply at a time
+        {("engine", None)}  # every request goes to the scheduler's queue, which bounds them
     sliders = {b.label: b.value for b in app.blocks.values() if isinstance(b, gr.Slider)}
     assert sliders == {"Temperature": 0.8, "Top-k": 7, "Max tokens": 512}
 
@@ -279,7 +286,7 @@ def test_empty_tool_parts_and_split_characters_in_a_tool_call(tokenizer):
     e_acute = list("é".encode())
     engine = Scripted([py, *b"'", *e_acute, *b"'", py_end, sp("<|assistant_end|>")])
     steps = list(web.respond(engine, tokenizer, [], "hi", temperature=0.0, top_k=0, max_tokens=50))
-    shown = [display[-1]["content"] for _, display in steps]
+    shown = [display[-1]["content"] for _, display, _ in steps]
     assert not [s for s in shown if "\ufffd" in s], shown
     assert steps[-1][0][-1]["content"] == [{"type": "python", "text": "'é'"}]
 
@@ -287,8 +294,11 @@ def test_empty_tool_parts_and_split_characters_in_a_tool_call(tokenizer):
 def test_the_reply_stops_at_the_trained_context(tokenizer):
     engine = Scripted([ord("z")] * 200, context_len=40)
     prompt = web.completion_prompt(tokenizer, [{"role": "user", "content": "hello"}], context_len=40)
-    messages, _ = list(web.respond(engine, tokenizer, [], "hello", temperature=0.0, top_k=0, max_tokens=500))[-1]
+    messages, display, _ = list(web.respond(engine, tokenizer, [], "hello", temperature=0.0, top_k=0,
+                                            max_tokens=500))[-1]
     assert engine.max_tokens == [40 - len(prompt)] and messages[-1]["content"] == "z" * (40 - len(prompt))
+    assert display[-1]["content"].endswith("*(cut: the conversation reached the model's context of 40 tokens; "
+                                           "press Clear to start anew)*")
 
 
 def test_enter_and_send_are_one_event_that_stop_and_clear_cancel(tokenizer):
@@ -303,9 +313,11 @@ def test_enter_and_send_are_one_event_that_stop_and_clear_cancel(tokenizer):
     assert cancelling == {"Stop", "Clear", "Chatbot"}  # the Chatbot's trash icon too
 
 
-def test_a_reply_of_only_closing_tokens_and_what_stop_gives_back(tokenizer):
-    """A reply that so far holds no part (a lone <|python_end|>) streams as empty text; the Send event marks its
-    message as pending only while the reply is unfinished, and Stop gives a pending message back to the box."""
+def test_a_reply_of_only_closing_tokens_and_what_stop_keeps(tokenizer):
+    """A reply that so far holds no part (a lone <|python_end|>) streams as empty text. The Send event empties the
+    box and says "Thinking…" before the first token, and keeps the unfinished conversation for Stop: Stop keeps
+    the reply so far marked "(stopped)" (even before the first token) and leaves the box alone; after a finished
+    reply Stop changes nothing."""
     import gradio as gr
 
     sp = tokenizer.encode_special
@@ -315,13 +327,33 @@ def test_a_reply_of_only_closing_tokens_and_what_stop_gives_back(tokenizer):
     app = web.build_app(Scripted([*b"ok", sp("<|assistant_end|>")]), tokenizer)
     fns = {fn.name: fn.fn for fn in app.fns.values()}
     outputs = list(fns["submit"]("hi", [], 0.0, 0, 10))
-    box, pending = [o[0] for o in outputs], [o[4] for o in outputs]
+    box, status, partial = [o[0] for o in outputs], [o[3] for o in outputs], [o[4] for o in outputs]
     assert box[0] == "" and all(isinstance(b, type(gr.skip())) for b in box[1:])  # emptied once, then left alone
-    assert pending[0] == "hi" and pending[-1] == ""
+    assert status[0] == "⏳ Thinking…" and outputs[0][2] == [{"role": "user", "content": "hi"}]
+    assert status[1:] == [""] * (len(outputs) - 1)
+    user = {"role": "user", "content": "hi"}
+    assert partial[0] == [user, {"role": "assistant", "content": ""}]
+    assert partial[1] == [user, {"role": "assistant", "content": "o"}] and partial[-1] is None
     messages = outputs[-1][1]
     assert outputs[-1][1:4] == outputs[-2][1:4]  # the last update repeats the finished turn (API callers read it)
     assert messages[-1] == {"role": "assistant", "content": "ok"}
-    skipped, display, status = fns["stop"](messages, "")  # after a finished reply: the box is not touched
-    assert isinstance(skipped, type(gr.skip())) and len(display) == 2 and status == "Stopped."
-    back, display, status = fns["stop"]([], "hi")  # mid-reply: the message returns, the turn is dropped
-    assert back == "hi" and display == [] and "discarded" in status
+    assert all(isinstance(o, type(gr.skip())) for o in fns["stop"](None))  # after a finished reply: nothing
+    kept, display, status, left = fns["stop"](partial[0])  # before the first token: the turn stays, marked
+    assert kept == partial[0] and display[-1]["content"] == "\n\n*(stopped)*" and status == "" and left is None
+    kept, display, _, _ = fns["stop"](partial[1])
+    assert kept == partial[1] and display == [user, {"role": "assistant", "content": "o\n\n*(stopped)*"}]
+    stop_outputs = {d["api_name"]: d["outputs"] for d in app.get_config_file()["dependencies"]}["stop"]
+    textbox_id = next(b._id for b in app.blocks.values() if isinstance(b, gr.Textbox))
+    assert textbox_id not in stop_outputs  # Stop never refills the box
+
+
+def test_markdown_headings_and_special_tokens_are_shown_as_text(tokenizer):
+    """"#### 21" (GSM8K's answer line) is escaped, not a heading; a special token the model writes mid-reply is
+    not shown (nor kept), while the calculator's still make parts."""
+    assert web.to_markdown("so:\n#### 21\n  # x") == "so:\n\\#### 21\n  \\# x"
+    assert web.to_markdown([{"type": "python", "text": "# c"}, {"type": "text", "text": "# t"}]) == \
+        "\n```python\n# c\n```\n\\# t"
+    sp = tokenizer.encode_special
+    engine = Scripted([*b"a", sp("<|user_start|>"), *b"b", sp("<|bos|>")])
+    messages, display, _ = list(web.respond(engine, tokenizer, [], "hi", temperature=0.0, top_k=0, max_tokens=9))[-1]
+    assert messages[-1]["content"] == "ab" and display[-1]["content"] == "ab"
