@@ -3,6 +3,14 @@ the same generator the web chat and the CLI stream from (`web.stream_tokens` ove
 
     python bench/serve.py [--depth 4] [--vocab-size 2048] [--chunks 1,4,16] [--prompt-len 64]
                           [--max-tokens 64] [--turns 3] [--compute-dtype float32]
+    python bench/serve.py --load [--clients 32] [--requests 256] [--slots 16] [--depth 4] [--prompt-len 64]
+                          [--max-tokens 64]
+
+--load: a load test of the chat server's API (nanochat_jax/api.py over the Scheduler, served by uvicorn on
+127.0.0.1 only): `--clients` threads send `--requests` streamed greedy chat completions in all, first with
+`--slots` decode slots (continuous batching), then with one slot (one reply at a time), and print requests/s,
+p50/p95 time to first token, generated tokens/s and errors side by side with their ratio. The chat renders
+with a byte-level tokenizer (the vocabulary is 256 bytes + the special tokens); a warm-up round compiles first.
 
 The engine hands tokens to the host once per chunk of decode steps (one jitted while_loop per chunk), so the
 chunk size trades host round trips for streaming smoothness: a reply arrives in bursts of `chunk` tokens.
@@ -42,7 +50,103 @@ def time_turn(engine, tokenizer, prompt: list[int], max_tokens: int) -> tuple[fl
     return first, gaps, count
 
 
-def main(argv=None) -> list[dict]:
+def load_round(url: str, clients: int, requests: int, prompts: list[str], max_tokens: int) -> dict:
+    """`requests` streamed completions from `clients` threads: requests/s, time-to-first-token percentiles,
+    tokens/s and errors."""
+    import json
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+    import numpy as np
+
+    def one(i: int):
+        body = {"messages": [{"role": "user", "content": prompts[i % len(prompts)]}], "temperature": 0,
+                "max_tokens": max_tokens, "stream": True, "stream_options": {"include_usage": True}}
+        start, first, tokens = time.perf_counter(), None, 0
+        try:
+            with httpx.stream("POST", url, json=body, timeout=600) as response:
+                if response.status_code != 200:
+                    return None
+                for line in response.iter_lines():
+                    if not line.startswith("data: {"):
+                        continue
+                    event = json.loads(line[6:])
+                    if any(c["delta"].get("content") for c in event["choices"]) and first is None:
+                        first = time.perf_counter() - start
+                    tokens = (event.get("usage") or {}).get("completion_tokens", tokens)
+        except httpx.HTTPError:
+            return None
+        return first, tokens
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        results = list(pool.map(one, range(requests)))
+    seconds = time.perf_counter() - start
+    done = [r for r in results if r is not None and r[0] is not None]
+    firsts = np.array([f for f, _ in done] or [float("nan")])
+    return {"requests_per_sec": len(done) / seconds, "ttft_p50_s": float(np.percentile(firsts, 50)),
+            "ttft_p95_s": float(np.percentile(firsts, 95)), "tokens_per_sec": sum(t for _, t in done) / seconds,
+            "errors": requests - len(done)}
+
+
+def load_test(args) -> dict:
+    """The batched scheduler against one slot, through the HTTP API on the loopback interface."""
+    import socket
+    import threading
+
+    import fastapi
+    import numpy as np
+    import uvicorn
+
+    from nanochat_jax.api import api_router
+    from nanochat_jax.config import ModelConfig
+    from nanochat_jax.engine import Engine, bucket
+    from nanochat_jax.model import init_model
+    from nanochat_jax.scheduler import Scheduler
+    from nanochat_jax.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer({bytes([i]): i for i in range(256)})
+    cfg = ModelConfig(depth=args.depth, vocab_size=tokenizer.vocab_size, compute_dtype=args.compute_dtype,
+                      sequence_len=bucket(args.prompt_len + args.max_tokens + 8))
+    engine = Engine(init_model(cfg), tokenizer)  # zero lm_head: every reply runs to max_tokens
+    rng = np.random.default_rng(0)
+    prompts = ["".join(chr(c) for c in rng.integers(97, 123, args.prompt_len)) for _ in range(64)]
+    results = {}
+    for slots in (args.slots, 1):
+        scheduler = Scheduler(engine, slots=slots, max_queue=args.clients)
+        app = fastapi.FastAPI()
+        app.include_router(api_router(scheduler, tokenizer, model="bench", max_tokens=args.max_tokens))
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        while not server.started:
+            time.sleep(0.05)
+        url = f"http://127.0.0.1:{port}/v1/chat/completions"
+        try:
+            load_round(url, args.slots, args.slots, prompts, args.max_tokens)  # warm-up: compiles every window
+            results[slots] = load_round(url, args.clients, args.requests, prompts, args.max_tokens)
+        finally:
+            server.should_exit = True
+            thread.join()
+            scheduler.close()
+    batched, single = results[args.slots], results[1]
+    print(f"load: {args.requests} requests from {args.clients} clients, prompt {args.prompt_len} characters, "
+          f"{args.max_tokens} tokens each, depth {args.depth}")
+    print(f"{'':16s} {f'slots={args.slots}':>12s} {'slots=1':>12s} {'ratio':>8s}")
+    for name, key, scale in [("requests/s", "requests_per_sec", 1), ("TTFT p50 (ms)", "ttft_p50_s", 1e3),
+                             ("TTFT p95 (ms)", "ttft_p95_s", 1e3), ("tokens/s", "tokens_per_sec", 1),
+                             ("errors", "errors", 1)]:
+        a, b = batched[key] * scale, single[key] * scale
+        ratio = f"{a / b:8.2f}" if b else f"{'-':>8s}"
+        digits = 0 if key == "errors" else 1
+        print(f"{name:16s} {a:12.{digits}f} {b:12.{digits}f} {ratio}")
+    return {"batched": batched, "single": single}
+
+
+def main(argv=None) -> list[dict] | dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--depth", type=int, default=4)
     parser.add_argument("--vocab-size", type=int, default=2048)
@@ -51,7 +155,13 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--turns", type=int, default=3, help="timed turns after the first (compiling) one")
     parser.add_argument("--compute-dtype", default="float32")
+    parser.add_argument("--load", action="store_true", help="load-test the API: batched scheduler vs one slot")
+    parser.add_argument("--clients", type=int, default=32, help="--load: concurrent clients")
+    parser.add_argument("--requests", type=int, default=256, help="--load: requests in all")
+    parser.add_argument("--slots", type=int, default=16, help="--load: decode slots of the batched scheduler")
     args = parser.parse_args(argv)
+    if args.load:
+        return load_test(args)
 
     import numpy as np
 

@@ -1,6 +1,7 @@
 """The OpenAI-compatible HTTP API of the chat server: a FastAPI router over the Scheduler.
 
-    POST /v1/chat/completions   messages, temperature, top_p, top_k (ours), max_tokens, n, stop, seed, stream
+    POST /v1/chat/completions   messages, temperature, top_p, top_k (ours), max_tokens, n, stop, seed, stream,
+                                stream_options.include_usage
     GET  /v1/models             the one model served
     GET  /health                status and slot use (no key needed)
 
@@ -84,6 +85,9 @@ def _parse(body, defaults: dict) -> dict:
     stops = [] if stop is None else [stop] if isinstance(stop, str) else stop
     if not isinstance(stops, list) or len(stops) > MAX_STOPS or not all(isinstance(s, str) and s for s in stops):
         raise web.ChatError(f"'stop' must be a non-empty string or a list of up to {MAX_STOPS} of them.")
+    options = body.get("stream_options") or {}
+    if not isinstance(options, dict):
+        raise web.ChatError("'stream_options' must be an object such as {\"include_usage\": true}.")
     seed = body.get("seed")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise web.ChatError(f"'seed' must be an integer, got {seed!r}.")
@@ -95,7 +99,8 @@ def _parse(body, defaults: dict) -> dict:
     return {"messages": clean, "temperature": temperature, "top_k": top_k, "max_tokens": max_tokens,
             "top_p": web._number("top_p", get("top_p"), (0.0, 1.0)),
             "n": web._number("n", get("n"), N_RANGE, integer=True), "stops": stops,
-            "seed": secrets.randbits(31) if seed is None else seed, "stream": bool(body.get("stream", False))}
+            "seed": secrets.randbits(31) if seed is None else seed, "stream": bool(body.get("stream", False)),
+            "include_usage": bool(options.get("include_usage", False))}
 
 
 def api_router(scheduler, tokenizer, *, model: str, api_key: str | None = None, temperature: float = 0.8,
@@ -204,18 +209,22 @@ def api_router(scheduler, tokenizer, *, model: str, api_key: str | None = None, 
             return f"data: {json.dumps(event)}\n\n"
 
         async def stream():
-            shown = [""] * len(requests)
+            shown, counts = [""] * len(requests), {}
             for i in range(len(requests)):
                 yield chunk(i, {"role": "assistant", "content": ""})
             try:
-                async for i, text, finish, _ in choices():
+                async for i, text, finish, count in choices():
                     if len(text) > len(shown[i]):
                         yield chunk(i, {"content": text[len(shown[i]):]})
                         shown[i] = text
                     if finish is not None:
                         yield chunk(i, {}, finish)
+                        counts[i] = count
             except RuntimeError as e:
                 yield f"data: {json.dumps({'error': {'message': str(e), 'type': 'server_error'}})}\n\n"
+            if settings["include_usage"]:  # OpenAI's stream_options: a last chunk with the usage and no choices
+                event = {**head, "object": "chat.completion.chunk", "choices": [], "usage": usage(sum(counts.values()))}
+                yield f"data: {json.dumps(event)}\n\n"
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(stream(), media_type="text/event-stream")

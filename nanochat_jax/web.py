@@ -228,6 +228,8 @@ def build_app(engine, tokenizer, *, base: bool = False, title: str = "nanochat-j
         except Busy as e:  # the turn is dropped and the message goes back in the box
             yield user_text, messages, chat_display(messages), f"⚠️ {e}", None
             return
+        finally:
+            steps.close()  # on Stop (Gradio closes this generator): the scheduler frees the reply's slot now
         yield gr.skip(), messages, display, "", None  # finished: nothing left for Stop
 
     def stop(partial):

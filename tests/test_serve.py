@@ -152,7 +152,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(engine, tokenizer, api_key=None, slots=4, max_queue=32):
+def start_server(engine, tokenizer, api_key=None, slots=4, max_queue=32, share_server=None):
     """(url, close) of a server like chat_web.main's: one Scheduler behind the page and the API."""
     import argparse
 
@@ -163,7 +163,7 @@ def start_server(engine, tokenizer, api_key=None, slots=4, max_queue=32):
     scheduler = Scheduler(engine, slots=slots, max_queue=max_queue)
     app = web.build_app(scheduler, tokenizer, title="nanochat-jax test", temperature=0.0, max_tokens=8)
     router = api_router(scheduler, tokenizer, model="tiny", api_key=api_key, temperature=0.0, max_tokens=8)
-    args = argparse.Namespace(host="127.0.0.1", port=free_port(), share=False, share_server=None)
+    args = argparse.Namespace(host="127.0.0.1", port=free_port(), share=False, share_server=share_server)
     load_chat_web().launch(app, router, args)
 
     def close():
@@ -312,3 +312,53 @@ def test_a_full_queue_is_a_429(engine, tokenizer):
     finally:
         release.set()
         close()
+
+
+def test_stream_with_n_and_usage(engine, tokenizer, server):
+    import json
+
+    import httpx
+
+    body = {"messages": [{"role": "user", "content": "hi there"}], "temperature": 0, "max_tokens": 10, "n": 2,
+            "stream": True, "stream_options": {"include_usage": True}}
+    with httpx.stream("POST", server[0] + "/v1/chat/completions", json=body, timeout=60,
+                      headers={"Authorization": f"Bearer {API_KEY}"}) as response:
+        lines = [line for line in response.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]" and all(line.startswith("data: ") for line in lines)
+    events = [json.loads(line[6:]) for line in lines[:-1]]
+    texts, finishes = ["", ""], [None, None]
+    for event in events[:-1]:
+        (choice,) = event["choices"]
+        texts[choice["index"]] += choice["delta"].get("content", "")
+        finishes[choice["index"]] = choice["finish_reason"] or finishes[choice["index"]]
+    expected = expected_text(engine, tokenizer, "hi there", 10)
+    assert texts == [expected, expected] and finishes == ["length", "length"]
+    prompt_tokens = len(chat_prompt(tokenizer, "hi there"))
+    assert events[-1]["choices"] == [] and events[-1]["usage"] == {
+        "prompt_tokens": 2 * prompt_tokens, "completion_tokens": 20, "total_tokens": 2 * prompt_tokens + 20}
+
+
+def test_a_share_link_that_cannot_open_is_one_line_and_the_server_goes_on(engine, tokenizer, capsys):
+    import httpx
+
+    url, _, close = start_server(engine, tokenizer, share_server="127.0.0.1:9")  # nothing listens there
+    try:
+        err = capsys.readouterr().err
+        assert err == "chat_web: could not open a public link through share server 127.0.0.1:9; serving locally only\n"
+        assert httpx.get(url + "/health").json()["status"] == "ok"
+    finally:
+        close()
+
+
+@pytest.mark.slow
+def test_load_bench_compares_batched_and_one_slot(monkeypatch):
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "bench"))
+    import serve  # bench/serve.py
+
+    results = serve.main(["--load", "--clients", "4", "--requests", "8", "--slots", "4", "--depth", "1",
+                          "--prompt-len", "8", "--max-tokens", "8"])
+    for r in results.values():
+        assert r["errors"] == 0 and r["requests_per_sec"] > 0 and r["tokens_per_sec"] > 0
+        assert 0 < r["ttft_p50_s"] <= r["ttft_p95_s"]
