@@ -3,6 +3,6 @@
 # e.g. `bash run_tests.sh -m slow` for the long end-to-end tests, or `bash run_tests.sh tests/test_model.py`.
 set -euo pipefail
 cd "$(dirname "$0")"
-PY=$(bash scripts/ensure_env.sh)
+PY=$(PLAN=1 bash scripts/ensure_env.sh)  # the plan extra: tests compile for TPUs and GPUs
 if [ $# -eq 0 ]; then set -- -m "not slow"; fi
 exec "$PY" -m pytest "$@"

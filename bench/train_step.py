@@ -110,7 +110,7 @@ def main(argv=None) -> dict:
 
     from nanochat_jax.common import device_info, peak_flops_per_device
     from nanochat_jax.config import load_config
-    from nanochat_jax.model import flops_per_token, num_params, runnable_here
+    from nanochat_jax.model import flops_per_token, num_params, runnable_on
     from nanochat_jax.sharding import make_mesh
     from nanochat_jax.train import global_batch, init_train_state, make_train_step
 
@@ -118,10 +118,11 @@ def main(argv=None) -> dict:
     # nanochat's torch step first, in its own process: once JAX starts it holds most of the GPU's memory
     theirs = run_nanochat(args, cfg) if args.nanochat_dir else None
     info = device_info()
-    if runnable_here(cfg.model) != cfg.model:  # cuDNN does not exist there; splash would run interpreted
-        print(f"note: {info['backend']} backend, using model.attention_impl=xla instead of {cfg.model.attention_impl}")
-        cfg.model = runnable_here(cfg.model)
     mesh = make_mesh(cfg.mesh)
+    platform = mesh.devices.flat[0].platform
+    if runnable_on(cfg.model, platform) != cfg.model:  # cuDNN does not exist there; splash would run interpreted
+        print(f"note: {platform} devices, using model.attention_impl=xla instead of {cfg.model.attention_impl}")
+        cfg.model = runnable_on(cfg.model, platform)
     n_dev = mesh.size
     rows = cfg.train.device_batch_size * mesh.shape["data"] * mesh.shape["fsdp"]
     T, V, A = cfg.model.sequence_len, cfg.model.vocab_size, args.micro_steps

@@ -250,7 +250,7 @@ def load_model(stage: str, step: int | None = None, depth: int | None = None, me
     from flax import nnx
 
     from nanochat_jax.config import MeshConfig, model_config_from_dict
-    from nanochat_jax.model import init_model, runnable_here
+    from nanochat_jax.model import init_model, runnable_on
     from nanochat_jax.sharding import make_mesh, param_shardings
     from nanochat_jax.tokenizer import load_tokenizer, tokenizer_dir
 
@@ -260,9 +260,9 @@ def load_model(stage: str, step: int | None = None, depth: int | None = None, me
         meta = ckpt.read_meta(step)
         if "model" not in meta:
             raise CheckpointError(f"checkpoint {directory / str(step)} has no model config in its metadata")
-        model_cfg = runnable_here(model_config_from_dict(meta["model"]))
         if mesh is None:
             mesh = make_mesh(MeshConfig(1, 1, 1), jax.local_devices()[:1])
+        model_cfg = runnable_on(model_config_from_dict(meta["model"]), mesh.devices.flat[0].platform)
         graphdef, abstract = nnx.split(nnx.eval_shape(lambda: init_model(model_cfg)), nnx.Param)
         shardings = param_shardings(abstract, mesh)
         target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),

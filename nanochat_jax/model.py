@@ -259,14 +259,15 @@ class GPT(nnx.Module):
         return sum(p.size for p in jax.tree.leaves(nnx.state(self, nnx.Param)))
 
 
-NATIVE_BACKEND = {"cudnn": "gpu", "splash": "tpu"}  # attention implementations that exist on one backend only
+NATIVE_PLATFORMS = {"cudnn": ("gpu", "cuda"), "splash": ("tpu",)}  # attention that exists on one platform only
 
 
-def runnable_here(cfg: ModelConfig) -> ModelConfig:
-    """cfg with an attention_impl this JAX backend runs: cudnn off GPUs and splash off TPUs become xla (the
-    same attention computed by XLA), e.g. for a model trained on GPUs and evaluated or served on a laptop."""
-    native = NATIVE_BACKEND.get(cfg.attention_impl)
-    if native is None or jax.default_backend() == native:
+def runnable_on(cfg: ModelConfig, platform: str) -> ModelConfig:
+    """cfg with an attention_impl that devices of `platform` (a device's .platform) run: cudnn off NVIDIA GPUs and
+    splash off TPUs become xla (the same attention computed by XLA), e.g. for a model trained on GPUs and evaluated
+    or served on a laptop. The platform is the devices', not jax.default_backend(): a laptop compiles for TPUs."""
+    native = NATIVE_PLATFORMS.get(cfg.attention_impl)
+    if native is None or platform in native:
         return cfg
     return dataclasses.replace(cfg, attention_impl="xla")
 

@@ -52,10 +52,28 @@ def _kernel(heads: int, seq_len: int, interpret: bool):
                                           interpret=interpret)
 
 
+def prepare(cfg, mesh) -> None:
+    """Build the kernel that cfg's attention will call on `mesh` now, outside any trace. Its block tables are
+    computed eagerly, which cannot run on the compile-only devices of an ahead-of-time compile for a TPU target
+    (plan.py); built here, on the host's default device, the traced call finds it in the cache."""
+    if cfg.attention_impl != "splash" or block_size(cfg.sequence_len) is None:
+        return
+    tensor = mesh.shape["tensor"]
+    heads = cfg.n_head // tensor if cfg.n_head % tensor == 0 else cfg.n_head  # as the rule table splits them
+    _kernel(heads, cfg.sequence_len, mesh.devices.flat[0].platform != "tpu")
+
+
+def _platform() -> str:
+    """The platform of the devices this trace is for: the mesh's (a laptop may compile for a TPU mesh), else the
+    default device's."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return jax.devices()[0].platform if mesh.empty else mesh.abstract_device.platform
+
+
 def _local_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
     """One device's rows and heads: q (B, T, H, D), k/v (B, T, Hkv, D) -> (B, T, H, D)."""
     B, T, H, D = q.shape
-    kernel = _kernel(H, T, jax.default_backend() != "tpu")
+    kernel = _kernel(H, T, _platform() != "tpu")
     q = q * jnp.asarray(D ** -0.5, q.dtype)  # the kernel applies no scale; 1/sqrt(D) as jax.nn.dot_product_attention
     out = jax.vmap(kernel)(q.swapaxes(1, 2), k.swapaxes(1, 2), v.swapaxes(1, 2))
     return out.swapaxes(1, 2)

@@ -4,6 +4,7 @@
 # a second run takes a second. Prints the venv's python on stdout (progress goes to stderr).
 #   bash scripts/ensure_env.sh                    # [dev]: CPU jax + test tools
 #   EXTRAS=gpu,dev bash scripts/ensure_env.sh     # CUDA jax (run_gpu.sh); EXTRAS=tpu,dev for TPUs
+#   PLAN=1 bash scripts/ensure_env.sh             # also the plan extra (TPU/GPU compilers) in .venv/plan-site
 set -euo pipefail
 cd "$(dirname "$0")/.."
 EXTRAS=${EXTRAS:-dev}
@@ -24,5 +25,14 @@ if [ "$(cat .venv/.install-stamp 2>/dev/null)" != "$want" ]; then
   echo "[setup] pip install -e .[$EXTRAS] and build rust_bpe (first time: a few minutes)" >&2
   .venv/bin/python -m pip install -q -e ".[$EXTRAS]" >&2
   echo "$want" > .venv/.install-stamp
+fi
+if [ "${PLAN:-0}" = 1 ]; then
+  plan=$(.venv/bin/python -c 'import tomllib; print(" ".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]["plan"]))')
+  if [ "$(cat .venv/plan-site/.stamp 2>/dev/null)" != "$plan" ]; then
+    echo "[setup] the plan extra into .venv/plan-site: $plan (first time: ~2.5 GB)" >&2
+    rm -rf .venv/plan-site
+    .venv/bin/python -m pip install -q --no-deps --target .venv/plan-site $plan >&2
+    echo "$plan" > .venv/plan-site/.stamp
+  fi
 fi
 echo "$PWD/.venv/bin/python"

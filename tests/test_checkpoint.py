@@ -176,7 +176,7 @@ def test_load_model_end_to_end(home, make_mesh):
     from flax import nnx
 
     from nanochat_jax.config import Config, ModelConfig, to_dict
-    from nanochat_jax.model import init_model, runnable_here
+    from nanochat_jax.model import init_model, runnable_on
     from nanochat_jax.tokenizer import Tokenizer, tokenizer_fingerprint
 
     with pytest.raises(CheckpointError, match=r"no checkpoints for stage 'sft' under .*; run scripts/chat_sft.py first"):
@@ -216,8 +216,10 @@ def test_load_model_end_to_end(home, make_mesh):
     assert checkpoint.depth_or_latest("base", 7) is None and checkpoint.depth_or_latest("base", 1) == 1
 
     # trained on TPUs (or GPUs): that backend's attention kernel becomes XLA's attention on this CPU
-    for impl in ("cudnn", "splash"):
-        assert runnable_here(dataclasses.replace(cfg.model, attention_impl=impl)).attention_impl == "xla"
+    for impl, native in (("cudnn", "cuda"), ("splash", "tpu")):
+        cfg_impl = dataclasses.replace(cfg.model, attention_impl=impl)
+        assert runnable_on(cfg_impl, "cpu").attention_impl == "xla"
+        assert runnable_on(cfg_impl, native) == cfg_impl  # a laptop compiling for that platform keeps the kernel
     ckpt = Checkpointer(checkpoint.checkpoint_dir("base", 1))
     ckpt.save(8, params, None, None, {**meta, "step": 8, "model": {**meta["model"], "attention_impl": "splash"}})
     ckpt.close()

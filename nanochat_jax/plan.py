@@ -1,0 +1,319 @@
+"""Plan a run before renting the hardware: compile the stages' own programs for a target's devices and read back
+memory per device, FLOPs, collective traffic and a roofline estimate of the step time.
+
+`plan_programs(cfg, target, devices)` lowers exactly what the stages run (scripts/base_train.py's train step with
+its real micro-batch shape and shardings, the bits-per-byte step, and the Engine's prefill and decode chunk) on a
+(data, fsdp, tensor) mesh of compile-only devices (targets.py) and compiles each with the target's real compiler.
+Nothing runs on a device. From each compiled program:
+- memory: `memory_analysis()` per device (arguments, outputs, temporaries; donated buffers counted once);
+- FLOPs: `cost_analysis()` where the backend gives it (TPU), else the model's formula (flops_per_token);
+- collectives: bytes each kind moves per device per call, read from the partitioned HLO (loop bodies multiplied
+  by their trip counts) and converted to ring-algorithm traffic; groups that span slices / nodes go over the
+  slower network;
+- a roofline: max(compute at peak FLOP/s, arguments and outputs at HBM bandwidth, collectives at link bandwidth),
+  i.e. perfect overlap: a lower bound on the step time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from nanochat_jax.config import Config, MeshConfig
+from nanochat_jax.targets import Target
+
+HEADROOM = 0.10  # a plan "fits" with at least this share of the device's memory left free
+COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
+# bytes one device sends in a group of n for a collective whose result is r bytes on that device (ring algorithms)
+RING_TRAFFIC = {
+    "all-gather": lambda r, n: (n - 1) / n * r,
+    "reduce-scatter": lambda r, n: (n - 1) * r,
+    "all-reduce": lambda r, n: 2 * (n - 1) / n * r,
+    "all-to-all": lambda r, n: (n - 1) / n * r,
+    "collective-permute": lambda r, n: r,
+}
+DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4,
+               "s64": 8, "u64": 8, "f64": 8, "f8e4m3fn": 1, "f8e5m2": 1}
+
+
+@dataclasses.dataclass
+class ProgramPlan:
+    """What the compiler says about one program on one device of the target."""
+
+    name: str
+    arguments: int = 0  # bytes per device
+    outputs: int = 0
+    aliased: int = 0
+    temporaries: int = 0
+    flops: float = 0.0  # per device per call
+    flops_source: str = ""
+    collectives: dict = dataclasses.field(default_factory=dict)  # kind -> bytes sent per device per call
+    network_bytes: float = 0.0  # of which over the slower network (groups spanning slices / nodes)
+    tokens: int = 0  # tokens per call over all devices
+    passes: int = 1  # times a call reads its arguments (a decode chunk reads the weights and cache once per token)
+    error: str = ""  # the compiler's refusal (e.g. out of memory), when it did not compile
+
+    @property
+    def total(self) -> int:
+        return self.arguments + self.outputs - self.aliased + self.temporaries
+
+
+def fits(plan: ProgramPlan, target: Target) -> bool:
+    return not plan.error and plan.total <= (1 - HEADROOM) * target.chip.memory
+
+
+def roofline(plan: ProgramPlan, target: Target) -> dict:
+    """Seconds per call: compute, hbm (every argument read and output written once), link and network
+    (collectives), and the estimate max(...) with the bound that sets it."""
+    chip = target.chip
+    link_bytes = sum(plan.collectives.values()) - plan.network_bytes
+    times = {"compute": plan.flops / chip.peak_flops,
+             "hbm": (plan.passes * plan.arguments + plan.outputs) / chip.hbm_bandwidth,
+             "link": link_bytes / chip.link_bandwidth,
+             "network": plan.network_bytes / chip.network_bandwidth}
+    bound = max(times, key=times.get)
+    return {**times, "step": times[bound], "bound": bound}
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading the partitioned HLO
+
+
+_COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
+_SHAPE = re.compile(r"\b(pred|[suf]\d+|bf16|f8e4m3fn|f8e5m2)\[([\d,]*)\]")
+_OP = re.compile(r"=\s*(.*?)\s(" + "|".join(COLLECTIVES) + r")(-start)?\(")
+_CALLEE = re.compile(r"(?:body|condition|to_apply|calls|branch_computations|called_computations)="
+                     r"\{?%?([\w.\-]+(?:,\s*%?[\w.\-]+)*)\}?")
+_TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
+
+
+def _result_bytes(result_type: str, kind: str, is_start: bool) -> int:
+    """Bytes of a collective's result on one device. The async -start form of an all-gather returns (operands,
+    results) and of a collective-permute (operand, result, context): count the results only."""
+    shapes = _SHAPE.findall(result_type)
+    if is_start and kind == "all-gather":
+        shapes = shapes[len(shapes) // 2:]
+    elif is_start and kind == "collective-permute":
+        shapes = shapes[1:2]
+    return sum(DTYPE_BYTES.get(dt, 4) * math.prod(int(d) for d in dims.split(",") if d) for dt, dims in shapes)
+
+
+def replica_groups(line: str, num_devices: int) -> list[list[int]]:
+    """The device groups of a collective: explicit {{0,1},{2,3}} or the iota form [G,S]<=[dims]T(perm)."""
+    explicit = re.search(r"replica_groups=\{(\{[\d,]*\}(?:,\{[\d,]*\})*)\}", line)
+    if explicit:
+        return [[int(x) for x in g.split(",") if x] for g in re.findall(r"\{([\d,]*)\}", explicit.group(1))]
+    iota = re.search(r"replica_groups=\[([\d,]+)\]<=\[([\d,]+)\](?:T\(([\d,]+)\))?", line)
+    if iota:
+        shape = [int(x) for x in iota.group(1).split(",")]
+        ids = np.arange(math.prod(int(x) for x in iota.group(2).split(","))).reshape(
+            [int(x) for x in iota.group(2).split(",")])
+        if iota.group(3):
+            ids = ids.transpose([int(x) for x in iota.group(3).split(",")])
+        return ids.reshape(shape[0], -1).tolist()
+    pairs = re.search(r"source_target_pairs=\{(.*?)\}\}", line)
+    if pairs:
+        return [[int(a), int(b)] for a, b in re.findall(r"\{(\d+),(\d+)", pairs.group(1) + "}")]
+    return [list(range(num_devices))]
+
+
+def collective_bytes(hlo: str, slice_of: list[int]) -> tuple[dict, float]:
+    """({kind: bytes one device sends per call}, bytes of those over the slower network) from partitioned HLO.
+
+    slice_of[i]: the slice (or node) of the i-th device of the program. Loop bodies count trip-count times."""
+    per_comp: dict[str, list] = {}
+    calls: dict[str, list] = {}
+    current = entry = None
+    for line in hlo.splitlines():
+        head = _COMPUTATION.match(line)
+        if head and not line[:1].isspace():  # computation headers start at column 0, instructions are indented
+            current = head.group(1)
+            per_comp.setdefault(current, [])
+            calls.setdefault(current, [])
+            if line.startswith("ENTRY"):
+                entry = current
+            continue
+        if current is None:
+            continue
+        trip = _TRIP.search(line)
+        for names in _CALLEE.findall(line):
+            for callee in re.split(r",\s*%?", names):
+                calls[current].append((callee, int(trip.group(1)) if trip and " while(" in line else 1))
+        op = _OP.search(line)
+        if op:
+            kind = op.group(2)
+            groups = replica_groups(line, len(slice_of))
+            n = max(len(g) for g in groups)
+            sent = RING_TRAFFIC[kind](_result_bytes(op.group(1), kind, bool(op.group(3))), n)
+            crosses = any(len({slice_of[d] for d in g if d < len(slice_of)}) > 1 for g in groups)
+            per_comp[current].append((kind, sent, crosses))
+    totals: dict[str, float] = {}
+    network = 0.0
+
+    def visit(comp: str, times: int, depth: int = 0) -> None:
+        nonlocal network
+        if depth > 50:
+            return
+        for kind, sent, crosses in per_comp.get(comp, []):
+            totals[kind] = totals.get(kind, 0.0) + times * sent
+            network += times * sent if crosses else 0.0
+        for callee, n in calls.get(comp, []):
+            visit(callee, times * n, depth + 1)
+
+    if entry is not None:
+        visit(entry, 1)
+    return totals, network
+
+
+# ---------------------------------------------------------------------------------------------
+# The programs
+
+
+def _abstract(tree, shardings, dtype=None):
+    """ShapeDtypeStructs carrying shardings (and, for floating leaves, an optional dtype)."""
+    def one(x, s):
+        dt = dtype if dtype is not None and jnp.issubdtype(x.dtype, jnp.floating) else x.dtype
+        return jax.ShapeDtypeStruct(x.shape, dt, sharding=s)
+
+    return jax.tree.map(one, tree, shardings)
+
+
+def _read(name: str, compiled, tokens: int, formula_flops: float, slice_of: list[int]) -> ProgramPlan:
+    memory = compiled.memory_analysis()
+    plan = ProgramPlan(name, arguments=memory.argument_size_in_bytes, outputs=memory.output_size_in_bytes,
+                       aliased=memory.alias_size_in_bytes, temporaries=memory.temp_size_in_bytes, tokens=tokens)
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    if cost and cost.get("flops"):
+        plan.flops, plan.flops_source = float(cost["flops"]), "compiler"
+    else:
+        plan.flops, plan.flops_source = formula_flops, "formula"
+    plan.collectives, plan.network_bytes = collective_bytes(compiled.as_text(), slice_of)
+    return plan
+
+
+def _compile(name: str, lower, tokens: int, formula_flops: float, slice_of: list[int]) -> ProgramPlan:
+    try:
+        return _read(name, lower().compile(), tokens, formula_flops, slice_of)
+    except Exception as e:  # the compiler's verdict, e.g. RESOURCE_EXHAUSTED: keep it as the plan's answer
+        if not isinstance(e, (jax.errors.JaxRuntimeError, ValueError, RuntimeError)):
+            raise
+        message = next((l for l in str(e).splitlines() if l.strip()), type(e).__name__)
+        return ProgramPlan(name, tokens=tokens, error=message[:400])
+
+
+def slices_of(devices) -> list[int]:
+    """Each device's slice (TPU) or node (GPU: its process), in the order given."""
+    return [getattr(d, "slice_index", 0) if d.platform == "tpu" else d.process_index for d in devices]
+
+
+def plan_programs(cfg: Config, target: Target, devices, decode_rows: int = 32, prompt_len: int = 512,
+                  cache_len: int | None = None, programs=("train", "bpb", "prefill", "decode")) -> dict:
+    """{program name: ProgramPlan} for the stages' programs under cfg (its mesh, rows and model) on `devices`."""
+    from flax import nnx
+
+    from nanochat_jax import splash
+    from nanochat_jax.engine import _decode_chunk, _prefill, bucket
+    from nanochat_jax.evaluation import make_bpb_step
+    from nanochat_jax.model import KVCache, flops_per_token, head_dim, init_model, num_params, runnable_on
+    from nanochat_jax.optim import build_optimizer
+    from nanochat_jax.sharding import batch_sharding, make_mesh, named_sharding, param_shardings
+    from nanochat_jax.train import abstract_model, make_train_step, microbatch_sharding, state_shardings
+
+    mesh = make_mesh(cfg.mesh, devices)
+    model_cfg = runnable_on(cfg.model, devices[0].platform)
+    splash.prepare(model_cfg, mesh)
+    mesh_devices = list(mesh.devices.flat)
+    slice_of = slices_of(mesh_devices)
+    n = len(mesh_devices)
+    T = model_cfg.sequence_len
+    rows = cfg.train.device_batch_size * mesh.shape["data"] * mesh.shape["fsdp"]
+    accum = max(1, cfg.train.total_batch_size // (rows * T))
+    per_token = flops_per_token(model_cfg)
+    plans = {}
+
+    optimizer = build_optimizer(cfg.optim, model_cfg.n_embd, 1000)
+    graphdef, shardings = state_shardings(model_cfg, optimizer, mesh)
+    _, abstract = abstract_model(model_cfg)
+    params = nnx.to_pure_dict(abstract)
+    if "train" in programs:
+        from nanochat_jax.train import TrainState
+
+        abstract_state = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32, sharding=shardings.step),
+                                    params=_abstract(params, shardings.params),
+                                    opt_state=_abstract(jax.eval_shape(optimizer.init, params), shardings.opt_state))
+        tokens = jax.ShapeDtypeStruct((accum, rows, T), jnp.int32, sharding=microbatch_sharding(mesh))
+        step = make_train_step(graphdef, optimizer, shardings, mesh, 1000, cfg.optim)
+
+        def lower_train():
+            with jax.set_mesh(mesh):
+                return step.jitted.lower(abstract_state, {"inputs": tokens, "targets": tokens})
+
+        plans["train"] = _compile("train", lower_train, accum * rows * T, per_token * accum * rows * T / n, slice_of)
+    if "bpb" in programs:
+        batch = jax.ShapeDtypeStruct((rows, T), jnp.int32, sharding=batch_sharding(mesh))
+        table = jax.ShapeDtypeStruct((model_cfg.vocab_size,), jnp.int32, sharding=named_sharding(mesh, (None,)))
+        bpb = make_bpb_step(graphdef)
+        plans["bpb"] = _compile("bpb", lambda: bpb.lower(_abstract(params, shardings.params), batch, batch, table),
+                                rows * T, per_token / 3 * rows * T / n, slice_of)
+    if "prefill" in programs or "decode" in programs:
+        engine_graphdef, engine_state = nnx.split(nnx.eval_shape(lambda: init_model(model_cfg)))
+        state_sh = param_shardings(engine_state, mesh)
+        state = nnx.to_pure_dict(engine_state)
+        state = _abstract(state, state_sh, jnp.dtype(model_cfg.compute_dtype))
+        nnx.replace_by_pure_dict(engine_state, state)
+        L = bucket(prompt_len)
+        max_len = cache_len or bucket(L + T)
+        kv_shape = (model_cfg.n_layer, decode_rows, max_len, model_cfg.n_kv_heads, head_dim(model_cfg))
+
+        def cache(batch):
+            shape = (kv_shape[0], batch) + kv_shape[2:]
+            kv = named_sharding(mesh, ("layers", "batch", "cache_len", "kv_heads", None), shape)
+            sds = jax.ShapeDtypeStruct(shape, jnp.dtype(model_cfg.compute_dtype), sharding=kv)
+            return KVCache(k=sds, v=sds, lengths=jax.ShapeDtypeStruct(
+                (batch,), jnp.int32, sharding=named_sharding(mesh, ("batch",), (batch,))))
+
+        matmul_flops = 2 * (num_params(model_cfg) - model_cfg.vocab_size * model_cfg.n_embd)
+        if "prefill" in programs:
+            row = named_sharding(mesh, ("batch",), (decode_rows,))
+            prompts = jax.ShapeDtypeStruct((decode_rows, L), jnp.int32,
+                                           sharding=named_sharding(mesh, ("batch", None), (decode_rows, L)))
+            lengths = jax.ShapeDtypeStruct((decode_rows,), jnp.int32, sharding=row)
+            plans["prefill"] = _compile("prefill", lambda: _prefill.lower(
+                engine_graphdef, engine_state, cache(decode_rows), prompts, lengths),
+                decode_rows * L, matmul_flops * decode_rows * L / n, slice_of)
+        if "decode" in programs:
+            chunk = 16
+            B = decode_rows
+            rowwise = lambda shape, dtype: jax.ShapeDtypeStruct(  # noqa: E731
+                shape, dtype, sharding=named_sharding(mesh, ("batch",) + (None,) * (len(shape) - 1), shape))
+            keys = jax.eval_shape(lambda: jax.random.split(jax.random.key(0), B))
+            keys = jax.ShapeDtypeStruct(keys.shape, keys.dtype, sharding=named_sharding(mesh, ("batch",), (B,)))
+            scalar = lambda dtype: jax.ShapeDtypeStruct((), dtype, sharding=named_sharding(mesh, ()))  # noqa: E731
+            args = (engine_graphdef, chunk, (0, 1, 2, 3), max_len, engine_state, cache(B),
+                    rowwise((B, model_cfg.vocab_size), jnp.float32), keys, rowwise((B,), jnp.bool_),
+                    rowwise((B,), jnp.bool_), rowwise((B,), jnp.int32), rowwise((B, chunk), jnp.int32),
+                    rowwise((B,), jnp.int32), scalar(jnp.float32), scalar(jnp.int32), scalar(jnp.float32))
+            plans["decode"] = _compile("decode", lambda: _decode_chunk.lower(*args), B * chunk,
+                                       (matmul_flops + 4 * model_cfg.n_layer * model_cfg.n_embd * max_len)
+                                       * B * chunk / n, slice_of)
+            plans["decode"].passes = chunk
+    return plans
+
+
+def mesh_options(num_devices: int, n_head: int, n_kv_heads: int) -> list[MeshConfig]:
+    """Every (data, fsdp, tensor) with data * fsdp * tensor = num_devices whose tensor axis divides the heads."""
+    out = []
+    for tensor in range(1, num_devices + 1):
+        if num_devices % tensor or n_head % tensor or n_kv_heads % tensor:
+            continue
+        rest = num_devices // tensor
+        for fsdp in range(1, rest + 1):
+            if rest % fsdp == 0:
+                out.append(MeshConfig(data=rest // fsdp, fsdp=fsdp, tensor=tensor))
+    return out

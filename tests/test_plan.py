@@ -1,0 +1,139 @@
+"""The compile planner: target names, reading collectives from HLO, and real compiles for TPU and H100 targets.
+
+The compiles run scripts/plan.py in a subprocess: the plan extra (libtpu, the CUDA plugin) lives in .venv/plan-site
+and must be on the path before JAX starts, which this test process has already done without it."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from nanochat_jax import plan, targets
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--config", "configs/cpu_tiny.toml", "--model.depth=2", "--model.aspect_ratio=64", "--model.head_dim=64",
+        "--model.vocab_size=1024", "--model.sequence_len=128", "--model.compute_dtype=bfloat16",
+        "--train.device_batch_size=4", "--train.total_batch_size=1024"]  # width 128, 2 heads, 8 rows x 128
+needs_plan_extra = pytest.mark.skipif(not targets.PLAN_SITE.is_dir(),
+                                      reason="the plan extra is not installed (PLAN=1 bash scripts/ensure_env.sh)")
+
+
+def test_target_names():
+    t = targets.parse_target("v6e-8")
+    assert (t.platform, t.topology, t.num_slices, t.chip.peak_flops) == ("tpu", "v6e:2x4", 1, 918e12)
+    assert targets.parse_target("v5p-8").topology == "v5p:2x2x1"  # v5p is named by TensorCores: 4 chips
+    assert targets.parse_target("v5e-16x2").num_slices == 2
+    gpus = targets.parse_target("16xH100")
+    assert (gpus.platform, gpus.topology, gpus.num_slices) == ("cuda", "1x2x8", 2)
+    for bad, message in (("v6e-6", "no v6e slice of that size"), ("12xh100", "nodes of 8"), ("a100", "unknown")):
+        with pytest.raises(targets.TargetError, match=message):
+            targets.parse_target(bad)
+
+
+def test_replica_groups_explicit_and_iota():
+    assert plan.replica_groups("x, replica_groups={{0,1},{2,3}}, y", 4) == [[0, 1], [2, 3]]
+    assert plan.replica_groups("replica_groups=[2,4]<=[8]", 8) == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    want = np.arange(8).reshape(2, 4).T.reshape(4, 2).tolist()  # [[0, 4], [1, 5], [2, 6], [3, 7]]
+    assert plan.replica_groups("replica_groups=[4,2]<=[2,4]T(1,0)", 8) == want
+
+
+HLO = """HloModule m
+
+%body (p: (s32[], f32[64])) -> (s32[], f32[64]) {
+  %ar = f32[64]{0} all-reduce(%x), channel_id=1, replica_groups=[1,4]<=[4], to_apply=%add
+  ROOT %t = (s32[], f32[64]) tuple(%i, %ar)
+}
+
+%cond (p: (s32[], f32[64])) -> pred[] {
+  ROOT %lt = pred[] compare(%a, %b), direction=LT
+}
+
+ENTRY %main (a: bf16[32,16], /*index=1*/b: f32[64]) -> bf16[128,16] {
+  %ag = bf16[128,16]{1,0} all-gather(%a), channel_id=2, replica_groups={{0,1,2,3}}, dimensions={0}
+  %rs = f32[16]{0} reduce-scatter(%b), channel_id=3, replica_groups={{0,1},{2,3}}, dimensions={0}
+  %w = (s32[], f32[64]) while(%init), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"5"}}
+  ROOT %r = bf16[128,16]{1,0} copy(%ag)
+}
+"""
+
+
+def test_collective_bytes_counts_loops_and_ring_traffic():
+    sent, network = plan.collective_bytes(HLO, slice_of=[0, 0, 1, 1])
+    assert sent["all-gather"] == pytest.approx(3 / 4 * 128 * 16 * 2)  # (n-1)/n of the gathered result
+    assert sent["reduce-scatter"] == pytest.approx(1 * 16 * 4)  # (n-1) x the scattered result, n = 2
+    assert sent["all-reduce"] == pytest.approx(5 * 2 * 3 / 4 * 64 * 4)  # in a loop of 5 trips
+    # the all-gather and the loop's all-reduce span both slices; the reduce-scatter stays inside each
+    assert network == pytest.approx(sent["all-gather"] + sent["all-reduce"])
+
+
+def test_mesh_options_divide_devices_and_heads():
+    options = plan.mesh_options(8, n_head=4, n_kv_heads=4)
+    assert all(m.data * m.fsdp * m.tensor == 8 for m in options)
+    assert {m.tensor for m in options} == {1, 2, 4}  # 8 does not divide 4 heads
+    assert len(options) == 4 + 3 + 2
+
+
+def run_plan(tmp_path, *args) -> dict:
+    out = tmp_path / "plan"
+    proc = subprocess.run([sys.executable, "scripts/plan.py", *args, "--out", str(out)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads((out / "plan.json").read_text()), proc.stdout
+
+
+@needs_plan_extra
+def test_tiny_model_compiles_for_a_tpu_slice_with_fsdp_and_tensor_parallelism(tmp_path, make_mesh):
+    """cpu_tiny-shaped model on a v5e-4 slice (fsdp=2 x tensor=2), splash attention compiled ahead of time."""
+    import jax
+    from flax import nnx
+
+    from nanochat_jax.config import load_config
+    from nanochat_jax.sharding import param_shardings
+    from nanochat_jax.train import abstract_model
+
+    overrides = TINY + ["--mesh.data=1", "--mesh.fsdp=2", "--mesh.tensor=2", "--model.attention_impl=splash"]
+    plans, stdout = run_plan(tmp_path, "--target", "v5e-4", "--programs", "train,bpb", *overrides)
+    assert "train" in stdout and "fits" in stdout and "roofline" in stdout
+
+    cfg = load_config(overrides)
+    _, abstract = abstract_model(cfg.model)
+    shardings = param_shardings(abstract, make_mesh(1, 2, 2))
+    leaves = jax.tree.leaves(nnx.to_pure_dict(abstract))
+    total = sum(4 * math.prod(a.shape) for a in leaves)
+    per_device = sum(4 * math.prod(s.shard_shape(a.shape)) for a, s in zip(leaves, jax.tree.leaves(shardings)))
+    assert per_device < total / 2  # the matrices and tables are split 4 ways, nothing is left whole but norms
+    rows, T, V = 8, 128, 1024
+    batch = 2 * rows // 2 * T * 4  # inputs and targets, rows split over fsdp=2
+    # what the compiler holds per device: at least this device's shards, and far less than a whole copy
+    assert per_device + batch + V * 4 <= plans["bpb"]["arguments"] < total / 2
+    train = plans["train"]
+    assert train["error"] == "" and train["flops_source"] == "compiler" and train["flops"] > 0
+    assert train["collectives"].get("all-gather", 0) > 0  # FSDP gathers the weights ...
+    assert train["collectives"].get("all-reduce", 0) + train["collectives"].get("reduce-scatter", 0) > 0  # ... and reduces grads
+
+
+@needs_plan_extra
+def test_tiny_model_compiles_for_eight_h100s_with_cudnn_attention(tmp_path):
+    plans, stdout = run_plan(tmp_path, "--target", "8xh100", "--programs", "train,decode", "--decode-rows", "8",
+                             "--prompt-len", "32", *TINY, "--model.attention_impl=cudnn")
+    assert "8 x H100" in stdout
+    train, decode = plans["train"], plans["decode"]
+    assert train["error"] == "" and decode["error"] == ""
+    assert train["flops_source"] == "formula" and train["temporaries"] > 0
+    assert train["collectives"].get("all-reduce", 0) > 0  # data parallel over 8 GPUs: gradients all-reduced
+    assert decode["passes"] == 16 and decode["tokens"] == 8 * 16
+
+
+@needs_plan_extra
+@pytest.mark.slow
+def test_sweep_ranks_meshes_and_recommends_an_override(tmp_path):
+    out = tmp_path / "sweep"
+    proc = subprocess.run([sys.executable, "scripts/plan.py", "--target", "v5e-4", "--sweep", *TINY, "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "recommended: --mesh.data=" in proc.stdout and (out / "sweep.png").stat().st_size > 0
+    assert proc.stdout.count("fits") >= 3
