@@ -149,7 +149,7 @@ def out_of_memory_advice(shape: tuple[int, int, int], mesh: Mesh, error: str) ->
     first_line = error.strip().splitlines()[0][:300]
     return (f"the train step ran out of device memory with {shape[1] // rows} rows of {shape[2]} tokens per device "
             f"and micro-batch: lower --train.device_batch_size (gradient accumulation keeps total_batch_size), "
-            f"or set --model.remat=dots_saveable (or block) or --model.loss_chunk=256; bench/memory.py estimates "
+            f"or set --model.remat=dots_saveable (or block) or --model.loss_chunk=256; scripts/plan.py compiles "
             f"the memory per device. XLA said: {first_line}")
 
 

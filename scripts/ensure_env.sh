@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Create (or refresh) the project venv in .venv: installs nanochat_jax with its dependencies and builds
 # the rust_bpe extension. Re-installs only when pyproject.toml, the Rust sources or the extras changed, so
-# a second run takes a second. Prints the venv's python on stdout (progress goes to stderr).
+# a second run takes a second. Versions come from requirements.lock (LOCK=0: the newest, to refresh it).
+# Prints the venv's python on stdout (progress goes to stderr).
 #   bash scripts/ensure_env.sh                    # [dev]: CPU jax + test tools
 #   EXTRAS=gpu,dev bash scripts/ensure_env.sh     # CUDA jax (run_gpu.sh); EXTRAS=tpu,dev for TPUs
 #   PLAN=1 bash scripts/ensure_env.sh             # also the plan extra (TPU/GPU compilers) in .venv/plan-site
@@ -10,7 +11,7 @@ cd "$(dirname "$0")/.."
 EXTRAS=${EXTRAS:-dev}
 PYTHON=${PYTHON:-python3.11}
 command -v "$PYTHON" >/dev/null 2>&1 || PYTHON=python3
-want=$( (echo "$EXTRAS"; cat pyproject.toml rust_bpe/Cargo.toml rust_bpe/src/*.rs) | sha256sum | cut -d' ' -f1)
+want=$( (echo "$EXTRAS ${LOCK:-1}"; cat pyproject.toml requirements.lock rust_bpe/Cargo.toml rust_bpe/src/*.rs) | sha256sum | cut -d' ' -f1)
 if [ ! -x .venv/bin/python ]; then
   echo "[setup] creating .venv with $($PYTHON --version)" >&2
   "$PYTHON" -m venv .venv
@@ -23,7 +24,9 @@ if [ "$(cat .venv/.install-stamp 2>/dev/null)" != "$want" ]; then
     . "$HOME/.cargo/env"
   fi
   echo "[setup] pip install -e .[$EXTRAS] and build rust_bpe (first time: a few minutes)" >&2
-  .venv/bin/python -m pip install -q -e ".[$EXTRAS]" >&2
+  constraints="-c requirements.lock"  # the locked versions; LOCK=0 resolves the newest (to refresh the lock)
+  [ "${LOCK:-1}" = 0 ] && constraints=""
+  .venv/bin/python -m pip install -q -e ".[$EXTRAS]" $constraints >&2
   echo "$want" > .venv/.install-stamp
 fi
 if [ "${PLAN:-0}" = 1 ]; then

@@ -1,5 +1,4 @@
-"""bench/train_step.py end to end on a tiny model, bench/memory.py's analytic state bytes against real arrays,
-the HLO summary on a hand-written module, and init_distributed staying off without its environment."""
+"""bench/train_step.py end to end on a tiny model, the HLO summary on a hand-written module, and init_distributed staying off without its environment."""
 
 import gzip
 import json
@@ -14,13 +13,11 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
-import memory  # noqa: E402
 import train_step  # noqa: E402
 
 from nanochat_jax import common  # noqa: E402
-from nanochat_jax.config import ModelConfig, OptimConfig  # noqa: E402
+from nanochat_jax.config import ModelConfig  # noqa: E402
 from nanochat_jax.model import num_params  # noqa: E402
-from nanochat_jax.train import init_train_state  # noqa: E402
 
 TINY = ["--model.depth=2", "--model.aspect_ratio=32", "--model.head_dim=32", "--model.vocab_size=512",
         "--model.sequence_len=64", "--model.compute_dtype=float32", "--train.device_batch_size=4", "--mesh.data=1"]
@@ -75,37 +72,6 @@ def test_trace_summary_counts_device_kernels(tmp_path):
                                                       "fusion": 0.25})
     assert list(s["by_kind_ms_per_step"]) == ["matmul", "fusion", "attention", "collective"]  # largest first
     assert s["top_kernels"][0] == ("sm90_xmma_gemm_bf16bf16_bf16f32", pytest.approx(0.4))
-
-
-def test_analytic_state_bytes_match_init_train_state(make_mesh):
-    cfg = ModelConfig(depth=2, aspect_ratio=32, head_dim=32, vocab_size=512, sequence_len=64)
-    _, _, state, _ = init_train_state(cfg, OptimConfig(), 10, make_mesh(), 0)
-    actual_params = sum(x.nbytes for x in jax.tree.leaves(state.params))
-    actual_opt = sum(x.nbytes for x in jax.tree.leaves(state.opt_state))
-    assert memory.param_bytes(cfg) == actual_params
-    assert memory.optimizer_bytes(cfg) == pytest.approx(actual_opt, rel=0.02)  # + a few step/lr scalars
-
-
-def test_measured_temp_grows_with_depth():
-    """--measure compiles the step at depth 1 and 2 and 1 and 2 rows, and splits XLA's temp bytes into what grows
-    with layers, rows, both, and neither: a layer costs about its own fp32 gradient whatever the batch (XLA reuses
-    some buffers: at least half of it), and a row of a layer at least its bf16 MLP hidden activations."""
-    cfg = ModelConfig(depth=2, aspect_ratio=64, head_dim=32, vocab_size=512, sequence_len=64)
-    measured = memory.measure_temp(cfg)
-    assert measured["per_layer"] >= 0.5 * 4 * 12 * cfg.n_embd ** 2
-    assert measured["per_layer_row"] >= 2 * 4 * cfg.n_embd * cfg.sequence_len and measured["per_row"] > 0
-    assert memory.measured_total(measured, 2, 2) == pytest.approx(sum(measured.values()) + measured["per_layer"]
-                                                                  + measured["per_row"] + 3 * measured["per_layer_row"])
-
-
-def test_fsdp_estimate_divides_state_by_eight():
-    cfg = ModelConfig(depth=4, aspect_ratio=64, vocab_size=1024, sequence_len=128)
-    one, fsdp = memory.estimate(cfg, 2, 1), memory.estimate(cfg, 2, 8)
-    for k in ("params", "optimizer", "grads"):
-        assert fsdp[k] == pytest.approx(one[k] / 8)
-    assert fsdp["activations"] == one["activations"]
-    remat = memory.estimate(ModelConfig(depth=4, aspect_ratio=64, vocab_size=1024, sequence_len=128, remat="block"), 2, 1)
-    assert remat["activations"] < one["activations"] / 2
 
 
 def test_hlo_summary_counts_collectives_and_vocab_buffers():

@@ -137,3 +137,14 @@ def test_sweep_ranks_meshes_and_recommends_an_override(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "recommended: --mesh.data=" in proc.stdout and (out / "sweep.png").stat().st_size > 0
     assert proc.stdout.count("fits") >= 3
+
+
+@needs_plan_extra
+@pytest.mark.slow
+@pytest.mark.parametrize("config,target", [("d20", "8xh100"), ("d20", "8xh200"), ("d26", "8xh100"),
+                                           ("d26", "8xh200"), ("tpu_v6e_8", "v6e-8")])
+def test_every_shipped_accelerator_config_fits_its_target(tmp_path, config, target):
+    """The shipped configs' train steps, as run_gpu.sh / run_tpu.sh run them, fit with the planner's headroom."""
+    plans, _ = run_plan(tmp_path, "--config", f"configs/{config}.toml", "--target", target, "--programs", "train")
+    assert plans["train"]["error"] == ""
+    assert plans["train"]["arguments"] + plans["train"]["temporaries"] > 1e9  # a real d20/d26-sized program
