@@ -21,10 +21,12 @@ c = load_config(['--config', *sys.argv[1:]]); print(c.data.num_shards, c.train.d
 read -r NUM_SHARDS TRAIN_ROWS MID_ROWS <<< "$SIZES"
 GPU_GIB=$("$PY" -c "import jax; d = jax.devices(); gib = (d[0].memory_stats() or {}).get('bytes_limit', -2**30) // 2**30
 print(f'{len(d)} x {d[0].device_kind}, {gib} GiB usable each (-1: not reported)', file=__import__('sys').stderr); print(gib)")
-ROWS=""  # bench/memory.py puts d20 at 32 rows (d26 at 16) at ~78-83 GB per GPU: too close for an 80 GB card
-if [ "$GPU_GIB" -ge 0 ] && [ "$GPU_GIB" -lt 100 ] && [ "${FULL_ROWS:-0}" != 1 ]; then
+# scripts/plan.py (H100 compiler, 2026-12-05): d20 at 32 rows and d26 at 16 need 65 GB per GPU, which fits an
+# H100's ~73 GiB with 17% to spare; smaller cards (A100 40 GB, L40S 48 GB) get half the rows
+ROWS=""
+if [ "$GPU_GIB" -ge 0 ] && [ "$GPU_GIB" -lt 64 ] && [ "${FULL_ROWS:-0}" != 1 ]; then
   ROWS="--train.device_batch_size=$(( (TRAIN_ROWS + 1) / 2 )) --mid.device_batch_size=$(( (MID_ROWS + 1) / 2 ))"
-  echo "GPUs under 100 GiB: $ROWS (gradient accumulation keeps the batch size; FULL_ROWS=1 keeps the config's)"
+  echo "GPUs under 64 GiB: $ROWS (gradient accumulation keeps the batch size; FULL_ROWS=1 keeps the config's)"
 fi
 
 step() { echo; echo "=== $* ==="; }

@@ -6,7 +6,8 @@ its real micro-batch shape and shardings, the bits-per-byte step, and the Engine
 (data, fsdp, tensor) mesh of compile-only devices (targets.py) and compiles each with the target's real compiler.
 Nothing runs on a device. From each compiled program:
 - memory: `memory_analysis()` per device (arguments, outputs, temporaries; donated buffers counted once);
-- FLOPs: `cost_analysis()` where the backend gives it (TPU), else the model's formula (flops_per_token);
+- FLOPs: the model's formula (flops_per_token, as MFU counts them), and `cost_analysis()`'s where the backend
+  gives it (TPU; it counts a loop body once and no Pallas kernel);
 - collectives: bytes each kind moves per device per call, read from the partitioned HLO (loop bodies multiplied
   by their trip counts) and converted to ring-algorithm traffic; groups that span slices / nodes go over the
   slower network;
@@ -50,8 +51,8 @@ class ProgramPlan:
     outputs: int = 0
     aliased: int = 0
     temporaries: int = 0
-    flops: float = 0.0  # per device per call
-    flops_source: str = ""
+    flops: float = 0.0  # model FLOPs per device per call (flops_per_token: the MFU convention), for the roofline
+    compiler_flops: float = 0.0  # what cost_analysis() counts, where the backend gives it (TPU); loop bodies once
     collectives: dict = dataclasses.field(default_factory=dict)  # kind -> bytes sent per device per call
     network_bytes: float = 0.0  # of which over the slower network (groups spanning slices / nodes)
     tokens: int = 0  # tokens per call over all devices
@@ -116,6 +117,14 @@ def replica_groups(line: str, num_devices: int) -> list[list[int]]:
         if iota.group(3):
             ids = ids.transpose([int(x) for x in iota.group(3).split(",")])
         return ids.reshape(shape[0], -1).tolist()
+    named = re.search(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}", line)
+    if named:  # mesh['axis_0'=2,'axis_1'=4] {'axis_1'}: groups along the named axes of a row-major device grid
+        axes = re.findall(r"'(\w+)'=(\d+)", named.group(1))
+        names, sizes = [a for a, _ in axes], [int(n) for _, n in axes]
+        grouped = [names.index(a) for a in re.findall(r"'(\w+)'", named.group(2))]
+        ids = np.arange(math.prod(sizes)).reshape(sizes)
+        ids = ids.transpose([i for i in range(len(sizes)) if i not in grouped] + grouped)
+        return ids.reshape(-1, math.prod(sizes[i] for i in grouped)).tolist()
     pairs = re.search(r"source_target_pairs=\{(.*?)\}\}", line)
     if pairs:
         return [[int(a), int(b)] for a, b in re.findall(r"\{(\d+),(\d+)", pairs.group(1) + "}")]
@@ -189,10 +198,8 @@ def _read(name: str, compiled, tokens: int, formula_flops: float, slice_of: list
                        aliased=memory.alias_size_in_bytes, temporaries=memory.temp_size_in_bytes, tokens=tokens)
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    if cost and cost.get("flops"):
-        plan.flops, plan.flops_source = float(cost["flops"]), "compiler"
-    else:
-        plan.flops, plan.flops_source = formula_flops, "formula"
+    plan.flops = formula_flops
+    plan.compiler_flops = float(cost.get("flops", 0.0)) if cost else 0.0
     plan.collectives, plan.network_bytes = collective_bytes(compiled.as_text(), slice_of)
     return plan
 

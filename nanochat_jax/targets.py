@@ -109,6 +109,7 @@ def use_plan_packages() -> None:
     os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the targets' devices are compile-only: run on the CPU
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")  # libtpu: no metadata server to ask on a laptop
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # compile-only: several planners may run at once
 
 
 def gpu_target_config(chip: Chip, device_memory: int) -> str:

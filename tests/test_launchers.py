@@ -62,7 +62,7 @@ def test_gpu_and_tpu_launchers_use_their_configs():
 
 
 def test_gpu_launcher_halves_rows_with_real_config_keys():
-    """run_gpu.sh halves the training rows per GPU on cards under 100 GiB; the keys it sets must exist."""
+    """run_gpu.sh halves the training rows per GPU on cards under 64 GiB; the keys it sets must exist."""
     text = (ROOT / "run_gpu.sh").read_text()
     keys = re.findall(r'ROWS="(.*)"', text)[-1]
     overrides = re.sub(r"\$\(\(.*?\)\)", "16", keys).split()
