@@ -9,7 +9,10 @@ Layout: `<root>/<stage>/d<depth>/<step>/` with one Orbax item per part, where ro
 - meta: JSON: step, stage, resolved config, model config dict, tokenizer directory ("tokenizer": relative to the
   artifacts home when inside it, so a copied home works) and its fingerprint, ...
 Saving is asynchronous (Orbax writes in the background; `wait()` blocks until it is on disk) and keeps the
-newest `keep` steps. Restoring takes abstract targets (`jax.ShapeDtypeStruct` with a sharding), so a
+newest `keep` steps. Orbax writes a step in `<step>.orbax-checkpoint-tmp` and renames it when complete, so a kill
+during a save leaves that temporary directory, which no listing counts; `set_aside_unfinished` and `set_aside`
+(used when a run resumes) move such leftovers and steps that fail to restore to `<directory>.broken/`, never
+deleting them. Restoring takes abstract targets (`jax.ShapeDtypeStruct` with a sharding), so a
 checkpoint written on one mesh restores onto any other mesh.
 
 `load_model(stage)` rebuilds an nnx GPT from the latest checkpoint of a stage for inference. With mesh=None
@@ -34,6 +37,10 @@ STAGE_SCRIPTS = {"base": "scripts/base_train.py", "mid": "scripts/mid_train.py",
 
 class CheckpointError(UserError, RuntimeError):
     """A missing, incomplete or corrupt checkpoint; the message names the directory."""
+
+
+class BrokenCheckpoint(CheckpointError):
+    """A checkpoint whose files are incomplete or corrupt (not one that is sound but unfit for this run)."""
 
 
 CHECKPOINTS_ENV = "NANOCHAT_JAX_CHECKPOINTS"
@@ -156,7 +163,7 @@ class Checkpointer:
                                       "trained with (its metadata's \"model\"), or start a new run") from None
             earlier = [s for s in self.all_steps() if s < step]
             way_out = f" (remove {path} to fall back to step {earlier[-1]})" if earlier else ""
-            raise CheckpointError(f"checkpoint {path} is incomplete or corrupt{way_out}: {type(e).__name__}: "
+            raise BrokenCheckpoint(f"checkpoint {path} is incomplete or corrupt{way_out}: {type(e).__name__}: "
                                   f"{' '.join(str(e).split())[:500]}") from None
 
     def read_meta(self, step: int) -> dict:
@@ -186,6 +193,33 @@ class Checkpointer:
                   file=sys.stderr, flush=True)
         return {"params": restored["params"], "opt_state": restored.get("opt_state"), "data": state,
                 "meta": dict(restored["meta"])}
+
+    def set_aside(self, step: int, why: str) -> None:
+        """Move step `step` (a broken one) to `<directory>.broken/`, saying so in one line; its step number is
+        then free for this run's next save of it."""
+        self._move_broken(self.directory / str(step), f"skipped step {step}: {why}")
+        self._manager.reload()
+
+    def set_aside_unfinished(self) -> None:
+        """Move the temporary directories of saves that a kill cut short to `<directory>.broken/` (one line each)."""
+        for path in sorted(self.directory.glob("*.orbax-checkpoint-tmp*")):
+            step = path.name.split(".")[0]
+            self._move_broken(path, f"skipped step {step}: its save was cut short (Orbax never finished {path.name})")
+        self._manager.reload()
+
+    def _move_broken(self, path: Path, line: str) -> None:
+        if jax.process_index() == 0:
+            broken = self.directory.with_name(self.directory.name + ".broken")
+            broken.mkdir(exist_ok=True)
+            target, n = broken / path.name, 1
+            while target.exists():  # an earlier broken copy of the same step stays too
+                target, n = broken / f"{path.name}.{n}", n + 1
+            path.rename(target)
+            print(f"resume: {line}; moved it to {target}", file=sys.stderr, flush=True)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("checkpoint: broken step set aside")
 
     def wait(self) -> None:
         self._manager.wait_until_finished()

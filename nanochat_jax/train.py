@@ -4,11 +4,17 @@
 and the optimizer state with the same shardings. `make_train_step` returns
 `train_step(state, batch) -> (state, metrics)`: gradient accumulation over the leading micro-batch axis
 of `batch` runs inside the jit (`lax.scan`), the state is donated, and metrics stay on device, so the
-host only feeds batches and reads metrics when it logs.
+host only feeds batches and reads metrics when it logs. `StopSignal` turns SIGTERM / Ctrl-C into a checkpoint
+at the next step boundary and a clean exit; `resume_latest` continues from the newest complete checkpoint.
 """
 
 from __future__ import annotations
 
+import os
+import shlex
+import signal
+import sys
+import threading
 from typing import Any, Callable
 
 import flax
@@ -86,30 +92,69 @@ def check_resumable(meta: dict, model_cfg: ModelConfig, seed: int | None, checkp
 
 def resume_latest(ckpt, state: TrainState, shardings: TrainState, data_iter, num_iterations: int,
                   model_cfg: ModelConfig, tokenizer_dir=None, seed: int | None = None):
-    """Continue from the checkpointer's latest step: parameters and optimizer state restored into the shardings
-    of `state` (any mesh), the step counter, and the data iterator's position when the checkpoint has one for
-    this process (else its order restarts, as Checkpointer.restore warns). Returns (state, step).
-    The checkpoint must be of this architecture and (when given) data seed, see check_resumable; tokenizer_dir:
-    the tokenizer this run uses (default: the trained one), which must be the checkpoint's."""
-    step = ckpt.latest_step()
-    if step is None:
-        raise SystemExit(f"--train.resume: no checkpoint in {ckpt.directory}")
-    if step > num_iterations:
-        raise SystemExit(f"--train.resume: the latest checkpoint in {ckpt.directory} is step {step}, past this "
-                         f"run's num_iterations={num_iterations}; raise it or start a new run")
-    from nanochat_jax.checkpoint import check_tokenizer  # here: the GPU benchmarks import this module without it
+    """Continue from the checkpointer's newest complete step: parameters and optimizer state restored into the
+    shardings of `state` (any mesh), the step counter, and the data iterator's position when the checkpoint has
+    one for this process (else its order restarts, as Checkpointer.restore warns). Returns (state, step).
+    Saves that a kill cut short, and steps whose files fail to restore, are moved aside (one line each) and the
+    step before them is taken. The checkpoint must be of this architecture and (when given) data seed, see
+    check_resumable; tokenizer_dir: the tokenizer this run uses (default: the trained one), which must be the
+    checkpoint's."""
+    from nanochat_jax.checkpoint import BrokenCheckpoint, check_tokenizer  # (the GPU benchmarks import this module)
 
-    meta = ckpt.read_meta(step)
-    check_resumable(meta, model_cfg, seed, ckpt.directory / str(step))
-    check_tokenizer(meta, tokenizer_dir, ckpt.directory / str(step))
+    ckpt.set_aside_unfinished()
     abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), state)
-    restored = ckpt.restore(step, abstract.params, abstract.opt_state)
+    for step in reversed(ckpt.all_steps()):
+        if step > num_iterations:
+            raise SystemExit(f"--train.resume: the latest checkpoint in {ckpt.directory} is step {step}, past this "
+                             f"run's num_iterations={num_iterations}; raise it or start a new run")
+        try:
+            meta = ckpt.read_meta(step)
+            check_resumable(meta, model_cfg, seed, ckpt.directory / str(step))
+            check_tokenizer(meta, tokenizer_dir, ckpt.directory / str(step))
+            restored = ckpt.restore(step, abstract.params, abstract.opt_state)
+            break
+        except BrokenCheckpoint as e:
+            ckpt.set_aside(step, f"it is incomplete or corrupt ({str(e).split(': ', 1)[-1][:200]})")
+    else:
+        raise SystemExit(f"--train.resume: no complete checkpoint in {ckpt.directory}")
     state = TrainState(step=jax.device_put(jnp.asarray(step, jnp.int32), shardings.step),
                        params=restored["params"], opt_state=restored["opt_state"])
     if restored["data"] is not None:
         data_iter.set_state(restored["data"])
     print0(f"resumed from {ckpt.directory}/{step}")
     return state, step
+
+
+class StopSignal:
+    """SIGTERM or Ctrl-C (SIGINT) sets `requested` (the signal's name); the training loop reads it at each step
+    boundary, saves a checkpoint there and calls `exit`. A second Ctrl-C ends the process at once, unsaved.
+    Single-process runs only: several processes would first have to agree on the step (a collective every
+    step), so there the signals keep their default effect."""
+
+    def __init__(self):
+        self.requested, self._previous = None, {}
+        if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def close(self) -> None:
+        """Give the signals their previous handlers back (the loop is over)."""
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested and signum == signal.SIGINT:
+            os.write(2, b"second Ctrl-C: exiting now, without a checkpoint\n")
+            os._exit(130)
+        self.requested = signal.Signals(signum).name
+
+    def exit(self, ckpt, step: int) -> None:
+        """Wait for the checkpoint of `step`, say how to resume, end the process with exit code 0."""
+        self.close()
+        ckpt.close()
+        resume = [] if sys.argv[-1] == "--train.resume=true" else ["--train.resume=true"]  # (the last one counts)
+        print(f"{self.requested}: stopped at step {step}, checkpoint {ckpt.directory / str(step)}; resume with: "
+              f"python {shlex.join(sys.argv + resume)}", flush=True)
+        raise SystemExit(0)
 
 
 def microbatch_sharding(mesh: Mesh, ndim: int = 3):

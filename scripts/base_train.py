@@ -26,7 +26,7 @@ from nanochat_jax.model import flops_per_token, num_params
 from nanochat_jax.progress import StepLogger, mfu
 from nanochat_jax.sharding import eval_mesh, make_mesh
 from nanochat_jax.tokenizer import load_tokenizer, token_bytes, tokenizer_fingerprint
-from nanochat_jax.train import global_batch, init_train_state, make_train_step, resume_latest
+from nanochat_jax.train import StopSignal, global_batch, init_train_state, make_train_step, resume_latest
 
 def training_horizon(train: TrainConfig, n_params: int, flops: float) -> int:
     """Steps from an explicit count, a FLOPs budget, or a tokens:params ratio (in that order)."""
@@ -103,14 +103,18 @@ def main(argv: list[str] | None = None) -> dict:
     progress = StepLogger("base", num_iterations, start, flops_per_token=flops, peak_flops=peak,
                           num_devices=info["num_devices"], append=cfg.train.resume, not_redone=("core_metric",))
     tokens_since = 0
+    stop = StopSignal()
     for step in range(start, num_iterations + 1):
         last = step == num_iterations
         with progress.paused():  # evals, samples and checkpoints do not count in tokens/s and MFU
             # the checkpoint first: a failure in the evaluation or sampling below cannot lose the trained model
             if (last and step > start) or (cfg.train.checkpoint_every > 0 and step % cfg.train.checkpoint_every == 0
-                                           and step > start):
+                                           and step > start) or (stop.requested and ckpt.latest_step() != step):
                 ckpt.save(step, state.params, state.opt_state, data_state, stage_meta("base", step, cfg, cfg.model, {}),
                           wait=last)
+            if stop.requested:
+                progress.close()
+                stop.exit(ckpt, step)
             if last or (cfg.train.eval_every > 0 and step % cfg.train.eval_every == 0):
                 val_batches = val_batches or split_batches(cfg, tokenizer, rows, mesh, "val")  # tokenized once
                 val_bpb = evaluate_bpb(bpb_step, state.params, val_batches, tb)
@@ -134,6 +138,7 @@ def main(argv: list[str] | None = None) -> dict:
             progress.log(step + 1, m["loss"], tokens_since, grad_norm=m["grad_norm"],
                          lr_multiplier=m["lr_multiplier"])
             tokens_since = 0
+    stop.close()
     progress.close()
     ckpt.wait()
     ckpt.close()

@@ -34,7 +34,7 @@ from nanochat_jax.progress import StepLogger
 from nanochat_jax.rl import group_advantages, micro_batches, pass_at_k, pg_objective, rl_batch, rollout
 from nanochat_jax.sharding import eval_mesh, make_mesh, replicated_on
 from nanochat_jax.tasks import TaskDataError
-from nanochat_jax.train import global_batch, init_train_state, make_train_step, resume_latest
+from nanochat_jax.train import StopSignal, global_batch, init_train_state, make_train_step, resume_latest
 
 
 CPU_TRAIN_SIZE, CPU_TEST_SIZE = 8000, 1000  # generated word problems for task "cpu" (GSM8K train has 7473)
@@ -136,6 +136,7 @@ def main(argv: list[str] | None = None) -> dict:
     info = device_info()
     logger = StepLogger("rl", num_iterations, start, append=cfg.train.resume)
     rewards_per_step = [r["reward"] for r in logger.kept if "reward" in r]  # (process 0's log: for the summary)
+    stop = StopSignal()
     for step in range(start, num_iterations):
         if rl.eval_every > 0 and step % rl.eval_every == 0:
             with logger.paused():  # not counted in tokens/s
@@ -159,9 +160,13 @@ def main(argv: list[str] | None = None) -> dict:
         logger.log(step + 1, m["loss"], int(length), reward=reward / rows, seq_len=length / rows,
                    sampled_tokens=tokens, lr_multiplier=m["lr_multiplier"], grad_norm=m["grad_norm"],
                    rollout_s=t1 - t0, train_s=t2 - t1)
-        if step + 1 == num_iterations or (rl.save_every > 0 and (step + 1) % rl.save_every == 0):
+        if step + 1 == num_iterations or (rl.save_every > 0 and (step + 1) % rl.save_every == 0) or stop.requested:
             with logger.paused():
                 save(step + 1)
+        if stop.requested:
+            logger.close()
+            stop.exit(ckpt, step + 1)
+    stop.close()
     evals = evaluate(num_iterations)
     logger.close()
     ckpt.close()

@@ -30,7 +30,7 @@ from nanochat_jax.progress import StepLogger
 from nanochat_jax.sharding import eval_mesh, make_mesh, replicated_on
 from nanochat_jax.tasks.base import TaskDataError
 from nanochat_jax.tasks.mixtures import cpu_eval_tasks, sft_mixture
-from nanochat_jax.train import global_batch, init_train_state, make_train_step, resume_latest
+from nanochat_jax.train import StopSignal, global_batch, init_train_state, make_train_step, resume_latest
 
 CPU_METRIC_PROBLEMS = 32  # per task, cpu mixture
 CPU_METRIC_TOKENS = 96
@@ -116,12 +116,17 @@ def main(argv: list[str] | None = None) -> dict:
     progress = StepLogger("sft", num_iterations, start, flops_per_token=flops_per_token(model_cfg),
                           peak_flops=peak_flops_per_device(), num_devices=info["num_devices"], append=cfg.train.resume)
     tokens_since = 0
+    stop = StopSignal()
     for step in range(start, num_iterations + 1):
         last = step == num_iterations
         with progress.paused():  # evals, samples and checkpoints do not count in tokens/s and MFU
-            if step > start and (last or (cfg.train.checkpoint_every > 0 and step % cfg.train.checkpoint_every == 0)):
+            if (step > start and (last or (cfg.train.checkpoint_every > 0 and step % cfg.train.checkpoint_every == 0))
+                    or (stop.requested and ckpt.latest_step() != step)):
                 ckpt.save(step, state.params, state.opt_state, data_state,  # before the evaluation (base_train.py)
                           stage_meta("sft", step, cfg, model_cfg, source_meta), wait=last)
+            if stop.requested:
+                progress.close()
+                stop.exit(ckpt, step)
             if last or (cfg.sft.eval_every > 0 and step % cfg.sft.eval_every == 0):
                 losses = [loss_step(state.params, b["inputs"][0], b["targets"][0]) for b in val_batches]
                 val_loss = float(jnp.mean(jnp.stack(losses)))
@@ -144,6 +149,7 @@ def main(argv: list[str] | None = None) -> dict:
             progress.log(step + 1, m["loss"], tokens_since, grad_norm=m["grad_norm"],
                          lr_multiplier=m["lr_multiplier"], num_tokens=supervised)
             tokens_since = 0
+    stop.close()
     progress.close()
     ckpt.close()
     wall = progress.elapsed

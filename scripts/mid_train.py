@@ -29,7 +29,7 @@ from nanochat_jax.progress import StepLogger, mfu
 from nanochat_jax.sharding import make_mesh
 from nanochat_jax.tasks.mixtures import mid_mixture
 from nanochat_jax.tokenizer import token_bytes
-from nanochat_jax.train import global_batch, init_train_state, make_train_step, resume_latest
+from nanochat_jax.train import StopSignal, global_batch, init_train_state, make_train_step, resume_latest
 
 WARMDOWN_RATIO = 0.2  # nanochat since b8076dd: constant, then linear decay to 0 over the last 20% (3a5e0bc ramped up)
 
@@ -89,12 +89,17 @@ def main(argv: list[str] | None = None) -> dict:
     val_bpb = None
     min_val_bpb = min((r["val_bpb"] for r in progress.kept if "val_bpb" in r), default=float("inf"))
     tokens_since = 0
+    stop = StopSignal()
     for step in range(start, num_iterations + 1):
         last = step == num_iterations
         with progress.paused():  # evals, samples and checkpoints do not count in tokens/s and MFU
-            if step > start and (last or (cfg.train.checkpoint_every > 0 and step % cfg.train.checkpoint_every == 0)):
+            if (step > start and (last or (cfg.train.checkpoint_every > 0 and step % cfg.train.checkpoint_every == 0))
+                    or (stop.requested and ckpt.latest_step() != step)):
                 ckpt.save(step, state.params, state.opt_state, data_state,  # before the evaluation (base_train.py)
                           stage_meta("mid", step, cfg, model_cfg, source_meta), wait=last)
+            if stop.requested:
+                progress.close()
+                stop.exit(ckpt, step)
             if last or (cfg.mid.eval_every > 0 and step % cfg.mid.eval_every == 0):
                 val_bpb = evaluate_bpb(bpb_step, state.params, val_batches, tb)
                 min_val_bpb = min(min_val_bpb, val_bpb)  # nanochat's report line
@@ -110,6 +115,7 @@ def main(argv: list[str] | None = None) -> dict:
             progress.log(step + 1, m["loss"], tokens_since, grad_norm=m["grad_norm"],
                          lr_multiplier=m["lr_multiplier"])
             tokens_since = 0
+    stop.close()
     progress.close()
     ckpt.close()
     wall, train_seconds = progress.elapsed, progress.train_seconds  # the run's; this session's without evals
