@@ -95,6 +95,7 @@ def test_a_save_cut_short_and_a_corrupt_step_are_set_aside(straight, tmp_path):
     assert params_hash(home) == straight[1]
 
 
+@pytest.mark.slow
 def test_sigterm_saves_exits_0_and_the_resumed_run_is_bit_identical(straight, tmp_path):
     home = tmp_path / "home"
     home.mkdir()
