@@ -182,6 +182,14 @@ class _Row:
     done: bool = False
 
 
+def cache_shardings(mesh, kv_shape: tuple[int, ...]):
+    """(shardings of the cache's k and v, of its lengths) for a cache of kv_shape (n_layer, B, max_len, Hkv, D)."""
+    from nanochat_jax.sharding import named_sharding
+
+    return (named_sharding(mesh, ("layers", "batch", "cache_len", "kv_heads", None), kv_shape),
+            named_sharding(mesh, ("batch",), kv_shape[1:2]))
+
+
 def _to_compute_dtype(x: jax.Array, dtype) -> jax.Array:
     """Floating parameters wider than the compute dtype are cast once, here, instead of in every decode step:
     the forward casts every weight to the compute dtype anyway (so outputs are unchanged), and decoding is
@@ -230,10 +238,7 @@ class Engine:
         """With a mesh: shard the cache rows over the batch mesh axes when they divide, else replicate."""
         if self.mesh is None:
             return cache
-        from nanochat_jax.sharding import named_sharding
-
-        kv = named_sharding(self.mesh, ("layers", "batch", "cache_len", "kv_heads", None), cache.k.shape)
-        lengths = named_sharding(self.mesh, ("batch",), cache.lengths.shape)
+        kv, lengths = cache_shardings(self.mesh, cache.k.shape)
         return cache.replace(k=jax.device_put(cache.k, kv), v=jax.device_put(cache.v, kv),
                              lengths=jax.device_put(cache.lengths, lengths))
 

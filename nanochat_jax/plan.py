@@ -207,9 +207,7 @@ def _read(name: str, compiled, tokens: int, formula_flops: float, slice_of: list
 def _compile(name: str, lower, tokens: int, formula_flops: float, slice_of: list[int]) -> ProgramPlan:
     try:
         return _read(name, lower().compile(), tokens, formula_flops, slice_of)
-    except Exception as e:  # the compiler's verdict, e.g. RESOURCE_EXHAUSTED: keep it as the plan's answer
-        if not isinstance(e, (jax.errors.JaxRuntimeError, ValueError, RuntimeError)):
-            raise
+    except (jax.errors.JaxRuntimeError, ValueError, RuntimeError) as e:  # the compiler's verdict, e.g. out of memory
         message = next((l for l in str(e).splitlines() if l.strip()), type(e).__name__)
         return ProgramPlan(name, tokens=tokens, error=message[:400])
 
@@ -225,7 +223,7 @@ def plan_programs(cfg: Config, target: Target, devices, decode_rows: int = 32, p
     from flax import nnx
 
     from nanochat_jax import splash
-    from nanochat_jax.engine import _decode_chunk, _prefill, bucket
+    from nanochat_jax.engine import _decode_chunk, _prefill, bucket, cache_shardings
     from nanochat_jax.evaluation import make_bpb_step
     from nanochat_jax.model import KVCache, flops_per_token, head_dim, init_model, num_params, runnable_on
     from nanochat_jax.optim import build_optimizer
@@ -280,10 +278,9 @@ def plan_programs(cfg: Config, target: Target, devices, decode_rows: int = 32, p
 
         def cache(batch):
             shape = (kv_shape[0], batch) + kv_shape[2:]
-            kv = named_sharding(mesh, ("layers", "batch", "cache_len", "kv_heads", None), shape)
+            kv, lengths = cache_shardings(mesh, shape)
             sds = jax.ShapeDtypeStruct(shape, jnp.dtype(model_cfg.compute_dtype), sharding=kv)
-            return KVCache(k=sds, v=sds, lengths=jax.ShapeDtypeStruct(
-                (batch,), jnp.int32, sharding=named_sharding(mesh, ("batch",), (batch,))))
+            return KVCache(k=sds, v=sds, lengths=jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=lengths))
 
         matmul_flops = 2 * (num_params(model_cfg) - model_cfg.vocab_size * model_cfg.n_embd)
         if "prefill" in programs:

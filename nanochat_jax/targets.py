@@ -35,12 +35,13 @@ class Chip:
 
 
 GIB = 2 ** 30
+GPU_MEM_FRACTION = 0.92  # run_gpu.sh's XLA_PYTHON_CLIENT_MEM_FRACTION: the share of a GPU's memory JAX may use
 CHIPS = {
     # NVIDIA: dense bf16 without sparsity; NVLink 4 is 900 GB/s both ways; one 400 Gb/s NDR NIC per GPU across nodes.
-    # memory: what the device reports (XLA's GPU spec files) times run_gpu.sh's XLA_PYTHON_CLIENT_MEM_FRACTION 0.92.
-    "h100": Chip("H100 SXM 80GB", "cuda", 0.92 * 84_942_979_072, 989e12, 3.35e12, 450e9, 50e9,
+    # memory: what the device reports (XLA's GPU spec files) times GPU_MEM_FRACTION.
+    "h100": Chip("H100 SXM 80GB", "cuda", GPU_MEM_FRACTION * 84_942_979_072, 989e12, 3.35e12, 450e9, 50e9,
                  "NVIDIA H100 Tensor Core GPU datasheet (SXM5)"),
-    "h200": Chip("H200 SXM 141GB", "cuda", 0.92 * 150_754_820_096, 989e12, 4.8e12, 450e9, 50e9,
+    "h200": Chip("H200 SXM 141GB", "cuda", GPU_MEM_FRACTION * 150_754_820_096, 989e12, 4.8e12, 450e9, 50e9,
                  "NVIDIA H200 Tensor Core GPU datasheet (SXM)"),
     # Cloud TPU system-architecture pages: peak bf16, HBM per chip, bidirectional ICI per chip (halved here), and
     # the per-host NICs divided over the host's chips for the data-center network.
@@ -136,7 +137,7 @@ def target_devices(target: Target) -> list:
         if target.platform == "tpu":
             topo = topologies.get_topology_desc(target.topology, "tpu", num_slices=target.num_slices)
         else:
-            memory = int(target.chip.memory / 0.92)  # the device's whole memory; the 0.92 is the allocator's share
+            memory = int(target.chip.memory / GPU_MEM_FRACTION)  # the device's whole memory
             topo = topologies.get_topology_desc(target.chip.name, "cuda", topology=target.topology,
                                                 target_config=gpu_target_config(target.chip, memory))
     except Exception as e:  # a missing libtpu / CUDA plugin surfaces as several kinds of errors
