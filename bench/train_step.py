@@ -106,9 +106,8 @@ def main(argv=None) -> dict:
     import jax
     import jax.numpy as jnp
     import numpy as np
-    from jax.sharding import NamedSharding, PartitionSpec
 
-    from nanochat_jax.common import device_info, peak_flops_per_device
+    from nanochat_jax.common import device_info, measured_peak_flops, peak_flops_per_device
     from nanochat_jax.config import load_config
     from nanochat_jax.model import flops_per_token, num_params, runnable_on
     from nanochat_jax.sharding import make_mesh
@@ -172,19 +171,8 @@ def main(argv=None) -> dict:
     # measured peak: one size x size matmul per device, all devices at once
     size = args.matmul_size or (1024 if info["backend"] == "cpu" else 8192)
     dtype = jnp.dtype(cfg.model.compute_dtype)
-    sh = NamedSharding(mesh, PartitionSpec(mesh.axis_names))
-    mm = jax.jit(lambda a, b: jnp.einsum("dij,djk->dik", a, b), out_shardings=sh)
-    ka, kb = jax.random.split(jax.random.key(0))  # random data: zeros or constants run faster than real values
-    a = jax.device_put(jax.random.normal(ka, (n_dev, size, size), dtype), sh)
-    b = jax.device_put(jax.random.normal(kb, (n_dev, size, size), dtype), sh)
-    mm(a, b).block_until_ready()
-    mm_times = []
-    for _ in range(5):  # 10 calls queued back to back, so the host's dispatch time hides behind the device's
-        start = time.perf_counter()
-        jax.block_until_ready([mm(a, b) for _ in range(10)])
-        mm_times.append((time.perf_counter() - start) / 10)
-    peak_measured = 2 * size ** 3 * n_dev / min(mm_times)
-    peak_datasheet = peak_flops_per_device(info["device_kind"])
+    peak_measured = measured_peak_flops(mesh.devices.flat, cfg.model.compute_dtype, size)
+    peak_datasheet = peak_flops_per_device(info["device_kind"]) if info["backend"] != "cpu" else None  # CPU: measured
     peak_datasheet = peak_datasheet * n_dev if peak_datasheet else None
 
     result = {

@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> dict:
     if is_main_process():  # after a resume succeeded: a refused one leaves the run's config.toml as it was
         (out_dir / "config.toml").write_text(to_toml(cfg))
 
-    peak = peak_flops_per_device()
+    peak = peak_flops_per_device(compute_dtype=cfg.model.compute_dtype)
     val_bpb, val_batches, core = None, [], None
     data_state = train_iter.get_state()  # the iterator state from which the batch of step `start` comes
     batch = global_batch([next(train_iter) for _ in range(accum)], mesh)

@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> dict:
     data_state = train_iter.get_state()
     batch = global_batch(train_iter.next_step(accum), mesh)
     progress = StepLogger("sft", num_iterations, start, flops_per_token=flops_per_token(model_cfg),
-                          peak_flops=peak_flops_per_device(), num_devices=info["num_devices"], append=cfg.train.resume)
+                          peak_flops=peak_flops_per_device(compute_dtype=model_cfg.compute_dtype), num_devices=info["num_devices"], append=cfg.train.resume)
     tokens_since = 0
     stop = StopSignal()
     for step in range(start, num_iterations + 1):

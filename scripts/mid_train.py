@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> dict:
         state, start = resume_latest(ckpt, state, shardings, train_iter, num_iterations, model_cfg,
                                      source_meta.get("tokenizer"))
 
-    peak = peak_flops_per_device()
+    peak = peak_flops_per_device(compute_dtype=model_cfg.compute_dtype)
     data_state = train_iter.get_state()
     batch = global_batch([next(train_iter) for _ in range(accum)], mesh)
     progress = StepLogger("mid", num_iterations, start, flops_per_token=flops, peak_flops=peak,

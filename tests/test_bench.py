@@ -182,3 +182,12 @@ def test_compilation_cache_goes_to_the_home_or_the_launchers_directory(monkeypat
         assert jax.config.jax_compilation_cache_dir == str(tmp_path / "elsewhere")
     finally:
         jax.config.update("jax_compilation_cache_dir", before)
+
+
+def test_mfu_on_cpu_is_against_the_measured_matmul_peak():
+    """CPU has no datasheet peak: MFU there is against one measured dense matmul, split over the simulated devices."""
+    whole = common.cpu_peak_flops("float32")
+    assert 1e8 < whole < 1e14  # FLOP/s of a real CPU
+    assert common.peak_flops_per_device("cpu", "float32") * jax.local_device_count() == pytest.approx(whole)
+    assert common.peak_flops_per_device("NVIDIA H100 80GB HBM3") == 989e12  # accelerators: the datasheet
+    assert common.peak_flops_per_device("some new accelerator") is None
