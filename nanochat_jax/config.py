@@ -139,7 +139,8 @@ class OptimConfig:
         try:
             b1, b2, eps, wd = (float(x) for x in spec.split(","))
         except ValueError:
-            raise ConfigError(f"optim.adam_{group}={spec!r} is not 'beta1,beta2,eps,weight_decay' (four numbers)") from None
+            raise ConfigError(f"optim.adam_{group}={spec!r} is not 'beta1,beta2,eps,weight_decay' "
+                              "(four numbers)") from None
         if not (0 <= b1 <= 1 and 0 <= b2 <= 1 and eps >= 0 and wd >= 0):
             raise ConfigError(f"optim.adam_{group}={spec!r}: betas must be in [0, 1], eps and weight_decay >= 0")
         return b1, b2, eps, wd
@@ -192,7 +193,7 @@ class MeshConfig:
 @dataclass
 class TrainConfig:
     device_batch_size: int = 32  # sequences per device per micro-batch
-    total_batch_size: int = 524288  # tokens per optimizer step; grad accumulation is derived (-1: optim's depth scaling)
+    total_batch_size: int = 524288  # tokens per optimizer step; grad accumulation is derived (-1: depth scaling's)
     num_iterations: int = -1  # explicit step count (-1: derive from target_flops or the ratio)
     target_flops: float = -1.0
     target_param_data_ratio: float = 20.0  # tokens : params (Chinchilla = 20)
@@ -211,7 +212,8 @@ class TrainConfig:
         _positive(self, "train", "device_batch_size", "eval_tokens", "keep_checkpoints", "log_every",
                   "core_max_per_task")
         if self.total_batch_size <= 0 and self.total_batch_size != -1:
-            raise ConfigError(f"train.total_batch_size={self.total_batch_size} must be > 0 (-1: from optim's depth scaling)")
+            raise ConfigError(f"train.total_batch_size={self.total_batch_size} must be > 0 "
+                              "(-1: from optim's depth scaling)")
         _non_negative(self, "train", "core_every")
         if self.num_iterations <= 0 and self.target_flops <= 0 and self.target_param_data_ratio <= 0:
             raise ConfigError("train: set one of num_iterations, target_flops or target_param_data_ratio (> 0)")

@@ -334,8 +334,10 @@ def _partition(transforms: dict, labels_fn) -> optax.GradientTransformation:
         used = set(jax.tree.leaves(labels_fn(tree)))
         return optax.partition({k: t for k, t in transforms.items() if k in used}, labels_fn)
 
-    return optax.GradientTransformation(lambda params: present(params).init(params),
-                                        lambda updates, state, params=None: present(updates).update(updates, state, params))
+    def update_fn(updates, state, params=None):
+        return present(updates).update(updates, state, params)
+
+    return optax.GradientTransformation(lambda params: present(params).init(params), update_fn)
 
 
 def current_lrs(opt_state) -> dict:
