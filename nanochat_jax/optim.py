@@ -121,7 +121,7 @@ def muon(learning_rate, momentum=0.95, nesterov: bool = True, ns_steps: int = 5,
         else:
             g_eff = buf
         leaves, treedef = jax.tree.flatten(g_eff)
-        ortho = _orthogonalise([_equilibrate(g) if muon_eq else g for g in leaves], ns_steps, ns_dtype, method)
+        ortho = _orthogonalise(leaves, ns_steps, ns_dtype, method, muon_eq)
         ortho = [o.astype(g.dtype) for g, o in zip(leaves, ortho)]
         if muon_plus:
             ortho = [o * (min(o.shape) ** 0.5 / jnp.maximum(jnp.linalg.norm(o), 1e-6)) for o in ortho]
@@ -140,11 +140,15 @@ def muon(learning_rate, momentum=0.95, nesterov: bool = True, ns_steps: int = 5,
     return optax.GradientTransformation(init_fn, update_fn)
 
 
-def _equilibrate(g: jax.Array) -> jax.Array:
-    """MuonEq on a kernel stored (in, out): every output neuron's weights (a column here, a row of torch's
-    (out, in)) rescaled to norm |g|_F / sqrt(out), the mean neuron norm."""
-    target = jnp.linalg.norm(g) / g.shape[-1] ** 0.5
-    return g * (target / jnp.maximum(jnp.linalg.norm(g, axis=-2, keepdims=True), 1e-6))
+def _equilibrate(X: jax.Array, transposed: list[bool]) -> jax.Array:
+    """MuonEq on a stack of wide-oriented kernels: every output neuron's weights (torch's rows: X's columns, or
+    X's rows for a member stored tall and transposed) rescaled to |X|_F / sqrt(neurons), the mean neuron norm.
+    On the stack every matrix is whole on its device, so this is local."""
+    t = jnp.asarray(transposed + [False] * (X.shape[0] - len(transposed)))[:, None, None]
+    neurons = jnp.where(t, X.shape[-2], X.shape[-1])
+    norms = jnp.where(t, jnp.linalg.norm(X, axis=-1, keepdims=True), jnp.linalg.norm(X, axis=-2, keepdims=True))
+    target = jnp.linalg.norm(X, axis=(-2, -1), keepdims=True) / jnp.sqrt(neurons)
+    return X * (target / jnp.maximum(norms, 1e-6))
 
 
 def _normuon_axis(shape: tuple) -> int:
@@ -168,9 +172,9 @@ def _normuon(o: jax.Array, v: jax.Array, beta2: float) -> tuple[jax.Array, jax.A
     return o * step * (jnp.linalg.norm(o) / jnp.maximum(norm_new, 1e-10)), v
 
 
-def _orthogonalise(leaves: list, ns_steps: int, dtype, method: str) -> list[jax.Array]:
+def _orthogonalise(leaves: list, ns_steps: int, dtype, method: str, muon_eq: bool = False) -> list[jax.Array]:
     """Newton-Schulz (or Polar Express) on every matrix, batched: all matrices of one shape (in the wide
-    orientation, tall ones transposed) go through one call, as one stack.
+    orientation, tall ones transposed) go through one call, as one stack (MuonEq first, when asked).
 
     Under a mesh the stack is split over every device (logical axis 'stack', padded with zero matrices to a
     multiple of the device count; NS maps zero to zero): each device orthogonalises its share once, instead
@@ -192,7 +196,10 @@ def _orthogonalise(leaves: list, ns_steps: int, dtype, method: str) -> list[jax.
         pad = -len(idx) % shard_count("stack")
         if pad:
             stack = jnp.concatenate([stack, jnp.zeros((pad, *stack.shape[1:]), stack.dtype)])
-        ortho = newton_schulz(constrain(stack, ("stack", None, None)), ns_steps, dtype, method)
+        stack = constrain(stack, ("stack", None, None))
+        if muon_eq:
+            stack = _equilibrate(stack, [leaves[i].shape[0] > leaves[i].shape[1] for i in idx])
+        ortho = newton_schulz(stack, ns_steps, dtype, method)
         for j, i in enumerate(idx):
             m = leaves[i]
             o = constrain(ortho[j], ("stack_rows", None))  # the same way back

@@ -298,7 +298,9 @@ def test_all_options_sharded_equal_single_device(make_mesh):
     shardings = jax.tree_util.tree_map_with_path(sharding, params)
     opt = build_optimizer(dataclasses.replace(BASE, **OPTIONS["all"]), C, NUM_ITERATIONS)
     single, _ = run_steps(opt, params, grads_list)
-    sharded, _ = run_steps(opt, jax.device_put(params, shardings), [jax.device_put(g, shardings) for g in grads_list])
+    with jax.set_mesh(mesh):  # as in the train step: the stacks are split over the devices (sharding.constrain)
+        sharded, _ = run_steps(opt, jax.device_put(params, shardings),
+                               [jax.device_put(g, shardings) for g in grads_list])
     assert sharded["blocks"][0]["mlp"]["c_fc"]["kernel"].sharding == shardings["blocks"][0]["mlp"]["c_fc"]["kernel"]
     chex.assert_trees_all_close(sharded, single, atol=2e-6, rtol=0)
 
