@@ -78,37 +78,102 @@ class ModelConfig:
 RUNTIME_MODEL_FIELDS = ("sequence_len", "compute_dtype", "attention_impl", "remat", "loss_chunk")
 
 
+ADAM_GROUPS = ("embedding", "unembedding", "value_embedding", "resid_lambdas", "x0_lambdas", "scalar")
+
+
 @dataclass
 class OptimConfig:
+    """The first release's optimizer by default; nanochat master's options (Polar Express, MuonEq, Muon+,
+    NorMuon, cautious weight decay, per-group AdamW, its schedules and depth scaling) are all off."""
+
     embedding_lr: float = 0.2  # AdamW, token embedding (scaled by (width/768)^-0.5)
     unembedding_lr: float = 0.004  # AdamW, lm_head (scaled by (width/768)^-0.5)
     matrix_lr: float = 0.02  # Muon, every 2-D matrix inside the blocks
+    value_embedding_lr: float = 0.15  # AdamW, value embeddings (scaled by (width/768)^-0.5; master: embedding's / 2)
+    resid_lambdas_lr: float = 0.005  # AdamW, per-layer residual scales (master: scalar lr 0.5 x 0.01)
+    x0_lambdas_lr: float = 0.5  # AdamW, per-layer x0 mixing scales
+    scalar_lr: float = 0.2  # AdamW, every other scalar or gate (smear, backout); never depth-scaled, as master's
     weight_decay: float = 0.0  # AdamW weight decay
     adam_beta1: float = 0.8
     adam_beta2: float = 0.95
     adam_eps: float = 1e-10
+    # one AdamW group's own "beta1,beta2,eps,weight_decay" ("" = adam_beta1, adam_beta2, adam_eps, weight_decay)
+    adam_embedding: str = ""  # master: "0.8,0.995,1e-10,0.001"
+    adam_unembedding: str = ""  # master: "0.8,0.96,1e-10,0.01"
+    adam_value_embedding: str = ""  # master: "0.8,0.995,1e-10,0.01"
+    adam_resid_lambdas: str = ""  # master: "0.8,0.95,1e-10,0.05"
+    adam_x0_lambdas: str = ""  # master: "0.96,0.95,1e-10,0.0"
+    adam_scalar: str = ""  # master: "0.8,0.95,1e-10,0.0"
     muon_momentum: float = 0.95
     muon_momentum_start: float = 0.85  # Muon momentum warms up linearly from this value ...
     muon_momentum_warmup_steps: int = 300  # ... over this many steps
+    muon_momentum_final: float = -1.0  # >= 0: momentum falls linearly to this over the LR warm-down (master: 0.9)
     muon_nesterov: bool = True
-    ns_steps: int = 5  # Newton-Schulz iterations
+    orthogonalizer: str = "newton_schulz"  # newton_schulz (quintic, fixed coefficients) | polar_express (master's)
+    ns_steps: int = 5  # orthogonalisation iterations (polar_express: at most 5)
     ns_dtype: str = "bfloat16"  # Newton-Schulz compute dtype (float32 for bit-stable tests)
+    muon_eq: bool = False  # MuonEq: each neuron's weights rescaled to the mean norm before orthogonalising
+    muon_plus: bool = False  # Muon+: orthogonalised update rescaled to Frobenius norm sqrt(min(rows, cols))
+    normuon: bool = False  # NorMuon: factored per-neuron second moment normalises the orthogonalised update
+    normuon_beta2: float = 0.9  # NorMuon's second-moment decay
+    muon_weight_decay: float = 0.0  # Muon decoupled weight decay, times Muon's aspect-scaled learning rate
+    muon_weight_decay_schedule: str = "constant"  # constant | cosine (to 0 at the last step, as master)
+    cautious_weight_decay: bool = False  # Muon decays only entries where the update and the weight share a sign
     warmup_ratio: float = 0.0  # fraction of steps with linear LR warm-up
+    warmup_steps: int = 0  # > 0: LR warm-up steps instead of warmup_ratio (master: 40)
     warmdown_ratio: float = 0.2  # fraction of steps with linear LR warm-down
     final_lr_frac: float = 0.0  # LR multiplier reached at the end of the warm-down
     grad_clip: float = 1.0  # base training's global-norm clipping (0 disables); mid/sft/rl have their own
+    # depth scaling (base training, as master's base_train): tokens = train.target_param_data_ratio x the scaling
+    # parameters (blocks + lm_head); train.total_batch_size = -1 takes the power-law batch; learning rates x
+    # sqrt(B / reference_batch_size); muon_weight_decay x sqrt(B / reference_batch_size) x D_ref / D
+    reference_depth: int = 0  # > 0: scale from a model of this depth (master: 12); 0 = off
+    reference_batch_size: int = 524288  # tokens per step best at reference_depth (master: 2^19)
+    batch_size_exponent: float = 0.383  # B = reference_batch_size x (D / D_ref)^exponent, to a power of 2
+
+    def adam_group(self, group: str) -> tuple[float, float, float, float]:
+        """(beta1, beta2, eps, weight_decay) of an AdamW group."""
+        spec = getattr(self, f"adam_{group}")
+        if not spec:
+            return self.adam_beta1, self.adam_beta2, self.adam_eps, self.weight_decay
+        try:
+            b1, b2, eps, wd = (float(x) for x in spec.split(","))
+        except ValueError:
+            raise ConfigError(f"optim.adam_{group}={spec!r} is not 'beta1,beta2,eps,weight_decay' "
+                              "(four numbers)") from None
+        if not (0 <= b1 <= 1 and 0 <= b2 <= 1 and eps >= 0 and wd >= 0):
+            raise ConfigError(f"optim.adam_{group}={spec!r}: betas must be in [0, 1], eps and weight_decay >= 0")
+        return b1, b2, eps, wd
+
+    def scale_lrs(self, factor: float) -> "OptimConfig":
+        """A copy with every learning rate times factor."""
+        return dataclasses.replace(self, **{name: getattr(self, name) * factor for name in LR_FIELDS})
 
     def validate(self) -> None:
-        _non_negative(self, "optim", "embedding_lr", "unembedding_lr", "matrix_lr", "weight_decay", "adam_eps",
-                      "grad_clip")
-        for name in ("adam_beta1", "adam_beta2", "muon_momentum", "muon_momentum_start",
+        _non_negative(self, "optim", *LR_FIELDS, "weight_decay", "adam_eps", "grad_clip", "muon_weight_decay",
+                      "warmup_steps", "reference_depth")
+        for name in ("adam_beta1", "adam_beta2", "muon_momentum", "muon_momentum_start", "normuon_beta2",
                      "warmup_ratio", "warmdown_ratio", "final_lr_frac"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ConfigError(f"optim.{name}={getattr(self, name)} must be in [0, 1]")
+        if self.muon_momentum_final != -1.0 and not 0.0 <= self.muon_momentum_final <= 1.0:
+            raise ConfigError(f"optim.muon_momentum_final={self.muon_momentum_final} must be in [0, 1] (-1: none)")
         if self.warmup_ratio + self.warmdown_ratio > 1.0:
             raise ConfigError("optim.warmup_ratio + optim.warmdown_ratio must be <= 1")
-        _positive(self, "optim", "ns_steps")
+        if self.warmup_steps > 0 and self.warmup_ratio > 0:
+            raise ConfigError("optim: set warmup_steps or warmup_ratio, not both")
+        _positive(self, "optim", "ns_steps", "reference_batch_size", "batch_size_exponent")
         _choice(self, "optim", "ns_dtype", DTYPES)
+        _choice(self, "optim", "orthogonalizer", ("newton_schulz", "polar_express"))
+        _choice(self, "optim", "muon_weight_decay_schedule", ("constant", "cosine"))
+        if self.orthogonalizer == "polar_express" and self.ns_steps > 5:
+            raise ConfigError(f"optim.ns_steps={self.ns_steps}: polar_express has coefficients for 5 steps at most")
+        for group in ADAM_GROUPS:
+            self.adam_group(group)
+
+
+LR_FIELDS = ("embedding_lr", "unembedding_lr", "matrix_lr", "value_embedding_lr", "resid_lambdas_lr",
+             "x0_lambdas_lr", "scalar_lr")
 
 
 @dataclass
@@ -128,7 +193,7 @@ class MeshConfig:
 @dataclass
 class TrainConfig:
     device_batch_size: int = 32  # sequences per device per micro-batch
-    total_batch_size: int = 524288  # tokens per optimizer step; grad accumulation is derived
+    total_batch_size: int = 524288  # tokens per optimizer step; grad accumulation is derived (-1: depth scaling's)
     num_iterations: int = -1  # explicit step count (-1: derive from target_flops or the ratio)
     target_flops: float = -1.0
     target_param_data_ratio: float = 20.0  # tokens : params (Chinchilla = 20)
@@ -144,8 +209,11 @@ class TrainConfig:
     resume: bool = False  # continue from the latest checkpoint of this stage and depth
 
     def validate(self) -> None:
-        _positive(self, "train", "device_batch_size", "total_batch_size", "eval_tokens", "keep_checkpoints",
-                  "log_every", "core_max_per_task")
+        _positive(self, "train", "device_batch_size", "eval_tokens", "keep_checkpoints", "log_every",
+                  "core_max_per_task")
+        if self.total_batch_size <= 0 and self.total_batch_size != -1:
+            raise ConfigError(f"train.total_batch_size={self.total_batch_size} must be > 0 "
+                              "(-1: from optim's depth scaling)")
         _non_negative(self, "train", "core_every")
         if self.num_iterations <= 0 and self.target_flops <= 0 and self.target_param_data_ratio <= 0:
             raise ConfigError("train: set one of num_iterations, target_flops or target_param_data_ratio (> 0)")
@@ -298,6 +366,10 @@ class Config:
             value = getattr(self, f.name)
             if dataclasses.is_dataclass(value):
                 value.validate()
+        if self.train.total_batch_size == -1 and self.optim.reference_depth <= 0:
+            raise ConfigError("train.total_batch_size=-1 (derived) needs optim.reference_depth > 0")
+        if self.optim.reference_depth > 0 and self.train.target_param_data_ratio <= 0:
+            raise ConfigError("optim.reference_depth > 0 (depth scaling) needs train.target_param_data_ratio > 0")
         return self
 
 

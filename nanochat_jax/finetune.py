@@ -47,10 +47,8 @@ def load_source(stage: str, cfg: Config, mesh):
 
 
 def stage_optim(optim: OptimConfig, init_lr_frac: float, **schedule) -> OptimConfig:
-    """A copy of [optim] with the learning rates times init_lr_frac and the stage's schedule fields set."""
-    out = dataclasses.replace(optim, embedding_lr=optim.embedding_lr * init_lr_frac,
-                              unembedding_lr=optim.unembedding_lr * init_lr_frac,
-                              matrix_lr=optim.matrix_lr * init_lr_frac, **schedule)
+    """A copy of [optim] with every learning rate times init_lr_frac and the stage's schedule fields set."""
+    out = dataclasses.replace(optim.scale_lrs(init_lr_frac), **schedule)
     out.validate()
     print0(f"optimizer: lr embedding {out.embedding_lr:g}, unembedding {out.unembedding_lr:g}, matrix "
            f"{out.matrix_lr:g} (= [optim] x init_lr_frac {init_lr_frac:g}) | warmup_ratio {out.warmup_ratio:g}, "

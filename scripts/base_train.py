@@ -10,10 +10,12 @@ train.core_max_per_task items per task; needs the eval bundle, downloaded at sta
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 from nanochat_jax.checkpoint import Checkpointer, checkpoint_dir
 from nanochat_jax.common import (artifacts_dir, check_same_on_all_processes, device_info, init_distributed,
@@ -23,10 +25,12 @@ from nanochat_jax.data import check_enough_chunks, make_batch_iterator, make_sou
 from nanochat_jax.evaluation import core_bundle, core_estimate, evaluate_bpb, make_bpb_step, sample_texts, split_batches
 from nanochat_jax.finetune import stage_meta
 from nanochat_jax.model import flops_per_token, num_params
+from nanochat_jax.optim import depth_scaling, scaling_param_count
 from nanochat_jax.progress import StepLogger, mfu
 from nanochat_jax.sharding import eval_mesh, make_mesh
 from nanochat_jax.tokenizer import load_tokenizer, token_bytes, tokenizer_fingerprint
-from nanochat_jax.train import StopSignal, global_batch, init_train_state, make_train_step, resume_latest
+from nanochat_jax.train import (StopSignal, abstract_model, global_batch, init_train_state, make_train_step,
+                                resume_latest)
 
 def training_horizon(train: TrainConfig, n_params: int, flops: float) -> int:
     """Steps from an explicit count, a FLOPs budget, or a tokens:params ratio (in that order)."""
@@ -35,6 +39,11 @@ def training_horizon(train: TrainConfig, n_params: int, flops: float) -> int:
     if train.target_flops > 0:
         return max(1, round(train.target_flops / (flops * train.total_batch_size)))
     return max(1, int(train.target_param_data_ratio * n_params) // train.total_batch_size)
+
+
+def scaling_params(model_cfg) -> int:
+    """nanochat master's scaling-law parameter count (blocks + lm_head) of a model config, without allocating."""
+    return scaling_param_count(nnx.to_pure_dict(abstract_model(model_cfg)[1]))
 
 
 def grad_accum_steps(cfg: Config, rows_per_micro: int) -> int:
@@ -53,6 +62,13 @@ def main(argv: list[str] | None = None) -> dict:
     tokenizer = load_tokenizer()
     cfg.model.vocab_size = tokenizer.vocab_size
     print0(to_toml(cfg))
+    optim_cfg, horizon_params = cfg.optim, None
+    if cfg.optim.reference_depth:  # nanochat master: batch, learning rates, weight decay and horizon from d_ref
+        scaling = depth_scaling(cfg.optim, cfg.train, scaling_params(cfg.model),
+                                scaling_params(dataclasses.replace(cfg.model, depth=cfg.optim.reference_depth)))
+        print0(scaling.summary(cfg.model.depth, cfg.optim.reference_depth))
+        cfg.train.total_batch_size = scaling.total_batch_size  # resolved (a rerun derives the same); [optim] kept
+        optim_cfg, horizon_params = scaling.optim, scaling.scaling_params
     mesh = make_mesh(cfg.mesh)
     rows = cfg.train.device_batch_size * mesh.shape["data"] * mesh.shape["fsdp"]  # global rows per micro-batch
     accum = grad_accum_steps(cfg, rows)
@@ -60,7 +76,7 @@ def main(argv: list[str] | None = None) -> dict:
     if jax.default_backend() == "cpu" and n_params > 100e6:
         print0(f"WARNING: a {n_params / 1e6:.0f}M-parameter model on CPU will take days; the defaults are nanochat's "
                "d20 speedrun sizes, and --config configs/cpu_tiny.toml is the CPU configuration")
-    num_iterations = training_horizon(cfg.train, n_params, flops)
+    num_iterations = training_horizon(cfg.train, horizon_params or n_params, flops)
     total_tokens = num_iterations * cfg.train.total_batch_size
     info = device_info()
     print0(f"devices: {info['num_devices']} x {info['device_kind']} | mesh {dict(mesh.shape)} | "
@@ -69,8 +85,8 @@ def main(argv: list[str] | None = None) -> dict:
            f"{cfg.train.total_batch_size:,} tokens/step | {num_iterations:,} steps | {total_tokens:,} tokens "
            f"({total_tokens / n_params:.1f} tokens/param) | {flops * total_tokens:.3e} FLOPs")
 
-    graphdef, optimizer, state, shardings = init_train_state(cfg.model, cfg.optim, num_iterations, mesh, cfg.train.seed)
-    train_step = make_train_step(graphdef, optimizer, shardings, mesh, num_iterations, cfg.optim)
+    graphdef, optimizer, state, shardings = init_train_state(cfg.model, optim_cfg, num_iterations, mesh, cfg.train.seed)
+    train_step = make_train_step(graphdef, optimizer, shardings, mesh, num_iterations, optim_cfg)
     bpb_step = make_bpb_step(graphdef)
     tb = jnp.asarray(token_bytes(tokenizer))
     # everything that can refuse the run comes before the Checkpointer, which sets a previous run aside
