@@ -26,7 +26,12 @@ from nanochat_jax.config import OptimConfig
 from nanochat_jax.sharding import constrain, shard_count
 
 NS_COEFFS = (3.4445, -4.7750, 2.0315)  # quintic Newton-Schulz coefficients (a, b, c)
-LABELS = {"wte": "embedding", "lm_head": "unembedding", "blocks": "muon"}  # top-level module -> group
+LABELS = {"wte": "embedding", "lm_head": "unembedding", "blocks": "muon",  # top-level module -> group
+          # nanochat master's options (model.py): value embeddings, per-layer scalars, smear and backout
+          "value_embeds": "value_embedding", "resid_lambdas": "resid", "x0_lambdas": "x0",
+          "smear_gate": "smear", "smear_lambda": "smear", "backout_lambda": "smear"}
+# master's AdamW groups for its scalars and gates: (lr, beta1, beta2, weight decay), lr not scaled by the width
+SCALAR_GROUPS = {"resid": (0.005, 0.8, 0.95, 0.05), "x0": (0.5, 0.96, 0.95, 0.0), "smear": (0.2, 0.8, 0.95, 0.0)}
 
 
 def newton_schulz(G: jax.Array, steps: int = 5, dtype=jnp.bfloat16) -> jax.Array:
@@ -148,7 +153,8 @@ def muon_momentum(step, cfg: OptimConfig) -> jax.Array:
 
 
 def param_labels(params):
-    """The optimizer group of every parameter: 'embedding' (wte), 'unembedding' (lm_head), 'muon' (blocks)."""
+    """The optimizer group of every parameter: 'embedding' (wte), 'unembedding' (lm_head), 'muon' (blocks, 2-D
+    only), and for master's options 'value_embedding' and the scalar groups of SCALAR_GROUPS."""
 
     def label(path, leaf):
         names = [_key_name(k) for k in path]
@@ -159,7 +165,7 @@ def param_labels(params):
         if group is None:
             raise ValueError(f"optimizer: parameter '{where}' is not under {sorted(LABELS)}; "
                              "no optimizer group for it")
-        if jnp.ndim(leaf) != 2:
+        if group == "muon" and jnp.ndim(leaf) != 2:
             raise ValueError(f"optimizer: parameter '{where}' has shape {jnp.shape(leaf)}; only 2-D parameters are supported")
         return group
 
@@ -191,20 +197,33 @@ def build_optimizer(cfg: OptimConfig, model_dim: int, num_iterations: int) -> op
     def scheduled(base_lr):
         return lambda step: base_lr * lr_multiplier(step, num_iterations, cfg)
 
-    def adamw(base_lr):
+    def adamw(base_lr, b1=cfg.adam_beta1, b2=cfg.adam_beta2, weight_decay=cfg.weight_decay):
         return optax.inject_hyperparams(optax.adamw)(
-            learning_rate=scheduled(base_lr), b1=cfg.adam_beta1, b2=cfg.adam_beta2, eps=cfg.adam_eps,
-            weight_decay=cfg.weight_decay)
+            learning_rate=scheduled(base_lr), b1=b1, b2=b2, eps=cfg.adam_eps, weight_decay=weight_decay)
 
     transforms = {
         "embedding": adamw(cfg.embedding_lr * adam_scale),
+        "value_embedding": adamw(cfg.embedding_lr * adam_scale * 0.5),  # master: half the embedding's rate
+        **{name: adamw(*settings) for name, settings in SCALAR_GROUPS.items()},
         "unembedding": adamw(cfg.unembedding_lr * adam_scale),
         "muon": optax.inject_hyperparams(muon, static_args=("nesterov", "ns_steps", "ns_dtype"))(
             learning_rate=scheduled(cfg.matrix_lr), momentum=lambda step: muon_momentum(step, cfg),
             nesterov=cfg.muon_nesterov, ns_steps=cfg.ns_steps, ns_dtype=jnp.dtype(cfg.ns_dtype)),
     }
     parts = [clip_by_global_norm_torch(cfg.grad_clip)] if cfg.grad_clip > 0 else []
-    return optax.chain(*parts, optax.partition(transforms, param_labels))
+    return optax.chain(*parts, _partition(transforms))
+
+
+def _partition(transforms: dict) -> optax.GradientTransformation:
+    """optax.partition over the groups the parameters use only: a model without master's options keeps exactly
+    the optimizer state (and checkpoints) it always had."""
+
+    def used(tree):
+        labels = set(jax.tree.leaves(param_labels(tree)))
+        return optax.partition({name: t for name, t in transforms.items() if name in labels}, param_labels)
+
+    return optax.GradientTransformation(lambda params: used(params).init(params),
+                                        lambda updates, state, params=None: used(updates).update(updates, state, params))
 
 
 def current_lrs(opt_state) -> dict:

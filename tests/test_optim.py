@@ -204,7 +204,7 @@ def test_param_labels():
 @pytest.mark.parametrize("extra, message", [
     ({"blocks": {0: {"attn": {"c_q": {"kernel": jnp.zeros((2, C, C))}}}}}, r"blocks/0/attn/c_q/kernel.*\(2, 32, 32\)"),
     ({"blocks": {0: {"mlp": {"c_fc": {"bias": jnp.zeros((C,))}}}}}, r"blocks/0/mlp/c_fc/bias.*\(32,\)"),
-    ({"resid_lambdas": jnp.zeros((2, 2))}, r"resid_lambdas.*no optimizer group"),
+    ({"head_scales": jnp.zeros((2, 2))}, r"head_scales.*no optimizer group"),
 ])
 def test_param_labels_rejects_unknown_or_non_matrix(extra, message):
     with pytest.raises(ValueError, match=message):
