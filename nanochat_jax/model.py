@@ -99,6 +99,9 @@ def initial(kind: str, std: float, shape: tuple[int, ...], rngs: nnx.Rngs) -> ja
     return jax.random.uniform(rngs.params(), shape, jnp.float32, *bounds)
 
 
+ZERO = ("zero", 0.0)  # the (kind, std) of zero-initialised matrices
+
+
 def matrix_init(cfg: ModelConfig, fan_in: int, fan_out: int, scale: float = 1.0) -> tuple[str, float]:
     """(kind, std) of a block matrix: the first release's normal with std 1/sqrt(fan_in) * min(1, sqrt(fan_out /
     fan_in)), or master's uniform with std scale / sqrt(fan_in)."""
@@ -116,9 +119,6 @@ class Linear(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return x @ self.kernel[...].astype(x.dtype)
-
-
-ZERO = ("zero", 0.0)
 
 
 class Embedding(nnx.Module):
