@@ -28,7 +28,7 @@ import numpy as np  # noqa: E402
 
 from nanochat_jax import engine as engine_lib  # noqa: E402
 from nanochat_jax.config import ModelConfig  # noqa: E402
-from nanochat_jax.model import KVCache, head_dim, init_model, num_params  # noqa: E402
+from nanochat_jax.model import KVCache, head_dim, init_model, matmul_params, num_params  # noqa: E402
 
 
 class _NoSpecialsTokenizer:
@@ -48,7 +48,7 @@ def bandwidth_bound(cfg: ModelConfig, batch: int, live_len: float, bandwidth_gbs
     """Decode tokens/s if every step only had to stream the weights and the live part of the KV cache (live_len
     positions per row, the average over the generation) from memory."""
     param_bytes = min(jnp.dtype(cfg.param_dtype).itemsize, jnp.dtype(cfg.compute_dtype).itemsize)  # engine casts
-    weight_bytes = (num_params(cfg) - cfg.vocab_size * cfg.n_embd) * param_bytes  # embedding: gathered rows only
+    weight_bytes = matmul_params(cfg) * param_bytes  # embedding tables: gathered rows only
     cache_bytes = 2 * cfg.n_layer * batch * live_len * cfg.n_kv_heads * head_dim(cfg) * jnp.dtype(cfg.compute_dtype).itemsize
     return batch * bandwidth_gbs * 1e9 / (weight_bytes + cache_bytes)
 

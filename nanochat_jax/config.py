@@ -41,6 +41,16 @@ class ModelConfig:
     attention_impl: str = "xla"  # xla | cudnn (flash attention on NVIDIA GPUs) | splash (flash attention on TPU)
     remat: str = "none"  # none | block | dots_saveable
     loss_chunk: int = 0  # >0: cross-entropy over chunks of this many tokens (no full (B,T,V) logits)
+    # nanochat master's architecture options (model.py); the defaults are the first release's
+    window_pattern: str = "L"  # per layer, tiled: L = full context, S = sliding window (master's short window:
+    #                            sequence_len / 4 rounded up to a multiple of 128); the last layer is always L
+    value_embeds: bool = False  # ResFormer value embeddings on alternating layers (the last included), gated per kv head
+    smear: bool = False  # each position adds a gated copy of the previous token's embedding (a cheap bigram)
+    backout: bool = False  # subtract a learned multiple of the middle layer's residual before the final norm
+    layer_lambdas: bool = False  # learned per-layer scales of the residual and of x0 (the embedding) before each block
+    qk_scale: float = 1.0  # q and k multiplied by this after the QK norm (master: 1.2)
+    pad_vocab_to: int = 1  # embedding tables and lm_head padded to a multiple of this (master: 64); logits sliced back
+    init: str = "first_release"  # first_release | master (wte std 0.8, lm_head std 0.001, uniform matrices)
 
     @property
     def n_layer(self) -> int:
@@ -72,6 +82,11 @@ class ModelConfig:
         _choice(self, "model", "remat", ("none", "block", "dots_saveable"))
         if self.softcap < 0 or self.loss_chunk < 0:
             raise ConfigError("model.softcap and model.loss_chunk must be >= 0")
+        if not self.window_pattern or set(self.window_pattern) - {"S", "L"}:
+            raise ConfigError(f"model.window_pattern={self.window_pattern!r} must be a non-empty string of S and L")
+        if self.qk_scale <= 0 or self.pad_vocab_to < 1:
+            raise ConfigError("model.qk_scale must be > 0 and model.pad_vocab_to >= 1")
+        _choice(self, "model", "init", ("first_release", "master"))
 
 
 # [model] fields that say how a model runs, not what it is: a run may change them on any checkpoint

@@ -110,8 +110,9 @@ def _sample(keys, logits, temperature, top_k, top_p) -> jax.Array:
 def _prefill(graphdef, state, cache: KVCache, tokens, lengths):
     """Right-padded prompts (P, L) into an empty cache; returns (logits at each prompt's last token, cache)."""
     model = nnx.merge(graphdef, state)
-    last, cache = model.decode(tokens, cache, logits_at=lengths - 1, window=tokens.shape[1])
-    return last, cache.replace(lengths=lengths)
+    logits, cache = model.decode(tokens, cache, logits_at=lengths - 1, window=tokens.shape[1])
+    last = None if cache.last is None else jnp.take_along_axis(tokens, lengths[:, None] - 1, axis=1)[:, 0]
+    return logits, cache.replace(lengths=lengths, last=last)
 
 
 @functools.partial(jax.jit, static_argnums=(1,))
@@ -119,7 +120,8 @@ def _repeat_rows(tree, n: int):
     """Repeat every row of a (cache, logits) pytree n times: prompt p -> rows p*n .. p*n+n-1."""
     cache, logits = tree
     rep = lambda x, axis: jnp.repeat(x, n, axis=axis)  # noqa: E731
-    return cache.replace(k=rep(cache.k, 1), v=rep(cache.v, 1), lengths=rep(cache.lengths, 0)), rep(logits, 0)
+    last = None if cache.last is None else rep(cache.last, 0)
+    return cache.replace(k=rep(cache.k, 1), v=rep(cache.v, 1), lengths=rep(cache.lengths, 0), last=last), rep(logits, 0)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3), donate_argnames=("cache",))
@@ -147,7 +149,8 @@ def _decode_chunk(graphdef, chunk: int, specials: tuple[int, int, int, int], win
         has_forced = fpos < n_forced
         tok = jnp.where(has_forced, forced[rows, jnp.minimum(fpos, chunk - 1)], sampled)
         new_logits, new_cache = model.decode(tok[:, None], cache, window=window)
-        cache = new_cache.replace(lengths=jnp.where(active, new_cache.lengths, cache.lengths))
+        last = None if cache.last is None else jnp.where(active, new_cache.last, cache.last)
+        cache = new_cache.replace(lengths=jnp.where(active, new_cache.lengths, cache.lengths), last=last)
         logits = jnp.where(active[:, None], new_logits[:, 0], logits)
         tokens = tokens.at[:, step].set(tok)
         emitted = emitted.at[:, step].set(active)
@@ -183,7 +186,8 @@ class _Row:
 
 
 def cache_shardings(mesh, kv_shape: tuple[int, ...]):
-    """(shardings of the cache's k and v, of its lengths) for a cache of kv_shape (n_layer, B, max_len, Hkv, D)."""
+    """(shardings of the cache's k and v, of its lengths (and last)) for a cache of kv_shape (n_layer, B, max_len, Hkv,
+    D)."""
     from nanochat_jax.sharding import named_sharding
 
     return (named_sharding(mesh, ("layers", "batch", "cache_len", "kv_heads", None), kv_shape),
@@ -210,6 +214,7 @@ class Engine:
         self.graphdef, state = nnx.split(model)
         attn = model.blocks[0].attn
         self.n_layer, self.n_kv_heads, self.head_dim = len(model.blocks), attn.n_kv_heads, attn.head_dim
+        self.smear = model.smear  # the cache then carries each row's last token
         self.cache_dtype = jnp.dtype(model.compute_dtype)
         self.state = jax.tree.map(lambda x: _to_compute_dtype(x, self.cache_dtype), state)
         sp = tokenizer.encode_special
@@ -230,8 +235,9 @@ class Engine:
 
     def _empty_cache(self, batch: int, max_len: int) -> KVCache:
         shape = (self.n_layer, batch, max_len, self.n_kv_heads, self.head_dim)
-        cache = KVCache(k=jnp.zeros(shape, self.cache_dtype), v=jnp.zeros(shape, self.cache_dtype),
-                        lengths=jnp.zeros((batch,), jnp.int32))
+        rows = jnp.zeros((batch,), jnp.int32)
+        cache = KVCache(k=jnp.zeros(shape, self.cache_dtype), v=jnp.zeros(shape, self.cache_dtype), lengths=rows,
+                        last=rows if self.smear else None)
         return self._place(cache)
 
     def _place(self, cache: KVCache) -> KVCache:
@@ -239,8 +245,9 @@ class Engine:
         if self.mesh is None:
             return cache
         kv, lengths = cache_shardings(self.mesh, cache.k.shape)
+        last = None if cache.last is None else jax.device_put(cache.last, lengths)
         return cache.replace(k=jax.device_put(cache.k, kv), v=jax.device_put(cache.v, kv),
-                             lengths=jax.device_put(cache.lengths, lengths))
+                             lengths=jax.device_put(cache.lengths, lengths), last=last)
 
     def generate(self, tokens, num_samples: int = 1, max_tokens: int = 256, temperature: float = 1.0,
                  top_k: int | None = None, top_p: float | None = None, seed: int = 0):

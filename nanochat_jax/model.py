@@ -6,6 +6,19 @@ x += attn(norm(x)); x += mlp(norm(x)). Attention uses rotary position embeddings
 and grouped-query attention (n_kv_heads key/value heads). The MLP is c_fc (4x) -> relu(x)^2 -> c_proj.
 RMSNorm has no parameters and there are no biases anywhere.
 
+nanochat master's options (ModelConfig; all off by default, when the forward is exactly the first release's):
+- window_pattern: sliding-window attention on the S layers (a query sees itself and the `short` positions
+  before it), on every attention path: XLA and cuDNN (local_window_size), splash (a local mask) and the KV cache.
+- value_embeds: layers i with i % 2 == (n_layer - 1) % 2 add 3 * sigmoid(x[:12] @ ve_gate) * ve[token] to the
+  values, one gate per key/value head, from a per-layer embedding table ve (ResFormer).
+- smear: x_t += smear_lambda * sigmoid(x_t[:24] @ smear_gate) * x_{t-1} on the normed embeddings. Under the KV
+  cache the previous token is carried in KVCache.last, so decoding equals the full forward for any chunking
+  (master keeps it only for one-token steps: the first position of a later multi-token chunk loses its smear).
+- layer_lambdas: before block i, x = resid_lambdas[i] * x + x0_lambdas[i] * x0, x0 the (smeared) embedding.
+- backout: x -= backout_lambda * (the residual after block n_layer // 2) before the final norm.
+- qk_scale multiplies q and k after the QK norm; pad_vocab_to pads the tables (logits are sliced back to
+  vocab_size); init = "master" is master's initialisation of the first release's parameters.
+
 Parameters are stored in cfg.param_dtype and cast to cfg.compute_dtype inside the forward; softmax and
 the loss run in fp32. Kernels are stored (in, out). Every nnx.Param carries `axes`, a tuple of logical
 axis names that the sharding rules map onto the device mesh.
@@ -25,6 +38,7 @@ from nanochat_jax import splash
 from nanochat_jax.config import ConfigError, ModelConfig
 from nanochat_jax.sharding import constrain
 
+VE_GATE_CHANNELS, SMEAR_GATE_CHANNELS = 12, 24  # the leading channels the value-embedding and smear gates read
 ACTIVATION_AXES = ("batch", "sequence", "embed_act")  # the residual stream (B, T, C): rows over (data, fsdp)
 EPS = float(jnp.finfo(jnp.float32).eps)  # torch's F.rms_norm default eps for fp32
 
@@ -40,6 +54,27 @@ def rms_norm(x: jax.Array) -> jax.Array:
     return (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + EPS)).astype(x.dtype)
 
 
+def padded_vocab(cfg: ModelConfig) -> int:
+    """The rows of the embedding tables and columns of lm_head: vocab_size rounded up to cfg.pad_vocab_to."""
+    return -(-cfg.vocab_size // cfg.pad_vocab_to) * cfg.pad_vocab_to
+
+
+def attention_windows(cfg: ModelConfig) -> tuple[int | None, ...]:
+    """Per layer, the sliding window w (a query attends to itself and the w positions before it) or None (full
+    context): cfg.window_pattern tiled over the layers, the last layer always full. S is master's short window,
+    sequence_len / 4 rounded up to a multiple of 128 (FA3's tile); a window >= sequence_len is full context."""
+    quarter = -(-cfg.sequence_len // 4)
+    short = -(-quarter // 128) * 128  # 2048 -> 512
+    windows = [short if cfg.window_pattern[i % len(cfg.window_pattern)] == "S" else None for i in range(cfg.n_layer)]
+    windows[-1] = None
+    return tuple(w if w is not None and w < cfg.sequence_len else None for w in windows)
+
+
+def has_value_embed(layer: int, n_layer: int) -> bool:
+    """Value embeddings on alternating layers, the last one always included (master's has_ve)."""
+    return layer % 2 == (n_layer - 1) % 2
+
+
 def rotary_cos_sin(positions: jax.Array, dim: int, theta: float, dtype) -> tuple[jax.Array, jax.Array]:
     """cos and sin of shape positions.shape + (1, dim // 2), computed in fp32 and cast to dtype."""
     inv_freq = 1.0 / (theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
@@ -53,69 +88,105 @@ def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return jnp.concatenate([x1 * cos + x2 * sin, x2 * cos - x1 * sin], axis=-1)
 
 
-class Linear(nnx.Module):
-    """A bias-free linear layer with an (in, out) kernel; zero init or nanochat's scaled-normal init."""
+def initial(kind: str, std: float, shape: tuple[int, ...], rngs: nnx.Rngs) -> jax.Array:
+    """fp32 initial values: 'zero', 'normal' (std), 'uniform' (in +-sqrt(3) std: the same std, no outliers) or
+    'gate' (uniform in [0, 0.02], master's gates)."""
+    if kind == "zero":
+        return jnp.zeros(shape, jnp.float32)
+    if kind == "normal":
+        return std * jax.random.normal(rngs.params(), shape, jnp.float32)
+    bounds = (0.0, 0.02) if kind == "gate" else (-math.sqrt(3) * std, math.sqrt(3) * std)
+    return jax.random.uniform(rngs.params(), shape, jnp.float32, *bounds)
 
-    def __init__(self, fan_in: int, fan_out: int, axes: tuple[str, str], cfg: ModelConfig, *, zero: bool, rngs: nnx.Rngs):
-        if zero:
-            w = jnp.zeros((fan_in, fan_out), jnp.float32)
-        else:
-            std = 1.0 / math.sqrt(fan_in) * min(1.0, math.sqrt(fan_out / fan_in))
-            w = std * jax.random.normal(rngs.params(), (fan_in, fan_out), jnp.float32)
-        self.kernel = nnx.Param(w.astype(cfg.param_dtype), axes=axes)
+
+ZERO = ("zero", 0.0)  # the (kind, std) of zero-initialised matrices
+
+
+def matrix_init(cfg: ModelConfig, fan_in: int, fan_out: int, scale: float = 1.0) -> tuple[str, float]:
+    """(kind, std) of a block matrix: the first release's normal with std 1/sqrt(fan_in) * min(1, sqrt(fan_out /
+    fan_in)), or master's uniform with std scale / sqrt(fan_in)."""
+    if cfg.init == "master":
+        return "uniform", scale / math.sqrt(fan_in)
+    return "normal", 1.0 / math.sqrt(fan_in) * min(1.0, math.sqrt(fan_out / fan_in))
+
+
+class Linear(nnx.Module):
+    """A bias-free linear layer with an (in, out) kernel, initialised by `initial(init, std, ...)`."""
+
+    def __init__(self, fan_in: int, fan_out: int, axes: tuple, cfg: ModelConfig, *, init: tuple[str, float],
+                 rngs: nnx.Rngs):
+        self.kernel = nnx.Param(initial(*init, (fan_in, fan_out), rngs).astype(cfg.param_dtype), axes=axes)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return x @ self.kernel[...].astype(x.dtype)
 
 
 class Embedding(nnx.Module):
-    """Token embedding table (V, C), initialised normal with std 1."""
+    """A token embedding table (V, width), initialised by `initial(init, std, ...)`."""
 
-    def __init__(self, vocab: int, width: int, cfg: ModelConfig, *, rngs: nnx.Rngs):
-        emb = jax.random.normal(rngs.params(), (vocab, width), jnp.float32)
-        self.embedding = nnx.Param(emb.astype(cfg.param_dtype), axes=("vocab", "embed"))
+    def __init__(self, vocab: int, width: int, cfg: ModelConfig, *, init: tuple[str, float], rngs: nnx.Rngs):
+        self.embedding = nnx.Param(initial(*init, (vocab, width), rngs).astype(cfg.param_dtype), axes=("vocab", "embed"))
+
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        return self.embedding[...][tokens]
 
 
 class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, layer: int, *, rngs: nnx.Rngs):
         C, D = cfg.n_embd, head_dim(cfg)
         self.layer, self.n_head, self.n_kv_heads, self.head_dim = layer, cfg.n_head, cfg.n_kv_heads, D
-        self.attention_impl = cfg.attention_impl
-        self.c_q = Linear(C, self.n_head * D, ("embed", "heads"), cfg, zero=False, rngs=rngs)
-        self.c_k = Linear(C, self.n_kv_heads * D, ("embed", "kv_heads"), cfg, zero=False, rngs=rngs)
-        self.c_v = Linear(C, self.n_kv_heads * D, ("embed", "kv_heads"), cfg, zero=False, rngs=rngs)
-        self.c_proj = Linear(self.n_head * D, C, ("heads", "embed"), cfg, zero=True, rngs=rngs)
+        self.attention_impl, self.qk_scale = cfg.attention_impl, cfg.qk_scale
+        self.sliding_window = attention_windows(cfg)[layer]  # None: full context
+        self.c_q = Linear(C, self.n_head * D, ("embed", "heads"), cfg, init=matrix_init(cfg, C, self.n_head * D), rngs=rngs)
+        kv_init = matrix_init(cfg, C, self.n_kv_heads * D)
+        self.c_k = Linear(C, self.n_kv_heads * D, ("embed", "kv_heads"), cfg, init=kv_init, rngs=rngs)
+        self.c_v = Linear(C, self.n_kv_heads * D, ("embed", "kv_heads"), cfg, init=kv_init, rngs=rngs)
+        self.c_proj = Linear(self.n_head * D, C, ("heads", "embed"), cfg, init=ZERO, rngs=rngs)
+        self.has_ve = cfg.value_embeds and has_value_embed(layer, cfg.n_layer)
+        if self.has_ve:
+            self.ve_gate = Linear(VE_GATE_CHANNELS, self.n_kv_heads, (None, "kv_heads"), cfg, init=("gate", 0.0),
+                                  rngs=rngs)
 
-    def __call__(self, x, cos, sin, cache=None):
+    def __call__(self, x, cos, sin, ve=None, cache=None):
         """Training: cache is None, causal attention over x. Decoding: cache = (k_all, v_all, positions, mask);
-        the new keys/values are written at `positions` (B, T) of this layer and the updated (k_all, v_all) returned."""
+        the new keys/values are written at `positions` (B, T) of this layer and the updated (k_all, v_all) returned.
+        ve (B, T, n_kv_heads * head_dim): this layer's value embeddings of the tokens, or None."""
         B, T, _ = x.shape
         q = self.c_q(x).reshape(B, T, self.n_head, self.head_dim)
         k = self.c_k(x).reshape(B, T, self.n_kv_heads, self.head_dim)
         v = self.c_v(x).reshape(B, T, self.n_kv_heads, self.head_dim)
+        if ve is not None:
+            gate = 3 * jax.nn.sigmoid(self.ve_gate(x[..., :VE_GATE_CHANNELS]))  # (B, T, n_kv_heads), in (0, 3)
+            v = v + gate[..., None] * ve.reshape(v.shape)
         q, k = rms_norm(apply_rotary(q, cos, sin)), rms_norm(apply_rotary(k, cos, sin))
+        if self.qk_scale != 1.0:
+            q, k = q * jnp.asarray(self.qk_scale, q.dtype), k * jnp.asarray(self.qk_scale, k.dtype)
+        w = self.sliding_window
         if cache is None and self.attention_impl == "splash" and splash.usable(T):
-            y = splash.causal_attention(q, k, v)
+            y = splash.causal_attention(q, k, v, w)
         elif cache is None:  # XLA's attention also stands in for splash where it cannot run (see splash.usable)
             cudnn = self.attention_impl == "cudnn"
-            y = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn" if cudnn else None)
+            y = jax.nn.dot_product_attention(q, k, v, is_causal=True, local_window_size=None if w is None else (w, 0),
+                                             implementation="cudnn" if cudnn else None)
         else:
             k_all, v_all, positions, mask = cache
             rows = jnp.arange(B)[:, None]
             k_all = k_all.at[self.layer, rows, positions].set(k.astype(k_all.dtype), mode="drop")
             v_all = v_all.at[self.layer, rows, positions].set(v.astype(v_all.dtype), mode="drop")
             window = mask.shape[-1]  # attend to the first `window` cache positions only (see GPT.decode)
+            if w is not None:  # ... and, sliding, to the w positions before the query
+                mask = mask & (positions[:, None, :, None] - jnp.arange(window)[None, None, None, :] <= w)
             k_l, v_l = k_all[self.layer, :, :window].astype(q.dtype), v_all[self.layer, :, :window].astype(q.dtype)
             y = jax.nn.dot_product_attention(q, k_l, v_l, mask=mask)  # XLA: cuDNN takes no arbitrary masks
-            cache = (k_all, v_all, positions, mask)
+            cache = (k_all, v_all, positions, cache[3])
         return self.c_proj(y.reshape(B, T, self.n_head * self.head_dim)), cache
 
 
 class MLP(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         C = cfg.n_embd
-        self.c_fc = Linear(C, 4 * C, ("embed", "mlp"), cfg, zero=False, rngs=rngs)
-        self.c_proj = Linear(4 * C, C, ("mlp", "embed"), cfg, zero=True, rngs=rngs)
+        self.c_fc = Linear(C, 4 * C, ("embed", "mlp"), cfg, init=matrix_init(cfg, C, 4 * C, scale=0.4), rngs=rngs)
+        self.c_proj = Linear(4 * C, C, ("mlp", "embed"), cfg, init=ZERO, rngs=rngs)
 
     def __call__(self, x):
         return self.c_proj(jnp.square(jax.nn.relu(self.c_fc(x))))
@@ -126,28 +197,31 @@ class Block(nnx.Module):
         self.attn = Attention(cfg, layer, rngs=rngs)
         self.mlp = MLP(cfg, rngs=rngs)
 
-    def __call__(self, x, cos, sin, cache=None):
-        y, cache = self.attn(rms_norm(x), cos, sin, cache)
+    def __call__(self, x, cos, sin, ve=None, cache=None):
+        y, cache = self.attn(rms_norm(x), cos, sin, ve, cache)
         x = x + y
         return x + self.mlp(rms_norm(x)), cache
 
 
-def _run_block(block, x, cos, sin):
-    return block(x, cos, sin)[0]
+def _run_block(block, x, cos, sin, ve):
+    return block(x, cos, sin, ve)[0]
 
 
 class KVCache(flax.struct.PyTreeNode):
-    """Keys/values of every layer for B rows of up to max_len positions; lengths[b] = valid positions of row b."""
+    """Keys/values of every layer for B rows of up to max_len positions; lengths[b] = valid positions of row b.
+    With the smear, last[b] is row b's token at position lengths[b] - 1 (None for models without it)."""
 
     k: jax.Array  # (n_layer, B, max_len, n_kv_heads, head_dim)
     v: jax.Array
     lengths: jax.Array  # (B,) int32
+    last: jax.Array | None = None  # (B,) int32
 
     @classmethod
     def init(cls, cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> "KVCache":
         shape = (cfg.n_layer, batch, max_len, cfg.n_kv_heads, head_dim(cfg))
         dtype = dtype or cfg.compute_dtype
-        return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), lengths=jnp.zeros((batch,), jnp.int32))
+        rows = jnp.zeros((batch,), jnp.int32)
+        return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), lengths=rows, last=rows if cfg.smear else None)
 
 
 class GPT(nnx.Module):
@@ -160,35 +234,73 @@ class GPT(nnx.Module):
         self.compute_dtype, self.softcap, self.loss_chunk = cfg.compute_dtype, cfg.softcap, cfg.loss_chunk
         self.remat, self.rope_theta, self.head_dim = cfg.remat, cfg.rope_theta, head_dim(cfg)
         self.sequence_len = cfg.sequence_len  # the context it was trained on (chat front ends refuse longer prompts)
-        C, V = cfg.n_embd, cfg.vocab_size
-        self.wte = Embedding(V, C, cfg, rngs=rngs)
-        self.blocks = nnx.List([Block(cfg, i, rngs=rngs) for i in range(cfg.n_layer)])
-        self.lm_head = Linear(C, V, ("embed", "vocab"), cfg, zero=True, rngs=rngs)
+        self.vocab_size, self.smear, self.backout = cfg.vocab_size, cfg.smear, cfg.backout
+        self.layer_lambdas = cfg.layer_lambdas
+        C, V, L = cfg.n_embd, padded_vocab(cfg), cfg.n_layer
+        master = cfg.init == "master"
+        self.wte = Embedding(V, C, cfg, init=("normal", 0.8 if master else 1.0), rngs=rngs)
+        self.blocks = nnx.List([Block(cfg, i, rngs=rngs) for i in range(L)])
+        self.lm_head = Linear(C, V, ("embed", "vocab"), cfg, init=("normal", 0.001) if master else ZERO, rngs=rngs)
+        if cfg.value_embeds:  # initialised like c_v in master's init, else the first release's normal
+            ve_init = matrix_init(cfg, C, C)
+            self.value_embeds = nnx.Dict({str(i): Embedding(V, cfg.n_kv_heads * self.head_dim, cfg, init=ve_init,
+                                                            rngs=rngs) for i in range(L) if has_value_embed(i, L)})
+        if cfg.layer_lambdas:  # master's init: the residual from 1.15 down to 1.05, x0 from 0.20 down to 0.05
+            depth = jnp.arange(L, dtype=jnp.float32) / max(L - 1, 1)
+            self.resid_lambdas = nnx.Param((1.15 - 0.10 * depth).astype(cfg.param_dtype), axes=("layers",))
+            self.x0_lambdas = nnx.Param((0.20 - 0.15 * depth).astype(cfg.param_dtype), axes=("layers",))
+        if cfg.smear:
+            self.smear_gate = Linear(SMEAR_GATE_CHANNELS, 1, (None, None), cfg, init=("gate", 0.0), rngs=rngs)
+            self.smear_lambda = nnx.Param(jnp.zeros((), cfg.param_dtype), axes=())
+        if cfg.backout:
+            self.backout_lambda = nnx.Param(jnp.full((), 0.2, cfg.param_dtype), axes=())
 
-    def _trunk(self, tokens, positions, cache=None):
-        """Embedding, blocks and final norm: hidden states (B, T, C) in the compute dtype (and the updated cache)."""
-        cos, sin = rotary_cos_sin(positions, self.head_dim, self.rope_theta, self.compute_dtype)
+    def _embed(self, tokens):
+        """The normed token embeddings (B, T, C) in the compute dtype."""
         # the looked-up rows keep the table's FSDP-split width, split over data only; the constraint to the
-        # residual layout below is then an all-to-all (without it, data x FSDP meshes gathered the whole batch)
-        x = constrain(self.wte.embedding[...][tokens], ("batch_data", "sequence", "embed"))
-        x = rms_norm(x.astype(self.compute_dtype))
-        if cache is not None:
-            for block in self.blocks:
-                x, cache = block(x, cos, sin, cache)
-            return rms_norm(x), cache
+        # residual layout in _trunk is then an all-to-all (without it, data x FSDP meshes gathered the whole batch)
+        x = constrain(self.wte(tokens), ("batch_data", "sequence", "embed"))
+        return rms_norm(x.astype(self.compute_dtype))
+
+    def _smear(self, x, before_first):
+        """x_t + smear_lambda * sigmoid(x_t[:24] @ smear_gate) * x_{t-1}, x_{-1} being before_first (B, 1, C)."""
+        previous = jnp.concatenate([before_first, x[:, :-1]], axis=1)
+        gate = self.smear_lambda[...].astype(x.dtype) * jax.nn.sigmoid(self.smear_gate(x[..., :SMEAR_GATE_CHANNELS]))
+        return x + gate * previous
+
+    def _trunk(self, tokens, positions, cache=None, before_first=None):
+        """Embedding, blocks and final norm: hidden states (B, T, C) in the compute dtype (and the updated cache).
+        before_first (B, 1, C): the smear's normed embedding of the token before tokens[:, 0] (None: zeros)."""
+        cos, sin = rotary_cos_sin(positions, self.head_dim, self.rope_theta, self.compute_dtype)
+        x = self._embed(tokens)
+        if self.smear:
+            x = self._smear(x, jnp.zeros_like(x[:, :1]) if before_first is None else before_first)
+        if cache is None:
+            x = constrain(x, ACTIVATION_AXES)
         run = _run_block
-        if self.remat == "block":
+        if cache is None and self.remat == "block":
             run = nnx.remat(_run_block)
-        elif self.remat == "dots_saveable":
+        elif cache is None and self.remat == "dots_saveable":
             run = nnx.remat(_run_block, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
-        x = constrain(x, ACTIVATION_AXES)
-        for block in self.blocks:
-            x = constrain(run(block, x, cos, sin), ACTIVATION_AXES)
-        return rms_norm(x), None
+        x0, middle = x, None
+        for i, block in enumerate(self.blocks):
+            if self.layer_lambdas:
+                dtype = x.dtype
+                x = self.resid_lambdas[i].astype(dtype) * x + self.x0_lambdas[i].astype(dtype) * x0
+            ve = self.value_embeds[str(i)](tokens).astype(x.dtype) if block.attn.has_ve else None
+            if cache is None:
+                x = constrain(run(block, x, cos, sin, ve), ACTIVATION_AXES)
+            else:
+                x, cache = block(x, cos, sin, ve, cache)
+            if i == len(self.blocks) // 2:
+                middle = x
+        if self.backout:
+            x = x - self.backout_lambda[...].astype(x.dtype) * middle
+        return rms_norm(x), cache
 
     def _head(self, x, kernel):
-        """Soft-capped fp32 logits from hidden states x (..., C) and an lm_head kernel (C, V)."""
-        logits = (x @ kernel.astype(x.dtype)).astype(jnp.float32)
+        """Soft-capped fp32 logits (..., vocab_size) from hidden states x (..., C) and an lm_head kernel (C, V)."""
+        logits = (x @ kernel.astype(x.dtype))[..., :self.vocab_size].astype(jnp.float32)
         cap = self.softcap
         return cap * jnp.tanh(logits / cap) if cap > 0 else logits
 
@@ -249,11 +361,17 @@ class GPT(nnx.Module):
         window = max_len if window is None else min(window, max_len)
         positions = cache.lengths[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
         mask = (jnp.arange(window)[None, None, :] <= positions[:, :, None])[:, None]  # (B, 1, T, window)
-        x, (k, v, _, _) = self._trunk(tokens, positions, (cache.k, cache.v, positions, mask))
+        before_first = None
+        if self.smear:  # the token before the chunk: the cache's last one (none at position 0)
+            if cache.last is None:
+                raise ValueError("this model smears: its KV cache needs `last` (make it with KVCache.init)")
+            before_first = self._embed(cache.last[:, None]) * (cache.lengths > 0)[:, None, None]
+        x, (k, v, _, _) = self._trunk(tokens, positions, (cache.k, cache.v, positions, mask), before_first)
         if logits_at is not None:
             x = jnp.take_along_axis(x, logits_at[:, None, None], axis=1)[:, 0]
         logits = self._head(x, self.lm_head.kernel[...])
-        return logits, KVCache(k=k, v=v, lengths=cache.lengths + T)
+        last = None if cache.last is None else tokens[:, -1]
+        return logits, KVCache(k=k, v=v, lengths=cache.lengths + T, last=last)
 
     def num_params(self) -> int:
         return sum(p.size for p in jax.tree.leaves(nnx.state(self, nnx.Param)))
@@ -276,15 +394,29 @@ def init_model(cfg: ModelConfig, seed: int = 0) -> GPT:
     return GPT(cfg, rngs=nnx.Rngs(params=seed))
 
 
+def num_value_embeds(cfg: ModelConfig) -> int:
+    """How many layers have value embeddings."""
+    return sum(has_value_embed(i, cfg.n_layer) for i in range(cfg.n_layer)) if cfg.value_embeds else 0
+
+
+def matmul_params(cfg: ModelConfig) -> int:
+    """Parameters that multiply the token stream (2 FLOPs each per token forward): lm_head, the blocks' matrices
+    and the gates; not the embedding tables (lookups) nor the per-layer scalars."""
+    C, D, K = cfg.n_embd, head_dim(cfg), cfg.n_kv_heads
+    per_layer = C * cfg.n_head * D + 2 * C * K * D + cfg.n_head * D * C + 8 * C * C
+    gates = num_value_embeds(cfg) * VE_GATE_CHANNELS * K + (SMEAR_GATE_CHANNELS if cfg.smear else 0)
+    return padded_vocab(cfg) * C + cfg.n_layer * per_layer + gates
+
+
 def num_params(cfg: ModelConfig) -> int:
-    """Parameter count in closed form: embedding + lm_head + per layer (q, k, v, proj, mlp)."""
-    C, V, D = cfg.n_embd, cfg.vocab_size, head_dim(cfg)
-    per_layer = C * cfg.n_head * D + 2 * C * cfg.n_kv_heads * D + cfg.n_head * D * C + 8 * C * C
-    return 2 * V * C + cfg.n_layer * per_layer
+    """Parameter count in closed form: the matmul parameters + the embedding tables + the scalars."""
+    tables = padded_vocab(cfg) * (cfg.n_embd + num_value_embeds(cfg) * cfg.n_kv_heads * head_dim(cfg))
+    scalars = 2 * cfg.n_layer * cfg.layer_lambdas + cfg.smear + cfg.backout
+    return matmul_params(cfg) + tables + scalars
 
 
 def flops_per_token(cfg: ModelConfig) -> float:
-    """nanochat's estimate: 6 * (params - embedding params) + 12 * layers * heads * head_dim * sequence_len."""
-    n_embedding = cfg.vocab_size * cfg.n_embd
-    attn = 12 * cfg.n_layer * cfg.n_head * head_dim(cfg) * cfg.sequence_len
-    return float(6 * (num_params(cfg) - n_embedding) + attn)
+    """nanochat's estimate (master's, window-aware): 6 * matmul params + 12 * heads * head_dim * (the positions a
+    query attends to at most: sequence_len, or the layer's sliding window) summed over layers."""
+    attended = sum(cfg.sequence_len if w is None else min(w, cfg.sequence_len) for w in attention_windows(cfg))
+    return float(6 * matmul_params(cfg) + 12 * cfg.n_head * head_dim(cfg) * attended)

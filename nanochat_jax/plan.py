@@ -225,7 +225,7 @@ def plan_programs(cfg: Config, target: Target, devices, decode_rows: int = 32, p
     from nanochat_jax import splash
     from nanochat_jax.engine import _decode_chunk, _prefill, bucket, cache_shardings
     from nanochat_jax.evaluation import make_bpb_step
-    from nanochat_jax.model import KVCache, flops_per_token, head_dim, init_model, num_params, runnable_on
+    from nanochat_jax.model import KVCache, flops_per_token, head_dim, init_model, matmul_params, runnable_on
     from nanochat_jax.optim import build_optimizer
     from nanochat_jax.sharding import batch_sharding, make_mesh, named_sharding, param_shardings
     from nanochat_jax.train import abstract_model, make_train_step, microbatch_sharding, state_shardings
@@ -280,9 +280,10 @@ def plan_programs(cfg: Config, target: Target, devices, decode_rows: int = 32, p
             shape = (kv_shape[0], batch) + kv_shape[2:]
             kv, lengths = cache_shardings(mesh, shape)
             sds = jax.ShapeDtypeStruct(shape, jnp.dtype(model_cfg.compute_dtype), sharding=kv)
-            return KVCache(k=sds, v=sds, lengths=jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=lengths))
+            rows = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=lengths)
+            return KVCache(k=sds, v=sds, lengths=rows, last=rows if model_cfg.smear else None)
 
-        matmul_flops = 2 * (num_params(model_cfg) - model_cfg.vocab_size * model_cfg.n_embd)
+        matmul_flops = 2 * matmul_params(model_cfg)
         if "prefill" in programs:
             row = named_sharding(mesh, ("batch",), (decode_rows,))
             prompts = jax.ShapeDtypeStruct((decode_rows, L), jnp.int32,

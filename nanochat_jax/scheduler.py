@@ -61,7 +61,8 @@ def _insert(cache, logits, keys, row_cache, row_logits, row_key, slot):
     """Copy one prefilled prompt (cache row, last logits, PRNG key) into slot `slot` of the shared state."""
     k = jax.lax.dynamic_update_slice(cache.k, row_cache.k, (0, slot, 0, 0, 0))
     v = jax.lax.dynamic_update_slice(cache.v, row_cache.v, (0, slot, 0, 0, 0))
-    cache = cache.replace(k=k, v=v, lengths=cache.lengths.at[slot].set(row_cache.lengths[0]))
+    last = None if cache.last is None else cache.last.at[slot].set(row_cache.last[0])
+    cache = cache.replace(k=k, v=v, lengths=cache.lengths.at[slot].set(row_cache.lengths[0]), last=last)
     return cache, logits.at[slot].set(row_logits[0]), keys.at[slot].set(row_key)
 
 

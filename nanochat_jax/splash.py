@@ -37,16 +37,21 @@ def usable(seq_len: int) -> bool:
 
 
 @functools.lru_cache(maxsize=None)
-def _kernel(heads: int, seq_len: int, interpret: bool):
-    """The splash kernel for `heads` query heads attending causally over seq_len positions (built once: its
-    block-sparsity tables are computed on the host). Pallas is imported here, so that only splash runs need it."""
+def _kernel(heads: int, seq_len: int, window: int | None, interpret: bool):
+    """The splash kernel for `heads` query heads attending causally over seq_len positions, or only to the
+    `window` positions before each query (built once: its block-sparsity tables are computed on the host, and
+    skip the blocks outside the window). Pallas is imported here, so that only splash runs need it."""
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as kernel_lib
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as mask_lib
 
     b = block_size(seq_len)
     sizes = kernel_lib.BlockSizes(block_q=b, block_kv=b, block_kv_compute=b, block_q_dkv=b, block_kv_dkv=b,
                                   block_kv_dkv_compute=b, block_q_dq=b, block_kv_dq=b)
-    mask = mask_lib.MultiHeadMask([mask_lib.CausalMask((seq_len, seq_len))] * heads)
+    if window is None:
+        one = mask_lib.CausalMask((seq_len, seq_len))
+    else:  # keys k with q - window <= k <= q
+        one = mask_lib.LocalMask((seq_len, seq_len), (window, 0), offset=0)
+    mask = mask_lib.MultiHeadMask([one] * heads)
     with jax.ensure_compile_time_eval():  # its tables are concrete arrays even when first built inside a trace
         return kernel_lib.make_splash_mha(mask, head_shards=1, q_seq_shards=1, block_sizes=sizes,
                                           interpret=interpret)
@@ -56,11 +61,14 @@ def prepare(cfg, mesh) -> None:
     """Build the kernel that cfg's attention will call on `mesh` now, outside any trace. Its block tables are
     computed eagerly, which cannot run on the compile-only devices of an ahead-of-time compile for a TPU target
     (plan.py); built here, on the host's default device, the traced call finds it in the cache."""
+    from nanochat_jax.model import attention_windows
+
     if cfg.attention_impl != "splash" or block_size(cfg.sequence_len) is None:
         return
     tensor = mesh.shape["tensor"]
     heads = cfg.n_head // tensor if cfg.n_head % tensor == 0 else cfg.n_head  # as the rule table splits them
-    _kernel(heads, cfg.sequence_len, mesh.devices.flat[0].platform != "tpu")
+    for window in set(attention_windows(cfg)):
+        _kernel(heads, cfg.sequence_len, window, mesh.devices.flat[0].platform != "tpu")
 
 
 def _platform() -> str:
@@ -70,26 +78,27 @@ def _platform() -> str:
     return jax.devices()[0].platform if mesh.empty else mesh.abstract_device.platform
 
 
-def _local_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+def _local_attention(q: jax.Array, k: jax.Array, v: jax.Array, window: int | None) -> jax.Array:
     """One device's rows and heads: q (B, T, H, D), k/v (B, T, Hkv, D) -> (B, T, H, D)."""
     B, T, H, D = q.shape
-    kernel = _kernel(H, T, _platform() != "tpu")
+    kernel = _kernel(H, T, window, _platform() != "tpu")
     q = q * jnp.asarray(D ** -0.5, q.dtype)  # the kernel applies no scale; 1/sqrt(D) as jax.nn.dot_product_attention
     out = jax.vmap(kernel)(q.swapaxes(1, 2), k.swapaxes(1, 2), v.swapaxes(1, 2))
     return out.swapaxes(1, 2)
 
 
-def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-    """softmax(q k^T / sqrt(D)) v over earlier positions, for q (B, T, H, D) and k, v (B, T, Hkv, D) with Hkv
-    dividing H (grouped-query attention: query head h reads key/value head h // (H / Hkv)); T must be a multiple
-    of 128 (see block_size). Same result as jax.nn.dot_product_attention(q, k, v, is_causal=True)."""
+def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, window: int | None = None) -> jax.Array:
+    """softmax(q k^T / sqrt(D)) v over earlier positions (with a window: only the `window` positions before each
+    query and itself), for q (B, T, H, D) and k, v (B, T, Hkv, D) with Hkv dividing H (grouped-query attention:
+    query head h reads key/value head h // (H / Hkv)); T must be a multiple of 128 (see block_size). Same result
+    as jax.nn.dot_product_attention(q, k, v, is_causal=True, local_window_size=(window, 0))."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
-        return _local_attention(q, k, v)
+        return _local_attention(q, k, v, window)
     q_spec = logical_to_spec(("batch", "sequence", "heads", None), q.shape, mesh)
     kv_spec = logical_to_spec(("batch", "sequence", "kv_heads", None), k.shape, mesh)
     if kv_spec[2] != q_spec[2]:  # key/value heads not split like the query heads: give every query head its own
         k, v = (jnp.repeat(a, q.shape[2] // k.shape[2], axis=2) for a in (k, v))
         kv_spec = q_spec
-    return jax.shard_map(_local_attention, in_specs=(q_spec, kv_spec, kv_spec), out_specs=q_spec,
+    return jax.shard_map(lambda q, k, v: _local_attention(q, k, v, window), in_specs=(q_spec, kv_spec, kv_spec), out_specs=q_spec,
                          check_vma=False)(q, k, v)

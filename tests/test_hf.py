@@ -215,17 +215,12 @@ def test_other_eps_warns():
         hf.model_config_from_hf(base_hf_config(rms_norm_eps=1e-6))
 
 
-@dataclasses.dataclass
-class FancyModelConfig(ModelConfig):
-    value_embeds: bool = False  # an architecture option the NanoChat format does not have
-
-
 def test_unrepresentable_weights_and_tokenizers_are_clear_errors(tok, tmp_path):
     cfg = tiny_cfg(tok)
     params = random_params(cfg)
     with pytest.raises(hf.HFFormatError, match=r"model.value_embeds=True has no equivalent in the Hugging Face NanoChat"):
-        hf.export_hf(params, FancyModelConfig(**dataclasses.asdict(cfg), value_embeds=True), tok, tmp_path / "x")
-    hf.hf_config(FancyModelConfig(**dataclasses.asdict(cfg)), tok)  # at its default the option changes nothing
+        hf.export_hf(params, dataclasses.replace(cfg, value_embeds=True), tok, tmp_path / "x")
+    hf.hf_config(dataclasses.replace(cfg, value_embeds=False), tok)  # at its default the option changes nothing
     with pytest.raises(hf.HFFormatError, match=r"parameters value_embeds have no equivalent"):
         hf.params_to_hf({**params, "value_embeds": np.zeros(3)}, cfg)
     with pytest.raises(hf.HFFormatError, match=r"dtype='float16' is not one of float32, bfloat16"):

@@ -130,6 +130,24 @@ def test_tiny_model_compiles_for_eight_h100s_with_cudnn_attention(tmp_path):
     assert decode["passes"] == 16 and decode["tokens"] == 8 * 16
 
 
+MODERN = ["--model.depth=3", "--model.sequence_len=512", "--model.window_pattern=SSL", "--model.value_embeds=true",
+          "--model.smear=true", "--model.backout=true", "--model.layer_lambdas=true", "--model.qk_scale=1.2",
+          "--model.pad_vocab_to=64", "--model.init=master"]  # nanochat master's options; sliding windows of 128
+
+
+@needs_plan_extra
+@pytest.mark.slow
+@pytest.mark.parametrize("target,extra", [
+    ("8xh100", ["--programs", "train,prefill,decode", "--decode-rows", "8", "--prompt-len", "32",
+                "--model.attention_impl=cudnn"]),
+    ("v5e-4", ["--programs", "train", "--mesh.data=1", "--mesh.fsdp=2", "--mesh.tensor=2", "--model.attention_impl=splash"]),
+])
+def test_tiny_model_with_masters_options_compiles(tmp_path, target, extra):
+    """cuDNN's sliding window (and the KV cache's) on 8 H100s, splash's local mask on a v5e slice."""
+    plans, _ = run_plan(tmp_path, "--target", target, *extra, *TINY, *MODERN)
+    assert plans and all(p["error"] == "" for p in plans.values())
+
+
 @needs_plan_extra
 @pytest.mark.slow
 def test_sweep_ranks_meshes_and_recommends_an_override(tmp_path):
