@@ -362,3 +362,28 @@ def test_load_bench_compares_batched_and_one_slot(monkeypatch):
     for r in results.values():
         assert r["errors"] == 0 and r["requests_per_sec"] > 0 and r["tokens_per_sec"] > 0
         assert 0 < r["ttft_p50_s"] <= r["ttft_p95_s"]
+
+
+def test_a_client_that_disconnects_mid_stream_frees_its_slot(server, monkeypatch):
+    """The client reads the first streamed text and hangs up: its request is cancelled well before its max_tokens
+    and its slot is free again within seconds."""
+    import time
+
+    import httpx
+
+    url, scheduler = server
+    submitted = []
+    submit = scheduler.submit
+    monkeypatch.setattr(scheduler, "submit", lambda *a, **k: submitted.append(submit(*a, **k)) or submitted[-1])
+    body = {"messages": [{"role": "user", "content": "hi"}], "temperature": 0, "max_tokens": 120, "stream": True}
+    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=60,
+                      headers={"Authorization": f"Bearer {API_KEY}"}) as response:
+        for line in response.iter_lines():
+            if '"content": "' in line and '"content": ""' not in line:
+                break  # the first text: hang up
+    (request,) = submitted
+    deadline = time.monotonic() + 30
+    while scheduler.busy_slots() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert scheduler.busy_slots() == 0 and request.cancelled
+    assert 0 < len(request.row.out) < request.max_tokens
