@@ -387,3 +387,27 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slot(server, monkeypatch
         time.sleep(0.05)
     assert scheduler.busy_slots() == 0 and request.cancelled
     assert 0 < len(request.row.out) < request.max_tokens
+
+
+def test_the_api_routes_are_part_of_the_app_from_its_start(engine, tokenizer):
+    """chat_web's launch gives the API's routes to Gradio's FastAPI app when it is made, ahead of Gradio's own (not
+    added after the server started: a window in which /v1 answered 404)."""
+    import argparse
+
+    import httpx
+
+    from nanochat_jax import web
+    from nanochat_jax.api import api_router
+    from test_chat_web import load_chat_web
+
+    scheduler = Scheduler(engine, slots=1)
+    app = web.build_app(scheduler, tokenizer, title="routes", temperature=0.0, max_tokens=8)
+    args = argparse.Namespace(host="127.0.0.1", port=free_port(), share=False, share_server=None)
+    try:
+        load_chat_web().launch(app, api_router(scheduler, tokenizer, model="tiny"), args)
+        paths = [getattr(route, "path", None) for route in app.app.router.routes]
+        assert paths[:3] == ["/health", "/v1/models", "/v1/chat/completions"] and "/" in paths
+        assert httpx.get(f"http://127.0.0.1:{args.port}/health").json()["status"] == "ok"
+    finally:
+        app.close()
+        scheduler.close()
