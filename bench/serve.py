@@ -7,7 +7,7 @@ the same generator the web chat and the CLI stream from (`web.stream_tokens` ove
                           [--depth N] [--prompt-len 64] [--max-tokens 64]
 
 --load: a load test of the chat server's API (nanochat_jax/api.py over the Scheduler, served by uvicorn on
-127.0.0.1 only): `--clients` threads send `--requests` streamed greedy chat completions in all, first with
+127.0.0.1 only): `--clients` threads (in a second process) send `--requests` streamed greedy chat completions in all, first with
 `--slots` decode slots (continuous batching), then with one slot (one reply at a time), and print requests/s,
 p50/p95 time to first token, generated tokens/s and errors side by side with their ratio. The model has the
 sizes of --config's [model] and its tokenizer's vocabulary (by default run_cpu.sh's: depth 4, width 256, vocab
@@ -93,8 +93,10 @@ def load_round(url: str, clients: int, requests: int, prompts: list[str], max_to
 
 def load_test(args) -> dict:
     """The batched scheduler against one slot, through the HTTP API on the loopback interface."""
+    import multiprocessing
     import socket
     import threading
+    from concurrent.futures import ProcessPoolExecutor
 
     import fastapi
     import numpy as np
@@ -128,9 +130,11 @@ def load_test(args) -> dict:
         while not server.started:
             time.sleep(0.05)
         url = f"http://127.0.0.1:{port}/v1/chat/completions"
-        try:
-            load_round(url, args.slots, args.slots, prompts, args.max_tokens)  # warm-up: compiles every window
-            results[slots] = load_round(url, args.clients, args.requests, prompts, args.max_tokens)
+        try:  # the clients run in a process of their own: their threads would otherwise share the server's GIL
+            with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as clients:
+                clients.submit(load_round, url, args.slots, args.slots, prompts, args.max_tokens).result()  # warm-up
+                results[slots] = clients.submit(load_round, url, args.clients, args.requests, prompts,
+                                                args.max_tokens).result()
         finally:
             server.should_exit = True
             thread.join()
