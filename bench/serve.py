@@ -3,14 +3,16 @@ the same generator the web chat and the CLI stream from (`web.stream_tokens` ove
 
     python bench/serve.py [--depth 4] [--vocab-size 2048] [--chunks 1,4,16] [--prompt-len 64]
                           [--max-tokens 64] [--turns 3] [--compute-dtype float32]
-    python bench/serve.py --load [--clients 32] [--requests 256] [--slots 16] [--depth 4] [--prompt-len 64]
-                          [--max-tokens 64]
+    python bench/serve.py --load [--clients 32] [--requests 256] [--slots 16] [--config configs/cpu_tiny.toml]
+                          [--depth N] [--prompt-len 64] [--max-tokens 64]
 
 --load: a load test of the chat server's API (nanochat_jax/api.py over the Scheduler, served by uvicorn on
-127.0.0.1 only): `--clients` threads send `--requests` streamed greedy chat completions in all, first with
+127.0.0.1 only): `--clients` threads (in a second process) send `--requests` streamed greedy chat completions in all, first with
 `--slots` decode slots (continuous batching), then with one slot (one reply at a time), and print requests/s,
-p50/p95 time to first token, generated tokens/s and errors side by side with their ratio. The chat renders
-with a byte-level tokenizer (the vocabulary is 256 bytes + the special tokens); a warm-up round compiles first.
+p50/p95 time to first token, generated tokens/s and errors side by side with their ratio. The model has the
+sizes of --config's [model] and its tokenizer's vocabulary (by default run_cpu.sh's: depth 4, width 256, vocab
+2048); the chat renders with a byte-level tokenizer (256 bytes + the special tokens); a warm-up round compiles
+first.
 
 The engine hands tokens to the host once per chunk of decode steps (one jitted while_loop per chunk), so the
 chunk size trades host round trips for streaming smoothness: a reply arrives in bursts of `chunk` tokens.
@@ -91,23 +93,26 @@ def load_round(url: str, clients: int, requests: int, prompts: list[str], max_to
 
 def load_test(args) -> dict:
     """The batched scheduler against one slot, through the HTTP API on the loopback interface."""
+    import multiprocessing
     import socket
     import threading
+    from concurrent.futures import ProcessPoolExecutor
 
     import fastapi
     import numpy as np
     import uvicorn
 
     from nanochat_jax.api import api_router
-    from nanochat_jax.config import ModelConfig
-    from nanochat_jax.engine import Engine, bucket
+    from nanochat_jax.config import load_config
+    from nanochat_jax.engine import Engine
     from nanochat_jax.model import init_model
     from nanochat_jax.scheduler import Scheduler
     from nanochat_jax.tokenizer import Tokenizer
 
     tokenizer = Tokenizer({bytes([i]): i for i in range(256)})
-    cfg = ModelConfig(depth=args.depth, vocab_size=tokenizer.vocab_size, compute_dtype=args.compute_dtype,
-                      sequence_len=bucket(args.prompt_len + args.max_tokens + 8))
+    config = load_config(["--config", args.config])
+    cfg = config.model
+    cfg.vocab_size, cfg.depth = config.tokenizer.vocab_size, args.depth or cfg.depth
     engine = Engine(init_model(cfg), tokenizer)  # zero lm_head: every reply runs to max_tokens
     rng = np.random.default_rng(0)
     prompts = ["".join(chr(c) for c in rng.integers(97, 123, args.prompt_len)) for _ in range(64)]
@@ -125,16 +130,19 @@ def load_test(args) -> dict:
         while not server.started:
             time.sleep(0.05)
         url = f"http://127.0.0.1:{port}/v1/chat/completions"
-        try:
-            load_round(url, args.slots, args.slots, prompts, args.max_tokens)  # warm-up: compiles every window
-            results[slots] = load_round(url, args.clients, args.requests, prompts, args.max_tokens)
+        try:  # the clients run in a process of their own: their threads would otherwise share the server's GIL
+            with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as clients:
+                clients.submit(load_round, url, args.slots, args.slots, prompts, args.max_tokens).result()  # warm-up
+                results[slots] = clients.submit(load_round, url, args.clients, args.requests, prompts,
+                                                args.max_tokens).result()
         finally:
             server.should_exit = True
             thread.join()
             scheduler.close()
     batched, single = results[args.slots], results[1]
     print(f"load: {args.requests} requests from {args.clients} clients, prompt {args.prompt_len} characters, "
-          f"{args.max_tokens} tokens each, depth {args.depth}")
+          f"{args.max_tokens} tokens each, depth {cfg.depth}, width {cfg.n_embd}, "
+          f"vocab {cfg.vocab_size}")
     print(f"{'':16s} {f'slots={args.slots}':>12s} {'slots=1':>12s} {'ratio':>8s}")
     for name, key, scale in [("requests/s", "requests_per_sec", 1), ("TTFT p50 (ms)", "ttft_p50_s", 1e3),
                              ("TTFT p95 (ms)", "ttft_p95_s", 1e3), ("tokens/s", "tokens_per_sec", 1),
@@ -148,7 +156,7 @@ def load_test(args) -> dict:
 
 def main(argv=None) -> list[dict] | dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--depth", type=int, default=4)
+    parser.add_argument("--depth", type=int, default=None, help="default: 4, with --load the config's")
     parser.add_argument("--vocab-size", type=int, default=2048)
     parser.add_argument("--chunks", default="1,4,16", help="engine chunk sizes to compare")
     parser.add_argument("--prompt-len", type=int, default=64)
@@ -159,6 +167,8 @@ def main(argv=None) -> list[dict] | dict:
     parser.add_argument("--clients", type=int, default=32, help="--load: concurrent clients")
     parser.add_argument("--requests", type=int, default=256, help="--load: requests in all")
     parser.add_argument("--slots", type=int, default=16, help="--load: decode slots of the batched scheduler")
+    parser.add_argument("--config", default=str(_ROOT / "configs" / "cpu_tiny.toml"),
+                        help="--load: the model's sizes ([model] and the tokenizer's vocab_size)")
     args = parser.parse_args(argv)
     if args.load:
         return load_test(args)
@@ -170,7 +180,7 @@ def main(argv=None) -> list[dict] | dict:
     from nanochat_jax.engine import Engine
     from nanochat_jax.model import init_model
 
-    cfg = ModelConfig(depth=args.depth, vocab_size=args.vocab_size, compute_dtype=args.compute_dtype,
+    cfg = ModelConfig(depth=args.depth or 4, vocab_size=args.vocab_size, compute_dtype=args.compute_dtype,
                       sequence_len=args.prompt_len + args.max_tokens)
     model, tokenizer = init_model(cfg), _NoSpecialsTokenizer(cfg.vocab_size)
     prompt = np.random.default_rng(0).integers(0, cfg.vocab_size, args.prompt_len).tolist()

@@ -57,49 +57,45 @@ TOP_K_FAST = 256  # top_k up to this takes the partial top-k path in sample_toke
 
 
 def sample_tokens(keys: jax.Array, logits: jax.Array, temperature, top_k=0, top_p=1.0) -> jax.Array:
-    """One token per row from logits (B, V) with per-row keys (B,).
+    """One token per row from logits (B, V) with per-row keys (B,); each setting is one value for all rows or
+    one per row ((B,), as the scheduler's rows).
 
     temperature 0 -> argmax. Otherwise logits / temperature, restricted to the top_k largest (0 = all)
     and then to the smallest set of most likely tokens whose probability reaches top_p (1.0 = all);
-    tokens tied with the last kept one are kept too.
+    tokens tied with the last kept one are kept too. The sampling and the filtering run only when some row
+    needs them (a batch of greedy rows sorts nothing).
     """
-    temperature = jnp.asarray(temperature, jnp.float32)
-    top_k = jnp.asarray(top_k, jnp.int32)
-    top_p = jnp.asarray(top_p, jnp.float32)
-    V = logits.shape[-1]
+    B, V = logits.shape
+    temperature, top_k, top_p = (jnp.broadcast_to(jnp.asarray(x, dtype), (B,))
+                                 for x, dtype in ((temperature, jnp.float32), (top_k, jnp.int32), (top_p, jnp.float32)))
     few = min(TOP_K_FAST, V)
+    filters = (temperature > 0) & ((top_k > 0) | (top_p < 1.0))
 
     def threshold(desc):
-        """The smallest kept logit, from the row's largest logits in descending order (B, n)."""
-        k = jnp.where(top_k > 0, jnp.minimum(top_k, V), V)
+        """The smallest kept logit, from each row's largest logits in descending order (B, n)."""
+        k = jnp.where(top_k > 0, jnp.minimum(top_k, V), V)[:, None]
         in_top_k = jnp.arange(desc.shape[-1])[None, :] < k
         probs = jax.nn.softmax(jnp.where(in_top_k, desc, -jnp.inf), axis=-1)
         mass_before = jnp.cumsum(probs, axis=-1) - probs
-        keep = in_top_k & (mass_before < top_p)  # a prefix of the sorted order
+        keep = in_top_k & (mass_before < top_p[:, None])  # a prefix of the sorted order
         n_keep = jnp.maximum(jnp.sum(keep, axis=-1, keepdims=True), 1)  # rank 0 always (top_p = 0: greedy)
         return jnp.take_along_axis(desc, n_keep - 1, axis=-1)
 
     def filtered(x):
         # a small top_k (RL and evals use 50) needs only the `few` largest logits, not a sort of the vocabulary
-        t = jax.lax.cond((top_k > 0) & (top_k <= few), lambda x: threshold(jax.lax.top_k(x, few)[0]),
+        small = jnp.all(~filters | ((top_k > 0) & (top_k <= few)))
+        t = jax.lax.cond(small, lambda x: threshold(jax.lax.top_k(x, few)[0]),
                          lambda x: threshold(-jnp.sort(-x, axis=-1)), x)
-        return jnp.where(x >= t, x, -jnp.inf)
+        return jnp.where(filters[:, None] & (x < t), -jnp.inf, x)
 
     def sampled(logits):
-        x = logits.astype(jnp.float32) / jnp.maximum(temperature, 1e-6)
-        x = jax.lax.cond((top_k > 0) | (top_p < 1.0), filtered, lambda x: x, x)
-        return jax.vmap(jax.random.categorical)(keys, x).astype(jnp.int32)
+        x = logits.astype(jnp.float32) / jnp.maximum(temperature, 1e-6)[:, None]
+        x = jax.lax.cond(jnp.any(filters), filtered, lambda x: x, x)
+        tokens = jax.vmap(jax.random.categorical)(keys, x).astype(jnp.int32)
+        return jnp.where(temperature > 0, tokens, greedy(logits))
 
     greedy = lambda logits: jnp.argmax(logits, axis=-1).astype(jnp.int32)  # noqa: E731
-    return jax.lax.cond(temperature > 0, sampled, greedy, logits)
-
-
-def _sample(keys, logits, temperature, top_k, top_p) -> jax.Array:
-    """sample_tokens with one setting for all rows (scalars) or per row ((B,) arrays, as the scheduler's rows)."""
-    if jnp.ndim(temperature) == 0:
-        return sample_tokens(keys, logits, temperature, top_k, top_p)
-    row = lambda key, x, t, k, p: sample_tokens(key[None], x[None], t, k, p)[0]  # noqa: E731
-    return jax.vmap(row)(keys, logits, temperature, top_k, top_p)
+    return jax.lax.cond(jnp.any(temperature > 0), sampled, greedy, logits)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -145,7 +141,7 @@ def _decode_chunk(graphdef, chunk: int, specials: tuple[int, int, int, int], win
         step, cache, logits, keys, fpos, active, in_block, count, tokens, emitted, was_forced = carry
         split = jax.vmap(jax.random.split)(keys)
         keys, sub = split[:, 0], split[:, 1]
-        sampled = _sample(sub, logits, temperature, top_k, top_p)
+        sampled = sample_tokens(sub, logits, temperature, top_k, top_p)
         has_forced = fpos < n_forced
         tok = jnp.where(has_forced, forced[rows, jnp.minimum(fpos, chunk - 1)], sampled)
         new_logits, new_cache = model.decode(tok[:, None], cache, window=window)
@@ -186,11 +182,11 @@ class _Row:
 
 
 def cache_shardings(mesh, kv_shape: tuple[int, ...]):
-    """(shardings of the cache's k and v, of its lengths (and last)) for a cache of kv_shape (n_layer, B, max_len, Hkv,
-    D)."""
+    """(shardings of the cache's k and v, of its lengths (and last)) for a cache of kv_shape (n_layer, B, Hkv,
+    max_len, D)."""
     from nanochat_jax.sharding import named_sharding
 
-    return (named_sharding(mesh, ("layers", "batch", "cache_len", "kv_heads", None), kv_shape),
+    return (named_sharding(mesh, ("layers", "batch", "kv_heads", "cache_len", None), kv_shape),
             named_sharding(mesh, ("batch",), kv_shape[1:2]))
 
 
@@ -234,7 +230,7 @@ class Engine:
         return cls(model, tokenizer, **kwargs)
 
     def _empty_cache(self, batch: int, max_len: int) -> KVCache:
-        shape = (self.n_layer, batch, max_len, self.n_kv_heads, self.head_dim)
+        shape = (self.n_layer, batch, self.n_kv_heads, max_len, self.head_dim)
         rows = jnp.zeros((batch,), jnp.int32)
         cache = KVCache(k=jnp.zeros(shape, self.cache_dtype), v=jnp.zeros(shape, self.cache_dtype), lengths=rows,
                         last=rows if self.smear else None)

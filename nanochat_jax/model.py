@@ -170,16 +170,29 @@ class Attention(nnx.Module):
                                              implementation="cudnn" if cudnn else None)
         else:
             k_all, v_all, positions, mask = cache
-            rows = jnp.arange(B)[:, None]
-            k_all = k_all.at[self.layer, rows, positions].set(k.astype(k_all.dtype), mode="drop")
-            v_all = v_all.at[self.layer, rows, positions].set(v.astype(v_all.dtype), mode="drop")
+            rows = jnp.arange(B)[:, None]  # the cache is (layer, B, Hkv, position, D): heads before positions
+            k_all = k_all.at[self.layer, rows, :, positions].set(k.astype(k_all.dtype), mode="drop")
+            v_all = v_all.at[self.layer, rows, :, positions].set(v.astype(v_all.dtype), mode="drop")
             window = mask.shape[-1]  # attend to the first `window` cache positions only (see GPT.decode)
             if w is not None:  # ... and, sliding, to the w positions before the query
                 mask = mask & (positions[:, None, :, None] - jnp.arange(window)[None, None, None, :] <= w)
-            k_l, v_l = k_all[self.layer, :, :window].astype(q.dtype), v_all[self.layer, :, :window].astype(q.dtype)
-            y = jax.nn.dot_product_attention(q, k_l, v_l, mask=mask)  # XLA: cuDNN takes no arbitrary masks
+            k_l = k_all[self.layer, :, :, :window].astype(q.dtype)
+            v_l = v_all[self.layer, :, :, :window].astype(q.dtype)
+            y = _cached_attention(q, k_l, v_l, mask)
             cache = (k_all, v_all, positions, cache[3])
         return self.c_proj(y.reshape(B, T, self.n_head * self.head_dim)), cache
+
+
+def _cached_attention(q, k, v, mask):
+    """Attention of q (B, T, H, D) to a cache window k, v (B, Hkv, W, D) under mask (B, 1, T, W), softmax in fp32.
+    The window stays in the cache's layout (heads before positions), so on CPUs no step transposes it."""
+    B, T, H, D = q.shape
+    Hkv = k.shape[1]
+    q = q.reshape(B, T, Hkv, H // Hkv, D)
+    scores = jnp.einsum("btkgd,bkwd->bkgtw", q, k).astype(jnp.float32) / math.sqrt(D)
+    scores = jnp.where(mask[:, :, None], scores, -jnp.inf)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    return jnp.einsum("bkgtw,bkwd->btkgd", probs, v).reshape(B, T, H, D)
 
 
 class MLP(nnx.Module):
@@ -211,14 +224,14 @@ class KVCache(flax.struct.PyTreeNode):
     """Keys/values of every layer for B rows of up to max_len positions; lengths[b] = valid positions of row b.
     With the smear, last[b] is row b's token at position lengths[b] - 1 (None for models without it)."""
 
-    k: jax.Array  # (n_layer, B, max_len, n_kv_heads, head_dim)
+    k: jax.Array  # (n_layer, B, n_kv_heads, max_len, head_dim)
     v: jax.Array
     lengths: jax.Array  # (B,) int32
     last: jax.Array | None = None  # (B,) int32
 
     @classmethod
     def init(cls, cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> "KVCache":
-        shape = (cfg.n_layer, batch, max_len, cfg.n_kv_heads, head_dim(cfg))
+        shape = (cfg.n_layer, batch, cfg.n_kv_heads, max_len, head_dim(cfg))
         dtype = dtype or cfg.compute_dtype
         rows = jnp.zeros((batch,), jnp.int32)
         return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), lengths=rows, last=rows if cfg.smear else None)
@@ -357,7 +370,7 @@ class GPT(nnx.Module):
         window (static, <= max_len): attention reads only the first `window` cache positions, so its cost
         follows the live length instead of the allocated one; every position written must be < window.
         Writes past max_len are dropped (the caller must size the cache)."""
-        T, max_len = tokens.shape[1], cache.k.shape[2]
+        T, max_len = tokens.shape[1], cache.k.shape[3]
         window = max_len if window is None else min(window, max_len)
         positions = cache.lengths[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
         mask = (jnp.arange(window)[None, None, :] <= positions[:, :, None])[:, None]  # (B, 1, T, window)

@@ -274,7 +274,7 @@ def plan_programs(cfg: Config, target: Target, devices, decode_rows: int = 32, p
         nnx.replace_by_pure_dict(engine_state, state)
         L = bucket(prompt_len)
         max_len = cache_len or bucket(L + T)
-        kv_shape = (model_cfg.n_layer, decode_rows, max_len, model_cfg.n_kv_heads, head_dim(model_cfg))
+        kv_shape = (model_cfg.n_layer, decode_rows, model_cfg.n_kv_heads, max_len, head_dim(model_cfg))
 
         def cache(batch):
             shape = (kv_shape[0], batch) + kv_shape[2:]

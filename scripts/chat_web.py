@@ -7,8 +7,8 @@
 
 The model is loaded once; the page and the API (POST /v1/chat/completions, GET /v1/models, GET /health) share
 one Scheduler: up to --slots replies are generated together and --max-queue more wait for a slot. The page is
-nanochat_jax/web.py, the API nanochat_jax/api.py; the API's routes are added to the Gradio app's own FastAPI
-app, so --share publishes both.
+nanochat_jax/web.py, the API nanochat_jax/api.py; the API's routes are part of the Gradio app's own FastAPI
+app from its creation, so they answer from the first connection and --share publishes both.
 """
 
 from __future__ import annotations
@@ -43,8 +43,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def launch(app, router, args) -> str | None:
-    """Start the Gradio app with the API's routes on its FastAPI app; returns the share link, if one opened.
-    Without a network the share link fails: Gradio's own long explanation is replaced by one line of ours."""
+    """Start the Gradio app with the API's routes on its FastAPI app (given to the app as it is made, so they
+    answer from the first connection); returns the share link, if one opened. Without a network the share link
+    fails: Gradio's own long explanation is replaced by one line of ours."""
     import contextlib
     import io
 
@@ -52,8 +53,7 @@ def launch(app, router, args) -> str | None:
     quiet = io.StringIO()
     with contextlib.redirect_stdout(quiet) if share else contextlib.nullcontext():
         app.launch(server_name=args.host, server_port=args.port, quiet=True, prevent_thread_lock=True, share=share,
-                   share_server_address=args.share_server)
-    app.app.include_router(router)
+                   share_server_address=args.share_server, app_kwargs={"routes": list(router.routes)})
     if share and not app.share_url:
         where = f"share server {args.share_server}" if args.share_server else "Gradio's share server"
         print(f"chat_web: could not open a public link through {where}; serving locally only", file=sys.stderr)

@@ -188,7 +188,7 @@ def test_param_axes_metadata():
 def test_kvcache_init_shapes():
     cfg = tiny(n_kv_head=2)
     cache = KVCache.init(cfg, batch=3, max_len=20)
-    chex.assert_shape([cache.k, cache.v], (2, 3, 20, 2, 16))
+    chex.assert_shape([cache.k, cache.v], (2, 3, 2, 20, 16))
     chex.assert_type([cache.k, cache.v, cache.lengths], [jnp.float32, jnp.float32, jnp.int32])
     assert len(jax.tree.leaves(cache)) == 3 and np.all(np.asarray(cache.lengths) == 0)
     assert KVCache.init(cfg, 1, 4, dtype=jnp.bfloat16).k.dtype == jnp.bfloat16

@@ -362,3 +362,52 @@ def test_load_bench_compares_batched_and_one_slot(monkeypatch):
     for r in results.values():
         assert r["errors"] == 0 and r["requests_per_sec"] > 0 and r["tokens_per_sec"] > 0
         assert 0 < r["ttft_p50_s"] <= r["ttft_p95_s"]
+
+
+def test_a_client_that_disconnects_mid_stream_frees_its_slot(server, monkeypatch):
+    """The client reads the first streamed text and hangs up: its request is cancelled well before its max_tokens
+    and its slot is free again within seconds."""
+    import time
+
+    import httpx
+
+    url, scheduler = server
+    submitted = []
+    submit = scheduler.submit
+    monkeypatch.setattr(scheduler, "submit", lambda *a, **k: submitted.append(submit(*a, **k)) or submitted[-1])
+    body = {"messages": [{"role": "user", "content": "hi"}], "temperature": 0, "max_tokens": 120, "stream": True}
+    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=60,
+                      headers={"Authorization": f"Bearer {API_KEY}"}) as response:
+        for line in response.iter_lines():
+            if '"content": "' in line and '"content": ""' not in line:
+                break  # the first text: hang up
+    (request,) = submitted
+    deadline = time.monotonic() + 30
+    while scheduler.busy_slots() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert scheduler.busy_slots() == 0 and request.cancelled
+    assert 0 < len(request.row.out) < request.max_tokens
+
+
+def test_the_api_routes_are_part_of_the_app_from_its_start(engine, tokenizer):
+    """chat_web's launch gives the API's routes to Gradio's FastAPI app when it is made, ahead of Gradio's own (not
+    added after the server started: a window in which /v1 answered 404)."""
+    import argparse
+
+    import httpx
+
+    from nanochat_jax import web
+    from nanochat_jax.api import api_router
+    from test_chat_web import load_chat_web
+
+    scheduler = Scheduler(engine, slots=1)
+    app = web.build_app(scheduler, tokenizer, title="routes", temperature=0.0, max_tokens=8)
+    args = argparse.Namespace(host="127.0.0.1", port=free_port(), share=False, share_server=None)
+    try:
+        load_chat_web().launch(app, api_router(scheduler, tokenizer, model="tiny"), args)
+        paths = [getattr(route, "path", None) for route in app.app.router.routes]
+        assert paths[:3] == ["/health", "/v1/models", "/v1/chat/completions"] and "/" in paths
+        assert httpx.get(f"http://127.0.0.1:{args.port}/health").json()["status"] == "ok"
+    finally:
+        app.close()
+        scheduler.close()
