@@ -2,11 +2,16 @@
 # nanochat's d20 speedrun in JAX on one host with 8 NVIDIA GPUs (8 x H100/H200 80-141 GB): one Python
 # process drives all 8 GPUs (no torchrun; the mesh in the config spreads the batch over them).
 #   bash run_gpu.sh                    # the whole pipeline; extra args are overrides for the training
+#   RECIPE=modern bash run_gpu.sh      # nanochat master's recipe: configs/d24_modern.toml (CONFIG=... for another)
 #   screen -L -Logfile run_gpu.log -S speedrun bash run_gpu.sh   # it takes hours
 # Artifacts go to $NANOCHAT_JAX_HOME (default ~/.cache/nanochat_jax). RUN_RL=1 adds the optional RL stage.
 set -euo pipefail
 cd "$(dirname "$0")"
-CONFIG=${CONFIG:-configs/d20.toml}
+case "${RECIPE:-first_release}" in
+  first_release) CONFIG=${CONFIG:-configs/d20.toml} ;;
+  modern) CONFIG=${CONFIG:-configs/d24_modern.toml} ;;
+  *) echo "RECIPE=${RECIPE} is not one of: first_release, modern" >&2; exit 1 ;;
+esac
 
 # --- environment: .venv with the GPU build of jaxlib (and rust_bpe built on first use)
 PY=$(EXTRAS=gpu,dev bash scripts/ensure_env.sh)
@@ -43,9 +48,8 @@ step "data: first 8 FineWeb-EDU shards now (~2B chars for the tokenizer), all $N
 "$PY" -c "from nanochat_jax.data import download_shards; download_shards($NUM_SHARDS, 8)" &
 DOWNLOAD_PID=$!
 
-step "tokenizer: train (vocab 65536, 2B characters) and evaluate"
-run scripts/tok_train.py --config "$CONFIG" --tokenizer.vocab_size=65536 --tokenizer.max_chars=2000000000 \
-  --data.source=fineweb --data.num_shards=8
+step "tokenizer: train (the config's vocabulary, on 2B characters) and evaluate"
+run scripts/tok_train.py --config "$CONFIG" --data.source=fineweb --data.num_shards=8
 run scripts/tok_eval.py --config "$CONFIG"
 
 echo "waiting for the data download ($NUM_SHARDS shards, ~100 MB each) ..."

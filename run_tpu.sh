@@ -14,7 +14,12 @@
 # Extra arguments are overrides for the training.
 set -euo pipefail
 cd "$(dirname "$0")"
-CONFIG=${CONFIG:-configs/tpu_v6e_8.toml}
+case "${RECIPE:-first_release}" in  # RECIPE=modern: nanochat master's recipe, d24_modern.toml on the TPU's settings
+  first_release) CONFIG=${CONFIG:-configs/tpu_v6e_8.toml} ;;
+  modern) CONFIG=${CONFIG:-configs/d24_modern.toml}
+          set -- --model.attention_impl=splash --mesh.data=1 --mesh.fsdp=-1 --train.device_batch_size=8 "$@" ;;
+  *) echo "RECIPE=${RECIPE} is not one of: first_release, modern" >&2; exit 1 ;;
+esac
 
 # --- environment: .venv with the TPU build of jaxlib (and rust_bpe built on first use)
 PY=$(EXTRAS=tpu,dev bash scripts/ensure_env.sh)
@@ -41,9 +46,9 @@ NANOCHAT_JAX_DISTRIBUTED=0 "$PY" -c "from nanochat_jax.data import download_shar
 NANOCHAT_JAX_DISTRIBUTED=0 "$PY" -c "from nanochat_jax.data import download_shards; download_shards($NUM_SHARDS, 8)" &
 DOWNLOAD_PID=$!
 
-step "tokenizer: train (vocab 65536, 2B characters) and evaluate (on each host, no devices needed)"
+step "tokenizer: train (the config's vocabulary, on 2B characters) and evaluate (on each host, no devices needed)"
 NANOCHAT_JAX_DISTRIBUTED=0 JAX_PLATFORMS=cpu run scripts/tok_train.py --config "$CONFIG" \
-  --tokenizer.vocab_size=65536 --tokenizer.max_chars=2000000000 --data.source=fineweb --data.num_shards=8
+  --data.source=fineweb --data.num_shards=8
 NANOCHAT_JAX_DISTRIBUTED=0 JAX_PLATFORMS=cpu run scripts/tok_eval.py --config "$CONFIG"
 
 echo "waiting for the data download ($NUM_SHARDS shards, ~100 MB each) ..."

@@ -19,7 +19,9 @@ def stage_commands(launcher: str) -> list[tuple[str, list[str]]]:
     """(script, argv) of each `run scripts/X.py ...` / `"$PY" scripts/X.py ...` line, with the launcher's
     variables substituted ($CONFIG by its default, "$@" dropped)."""
     text = (ROOT / launcher).read_text().replace("\\\n", " ")
-    variables = dict(re.findall(r'^(\w+)=\$\{\w+:-([^}]*)\}', text, re.M))  # CONFIG=${CONFIG:-configs/x.toml}
+    variables = {}
+    for name, default in re.findall(r'(?:^|\s)(\w+)=\$\{\w+:-([^}]*)\}', text, re.M):  # CONFIG=${CONFIG:-x.toml}
+        variables.setdefault(name, default)  # the first: the default RECIPE's
     variables.update(re.findall(r'^(\w+)="([^"$]*)"', text, re.M))  # CPU_TASKS="..."
     commands = []
     for match in re.finditer(r'(?:^|\s)(?:run|"\$PY")\s+(scripts/\S+\.py)([^\n]*)', text, re.M):
@@ -59,6 +61,18 @@ def test_gpu_and_tpu_launchers_use_their_configs():
     tpu = dict(stage_commands("run_tpu.sh"))["scripts/base_train.py"]
     assert load_config(gpu).model.attention_impl == "cudnn" and load_config(gpu).model.depth == 20
     assert load_config(tpu).model.attention_impl == "splash" and load_config(tpu).mesh.fsdp == -1
+
+
+@pytest.mark.parametrize("launcher", ["run_gpu.sh", "run_tpu.sh"])
+def test_modern_recipe_config_loads_with_the_launchers_overrides(launcher):
+    """RECIPE=modern: configs/d24_modern.toml, with run_tpu.sh's TPU settings put before the user's overrides."""
+    text = (ROOT / launcher).read_text()
+    block = re.search(r"\n\s*modern\) CONFIG=\$\{CONFIG:-(\S+)\}(.*?);;", text, re.S)
+    overrides = re.findall(r"--\S+", block.group(2))
+    cfg = load_config(["--config", block.group(1), *overrides])
+    assert cfg.run == "d24_modern" and cfg.model.depth == 24 and cfg.model.window_pattern == "SSSL"
+    assert cfg.optim.orthogonalizer == "polar_express" and cfg.tokenizer.vocab_size == 32768
+    assert cfg.model.attention_impl == ("splash" if launcher == "run_tpu.sh" else "cudnn")
 
 
 def test_gpu_launcher_halves_rows_with_real_config_keys():
