@@ -24,6 +24,7 @@ import jax
 import numpy as np
 
 from nanochat_jax.config import ConfigError
+from nanochat_jax.distributed import max_over_processes
 from nanochat_jax.engine import bucket
 
 MIN_WIDTH = 16
@@ -140,14 +141,6 @@ def collate_sft(rendered: list[tuple[list[int], list[int]]], width: int, pad_id:
     return {"inputs": inputs, "targets": targets}
 
 
-def _max_over_processes(value: int) -> int:
-    if jax.process_count() == 1:
-        return value
-    from jax.experimental import multihost_utils
-
-    return int(np.max(multihost_utils.process_allgather(np.array([value], np.int32))))
-
-
 class SFTBatches:
     """Padded SFT micro-batches of one conversation per row (module docstring).
 
@@ -185,5 +178,5 @@ class SFTBatches:
         """`accum` micro-batches of this process's rows, all padded to the same width."""
         rendered = [[self._next_rendered() for _ in range(self.local_rows)] for _ in range(accum)]
         longest = max(len(ids) - 1 for micro in rendered for ids, _ in micro)
-        width = _max_over_processes(min(self.seq_len, bucket(longest, MIN_WIDTH)))
+        width = max_over_processes(min(self.seq_len, bucket(longest, MIN_WIDTH)))
         return [collate_sft(micro, width, self.pad_id) for micro in rendered]

@@ -29,7 +29,8 @@ from pathlib import Path
 import jax
 import orbax.checkpoint as ocp
 
-from nanochat_jax.common import UserError, artifacts_dir, errors_anywhere, gather_json
+from nanochat_jax.common import UserError, artifacts_dir
+from nanochat_jax.distributed import errors_anywhere, gather_json
 
 STAGE_SCRIPTS = {"base": "scripts/base_train.py", "mid": "scripts/mid_train.py", "sft": "scripts/chat_sft.py",
                  "rl": "scripts/chat_rl.py"}
