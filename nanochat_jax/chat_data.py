@@ -38,7 +38,7 @@ def _process(process_index: int | None, process_count: int | None) -> tuple[int,
 def _task_changed(state: dict, task) -> bool:
     """True (with a warning) when a saved position belongs to a mixture of another size: it would point at other
     conversations, or past the end, so the order restarts instead."""
-    saved = state.get("conversations", len(task))  # (states saved before the size was recorded: trusted)
+    saved = state["conversations"]
     if saved != len(task):
         print(f"WARNING: the data position was saved for a mixture of {saved} conversations, this one has "
               f"{len(task)}: its order starts from the beginning", file=sys.stderr, flush=True)
@@ -59,7 +59,7 @@ class PackedConversations:
         if len(task) == 0:
             raise ConfigError("PackedConversations: the task has no conversations")
         self.local_rows = rows // self.count
-        self.set_state({"cursor": self.index, "skip": 0, "epoch": 0})
+        self.set_state({"cursor": self.index, "skip": 0, "epoch": 0, "conversations": len(task)})
 
     def _render(self, cursor: int) -> list[int]:
         return self.tokenizer.render_conversation(self.task[cursor])[0]

@@ -221,13 +221,6 @@ class Engine:
         self.last_prefill: tuple[int, int] | None = None
         self.decode_windows: list[int] = []
 
-    @classmethod
-    def from_checkpoint(cls, stage: str, step: int | None = None, **kwargs) -> "Engine":
-        from nanochat_jax.checkpoint import load_model
-
-        model, tokenizer, _ = load_model(stage, step)
-        return cls(model, tokenizer, **kwargs)
-
     def _empty_cache(self, batch: int, max_len: int) -> KVCache:
         shape = (self.n_layer, batch, max_len, self.n_kv_heads, self.head_dim)
         cache = KVCache(k=jnp.zeros(shape, self.cache_dtype), v=jnp.zeros(shape, self.cache_dtype),

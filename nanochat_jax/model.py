@@ -255,9 +255,6 @@ class GPT(nnx.Module):
         logits = self._head(x, self.lm_head.kernel[...])
         return logits, KVCache(k=k, v=v, lengths=cache.lengths + T)
 
-    def num_params(self) -> int:
-        return sum(p.size for p in jax.tree.leaves(nnx.state(self, nnx.Param)))
-
 
 NATIVE_PLATFORMS = {"cudnn": ("gpu", "cuda"), "splash": ("tpu",)}  # attention that exists on one platform only
 

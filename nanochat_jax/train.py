@@ -237,23 +237,32 @@ class TrainRun:
         return step
 
 
-def run_stage(run: TrainRun, stage: str, cfg: Config, data, next_batch: Callable[[], dict],
-              meta: Callable[[int], dict], evaluate: Callable, flops_per_token: float | None = None,
-              tokenizer_dir=None, seed: int | None = None, not_redone: tuple[str, ...] = ()) -> StepLogger:
+def open_checkpoints(stage: str, depth: int, train):
+    """The stage's Checkpointer; a run that does not resume first sets a previous run's checkpoints aside."""
+    from nanochat_jax.checkpoint import Checkpointer, checkpoint_dir, set_aside_previous_run
+
+    if not train.resume:
+        set_aside_previous_run(checkpoint_dir(stage, depth))
+    return Checkpointer(checkpoint_dir(stage, depth), keep=train.keep_checkpoints)
+
+
+def run_stage(run: TrainRun, stage: str, cfg: Config, data, next_batch: Callable[[], dict], evaluate: Callable,
+              flops_per_token: float | None = None, source_meta: dict | None = None, seed: int | None = None,
+              not_redone: tuple[str, ...] = ()) -> StepLogger:
     """The training loop of base, mid and SFT, from step 0 (or the checkpoint --train.resume finds) to
     run.num_iterations. At every step boundary, paused in the progress clock: the checkpoint first (every
     train.checkpoint_every steps and at the end; a failing evaluation cannot lose the trained model), then
     evaluate(step, last, progress), the stage's evals and samples. A SIGTERM / Ctrl-C saves and exits there.
     data: the iterator next_batch() reads from (its get_state/set_state make the checkpointed position);
-    meta(step): the checkpoint's metadata. Returns the closed StepLogger (elapsed and train_seconds)."""
-    from nanochat_jax.checkpoint import Checkpointer, checkpoint_dir
+    source_meta: the metadata of the checkpoint the stage starts from (its tokenizer is this run's); seed: the
+    data seed a resumed checkpoint must have. Returns the closed StepLogger (elapsed and train_seconds)."""
+    from nanochat_jax.checkpoint import checkpoint_meta
 
-    train = cfg.train
-    out_dir = checkpoint_dir(stage, run.model_cfg.depth)
-    ckpt = Checkpointer(out_dir, keep=train.keep_checkpoints, fresh=not train.resume)
-    start = run.resume(ckpt, data, tokenizer_dir, seed) if train.resume else 0
+    train, tokenizer = cfg.train, (source_meta or {}).get("tokenizer")
+    ckpt = open_checkpoints(stage, run.model_cfg.depth, train)
+    start = run.resume(ckpt, data, tokenizer, seed) if train.resume else 0
     if is_main_process():  # after a resume succeeded: a refused one leaves the run's config.toml as it was
-        (out_dir / "config.toml").write_text(to_toml(cfg))
+        (ckpt.directory / "config.toml").write_text(to_toml(cfg))
     data_state = data.get_state()  # the iterator state from which the batch of step `start` comes
     batch = next_batch()
     info = device_info()
@@ -266,7 +275,7 @@ def run_stage(run: TrainRun, stage: str, cfg: Config, data, next_batch: Callable
         with progress.paused():  # evals, samples and checkpoints do not count in tokens/s and MFU
             if (step > start and (last or (train.checkpoint_every > 0 and step % train.checkpoint_every == 0))
                     or (stop.requested and ckpt.latest_step() != step)):
-                run.save(ckpt, step, data_state, meta(step), wait=last)
+                run.save(ckpt, step, data_state, checkpoint_meta(stage, step, cfg, run.model_cfg, tokenizer), wait=last)
             if stop.requested:
                 progress.close()
                 stop.exit(ckpt, step)

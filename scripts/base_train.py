@@ -19,7 +19,6 @@ from nanochat_jax.config import TrainConfig, load_config, to_toml
 from nanochat_jax.data import check_enough_chunks, make_batch_iterator, make_source
 from nanochat_jax.distributed import check_same_on_all_processes, eval_mesh, init_distributed
 from nanochat_jax.evaluation import core_bundle, core_estimate, evaluate_bpb, make_bpb_step, sample_texts, split_batches
-from nanochat_jax.finetune import stage_meta
 from nanochat_jax.model import flops_per_token, num_params
 from nanochat_jax.progress import mfu, save_summary
 from nanochat_jax.sharding import make_mesh
@@ -95,8 +94,7 @@ def main(argv: list[str] | None = None) -> dict:
                                      seed=cfg.train.seed, num_threads=cfg.data.tokenizer_threads,
                                      prefetch=cfg.data.prefetch)
     progress = run_stage(run, "base", cfg, train_iter, lambda: global_batch([next(train_iter) for _ in range(accum)], mesh),
-                         lambda step: stage_meta("base", step, cfg, cfg.model, {}), evaluate, flops,
-                         seed=cfg.train.seed, not_redone=("core_metric",))
+                         evaluate, flops, seed=cfg.train.seed, not_redone=("core_metric",))
 
     tokens_per_sec = (num_iterations - progress.start) * cfg.train.total_batch_size / progress.train_seconds
     summary = save_summary("base_train", {

@@ -22,18 +22,18 @@ import jax
 import numpy as np
 from flax import nnx
 
-from nanochat_jax.checkpoint import Checkpointer, checkpoint_dir
+from nanochat_jax.checkpoint import checkpoint_meta
 from nanochat_jax.common import device_info, print0, run_script
 from nanochat_jax.config import load_config, to_toml
 from nanochat_jax.distributed import (eval_mesh, init_distributed, max_over_processes, replicated_on,
                                       sum_over_processes)
 from nanochat_jax.engine import Engine, bucket
-from nanochat_jax.finetune import load_source, stage_meta, stage_optim
+from nanochat_jax.finetune import load_source, stage_optim
 from nanochat_jax.progress import StepLogger, save_summary
 from nanochat_jax.rl import group_advantages, micro_batches, pass_at_k, pg_objective, rl_batch, rollout
 from nanochat_jax.sharding import batch_shards, make_mesh
 from nanochat_jax.tasks import TaskDataError
-from nanochat_jax.train import StopSignal, TrainRun, global_batch
+from nanochat_jax.train import StopSignal, TrainRun, global_batch, open_checkpoints
 
 
 CPU_TRAIN_SIZE, CPU_TEST_SIZE = 8000, 1000  # generated word problems for task "cpu" (GSM8K train has 7473)
@@ -135,8 +135,7 @@ def main(argv: list[str] | None = None) -> dict:
     run = TrainRun(model_cfg, optim_cfg, num_iterations, mesh, seed, params=params, objective=pg_objective)
     del params
     gen_mesh = eval_mesh(cfg.mesh)  # each process samples its own questions, on a mesh of its local devices
-    out_dir = checkpoint_dir("rl", model_cfg.depth)
-    ckpt = Checkpointer(out_dir, keep=cfg.train.keep_checkpoints, fresh=not cfg.train.resume)
+    ckpt = open_checkpoints("rl", model_cfg.depth, cfg.train)
     start = run.resume(ckpt, None, meta.get("tokenizer"), seed=seed) if cfg.train.resume else 0  # (seeds the rollouts)
 
     logger = StepLogger("rl", num_iterations, start, append=cfg.train.resume)
@@ -151,7 +150,7 @@ def main(argv: list[str] | None = None) -> dict:
         logger.log(step + 1, record.pop("loss"), record.pop("tokens"), **record)
         if step + 1 == num_iterations or (rl.save_every > 0 and (step + 1) % rl.save_every == 0) or stop.requested:
             with logger.paused():  # the last one is on disk before the final evaluation starts
-                run.save(ckpt, step + 1, None, stage_meta("rl", step + 1, cfg, model_cfg, meta, source=rl.source),
+                run.save(ckpt, step + 1, None, checkpoint_meta("rl", step + 1, cfg, model_cfg, meta.get("tokenizer"), source=rl.source),
                          wait=step + 1 == num_iterations)
         if stop.requested:
             logger.close()
@@ -168,7 +167,7 @@ def main(argv: list[str] | None = None) -> dict:
         "steps": num_iterations, "examples_per_step": rl.examples_per_step, "num_samples": rl.num_samples,
         "reward_first_step": rewards_per_step[0], "reward_last_10pct": float(np.mean(tail)), **evals["passk"],
         "wall_time_s": logger.elapsed, "device": device_info(), "mesh": dict(mesh.shape), "samples": evals["samples"],
-        "checkpoint": str(out_dir / str(num_iterations))})
+        "checkpoint": str(ckpt.directory / str(num_iterations))})
     k = rl.device_batch_size
     print0(f"done: {num_iterations} steps in {logger.elapsed / 60:.1f} min | reward {rewards_per_step[0]:.3f} -> "
            f"{summary['reward_last_10pct']:.3f} | pass@1 {summary['pass@1']:.4f} | pass@{k} {summary[f'pass@{k}']:.4f}")

@@ -22,7 +22,7 @@ from nanochat_jax.checkpoint import checkpoint_dir
 from nanochat_jax.common import device_info, print0, run_script
 from nanochat_jax.config import load_config, to_toml
 from nanochat_jax.distributed import eval_mesh, init_distributed, replicated_on
-from nanochat_jax.finetune import chat_samples, load_source, stage_meta, stage_optim
+from nanochat_jax.finetune import chat_samples, load_source, stage_optim
 from nanochat_jax.model import flops_per_token, num_params
 from nanochat_jax.progress import save_summary
 from nanochat_jax.sharding import make_mesh
@@ -115,8 +115,7 @@ def main(argv: list[str] | None = None) -> dict:
                                  [global_batch(val_iter.next_step(1), mesh) for _ in range(cfg.sft.eval_steps)])
     train_iter = SFTBatches(train_task, tokenizer, rows, seq_len)
     progress = run_stage(run, "sft", cfg, train_iter, lambda: global_batch(train_iter.next_step(accum), mesh),
-                         lambda step: stage_meta("sft", step, cfg, model_cfg, source_meta), evaluate,
-                         flops_per_token(model_cfg), tokenizer_dir=source_meta.get("tokenizer"))
+                         evaluate, flops_per_token(model_cfg), source_meta)
 
     samples = chat_samples(run.graphdef, run.params, tokenizer)
     for s in samples:

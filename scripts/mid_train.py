@@ -21,7 +21,7 @@ from nanochat_jax.common import device_info, peak_flops_per_device, print0, run_
 from nanochat_jax.config import load_config, to_toml
 from nanochat_jax.distributed import init_distributed
 from nanochat_jax.evaluation import evaluate_bpb, make_bpb_step
-from nanochat_jax.finetune import chat_samples, load_source, stage_meta, stage_optim
+from nanochat_jax.finetune import chat_samples, load_source, stage_optim
 from nanochat_jax.model import flops_per_token, num_params
 from nanochat_jax.progress import mfu, save_summary
 from nanochat_jax.sharding import make_mesh
@@ -73,8 +73,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     train_iter = PackedConversations(train_task, tokenizer, rows, seq_len)
     progress = run_stage(run, "mid", cfg, train_iter, lambda: global_batch([next(train_iter) for _ in range(accum)], mesh),
-                         lambda step: stage_meta("mid", step, cfg, model_cfg, source_meta), evaluate, flops,
-                         tokenizer_dir=source_meta.get("tokenizer"))
+                         evaluate, flops, source_meta)
 
     samples = chat_samples(run.graphdef, run.params, tokenizer)
     for s in samples:

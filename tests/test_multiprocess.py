@@ -177,9 +177,10 @@ from nanochat_jax.distributed import init_distributed
 init_distributed()
 own = sys.argv[2] == "own"  # each process its own checkpoint root, as with a home on each host's local disk
 os.environ["NANOCHAT_JAX_CHECKPOINTS"] = os.path.join(sys.argv[1], "host" + os.environ["JAX_PROCESS_ID"] if own else "")
-from nanochat_jax.checkpoint import CheckpointError, Checkpointer, checkpoint_dir
+from nanochat_jax.checkpoint import CheckpointError, Checkpointer, checkpoint_dir, set_aside_previous_run
 try:
-    Checkpointer(checkpoint_dir("base", 1), fresh=True).close()
+    set_aside_previous_run(checkpoint_dir("base", 1))
+    Checkpointer(checkpoint_dir("base", 1)).close()
     print("ACCEPTED", sorted(os.listdir(checkpoint_dir("base", 1))))
 except CheckpointError as e:
     print("REFUSED", e)
