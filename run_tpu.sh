@@ -54,7 +54,7 @@ NANOCHAT_JAX_DISTRIBUTED=0 JAX_PLATFORMS=cpu run scripts/tok_eval.py --config "$
 echo "waiting for the data download ($NUM_SHARDS shards, ~100 MB each) ..."
 wait $DOWNLOAD_PID
 
-"$PY" -c "from nanochat_jax.common import init_distributed; init_distributed(); import jax; \
+"$PY" -c "from nanochat_jax.distributed import init_distributed; init_distributed(); import jax; \
 print(f'process {jax.process_index()}/{jax.process_count()}: {jax.device_count()} x {jax.devices()[0].device_kind}')"
 
 step "base model: pretrain d20"

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU figure issue #8 asks for, in stages that each fit one 10-minute call on a lent GPU machine
+# The GPU figures of bench/RESULTS.md, in stages that each fit one 10-minute call on a lent GPU machine
 # (its python3 has jax[cuda], flax, optax, torch; nothing is installed, the repo is imported from source).
 #   bash bench/gpu_suite.sh env          # GPU, versions, measured copy bandwidth and bf16 matmul peak
 #   bash bench/gpu_suite.sh train DEPTH  # train step at nanochat's device batch (32 x 2048, bf16, cuDNN

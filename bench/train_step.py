@@ -111,7 +111,7 @@ def main(argv=None) -> dict:
     from nanochat_jax.config import load_config
     from nanochat_jax.model import flops_per_token, num_params, runnable_on
     from nanochat_jax.sharding import make_mesh
-    from nanochat_jax.train import global_batch, init_train_state, make_train_step
+    from nanochat_jax.train import TrainRun, global_batch
 
     cfg = load_config(overrides)
     # nanochat's torch step first, in its own process: once JAX starts it holds most of the GPU's memory
@@ -127,8 +127,8 @@ def main(argv=None) -> dict:
     T, V, A = cfg.model.sequence_len, cfg.model.vocab_size, args.micro_steps
     tokens_per_step = A * rows * T
 
-    graphdef, optimizer, state, shardings = init_train_state(cfg.model, cfg.optim, 1000, mesh, cfg.train.seed)
-    step_fn = make_train_step(graphdef, optimizer, shardings, mesh, 1000, cfg.optim)
+    run = TrainRun(cfg.model, cfg.optim, 1000, mesh, cfg.train.seed)
+    state = run.state
     rng = np.random.default_rng(0)
     micro = [{"inputs": rng.integers(0, V, (rows, T), dtype=np.int32),
               "targets": rng.integers(0, V, (rows, T), dtype=np.int32)} for _ in range(A)]
@@ -136,7 +136,7 @@ def main(argv=None) -> dict:
 
     t0 = time.perf_counter()
     with jax.set_mesh(mesh):  # as the train step itself does, so the model's sharding constraints apply
-        lowered = step_fn.jitted.lower(state, batch)
+        lowered = run.jitted.lower(state, batch)
     t1 = time.perf_counter()
     compiled = lowered.compile()
     t2 = time.perf_counter()
@@ -209,7 +209,7 @@ def main(argv=None) -> dict:
             result["profile"] = profile_steps(args.profile, compiled, state, batch)
             state = result["profile"].pop("state")
         if args.breakdown:
-            result["breakdown"] = breakdown(args, graphdef, state, shardings, mesh, batch, step_s)
+            result["breakdown"] = breakdown(args, run.graphdef, state, run.shardings, mesh, batch, step_s)
         print("JSON " + json.dumps(result))  # again, with the profile and breakdown
     return result
 

@@ -24,6 +24,7 @@ import jax
 import numpy as np
 
 from nanochat_jax.config import ConfigError
+from nanochat_jax.distributed import max_over_processes
 from nanochat_jax.engine import bucket
 
 MIN_WIDTH = 16
@@ -37,7 +38,7 @@ def _process(process_index: int | None, process_count: int | None) -> tuple[int,
 def _task_changed(state: dict, task) -> bool:
     """True (with a warning) when a saved position belongs to a mixture of another size: it would point at other
     conversations, or past the end, so the order restarts instead."""
-    saved = state.get("conversations", len(task))  # (states saved before the size was recorded: trusted)
+    saved = state["conversations"]
     if saved != len(task):
         print(f"WARNING: the data position was saved for a mixture of {saved} conversations, this one has "
               f"{len(task)}: its order starts from the beginning", file=sys.stderr, flush=True)
@@ -58,7 +59,7 @@ class PackedConversations:
         if len(task) == 0:
             raise ConfigError("PackedConversations: the task has no conversations")
         self.local_rows = rows // self.count
-        self.set_state({"cursor": self.index, "skip": 0, "epoch": 0})
+        self.set_state({"cursor": self.index, "skip": 0, "epoch": 0, "conversations": len(task)})
 
     def _render(self, cursor: int) -> list[int]:
         return self.tokenizer.render_conversation(self.task[cursor])[0]
@@ -140,14 +141,6 @@ def collate_sft(rendered: list[tuple[list[int], list[int]]], width: int, pad_id:
     return {"inputs": inputs, "targets": targets}
 
 
-def _max_over_processes(value: int) -> int:
-    if jax.process_count() == 1:
-        return value
-    from jax.experimental import multihost_utils
-
-    return int(np.max(multihost_utils.process_allgather(np.array([value], np.int32))))
-
-
 class SFTBatches:
     """Padded SFT micro-batches of one conversation per row (module docstring).
 
@@ -185,5 +178,5 @@ class SFTBatches:
         """`accum` micro-batches of this process's rows, all padded to the same width."""
         rendered = [[self._next_rendered() for _ in range(self.local_rows)] for _ in range(accum)]
         longest = max(len(ids) - 1 for micro in rendered for ids, _ in micro)
-        width = _max_over_processes(min(self.seq_len, bucket(longest, MIN_WIDTH)))
+        width = max_over_processes(min(self.seq_len, bucket(longest, MIN_WIDTH)))
         return [collate_sft(micro, width, self.pad_id) for micro in rendered]

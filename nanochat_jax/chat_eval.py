@@ -23,7 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from nanochat_jax.common import print0
-from nanochat_jax.core_eval import sum_over_processes, centered_accuracy
+from nanochat_jax.core_eval import centered_accuracy
+from nanochat_jax.distributed import sum_over_processes
 
 # chance accuracy of each chat task (1 of 4 letters; open-ended answers: 0)
 BASELINES = {"ARC-Easy": 0.25, "ARC-Challenge": 0.25, "MMLU": 0.25, "GSM8K": 0.0, "HumanEval": 0.0,
@@ -41,7 +42,7 @@ def load_task(name: str, data_dir: str | Path | None = None):
     Raises TaskDataError (one line) when the hub cannot be reached, on every process when it cannot be reached
     from any of them: each process loads the task itself, and one that skipped a task would pair the count sums
     (collectives) of the tasks after it with another task's."""
-    from nanochat_jax.common import errors_anywhere
+    from nanochat_jax.distributed import errors_anywhere
     from nanochat_jax.tasks import TaskDataError
 
     task, error = None, None

@@ -29,7 +29,8 @@ from pathlib import Path
 import jax
 import orbax.checkpoint as ocp
 
-from nanochat_jax.common import UserError, artifacts_dir, errors_anywhere, gather_json
+from nanochat_jax.common import UserError, artifacts_dir
+from nanochat_jax.distributed import errors_anywhere, gather_json
 
 STAGE_SCRIPTS = {"base": "scripts/base_train.py", "mid": "scripts/mid_train.py", "sft": "scripts/chat_sft.py",
                  "rl": "scripts/chat_rl.py"}
@@ -88,7 +89,12 @@ def _check_shared(directory: Path) -> None:
                               "(or NANOCHAT_JAX_HOME) to a directory on a mount all hosts share")
 
 
-def _set_aside_previous_run(directory: Path) -> None:
+def set_aside_previous_run(directory) -> None:
+    """A new run in `directory`: the checkpoints a previous run left there move to `<directory>.previous/`
+    (replacing what an older run left there), so the new run neither trips over their step numbers nor mixes its
+    checkpoints with theirs."""
+    directory = Path(directory).absolute()
+    _check_shared(directory)
     steps = sorted((p for p in directory.glob("*") if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name))
     if steps and jax.process_index() == 0:
         import shutil
@@ -113,14 +119,9 @@ def _set_aside_previous_run(directory: Path) -> None:
 class Checkpointer:
     """Numbered checkpoints of one run in `directory` (see the module docstring)."""
 
-    def __init__(self, directory, keep: int = 2, async_save: bool = True, fresh: bool = False):
-        """fresh=True starts a new run in `directory`: checkpoints a previous run left there are moved to
-        `<directory>.previous/` (replacing what an older run left there), so this run neither trips over
-        their step numbers nor mixes its checkpoints with theirs."""
+    def __init__(self, directory, keep: int = 2, async_save: bool = True):
         self.directory = Path(directory).absolute()
         _check_shared(self.directory)
-        if fresh:
-            _set_aside_previous_run(self.directory)
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
         self._manager = ocp.CheckpointManager(self.directory, options=options,
                                               item_names=("params", "opt_state", "data", "meta"))
@@ -179,8 +180,7 @@ class Checkpointer:
         if abstract_opt_state is not None:
             if not (self._check_step(step) / "opt_state").exists():
                 raise CheckpointError(f"checkpoint {self.directory / str(step)} has no optimizer state (an imported "
-                                      "model, or RL's before its checkpoints kept it): it loads as a model but "
-                                      "cannot resume training")
+                                      "model): it loads as a model but cannot resume training")
             items["opt_state"] = ocp.args.StandardRestore(abstract_opt_state)
         restored = self._restore(step, **items)
         data = restored["data"]
@@ -313,3 +313,14 @@ def load_model(stage: str, step: int | None = None, depth: int | None = None, me
                               f"tokens, more than the {model_cfg.vocab_size} of checkpoint {directory / str(step)}: "
                               "not its tokenizer")
     return model, tokenizer, meta
+
+
+def checkpoint_meta(stage: str, step: int, cfg, model_cfg, tokenizer: str | None = None, **extra) -> dict:
+    """A checkpoint's metadata: step, stage, the run's config, the model config, the tokenizer (a record as
+    tokenizer_record makes; default: the trained one) with its fingerprint, and `extra`."""
+    from nanochat_jax.config import to_dict
+    from nanochat_jax.tokenizer import default_tokenizer_dir, tokenizer_fingerprint, tokenizer_record
+
+    tokenizer = tokenizer or tokenizer_record(default_tokenizer_dir())
+    return {"step": step, "stage": stage, "config": to_dict(cfg), "model": to_dict(model_cfg),
+            "tokenizer": tokenizer, "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer), **extra}

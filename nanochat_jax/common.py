@@ -1,4 +1,4 @@
-"""Shared plumbing: the artifacts directory, process/device info, logging on process 0, timers, peak FLOP/s.
+"""Shared plumbing: user errors, the artifacts directory, device info, logging on process 0, timers, peak FLOP/s.
 
 Every artifact (tokenizer, data cache, checkpoints, report) lives under one home directory:
 `$NANOCHAT_JAX_HOME`, default `~/.cache/nanochat_jax`.
@@ -7,7 +7,6 @@ Every artifact (tokenizer, data cache, checkpoints, report) lives under one home
 from __future__ import annotations
 
 import functools
-import json
 import os
 import sys
 import time
@@ -19,10 +18,6 @@ HOME_ENV = "NANOCHAT_JAX_HOME"
 class UserError(Exception):
     """Bad input from the user: a config value, data file, checkpoint, task or tokenizer. Each module's error class
     derives from it; its message names what is wrong, and the scripts print it on one line (run_script)."""
-
-
-class SetupError(UserError, ValueError):
-    """A multi-process run that cannot start or whose processes disagree."""
 
 
 def run_script(main) -> None:
@@ -156,95 +151,3 @@ class Timer:
 
     def __exit__(self, *exc) -> None:
         self.seconds = time.perf_counter() - self.start
-
-
-DISTRIBUTED_ENV = "NANOCHAT_JAX_DISTRIBUTED"
-
-
-def _wants_distributed() -> bool:
-    """Multi-process when asked (NANOCHAT_JAX_DISTRIBUTED=1), when a coordinator is given
-    (JAX_COORDINATOR_ADDRESS), on a Cloud TPU pod slice (more than one worker host listed), or in an srun step
-    or an Open MPI (4.x) mpirun of several processes (jax.distributed reads their variables)."""
-    flag = os.environ.get(DISTRIBUTED_ENV, "").strip().lower()
-    if flag in ("0", "false", "no", "off"):
-        return False
-    if flag in ("1", "true", "yes", "on"):
-        return True
-    if os.environ.get("JAX_COORDINATOR_ADDRESS"):
-        return True
-    hosts = os.environ.get("TPU_PROCESS_ADDRESSES") or os.environ.get("TPU_WORKER_HOSTNAMES") or ""
-    # an srun step, or an Open MPI launch of the kind jax.distributed recognises (it reads OMPI_MCA_orte_hnp_uri)
-    tasks = os.environ.get("SLURM_STEP_NUM_TASKS", "")
-    if not tasks and os.environ.get("OMPI_MCA_orte_hnp_uri"):
-        tasks = os.environ.get("OMPI_COMM_WORLD_SIZE", "")
-    return len([h for h in hosts.split(",") if h.strip()]) > 1 or (tasks.isdigit() and int(tasks) > 1)
-
-
-def gather_json(obj) -> list:
-    """The JSON-serialisable obj of every process, in process order (every process gets the list)."""
-    import jax
-
-    if jax.process_count() == 1:
-        return [obj]
-    import numpy as np
-    from jax.experimental import multihost_utils
-
-    raw = np.frombuffer(json.dumps(obj).encode(), np.uint8)
-    lengths = np.asarray(multihost_utils.process_allgather(np.array([raw.size], np.int32))).reshape(-1)
-    padded = np.zeros(int(lengths.max()), np.uint8)
-    padded[:raw.size] = raw
-    everything = np.asarray(multihost_utils.process_allgather(padded))
-    return [json.loads(bytes(everything[i, :n])) for i, n in enumerate(lengths)]
-
-
-def errors_anywhere(error: str | None) -> list[str]:
-    """Every process's error (each passes its own, or None), for all of them: a failure on one process becomes
-    known to all, so none is left waiting in the next collective."""
-    return [e for e in gather_json(error) if e]
-
-
-def check_same_on_all_processes(facts: dict) -> None:
-    """SetupError on every process unless all processes report the same facts (JSON values). Each host of a
-    multi-host run trains its own tokenizer and lists its own data files; hosts that differ would train
-    together on mismatched token ids or documents without any error."""
-    everyone = gather_json(facts)
-    differing = {k: [f[k] for f in everyone] for k in facts if any(f[k] != facts[k] for f in everyone)}
-    if differing:
-        raise SetupError("the processes of this run disagree on "
-                         + "; ".join(f"{k} (per process: {v})" for k, v in differing.items())
-                         + ": every host must have the same tokenizer and data")
-
-
-def init_distributed() -> bool:
-    """Call jax.distributed.initialize() once when this is a multi-process run; a no-op otherwise.
-
-    Must run before anything touches jax devices. Returns True when the distributed runtime is up.
-    NANOCHAT_JAX_DISTRIBUTED=0 forces single-process even on a pod. On Cloud TPU (and SLURM / Open MPI)
-    JAX finds the coordinator, process count and index itself; elsewhere (several GPU hosts) every process
-    sets JAX_COORDINATOR_ADDRESS=host:port, JAX_NUM_PROCESSES and JAX_PROCESS_ID.
-    """
-    import jax
-
-    if jax.distributed.is_initialized():
-        return True
-    if not _wants_distributed():
-        return False
-    kwargs = {}
-    for var, arg in (("JAX_NUM_PROCESSES", "num_processes"), ("JAX_PROCESS_ID", "process_id")):
-        value = os.environ.get(var, "").strip()
-        if value:
-            if not value.isdigit():
-                raise SetupError(f"{var}={value!r} must be a non-negative integer")
-            kwargs[arg] = int(value)
-    # hosts may arrive far apart (each finishes its own downloads first): wait up to 30 minutes, not 5
-    timeout = os.environ.get("NANOCHAT_JAX_INIT_TIMEOUT", "1800").strip()
-    if not timeout.isdigit():
-        raise SetupError(f"NANOCHAT_JAX_INIT_TIMEOUT={timeout!r} must be a number of seconds")
-    timeout = int(timeout)
-    try:
-        jax.distributed.initialize(**kwargs, initialization_timeout=timeout)
-    except ValueError as e:  # e.g. a coordinator address without a process count outside TPU/SLURM/MPI
-        raise SetupError(f"multi-process start failed ({e}); outside Cloud TPU, SLURM and Open MPI set "
-                         "JAX_COORDINATOR_ADDRESS=host:port, JAX_NUM_PROCESSES and JAX_PROCESS_ID on every "
-                         f"process, or {DISTRIBUTED_ENV}=0 for a single process") from e
-    return True

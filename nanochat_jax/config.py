@@ -206,13 +206,24 @@ class MeshConfig:
 
 
 @dataclass
-class TrainConfig:
-    device_batch_size: int = 32  # sequences per device per micro-batch
+class StageConfig:
+    """What every training stage's section ([train] for base, [mid], [sft], [rl]) has."""
+
+    device_batch_size: int = 32  # rows (sequences, conversations) per device per micro-batch
+    num_iterations: int = -1  # optimizer steps (-1: derived, as each stage says)
+    eval_every: int = 250  # steps between evaluations (0 = only at the end)
+
+    def _validate(self, section: str, *positive: str) -> None:
+        _positive(self, section, "device_batch_size", *positive)
+
+
+@dataclass
+class TrainConfig(StageConfig):
+    """Base training; resume, seed, checkpoint_every, keep_checkpoints and log_every apply to every stage."""
+
     total_batch_size: int = 524288  # tokens per optimizer step; grad accumulation is derived (-1: depth scaling's)
-    num_iterations: int = -1  # explicit step count (-1: derive from target_flops or the ratio)
-    target_flops: float = -1.0
+    target_flops: float = -1.0  # (num_iterations -1: derive from target_flops or the ratio)
     target_param_data_ratio: float = 20.0  # tokens : params (Chinchilla = 20)
-    eval_every: int = 250  # steps between validation bits-per-byte (0 = only at the end)
     eval_tokens: int = 20 * 524288
     sample_every: int = 2000  # steps between greedy samples (0 = only at the end)
     core_every: int = 2000  # steps between CORE estimates, and at the end (0 = none; needs the eval bundle)
@@ -224,14 +235,26 @@ class TrainConfig:
     resume: bool = False  # continue from the latest checkpoint of this stage and depth
 
     def validate(self) -> None:
-        _positive(self, "train", "device_batch_size", "eval_tokens", "keep_checkpoints", "log_every",
-                  "core_max_per_task")
+        self._validate("train", "eval_tokens", "keep_checkpoints", "log_every", "core_max_per_task")
         if self.total_batch_size <= 0 and self.total_batch_size != -1:
             raise ConfigError(f"train.total_batch_size={self.total_batch_size} must be > 0 "
                               "(-1: from optim's depth scaling)")
         _non_negative(self, "train", "core_every")
         if self.num_iterations <= 0 and self.target_flops <= 0 and self.target_param_data_ratio <= 0:
             raise ConfigError("train: set one of num_iterations, target_flops or target_param_data_ratio (> 0)")
+
+
+@dataclass
+class ChatStageConfig(StageConfig):
+    """Mid, SFT and RL: a stage that starts from another stage's checkpoint with a fresh optimizer."""
+
+    source: str = "base"  # stage whose checkpoint to start from
+    init_lr_frac: float = 1.0  # learning rates are the [optim] ones times this
+    grad_clip: float = 0.0  # global-norm clipping, 0 = none: nanochat clips only base training
+
+    def _validate(self, section: str, *positive: str) -> None:
+        super()._validate(section, "init_lr_frac", *positive)
+        _non_negative(self, section, "grad_clip")
 
 
 @dataclass
@@ -266,38 +289,32 @@ class TokenizerConfig:
 
 
 @dataclass
-class MidConfig:
-    """Mid-training: conversations rendered and packed like pretraining text, loss on every token."""
+class MidConfig(ChatStageConfig):
+    """Mid-training: conversations rendered and packed like pretraining text, loss on every token.
+    num_iterations -1: one pass over the mixture."""
 
-    source: str = "base"  # stage whose checkpoint to start from
     mixture: str = "nanochat"  # nanochat (hub datasets) | cpu (generated from the embedded corpus)
-    device_batch_size: int = 32
     total_batch_size: int = 524288  # tokens per optimizer step
-    num_iterations: int = -1  # -1: one pass over the mixture
-    init_lr_frac: float = 1.0  # learning rates are the [optim] ones times this
-    grad_clip: float = 0.0  # global-norm clipping, 0 = none: nanochat clips only base training
     eval_every: int = 150
     eval_tokens: int = 20 * 524288
 
     def validate(self) -> None:
         _choice(self, "mid", "source", ("base", "mid"))
         _choice(self, "mid", "mixture", ("nanochat", "cpu"))
-        _positive(self, "mid", "device_batch_size", "total_batch_size", "init_lr_frac", "eval_tokens")
-        _non_negative(self, "mid", "grad_clip")
+        self._validate("mid", "total_batch_size", "eval_tokens")
 
 
 @dataclass
-class SFTConfig:
-    """Supervised fine-tuning: padded conversations, loss only on the assistant's tokens."""
+class SFTConfig(ChatStageConfig):
+    """Supervised fine-tuning: padded conversations, loss only on the assistant's tokens.
+    num_iterations -1: num_epochs passes over the mixture."""
 
     source: str = "mid"
     mixture: str = "nanochat"  # nanochat | cpu
     device_batch_size: int = 4  # conversations per device per micro-batch
     target_examples_per_step: int = 32
     num_epochs: int = 1
-    num_iterations: int = -1  # -1: num_epochs passes over the mixture
     init_lr_frac: float = 0.02
-    grad_clip: float = 0.0  # global-norm clipping, 0 = none: nanochat clips only base training
     eval_every: int = 100  # steps between validation loss
     eval_steps: int = 100
     eval_metrics_every: int = 200  # steps between quick chat-task accuracies
@@ -305,14 +322,13 @@ class SFTConfig:
     def validate(self) -> None:
         _choice(self, "sft", "source", ("base", "mid", "sft"))
         _choice(self, "sft", "mixture", ("nanochat", "cpu"))
-        _positive(self, "sft", "device_batch_size", "target_examples_per_step", "num_epochs", "init_lr_frac",
-                  "eval_steps")
-        _non_negative(self, "sft", "grad_clip")
+        self._validate("sft", "target_examples_per_step", "num_epochs", "eval_steps")
 
 
 @dataclass
-class RLConfig:
-    """GRPO-style reinforcement learning on a task with a checkable answer (GSM8K)."""
+class RLConfig(ChatStageConfig):
+    """GRPO-style reinforcement learning on a task with a checkable answer (GSM8K).
+    num_iterations -1: num_epochs passes over the task's train split."""
 
     source: str = "sft"
     task: str = "gsm8k"  # gsm8k | cpu (generated arithmetic questions answered with the calculator)
@@ -323,9 +339,7 @@ class RLConfig:
     temperature: float = 1.0
     top_k: int = 50
     init_lr_frac: float = 0.05
-    grad_clip: float = 0.0  # global-norm clipping, 0 = none: nanochat clips only base training
     num_epochs: int = 1
-    num_iterations: int = -1  # -1: num_epochs passes over the task's train split
     save_every: int = 60
     eval_every: int = 60
     eval_examples: int = 400
@@ -333,9 +347,7 @@ class RLConfig:
     def validate(self) -> None:
         _choice(self, "rl", "source", ("mid", "sft", "rl"))
         _choice(self, "rl", "task", ("gsm8k", "cpu"))
-        _positive(self, "rl", "device_batch_size", "examples_per_step", "num_samples", "max_new_tokens",
-                  "init_lr_frac", "num_epochs", "eval_examples")
-        _non_negative(self, "rl", "grad_clip")
+        self._validate("rl", "examples_per_step", "num_samples", "max_new_tokens", "num_epochs", "eval_examples")
 
 
 @dataclass
@@ -582,6 +594,6 @@ def model_config_from_dict(table: dict) -> ModelConfig:
 
 
 __all__ = [
-    "RUNTIME_MODEL_FIELDS", "Config", "ConfigError", "DataConfig", "EvalConfig", "MeshConfig", "MidConfig", "ModelConfig", "OptimConfig",
-    "RLConfig", "SFTConfig", "TokenizerConfig", "TrainConfig", "from_dict", "load_config", "model_config_from_dict", "parse_overrides", "to_dict", "to_toml",
+    "RUNTIME_MODEL_FIELDS", "ChatStageConfig", "Config", "ConfigError", "DataConfig", "EvalConfig", "MeshConfig", "MidConfig", "ModelConfig", "OptimConfig",
+    "RLConfig", "SFTConfig", "StageConfig", "TokenizerConfig", "TrainConfig", "from_dict", "load_config", "model_config_from_dict", "parse_overrides", "to_dict", "to_toml",
 ]

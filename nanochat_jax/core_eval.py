@@ -32,6 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from nanochat_jax.common import UserError, artifacts_dir
+from nanochat_jax.distributed import sum_over_processes
+from nanochat_jax.engine import bucket
 
 EVAL_BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
 FEWSHOT_SEED = 1234  # few-shot examples of item i: random.Random(FEWSHOT_SEED + i)
@@ -224,10 +226,6 @@ def make_scorer(model, mesh=None) -> Callable:
     return lambda t, s, e: score(jax.device_put(t, cols), jax.device_put(s, rows), jax.device_put(e, rows))
 
 
-def bucket_length(n: int) -> int:
-    return 1 << (max(n, MIN_BUCKET) - 1).bit_length()
-
-
 def score_rows(scorer: Callable, rows: list[tuple[list[int], int, int]], pad_id: int, batch_tokens: int = 16384,
                row_multiple: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """(mean_loss, all_correct) for every row. Rows are grouped by length bucket; each bucket runs in batches of
@@ -235,7 +233,7 @@ def score_rows(scorer: Callable, rows: list[tuple[list[int], int, int]], pad_id:
     losses, correct = np.zeros(len(rows), np.float32), np.zeros(len(rows), bool)
     by_bucket: dict[int, list[int]] = {}
     for i, (tokens, _, _) in enumerate(rows):
-        by_bucket.setdefault(bucket_length(len(tokens)), []).append(i)
+        by_bucket.setdefault(bucket(len(tokens), MIN_BUCKET), []).append(i)
     for length, members in sorted(by_bucket.items()):
         per_batch = max(1, batch_tokens // length)
         per_batch = -(-per_batch // row_multiple) * row_multiple
@@ -249,16 +247,6 @@ def score_rows(scorer: Callable, rows: list[tuple[list[int], int, int]], pad_id:
             mean_loss, ok = jax.device_get(scorer(jnp.asarray(tokens), jnp.asarray(starts), jnp.asarray(ends)))
             losses[chunk], correct[chunk] = mean_loss[:len(chunk)], ok[:len(chunk)]
     return losses, correct
-
-
-def sum_over_processes(values: np.ndarray) -> np.ndarray:
-    """Element-wise sum of a small host array over all processes (the array itself with one process), in the
-    array's dtype (the gather goes through 32-bit jax arrays; the sum does not)."""
-    if jax.process_count() == 1:
-        return values
-    from jax.experimental import multihost_utils
-
-    return np.asarray(multihost_utils.process_allgather(values), dtype=values.dtype).sum(axis=0)
 
 
 def evaluate_task(scorer: Callable, tokenizer, data: list[dict], task: CoreTask, max_seq_len: int | None = None,
@@ -309,8 +297,3 @@ def evaluate_core(scorer: Callable, tokenizer, bundle_dir: Path, max_per_task: i
             f"centered {centered[task.label]:.4f} | {time.perf_counter() - t0:.1f}s")
     core = sum(centered.values()) / len(centered) if centered else float("nan")
     return {"results": results, "centered_results": centered, "core_metric": core}
-
-
-def batch_rows(mesh) -> int:
-    """How many devices the batch rows are split over (rows per batch must be a multiple of it)."""
-    return mesh.shape["data"] * mesh.shape["fsdp"]

@@ -4,7 +4,7 @@ Sources. A source is random access over documents: `len(src)`, `src[i] -> str`, 
 (start, stop) document ranges that are cheap to read together (`src.read(start, stop)`). Chunks are the
 unit of reading, shuffling, process sharding and batched tokenization:
 - `EmbeddedSource(split)`: the small corpus shipped in the package (chunks of 32 documents).
-- `FileSource(files, text_column)` (alias `ParquetSource`): `.parquet` files (one chunk per row group, read
+- `FileSource(files, text_column)`: `.parquet` files (one chunk per row group, read
   lazily through pyarrow from the row counts in the parquet footers), `.jsonl` files (one JSON object per
   line; the text is `obj[text_column]`) and `.txt` files (the whole file is ONE document).
 - `make_source(cfg.data, split)` picks one: "embedded"; "fineweb" (downloads missing shards; the last shard
@@ -360,7 +360,6 @@ class FileSource:
         return f"FileSource({len(self.files)} files, {self._n} documents)"
 
 
-ParquetSource = FileSource
 
 
 def _list_files(pattern: str) -> list[Path]:
@@ -484,7 +483,7 @@ class _PackIterator(grain.DatasetIterator):
                 "chunks": self.num_chunks}
 
     def set_state(self, state: dict) -> None:
-        if state.get("chunks", self.num_chunks) != self.num_chunks:  # another data set: another order
+        if state["chunks"] != self.num_chunks:  # another data set: another order
             print(f"data: the saved position is in an order of {state['chunks']} chunks of documents, this run has "
                   f"{self.num_chunks} (data.num_shards or the files changed); the data order starts over",
                   file=sys.stderr)

@@ -222,13 +222,6 @@ class Engine:
         self.last_prefill: tuple[int, int] | None = None
         self.decode_windows: list[int] = []
 
-    @classmethod
-    def from_checkpoint(cls, stage: str, step: int | None = None, **kwargs) -> "Engine":
-        from nanochat_jax.checkpoint import load_model
-
-        model, tokenizer, _ = load_model(stage, step)
-        return cls(model, tokenizer, **kwargs)
-
     def _empty_cache(self, batch: int, max_len: int) -> KVCache:
         shape = (self.n_layer, batch, self.n_kv_heads, max_len, self.head_dim)
         rows = jnp.zeros((batch,), jnp.int32)

@@ -74,7 +74,8 @@ def core_bundle(cfg):
     (the estimates' count sums are collectives)."""
     if cfg.train.core_every <= 0:
         return None
-    from nanochat_jax.common import errors_anywhere, print0
+    from nanochat_jax.common import print0
+    from nanochat_jax.distributed import errors_anywhere
     from nanochat_jax.core_eval import EVAL_BUNDLE_URL, BundleError, ensure_bundle
 
     try:
@@ -92,12 +93,13 @@ def core_bundle(cfg):
 def core_estimate(graphdef, params, tokenizer, bundle, cfg, mesh) -> float:
     """The CORE metric on at most cfg.train.core_max_per_task items per task. mesh: an eval_mesh (each process
     scores its own items); params are brought onto it."""
-    from nanochat_jax.core_eval import batch_rows, evaluate_core, make_scorer
-    from nanochat_jax.sharding import replicated_on
+    from nanochat_jax.core_eval import evaluate_core, make_scorer
+    from nanochat_jax.distributed import replicated_on
+    from nanochat_jax.sharding import batch_shards
 
     model = nnx.merge(graphdef, replicated_on(params, mesh))
     out = evaluate_core(make_scorer(model, mesh), tokenizer, bundle, cfg.train.core_max_per_task,
-                        cfg.eval.max_seq_len or None, cfg.eval.batch_tokens, batch_rows(mesh), log=lambda _: None)
+                        cfg.eval.max_seq_len or None, cfg.eval.batch_tokens, batch_shards(mesh), log=lambda _: None)
     return out["core_metric"]
 
 

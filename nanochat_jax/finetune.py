@@ -1,5 +1,5 @@
-"""What the chat training stages (mid, SFT) share: starting from another stage's checkpoint, the stage's
-optimizer settings, checkpoint metadata and chat samples for the report.
+"""What the chat stages (mid, SFT, RL) share: starting from another stage's checkpoint, the stage's optimizer
+settings and chat samples for the report.
 
 The architecture always comes from the source checkpoint's metadata; the runtime fields of the run's
 [model] section (sequence_len, compute_dtype, attention_impl, remat, loss_chunk) apply on top.
@@ -12,8 +12,7 @@ import dataclasses
 from flax import nnx
 
 from nanochat_jax.common import print0
-from nanochat_jax.config import RUNTIME_MODEL_FIELDS, Config, ModelConfig, OptimConfig, model_config_from_dict, to_dict
-from nanochat_jax.tokenizer import default_tokenizer_dir, tokenizer_fingerprint, tokenizer_record
+from nanochat_jax.config import RUNTIME_MODEL_FIELDS, Config, ModelConfig, OptimConfig, model_config_from_dict
 
 SAMPLE_QUESTIONS = [
     "What is the capital of Gorsica?",
@@ -56,14 +55,6 @@ def stage_optim(optim: OptimConfig, init_lr_frac: float, **schedule) -> OptimCon
            f"{out.muon_momentum_start:g} -> {out.muon_momentum:g} over {out.muon_momentum_warmup_steps} steps | "
            f"grad_clip {out.grad_clip:g}")
     return out
-
-
-def stage_meta(stage: str, step: int, cfg: Config, model_cfg: ModelConfig, source_meta: dict, **extra) -> dict:
-    """Checkpoint metadata: the same keys as base_train's (step, stage, config, model, tokenizer) plus extra.
-    The tokenizer is the source checkpoint's (an imported model brings its own), with its fingerprint."""
-    tokenizer = source_meta.get("tokenizer") or tokenizer_record(default_tokenizer_dir())
-    return {"step": step, "stage": stage, "config": to_dict(cfg), "model": to_dict(model_cfg),
-            "tokenizer": tokenizer, "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer), **extra}
 
 
 def chat_samples(graphdef, params, tokenizer, questions=SAMPLE_QUESTIONS, max_tokens: int = 64) -> list[str]:

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from nanochat_jax.common import UserError
-from nanochat_jax.config import ModelConfig
+from nanochat_jax.config import RUNTIME_MODEL_FIELDS, ModelConfig
 from nanochat_jax.model import EPS
 from nanochat_jax.tokenizer import SPECIAL_TOKENS, Tokenizer
 
@@ -35,8 +35,8 @@ TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 GENERATION_CONFIG_FILE = "generation_config.json"
 DTYPES = ("float32", "bfloat16")
 
-# ModelConfig fields that only change how the forward runs, not what it computes: not exported.
-RUNTIME_FIELDS = {"compute_dtype", "param_dtype", "attention_impl", "remat", "loss_chunk"}
+# ModelConfig fields that only change how the forward runs or is stored, not what it computes: not exported.
+RUNTIME_FIELDS = {*RUNTIME_MODEL_FIELDS, "param_dtype"}
 # ModelConfig fields that the exported config.json encodes.
 ARCH_FIELDS = {"depth", "aspect_ratio", "head_dim", "n_kv_head", "vocab_size", "sequence_len", "softcap", "rope_theta"}
 

@@ -386,9 +386,6 @@ class GPT(nnx.Module):
         last = None if cache.last is None else tokens[:, -1]
         return logits, KVCache(k=k, v=v, lengths=cache.lengths + T, last=last)
 
-    def num_params(self) -> int:
-        return sum(p.size for p in jax.tree.leaves(nnx.state(self, nnx.Param)))
-
 
 NATIVE_PLATFORMS = {"cudnn": ("gpu", "cuda"), "splash": ("tpu",)}  # attention that exists on one platform only
 

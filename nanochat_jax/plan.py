@@ -226,9 +226,8 @@ def plan_programs(cfg: Config, target: Target, devices, decode_rows: int = 32, p
     from nanochat_jax.engine import _decode_chunk, _prefill, bucket, cache_shardings
     from nanochat_jax.evaluation import make_bpb_step
     from nanochat_jax.model import KVCache, flops_per_token, head_dim, init_model, matmul_params, runnable_on
-    from nanochat_jax.optim import build_optimizer
     from nanochat_jax.sharding import batch_sharding, make_mesh, named_sharding, param_shardings
-    from nanochat_jax.train import abstract_model, make_train_step, microbatch_sharding, state_shardings
+    from nanochat_jax.train import TrainRun, microbatch_sharding, rows_and_accum
 
     mesh = make_mesh(cfg.mesh, devices)
     model_cfg = runnable_on(cfg.model, devices[0].platform)
@@ -237,34 +236,25 @@ def plan_programs(cfg: Config, target: Target, devices, decode_rows: int = 32, p
     slice_of = slices_of(mesh_devices)
     n = len(mesh_devices)
     T = model_cfg.sequence_len
-    rows = cfg.train.device_batch_size * mesh.shape["data"] * mesh.shape["fsdp"]
-    accum = max(1, cfg.train.total_batch_size // (rows * T))
+    rows, accum = rows_and_accum(cfg.train.device_batch_size, cfg.train.total_batch_size, T, mesh,
+                                 "train.total_batch_size")
     per_token = flops_per_token(model_cfg)
     plans = {}
 
-    optimizer = build_optimizer(cfg.optim, model_cfg.n_embd, 1000)
-    graphdef, shardings = state_shardings(model_cfg, optimizer, mesh)
-    _, abstract = abstract_model(model_cfg)
-    params = nnx.to_pure_dict(abstract)
+    run = TrainRun(model_cfg, cfg.optim, 1000, mesh, abstract=True)
     if "train" in programs:
-        from nanochat_jax.train import TrainState
-
-        abstract_state = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32, sharding=shardings.step),
-                                    params=_abstract(params, shardings.params),
-                                    opt_state=_abstract(jax.eval_shape(optimizer.init, params), shardings.opt_state))
         tokens = jax.ShapeDtypeStruct((accum, rows, T), jnp.int32, sharding=microbatch_sharding(mesh))
-        step = make_train_step(graphdef, optimizer, shardings, mesh, 1000, cfg.optim)
 
         def lower_train():
             with jax.set_mesh(mesh):
-                return step.jitted.lower(abstract_state, {"inputs": tokens, "targets": tokens})
+                return run.jitted.lower(run.state, {"inputs": tokens, "targets": tokens})
 
         plans["train"] = _compile("train", lower_train, accum * rows * T, per_token * accum * rows * T / n, slice_of)
     if "bpb" in programs:
         batch = jax.ShapeDtypeStruct((rows, T), jnp.int32, sharding=batch_sharding(mesh))
         table = jax.ShapeDtypeStruct((model_cfg.vocab_size,), jnp.int32, sharding=named_sharding(mesh, (None,)))
-        bpb = make_bpb_step(graphdef)
-        plans["bpb"] = _compile("bpb", lambda: bpb.lower(_abstract(params, shardings.params), batch, batch, table),
+        bpb = make_bpb_step(run.graphdef)
+        plans["bpb"] = _compile("bpb", lambda: bpb.lower(run.state.params, batch, batch, table),
                                 rows * T, per_token / 3 * rows * T / n, slice_of)
     if "prefill" in programs or "decode" in programs:
         engine_graphdef, engine_state = nnx.split(nnx.eval_shape(lambda: init_model(model_cfg)))

@@ -85,6 +85,7 @@ class StepLogger:
         self.prior_s = max((r.get("elapsed_s", 0.0) for r in kept if "loss" in r), default=0.0)
         self.paused_s = 0.0
         self.loss_ema = EMA(ema_beta)
+        self.last: dict = {}
         for record in kept:  # the smoothed loss continues as if the run had never stopped
             if "loss" in record:
                 self.loss_ema.update(record["loss"])
@@ -147,6 +148,7 @@ class StepLogger:
         self.bar.set_postfix_str(" | ".join(parts), refresh=False)
         self.bar.update(step - self.bar.n)
         self.append(record)
+        self.last = record  # the latest training record (a stage's final loss)
         return record
 
     def eval(self, record: dict, message: str) -> None:
@@ -165,3 +167,10 @@ class StepLogger:
 
     def close(self) -> None:
         self.bar.close()
+
+
+def save_summary(name: str, summary: dict) -> dict:
+    """<home>/report/<name>.json, a script's summary for the report (written by process 0); returns it."""
+    if is_main_process():
+        (artifacts_dir("report") / f"{name}.json").write_text(json.dumps(summary, indent=2))
+    return summary

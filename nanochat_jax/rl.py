@@ -11,7 +11,7 @@ log-probabilities of the sampled tokens, divided by the number of sampled tokens
 - `rl_batch` turns rollouts into fixed-length (inputs, targets, advantages) rows: targets are -1 wherever
   the token was not sampled by the policy (prompt, forced calculator output, padding), so only sampled
   tokens are trained. `micro_batches` pads the rows to whole micro-batches of a fixed size.
-- `pg_objective(model, micro)` is the loss to minimise for `train.make_train_step(objective=...)`.
+- `pg_objective(model, micro)` is the loss to minimise for `train.TrainRun(objective=...)`.
 - `pass_at_k` counts, from (questions, samples) rewards, the questions solved within the first k samples.
 """
 

@@ -157,24 +157,6 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
-def eval_mesh(cfg: MeshConfig) -> Mesh:
-    """The mesh evaluations and sampling run on: the configured one with a single process; with several
-    processes, each scores its own share of the examples, so it gets a data-parallel mesh of its local devices."""
-    if jax.process_count() == 1:
-        return make_mesh(cfg)
-    return make_mesh(MeshConfig(data=-1, fsdp=1, tensor=1), jax.local_devices())
-
-
-def replicated_on(tree, mesh: Mesh):
-    """Arrays trained on the global mesh, ready for `eval_mesh`: unchanged with one process; with several
-    (arrays spanning other processes' devices), all-gathered and replicated on this process's mesh."""
-    if jax.process_count() == 1:
-        return tree
-    from jax.experimental import multihost_utils
-
-    return jax.device_put(multihost_utils.process_allgather(tree, tiled=True), replicated(mesh))
-
-
 def bytes_per_device(tree) -> int:
     """Largest number of bytes any one device holds for the arrays of a pytree (for memory checks)."""
     totals: dict = {}
@@ -182,3 +164,8 @@ def bytes_per_device(tree) -> int:
         for shard in leaf.addressable_shards:
             totals[shard.device] = totals.get(shard.device, 0) + shard.data.nbytes
     return max(totals.values()) if totals else 0
+
+
+def batch_shards(mesh: Mesh) -> int:
+    """How many ways batch rows are split (data x fsdp): rows per batch must be a multiple of it."""
+    return _axis_size(mesh, LOGICAL_RULES["batch"])

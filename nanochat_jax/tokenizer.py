@@ -188,11 +188,6 @@ class Tokenizer:
         ids, _ = self.render_conversation({"messages": messages[:-1]}, max_tokens=max_tokens)
         return ids + [self.encode_special("<|assistant_start|>")]
 
-    def visualize(self, ids: list[int], mask: list[int]) -> str:
-        """Tokens joined by '|', trained ones (mask 1) green and the rest red, for eyeballing a rendering."""
-        green, red, reset = "\033[92m", "\033[91m", "\033[0m"
-        return "|".join(f"{green if m else red}{self.id_to_token(i)}{reset}" for i, m in zip(ids, mask))
-
 
 PART_TYPES = ("text", "python", "python_output")
 

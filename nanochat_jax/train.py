@@ -1,11 +1,11 @@
-"""The training state and the one jit-compiled, pure training step.
+"""Training: the state, the one jit-compiled pure step, and the loop base, mid and SFT share.
 
-`init_train_state` builds parameters directly on the mesh (each device materialises only its shards)
-and the optimizer state with the same shardings. `make_train_step` returns
-`train_step(state, batch) -> (state, metrics)`: gradient accumulation over the leading micro-batch axis
-of `batch` runs inside the jit (`lax.scan`), the state is donated, and metrics stay on device, so the
-host only feeds batches and reads metrics when it logs. `StopSignal` turns SIGTERM / Ctrl-C into a checkpoint
-at the next step boundary and a clean exit; `resume_latest` continues from the newest complete checkpoint.
+`TrainRun` builds parameters directly on the mesh (each device materialises only its shards) and the optimizer
+state with the same shardings; `run.step(batch)` takes an optimizer step: gradient accumulation over the leading
+micro-batch axis of `batch` runs inside the jit (`lax.scan`), the state is donated, and metrics stay on device,
+so the host only feeds batches and reads metrics when it logs. `run_stage` is the loop around it (checkpoints,
+evals, logging, resume); RL calls `run.step` from its own. `StopSignal` turns SIGTERM / Ctrl-C into a checkpoint
+at the next step boundary and a clean exit.
 """
 
 from __future__ import annotations
@@ -25,11 +25,13 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from nanochat_jax.common import print0
-from nanochat_jax.config import RUNTIME_MODEL_FIELDS, ModelConfig, OptimConfig, model_config_from_dict, to_dict
+from nanochat_jax.common import device_info, is_main_process, peak_flops_per_device, print0
+from nanochat_jax.config import (RUNTIME_MODEL_FIELDS, Config, ConfigError, ModelConfig, OptimConfig,
+                                 model_config_from_dict, to_dict, to_toml)
 from nanochat_jax.model import init_model
 from nanochat_jax.optim import build_optimizer, lr_multiplier
-from nanochat_jax.sharding import like_params, named_sharding, param_shardings, replicated
+from nanochat_jax.progress import StepLogger
+from nanochat_jax.sharding import batch_shards, like_params, named_sharding, param_shardings, replicated
 
 
 @flax.struct.dataclass
@@ -37,40 +39,6 @@ class TrainState:
     step: jax.Array  # int32 scalar: optimizer steps taken
     params: Any  # pure nested dict of fp32 arrays, sharded by the rule table
     opt_state: Any
-
-
-def abstract_model(model_cfg: ModelConfig, seed: int = 0):
-    """(graphdef, abstract nnx State of the parameters) without allocating anything."""
-    return nnx.split(nnx.eval_shape(lambda: init_model(model_cfg, seed)), nnx.Param)
-
-
-def state_shardings(model_cfg: ModelConfig, optimizer: optax.GradientTransformation, mesh: Mesh, seed: int = 0):
-    """(graphdef, TrainState of NamedShardings). Optimizer leaves shaped like a parameter share its sharding."""
-    graphdef, abstract = abstract_model(model_cfg, seed)
-    params_sh = param_shardings(abstract, mesh)
-    abstract_opt = jax.eval_shape(optimizer.init, nnx.to_pure_dict(abstract))
-    opt_sh = like_params(abstract_opt, params_sh, mesh)
-    return graphdef, TrainState(step=replicated(mesh), params=params_sh, opt_state=opt_sh)
-
-
-def init_train_state(model_cfg: ModelConfig, optim_cfg: OptimConfig, num_iterations: int, mesh: Mesh, seed: int = 0,
-                     params=None):
-    """Returns (graphdef, optimizer, state, shardings) with the state created directly in its shardings.
-
-    params: start from these parameters (a pure dict, e.g. a loaded checkpoint's) instead of a fresh init;
-    the optimizer state always starts fresh."""
-    optimizer = build_optimizer(optim_cfg, model_cfg.n_embd, num_iterations)
-    graphdef, shardings = state_shardings(model_cfg, optimizer, mesh, seed)
-
-    def create(params) -> TrainState:
-        if params is None:
-            params = nnx.to_pure_dict(nnx.split(init_model(model_cfg, seed), nnx.Param)[1])
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
-
-    if params is not None:
-        params = jax.device_put(params, shardings.params)
-    state = jax.jit(create, out_shardings=shardings)(params)
-    return graphdef, optimizer, state, shardings
 
 
 def check_resumable(meta: dict, model_cfg: ModelConfig, seed: int | None, checkpoint) -> None:
@@ -88,41 +56,6 @@ def check_resumable(meta: dict, model_cfg: ModelConfig, seed: int | None, checkp
         raise SystemExit(f"--train.resume: checkpoint {checkpoint} was written by a run with other settings "
                          f"({'; '.join(changed)}); resume with the checkpoint's settings, or start a new run "
                          f"without --train.resume")
-
-
-def resume_latest(ckpt, state: TrainState, shardings: TrainState, data_iter, num_iterations: int,
-                  model_cfg: ModelConfig, tokenizer_dir=None, seed: int | None = None):
-    """Continue from the checkpointer's newest complete step: parameters and optimizer state restored into the
-    shardings of `state` (any mesh), the step counter, and the data iterator's position when the checkpoint has
-    one for this process (else its order restarts, as Checkpointer.restore warns). Returns (state, step).
-    Saves that a kill cut short, and steps whose files fail to restore, are moved aside (one line each) and the
-    step before them is taken. The checkpoint must be of this architecture and (when given) data seed, see
-    check_resumable; tokenizer_dir: the tokenizer this run uses (default: the trained one), which must be the
-    checkpoint's."""
-    from nanochat_jax.checkpoint import BrokenCheckpoint, check_tokenizer  # (the GPU benchmarks import this module)
-
-    ckpt.set_aside_unfinished()
-    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), state)
-    for step in reversed(ckpt.all_steps()):
-        if step > num_iterations:
-            raise SystemExit(f"--train.resume: the latest checkpoint in {ckpt.directory} is step {step}, past this "
-                             f"run's num_iterations={num_iterations}; raise it or start a new run")
-        try:
-            meta = ckpt.read_meta(step)
-            check_resumable(meta, model_cfg, seed, ckpt.directory / str(step))
-            check_tokenizer(meta, tokenizer_dir, ckpt.directory / str(step))
-            restored = ckpt.restore(step, abstract.params, abstract.opt_state)
-            break
-        except BrokenCheckpoint as e:
-            ckpt.set_aside(step, f"it is incomplete or corrupt ({str(e).split(': ', 1)[-1][:200]})")
-    else:
-        raise SystemExit(f"--train.resume: no complete checkpoint in {ckpt.directory}")
-    state = TrainState(step=jax.device_put(jnp.asarray(step, jnp.int32), shardings.step),
-                       params=restored["params"], opt_state=restored["opt_state"])
-    if restored["data"] is not None:
-        data_iter.set_state(restored["data"])
-    print0(f"resumed from {ckpt.directory}/{step}")
-    return state, step
 
 
 class StopSignal:
@@ -157,6 +90,17 @@ class StopSignal:
         raise SystemExit(0)
 
 
+def rows_and_accum(device_batch_size: int, per_step: int, row_len: int, mesh: Mesh, setting: str) -> tuple[int, int]:
+    """(global rows per micro-batch, micro-steps per optimizer step) for `per_step` tokens of rows of row_len
+    tokens (row_len=1: per_step rows, e.g. conversations); ConfigError naming `setting` unless it divides."""
+    rows = device_batch_size * batch_shards(mesh)
+    if per_step % (rows * row_len):
+        raise ConfigError(f"{setting}={per_step} is not a multiple of the {rows * row_len} per micro-batch (= "
+                          f"device_batch_size {device_batch_size} x batch-sharded devices {batch_shards(mesh)}"
+                          + (f" x sequence_len {row_len})" if row_len > 1 else ")"))
+    return rows, per_step // (rows * row_len)
+
+
 def microbatch_sharding(mesh: Mesh, ndim: int = 3):
     """Batches fed to the train step are (micro_steps, rows, T): rows sharded over (data, fsdp)."""
     return named_sharding(mesh, (None, "batch") + (None,) * (ndim - 2))
@@ -187,10 +131,7 @@ def summed_grads(graphdef, params, batch: dict, objective: Callable = lm_loss):
 
 def out_of_memory_advice(shape: tuple[int, int, int], mesh: Mesh, error: str) -> str:
     """What to change when a train step of batch shape (micro_steps, rows, T) does not fit in device memory."""
-    from nanochat_jax.sharding import shard_count
-
-    with jax.set_mesh(mesh):
-        rows = shard_count("batch")
+    rows = batch_shards(mesh)
     first_line = error.strip().splitlines()[0][:300]
     return (f"the train step ran out of device memory with {shape[1] // rows} rows of {shape[2]} tokens per device "
             f"and micro-batch: lower --train.device_batch_size (gradient accumulation keeps total_batch_size), "
@@ -198,41 +139,159 @@ def out_of_memory_advice(shape: tuple[int, int, int], mesh: Mesh, error: str) ->
             f"the memory per device. XLA said: {first_line}")
 
 
-def make_train_step(graphdef, optimizer: optax.GradientTransformation, shardings: TrainState, mesh: Mesh,
-                    num_iterations: int, optim_cfg: OptimConfig, objective: Callable = lm_loss) -> Callable:
-    """train_step(state, batch) -> (state, metrics); batch = {"inputs", "targets", ...} of shape (A, B, T).
+class TrainRun:
+    """One model in training: the graphdef, optimizer, state shardings, the state and the jit-compiled step.
 
-    objective(model, micro_batch) -> scalar loss; the default is lm_loss (RL passes a policy-gradient one).
-    Every array of the batch is split along its leading micro-step axis."""
+    `step(batch)` takes one optimizer step on a batch of arrays shaped (micro_steps, rows, T) and returns its
+    metrics (on device); `resume` continues from a checkpoint. params: start from these (a pure dict, e.g. a
+    loaded checkpoint's) instead of a fresh init; the optimizer state always starts fresh. objective(model, micro)
+    -> scalar loss, lm_loss by default (RL passes a policy-gradient one). abstract=True builds everything but
+    the arrays: the state is ShapeDtypeStructs carrying their shardings, for lowering the step (the planner)."""
 
-    def train_step(state: TrainState, batch: dict):
+    def __init__(self, model_cfg: ModelConfig, optim_cfg: OptimConfig, num_iterations: int, mesh: Mesh,
+                 seed: int = 0, params=None, objective: Callable = lm_loss, abstract: bool = False):
+        self.model_cfg, self.optim_cfg, self.num_iterations, self.mesh = model_cfg, optim_cfg, num_iterations, mesh
+        self.objective = objective
+        self.optimizer = build_optimizer(optim_cfg, model_cfg.n_embd, num_iterations)
+        self.graphdef, abstract_params = nnx.split(nnx.eval_shape(lambda: init_model(model_cfg, seed)), nnx.Param)
+        shapes = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=nnx.to_pure_dict(abstract_params),
+                            opt_state=jax.eval_shape(self.optimizer.init, nnx.to_pure_dict(abstract_params)))
+        params_sh = param_shardings(abstract_params, mesh)
+        self.shardings = TrainState(step=replicated(mesh), params=params_sh,
+                                    opt_state=like_params(shapes.opt_state, params_sh, mesh))
+        self.jitted = jax.jit(self._train_step, in_shardings=(self.shardings, microbatch_sharding(mesh)),
+                              out_shardings=(self.shardings, replicated(mesh)), donate_argnums=0)
+        if abstract:
+            self.state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                      shapes, self.shardings)
+        else:
+            if params is not None:
+                params = jax.device_put(params, self.shardings.params)
+            self.state = jax.jit(self._create, static_argnums=1, out_shardings=self.shardings)(params, seed)
+
+    def _create(self, params, seed: int) -> TrainState:
+        if params is None:
+            params = nnx.to_pure_dict(nnx.split(init_model(self.model_cfg, seed), nnx.Param)[1])
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.optimizer.init(params))
+
+    def _train_step(self, state: TrainState, batch: dict):
         num_micro = batch["inputs"].shape[0]
-        grads, losses = summed_grads(graphdef, state.params, batch, objective)
+        grads, losses = summed_grads(self.graphdef, state.params, batch, self.objective)
         grads = jax.tree.map(lambda g: g / num_micro, grads)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
+        metrics = {"loss": jnp.mean(losses), "grad_norm": optax.tree.norm(grads),
+                   "lr_multiplier": lr_multiplier(state.step, self.num_iterations, self.optim_cfg),
+                   "num_tokens": jnp.sum(batch["targets"] >= 0)}  # the supervised ones
         params = optax.apply_updates(state.params, updates)
-        metrics = {
-            "loss": jnp.mean(losses),
-            "grad_norm": optax.tree.norm(grads),
-            "lr_multiplier": lr_multiplier(state.step, num_iterations, optim_cfg),
-        }
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
-    jitted = jax.jit(
-        train_step,
-        in_shardings=(shardings, microbatch_sharding(mesh)),
-        out_shardings=(shardings, replicated(mesh)),
-        donate_argnums=0,
-    )
+    @property
+    def params(self):
+        return self.state.params
 
-    def run(state: TrainState, batch: dict):
-        with jax.set_mesh(mesh):  # lets the model pin its activations' sharding (sharding.constrain)
+    def step(self, batch: dict) -> dict:
+        """One optimizer step: the state advances, the step's metrics come back (on device, not synced)."""
+        with jax.set_mesh(self.mesh):  # lets the model pin its activations' sharding (sharding.constrain)
             try:
-                return jitted(state, batch)
+                self.state, metrics = self.jitted(self.state, batch)
             except jax.errors.JaxRuntimeError as e:
                 if "RESOURCE_EXHAUSTED" not in str(e):
                     raise
-                raise MemoryError(out_of_memory_advice(batch["inputs"].shape, mesh, str(e))) from e
+                raise MemoryError(out_of_memory_advice(batch["inputs"].shape, self.mesh, str(e))) from e
+        return metrics
 
-    run.jitted = jitted  # for lowering / inspection (bench/train_step.py)
-    return run
+    def save(self, ckpt, step: int, data_state: dict | None, meta: dict, wait: bool = False) -> None:
+        ckpt.save(step, self.state.params, self.state.opt_state, data_state, meta, wait=wait)
+
+    def resume(self, ckpt, data_iter, tokenizer_dir=None, seed: int | None = None) -> int:
+        """Continue from the checkpointer's newest complete step: parameters and optimizer state restored into
+        this run's shardings (any mesh), the step counter, and the data iterator's position when the checkpoint
+        has one for this process (else its order restarts, as Checkpointer.restore warns). Returns the step.
+        Saves that a kill cut short, and steps whose files fail to restore, are moved aside (one line each) and
+        the step before them is taken. The checkpoint must be of this architecture and (when given) data seed,
+        see check_resumable; tokenizer_dir: the tokenizer this run uses (default: the trained one), which must
+        be the checkpoint's."""
+        from nanochat_jax.checkpoint import BrokenCheckpoint, check_tokenizer  # (the GPU benchmarks import this)
+
+        ckpt.set_aside_unfinished()
+        abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), self.state)
+        for step in reversed(ckpt.all_steps()):
+            if step > self.num_iterations:
+                raise SystemExit(f"--train.resume: the latest checkpoint in {ckpt.directory} is step {step}, past "
+                                 f"this run's num_iterations={self.num_iterations}; raise it or start a new run")
+            try:
+                meta = ckpt.read_meta(step)
+                check_resumable(meta, self.model_cfg, seed, ckpt.directory / str(step))
+                check_tokenizer(meta, tokenizer_dir, ckpt.directory / str(step))
+                restored = ckpt.restore(step, abstract.params, abstract.opt_state)
+                break
+            except BrokenCheckpoint as e:
+                ckpt.set_aside(step, f"it is incomplete or corrupt ({str(e).split(': ', 1)[-1][:200]})")
+        else:
+            raise SystemExit(f"--train.resume: no complete checkpoint in {ckpt.directory}")
+        self.state = TrainState(step=jax.device_put(jnp.asarray(step, jnp.int32), self.shardings.step),
+                                params=restored["params"], opt_state=restored["opt_state"])
+        if restored["data"] is not None:
+            data_iter.set_state(restored["data"])
+        print0(f"resumed from {ckpt.directory}/{step}")
+        return step
+
+
+def open_checkpoints(stage: str, depth: int, train):
+    """The stage's Checkpointer; a run that does not resume first sets a previous run's checkpoints aside."""
+    from nanochat_jax.checkpoint import Checkpointer, checkpoint_dir, set_aside_previous_run
+
+    if not train.resume:
+        set_aside_previous_run(checkpoint_dir(stage, depth))
+    return Checkpointer(checkpoint_dir(stage, depth), keep=train.keep_checkpoints)
+
+
+def run_stage(run: TrainRun, stage: str, cfg: Config, data, next_batch: Callable[[], dict], evaluate: Callable,
+              flops_per_token: float | None = None, source_meta: dict | None = None, seed: int | None = None,
+              not_redone: tuple[str, ...] = ()) -> StepLogger:
+    """The training loop of base, mid and SFT, from step 0 (or the checkpoint --train.resume finds) to
+    run.num_iterations. At every step boundary, paused in the progress clock: the checkpoint first (every
+    train.checkpoint_every steps and at the end; a failing evaluation cannot lose the trained model), then
+    evaluate(step, last, progress), the stage's evals and samples. A SIGTERM / Ctrl-C saves and exits there.
+    data: the iterator next_batch() reads from (its get_state/set_state make the checkpointed position);
+    source_meta: the metadata of the checkpoint the stage starts from (its tokenizer is this run's); seed: the
+    data seed a resumed checkpoint must have. Returns the closed StepLogger (elapsed and train_seconds)."""
+    from nanochat_jax.checkpoint import checkpoint_meta
+
+    train, tokenizer = cfg.train, (source_meta or {}).get("tokenizer")
+    ckpt = open_checkpoints(stage, run.model_cfg.depth, train)
+    start = run.resume(ckpt, data, tokenizer, seed) if train.resume else 0
+    if is_main_process():  # after a resume succeeded: a refused one leaves the run's config.toml as it was
+        (ckpt.directory / "config.toml").write_text(to_toml(cfg))
+    data_state = data.get_state()  # the iterator state from which the batch of step `start` comes
+    batch = next_batch()
+    info = device_info()
+    progress = StepLogger(stage, run.num_iterations, start, flops_per_token=flops_per_token,
+                          peak_flops=peak_flops_per_device(compute_dtype=run.model_cfg.compute_dtype), num_devices=info["num_devices"], append=train.resume,
+                          not_redone=not_redone)
+    tokens, stop = 0, StopSignal()
+    for step in range(start, run.num_iterations + 1):
+        last = step == run.num_iterations
+        with progress.paused():  # evals, samples and checkpoints do not count in tokens/s and MFU
+            if (step > start and (last or (train.checkpoint_every > 0 and step % train.checkpoint_every == 0))
+                    or (stop.requested and ckpt.latest_step() != step)):
+                run.save(ckpt, step, data_state, checkpoint_meta(stage, step, cfg, run.model_cfg, tokenizer), wait=last)
+            if stop.requested:
+                progress.close()
+                stop.exit(ckpt, step)
+            evaluate(step, last, progress)
+        if last:
+            break
+        metrics = run.step(batch)
+        data_state = data.get_state()  # before fetching: the batch of step+1 comes from here
+        tokens += batch["inputs"].size
+        batch = next_batch()  # overlaps the device's step
+        if (step + 1) % train.log_every == 0 or step + 1 == run.num_iterations:
+            m = jax.device_get(metrics)  # the one host sync of the loop
+            progress.log(step + 1, m["loss"], tokens, grad_norm=m["grad_norm"], lr_multiplier=m["lr_multiplier"],
+                         num_tokens=m["num_tokens"])
+            tokens = 0
+    stop.close()
+    progress.close()
+    ckpt.close()
+    return progress

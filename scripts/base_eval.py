@@ -10,16 +10,16 @@ the checkpoint; [mesh] sets the devices.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 
-from nanochat_jax.checkpoint import CheckpointError, load_model
-from nanochat_jax.common import artifacts_dir, init_distributed, is_main_process, print0, run_script
+from nanochat_jax.checkpoint import load_model
+from nanochat_jax.common import print0, run_script
 from nanochat_jax.config import load_config, to_toml
-from nanochat_jax.core_eval import (EVAL_BUNDLE_URL, BundleError, batch_rows, ensure_bundle, evaluate_core,
-                                    make_scorer)
-from nanochat_jax.sharding import eval_mesh
+from nanochat_jax.core_eval import EVAL_BUNDLE_URL, ensure_bundle, evaluate_core, make_scorer
+from nanochat_jax.distributed import eval_mesh, init_distributed
+from nanochat_jax.progress import save_summary
+from nanochat_jax.sharding import batch_shards
 
 
 ALIASES = {"bundle_dir": "bundle_dir", "bundle_url": "bundle_url", "max_per_task": "max_per_task",
@@ -47,31 +47,21 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = load_config(rest)
     print0(to_toml(cfg.eval))
     ev = cfg.eval
-    try:
-        bundle = ensure_bundle(ev.bundle_dir or None, ev.bundle_url or EVAL_BUNDLE_URL)
-    except BundleError as e:
-        print(f"base_eval: {e}", file=sys.stderr)
-        raise SystemExit(1) from None
+    bundle = ensure_bundle(ev.bundle_dir or None, ev.bundle_url or EVAL_BUNDLE_URL)
     mesh = eval_mesh(cfg.mesh)
-    try:
-        model, tokenizer, meta = load_model("base", step=args.step, depth=args.depth, mesh=mesh)
-    except CheckpointError as e:
-        print(f"base_eval: {e}", file=sys.stderr)
-        raise SystemExit(1) from None
+    model, tokenizer, meta = load_model("base", step=args.step, depth=args.depth, mesh=mesh)
     print0(f"base model: step {meta['step']} | depth {meta['model']['depth']} | mesh {dict(mesh.shape)} | "
            f"bundle {bundle}")
     t0 = time.perf_counter()
     out = evaluate_core(make_scorer(model, mesh), tokenizer, bundle, ev.max_per_task, ev.max_seq_len or None,
-                        ev.batch_tokens, batch_rows(mesh), log=print0)
+                        ev.batch_tokens, batch_shards(mesh), log=print0)
     out.update(step=meta["step"], depth=meta["model"]["depth"], max_per_task=ev.max_per_task,
                wall_time_s=time.perf_counter() - t0)
     print0(f"{'Task':<35} {'Accuracy':>10} {'Centered':>10}")
     for label, acc in out["results"].items():
         print0(f"{label:<35} {acc:>10.4f} {out['centered_results'][label]:>10.4f}")
     print0(f"{'CORE':<35} {'':>10} {out['core_metric']:>10.4f}")
-    if is_main_process():
-        (artifacts_dir("report") / "base_eval.json").write_text(json.dumps(out, indent=2))
-    return out
+    return save_summary("base_eval", out)
 
 
 if __name__ == "__main__":

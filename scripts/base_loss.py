@@ -8,16 +8,16 @@ Loads the latest base checkpoint (of --model.depth if it exists, else the latest
 
 from __future__ import annotations
 
-import json
-
 import jax.numpy as jnp
 from flax import nnx
 
 from nanochat_jax.checkpoint import depth_or_latest, load_model
-from nanochat_jax.common import artifacts_dir, init_distributed, is_main_process, print0, run_script
+from nanochat_jax.common import print0, run_script
 from nanochat_jax.config import load_config, to_toml
+from nanochat_jax.distributed import init_distributed
 from nanochat_jax.evaluation import make_bpb_step, sample_texts, split_bpb
-from nanochat_jax.sharding import make_mesh
+from nanochat_jax.progress import save_summary
+from nanochat_jax.sharding import batch_shards, make_mesh
 from nanochat_jax.tokenizer import token_bytes
 
 
@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> dict:
     cfg.model = type(cfg.model)(**meta["model"])
     graphdef, params = nnx.split(model, nnx.Param)
     params = nnx.to_pure_dict(params)
-    rows = cfg.train.device_batch_size * mesh.shape["data"] * mesh.shape["fsdp"]
+    rows = cfg.train.device_batch_size * batch_shards(mesh)
     bpb_step, tb = make_bpb_step(graphdef), jnp.asarray(token_bytes(tokenizer))
     results = {"step": meta["step"]}
     for split in ("train", "val"):
@@ -39,9 +39,7 @@ def main(argv: list[str] | None = None) -> dict:
     results["samples"] = sample_texts(graphdef, params, tokenizer)
     for text in results["samples"]:
         print0(f"  sample: {text!r}")
-    if is_main_process():
-        (artifacts_dir("report") / "base_loss.json").write_text(json.dumps(results, indent=2))
-    return results
+    return save_summary("base_loss", results)
 
 
 if __name__ == "__main__":

@@ -11,18 +11,18 @@ the checkpoint; [mesh] sets the devices.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 
 from nanochat_jax.chat_eval import (CHAT_TASKS, KNOWN_TASKS, chatcore, load_task, make_answer_logits,
                                     run_categorical_eval, run_generative_eval)
-from nanochat_jax.checkpoint import CheckpointError, load_model
-from nanochat_jax.common import artifacts_dir, init_distributed, is_main_process, print0, run_script
+from nanochat_jax.checkpoint import load_model
+from nanochat_jax.common import print0, run_script
 from nanochat_jax.config import ConfigError, load_config, to_dict, to_toml
-from nanochat_jax.core_eval import batch_rows
+from nanochat_jax.distributed import eval_mesh, init_distributed
 from nanochat_jax.engine import Engine
-from nanochat_jax.sharding import eval_mesh
+from nanochat_jax.progress import save_summary
+from nanochat_jax.sharding import batch_shards
 from nanochat_jax.tasks import TaskDataError
 
 
@@ -67,14 +67,10 @@ def main(argv: list[str] | None = None) -> dict:
     print0(to_toml(cfg.eval))
     ev, names = cfg.eval, task_names(cfg.eval.tasks)
     mesh = eval_mesh(cfg.mesh)
-    try:
-        model, tokenizer, meta = load_model(args.source, step=args.step, depth=args.depth, mesh=mesh)
-    except CheckpointError as e:
-        print(f"chat_eval: {e}", file=sys.stderr)
-        raise SystemExit(1) from None
+    model, tokenizer, meta = load_model(args.source, step=args.step, depth=args.depth, mesh=mesh)
     print0(f"{args.source} model: step {meta['step']} | depth {meta['model']['depth']} | mesh {dict(mesh.shape)}")
     engine = Engine(model, tokenizer, mesh=mesh)
-    rows = batch_rows(mesh)
+    rows = batch_shards(mesh)
     batch_size = -(-ev.batch_size // rows) * rows
     max_problems = ev.max_problems or None
     answer_logits = None
@@ -101,9 +97,7 @@ def main(argv: list[str] | None = None) -> dict:
         print0(f"ChatCORE: {score:.4f}")
     out = {"source": args.source, "step": meta["step"], "eval": to_dict(ev), "results": results, "counts": counts,
            "unavailable": unavailable, "ChatCORE": score, "wall_time_s": time.perf_counter() - t0}
-    if is_main_process():
-        (artifacts_dir("report") / f"chat_eval_{args.source}.json").write_text(json.dumps(out, indent=2))
-    return out
+    return save_summary(f"chat_eval_{args.source}", out)
 
 
 if __name__ == "__main__":

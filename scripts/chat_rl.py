@@ -16,25 +16,24 @@ from the latest checkpoint exactly: a step's questions and sampling seeds depend
 
 from __future__ import annotations
 
-import json
-import sys
 import time
 
 import jax
 import numpy as np
 from flax import nnx
 
-from nanochat_jax.checkpoint import Checkpointer, CheckpointError, checkpoint_dir
-from nanochat_jax.common import artifacts_dir, device_info, init_distributed, is_main_process, print0, run_script
+from nanochat_jax.checkpoint import checkpoint_meta
+from nanochat_jax.common import device_info, print0, run_script
 from nanochat_jax.config import load_config, to_toml
-from nanochat_jax.core_eval import sum_over_processes
+from nanochat_jax.distributed import (eval_mesh, init_distributed, max_over_processes, replicated_on,
+                                      sum_over_processes)
 from nanochat_jax.engine import Engine, bucket
-from nanochat_jax.finetune import load_source, stage_meta, stage_optim
-from nanochat_jax.progress import StepLogger
+from nanochat_jax.finetune import load_source, stage_optim
+from nanochat_jax.progress import StepLogger, save_summary
 from nanochat_jax.rl import group_advantages, micro_batches, pass_at_k, pg_objective, rl_batch, rollout
-from nanochat_jax.sharding import eval_mesh, make_mesh, replicated_on
+from nanochat_jax.sharding import batch_shards, make_mesh
 from nanochat_jax.tasks import TaskDataError
-from nanochat_jax.train import StopSignal, global_batch, init_train_state, make_train_step, resume_latest
+from nanochat_jax.train import StopSignal, TrainRun, global_batch, open_checkpoints
 
 
 CPU_TRAIN_SIZE, CPU_TEST_SIZE = 8000, 1000  # generated word problems for task "cpu" (GSM8K train has 7473)
@@ -55,136 +54,122 @@ def seed_for(*parts: int) -> int:
     return int(np.random.SeedSequence(list(parts)).generate_state(1)[0]) & 0x3FFFFFFF
 
 
-def max_over_processes(value: int) -> int:
-    if jax.process_count() == 1:
-        return value
-    from jax.experimental import multihost_utils
+def step_shape(rl, mesh, num_questions: int) -> tuple[int, int]:
+    """(rows per micro-batch on this process, steps): rl.examples_per_step questions split over the processes."""
+    nproc = jax.process_count()
+    if rl.examples_per_step % nproc:
+        raise SystemExit(f"chat_rl: rl.examples_per_step={rl.examples_per_step} must be a multiple of the "
+                         f"{nproc} processes")
+    rows_local = rl.device_batch_size * batch_shards(mesh) // nproc
+    num_iterations = rl.num_iterations if rl.num_iterations > 0 else \
+        max(1, num_questions // rl.examples_per_step * rl.num_epochs)
+    print0(f"{rl.examples_per_step} questions x {rl.num_samples} samples per step | "
+           f"{-(-rl.examples_per_step // nproc * rl.num_samples // rows_local)} micro-batches of "
+           f"{rows_local * nproc} rows | {num_iterations} steps")
+    return rows_local, num_iterations
 
-    return int(np.max(multihost_utils.process_allgather(np.array([value]))))
+
+def policy(run: TrainRun, tokenizer, gen_mesh) -> Engine:
+    """The current parameters as an Engine on this process's sampling mesh."""
+    return Engine(nnx.merge(run.graphdef, replicated_on(run.params, gen_mesh)), tokenizer, mesh=gen_mesh)
+
+
+def evaluate(rl, seed: int, engine: Engine, tokenizer, test_task, step: int, rows_local: int, logger) -> dict:
+    """pass@k, k = 1 .. device_batch_size, on rl.eval_examples test questions (split over processes), and the
+    first two completions as "question -> completion"."""
+    nproc, pid = jax.process_count(), jax.process_index()
+    indices = range(pid, min(rl.eval_examples, len(test_task)), nproc)
+    sequences, _, rewards = rollout(engine, tokenizer, test_task, indices, rl.device_batch_size, rl.max_new_tokens,
+                                    1.0, rl.top_k, seed_for(seed, step, pid, 1), max_rows=rows_local)
+    counts = sum_over_processes(np.concatenate([pass_at_k(rewards), [len(rewards)]]).astype(np.int64))
+    passk = {f"pass@{k + 1}": float(c) / max(1, counts[-1]) for k, c in enumerate(counts[:-1])}
+    logger.eval({"step": step, **passk}, f"step {step:5d} | " + ", ".join(f"{k} {v:.4f}" for k, v in passk.items()))
+    samples = []
+    for j, sequence in enumerate(sequences[:2]):
+        conversation = test_task[indices[j // rl.device_batch_size]]
+        prompt_len = len(tokenizer.render_for_completion(conversation))
+        samples.append(f"{conversation['messages'][0]['content']} -> {tokenizer.decode(sequence[prompt_len:])}")
+    return {"passk": passk, "samples": samples}
+
+
+def train_step(rl, seed: int, run: TrainRun, engine: Engine, tokenizer, train_task, step: int, rows_local: int) -> dict:
+    """One step: sample num_samples completions of this process's examples_per_step / processes questions,
+    reward them, one optimizer step on the policy-gradient loss. Returns what the log records."""
+    nproc, pid = jax.process_count(), jax.process_index()
+    t0 = time.perf_counter()
+    first = step * rl.examples_per_step + pid
+    indices = [(first + j * nproc) % len(train_task) for j in range(rl.examples_per_step // nproc)]
+    sequences, masks, rewards = rollout(engine, tokenizer, train_task, indices, rl.num_samples, rl.max_new_tokens,
+                                        rl.temperature, rl.top_k, seed_for(seed, step, pid), max_rows=rows_local)
+    pad_id = tokenizer.encode_special("<|assistant_end|>")  # never a target: only fills rows
+    seq_len = bucket(max_over_processes(max(len(s) for s in sequences)) - 1)
+    batch = rl_batch(sequences, masks, group_advantages(rewards), pad_id, seq_len)
+    t1 = time.perf_counter()
+    m = jax.device_get(run.step(global_batch(micro_batches(batch, rows_local, pad_id), run.mesh)))
+    t2 = time.perf_counter()
+    reward, length, tokens = sum_over_processes(
+        np.array([rewards.sum(), sum(map(len, sequences)), (batch["targets"] >= 0).sum()], np.float64))
+    rows = rl.examples_per_step * rl.num_samples
+    return {"loss": m["loss"], "tokens": int(length), "reward": reward / rows, "seq_len": length / rows,
+            "sampled_tokens": tokens, "lr_multiplier": m["lr_multiplier"], "grad_norm": m["grad_norm"],
+            "rollout_s": t1 - t0, "train_s": t2 - t1}
 
 
 def main(argv: list[str] | None = None) -> dict:
     init_distributed()  # multi-host: before anything touches the devices
     cfg = load_config(argv)
-    rl = cfg.rl
+    rl, seed = cfg.rl, cfg.train.seed
     print0(to_toml(cfg))
     mesh = make_mesh(cfg.mesh)
+    params, tokenizer, model_cfg, meta = load_source(rl.source, cfg, mesh)
     try:
-        params, tokenizer, model_cfg, meta = load_source(rl.source, cfg, mesh)
         train_task, test_task = load_tasks(rl.task)
-    except CheckpointError as e:
-        print(f"chat_rl: {e}", file=sys.stderr)
-        raise SystemExit(1) from None
     except TaskDataError as e:
-        print(f"chat_rl: {e} (--rl.task=cpu needs no download)", file=sys.stderr)
-        raise SystemExit(1) from None
-    nproc, pid = jax.process_count(), jax.process_index()
-    if rl.examples_per_step % nproc:
-        raise SystemExit(f"chat_rl: rl.examples_per_step={rl.examples_per_step} must be a multiple of the "
-                         f"{nproc} processes")
-    examples_local = rl.examples_per_step // nproc
-    rows_local = rl.device_batch_size * mesh.shape["data"] * mesh.shape["fsdp"] // nproc  # rows per micro-batch
-    num_iterations = rl.num_iterations if rl.num_iterations > 0 else \
-        max(1, len(train_task) // rl.examples_per_step * rl.num_epochs)
-    micro_steps = -(-examples_local * rl.num_samples // rows_local)
+        raise TaskDataError(f"{e} (--rl.task=cpu needs no download)") from None
     print0(f"{rl.source} model: step {meta['step']} | depth {model_cfg.depth} | mesh {dict(mesh.shape)} | task "
            f"{rl.task}: {len(train_task)} train / {len(test_task)} test questions")
-    print0(f"{rl.examples_per_step} questions x {rl.num_samples} samples per step | {micro_steps} micro-batches "
-           f"of {rows_local * nproc} rows | {num_iterations} steps")
-
+    rows_local, num_iterations = step_shape(rl, mesh, len(train_task))
     # nanochat's RL: [optim] learning rates x init_lr_frac, linear decay to 0, no Muon momentum warm-up
     optim_cfg = stage_optim(cfg.optim, rl.init_lr_frac, warmup_ratio=0.0, warmdown_ratio=1.0, final_lr_frac=0.0,
                             muon_momentum_start=cfg.optim.muon_momentum, grad_clip=rl.grad_clip)
-    graphdef, optimizer, state, shardings = init_train_state(model_cfg, optim_cfg, num_iterations, mesh,
-                                                             cfg.train.seed, params=params)
+    run = TrainRun(model_cfg, optim_cfg, num_iterations, mesh, seed, params=params, objective=pg_objective)
     del params
-    train_step = make_train_step(graphdef, optimizer, shardings, mesh, num_iterations, optim_cfg,
-                                 objective=pg_objective)
-    pad_id = tokenizer.encode_special("<|assistant_end|>")  # never a target: only fills rows
-    # each process samples from its own questions: with several processes, on a mesh of its local devices
-    gen_mesh = eval_mesh(cfg.mesh)
+    gen_mesh = eval_mesh(cfg.mesh)  # each process samples its own questions, on a mesh of its local devices
+    ckpt = open_checkpoints("rl", model_cfg.depth, cfg.train)
+    start = run.resume(ckpt, None, meta.get("tokenizer"), seed=seed) if cfg.train.resume else 0  # (seeds the rollouts)
 
-    def policy() -> Engine:
-        return Engine(nnx.merge(graphdef, replicated_on(state.params, gen_mesh)), tokenizer, mesh=gen_mesh)
-
-    def evaluate(step: int) -> dict:
-        indices = range(pid, min(rl.eval_examples, len(test_task)), nproc)
-        sequences, _, rewards = rollout(policy(), tokenizer, test_task, indices, rl.device_batch_size,
-                                        rl.max_new_tokens, 1.0, rl.top_k, seed_for(cfg.train.seed, step, pid, 1),
-                                        max_rows=rows_local)
-        counts = sum_over_processes(np.concatenate([pass_at_k(rewards), [len(rewards)]]).astype(np.int64))
-        passk = {f"pass@{k + 1}": float(c) / max(1, counts[-1]) for k, c in enumerate(counts[:-1])}
-        logger.eval({"step": step, **passk}, f"step {step:5d} | " + ", ".join(f"{k} {v:.4f}" for k, v in passk.items()))
-        samples = []  # the first two completions, as "question -> completion"
-        for j, sequence in enumerate(sequences[:2]):
-            conversation = test_task[indices[j // rl.device_batch_size]]
-            prompt_len = len(tokenizer.render_for_completion(conversation))
-            samples.append(f"{conversation['messages'][0]['content']} -> {tokenizer.decode(sequence[prompt_len:])}")
-        return {"passk": passk, "samples": samples}
-
-    out_dir = checkpoint_dir("rl", model_cfg.depth)
-    ckpt = Checkpointer(out_dir, keep=cfg.train.keep_checkpoints, fresh=not cfg.train.resume)
-    start = 0
-    if cfg.train.resume:
-        state, start = resume_latest(ckpt, state, shardings, None, num_iterations, model_cfg, meta.get("tokenizer"),
-                                     seed=cfg.train.seed)  # the rollouts' sampling seeds derive from it
-
-    def save(step: int) -> None:  # the last one is on disk before the final evaluation starts
-        ckpt.save(step, state.params, state.opt_state, None,
-                  stage_meta("rl", step, cfg, model_cfg, meta, source=rl.source), wait=step == num_iterations)
-
-    info = device_info()
     logger = StepLogger("rl", num_iterations, start, append=cfg.train.resume)
     rewards_per_step = [r["reward"] for r in logger.kept if "reward" in r]  # (process 0's log: for the summary)
     stop = StopSignal()
     for step in range(start, num_iterations):
         if rl.eval_every > 0 and step % rl.eval_every == 0:
             with logger.paused():  # not counted in tokens/s
-                evaluate(step)
-        t0 = time.perf_counter()
-        first = step * rl.examples_per_step + pid
-        indices = [(first + j * nproc) % len(train_task) for j in range(examples_local)]
-        sequences, masks, rewards = rollout(policy(), tokenizer, train_task, indices, rl.num_samples,
-                                            rl.max_new_tokens, rl.temperature, rl.top_k,
-                                            seed_for(cfg.train.seed, step, pid), max_rows=rows_local)
-        seq_len = bucket(max_over_processes(max(len(s) for s in sequences)) - 1)
-        batch = rl_batch(sequences, masks, group_advantages(rewards), pad_id, seq_len)
-        t1 = time.perf_counter()
-        state, metrics = train_step(state, global_batch(micro_batches(batch, rows_local, pad_id), mesh))
-        m = jax.device_get(metrics)
-        t2 = time.perf_counter()
-        reward, length, tokens = sum_over_processes(
-            np.array([rewards.sum(), sum(map(len, sequences)), (batch["targets"] >= 0).sum()], np.float64))
-        rows = rl.examples_per_step * rl.num_samples
-        rewards_per_step.append(reward / rows)
-        logger.log(step + 1, m["loss"], int(length), reward=reward / rows, seq_len=length / rows,
-                   sampled_tokens=tokens, lr_multiplier=m["lr_multiplier"], grad_norm=m["grad_norm"],
-                   rollout_s=t1 - t0, train_s=t2 - t1)
+                evaluate(rl, seed, policy(run, tokenizer, gen_mesh), tokenizer, test_task, step, rows_local, logger)
+        record = train_step(rl, seed, run, policy(run, tokenizer, gen_mesh), tokenizer, train_task, step, rows_local)
+        rewards_per_step.append(record["reward"])
+        logger.log(step + 1, record.pop("loss"), record.pop("tokens"), **record)
         if step + 1 == num_iterations or (rl.save_every > 0 and (step + 1) % rl.save_every == 0) or stop.requested:
-            with logger.paused():
-                save(step + 1)
+            with logger.paused():  # the last one is on disk before the final evaluation starts
+                run.save(ckpt, step + 1, None, checkpoint_meta("rl", step + 1, cfg, model_cfg, meta.get("tokenizer"), source=rl.source),
+                         wait=step + 1 == num_iterations)
         if stop.requested:
             logger.close()
             stop.exit(ckpt, step + 1)
     stop.close()
-    evals = evaluate(num_iterations)
+    evals = evaluate(rl, seed, policy(run, tokenizer, gen_mesh), tokenizer, test_task, num_iterations, rows_local, logger)
     logger.close()
     ckpt.close()
-    wall = logger.elapsed
     # (a process other than 0 has no earlier sessions' rewards; only process 0 writes the summary)
     rewards_per_step = rewards_per_step or [float("nan")]
     tail = rewards_per_step[-max(1, len(rewards_per_step) // 10):]
-    summary = {
+    summary = save_summary("rl_train", {
         "stage": "rl", "run": cfg.run, "source": rl.source, "source_step": meta["step"], "task": rl.task,
         "steps": num_iterations, "examples_per_step": rl.examples_per_step, "num_samples": rl.num_samples,
         "reward_first_step": rewards_per_step[0], "reward_last_10pct": float(np.mean(tail)), **evals["passk"],
-        "wall_time_s": wall, "device": info, "mesh": dict(mesh.shape), "samples": evals["samples"],
-        "checkpoint": str(out_dir / str(num_iterations)),
-    }
-    if is_main_process():
-        (artifacts_dir("report") / "rl_train.json").write_text(json.dumps(summary, indent=2))
+        "wall_time_s": logger.elapsed, "device": device_info(), "mesh": dict(mesh.shape), "samples": evals["samples"],
+        "checkpoint": str(ckpt.directory / str(num_iterations))})
     k = rl.device_batch_size
-    print0(f"done: {num_iterations} steps in {wall / 60:.1f} min | reward {rewards_per_step[0]:.3f} -> "
+    print0(f"done: {num_iterations} steps in {logger.elapsed / 60:.1f} min | reward {rewards_per_step[0]:.3f} -> "
            f"{summary['reward_last_10pct']:.3f} | pass@1 {summary['pass@1']:.4f} | pass@{k} {summary[f'pass@{k}']:.4f}")
     return summary
 

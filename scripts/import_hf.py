@@ -13,7 +13,6 @@ no optimizer state. Refuses to write into a run directory that already holds che
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 from pathlib import Path
 
@@ -35,11 +34,11 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import jax
 
-    from nanochat_jax.checkpoint import Checkpointer, checkpoint_dir
+    from nanochat_jax.checkpoint import Checkpointer, checkpoint_dir, checkpoint_meta, set_aside_previous_run
     from nanochat_jax.common import artifacts_dir
-    from nanochat_jax.config import Config, to_dict
+    from nanochat_jax.config import Config
     from nanochat_jax.hf import import_hf
-    from nanochat_jax.tokenizer import save_token_bytes, tokenizer_fingerprint, tokenizer_record
+    from nanochat_jax.tokenizer import save_token_bytes, tokenizer_record
 
     try:
         cfg, params, tokenizer = import_hf(args.folder, compute_dtype=args.compute_dtype)
@@ -55,13 +54,13 @@ def main(argv=None) -> int:
     tok_dir = artifacts_dir("imported", f"{args.stage}_d{cfg.depth}", "tokenizer")
     tokenizer.save(tok_dir)
     save_token_bytes(tokenizer, tok_dir)
-    meta = {"step": args.step, "stage": args.stage, "config": to_dict(Config(model=cfg)),
-            "model": dataclasses.asdict(cfg), "tokenizer": tokenizer_record(tok_dir),
-            "tokenizer_fingerprint": tokenizer_fingerprint(tok_dir),
-            "imported_from": str(Path(args.folder).absolute())}
+    meta = checkpoint_meta(args.stage, args.step, Config(model=cfg), cfg, tokenizer_record(tok_dir),
+                           imported_from=str(Path(args.folder).absolute()))
     # --force: the checkpoints there are set aside to <directory>.previous (their tokenizer is replaced below, and
     # the fingerprint in their metadata then refuses to load them with it)
-    ckpt = Checkpointer(directory, keep=2, async_save=False, fresh=args.force)
+    if args.force:
+        set_aside_previous_run(directory)
+    ckpt = Checkpointer(directory, keep=2, async_save=False)
     ckpt.save(args.step, params, None, None, meta)  # no optimizer state: loads, cannot resume
     ckpt.close()
     n_params = sum(leaf.size for leaf in jax.tree.leaves(params))

@@ -11,27 +11,25 @@ Writes <home>/checkpoints/mid/d<depth>/ and <home>/report/mid_train.{jsonl,json}
 
 from __future__ import annotations
 
-import json
 import math
 
-import jax
 import jax.numpy as jnp
 
 from nanochat_jax.chat_data import PackedConversations, mean_tokens_per_conversation
-from nanochat_jax.checkpoint import Checkpointer, checkpoint_dir
-from nanochat_jax.common import (artifacts_dir, device_info, init_distributed, is_main_process,
-                                 peak_flops_per_device, print0, run_script)
-from nanochat_jax.config import ConfigError, load_config, to_toml
+from nanochat_jax.checkpoint import checkpoint_dir
+from nanochat_jax.common import device_info, peak_flops_per_device, print0, run_script
+from nanochat_jax.config import load_config, to_toml
+from nanochat_jax.distributed import init_distributed
 from nanochat_jax.evaluation import evaluate_bpb, make_bpb_step
-from nanochat_jax.finetune import chat_samples, load_source, stage_meta, stage_optim
+from nanochat_jax.finetune import chat_samples, load_source, stage_optim
 from nanochat_jax.model import flops_per_token, num_params
-from nanochat_jax.progress import StepLogger, mfu
+from nanochat_jax.progress import mfu, save_summary
 from nanochat_jax.sharding import make_mesh
 from nanochat_jax.tasks.mixtures import mid_mixture
 from nanochat_jax.tokenizer import token_bytes
-from nanochat_jax.train import StopSignal, global_batch, init_train_state, make_train_step, resume_latest
+from nanochat_jax.train import TrainRun, global_batch, rows_and_accum, run_stage
 
-WARMDOWN_RATIO = 0.2  # nanochat since b8076dd: constant, then linear decay to 0 over the last 20% (3a5e0bc ramped up)
+WARMDOWN_RATIO = 0.2  # nanochat's mid-training: constant, then linear decay to 0 over the last 20% of the steps
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -41,11 +39,8 @@ def main(argv: list[str] | None = None) -> dict:
     mesh = make_mesh(cfg.mesh)
     params, tokenizer, model_cfg, source_meta = load_source(cfg.mid.source, cfg, mesh)
     seq_len = model_cfg.sequence_len
-    rows = cfg.mid.device_batch_size * mesh.shape["data"] * mesh.shape["fsdp"]
-    if cfg.mid.total_batch_size % (rows * seq_len):
-        raise ConfigError(f"mid.total_batch_size={cfg.mid.total_batch_size} is not a multiple of the tokens per "
-                          f"micro-batch {rows * seq_len} (= {rows} rows x sequence_len {seq_len})")
-    accum = cfg.mid.total_batch_size // (rows * seq_len)
+    rows, accum = rows_and_accum(cfg.mid.device_batch_size, cfg.mid.total_batch_size, seq_len, mesh,
+                                 "mid.total_batch_size")
     train_task, val_task = mid_mixture(cfg.mid.mixture, "train"), mid_mixture(cfg.mid.mixture, "val")
     if cfg.mid.num_iterations > 0:
         num_iterations = cfg.mid.num_iterations
@@ -56,85 +51,45 @@ def main(argv: list[str] | None = None) -> dict:
     optim = stage_optim(cfg.optim, cfg.mid.init_lr_frac, warmup_ratio=0.0, warmdown_ratio=WARMDOWN_RATIO,
                         final_lr_frac=0.0, grad_clip=cfg.mid.grad_clip)
     n_params, flops = num_params(model_cfg), flops_per_token(model_cfg)
-    info = device_info()
     print0(f"mid mixture '{cfg.mid.mixture}': {len(train_task):,} train / {len(val_task):,} val conversations | "
            f"{rows} rows x {seq_len} tokens x {accum} micro-steps = {cfg.mid.total_batch_size:,} tokens/step | "
            f"{num_iterations} steps | params {n_params:,}")
 
-    graphdef, optimizer, state, shardings = init_train_state(model_cfg, optim, num_iterations, mesh, cfg.train.seed,
-                                                             params=params)
+    run = TrainRun(model_cfg, optim, num_iterations, mesh, cfg.train.seed, params=params)
     del params
-    train_step = make_train_step(graphdef, optimizer, shardings, mesh, num_iterations, optim)
-    bpb_step = make_bpb_step(graphdef)
-    tb = jnp.asarray(token_bytes(tokenizer))
+    bpb_step, tb = make_bpb_step(run.graphdef), jnp.asarray(token_bytes(tokenizer))
     val_iter = PackedConversations(val_task, tokenizer, rows, seq_len)
-    val_batches = []
-    for _ in range(max(1, cfg.mid.eval_tokens // (rows * seq_len))):
-        batch = global_batch([next(val_iter)], mesh)
-        val_batches.append((batch["inputs"][0], batch["targets"][0]))
+    val_batches = [global_batch([next(val_iter)], mesh) for _ in range(max(1, cfg.mid.eval_tokens // (rows * seq_len)))]
+    val_batches = [(b["inputs"][0], b["targets"][0]) for b in val_batches]
+    latest = {"val_bpb": None, "min_val_bpb": float("inf")}
+
+    def evaluate(step: int, last: bool, progress) -> None:
+        if step == progress.start:  # nanochat's report line: the best over the whole run
+            latest["min_val_bpb"] = min((r["val_bpb"] for r in progress.kept if "val_bpb" in r), default=float("inf"))
+        if last or (cfg.mid.eval_every > 0 and step % cfg.mid.eval_every == 0):
+            val_bpb = latest["val_bpb"] = evaluate_bpb(bpb_step, run.params, val_batches, tb)
+            latest["min_val_bpb"] = min(latest["min_val_bpb"], val_bpb)
+            progress.eval({"step": step, "val_bpb": val_bpb}, f"step {step:5d} | val bpb {val_bpb:.4f}")
+
     train_iter = PackedConversations(train_task, tokenizer, rows, seq_len)
-    out_dir = checkpoint_dir("mid", model_cfg.depth)
-    ckpt = Checkpointer(out_dir, keep=cfg.train.keep_checkpoints, fresh=not cfg.train.resume)
+    progress = run_stage(run, "mid", cfg, train_iter, lambda: global_batch([next(train_iter) for _ in range(accum)], mesh),
+                         evaluate, flops, source_meta)
 
-    start = 0
-    if cfg.train.resume:
-        state, start = resume_latest(ckpt, state, shardings, train_iter, num_iterations, model_cfg,
-                                     source_meta.get("tokenizer"))
-
-    peak = peak_flops_per_device(compute_dtype=model_cfg.compute_dtype)
-    data_state = train_iter.get_state()
-    batch = global_batch([next(train_iter) for _ in range(accum)], mesh)
-    progress = StepLogger("mid", num_iterations, start, flops_per_token=flops, peak_flops=peak,
-                          num_devices=info["num_devices"], append=cfg.train.resume)
-    val_bpb = None
-    min_val_bpb = min((r["val_bpb"] for r in progress.kept if "val_bpb" in r), default=float("inf"))
-    tokens_since = 0
-    stop = StopSignal()
-    for step in range(start, num_iterations + 1):
-        last = step == num_iterations
-        with progress.paused():  # evals, samples and checkpoints do not count in tokens/s and MFU
-            if (step > start and (last or (cfg.train.checkpoint_every > 0 and step % cfg.train.checkpoint_every == 0))
-                    or (stop.requested and ckpt.latest_step() != step)):
-                ckpt.save(step, state.params, state.opt_state, data_state,  # before the evaluation (base_train.py)
-                          stage_meta("mid", step, cfg, model_cfg, source_meta), wait=last)
-            if stop.requested:
-                progress.close()
-                stop.exit(ckpt, step)
-            if last or (cfg.mid.eval_every > 0 and step % cfg.mid.eval_every == 0):
-                val_bpb = evaluate_bpb(bpb_step, state.params, val_batches, tb)
-                min_val_bpb = min(min_val_bpb, val_bpb)  # nanochat's report line
-                progress.eval({"step": step, "val_bpb": val_bpb}, f"step {step:5d} | val bpb {val_bpb:.4f}")
-        if last:
-            break
-        state, metrics = train_step(state, batch)
-        data_state = train_iter.get_state()
-        batch = global_batch([next(train_iter) for _ in range(accum)], mesh)
-        tokens_since += cfg.mid.total_batch_size
-        if (step + 1) % cfg.train.log_every == 0 or step + 1 == num_iterations:
-            m = jax.device_get(metrics)
-            progress.log(step + 1, m["loss"], tokens_since, grad_norm=m["grad_norm"],
-                         lr_multiplier=m["lr_multiplier"])
-            tokens_since = 0
-    stop.close()
-    progress.close()
-    ckpt.close()
-    wall, train_seconds = progress.elapsed, progress.train_seconds  # the run's; this session's without evals
-    samples = chat_samples(graphdef, state.params, tokenizer)
+    samples = chat_samples(run.graphdef, run.params, tokenizer)
     for s in samples:
         print0(f"  sample: {s!r}")
-    tokens_per_sec = (num_iterations - start) * cfg.mid.total_batch_size / train_seconds
-    summary = {
+    info = device_info()
+    tokens_per_sec = (num_iterations - progress.start) * cfg.mid.total_batch_size / progress.train_seconds
+    summary = save_summary("mid_train", {
         "stage": "mid", "run": cfg.run, "mixture": cfg.mid.mixture, "source": cfg.mid.source, "params": n_params,
         "steps": num_iterations, "tokens": num_iterations * cfg.mid.total_batch_size,
-        "train_conversations": len(train_task), "epochs": train_iter.progress, "wall_time_s": wall,
-        "tokens_per_sec": tokens_per_sec, "mfu": mfu(flops, tokens_per_sec, peak, info["num_devices"]),
-        "val_bpb": val_bpb, "min_val_bpb": min_val_bpb, "samples": samples, "device": info, "mesh": dict(mesh.shape),
-        "checkpoint": str(out_dir / str(num_iterations)),
-    }
-    if is_main_process():
-        (artifacts_dir("report") / "mid_train.json").write_text(json.dumps(summary, indent=2))
-    print0(f"done: {num_iterations} steps in {wall / 60:.1f} min | val bpb {val_bpb:.4f} | {tokens_per_sec:,.0f} tok/s "
-           "in this session, compilation included")
+        "train_conversations": len(train_task), "epochs": train_iter.progress, "wall_time_s": progress.elapsed,
+        "tokens_per_sec": tokens_per_sec, "mfu": mfu(flops, tokens_per_sec, peak_flops_per_device(compute_dtype=model_cfg.compute_dtype),
+                                                  info["num_devices"]),
+        **latest, "samples": samples, "device": info, "mesh": dict(mesh.shape),
+        "checkpoint": str(checkpoint_dir("mid", model_cfg.depth) / str(num_iterations))})
+    print0(f"done: {num_iterations} steps in {progress.elapsed / 60:.1f} min | val bpb {latest['val_bpb']:.4f} | "
+           f"{tokens_per_sec:,.0f} tok/s in this session, compilation included")
     return summary
 
 

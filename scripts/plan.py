@@ -24,6 +24,7 @@ from nanochat_jax.targets import TARGET_HELP, parse_target, target_devices, use_
 
 use_plan_packages()  # before JAX starts
 
+import argparse  # noqa: E402
 import dataclasses  # noqa: E402
 import hashlib  # noqa: E402
 import json  # noqa: E402
@@ -33,25 +34,18 @@ GB = 1e9
 REMATS = ("none", "dots_saveable", "block")
 
 
-def options(argv: list[str]) -> tuple[dict, list[str]]:
-    """Split the planner's own options from the config's (--config and dotted overrides)."""
-    own = {"target": None, "sweep": False, "decode-rows": "32", "prompt-len": "512", "cache-len": None,
-           "programs": "train,bpb,prefill,decode", "out": None}
-    rest, i = [], 0
-    while i < len(argv):
-        arg = argv[i]
-        key = arg[2:].split("=", 1)[0] if arg.startswith("--") else None
-        if key == "sweep":
-            own["sweep"] = True
-        elif key in own:
-            if "=" in arg:
-                own[key] = arg.split("=", 1)[1]
-            elif i + 1 < len(argv):
-                own[key], i = argv[i + 1], i + 1
-        else:
-            rest.append(arg)
-        i += 1
-    if not own["target"]:
+def options(argv: list[str]):
+    """(the planner's own options, the config's: --config and dotted overrides)."""
+    p = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    p.add_argument("--target")
+    p.add_argument("--sweep", action="store_true")
+    p.add_argument("--decode-rows", type=int, default=32)
+    p.add_argument("--prompt-len", type=int, default=512)
+    p.add_argument("--cache-len", type=int)
+    p.add_argument("--programs", default="train,bpb,prefill,decode")
+    p.add_argument("--out")
+    own, rest = p.parse_known_args(argv)
+    if not own.target:
         raise SystemExit(f"plan: --target is required ({TARGET_HELP})")
     return own, rest
 
@@ -82,6 +76,7 @@ def sweep(cfg, target, devices, folder: Path) -> None:
     until the train step fits. Answers are cached in folder/sweep_cache.json."""
     import jax
 
+    from nanochat_jax.config import ConfigError
     from nanochat_jax.model import flops_per_token
     from nanochat_jax.plan import ProgramPlan, fits, mesh_options, plan_programs, roofline
 
@@ -105,10 +100,10 @@ def sweep(cfg, target, devices, folder: Path) -> None:
                 if key in cache:
                     plan = ProgramPlan(**cache[key])
                 else:
-                    total_tokens = trial.train.total_batch_size
-                    if total_tokens % (rows * mesh.data * mesh.fsdp * cfg.model.sequence_len):
+                    try:
+                        plan = plan_programs(trial, target, devices, programs=("train",))["train"]
+                    except ConfigError:  # these rows do not divide train.total_batch_size
                         break
-                    plan = plan_programs(trial, target, devices, programs=("train",))["train"]
                     cache[key] = dataclasses.asdict(plan)
                     cache_file.write_text(json.dumps(cache))
                 ok = fits(plan, target)
@@ -165,23 +160,21 @@ def main(argv: list[str] | None = None) -> int:
     from nanochat_jax.sharding import mesh_shape
 
     own, rest = options(list(sys.argv[1:] if argv is None else argv))
-    target = parse_target(own["target"])
+    target = parse_target(own.target)
     cfg = load_config(rest)
     print(to_toml(cfg))
     devices = target_devices(target)
-    folder = Path(own["out"]) if own["out"] else artifacts_dir("plans", f"{cfg.run}_{target.name}")
+    folder = Path(own.out) if own.out else artifacts_dir("plans", f"{cfg.run}_{target.name}")
     folder.mkdir(parents=True, exist_ok=True)
     print(f"target {target.name}: {len(devices)} x {target.chip.name} ({target.topology}, {target.num_slices} "
           f"slice(s)); peak {target.chip.peak_flops / 1e12:.0f} TFLOP/s, HBM {target.chip.hbm_bandwidth / 1e12:.2f} "
           f"TB/s, memory {target.chip.memory / GB:.1f} GB per device [{target.chip.source}]")
-    if own["sweep"]:
+    if own.sweep:
         sweep(cfg, target, devices, folder)
         return 0
     start = time.time()
-    plans = plan_programs(cfg, target, devices, decode_rows=int(own["decode-rows"]),
-                          prompt_len=int(own["prompt-len"]),
-                          cache_len=int(own["cache-len"]) if own["cache-len"] else None,
-                          programs=tuple(own["programs"].split(",")))
+    plans = plan_programs(cfg, target, devices, decode_rows=own.decode_rows, prompt_len=own.prompt_len,
+                          cache_len=own.cache_len, programs=tuple(own.programs.split(",")))
     data, fsdp, tensor = mesh_shape(cfg.mesh, len(devices))
     print(f"mesh data={data} fsdp={fsdp} tensor={tensor}, "
           f"{cfg.train.device_batch_size} rows x {cfg.model.sequence_len} per device per micro-step, "

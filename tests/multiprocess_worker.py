@@ -10,7 +10,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from nanochat_jax.common import init_distributed  # noqa: E402
+from nanochat_jax.distributed import init_distributed  # noqa: E402
 
 init_distributed()
 
@@ -20,7 +20,7 @@ from jax.experimental import multihost_utils  # noqa: E402
 
 from nanochat_jax.config import MeshConfig, ModelConfig, OptimConfig  # noqa: E402
 from nanochat_jax.sharding import make_mesh  # noqa: E402
-from nanochat_jax.train import global_batch, init_train_state, make_train_step, microbatch_sharding  # noqa: E402
+from nanochat_jax.train import TrainRun, global_batch, microbatch_sharding  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -30,8 +30,7 @@ def main(data: int, fsdp: int, steps: int) -> None:
                             compute_dtype="float32")
     optim_cfg = OptimConfig(ns_dtype="float32")  # bf16 Newton-Schulz is not bit-stable across reduction orders
     mesh = make_mesh(MeshConfig(data=data, fsdp=fsdp))
-    graphdef, optimizer, state, shardings = init_train_state(model_cfg, optim_cfg, 100, mesh, seed=0)
-    step_fn = make_train_step(graphdef, optimizer, shardings, mesh, 100, optim_cfg)
+    run = TrainRun(model_cfg, optim_cfg, 100, mesh, seed=0)
 
     rows, micro = 8, 2
     rng = np.random.default_rng(0)
@@ -44,9 +43,9 @@ def main(data: int, fsdp: int, steps: int) -> None:
 
     losses = []
     for _ in range(steps):
-        state, metrics = step_fn(state, batch)
+        metrics = run.step(batch)
         losses.append(float(metrics["loss"]))
-    params = multihost_utils.process_allgather(state.params, tiled=True)
+    params = multihost_utils.process_allgather(run.params, tiled=True)
     checksum = {"/".join(map(str, path)): float(np.sum(np.asarray(x, np.float64) ** 2))
                 for path, x in jax.tree_util.tree_flatten_with_path(params)[0]}
     if jax.process_index() == 0:

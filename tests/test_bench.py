@@ -15,7 +15,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import train_step  # noqa: E402
 
-from nanochat_jax import common  # noqa: E402
+from nanochat_jax import common, distributed  # noqa: E402
 from nanochat_jax.config import ModelConfig  # noqa: E402
 from nanochat_jax.model import num_params  # noqa: E402
 
@@ -95,30 +95,30 @@ def test_init_distributed_is_a_noop_without_env(monkeypatch):
     for var in ("NANOCHAT_JAX_DISTRIBUTED", "JAX_COORDINATOR_ADDRESS", "TPU_WORKER_HOSTNAMES", "TPU_PROCESS_ADDRESSES",
                 "SLURM_STEP_NUM_TASKS", "OMPI_COMM_WORLD_SIZE"):
         monkeypatch.delenv(var, raising=False)
-    assert common.init_distributed() is False
-    assert common.init_distributed() is False
+    assert distributed.init_distributed() is False
+    assert distributed.init_distributed() is False
     assert not jax.distributed.is_initialized()
     monkeypatch.delenv("OMPI_MCA_orte_hnp_uri", raising=False)
     for var in ("SLURM_STEP_NUM_TASKS", "OMPI_COMM_WORLD_SIZE"):  # srun / mpirun of one process: single; of two: not
         monkeypatch.setenv(var, "1")
-        assert common._wants_distributed() is False
+        assert distributed._wants_distributed() is False
         monkeypatch.setenv(var, "2")
         if var == "OMPI_COMM_WORLD_SIZE":  # only the Open MPI launches that jax.distributed can read (4.x)
-            assert common._wants_distributed() is False
+            assert distributed._wants_distributed() is False
             monkeypatch.setenv("OMPI_MCA_orte_hnp_uri", "123.0;tcp://10.0.0.1:4000")
-        assert common._wants_distributed() is True
+        assert distributed._wants_distributed() is True
         monkeypatch.delenv(var)
     monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "10.0.0.2")  # a single-host TPU VM stays single-process
-    assert common._wants_distributed() is False
+    assert distributed._wants_distributed() is False
     monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "10.0.0.2,10.0.0.3")
-    assert common._wants_distributed() is True
+    assert distributed._wants_distributed() is True
     monkeypatch.setenv("NANOCHAT_JAX_DISTRIBUTED", "0")
-    assert common._wants_distributed() is False and common.init_distributed() is False
+    assert distributed._wants_distributed() is False and distributed.init_distributed() is False
     monkeypatch.setenv("NANOCHAT_JAX_DISTRIBUTED", "1")
-    assert common._wants_distributed() is True
+    assert distributed._wants_distributed() is True
     monkeypatch.setenv("JAX_NUM_PROCESSES", "two")
     with pytest.raises(ValueError, match="JAX_NUM_PROCESSES='two' must be a non-negative integer"):
-        common.init_distributed()
+        distributed.init_distributed()
     assert not jax.distributed.is_initialized()
 
 

@@ -17,7 +17,8 @@ from flax import nnx
 
 from nanochat_jax.chat_eval import (BASELINES, CHAT_TASKS, chatcore, letter_token_ids, load_task, make_answer_logits,
                                     pass_at_k, run_categorical_eval, run_generative_eval)
-from nanochat_jax.core_eval import evaluate_core, make_scorer
+from nanochat_jax.checkpoint import CheckpointError
+from nanochat_jax.core_eval import BundleError, evaluate_core, make_scorer
 from nanochat_jax.config import Config, ModelConfig, to_dict
 from nanochat_jax.model import Linear, init_model
 from nanochat_jax.tasks import ARC, MMLU, Task
@@ -199,17 +200,15 @@ def test_chat_eval_script(home, tmp_path):
     assert saved["results"] == out["results"] and saved["step"] == 3 and saved["eval"]["num_samples"] == 2
 
 
-def test_base_eval_script(home, capsys):
+def test_base_eval_script(home):
     base_eval = load_script("base_eval")
     bundle = ROOT / "tests" / "fixtures" / "core"
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(CheckpointError, match="no checkpoints for stage 'base'"):
         base_eval.main(["--bundle-dir", str(bundle)])
-    assert e.value.code == 1 and "base_eval: no checkpoints for stage 'base'" in capsys.readouterr().err
     model = save_tiny_checkpoint(home, "base")
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(BundleError) as e:
         base_eval.main(["--bundle-url", "http://127.0.0.1:9/eval_bundle.zip"])
-    assert e.value.code == 1
-    err = capsys.readouterr().err.strip()
+    err = str(e.value).strip()
     assert len(err.splitlines()) == 1 and "http://127.0.0.1:9/eval_bundle.zip" in err and "--bundle-dir" in err
 
     out = base_eval.main(["--bundle-dir", str(bundle), "--max-per-task", "3", "--mesh.data=4", "--mesh.fsdp=2"])

@@ -131,8 +131,6 @@ def test_a_position_saved_for_another_mixture_size_restarts_the_order(tok, task,
     moved = SFTBatches(smaller, tok, rows=2, seq_len=64, process_index=0, process_count=1)
     moved.set_state(sft.get_state())
     assert moved.position == 0 and "its order starts from the beginning" in capsys.readouterr().err
-    moved.set_state({"position": 3})  # saved before the size was recorded: trusted
-    assert moved.position == 3
 
 
 # ---------------------------------------------------------------------------------------------
@@ -214,10 +212,11 @@ def test_chat_cli_answers_from_the_sft_checkpoint(chat_home, monkeypatch):
     markup, so compared up to the first tool call)."""
     out = run("chat_cli.py", "--source", "sft", "-p", "What is the capital of Gorsica?", "-t", "0", home=chat_home)
     assert "source=sft step=20" in out and "Assistant: " in out
+    from nanochat_jax.checkpoint import load_model
     from nanochat_jax.engine import Engine
 
     monkeypatch.setenv("NANOCHAT_JAX_HOME", str(chat_home))
-    engine = Engine.from_checkpoint("sft")
+    engine = Engine(*load_model("sft")[:2])
     tok = engine.tokenizer
     prompt = tok.render_for_completion({"messages": [{"role": "user", "content": "What is the capital of Gorsica?"},
                                                      {"role": "assistant", "content": ""}]})

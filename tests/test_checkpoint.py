@@ -15,7 +15,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from nanochat_jax import checkpoint
-from nanochat_jax.checkpoint import CheckpointError, Checkpointer
+from nanochat_jax.checkpoint import CheckpointError, Checkpointer, set_aside_previous_run
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -116,7 +116,8 @@ def test_fresh_run_sets_the_previous_run_aside(tmp_path, capsys):
     first.close()
     (run_dir / "config.toml").write_text("kept")
 
-    second = Checkpointer(run_dir, keep=3, async_save=False, fresh=True)
+    set_aside_previous_run(run_dir)
+    second = Checkpointer(run_dir, keep=3, async_save=False)
     assert second.all_steps() == [] and second.latest_step() is None
     assert "moved the previous run's checkpoints (steps 10, 20)" in capsys.readouterr().err
     previous = tmp_path / "d2.previous"
@@ -128,12 +129,12 @@ def test_fresh_run_sets_the_previous_run_aside(tmp_path, capsys):
     assert old.all_steps() == [10, 20] and old.restore(20, params)["meta"]["run"] == 1
     old.close()
 
-    Checkpointer(run_dir, async_save=False, fresh=True).close()  # a third run replaces the older backup
+    set_aside_previous_run(run_dir)  # a third run replaces the older backup
     assert sorted(p.name for p in previous.iterdir()) == ["20"]
-    assert Checkpointer(run_dir, fresh=False).all_steps() == []
+    assert Checkpointer(run_dir).all_steps() == []
     err = capsys.readouterr().err
     assert "deleted the older backup" in err and "(steps 10, 20)" in err and "(steps 20)" in err
-    Checkpointer(tmp_path / "empty", fresh=True).close()  # nothing to move: nothing said
+    set_aside_previous_run(tmp_path / "empty")  # nothing to move: nothing said
     assert "moved" not in capsys.readouterr().err
 
 
@@ -282,7 +283,6 @@ def test_a_moved_artifacts_home_still_finds_its_tokenizer(home, monkeypatch, tmp
     from flax import nnx
 
     from nanochat_jax.config import Config, ModelConfig
-    from nanochat_jax.finetune import stage_meta
     from nanochat_jax.model import init_model
     from nanochat_jax.tokenizer import Tokenizer, default_tokenizer_dir, tokenizer_dir, tokenizer_record
 
@@ -290,7 +290,7 @@ def test_a_moved_artifacts_home_still_finds_its_tokenizer(home, monkeypatch, tmp
     tokenizer.save(default_tokenizer_dir())
     model_cfg = ModelConfig(depth=1, aspect_ratio=32, head_dim=16, vocab_size=tokenizer.vocab_size,
                             sequence_len=16, compute_dtype="float32")
-    meta = stage_meta("base", 3, Config(model=model_cfg), model_cfg, {})
+    meta = checkpoint.checkpoint_meta("base", 3, Config(model=model_cfg), model_cfg)
     assert meta["tokenizer"] == "tokenizer"
     ckpt = Checkpointer(checkpoint.checkpoint_dir("base", 1))
     ckpt.save(3, nnx.to_pure_dict(nnx.split(init_model(model_cfg), nnx.Param)[1]), None, None, meta)
@@ -302,7 +302,7 @@ def test_a_moved_artifacts_home_still_finds_its_tokenizer(home, monkeypatch, tmp
     monkeypatch.setenv("NANOCHAT_JAX_HOME", str(moved))
     _, tok, got = checkpoint.load_model("base")
     assert tok.encode("the cat sat") == tokenizer.encode("the cat sat")
-    assert stage_meta("mid", 1, Config(model=model_cfg), model_cfg, got)["tokenizer"] == "tokenizer"
+    assert checkpoint.checkpoint_meta("mid", 1, Config(model=model_cfg), model_cfg, got["tokenizer"])["tokenizer"] == "tokenizer"
     assert tokenizer_dir("imported/sft_d1/tokenizer") == moved / "imported" / "sft_d1" / "tokenizer"
     assert tokenizer_record(moved / "imported" / "sft_d1" / "tokenizer") == "imported/sft_d1/tokenizer"
     assert tokenizer_record(tmp_path / "own_tok") == str(tmp_path / "own_tok")

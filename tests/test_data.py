@@ -177,7 +177,7 @@ def write_parquet(path, texts, row_group_size=3, column="text"):
 def test_parquet_source_random_access_over_files_and_row_groups(tmp_path):
     write_parquet(tmp_path / "a.parquet", [f"a{i}" for i in range(7)])
     write_parquet(tmp_path / "b.parquet", [f"b{i}" for i in range(5)], row_group_size=2)
-    src = data.ParquetSource([tmp_path / "a.parquet", tmp_path / "b.parquet"], "text")
+    src = data.FileSource([tmp_path / "a.parquet", tmp_path / "b.parquet"], "text")
     assert len(src) == 12
     assert src.chunks == [(0, 3), (3, 6), (6, 7), (7, 9), (9, 11), (11, 12)]  # row groups
     assert [src[i] for i in (11, 0, 8, 6)] == ["b4", "a0", "b1", "a6"]

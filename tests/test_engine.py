@@ -13,6 +13,7 @@ import pytest
 from flax import nnx
 
 from nanochat_jax.config import ModelConfig
+from nanochat_jax.checkpoint import load_model
 from nanochat_jax.engine import Engine, bucket, sample_tokens
 from nanochat_jax.model import GPT, Linear, init_model
 from nanochat_jax.tokenizer import Tokenizer
@@ -370,7 +371,7 @@ def test_chat_cli_prompt_and_interactive(home, model, tokenizer, capsys, monkeyp
     assert out.count("Assistant: ") == 2 and "Conversation cleared." in out
     assert out.endswith("Assistant: " + expected.getvalue())  # after 'clear', "hi" is a fresh conversation
 
-    loaded = Engine.from_checkpoint("sft")
+    loaded = Engine(*load_model("sft")[:2])
     prompt = tokenizer.encode("hello", prepend=tokenizer.bos_token_id)
     assert loaded.generate_batch(prompt, max_tokens=8, temperature=0.0) == \
         Engine(model, tokenizer).generate_batch(prompt, max_tokens=8, temperature=0.0)

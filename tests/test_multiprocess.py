@@ -173,13 +173,14 @@ def test_two_process_base_evals(two_process_base):
 
 SHARED_CHECK = """
 import os, sys
-from nanochat_jax.common import init_distributed
+from nanochat_jax.distributed import init_distributed
 init_distributed()
 own = sys.argv[2] == "own"  # each process its own checkpoint root, as with a home on each host's local disk
 os.environ["NANOCHAT_JAX_CHECKPOINTS"] = os.path.join(sys.argv[1], "host" + os.environ["JAX_PROCESS_ID"] if own else "")
-from nanochat_jax.checkpoint import CheckpointError, Checkpointer, checkpoint_dir
+from nanochat_jax.checkpoint import CheckpointError, Checkpointer, checkpoint_dir, set_aside_previous_run
 try:
-    Checkpointer(checkpoint_dir("base", 1), fresh=True).close()
+    set_aside_previous_run(checkpoint_dir("base", 1))
+    Checkpointer(checkpoint_dir("base", 1)).close()
     print("ACCEPTED", sorted(os.listdir(checkpoint_dir("base", 1))))
 except CheckpointError as e:
     print("REFUSED", e)
@@ -199,10 +200,10 @@ def test_checkpoints_on_storage_not_all_hosts_see_are_refused_at_start(tmp_path)
 TASK_AGREEMENT = """
 import os, sys
 import numpy as np
-from nanochat_jax.common import init_distributed
+from nanochat_jax.distributed import init_distributed
 init_distributed()
 from nanochat_jax.chat_eval import load_task
-from nanochat_jax.core_eval import sum_over_processes
+from nanochat_jax.distributed import sum_over_processes
 from nanochat_jax.tasks import TaskDataError
 pid = int(os.environ["JAX_PROCESS_ID"])
 try:  # process 0 has the task's file; process 1 has none and (offline) no hub
@@ -234,7 +235,7 @@ def test_a_task_unavailable_on_one_process_is_skipped_by_all(tmp_path, monkeypat
 
 SAME_FACTS = """
 import os
-from nanochat_jax.common import check_same_on_all_processes, init_distributed
+from nanochat_jax.distributed import check_same_on_all_processes, init_distributed
 init_distributed()
 pid = int(os.environ["JAX_PROCESS_ID"])
 check_same_on_all_processes({"tokenizer fingerprint": "abc", "training data chunks": 7})

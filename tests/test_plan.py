@@ -91,20 +91,18 @@ def run_plan(tmp_path, *args) -> dict:
 def test_tiny_model_compiles_for_a_tpu_slice_with_fsdp_and_tensor_parallelism(tmp_path, make_mesh):
     """cpu_tiny-shaped model on a v5e-4 slice (fsdp=2 x tensor=2), splash attention compiled ahead of time."""
     import jax
-    from flax import nnx
 
     from nanochat_jax.config import load_config
-    from nanochat_jax.sharding import param_shardings
-    from nanochat_jax.train import abstract_model
+    from nanochat_jax.train import TrainRun
 
     overrides = TINY + ["--mesh.data=1", "--mesh.fsdp=2", "--mesh.tensor=2", "--model.attention_impl=splash"]
     plans, stdout = run_plan(tmp_path, "--target", "v5e-4", "--programs", "train,bpb", *overrides)
     assert "train" in stdout and "fits" in stdout and "roofline" in stdout
 
     cfg = load_config(overrides)
-    _, abstract = abstract_model(cfg.model)
-    shardings = param_shardings(abstract, make_mesh(1, 2, 2))
-    leaves = jax.tree.leaves(nnx.to_pure_dict(abstract))
+    run = TrainRun(cfg.model, cfg.optim, 1, make_mesh(1, 2, 2), abstract=True)
+    shardings = run.shardings.params
+    leaves = jax.tree.leaves(run.params)
     total = sum(4 * math.prod(a.shape) for a in leaves)
     per_device = sum(4 * math.prod(s.shard_shape(a.shape)) for a, s in zip(leaves, jax.tree.leaves(shardings)))
     assert per_device < total / 2  # the matrices and tables are split 4 ways, nothing is left whole but norms

@@ -13,7 +13,7 @@ from nanochat_jax import splash
 from nanochat_jax.config import MeshConfig, ModelConfig, OptimConfig
 from nanochat_jax.model import init_model
 from nanochat_jax.sharding import make_mesh
-from nanochat_jax.train import init_train_state, make_train_step, microbatch_sharding, summed_grads
+from nanochat_jax.train import TrainRun, microbatch_sharding, summed_grads
 
 
 def test_block_size_picks_the_largest_dividing_tile():
@@ -92,14 +92,13 @@ def _train(cfg, mesh_shape, steps=3):
     tokens = rng.integers(0, cfg.vocab_size, size=(steps, 2, 8, cfg.sequence_len + 1), dtype=np.int32)
     batches = [{"inputs": t[..., :-1], "targets": t[..., 1:]} for t in tokens]
     mesh = make_mesh(MeshConfig(*mesh_shape), devices=jax.devices()[: int(np.prod(mesh_shape))])
-    graphdef, optimizer, state, shardings = init_train_state(cfg, OPTIM, steps, mesh, seed=0)
+    run = TrainRun(cfg, OPTIM, steps, mesh, seed=0)
     with jax.set_mesh(mesh):
         first = jax.device_put(batches[0], microbatch_sharding(mesh))
-        grads = jax.jit(lambda p, b: summed_grads(graphdef, p, b)[0])(state.params, first)
-    step = make_train_step(graphdef, optimizer, shardings, mesh, steps, OPTIM)
+        grads = jax.jit(lambda p, b: summed_grads(run.graphdef, p, b)[0])(run.params, first)
     losses = []
     for batch in batches:
-        state, metrics = step(state, jax.device_put(batch, microbatch_sharding(mesh)))
+        metrics = run.step(jax.device_put(batch, microbatch_sharding(mesh)))
         losses.append(float(metrics["loss"]))
     return np.array(losses), jax.device_get(grads)
 

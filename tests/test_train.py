@@ -9,7 +9,7 @@ import pytest
 
 from nanochat_jax.config import MeshConfig, ModelConfig, OptimConfig
 from nanochat_jax.sharding import bytes_per_device, make_mesh
-from nanochat_jax.train import init_train_state, make_train_step, microbatch_sharding
+from nanochat_jax.train import TrainRun, microbatch_sharding
 
 TINY = ModelConfig(depth=2, aspect_ratio=32, head_dim=16, vocab_size=128, sequence_len=16, compute_dtype="float32")
 OPTIM = OptimConfig(warmdown_ratio=0.5, ns_dtype="float32")  # bf16 NS is not bit-stable across meshes
@@ -23,14 +23,12 @@ def _batches(steps, micro, rows, seq, vocab, seed=0):
 
 def _run(mesh_shape, batches, cfg=TINY, steps=3):
     mesh = make_mesh(MeshConfig(*mesh_shape), devices=jax.devices()[: int(np.prod(mesh_shape))])
-    graphdef, optimizer, state, shardings = init_train_state(cfg, OPTIM, steps, mesh, seed=0)
-    step = make_train_step(graphdef, optimizer, shardings, mesh, steps, OPTIM)
+    run = TrainRun(cfg, OPTIM, steps, mesh, seed=0)
     losses = []
     for batch in batches[:steps]:
-        batch = jax.device_put(batch, microbatch_sharding(mesh))
-        state, metrics = step(state, batch)
+        metrics = run.step(jax.device_put(batch, microbatch_sharding(mesh)))
         losses.append(float(metrics["loss"]))
-    return np.array(losses), jax.device_get(state.params), state
+    return np.array(losses), jax.device_get(run.params), run.state
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +50,7 @@ def test_meshes_match_single_device(reference, mesh_shape):
 def test_tensor_parallel_shards_heads_and_mlp():
     cfg = ModelConfig(depth=2, aspect_ratio=64, head_dim=32, vocab_size=128, sequence_len=16, compute_dtype="float32")
     mesh = make_mesh(MeshConfig(1, 1, 8))
-    _, _, state, _ = init_train_state(cfg, OPTIM, 3, mesh)
+    state = TrainRun(cfg, OPTIM, 3, mesh).state
     c_q = state.params["blocks"][0]["attn"]["c_q"]["kernel"]
     c_fc = state.params["blocks"][0]["mlp"]["c_fc"]["kernel"]
     assert c_q.sharding.spec[1] == "tensor" and c_fc.sharding.spec[1] == "tensor"
@@ -72,8 +70,8 @@ def test_grad_accumulation_equals_big_batch():
 
 def test_fsdp_memory_is_one_eighth():
     cfg = ModelConfig(depth=2, aspect_ratio=64, head_dim=32, vocab_size=256, sequence_len=16, compute_dtype="float32")
-    _, _, single, _ = init_train_state(cfg, OPTIM, 3, make_mesh(MeshConfig(1, 1, 1), devices=jax.devices()[:1]))
-    _, _, sharded, _ = init_train_state(cfg, OPTIM, 3, make_mesh(MeshConfig(1, 8, 1)))
+    single = TrainRun(cfg, OPTIM, 3, make_mesh(MeshConfig(1, 1, 1), devices=jax.devices()[:1])).state
+    sharded = TrainRun(cfg, OPTIM, 3, make_mesh(MeshConfig(1, 8, 1))).state
     total = bytes_per_device((single.params, single.opt_state))
     per_device = bytes_per_device((sharded.params, sharded.opt_state))
     # every parameter and optimizer moment has a dimension divisible by 8; only scalars are replicated
@@ -85,26 +83,26 @@ def test_d2_overfits_one_batch():
     optim = OptimConfig(warmdown_ratio=0.0, matrix_lr=0.02, embedding_lr=0.2, unembedding_lr=0.02)
     steps = 150
     mesh = make_mesh(MeshConfig(1, 1, 1), devices=jax.devices()[:1])
-    graphdef, optimizer, state, shardings = init_train_state(cfg, optim, steps, mesh)
-    train_step = make_train_step(graphdef, optimizer, shardings, mesh, steps, optim)
+    run = TrainRun(cfg, optim, steps, mesh)
     batch = jax.device_put(_batches(1, 1, 4, cfg.sequence_len, cfg.vocab_size, seed=7)[0], microbatch_sharding(mesh))
     first = None
     for _ in range(steps):
-        state, metrics = train_step(state, batch)
+        metrics = run.step(batch)
         first = first if first is not None else float(metrics["loss"])
     final = float(metrics["loss"])
     assert first == pytest.approx(np.log(64), rel=1e-3)  # zero-initialised head: uniform predictions
     assert final < 0.1, final
-    assert int(state.step) == steps and jnp.isfinite(metrics["grad_norm"])
+    assert int(run.state.step) == steps and jnp.isfinite(metrics["grad_norm"])
 
 
 def test_init_from_given_params_on_another_mesh():
     """Fine-tuning stages start from a checkpoint's parameters, placed on their own mesh, with a fresh optimizer."""
-    _, _, base, _ = init_train_state(TINY, OPTIM, 3, make_mesh(MeshConfig(1, 1, 1), devices=jax.devices()[:1]), seed=5)
+    base = TrainRun(TINY, OPTIM, 3, make_mesh(MeshConfig(1, 1, 1), devices=jax.devices()[:1]), seed=5)
     given = jax.tree.map(lambda a: np.asarray(a) + 1.0, jax.device_get(base.params))
     mesh = make_mesh(MeshConfig(2, 2, 2))
-    _, _, state, shardings = init_train_state(TINY, OPTIM, 3, mesh, params=given)
-    for a, b, sh in zip(jax.tree.leaves(state.params), jax.tree.leaves(given), jax.tree.leaves(shardings.params)):
+    run = TrainRun(TINY, OPTIM, 3, mesh, params=given)
+    state = run.state
+    for a, b, sh in zip(jax.tree.leaves(state.params), jax.tree.leaves(given), jax.tree.leaves(run.shardings.params)):
         np.testing.assert_array_equal(np.asarray(a), b)
         assert a.sharding == sh
     assert int(state.step) == 0
@@ -118,11 +116,10 @@ def test_newton_schulz_work_is_split_over_the_mesh():
     a depth-4 model, not all of them on every device."""
     cfg = ModelConfig(depth=4, aspect_ratio=32, head_dim=16, vocab_size=128, sequence_len=16, compute_dtype="float32")
     mesh = make_mesh(MeshConfig(data=2), devices=jax.devices()[:2])
-    graphdef, optimizer, state, shardings = init_train_state(cfg, OPTIM, 3, mesh, seed=0)
-    step = make_train_step(graphdef, optimizer, shardings, mesh, 3, OPTIM)
+    run = TrainRun(cfg, OPTIM, 3, mesh, seed=0)
     batch = jax.device_put(_batches(1, 1, 4, cfg.sequence_len, cfg.vocab_size)[0], microbatch_sharding(mesh))
     with jax.set_mesh(mesh):
-        hlo = step.jitted.lower(state, batch).compile().as_text()
+        hlo = run.jitted.lower(run.state, batch).compile().as_text()
     stacks = {int(n) for n in re.findall(r"= f32\[(\d+),128,(?:128|512)\]\{[^}]*\} (?:dot|fusion)\(", hlo)}
     assert stacks and max(stacks) <= 8, stacks  # 16 square matrices / 2 devices; never the whole stack of 16
     assert 8 in stacks and 4 in stacks, stacks
@@ -132,16 +129,15 @@ def test_out_of_memory_names_the_knobs_to_turn():
     """A step that runs out of device memory (simulated: XLA's error raised while tracing) says per-device rows
     and which settings lower the memory, instead of XLA's bare RESOURCE_EXHAUSTED."""
     mesh = make_mesh(MeshConfig(8, 1, 1))
-    graphdef, optimizer, state, shardings = init_train_state(TINY, OPTIM, 3, mesh)
 
     def objective(model, micro):
         raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 9.50GiB.\nmore")
 
-    step = make_train_step(graphdef, optimizer, shardings, mesh, 3, OPTIM, objective=objective)
+    run = TrainRun(TINY, OPTIM, 3, mesh, objective=objective)
     batch = jax.device_put(_batches(1, 2, 16, TINY.sequence_len, TINY.vocab_size)[0], microbatch_sharding(mesh))
     with pytest.raises(MemoryError, match=r"2 rows of 16 tokens per device.*device_batch_size.*remat.*"
                                           r"allocate 9\.50GiB\.$"):
-        step(state, batch)
+        run.step(batch)
 
 
 def _compiled_step_hlo(vocab_size: int, mesh_shape: tuple, rows: int) -> str:
@@ -149,11 +145,10 @@ def _compiled_step_hlo(vocab_size: int, mesh_shape: tuple, rows: int) -> str:
     cfg = ModelConfig(depth=2, aspect_ratio=32, head_dim=16, vocab_size=vocab_size, sequence_len=16,
                       compute_dtype="float32")
     mesh = make_mesh(MeshConfig(*mesh_shape))
-    graphdef, optimizer, state, shardings = init_train_state(cfg, OPTIM, 3, mesh, seed=0)
-    step = make_train_step(graphdef, optimizer, shardings, mesh, 3, OPTIM)
+    run = TrainRun(cfg, OPTIM, 3, mesh, seed=0)
     batch = jax.device_put(_batches(1, 2, rows, cfg.sequence_len, cfg.vocab_size)[0], microbatch_sharding(mesh))
     with jax.set_mesh(mesh):
-        return step.jitted.lower(state, batch).compile().as_text()
+        return run.jitted.lower(run.state, batch).compile().as_text()
 
 
 def test_data_by_fsdp_mesh_never_gathers_the_batch_activations():
