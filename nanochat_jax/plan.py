@@ -227,7 +227,7 @@ def plan_programs(cfg: Config, target: Target, devices, decode_rows: int = 32, p
     from nanochat_jax.evaluation import make_bpb_step
     from nanochat_jax.model import KVCache, flops_per_token, head_dim, init_model, matmul_params, runnable_on
     from nanochat_jax.sharding import batch_sharding, make_mesh, named_sharding, param_shardings
-    from nanochat_jax.train import TrainRun, microbatch_sharding, rows_and_accum
+    from nanochat_jax.train import TrainRun, microbatch_sharding, resolve_depth_scaling, rows_and_accum
 
     mesh = make_mesh(cfg.mesh, devices)
     model_cfg = runnable_on(cfg.model, devices[0].platform)
@@ -236,12 +236,13 @@ def plan_programs(cfg: Config, target: Target, devices, decode_rows: int = 32, p
     slice_of = slices_of(mesh_devices)
     n = len(mesh_devices)
     T = model_cfg.sequence_len
+    optim_cfg, _ = resolve_depth_scaling(cfg)
     rows, accum = rows_and_accum(cfg.train.device_batch_size, cfg.train.total_batch_size, T, mesh,
                                  "train.total_batch_size")
     per_token = flops_per_token(model_cfg)
     plans = {}
 
-    run = TrainRun(model_cfg, cfg.optim, 1000, mesh, abstract=True)
+    run = TrainRun(model_cfg, optim_cfg, 1000, mesh, abstract=True)
     if "train" in programs:
         tokens = jax.ShapeDtypeStruct((accum, rows, T), jnp.int32, sharding=microbatch_sharding(mesh))
 

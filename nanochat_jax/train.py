@@ -10,6 +10,7 @@ at the next step boundary and a clean exit.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shlex
 import signal
@@ -29,7 +30,7 @@ from nanochat_jax.common import device_info, is_main_process, peak_flops_per_dev
 from nanochat_jax.config import (RUNTIME_MODEL_FIELDS, Config, ConfigError, ModelConfig, OptimConfig,
                                  model_config_from_dict, to_dict, to_toml)
 from nanochat_jax.model import init_model
-from nanochat_jax.optim import build_optimizer, lr_multiplier
+from nanochat_jax.optim import build_optimizer, depth_scaling, lr_multiplier, scaling_param_count
 from nanochat_jax.progress import StepLogger
 from nanochat_jax.sharding import batch_shards, like_params, named_sharding, param_shardings, replicated
 
@@ -137,6 +138,24 @@ def out_of_memory_advice(shape: tuple[int, int, int], mesh: Mesh, error: str) ->
             f"and micro-batch: lower --train.device_batch_size (gradient accumulation keeps total_batch_size), "
             f"or set --model.remat=dots_saveable (or block) or --model.loss_chunk=256; scripts/plan.py compiles "
             f"the memory per device. XLA said: {first_line}")
+
+
+def resolve_depth_scaling(cfg: Config) -> tuple[OptimConfig, int | None]:
+    """Base training's optimizer settings and horizon parameter count: [optim] and None, or with
+    optim.reference_depth set, nanochat master's depth scaling (printed), which also resolves
+    train.total_batch_size = -1 to the power-law batch. [optim] itself is kept, so a rerun derives the same."""
+    if not cfg.optim.reference_depth:
+        return cfg.optim, None
+
+    def scaling_params(model_cfg: ModelConfig) -> int:  # blocks + lm_head, without allocating
+        return scaling_param_count(nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: init_model(model_cfg)),
+                                                              nnx.Param)))
+
+    scaling = depth_scaling(cfg.optim, cfg.train, scaling_params(cfg.model),
+                            scaling_params(dataclasses.replace(cfg.model, depth=cfg.optim.reference_depth)))
+    print0(scaling.summary(cfg.model.depth, cfg.optim.reference_depth))
+    cfg.train.total_batch_size = scaling.total_batch_size
+    return scaling.optim, scaling.scaling_params
 
 
 class TrainRun:

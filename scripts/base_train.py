@@ -10,11 +10,8 @@ train.core_max_per_task items per task; needs the eval bundle, downloaded at sta
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
 from nanochat_jax.checkpoint import checkpoint_dir
 from nanochat_jax.common import device_info, peak_flops_per_device, print0, run_script
@@ -22,12 +19,11 @@ from nanochat_jax.config import TrainConfig, load_config, to_toml
 from nanochat_jax.data import check_enough_chunks, make_batch_iterator, make_source
 from nanochat_jax.distributed import check_same_on_all_processes, eval_mesh, init_distributed
 from nanochat_jax.evaluation import core_bundle, core_estimate, evaluate_bpb, make_bpb_step, sample_texts, split_batches
-from nanochat_jax.model import flops_per_token, init_model, num_params
-from nanochat_jax.optim import depth_scaling, scaling_param_count
+from nanochat_jax.model import flops_per_token, num_params
 from nanochat_jax.progress import mfu, save_summary
 from nanochat_jax.sharding import make_mesh
 from nanochat_jax.tokenizer import load_tokenizer, token_bytes, tokenizer_fingerprint
-from nanochat_jax.train import TrainRun, global_batch, rows_and_accum, run_stage
+from nanochat_jax.train import TrainRun, global_batch, resolve_depth_scaling, rows_and_accum, run_stage
 
 
 def training_horizon(train: TrainConfig, n_params: int, flops: float) -> int:
@@ -63,24 +59,13 @@ def base_evals(cfg, run: TrainRun, tokenizer, rows: int, bundle):
     return evaluate, latest
 
 
-def scaling_params(model_cfg) -> int:
-    """nanochat master's scaling-law parameter count (blocks + lm_head) of a model config, without allocating."""
-    return scaling_param_count(nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: init_model(model_cfg)), nnx.Param)))
-
-
 def main(argv: list[str] | None = None) -> dict:
     init_distributed()  # multi-host: before anything touches the devices
     cfg = load_config(argv)
     tokenizer = load_tokenizer()
     cfg.model.vocab_size = tokenizer.vocab_size
     print0(to_toml(cfg))
-    optim_cfg, horizon_params = cfg.optim, None
-    if cfg.optim.reference_depth:  # nanochat master: batch, learning rates, weight decay and horizon from d_ref
-        scaling = depth_scaling(cfg.optim, cfg.train, scaling_params(cfg.model),
-                                scaling_params(dataclasses.replace(cfg.model, depth=cfg.optim.reference_depth)))
-        print0(scaling.summary(cfg.model.depth, cfg.optim.reference_depth))
-        cfg.train.total_batch_size = scaling.total_batch_size  # resolved (a rerun derives the same); [optim] kept
-        optim_cfg, horizon_params = scaling.optim, scaling.scaling_params
+    optim_cfg, horizon_params = resolve_depth_scaling(cfg)  # nanochat master's, with optim.reference_depth
     mesh = make_mesh(cfg.mesh)
     rows, accum = rows_and_accum(cfg.train.device_batch_size, cfg.train.total_batch_size, cfg.model.sequence_len,
                                  mesh, "train.total_batch_size")

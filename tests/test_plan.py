@@ -119,7 +119,8 @@ def test_tiny_model_compiles_for_a_tpu_slice_with_fsdp_and_tensor_parallelism(tm
 @needs_plan_extra
 def test_tiny_model_compiles_for_eight_h100s_with_cudnn_attention(tmp_path):
     plans, stdout = run_plan(tmp_path, "--target", "8xh100", "--programs", "train,decode", "--decode-rows", "8",
-                             "--prompt-len", "32", *TINY, "--model.attention_impl=cudnn")
+                             "--prompt-len", "32", *TINY, "--model.attention_impl=cudnn",
+                             "--train.total_batch_size=4096")  # 8 GPUs x 4 rows x 128
     assert "8 x H100" in stdout
     train, decode = plans["train"], plans["decode"]
     assert train["error"] == "" and decode["error"] == ""
@@ -137,12 +138,13 @@ MODERN = ["--model.depth=3", "--model.sequence_len=512", "--model.window_pattern
 @pytest.mark.slow
 @pytest.mark.parametrize("target,extra", [
     ("8xh100", ["--programs", "train,prefill,decode", "--decode-rows", "8", "--prompt-len", "32",
-                "--model.attention_impl=cudnn"]),
-    ("v5e-4", ["--programs", "train", "--mesh.data=1", "--mesh.fsdp=2", "--mesh.tensor=2", "--model.attention_impl=splash"]),
+                "--model.attention_impl=cudnn", "--train.total_batch_size=16384"]),
+    ("v5e-4", ["--programs", "train", "--mesh.data=1", "--mesh.fsdp=2", "--mesh.tensor=2", "--model.attention_impl=splash",
+               "--train.total_batch_size=4096"]),
 ])
 def test_tiny_model_with_masters_options_compiles(tmp_path, target, extra):
     """cuDNN's sliding window (and the KV cache's) on 8 H100s, splash's local mask on a v5e slice."""
-    plans, _ = run_plan(tmp_path, "--target", target, *extra, *TINY, *MODERN)
+    plans, _ = run_plan(tmp_path, "--target", target, *TINY, *MODERN, *extra)
     assert plans and all(p["error"] == "" for p in plans.values())
 
 
