@@ -55,7 +55,7 @@ def result(output: str) -> dict:
     return json.loads(next(line for line in output.splitlines() if line.startswith("RESULT "))[7:])
 
 
-@pytest.mark.parametrize("data,fsdp", [(4, 1), (2, 2)])
+@pytest.mark.parametrize("data,fsdp", [pytest.param(4, 1, marks=pytest.mark.slow), (2, 2)])  # 2 x 2: both axes
 def test_two_processes_equal_one(data, fsdp):
     worker = [str(ROOT / "tests" / "multiprocess_worker.py"), str(data), str(fsdp), "3"]
     two = result(launch(worker, processes=2, devices_per_process=2)[0])
@@ -114,7 +114,7 @@ def test_two_process_base_train_checkpoints_and_resumes_exactly(two_process_base
         assert resumed[step] == pytest.approx(straight[step], rel=1e-6), step
 
 
-@pytest.mark.slow  # ~95 s: CI runs the same stages in one process (test_run_cpu_smoke, test_chat_stages, test_rl)
+@pytest.mark.slow  # ~95 s: CI runs the same stages in one process (test_run_cpu.py, test_rl)
 def test_two_process_chat_stages(two_process_base, tmp_path):
     """mid -> SFT (its sampled metrics on per-process meshes) -> chat_eval -> RL -> chat_eval, two processes each;
     problems are split between the processes and their counts summed."""

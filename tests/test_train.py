@@ -38,7 +38,9 @@ def reference():
     return batches, losses, params
 
 
-@pytest.mark.parametrize("mesh_shape", [(8, 1, 1), (1, 8, 1), (1, 1, 2), (2, 2, 2)])
+# (8, 1, 1) and (1, 1, 2) run with the slow tests: (2, 2, 2) has every axis, (1, 8, 1) the widest FSDP split
+@pytest.mark.parametrize("mesh_shape", [pytest.param((8, 1, 1), marks=pytest.mark.slow), (1, 8, 1),
+                                        pytest.param((1, 1, 2), marks=pytest.mark.slow), (2, 2, 2)])
 def test_meshes_match_single_device(reference, mesh_shape):
     batches, ref_losses, ref_params = reference
     losses, params, _ = _run(mesh_shape, batches)
