@@ -159,15 +159,16 @@ def part_path(data_dir: Path, name: str) -> Path:
     return data_dir / f"{name}.{socket.gethostname()}.part"
 
 
-def download_shards(num_shards: int, workers: int = 4, source: str = "fineweb", data_dir: str | Path | None = None, *,
-                    base_url: str | None = None, attempts: int = 5, backoff: float = 2.0) -> list[Path]:
+def download_shards(num_shards: int, workers: int = 4, source: str = "fineweb", data_dir: str | Path | None = None,
+                    *, base_url: str | None = None, attempts: int = 5, backoff: float = 2.0) -> list[Path]:
     """Make sure num_shards shards of SHARD_SETS[source] are in data_dir (default shards_dir(source)): the first
     num_shards-1 (train) and the last shard of the dataset (validation). Returns the local paths in sorted order.
     Already present files are kept; interrupted downloads resume from their `.part` file."""
     from tqdm import tqdm
 
     if source not in SHARD_SETS:
-        raise DataError(f"data.source={source!r} has no shards to download (those with shards: {', '.join(SHARD_SETS)})")
+        raise DataError(f"data.source={source!r} has no shards to download "
+                        f"(those with shards: {', '.join(SHARD_SETS)})")
     shards = SHARD_SETS[source]
     data_dir = Path(data_dir) if data_dir is not None else shards_dir(source)
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -402,7 +403,8 @@ def make_source(cfg, split: str):
         return EmbeddedSource(split)
     if cfg.source in SHARD_SETS:
         data_dir = shards_dir(cfg.source)
-        files = download_shards(cfg.num_shards, cfg.download_workers, cfg.source, data_dir)  # exactly these, present ones kept
+        # exactly these, present ones kept
+        files = download_shards(cfg.num_shards, cfg.download_workers, cfg.source, data_dir)
         files = _split_files(files, split, str(data_dir))
     elif cfg.source == "files":
         files = _split_files(_list_files(cfg.path), split, cfg.path)
@@ -516,8 +518,8 @@ def _split_rows(rows: np.ndarray) -> dict[str, np.ndarray]:
     return {"inputs": rows[:, :-1], "targets": rows[:, 1:]}
 
 
-def make_batch_iterator(source, tokenizer, batch_rows: int, seq_len: int, *, packing: str = "concat", seed: int = 0,
-                        shuffle: bool = True, infinite: bool = True, process_index: int | None = None,
+def make_batch_iterator(source, tokenizer, batch_rows: int, seq_len: int, *, packing: str = "concat",
+                        seed: int = 0, shuffle: bool = True, infinite: bool = True, process_index: int | None = None,
                         process_count: int | None = None, num_threads: int = 4, prefetch: int = 2) -> BatchIterator:
     """Packed next-token batches from a source (packing: see nanochat_jax.packing). batch_rows is the GLOBAL
     number of rows per batch; each of the process_count processes yields batch_rows // process_count rows from

@@ -126,7 +126,7 @@ def test_data_bench_counts_tokens():
     import data as data_bench  # bench/data.py
 
     results = data_bench.main(["--rows", "2", "--seq", "64", "--threads", "1,2", "--batches", "3"])
-    assert [r["threads"] for r in results] == [1, 2]
+    assert [(r["packing"], r["threads"]) for r in results] == [(p, t) for p in ("concat", "bestfit") for t in (1, 2)]
     assert all(r["tokens_per_sec"] > 0 and r["rows"] * r["seq"] == 128 and r["vocab"] == 2048 for r in results)
 
 

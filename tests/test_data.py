@@ -124,7 +124,8 @@ def test_a_position_saved_over_other_data_restarts_the_order_with_a_warning(caps
     monkeypatch.setattr(packing, "BUFFER_DOCS", 7)
     other = data.make_batch_iterator(ListSource(make_docs(23)), tok, 2, 40, packing="bestfit", **kw)
     other.set_state(state)
-    assert "comes from data.packing=concat, this run packs with bestfit; the data order starts over" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "comes from data.packing=concat, this run packs with bestfit; the data order starts over" in err
     fresh = data.make_batch_iterator(ListSource(make_docs(23)), tok, 2, 40, packing="bestfit", **kw)
     np.testing.assert_array_equal(next(other)["inputs"], next(fresh)["inputs"])
 
