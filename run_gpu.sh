@@ -21,9 +21,9 @@ source scripts/gpu_env.sh
 
 # --- the config's data size and batch rows (with any overrides), and the GPUs' memory
 SIZES=$("$PY" -c "import sys; from nanochat_jax.config import load_config
-c = load_config(['--config', *sys.argv[1:]]); print(c.data.num_shards, c.train.device_batch_size, c.mid.device_batch_size)" \
+c = load_config(['--config', *sys.argv[1:]]); print(c.data.source, c.data.num_shards, c.train.device_batch_size, c.mid.device_batch_size)" \
   "$CONFIG" "$@" | tail -1)  # (a bad config or override stops the script here)
-read -r NUM_SHARDS TRAIN_ROWS MID_ROWS <<< "$SIZES"
+read -r SOURCE NUM_SHARDS TRAIN_ROWS MID_ROWS <<< "$SIZES"
 GPU_GIB=$("$PY" -c "import jax; d = jax.devices(); gib = (d[0].memory_stats() or {}).get('bytes_limit', -2**30) // 2**30
 print(f'{len(d)} x {d[0].device_kind}, {gib} GiB usable each (-1: not reported)', file=__import__('sys').stderr); print(gib)")
 # scripts/plan.py (H100 compiler, 2026-12-05): d20 at 32 rows and d26 at 16 need 65 GB per GPU, which fits an
@@ -43,13 +43,13 @@ run() {  # run SCRIPT ARGS...: a pipeline step, echoed first
 step "report: reset"
 run scripts/report.py reset
 
-step "data: first 8 FineWeb-EDU shards now (~2B chars for the tokenizer), all $NUM_SHARDS in the background"
-"$PY" -c "from nanochat_jax.data import download_shards; download_shards(8, 8)"
-"$PY" -c "from nanochat_jax.data import download_shards; download_shards($NUM_SHARDS, 8)" &
+step "data: first 8 $SOURCE shards now (~2B chars for the tokenizer), all $NUM_SHARDS in the background"
+"$PY" -c "from nanochat_jax.data import download_shards; download_shards(8, 8, '$SOURCE')"
+"$PY" -c "from nanochat_jax.data import download_shards; download_shards($NUM_SHARDS, 8, '$SOURCE')" &
 DOWNLOAD_PID=$!
 
 step "tokenizer: train (the config's vocabulary, on 2B characters) and evaluate"
-run scripts/tok_train.py --config "$CONFIG" --data.source=fineweb --data.num_shards=8
+run scripts/tok_train.py --config "$CONFIG" --data.num_shards=8
 run scripts/tok_eval.py --config "$CONFIG"
 
 echo "waiting for the data download ($NUM_SHARDS shards, ~100 MB each) ..."

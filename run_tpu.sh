@@ -28,8 +28,9 @@ export NANOCHAT_JAX_DISTRIBUTED=${NANOCHAT_JAX_DISTRIBUTED:-1}
 export JAX_PLATFORMS=${JAX_PLATFORMS:-tpu}
 # compiled programs persist across stages and reruns (SFT and RL compile one step per padded width)
 export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-${NANOCHAT_JAX_HOME:-$HOME/.cache/nanochat_jax}/xla_cache}
-NUM_SHARDS=$(NANOCHAT_JAX_DISTRIBUTED=0 JAX_PLATFORMS=cpu "$PY" -c "import sys; from nanochat_jax.config import load_config
-print(load_config(['--config', *sys.argv[1:]]).data.num_shards)" "$CONFIG" "$@" | tail -1)
+read -r SOURCE NUM_SHARDS <<< "$(NANOCHAT_JAX_DISTRIBUTED=0 JAX_PLATFORMS=cpu "$PY" -c "import sys
+from nanochat_jax.config import load_config
+c = load_config(['--config', *sys.argv[1:]]); print(c.data.source, c.data.num_shards)" "$CONFIG" "$@" | tail -1)"
 
 step() { echo; echo "=== $* ==="; }
 run() {  # run SCRIPT ARGS...: a pipeline step, echoed first
@@ -40,15 +41,14 @@ run() {  # run SCRIPT ARGS...: a pipeline step, echoed first
 step "report: reset"
 run scripts/report.py reset
 
-step "data: first 8 FineWeb-EDU shards now (~2B chars for the tokenizer), all $NUM_SHARDS in the background"
+step "data: first 8 $SOURCE shards now (~2B chars for the tokenizer), all $NUM_SHARDS in the background"
 # plain downloads: single-process, so they must not join the distributed runtime
-NANOCHAT_JAX_DISTRIBUTED=0 "$PY" -c "from nanochat_jax.data import download_shards; download_shards(8, 8)"
-NANOCHAT_JAX_DISTRIBUTED=0 "$PY" -c "from nanochat_jax.data import download_shards; download_shards($NUM_SHARDS, 8)" &
+NANOCHAT_JAX_DISTRIBUTED=0 "$PY" -c "from nanochat_jax.data import download_shards; download_shards(8, 8, '$SOURCE')"
+NANOCHAT_JAX_DISTRIBUTED=0 "$PY" -c "from nanochat_jax.data import download_shards; download_shards($NUM_SHARDS, 8, '$SOURCE')" &
 DOWNLOAD_PID=$!
 
 step "tokenizer: train (the config's vocabulary, on 2B characters) and evaluate (on each host, no devices needed)"
-NANOCHAT_JAX_DISTRIBUTED=0 JAX_PLATFORMS=cpu run scripts/tok_train.py --config "$CONFIG" \
-  --data.source=fineweb --data.num_shards=8
+NANOCHAT_JAX_DISTRIBUTED=0 JAX_PLATFORMS=cpu run scripts/tok_train.py --config "$CONFIG" --data.num_shards=8
 NANOCHAT_JAX_DISTRIBUTED=0 JAX_PLATFORMS=cpu run scripts/tok_eval.py --config "$CONFIG"
 
 echo "waiting for the data download ($NUM_SHARDS shards, ~100 MB each) ..."

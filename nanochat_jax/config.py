@@ -259,17 +259,19 @@ class ChatStageConfig(StageConfig):
 
 @dataclass
 class DataConfig:
-    source: str = "embedded"  # embedded | fineweb | files
+    source: str = "embedded"  # embedded | fineweb | climbmix | files
     path: str = ""  # for source=files: a directory or glob of .parquet / .jsonl / .txt files
     text_column: str = "text"
-    num_shards: int = 8  # fineweb shards to download (the last shard is always the validation split)
+    num_shards: int = 8  # fineweb / climbmix shards to download (the last shard is always the validation split)
+    packing: str = "concat"  # concat (documents back to back) | bestfit (nanochat master's: rows start with a BOS)
     download_workers: int = 4
     tokenizer_threads: int = 4
     skip_bad_shards: bool = False  # warn and skip an unreadable shard instead of stopping
     prefetch: int = 2
 
     def validate(self) -> None:
-        _choice(self, "data", "source", ("embedded", "fineweb", "files"))
+        _choice(self, "data", "source", ("embedded", "fineweb", "climbmix", "files"))
+        _choice(self, "data", "packing", ("concat", "bestfit"))
         if self.source == "files" and not self.path:
             raise ConfigError("data.path must be set when data.source='files'")
         _positive(self, "data", "num_shards", "download_workers", "tokenizer_threads")

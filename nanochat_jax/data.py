@@ -1,4 +1,5 @@
-"""Pretraining data: FineWeb-EDU shards, document sources, and the packed, checkpointable batch iterator.
+"""Pretraining data: nanochat's parquet shards (FineWeb-EDU, ClimbMix), document sources, and the packed,
+checkpointable batch iterator.
 
 Sources. A source is random access over documents: `len(src)`, `src[i] -> str`, plus `src.chunks`, the
 (start, stop) document ranges that are cheap to read together (`src.read(start, stop)`). Chunks are the
@@ -7,9 +8,10 @@ unit of reading, shuffling, process sharding and batched tokenization:
 - `FileSource(files, text_column)`: `.parquet` files (one chunk per row group, read
   lazily through pyarrow from the row counts in the parquet footers), `.jsonl` files (one JSON object per
   line; the text is `obj[text_column]`) and `.txt` files (the whole file is ONE document).
-- `make_source(cfg.data, split)` picks one: "embedded"; "fineweb" (downloads missing shards; the last shard
-  file is the validation split, all others train); "files" (a directory or glob; with the same rule: the
-  last file in sorted order is validation, so at least two files are needed).
+- `make_source(cfg.data, split)` picks one: "embedded"; "fineweb" or "climbmix" (`SHARD_SETS`: downloads missing
+  shards into artifacts_dir("data", source); the last shard of the dataset is the validation split, all others
+  train); "files" (a directory or glob; with the same rule: the last file in sorted order is validation, so at
+  least two files are needed).
 Unreadable files, a missing text column or non-string text stop with a `DataError` naming the file;
 with `skip_bad_shards` an unreadable file is skipped (when its footer/lines are indexed) with a warning.
 
@@ -18,14 +20,10 @@ Batches. `make_batch_iterator` builds a grain pipeline:
   -> per-epoch shuffle of chunk order (grain shuffle, reseeded every epoch) and of documents inside a chunk
   (numpy rng seeded by (seed, epoch, chunk)) -> repeat forever (train) or one pass (val)
   -> read + tokenize each chunk with a BOS before every document (tokenizer.encode, batched, threaded)
-  -> `_PackIterDataset`: the token stream is cut into rows of seq_len+1 tokens (a row may span documents;
-     nothing is padded or dropped except the incomplete tail of a finite pass)
+  -> `packing.PackDataset`: rows of seq_len+1 tokens, "concat" or "bestfit" (its module says how, and what
+     its state is: restoring it continues with exactly the batch that would have come next)
   -> grain batch of local rows -> {"inputs": row[:, :-1], "targets": row[:, 1:]} (int32) -> thread prefetch.
-The iterator state is `{"docs": {"next_index": k}, "skip": s, "epoch": e}`: k is the position in the
-(repeated, shuffled) chunk stream of the oldest chunk that still has unconsumed tokens, s how many of its
-tokens were already emitted (e is informational). Restoring re-reads and re-tokenizes that one chunk and
-continues with exactly the batch that would have come next. `train.global_batch` assembles the processes'
-local batches into global jax.Arrays sharded over (data, fsdp).
+`train.global_batch` assembles the processes' local batches into global jax.Arrays sharded over (data, fsdp).
 """
 
 from __future__ import annotations
@@ -43,7 +41,8 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import weakref
-from collections import OrderedDict, deque
+from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -51,10 +50,24 @@ import grain
 import numpy as np
 
 from nanochat_jax.common import UserError, artifacts_dir
+from nanochat_jax.packing import PackDataset
 
-# FineWeb-EDU 100B tokens, pre-shuffled and repackaged into parquet shards by karpathy (the nanochat dataset)
-BASE_URL = "https://huggingface.co/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main"
-MAX_SHARD = 1822  # shards are shard_00000.parquet ... shard_01822.parquet
+
+@dataclass(frozen=True)
+class ShardSet:
+    """A dataset pre-shuffled and repackaged by karpathy into parquet shards shard_00000.parquet ... (~250M
+    characters each, row groups of 1024 documents, a "text" column); the last shard is the validation split."""
+
+    title: str
+    url: str
+    max_shard: int  # the last shard's index
+
+
+_HF = "https://huggingface.co/datasets/karpathy"
+SHARD_SETS = {  # data.source -> its shards: nanochat's first-release dataset and master's
+    "fineweb": ShardSet("FineWeb-EDU", f"{_HF}/fineweb-edu-100b-shuffle/resolve/main", 1822),
+    "climbmix": ShardSet("ClimbMix", f"{_HF}/climbmix-400b-shuffle/resolve/main", 6542),
+}
 EMBEDDED_CHUNK_DOCS = 32  # documents per chunk for sources without natural chunks
 JSONL_CHUNK_DOCS = 256
 
@@ -75,8 +88,8 @@ def _warn(msg: str) -> None:
 # Download
 
 
-def fineweb_dir() -> Path:
-    return artifacts_dir("data", "fineweb")
+def shards_dir(source: str) -> Path:
+    return artifacts_dir("data", source)
 
 
 def _check_parquet(path: Path) -> None:
@@ -85,7 +98,7 @@ def _check_parquet(path: Path) -> None:
     pq.ParquetFile(path).metadata  # raises on a truncated or corrupt footer
 
 
-def _download_one(name: str, data_dir: Path, base_url: str, attempts: int, backoff: float,
+def _download_one(name: str, data_dir: Path, base_url: str, title: str, attempts: int, backoff: float,
                   stop: threading.Event, progress) -> Path:
     """Fetch one file into data_dir with resume (HTTP Range on its part file), retries and atomic rename."""
     path, part = data_dir / name, part_path(data_dir, name)
@@ -127,7 +140,7 @@ def _download_one(name: str, data_dir: Path, base_url: str, attempts: int, backo
             _warn(f"download of {name} failed ({reason}); retry {attempt}/{attempts - 1} in {backoff * 2 ** (attempt - 1):.1f}s")
             stop.wait(backoff * 2 ** (attempt - 1))
     host = urllib.parse.urlsplit(base_url).netloc
-    raise DataError(f"cannot reach {host} to download FineWeb-EDU {name}: {reason}; download shards elsewhere "
+    raise DataError(f"cannot reach {host} to download {title} {name}: {reason}; download shards elsewhere "
                     f"and put them in {data_dir}, or use data.source=embedded")
 
 
@@ -146,20 +159,24 @@ def part_path(data_dir: Path, name: str) -> Path:
     return data_dir / f"{name}.{socket.gethostname()}.part"
 
 
-def download_shards(num_shards: int, workers: int = 4, data_dir: str | Path | None = None, *,
-                    base_url: str = BASE_URL, attempts: int = 5, backoff: float = 2.0) -> list[Path]:
-    """Make sure num_shards FineWeb-EDU shards are in data_dir: the first num_shards-1 (train) and the last
-    shard of the dataset (validation). Returns the local paths in sorted order. Already present files are
-    kept; interrupted downloads resume from their `.part` file."""
+def download_shards(num_shards: int, workers: int = 4, source: str = "fineweb", data_dir: str | Path | None = None,
+                    *, base_url: str | None = None, attempts: int = 5, backoff: float = 2.0) -> list[Path]:
+    """Make sure num_shards shards of SHARD_SETS[source] are in data_dir (default shards_dir(source)): the first
+    num_shards-1 (train) and the last shard of the dataset (validation). Returns the local paths in sorted order.
+    Already present files are kept; interrupted downloads resume from their `.part` file."""
     from tqdm import tqdm
 
-    data_dir = Path(data_dir) if data_dir is not None else fineweb_dir()
+    if source not in SHARD_SETS:
+        raise DataError(f"data.source={source!r} has no shards to download "
+                        f"(those with shards: {', '.join(SHARD_SETS)})")
+    shards = SHARD_SETS[source]
+    data_dir = Path(data_dir) if data_dir is not None else shards_dir(source)
     data_dir.mkdir(parents=True, exist_ok=True)
-    names = [shard_name(i) for i in range(min(num_shards - 1, MAX_SHARD))] + [shard_name(MAX_SHARD)]
+    names = [shard_name(i) for i in range(min(num_shards - 1, shards.max_shard))] + [shard_name(shards.max_shard)]
     todo = [n for n in names if not (data_dir / n).exists()]
     if todo:
         stop = threading.Event()
-        bar = tqdm(total=len(todo), unit="shard", desc=f"FineWeb-EDU -> {data_dir}", disable=None)
+        bar = tqdm(total=len(todo), unit="shard", desc=f"{shards.title} -> {data_dir}", disable=None)
         received = [0]
 
         def progress(nbytes: int) -> None:
@@ -167,7 +184,8 @@ def download_shards(num_shards: int, workers: int = 4, data_dir: str | Path | No
             bar.set_postfix_str(f"{received[0] / 1e6:.0f} MB", refresh=False)
 
         with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:
-            futures = [pool.submit(_download_one, n, data_dir, base_url, attempts, backoff, stop, progress)
+            futures = [pool.submit(_download_one, n, data_dir, base_url or shards.url, shards.title, attempts,
+                                   backoff, stop, progress)
                        for n in todo]
             try:
                 for future in concurrent.futures.as_completed(futures):
@@ -383,9 +401,10 @@ def make_source(cfg, split: str):
     """The document source for a DataConfig and split ('train' | 'val')."""
     if cfg.source == "embedded":
         return EmbeddedSource(split)
-    if cfg.source == "fineweb":
-        data_dir = fineweb_dir()
-        files = download_shards(cfg.num_shards, cfg.download_workers, data_dir)  # exactly these, present ones kept
+    if cfg.source in SHARD_SETS:
+        data_dir = shards_dir(cfg.source)
+        # exactly these, present ones kept
+        files = download_shards(cfg.num_shards, cfg.download_workers, cfg.source, data_dir)
         files = _split_files(files, split, str(data_dir))
     elif cfg.source == "files":
         files = _split_files(_list_files(cfg.path), split, cfg.path)
@@ -438,80 +457,35 @@ def chunk_stream(num_chunks: int, *, seed: int = 0, shuffle: bool = True, infini
     return ds.repeat() if infinite else ds
 
 
-class _PackIterDataset(grain.IterDataset):
-    """Cuts a stream of token arrays into rows of row_len tokens (see the module docstring for its state)."""
-
-    def __init__(self, parent: grain.IterDataset, row_len: int, chunks_per_epoch: int, num_chunks: int):
-        super().__init__(parent)
-        self.row_len, self.chunks_per_epoch, self.num_chunks = row_len, chunks_per_epoch, num_chunks
-
-    def __iter__(self):
-        return _PackIterator(self._parent.__iter__(), self.row_len, self.chunks_per_epoch, self.num_chunks)
-
-
-class _PackIterator(grain.DatasetIterator):
-    def __init__(self, parent, row_len: int, chunks_per_epoch: int, num_chunks: int):
-        super().__init__(parent)
-        self.row_len, self.chunks_per_epoch = row_len, chunks_per_epoch
-        self.num_chunks = num_chunks  # of the whole source (all processes): the shuffled order is over these
-        self._chunks: deque = deque()  # (parent state before this chunk, its tokens)
-        self._skip = 0  # tokens of the first buffered chunk already emitted
-        self._buffered = 0
-
-    def __next__(self) -> np.ndarray:
-        while self._buffered < self.row_len:
-            before = self._parent.get_state()
-            tokens = next(self._parent)  # StopIteration ends a finite pass; the incomplete tail is dropped
-            self._chunks.append((before, tokens))
-            self._buffered += len(tokens)
-        row, need = [], self.row_len
-        while need:
-            tokens = self._chunks[0][1]
-            take = min(need, len(tokens) - self._skip)
-            row.append(tokens[self._skip:self._skip + take])
-            self._skip += take
-            need -= take
-            if self._skip == len(tokens):
-                self._chunks.popleft()
-                self._skip = 0
-        self._buffered -= self.row_len
-        return np.concatenate(row)
-
-    def get_state(self) -> dict:
-        docs = dict(self._chunks[0][0] if self._chunks else self._parent.get_state())
-        return {"docs": docs, "skip": self._skip, "epoch": docs["next_index"] // self.chunks_per_epoch,
-                "chunks": self.num_chunks}
-
-    def set_state(self, state: dict) -> None:
-        if state["chunks"] != self.num_chunks:  # another data set: another order
-            print(f"data: the saved position is in an order of {state['chunks']} chunks of documents, this run has "
-                  f"{self.num_chunks} (data.num_shards or the files changed); the data order starts over",
-                  file=sys.stderr)
-            return
-        self._parent.set_state(dict(state["docs"]))
-        self._chunks.clear()
-        self._buffered = 0
-        skip = int(state["skip"])
-        if skip:
-            tokens = next(self._parent)
-            self._chunks.append((dict(state["docs"]), tokens))
-            self._skip, self._buffered = skip, len(tokens) - skip
+def _encode(tokenizer, texts: list[str], num_threads: int) -> list[np.ndarray]:
+    ids = tokenizer.encode(texts, prepend=tokenizer.bos_token_id, num_threads=num_threads)
+    return [np.asarray(t, np.int32) for t in ids]
 
 
 def _tokenize_chunk(source, tokenizer, per_epoch: int, seed: int, shuffle: bool, num_threads: int):
-    """Map function: (stream index, chunk id) -> one int32 array of BOS+document tokens."""
+    """Map function: (stream index, chunk id) -> (source indices of its documents in their order, their
+    BOS+document tokens)."""
 
-    def tokenize(index: int, chunk: int) -> np.ndarray:
+    def tokenize(index: int, chunk: int) -> tuple[np.ndarray, list[np.ndarray]]:
         start, stop = source.chunks[chunk]
-        texts = source.read(start, stop)
+        ids = np.arange(start, stop)
         if shuffle:
             epoch = index // per_epoch
-            order = np.random.default_rng([seed, epoch, chunk]).permutation(len(texts))
-            texts = [texts[k] for k in order]
-        ids = tokenizer.encode(texts, prepend=tokenizer.bos_token_id, num_threads=num_threads)
-        return np.concatenate([np.asarray(t, np.int32) for t in ids])
+            ids = start + np.random.default_rng([seed, epoch, chunk]).permutation(stop - start)
+        texts = source.read(start, stop)
+        return ids, _encode(tokenizer, [texts[i - start] for i in ids], num_threads)
 
     return tokenize
+
+
+def _encode_documents(source, tokenizer, num_threads: int):
+    """Source indices -> their BOS+document tokens (for restoring a bestfit buffer)."""
+
+    def encode(ids: list[int]) -> list[np.ndarray]:
+        texts = {i: source.read(i, i + 1)[0] for i in sorted(set(ids))}  # in order: each chunk read once
+        return _encode(tokenizer, [texts[i] for i in ids], num_threads)
+
+    return encode
 
 
 class BatchIterator:
@@ -544,11 +518,12 @@ def _split_rows(rows: np.ndarray) -> dict[str, np.ndarray]:
     return {"inputs": rows[:, :-1], "targets": rows[:, 1:]}
 
 
-def make_batch_iterator(source, tokenizer, batch_rows: int, seq_len: int, *, seed: int = 0, shuffle: bool = True,
-                        infinite: bool = True, process_index: int | None = None, process_count: int | None = None,
-                        num_threads: int = 4, prefetch: int = 2) -> BatchIterator:
-    """Packed next-token batches from a source. batch_rows is the GLOBAL number of rows per batch; each of
-    the process_count processes yields batch_rows // process_count rows from its own disjoint documents."""
+def make_batch_iterator(source, tokenizer, batch_rows: int, seq_len: int, *, packing: str = "concat",
+                        seed: int = 0, shuffle: bool = True, infinite: bool = True, process_index: int | None = None,
+                        process_count: int | None = None, num_threads: int = 4, prefetch: int = 2) -> BatchIterator:
+    """Packed next-token batches from a source (packing: see nanochat_jax.packing). batch_rows is the GLOBAL
+    number of rows per batch; each of the process_count processes yields batch_rows // process_count rows from
+    its own disjoint documents."""
     import jax
 
     process_index = jax.process_index() if process_index is None else process_index
@@ -560,7 +535,8 @@ def make_batch_iterator(source, tokenizer, batch_rows: int, seq_len: int, *, see
     per_epoch = len(range(process_index, len(source.chunks), process_count))
     ds = chunks.map_with_index(_tokenize_chunk(source, tokenizer, per_epoch, seed, shuffle, num_threads))
     ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=2))
-    ds = _PackIterDataset(ds, seq_len + 1, per_epoch, len(source.chunks))
+    ds = PackDataset(ds, packing, seq_len + 1, per_epoch, len(source.chunks),
+                     _encode_documents(source, tokenizer, num_threads))
     ds = ds.batch(batch_rows // process_count, drop_remainder=True).map(_split_rows)
     if prefetch:
         ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=prefetch)

@@ -59,7 +59,8 @@ def split_batches(cfg, tokenizer, rows: int, mesh, split: str) -> list[tuple[jax
 
     # infinite (wrapping around a small split) so that every process runs the same number of batches
     it = make_batch_iterator(make_source(cfg.data, split), tokenizer, batch_rows=rows, seq_len=cfg.model.sequence_len,
-                             shuffle=False, infinite=True, num_threads=cfg.data.tokenizer_threads)
+                             packing=cfg.data.packing, shuffle=False, infinite=True,
+                             num_threads=cfg.data.tokenizer_threads)
     num_batches = max(1, cfg.train.eval_tokens // (rows * cfg.model.sequence_len))
     batches = []
     for _, local in zip(range(num_batches), it):

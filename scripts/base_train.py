@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> dict:
         check_enough_chunks(source, split)  # an unusable split fails now, not after the training
     evaluate, latest = base_evals(cfg, run, tokenizer, rows, core_bundle(cfg))  # (the bundle: downloaded now, once)
     train_iter = make_batch_iterator(train_source, tokenizer, batch_rows=rows, seq_len=cfg.model.sequence_len,
-                                     seed=cfg.train.seed, num_threads=cfg.data.tokenizer_threads,
+                                     packing=cfg.data.packing, seed=cfg.train.seed, num_threads=cfg.data.tokenizer_threads,
                                      prefetch=cfg.data.prefetch)
     progress = run_stage(run, "base", cfg, train_iter, lambda: global_batch([next(train_iter) for _ in range(accum)], mesh),
                          evaluate, flops, seed=cfg.train.seed, not_redone=("core_metric",))

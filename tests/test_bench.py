@@ -125,9 +125,13 @@ def test_init_distributed_is_a_noop_without_env(monkeypatch):
 def test_data_bench_counts_tokens():
     import data as data_bench  # bench/data.py
 
-    results = data_bench.main(["--rows", "2", "--seq", "64", "--threads", "1,2", "--batches", "3"])
-    assert [r["threads"] for r in results] == [1, 2]
-    assert all(r["tokens_per_sec"] > 0 and r["rows"] * r["seq"] == 128 and r["vocab"] == 2048 for r in results)
+    results = data_bench.main(["--rows", "2", "--seq", "64", "--threads", "1,2", "--batches", "3", "--one-pass"])
+    timed, passes = results[:4], results[4:]
+    assert [(r["packing"], r["threads"]) for r in timed] == [(p, t) for p in ("concat", "bestfit") for t in (1, 2)]
+    assert all(r["tokens_per_sec"] > 0 and r["rows"] * r["seq"] == 128 and r["vocab"] == 2048 for r in timed)
+    concat, bestfit = passes  # rows of 65 tokens, documents of ~280: bestfit crops most, concat cuts off most
+    assert concat["dropped"] < 0.001 and concat["before_first_bos"] > 0.7
+    assert bestfit["dropped"] > 0.7 and bestfit["before_first_bos"] == 0
 
 
 def test_serve_bench_streams_in_bursts_of_one_chunk():

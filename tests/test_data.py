@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 import tiktoken
 
-from nanochat_jax import data
+from nanochat_jax import data, packing
 from nanochat_jax.config import DataConfig
 
 
@@ -73,16 +73,22 @@ def test_packing_preserves_token_stream_and_targets_are_shifted():
         np.testing.assert_array_equal(b["inputs"][:, 1:], b["targets"][:, :-1])
 
 
+@pytest.mark.parametrize("packing_", ["concat", "bestfit"])
 @pytest.mark.parametrize("shuffle", [False, True])
-def test_state_restore_gives_next_batch_exactly(shuffle):
+def test_state_restore_gives_next_batch_exactly(shuffle, packing_, monkeypatch):
+    """bestfit with a buffer of 7 documents: refilled (chunks of 5) every few rows; the pending documents,
+    some from earlier chunks and epochs, are re-tokenized from the source indices in the state."""
+    monkeypatch.setattr(packing, "BUFFER_DOCS", 7)
     src, tok = ListSource(make_docs(23)), ByteTokenizer()  # ~330 tokens/epoch: epochs every ~4 batches
-    kw = dict(seed=7, shuffle=shuffle, process_index=0, process_count=1, num_threads=2)
+    kw = dict(packing=packing_, seed=7, shuffle=shuffle, process_index=0, process_count=1, num_threads=2)
     it = data.make_batch_iterator(src, tok, 2, 40, **kw)
     states, batches = [], []
     for _ in range(14):
         states.append(it.get_state())
         batches.append(next(it))
     assert states[-1]["epoch"] >= 2  # the run crossed epoch boundaries
+    if packing_ == "bestfit":  # fewer than the buffer and one chunk, and never none once started
+        assert all(0 < len(s["pending"]) < 7 + 5 for s in states[1:])
     json.dumps(states)
     for k in (0, 1, 5, 9, 13):
         fresh = data.make_batch_iterator(src, tok, 2, 40, **kw)
@@ -93,7 +99,7 @@ def test_state_restore_gives_next_batch_exactly(shuffle):
             np.testing.assert_array_equal(got["targets"], want["targets"])
 
 
-def test_a_position_saved_over_other_data_restarts_the_order_with_a_warning(capsys):
+def test_a_position_saved_over_other_data_restarts_the_order_with_a_warning(capsys, monkeypatch):
     """A checkpoint's data position is an index into one data set's shuffled chunk order; with more or fewer
     chunks (data.num_shards changed) it would land somewhere arbitrary, so the order starts over, said aloud."""
     tok, kw = ByteTokenizer(), dict(seed=7, process_index=0, process_count=1)
@@ -114,6 +120,14 @@ def test_a_position_saved_over_other_data_restarts_the_order_with_a_warning(caps
     state = it.get_state()
     data.make_batch_iterator(ListSource(make_docs(26)), tok, 2, 40, **kw).set_state(state)
     assert "an order of 5 chunks of documents, this run has 6" in capsys.readouterr().err
+    # another data.packing: the concat position names no pending documents, a bestfit one no skip
+    monkeypatch.setattr(packing, "BUFFER_DOCS", 7)
+    other = data.make_batch_iterator(ListSource(make_docs(23)), tok, 2, 40, packing="bestfit", **kw)
+    other.set_state(state)
+    err = capsys.readouterr().err
+    assert "comes from data.packing=concat, this run packs with bestfit; the data order starts over" in err
+    fresh = data.make_batch_iterator(ListSource(make_docs(23)), tok, 2, 40, packing="bestfit", **kw)
+    np.testing.assert_array_equal(next(other)["inputs"], next(fresh)["inputs"])
 
 
 def test_train_epochs_are_reshuffled_and_complete():
@@ -151,6 +165,60 @@ def test_process_slices_are_disjoint_and_cover_everything(count):
         assert set(stream_docs[:-1]) <= mine  # the last may be cut off by the dropped tail
         got += stream_docs[:-1]
     assert len(got) == len(set(got))
+
+
+def reference_bestfit(chunks, row_len, buffer_docs):
+    """nanochat master's best fit over plain lists: chunks (lists of BOS+document token lists) -> rows."""
+    chunks, pending, rows = iter(chunks), [], []
+    while True:
+        row = []
+        while len(row) < row_len:
+            while len(pending) < buffer_docs and (chunk := next(chunks, None)) is not None:
+                pending += chunk
+            if not pending:
+                return rows
+            space = row_len - len(row)
+            fitting = [d for d in pending if len(d) <= space]
+            doc = max(fitting, key=len) if fitting else min(pending, key=len)  # the first of equal lengths
+            pending.remove(doc)
+            row += doc[:space]
+        rows.append(row)
+
+
+@pytest.mark.parametrize("index, count", [(0, 1), (1, 2)])
+def test_bestfit_rows_start_with_a_document_and_follow_master(index, count, monkeypatch):
+    monkeypatch.setattr(packing, "BUFFER_DOCS", 6)
+    docs = [f"d{i} " + "xyz"[i % 3] * (i * 37 % 90) for i in range(60)]  # 3 to 92 bytes; rows of 41 tokens
+    src = ListSource(docs, k=4)
+    it = data.make_batch_iterator(src, ByteTokenizer(), 2 * count, 40, packing="bestfit", shuffle=False,
+                                  infinite=False, process_index=index, process_count=count)
+    rows = np.concatenate([np.concatenate([b["inputs"], b["targets"][:, -1:]], 1) for b in it])
+    mine = [[[256] + list(d.encode()) for d in docs[a:b]] for a, b in src.chunks[index::count]]
+    np.testing.assert_array_equal(rows, reference_bestfit(mine, 41, 6))
+    assert (rows[:, 0] == 256).all() and len(rows) == (42, 20)[index]
+    pieces = [p for row in rows for p in split_docs(row)]
+    own = [d for chunk in mine for d in chunk]
+    assert all(any(bytes(d[1:]).decode().startswith(p) for d in own) for p in pieces)  # this process's, in order
+    used = [p for p in pieces if p in docs]  # whole documents, each once; the rest are cropped ones' heads
+    assert len(used) == len(set(used)) and len(pieces) - len(used) <= len(rows)
+
+
+def test_bestfit_crops_what_concat_cuts_off_its_start():
+    """One pass over 2000 documents of the embedded corpus (1,064 bytes each on average) in rows of 2049 byte
+    tokens: bestfit drops 5% of the tokens (cropped documents' tails) and every token sees its document's BOS;
+    concat drops only the pass's last partial rows, but 31% of its tokens sit in a row before the first BOS,
+    cut off from their document's start."""
+    src, tok = ListSource(data.EmbeddedSource("train").read(0, 2000), k=32), ByteTokenizer()
+    total = sum(len(d.encode()) + 1 for d in src.docs)
+    got = {}
+    for packing_ in ("concat", "bestfit"):
+        it = data.make_batch_iterator(src, tok, 8, 2048, packing=packing_, shuffle=False, infinite=False,
+                                      process_index=0, process_count=1)
+        rows = np.concatenate([np.concatenate([b["inputs"], b["targets"][:, -1:]], 1) for b in it])
+        first_bos = np.where((rows == 256).any(1), (rows == 256).argmax(1), rows.shape[1])
+        got[packing_] = len(rows), round(1 - rows.size / total, 4), round(float(first_bos.sum() / rows.size), 4)
+    assert total == 2_126_230
+    assert got == {"concat": (1032, 0.0055, 0.309), "bestfit": (984, 0.0517, 0.0)}
 
 
 def test_global_batch_is_sharded_over_the_batch_axes(make_mesh):
@@ -222,14 +290,16 @@ def test_bad_files_raise_clear_errors(tmp_path):
         data.make_source(DataConfig(source="files", path=str(split)), "val")
 
 
-def test_corrupt_shard_error_or_skip(tmp_path, home, capsys):
-    shards = data.fineweb_dir()
+@pytest.mark.parametrize("source", data.SHARD_SETS)
+def test_corrupt_shard_error_or_skip(source, home, capsys):
+    shards = data.shards_dir(source)
+    assert shards == home / "data" / source
     for i in range(3):
         write_parquet(shards / data.shard_name(i), [f"s{i}-{k}" for k in range(4)])
-    write_parquet(shards / data.shard_name(data.MAX_SHARD), ["val"])
+    write_parquet(shards / data.shard_name(data.SHARD_SETS[source].max_shard), ["val"])
     good = (shards / data.shard_name(1)).read_bytes()
     (shards / data.shard_name(1)).write_bytes(good[: len(good) // 2])  # truncated download
-    cfg = DataConfig(source="fineweb", num_shards=3)
+    cfg = DataConfig(source=source, num_shards=3)
     with pytest.raises(data.DataError, match=r"shard_00001\.parquet"):
         data.make_source(cfg, "train")
     cfg.skip_bad_shards = True
@@ -291,14 +361,15 @@ def server():
     httpd.server_close()
 
 
-def test_download_resume_retry_and_layout(server, tmp_path):
+@pytest.mark.parametrize("source", data.SHARD_SETS)
+def test_download_resume_retry_and_layout(source, server, tmp_path):
     url, files, fail, ranges, _ = server
-    names = [data.shard_name(0), data.shard_name(1), data.shard_name(data.MAX_SHARD)]
+    names = [data.shard_name(0), data.shard_name(1), data.shard_name(data.SHARD_SETS[source].max_shard)]
     for k, name in enumerate(names):
         files[name] = parquet_bytes([f"doc {k} {j}" for j in range(50)])
     data.part_path(tmp_path, names[1]).write_bytes(files[names[1]][:100])  # an interrupted download
     fail[names[2]] = 2  # two server errors, then success
-    paths = data.download_shards(3, 2, tmp_path, base_url=url, backoff=0.01)
+    paths = data.download_shards(3, 2, source, tmp_path, base_url=url, backoff=0.01)
     assert paths == [tmp_path / n for n in names]
     assert all(p.read_bytes() == files[p.name] for p in paths)
     assert ranges == [(names[1], "bytes=100-")]
@@ -309,25 +380,29 @@ def test_a_download_cut_short_resumes_where_it_stopped(server, tmp_path, capsys)
     """A connection that closes early reads like a clean end of data: the size check keeps the part file and
     the next attempt asks for the rest, instead of calling the file invalid parquet and starting over."""
     url, files, _, ranges, cut = server
-    names = [data.shard_name(0), data.shard_name(data.MAX_SHARD)]
+    names = [data.shard_name(0), data.shard_name(data.SHARD_SETS["fineweb"].max_shard)]
     for k, name in enumerate(names):
         files[name] = parquet_bytes([f"doc {k} {j}" for j in range(200)])
     cut[names[0]] = 1
-    paths = data.download_shards(2, 1, tmp_path, base_url=url, backoff=0.01)
+    paths = data.download_shards(2, 1, "fineweb", tmp_path, base_url=url, backoff=0.01)
     assert all(p.read_bytes() == files[p.name] for p in paths)
     assert ranges == [(names[0], f"bytes={len(files[names[0]]) // 2}-")]
     assert "closed after" in capsys.readouterr().err
 
 
-def test_download_unreachable_is_one_clear_error(tmp_path):
+@pytest.mark.parametrize("source, title", [("fineweb", "FineWeb-EDU"), ("climbmix", "ClimbMix")])
+def test_download_unreachable_is_one_clear_error(source, title, tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # nothing listens here once closed
     with pytest.raises(data.DataError) as e:
-        data.download_shards(2, 2, tmp_path, base_url=f"http://127.0.0.1:{port}", attempts=2, backoff=0.01)
+        data.download_shards(2, 2, source, tmp_path, base_url=f"http://127.0.0.1:{port}", attempts=2, backoff=0.01)
     msg = str(e.value)
-    assert f"cannot reach 127.0.0.1:{port} to download FineWeb-EDU shard_0" in msg
+    assert f"cannot reach 127.0.0.1:{port} to download {title} shard_0" in msg
     assert str(tmp_path) in msg and "data.source=embedded" in msg and "\n" not in msg
+    with pytest.raises(data.DataError, match=r"data.source='files' has no shards to download \(those with shards: "
+                                             r"fineweb, climbmix\)"):
+        data.download_shards(2, source="files")
 
 
 def test_embedded_source_with_the_real_tokenizer():

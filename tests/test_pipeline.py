@@ -173,7 +173,8 @@ def test_the_speedrun_data_path_on_local_fineweb_shards(tmp_path):
     shards = home / "data" / "fineweb"
     shards.mkdir(parents=True)
     docs = list(corpus.documents("train"))
-    for i, name in enumerate([data.shard_name(0), data.shard_name(1), data.shard_name(data.MAX_SHARD)]):
+    last = data.SHARD_SETS["fineweb"].max_shard
+    for i, name in enumerate([data.shard_name(0), data.shard_name(1), data.shard_name(last)]):
         part = docs[i::3] if i < 2 else list(corpus.documents("val"))
         pq.write_table(pa.table({"text": part}), shards / name, row_group_size=64)
     fineweb = ["--data.source=fineweb", "--data.num_shards=3"]
