@@ -5,7 +5,8 @@ The conversation is kept as chat messages for `tokenizer.render_conversation`. A
 used the calculator is stored as text / python / python_output parts (`reply_parts`), so the next turn
 renders exactly the tokens the model produced; the Chatbot only shows a Markdown view of the messages, with
 a calculator call as a python code block followed by "→ `result`", a line starting with "#" (GSM8K's
-"#### 42") kept as text, and a notice under a reply that was stopped or cut by max tokens or the context.
+"#### 42") kept as text, and a notice under a reply that was stopped or cut by max tokens or the context (kept
+with the message as its "notice", which the model never reads, so it stays in the history).
 Special tokens other than the calculator's never show as text.
 
 A base model is not a chat model: each message is continued as plain text and earlier turns are not used.
@@ -88,7 +89,7 @@ def to_markdown(content: str | list[dict]) -> str:
 
 def chat_display(messages: list[dict]) -> list[dict]:
     """The Chatbot's value for a conversation."""
-    return [{"role": m["role"], "content": to_markdown(m["content"])} for m in messages]
+    return [{"role": m["role"], "content": to_markdown(m["content"]) + m.get("notice", "")} for m in messages]
 
 
 def _chars(content: str | list[dict]) -> int:
@@ -161,8 +162,8 @@ def respond(engine, tokenizer, messages: list[dict], user_text: str, *, temperat
     """One chat turn: returns a generator of (messages, display, partial) as the reply grows. Only the last
     triple's messages hold the new turn and its reply; until then they are the conversation as it was, so a
     reply that fails half way leaves a conversation that still continues. `partial` is the conversation with
-    the turn and the reply so far (what Stop keeps). A reply cut by max_tokens or the context ends with a notice
-    in the display.
+    the turn and the reply so far (what Stop keeps). A reply cut by max_tokens or the context gets a notice (its
+    message's "notice").
 
     Raises ChatError (right away) for a request outside the limits; `messages` is not modified."""
     turn = [{"role": "user", "content": (user_text or "").strip()}]
@@ -181,13 +182,13 @@ def respond(engine, tokenizer, messages: list[dict], user_text: str, *, temperat
                 content = reply_content(parts)
                 yield (messages, shown + [{"role": "assistant", "content": to_markdown(content)}],
                        messages + turn + [{"role": "assistant", "content": content}])
-        messages = messages + turn + [{"role": "assistant", "content": reply_content(reply_parts(tokenizer, tokens))}]
-        display = chat_display(messages)
-        if len(tokens) == budget:
-            by_context = budget < max_tokens
-            display[-1]["content"] += (CUT_BY_CONTEXT.format(engine.context_len) if by_context
-                                       else CUT_BY_MAX_TOKENS.format(budget))
-        yield messages, display, messages
+        reply = {"role": "assistant", "content": reply_content(reply_parts(tokenizer, tokens))}
+        if len(tokens) == budget and budget < max_tokens:
+            reply["notice"] = CUT_BY_CONTEXT.format(engine.context_len)
+        elif len(tokens) == budget:
+            reply["notice"] = CUT_BY_MAX_TOKENS.format(budget)
+        messages = messages + turn + [reply]
+        yield messages, chat_display(messages), messages
 
     return steps(messages)
 
@@ -242,9 +243,8 @@ def build_app(engine, tokenizer, *, base: bool = False, title: str = "nanochat-j
             steps.close()  # the scheduler frees the reply's slot now
             run["end"] = "done"
         if end == "stop":  # the reply as shown, marked
-            display = chat_display(shown)
-            display[-1]["content"] += STOPPED
-            yield gr.skip(), shown, display, ""
+            shown[-1] = {**shown[-1], "notice": STOPPED}
+            yield gr.skip(), shown, chat_display(shown), ""
         elif end == "clear":
             yield gr.skip(), [], [], ""
         else:

@@ -66,9 +66,11 @@ def test_streamed_reply_equals_greedy_generation(model, tokenizer):
     chunks = [b[len(a):] for a, b in zip([""] + texts, texts)]
     assert all(b.startswith(a) for a, b in zip(texts, texts[1:]))  # each update only appends
     assert "".join(chunks) == expected and len(steps) >= 2
-    assert messages == partial == [{"role": "user", "content": "hi there"}, {"role": "assistant", "content": expected}]
-    assert display[0] == messages[0]  # the reply was cut by max_tokens (the random model never ends it): it says so
-    assert display[1]["content"] == expected + "\n\n*(cut at 12 tokens: the Max tokens setting)*"
+    cut = "\n\n*(cut at 12 tokens: the Max tokens setting)*"  # the random model never ends a reply: it says so
+    assert messages == partial == [{"role": "user", "content": "hi there"},
+                                   {"role": "assistant", "content": expected, "notice": cut}]
+    assert display == [messages[0], {"role": "assistant", "content": expected + cut}]
+    assert web.chat_display(messages + messages)[3] == display[1]  # the notice stays in the history
     assert all(m == [] for m, _, _ in steps[:-1])  # the turn is stored only with the complete reply
     assert [p[1]["content"] for _, _, p in steps[:-1]] == texts[:-1]  # ... and kept as partial for Stop
 
@@ -139,8 +141,7 @@ def test_base_model_continues_the_last_message_only(model, tokenizer):
     messages = list(web.respond(engine, tokenizer, history, "once upon", base=True, **GREEDY))[-1][0]
     prompt = tokenizer.encode("once upon", prepend=tokenizer.bos_token_id)
     assert engine.prompts == [prompt]
-    assert messages[-1] == {"role": "assistant",
-                            "content": greedy_reply(engine.engine, tokenizer, prompt, GREEDY["max_tokens"])}
+    assert messages[-1]["content"] == greedy_reply(engine.engine, tokenizer, prompt, GREEDY["max_tokens"])
 
 
 class NoEngine:
@@ -350,12 +351,13 @@ def test_thinking_then_the_reply_and_what_stop_and_clear_keep(tokenizer):
         press(run)
         return list(replies)
 
+    stopped = "\n\n*(stopped)*"
     (last,) = ended_by(fns["stop"], 0)  # before the first token: the turn stays, marked
-    assert isinstance(last[0], skip) and last[1:] == ([user, {"role": "assistant", "content": ""}],
-                                                      [user, {"role": "assistant", "content": "\n\n*(stopped)*"}], "")
+    assert isinstance(last[0], skip) and last[1:] == ([user, {"role": "assistant", "content": "", "notice": stopped}],
+                                                      [user, {"role": "assistant", "content": stopped}], "")
     (last,) = ended_by(fns["stop"], 1)
-    assert last[1:] == ([user, {"role": "assistant", "content": "o"}],
-                        [user, {"role": "assistant", "content": "o\n\n*(stopped)*"}], "")
+    assert last[1:] == ([user, {"role": "assistant", "content": "o", "notice": stopped}],
+                        [user, {"role": "assistant", "content": "o" + stopped}], "")
     assert fns["clear"]({"end": "done"}) == ("", [], [], "")
     (last,) = ended_by(fns["clear"], 1)
     assert last[1:] == ([], [], "") and run == {"end": "done"}
