@@ -197,8 +197,8 @@ def build_app(engine, tokenizer, *, base: bool = False, title: str = "nanochat-j
               top_k: int = 50, max_tokens: int = 512, seed: int = 0):
     """The Gradio Blocks app over an Engine (one reply at a time) or a Scheduler (replies of all users together,
     in its queue; a full queue shows as busy). Enter and Send are one event; a refused request shows its reason
-    in a status line under the message box, which also says "Thinking…" (and the queue ahead) until the first
-    token. Stop keeps the reply so far, marked "(stopped)"; Stop with no reply under way does nothing. Clear
+    in a status line under the message box, which also says "Thinking…" (with every slot busy: "Waiting for a free
+    slot" and the queue ahead) until the first token. Stop keeps the reply so far, marked "(stopped)"; Stop with no reply under way does nothing. Clear
     forgets the conversation.
 
     Stop and Clear do not cancel the reply's event (Gradio's cancellation races with the reply's last updates and
@@ -213,7 +213,7 @@ def build_app(engine, tokenizer, *, base: bool = False, title: str = "nanochat-j
 
     def thinking() -> str:  # (the scheduler's counts, read without its lock: for display only)
         if scheduled and engine.busy_slots() + len(engine.waiting) >= engine.slots:
-            return f"⏳ Waiting for a free slot ({len(engine.waiting)} requests ahead of yours)…"
+            return f"⏳ Waiting for a free slot ({len(engine.waiting)} ahead in the queue)…"
         return "⏳ Thinking…"
 
     def submit(user_text, messages, temperature, top_k, max_tokens, run):

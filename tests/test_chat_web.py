@@ -363,6 +363,23 @@ def test_thinking_then_the_reply_and_what_stop_and_clear_keep(tokenizer):
     assert last[1:] == ([], [], "") and run == {"end": "done"}
 
 
+class FullScheduler(Scripted):
+    """A scheduler whose slots are all busy, with three requests waiting."""
+    slots, waiting = 2, [None] * 3
+
+    def submit(self, *args, **kwargs):
+        raise AssertionError("the page streams through generate")
+
+    def busy_slots(self):
+        return 2
+
+
+def test_a_request_behind_full_slots_says_it_waits(tokenizer):
+    app = web.build_app(FullScheduler([*b"ok"]), tokenizer)
+    submit = next(fn.fn for fn in app.fns.values() if fn.name == "submit")
+    assert next(submit("hi", [], 0.0, 0, 10, {"end": "done"}))[3] == "⏳ Waiting for a free slot (3 ahead in the queue)…"
+
+
 def test_markdown_headings_and_special_tokens_are_shown_as_text(tokenizer):
     """"#### 21" (GSM8K's answer line) is escaped, not a heading; a special token the model writes mid-reply is
     not shown (nor kept), while the calculator's still make parts."""
