@@ -5,7 +5,8 @@ The conversation is kept as chat messages for `tokenizer.render_conversation`. A
 used the calculator is stored as text / python / python_output parts (`reply_parts`), so the next turn
 renders exactly the tokens the model produced; the Chatbot only shows a Markdown view of the messages, with
 a calculator call as a python code block followed by "→ `result`", a line starting with "#" (GSM8K's
-"#### 42") kept as text, and a notice under a reply that was stopped or cut by max tokens or the context.
+"#### 42") kept as text, and a notice under a reply that was stopped or cut by max tokens or the context (kept
+with the message as its "notice", which the model never reads, so it stays in the history).
 Special tokens other than the calculator's never show as text.
 
 A base model is not a chat model: each message is continued as plain text and earlier turns are not used.
@@ -88,7 +89,7 @@ def to_markdown(content: str | list[dict]) -> str:
 
 def chat_display(messages: list[dict]) -> list[dict]:
     """The Chatbot's value for a conversation."""
-    return [{"role": m["role"], "content": to_markdown(m["content"])} for m in messages]
+    return [{"role": m["role"], "content": to_markdown(m["content"]) + m.get("notice", "")} for m in messages]
 
 
 def _chars(content: str | list[dict]) -> int:
@@ -161,8 +162,8 @@ def respond(engine, tokenizer, messages: list[dict], user_text: str, *, temperat
     """One chat turn: returns a generator of (messages, display, partial) as the reply grows. Only the last
     triple's messages hold the new turn and its reply; until then they are the conversation as it was, so a
     reply that fails half way leaves a conversation that still continues. `partial` is the conversation with
-    the turn and the reply so far (what Stop keeps). A reply cut by max_tokens or the context ends with a notice
-    in the display.
+    the turn and the reply so far (what Stop keeps). A reply cut by max_tokens or the context gets a notice (its
+    message's "notice").
 
     Raises ChatError (right away) for a request outside the limits; `messages` is not modified."""
     turn = [{"role": "user", "content": (user_text or "").strip()}]
@@ -181,13 +182,13 @@ def respond(engine, tokenizer, messages: list[dict], user_text: str, *, temperat
                 content = reply_content(parts)
                 yield (messages, shown + [{"role": "assistant", "content": to_markdown(content)}],
                        messages + turn + [{"role": "assistant", "content": content}])
-        messages = messages + turn + [{"role": "assistant", "content": reply_content(reply_parts(tokenizer, tokens))}]
-        display = chat_display(messages)
-        if len(tokens) == budget:
-            by_context = budget < max_tokens
-            display[-1]["content"] += (CUT_BY_CONTEXT.format(engine.context_len) if by_context
-                                       else CUT_BY_MAX_TOKENS.format(budget))
-        yield messages, display, messages
+        reply = {"role": "assistant", "content": reply_content(reply_parts(tokenizer, tokens))}
+        if len(tokens) == budget and budget < max_tokens:
+            reply["notice"] = CUT_BY_CONTEXT.format(engine.context_len)
+        elif len(tokens) == budget:
+            reply["notice"] = CUT_BY_MAX_TOKENS.format(budget)
+        messages = messages + turn + [reply]
+        yield messages, chat_display(messages), messages
 
     return steps(messages)
 
@@ -196,9 +197,13 @@ def build_app(engine, tokenizer, *, base: bool = False, title: str = "nanochat-j
               top_k: int = 50, max_tokens: int = 512, seed: int = 0):
     """The Gradio Blocks app over an Engine (one reply at a time) or a Scheduler (replies of all users together,
     in its queue; a full queue shows as busy). Enter and Send are one event; a refused request shows its reason
-    in a status line under the message box, which also says "Thinking…" (and the queue ahead) until the first
-    token. Stop keeps the reply so far, marked "(stopped)"; Stop with no reply under way does nothing. Clear
-    forgets the conversation."""
+    in a status line under the message box, which also says "Thinking…" (with every slot busy: "Waiting for a free
+    slot" and the queue ahead) until the first token. Stop keeps the reply so far, marked "(stopped)"; Stop with no reply under way does nothing. Clear
+    forgets the conversation.
+
+    Stop and Clear do not cancel the reply's event (Gradio's cancellation races with the reply's last updates and
+    marks the chat "Error"): they set the session's `run["end"]`, and the reply's own generator, the only writer of
+    the conversation while it runs, ends at its next token with the stopped or the cleared conversation."""
     import gradio as gr
 
     from nanochat_jax.scheduler import Busy
@@ -206,52 +211,64 @@ def build_app(engine, tokenizer, *, base: bool = False, title: str = "nanochat-j
     seeds = itertools.count(seed)  # a fresh sample every turn
     scheduled = hasattr(engine, "submit")
 
-    def thinking() -> str:
-        ahead = len(engine.waiting) if scheduled else 0
-        return f"⏳ Thinking… ({ahead} requests ahead of yours)" if ahead else "⏳ Thinking…"
+    def thinking() -> str:  # (the scheduler's counts, read without its lock: for display only)
+        if scheduled and engine.busy_slots() + len(engine.waiting) >= engine.slots:
+            return f"⏳ Waiting for a free slot ({len(engine.waiting)} ahead in the queue)…"
+        return "⏳ Thinking…"
 
-    def submit(user_text, messages, temperature, top_k, max_tokens):
-        """Stream (textbox, messages, chatbot, status, partial); a refused request only sets the status line.
-        The box is emptied once, when the request is accepted, so what the user types meanwhile stays; `partial`
-        holds the conversation with the unfinished reply, for Stop."""
+    def submit(user_text, messages, temperature, top_k, max_tokens, run):
+        """Stream (textbox, messages, chatbot, status); a refused request only sets the status line. The box is
+        emptied once, when the request is accepted, so what the user types meanwhile stays."""
         try:
             steps = respond(engine, tokenizer, messages, user_text, temperature=temperature, top_k=top_k,
                             max_tokens=max_tokens, seed=next(seeds), base=base)
         except ChatError as e:
-            yield gr.skip(), gr.skip(), gr.skip(), f"⚠️ {e}", gr.skip()
+            yield gr.skip(), gr.skip(), gr.skip(), f"⚠️ {e}"
             return
-        turn = messages + [{"role": "user", "content": user_text.strip()}]
-        yield "", messages, chat_display(turn), thinking(), turn + [{"role": "assistant", "content": ""}]
+        run["end"] = None  # a reply is under way
+        shown = messages + [{"role": "user", "content": user_text.strip()}, {"role": "assistant", "content": ""}]
+        yield "", messages, chat_display(shown[:-1]), thinking()
+        end = None
         try:
             for messages, display, partial in steps:
-                yield gr.skip(), messages, display, "", partial
+                if run["end"]:  # Stop or Clear was pressed
+                    end = run["end"]
+                    break
+                yield gr.skip(), messages, display, ""
+                shown = partial
         except Busy as e:  # the turn is dropped and the message goes back in the box
-            yield user_text, messages, chat_display(messages), f"⚠️ {e}", None
+            yield user_text, messages, chat_display(messages), f"⚠️ {e}"
             return
         finally:
-            steps.close()  # on Stop (Gradio closes this generator): the scheduler frees the reply's slot now
-        yield gr.skip(), messages, display, "", None  # finished: nothing left for Stop
+            steps.close()  # the scheduler frees the reply's slot now
+            run["end"] = "done"
+        if end == "stop":  # the reply as shown, marked
+            shown[-1] = {**shown[-1], "notice": STOPPED}
+            yield gr.skip(), shown, chat_display(shown), ""
+        elif end == "clear":
+            yield gr.skip(), [], [], ""
+        else:
+            yield gr.skip(), messages, display, ""  # finished (API callers read this last update)
 
-    def stop(partial):
-        if partial is None:  # no reply under way: nothing changes
-            return gr.skip(), gr.skip(), gr.skip(), gr.skip()
-        display = chat_display(partial)
-        display[-1]["content"] += STOPPED
-        return partial, display, "", None
+    def stop(run):
+        if run["end"] is None:  # else no reply is under way: nothing changes
+            run["end"] = "stop"
 
-    def clear():
-        return "", [], [], "", None
+    def clear(run):
+        if run["end"] is None:
+            run["end"] = "clear"
+        return "", [], [], ""
 
     note = ("A base model continues your text; earlier turns are not used." if base
             else "Calculator calls show as a python block followed by → `result`.")
     with gr.Blocks(title=title) as app:
         gr.Markdown(f"## {title}\n{note}")
         messages = gr.State([])
-        partial = gr.State(None)  # the conversation with the reply being generated
+        run = gr.State(lambda: {"end": "done"})  # this session's reply: "end" is None while it runs
         chatbot = gr.Chatbot(label="Chat", height=480, feedback_options=None, buttons=["copy"])
         textbox = gr.Textbox(placeholder=f"Type a message (up to {MAX_MESSAGE_CHARS} characters) and press Enter",
                              show_label=False, autofocus=True, max_length=MAX_MESSAGE_CHARS)
-        status = gr.Markdown("")
+        status = gr.Markdown("", elem_id="status")
         with gr.Row():
             send = gr.Button("Send", variant="primary")
             stop_button = gr.Button("Stop")
@@ -263,13 +280,13 @@ def build_app(engine, tokenizer, *, base: bool = False, title: str = "nanochat-j
             max_tokens_slider = gr.Slider(*MAX_TOKENS_RANGE, value=max_tokens, step=1, label="Max tokens",
                                           info=f"a reply also ends at the model's context ({engine.context_len} tokens "
                                                "with the conversation)")
-        inputs = [textbox, messages, temperature_slider, top_k_slider, max_tokens_slider]
-        outputs = [textbox, messages, chatbot, status, partial]
+        outputs = [textbox, messages, chatbot, status]
         # with a Scheduler every user's request goes straight to its queue (which bounds them); an Engine is one
         # reply at a time
-        reply = gr.on([textbox.submit, send.click], submit, inputs, outputs, concurrency_limit=None if scheduled else 1,
-                      concurrency_id="engine", show_progress="hidden")
-        stop_button.click(stop, [partial], [messages, chatbot, status, partial], cancels=[reply])
-        clear_button.click(clear, None, outputs, cancels=[reply])
-        chatbot.clear(clear, None, outputs, cancels=[reply])  # the Chatbot's own trash icon forgets it too
+        gr.on([textbox.submit, send.click], submit,
+              [textbox, messages, temperature_slider, top_k_slider, max_tokens_slider, run], outputs,
+              concurrency_limit=None if scheduled else 1, concurrency_id="engine", show_progress="hidden")
+        stop_button.click(stop, [run], None, show_progress="hidden")
+        clear_button.click(clear, [run], outputs, show_progress="hidden")
+        chatbot.clear(clear, [run], outputs, show_progress="hidden")  # the Chatbot's trash icon too
     return app

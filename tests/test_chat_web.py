@@ -66,9 +66,11 @@ def test_streamed_reply_equals_greedy_generation(model, tokenizer):
     chunks = [b[len(a):] for a, b in zip([""] + texts, texts)]
     assert all(b.startswith(a) for a, b in zip(texts, texts[1:]))  # each update only appends
     assert "".join(chunks) == expected and len(steps) >= 2
-    assert messages == partial == [{"role": "user", "content": "hi there"}, {"role": "assistant", "content": expected}]
-    assert display[0] == messages[0]  # the reply was cut by max_tokens (the random model never ends it): it says so
-    assert display[1]["content"] == expected + "\n\n*(cut at 12 tokens: the Max tokens setting)*"
+    cut = "\n\n*(cut at 12 tokens: the Max tokens setting)*"  # the random model never ends a reply: it says so
+    assert messages == partial == [{"role": "user", "content": "hi there"},
+                                   {"role": "assistant", "content": expected, "notice": cut}]
+    assert display == [messages[0], {"role": "assistant", "content": expected + cut}]
+    assert web.chat_display(messages + messages)[3] == display[1]  # the notice stays in the history
     assert all(m == [] for m, _, _ in steps[:-1])  # the turn is stored only with the complete reply
     assert [p[1]["content"] for _, _, p in steps[:-1]] == texts[:-1]  # ... and kept as partial for Stop
 
@@ -139,8 +141,7 @@ def test_base_model_continues_the_last_message_only(model, tokenizer):
     messages = list(web.respond(engine, tokenizer, history, "once upon", base=True, **GREEDY))[-1][0]
     prompt = tokenizer.encode("once upon", prepend=tokenizer.bos_token_id)
     assert engine.prompts == [prompt]
-    assert messages[-1] == {"role": "assistant",
-                            "content": greedy_reply(engine.engine, tokenizer, prompt, GREEDY["max_tokens"])}
+    assert messages[-1]["content"] == greedy_reply(engine.engine, tokenizer, prompt, GREEDY["max_tokens"])
 
 
 class NoEngine:
@@ -301,23 +302,26 @@ def test_the_reply_stops_at_the_trained_context(tokenizer):
                                            "press Clear to start anew)*")
 
 
-def test_enter_and_send_are_one_event_that_stop_and_clear_cancel(tokenizer):
+def test_enter_and_send_are_one_event_that_stop_and_clear_end_through_the_session(tokenizer):
+    """Enter and Send are one event; Stop, Clear and the Chatbot's trash icon cancel no event (Gradio's cancellation
+    raced with the reply's last updates and showed "Error"): they read the session's run state, as Send does."""
+    import gradio as gr
+
     app = web.build_app(Scripted([]), tokenizer)
     deps = app.get_config_file()["dependencies"]
     submit = next(d for d in deps if d["api_name"] == "submit")
     assert len(submit["targets"]) == 2  # one event: pressing Enter then Send cannot queue the message twice
-    import gradio as gr
-
     names = {b._id: b.value if isinstance(b, gr.Button) else type(b).__name__ for b in app.blocks.values()}
-    cancelling = {names[t[0]] for d in deps if d.get("cancels") == [submit["id"]] for t in d["targets"]}
-    assert cancelling == {"Stop", "Clear", "Chatbot"}  # the Chatbot's trash icon too
+    run = submit["inputs"][-1]
+    assert names[run] == "State" and not any(d.get("cancels") for d in deps)
+    assert {names[t[0]] for d in deps if d["inputs"] == [run] for t in d["targets"]} == {"Stop", "Clear", "Chatbot"}
 
 
-def test_a_reply_of_only_closing_tokens_and_what_stop_keeps(tokenizer):
-    """A reply that so far holds no part (a lone <|python_end|>) streams as empty text. The Send event empties the
-    box and says "Thinking…" before the first token, and keeps the unfinished conversation for Stop: Stop keeps
-    the reply so far marked "(stopped)" (even before the first token) and leaves the box alone; after a finished
-    reply Stop changes nothing."""
+def test_thinking_then_the_reply_and_what_stop_and_clear_keep(tokenizer):
+    """A reply that so far holds no part (a lone <|python_end|>) streams as empty text. Send empties the box and
+    says "Thinking…" before the first token. Stop ends the reply at its next token, keeping what was shown marked
+    "(stopped)" (even before the first token) and leaving the box alone; Clear ends it with an empty conversation;
+    after a finished reply Stop changes nothing."""
     import gradio as gr
 
     sp = tokenizer.encode_special
@@ -326,25 +330,54 @@ def test_a_reply_of_only_closing_tokens_and_what_stop_keeps(tokenizer):
     assert steps[-1][0][-1] == {"role": "assistant", "content": ""}
     app = web.build_app(Scripted([*b"ok", sp("<|assistant_end|>")]), tokenizer)
     fns = {fn.name: fn.fn for fn in app.fns.values()}
-    outputs = list(fns["submit"]("hi", [], 0.0, 0, 10))
-    box, status, partial = [o[0] for o in outputs], [o[3] for o in outputs], [o[4] for o in outputs]
-    assert box[0] == "" and all(isinstance(b, type(gr.skip())) for b in box[1:])  # emptied once, then left alone
-    assert status[0] == "⏳ Thinking…" and outputs[0][2] == [{"role": "user", "content": "hi"}]
-    assert status[1:] == [""] * (len(outputs) - 1)
+    run = {"end": "done"}
+    skip = type(gr.skip())
+    outputs = list(fns["submit"]("hi", [], 0.0, 0, 10, run))
+    box, status = [o[0] for o in outputs], [o[3] for o in outputs]
+    assert box[0] == "" and all(isinstance(b, skip) for b in box[1:])  # emptied once, then left alone
     user = {"role": "user", "content": "hi"}
-    assert partial[0] == [user, {"role": "assistant", "content": ""}]
-    assert partial[1] == [user, {"role": "assistant", "content": "o"}] and partial[-1] is None
-    messages = outputs[-1][1]
+    assert status[0] == "⏳ Thinking…" and outputs[0][1:3] == ([], [user])
+    assert status[1:] == [""] * (len(outputs) - 1)
+    assert [o[2][-1]["content"] for o in outputs[1:3]] == ["o", "ok"]
     assert outputs[-1][1:4] == outputs[-2][1:4]  # the last update repeats the finished turn (API callers read it)
-    assert messages[-1] == {"role": "assistant", "content": "ok"}
-    assert all(isinstance(o, type(gr.skip())) for o in fns["stop"](None))  # after a finished reply: nothing
-    kept, display, status, left = fns["stop"](partial[0])  # before the first token: the turn stays, marked
-    assert kept == partial[0] and display[-1]["content"] == "\n\n*(stopped)*" and status == "" and left is None
-    kept, display, _, _ = fns["stop"](partial[1])
-    assert kept == partial[1] and display == [user, {"role": "assistant", "content": "o\n\n*(stopped)*"}]
-    stop_outputs = {d["api_name"]: d["outputs"] for d in app.get_config_file()["dependencies"]}["stop"]
-    textbox_id = next(b._id for b in app.blocks.values() if isinstance(b, gr.Textbox))
-    assert textbox_id not in stop_outputs  # Stop never refills the box
+    assert outputs[-1][1] == [user, {"role": "assistant", "content": "ok"}] and run == {"end": "done"}
+    fns["stop"](run)
+    assert run == {"end": "done"}  # after a finished reply: nothing
+
+    def ended_by(press, shown_tokens):
+        replies = fns["submit"]("hi", [], 0.0, 0, 10, run)
+        for _ in range(1 + shown_tokens):  # "Thinking…", then the tokens shown
+            next(replies)
+        press(run)
+        return list(replies)
+
+    stopped = "\n\n*(stopped)*"
+    (last,) = ended_by(fns["stop"], 0)  # before the first token: the turn stays, marked
+    assert isinstance(last[0], skip) and last[1:] == ([user, {"role": "assistant", "content": "", "notice": stopped}],
+                                                      [user, {"role": "assistant", "content": stopped}], "")
+    (last,) = ended_by(fns["stop"], 1)
+    assert last[1:] == ([user, {"role": "assistant", "content": "o", "notice": stopped}],
+                        [user, {"role": "assistant", "content": "o" + stopped}], "")
+    assert fns["clear"]({"end": "done"}) == ("", [], [], "")
+    (last,) = ended_by(fns["clear"], 1)
+    assert last[1:] == ([], [], "") and run == {"end": "done"}
+
+
+class FullScheduler(Scripted):
+    """A scheduler whose slots are all busy, with three requests waiting."""
+    slots, waiting = 2, [None] * 3
+
+    def submit(self, *args, **kwargs):
+        raise AssertionError("the page streams through generate")
+
+    def busy_slots(self):
+        return 2
+
+
+def test_a_request_behind_full_slots_says_it_waits(tokenizer):
+    app = web.build_app(FullScheduler([*b"ok"]), tokenizer)
+    submit = next(fn.fn for fn in app.fns.values() if fn.name == "submit")
+    assert next(submit("hi", [], 0.0, 0, 10, {"end": "done"}))[3] == "⏳ Waiting for a free slot (3 ahead in the queue)…"
 
 
 def test_markdown_headings_and_special_tokens_are_shown_as_text(tokenizer):

@@ -152,8 +152,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(engine, tokenizer, api_key=None, slots=4, max_queue=32, share_server=None):
-    """(url, close) of a server like chat_web.main's: one Scheduler behind the page and the API."""
+def start_server(engine, tokenizer, api_key=None, slots=4, max_queue=32, share_server=None, max_tokens=8):
+    """(url, scheduler, close) of a server like chat_web.main's: one Scheduler behind the page and the API, greedy
+    (temperature 0) with max_tokens per reply by default."""
     import argparse
 
     from nanochat_jax import web
@@ -161,8 +162,8 @@ def start_server(engine, tokenizer, api_key=None, slots=4, max_queue=32, share_s
     from test_chat_web import load_chat_web
 
     scheduler = Scheduler(engine, slots=slots, max_queue=max_queue)
-    app = web.build_app(scheduler, tokenizer, title="nanochat-jax test", temperature=0.0, max_tokens=8)
-    router = api_router(scheduler, tokenizer, model="tiny", api_key=api_key, temperature=0.0, max_tokens=8)
+    app = web.build_app(scheduler, tokenizer, title="nanochat-jax test", temperature=0.0, max_tokens=max_tokens)
+    router = api_router(scheduler, tokenizer, model="tiny", api_key=api_key, temperature=0.0, max_tokens=max_tokens)
     args = argparse.Namespace(host="127.0.0.1", port=free_port(), share=False, share_server=share_server)
     load_chat_web().launch(app, router, args)
 
