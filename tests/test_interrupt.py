@@ -1,4 +1,5 @@
-"""Nothing lost: base_train stopped by SIGTERM, or killed in the middle of a save, resumes bit-identical."""
+"""Nothing lost: base_train stopped by SIGTERM, or killed by SIGKILL during a step or in the middle of a save,
+resumes bit-identical: parameters, optimizer state, data position and the logged losses."""
 
 import hashlib
 import itertools
@@ -26,11 +27,30 @@ TINY = [
 ]
 
 
-def start(home: Path, *args: str) -> subprocess.Popen:
+def start(home: Path, *args: str, devices: int = 1) -> subprocess.Popen:
     env = dict(os.environ, NANOCHAT_JAX_HOME=str(home), JAX_PLATFORMS="cpu",
-               XLA_FLAGS="--xla_force_host_platform_device_count=1")
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
     return subprocess.Popen([sys.executable, "scripts/base_train.py", *TINY, *args], env=env, cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def kill_when(proc: subprocess.Popen, ready, timeout: float = 300) -> bool:
+    """SIGKILL `proc` as soon as ready() holds (polled every millisecond); False when it finished first."""
+    deadline = time.time() + timeout
+    while proc.poll() is None:
+        if ready():
+            proc.send_signal(signal.SIGKILL)
+            proc.communicate()
+            assert proc.returncode == -signal.SIGKILL
+            return True
+        assert time.time() < deadline, "the run neither finished nor became ready to kill"
+        time.sleep(0.001)
+    return False
+
+
+def saving(home: Path, step: int | None = None) -> bool:
+    """Whether a save (of `step`, default any) is under way: Orbax's temporary directory exists."""
+    return any(run_dir(home).glob(f"{step if step is not None else '*'}.orbax-checkpoint-tmp*"))
 
 
 def finish(proc: subprocess.Popen) -> tuple[str, str]:
@@ -43,11 +63,14 @@ def run_dir(home: Path) -> Path:
     return home / "checkpoints" / "base" / "d1"
 
 
-def params_hash(home: Path, step: int = STEPS) -> str:
-    params = ocp.StandardCheckpointer().restore(run_dir(home) / str(step) / "params")
+def state_hash(home: Path, step: int = STEPS) -> str:
+    """sha256 of checkpoint `step`'s parameters, optimizer state and data position."""
     digest = hashlib.sha256()
-    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
-        digest.update(jax.tree_util.keystr(path).encode() + np.asarray(leaf).tobytes())
+    for item in ("params", "opt_state"):
+        tree = ocp.StandardCheckpointer().restore(run_dir(home) / str(step) / item)
+        for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+            digest.update(item.encode() + jax.tree_util.keystr(path).encode() + np.asarray(leaf).tobytes())
+    digest.update((run_dir(home) / str(step) / "data" / "metadata").read_bytes())
     return digest.hexdigest()
 
 
@@ -57,9 +80,18 @@ def logged_steps(home: Path) -> list[int]:
     return [json.loads(line)["step"] for line in lines if line.endswith("}") and '"loss"' in line]
 
 
+def logged(home: Path) -> list[dict]:
+    """The metrics file's records without their timings: every loss, smoothed loss, gradient norm, lr multiplier
+    and evaluation, in order."""
+    timings = ("tokens_per_sec", "mfu", "elapsed_s")
+    records = (json.loads(line) for line in (home / "report" / "base_train.jsonl").read_text().splitlines())
+    return [{k: v for k, v in r.items() if k not in timings} for r in records]
+
+
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory):
-    """A tokenizer and an uninterrupted 20-step depth-1 run (checkpoints 10, 15, 20 kept): (home, params hash)."""
+    """A tokenizer and an uninterrupted 20-step depth-1 run (checkpoints 10, 15, 20 kept): (home, state hash of
+    step 20, logged records)."""
     from nanochat_jax import corpus
     from nanochat_jax.tokenizer import Tokenizer
 
@@ -68,7 +100,7 @@ def straight(tmp_path_factory):
         home / "tokenizer")
     finish(start(home))
     assert sorted(p.name for p in run_dir(home).iterdir() if p.name.isdigit()) == ["10", "15", "20"]
-    return home, params_hash(home)
+    return home, state_hash(home), logged(home)
 
 
 def test_a_save_cut_short_and_a_corrupt_step_are_set_aside(straight, tmp_path):
@@ -92,7 +124,7 @@ def test_a_save_cut_short_and_a_corrupt_step_are_set_aside(straight, tmp_path):
     assert f"resumed from {ckpts}/10" in out
     assert sorted(p.name for p in Path(f"{ckpts}.broken").iterdir()) == ["15", "20.orbax-checkpoint-tmp"]
     assert logged_steps(home)[-10:] == list(range(11, 21))
-    assert params_hash(home) == straight[1]
+    assert state_hash(home) == straight[1]
 
 
 @pytest.mark.slow
@@ -113,4 +145,75 @@ def test_sigterm_saves_exits_0_and_the_resumed_run_is_bit_identical(straight, tm
     assert stopped[0].endswith(f"; resume with: python scripts/base_train.py {' '.join(TINY)} --train.resume=true")
     out, _ = finish(start(home, "--train.resume=true"))
     assert f"resumed from {run_dir(home)}/{step}" in out
-    assert params_hash(home) == straight[1]
+    assert state_hash(home) == straight[1]
+
+
+def fresh_home(straight, tmp_path, name: str = "home") -> Path:
+    home = tmp_path / name
+    home.mkdir()
+    shutil.copytree(straight[0] / "tokenizer", home / "tokenizer")
+    return home
+
+
+def complete_steps(home: Path) -> list[int]:
+    return sorted(int(p.name) for p in run_dir(home).glob("*") if p.name.isdigit()) if run_dir(home).is_dir() else []
+
+
+def test_sigkill_during_a_save_then_resume_is_bit_identical(straight, tmp_path):
+    """SIGKILL while step 10's save is being written (its Orbax temporary directory exists): the resumed run
+    sets the cut-short save aside, continues from step 5 and ends with the uninterrupted run's parameters,
+    optimizer state, data position and logged records, bit for bit."""
+    home = fresh_home(straight, tmp_path)
+    assert kill_when(start(home), lambda: saving(home, 10))
+    assert saving(home, 10) and complete_steps(home) == [5]
+    out, err = finish(start(home, "--train.resume=true"))
+    assert (f"resume: skipped step 10: its save was cut short (Orbax never finished 10.orbax-checkpoint-tmp); "
+            f"moved it to {run_dir(home)}.broken/10.orbax-checkpoint-tmp") in err.splitlines()
+    assert f"resumed from {run_dir(home)}/5" in out
+    assert state_hash(home) == straight[1]
+    assert logged(home) == straight[2]
+
+
+def kill_and_resume(reference, home: Path, kills: int, seed: int, *args: str, devices: int = 1) -> list[str]:
+    """Up to `kills` SIGKILLs, each at a random moment 0 to 0.4 s after the run (or the resumed run) logged its
+    first new step, each followed by a resume (a fresh start while no checkpoint is complete), then one to the
+    end. Returns what each kill hit: 'save' when a save's temporary directory was left, else 'step'. The final
+    state and logged records must be the reference run's (home, state hash, records)."""
+    rng = np.random.default_rng(seed)
+    hit = []
+    while True:
+        resume = ("--train.resume=true",) if complete_steps(home) else ()
+        proc = start(home, *args, *resume, devices=devices)
+        if len(hit) == kills:
+            break
+        before, delay, since = (complete_steps(home) or [0])[-1], rng.uniform(0, 0.4), []
+
+        def ready() -> bool:
+            if not since and any(step > before for step in logged_steps(home)):
+                since.append(time.time())
+            return bool(since) and time.time() >= since[0] + delay
+
+        if not kill_when(proc, ready):
+            break
+        hit.append("save" if saving(home) else "step")
+    finish(proc)
+    assert state_hash(home) == reference[1]
+    assert logged(home) == reference[2]
+    return hit
+
+
+@pytest.mark.slow
+def test_repeated_sigkills_at_random_moments_resume_bit_identical(straight, tmp_path):
+    hit = kill_and_resume(straight, fresh_home(straight, tmp_path), 4, seed=0)
+    assert len(hit) >= 2, hit
+
+
+@pytest.mark.slow
+def test_sigkill_and_resume_on_the_8_device_mesh_is_bit_identical(straight, tmp_path):
+    """Eight simulated devices, the parameters sharded (fsdp=8): killed and resumed, the same run as there."""
+    mesh = ("--mesh.fsdp=8", "--train.device_batch_size=1", "--train.total_batch_size=256")
+    ref = fresh_home(straight, tmp_path, "reference")
+    finish(start(ref, *mesh, devices=8))
+    hit = kill_and_resume((ref, state_hash(ref), logged(ref)), fresh_home(straight, tmp_path), 2, 1, *mesh,
+                          devices=8)
+    assert hit, "the run finished before a kill"
