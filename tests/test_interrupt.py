@@ -27,9 +27,9 @@ TINY = [
 ]
 
 
-def start(home: Path, *args: str, devices: int = 1) -> subprocess.Popen:
+def start(home: Path, *args: str, devices: int = 1, **env: str) -> subprocess.Popen:
     env = dict(os.environ, NANOCHAT_JAX_HOME=str(home), JAX_PLATFORMS="cpu",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", **env)
     return subprocess.Popen([sys.executable, "scripts/base_train.py", *TINY, *args], env=env, cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -60,7 +60,8 @@ def finish(proc: subprocess.Popen) -> tuple[str, str]:
 
 
 def run_dir(home: Path) -> Path:
-    return home / "checkpoints" / "base" / "d1"
+    root = Path(os.environ.get("NANOCHAT_JAX_CHECKPOINTS", home / "checkpoints"))  # (set by small_disk)
+    return root / "base" / "d1"
 
 
 def state_hash(home: Path, step: int = STEPS) -> str:
@@ -217,3 +218,38 @@ def test_sigkill_and_resume_on_the_8_device_mesh_is_bit_identical(straight, tmp_
     hit = kill_and_resume((ref, state_hash(ref), logged(ref)), fresh_home(straight, tmp_path), 2, 1, *mesh,
                           devices=8)
     assert hit, "the run finished before a kill"
+
+
+@pytest.fixture
+def small_disk(tmp_path, monkeypatch):
+    """A 600 KiB tmpfs as the checkpoint root (room for one checkpoint of the tiny run, not two); skipped where
+    mounting is not allowed."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=600k", "tmpfs", str(disk)], capture_output=True)
+    if mounted.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    monkeypatch.setenv("NANOCHAT_JAX_CHECKPOINTS", str(disk))
+    yield disk
+    subprocess.run(["umount", str(disk)], check=True)
+
+
+def test_a_full_disk_stops_the_run_in_one_line_and_the_previous_checkpoint_resumes(straight, tmp_path, small_disk):
+    """Step 10's save runs out of space: exit 1 with one line naming the directory, the space a checkpoint needs
+    and the space free; step 5 is intact: with more room the run resumes from it to the uninterrupted result."""
+    home = fresh_home(straight, tmp_path)
+    proc = start(home)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 1, err[-3000:]
+    line = err.strip().splitlines()[-1]
+    step5 = sum(f.stat().st_size for f in (run_dir(home) / "5").rglob("*") if f.is_file())
+    assert line.startswith(f"base_train: no space left on the disk of {run_dir(home)} for a checkpoint: it needs "
+                           f"about {step5 / 2**20:.1f} MiB free there, 0.")
+    assert line.endswith(f"MiB are free; free some space (or set NANOCHAT_JAX_CHECKPOINTS to a larger disk); step 5 "
+                         "is intact: resume from it with --train.resume=true"), line
+    assert complete_steps(home) == [5] and saving(home, 10)
+    subprocess.run(["mount", "-o", "remount,size=4m", str(small_disk)], check=True)
+    out, err = finish(start(home, "--train.resume=true"))
+    assert f"resumed from {run_dir(home)}/5" in out
+    assert state_hash(home) == straight[1]
+    assert logged(home) == straight[2]
