@@ -132,3 +132,82 @@ def fuzz(url: str, count: int, seed: int, api_key: str | None = None, check=None
     return {"requests": total + count // 50, "answered": statuses.get(200, 0),
             "refusals": sum(n for s, n in statuses.items() if 400 <= s < 500),
             "crashes": sum(n for s, n in statuses.items() if s >= 500), "statuses": dict(sorted(statuses.items()))}
+
+
+def kill_campaign(work: Path, kills: int, seed: int) -> dict:
+    """An uninterrupted tiny base_train, then the same run killed `kills` times and resumed to the end."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    import itertools
+
+    import test_interrupt as t
+
+    from nanochat_jax import corpus
+    from nanochat_jax.tokenizer import Tokenizer
+
+    reference, home = work / "reference", work / "killed"
+    Tokenizer.train_from_iterator(itertools.islice(corpus.documents("train"), 2000), vocab_size=300).save(
+        reference / "tokenizer")
+    t.finish(t.start(reference))
+    (home / "tokenizer").parent.mkdir(parents=True)
+    subprocess.run(["cp", "-r", str(reference / "tokenizer"), str(home / "tokenizer")], check=True)
+    campaign = t.kill_and_resume(home, kills, seed)
+    same = t.state_hash(home) == t.state_hash(reference) and t.logged(home) == t.logged(reference)
+    return {"kills": len(campaign["hit"]), "kills_during_save": campaign["hit"].count("save"),
+            "resumes": campaign["resumes"], "bit_identical_runs": f"{int(same)}/1",
+            "broken_checkpoints_skipped": len(campaign["skipped"]), "home": home}
+
+
+def serve_fuzz(home: Path, count: int, seed: int) -> dict:
+    """scripts/chat_web.py serving the campaign's base checkpoint, `count` hostile requests, then its peak RSS."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**__import__("os").environ, "NANOCHAT_JAX_HOME": str(home), "JAX_PLATFORMS": "cpu",
+           "GRADIO_ANALYTICS_ENABLED": "False"}
+    server = subprocess.Popen([sys.executable, "scripts/chat_web.py", "--source", "base", "-p", str(port),
+                               "--api-key", "bench", "-t", "0", "-m", "8"], cwd=ROOT, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 300
+        while True:
+            try:
+                if httpx.get(url + "/health", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if server.poll() is not None or time.time() > deadline:
+                raise SystemExit(f"chat_web did not start (exit code {server.returncode})")
+            time.sleep(0.5)
+        stats = fuzz(url, count, seed, "bench")
+        stats["server_alive"] = server.poll() is None and httpx.get(url + "/health").json()["status"] == "ok"
+        status = Path(f"/proc/{server.pid}/status").read_text().splitlines()
+        stats["server_peak_rss_mib"] = int(next(x for x in status if x.startswith("VmHWM")).split()[1]) // 1024
+        return stats
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--kills", type=int, default=3, help="SIGKILLs of the base_train run")
+    parser.add_argument("--requests", type=int, default=1000, help="hostile requests to the server")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="nanochat-jax-reliability-") as work:
+        t0 = time.time()
+        kills = kill_campaign(Path(work), args.kills, args.seed)
+        t1 = time.time()
+        requests = serve_fuzz(kills.pop("home"), args.requests, args.seed)
+        t2 = time.time()
+    print(f"base_train: kills {kills['kills']} ({kills['kills_during_save']} during a save) | resumes "
+          f"{kills['resumes']} | bit-identical runs {kills['bit_identical_runs']} | broken checkpoints skipped "
+          f"{kills['broken_checkpoints_skipped']} | {t1 - t0:.0f} s")
+    print(f"chat_web: requests sent {requests['requests']} | answered {requests['answered']} | refusals "
+          f"{requests['refusals']} | crashes {requests['crashes'] + (not requests['server_alive'])} | peak RSS "
+          f"{requests['server_peak_rss_mib']} MiB | statuses {requests['statuses']} | {t2 - t1:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -34,18 +34,19 @@ def start(home: Path, *args: str, devices: int = 1, **env: str) -> subprocess.Po
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def kill_when(proc: subprocess.Popen, ready, timeout: float = 300) -> bool:
-    """SIGKILL `proc` as soon as ready() holds (polled every millisecond); False when it finished first."""
+def kill_when(proc: subprocess.Popen, ready, timeout: float = 300) -> tuple[str, str] | None:
+    """SIGKILL `proc` as soon as ready() holds (polled every millisecond): its (stdout, stderr); None when it
+    finished first."""
     deadline = time.time() + timeout
     while proc.poll() is None:
         if ready():
             proc.send_signal(signal.SIGKILL)
-            proc.communicate()
+            output = proc.communicate()
             assert proc.returncode == -signal.SIGKILL
-            return True
+            return output
         assert time.time() < deadline, "the run neither finished nor became ready to kill"
         time.sleep(0.001)
-    return False
+    return None
 
 
 def saving(home: Path, step: int | None = None) -> bool:
@@ -175,38 +176,46 @@ def test_sigkill_during_a_save_then_resume_is_bit_identical(straight, tmp_path):
     assert logged(home) == straight[2]
 
 
-def kill_and_resume(reference, home: Path, kills: int, seed: int, *args: str, devices: int = 1) -> list[str]:
-    """Up to `kills` SIGKILLs, each at a random moment 0 to 0.4 s after the run (or the resumed run) logged its
-    first new step, each followed by a resume (a fresh start while no checkpoint is complete), then one to the
-    end. Returns what each kill hit: 'save' when a save's temporary directory was left, else 'step'. The final
-    state and logged records must be the reference run's (home, state hash, records)."""
+def kill_and_resume(home: Path, kills: int, seed: int, *args: str, devices: int = 1) -> dict:
+    """Up to `kills` SIGKILLs, each at a random moment 0 to 0.4 s after the run (or the resumed run) logged a
+    step past its start with a complete checkpoint there, each followed by a resume, then one to the end.
+    Returns {"hit": what each kill hit ('save' when a save's temporary directory was left, else 'step'),
+    "resumes": how many runs resumed, "skipped": the "resume: skipped ..." lines}."""
     rng = np.random.default_rng(seed)
-    hit = []
+    hit, resumes, skipped = [], 0, []
     while True:
-        resume = ("--train.resume=true",) if complete_steps(home) else ()
+        resume = ("--train.resume=true",) if hit else ()
+        resumes += bool(resume)
+        launched = time.time()
         proc = start(home, *args, *resume, devices=devices)
         if len(hit) == kills:
+            output = finish(proc)
             break
         before, delay, since = (complete_steps(home) or [0])[-1], rng.uniform(0, 0.4), []
 
-        def ready() -> bool:
-            if not since and any(step > before for step in logged_steps(home)):
+        def ready() -> bool:  # (the records of a killed run's last steps stay until the run rewrites the file)
+            log = home / "report" / "base_train.jsonl"
+            fresh = log.exists() and log.stat().st_mtime > launched
+            if not since and fresh and max(logged_steps(home), default=0) > before and complete_steps(home):
                 since.append(time.time())
             return bool(since) and time.time() >= since[0] + delay
 
-        if not kill_when(proc, ready):
+        if (output := kill_when(proc, ready)) is None:
+            output = finish(proc)
             break
         hit.append("save" if saving(home) else "step")
-    finish(proc)
-    assert state_hash(home) == reference[1]
-    assert logged(home) == reference[2]
-    return hit
+        skipped += [line for line in output[1].splitlines() if line.startswith("resume: skipped")]
+    skipped += [line for line in output[1].splitlines() if line.startswith("resume: skipped")]
+    return {"hit": hit, "resumes": resumes, "skipped": skipped}
 
 
 @pytest.mark.slow
 def test_repeated_sigkills_at_random_moments_resume_bit_identical(straight, tmp_path):
-    hit = kill_and_resume(straight, fresh_home(straight, tmp_path), 4, seed=0)
-    assert len(hit) >= 2, hit
+    home = fresh_home(straight, tmp_path)
+    campaign = kill_and_resume(home, 4, seed=0)
+    assert len(campaign["hit"]) >= 2, campaign
+    assert state_hash(home) == straight[1]
+    assert logged(home) == straight[2]
 
 
 @pytest.mark.slow
@@ -215,9 +224,11 @@ def test_sigkill_and_resume_on_the_8_device_mesh_is_bit_identical(straight, tmp_
     mesh = ("--mesh.fsdp=8", "--train.device_batch_size=1", "--train.total_batch_size=256")
     ref = fresh_home(straight, tmp_path, "reference")
     finish(start(ref, *mesh, devices=8))
-    hit = kill_and_resume((ref, state_hash(ref), logged(ref)), fresh_home(straight, tmp_path), 2, 1, *mesh,
-                          devices=8)
-    assert hit, "the run finished before a kill"
+    home = fresh_home(straight, tmp_path)
+    campaign = kill_and_resume(home, 2, 1, *mesh, devices=8)
+    assert campaign["hit"], "the run finished before a kill"
+    assert state_hash(home) == state_hash(ref)
+    assert logged(home) == logged(ref)
 
 
 @pytest.fixture
