@@ -25,12 +25,21 @@ TINY = [
     "--train.eval_tokens=512", "--train.sample_every=0", "--train.eval_every=0", "--train.log_every=1",
     "--mesh.data=1", f"--train.num_iterations={STEPS}", "--train.checkpoint_every=5", "--train.keep_checkpoints=3",
 ]
+STAGES = {  # stage: (script, its settings), mid and SFT on the cpu mixtures, each from the stage before
+    "base": ("scripts/base_train.py", []),
+    "mid": ("scripts/mid_train.py", ["--mid.mixture=cpu", "--mid.device_batch_size=4", "--mid.total_batch_size=128",
+                                     "--mid.eval_tokens=512", f"--mid.num_iterations={STEPS}", "--mid.eval_every=0"]),
+    "sft": ("scripts/chat_sft.py", ["--sft.mixture=cpu", "--sft.device_batch_size=4",
+                                    "--sft.target_examples_per_step=4", "--sft.eval_steps=1", f"--sft.num_iterations={STEPS}", "--sft.eval_every=0",
+                                    "--sft.eval_metrics_every=0"]),
+}
 
 
-def start(home: Path, *args: str, devices: int = 1, **env: str) -> subprocess.Popen:
+def start(home: Path, *args: str, devices: int = 1, stage: str = "base", **env: str) -> subprocess.Popen:
     env = dict(os.environ, NANOCHAT_JAX_HOME=str(home), JAX_PLATFORMS="cpu",
                XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", **env)
-    return subprocess.Popen([sys.executable, "scripts/base_train.py", *TINY, *args], env=env, cwd=ROOT,
+    script, settings = STAGES[stage]
+    return subprocess.Popen([sys.executable, script, *TINY, *settings, *args], env=env, cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -49,9 +58,9 @@ def kill_when(proc: subprocess.Popen, ready, timeout: float = 300) -> tuple[str,
     return None
 
 
-def saving(home: Path, step: int | None = None) -> bool:
+def saving(home: Path, step: int | None = None, stage: str = "base") -> bool:
     """Whether a save (of `step`, default any) is under way: Orbax's temporary directory exists."""
-    return any(run_dir(home).glob(f"{step if step is not None else '*'}.orbax-checkpoint-tmp*"))
+    return any(run_dir(home, stage).glob(f"{step if step is not None else '*'}.orbax-checkpoint-tmp*"))
 
 
 def finish(proc: subprocess.Popen) -> tuple[str, str]:
@@ -60,33 +69,33 @@ def finish(proc: subprocess.Popen) -> tuple[str, str]:
     return out, err
 
 
-def run_dir(home: Path) -> Path:
+def run_dir(home: Path, stage: str = "base") -> Path:
     root = Path(os.environ.get("NANOCHAT_JAX_CHECKPOINTS", home / "checkpoints"))  # (set by small_disk)
-    return root / "base" / "d1"
+    return root / stage / "d1"
 
 
-def state_hash(home: Path, step: int = STEPS) -> str:
+def state_hash(home: Path, step: int = STEPS, stage: str = "base") -> str:
     """sha256 of checkpoint `step`'s parameters, optimizer state and data position."""
     digest = hashlib.sha256()
     for item in ("params", "opt_state"):
-        tree = ocp.StandardCheckpointer().restore(run_dir(home) / str(step) / item)
+        tree = ocp.StandardCheckpointer().restore(run_dir(home, stage) / str(step) / item)
         for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
             digest.update(item.encode() + jax.tree_util.keystr(path).encode() + np.asarray(leaf).tobytes())
-    digest.update((run_dir(home) / str(step) / "data" / "metadata").read_bytes())
+    digest.update((run_dir(home, stage) / str(step) / "data" / "metadata").read_bytes())
     return digest.hexdigest()
 
 
-def logged_steps(home: Path) -> list[int]:
-    path = home / "report" / "base_train.jsonl"
+def logged_steps(home: Path, stage: str = "base") -> list[int]:
+    path = home / "report" / f"{stage}_train.jsonl"
     lines = path.read_text().splitlines() if path.exists() else []
     return [json.loads(line)["step"] for line in lines if line.endswith("}") and '"loss"' in line]
 
 
-def logged(home: Path) -> list[dict]:
+def logged(home: Path, stage: str = "base") -> list[dict]:
     """The metrics file's records without their timings: every loss, smoothed loss, gradient norm, lr multiplier
     and evaluation, in order."""
     timings = ("tokens_per_sec", "mfu", "elapsed_s")
-    records = (json.loads(line) for line in (home / "report" / "base_train.jsonl").read_text().splitlines())
+    records = (json.loads(line) for line in (home / "report" / f"{stage}_train.jsonl").read_text().splitlines())
     return [{k: v for k, v in r.items() if k not in timings} for r in records]
 
 
@@ -157,8 +166,8 @@ def fresh_home(straight, tmp_path, name: str = "home") -> Path:
     return home
 
 
-def complete_steps(home: Path) -> list[int]:
-    return sorted(int(p.name) for p in run_dir(home).glob("*") if p.name.isdigit()) if run_dir(home).is_dir() else []
+def complete_steps(home: Path, stage: str = "base") -> list[int]:
+    return sorted(int(p.name) for p in run_dir(home, stage).glob("*") if p.name.isdigit())
 
 
 def test_sigkill_during_a_save_then_resume_is_bit_identical(straight, tmp_path):
@@ -176,7 +185,7 @@ def test_sigkill_during_a_save_then_resume_is_bit_identical(straight, tmp_path):
     assert logged(home) == straight[2]
 
 
-def kill_and_resume(home: Path, kills: int, seed: int, *args: str, devices: int = 1) -> dict:
+def kill_and_resume(home: Path, kills: int, seed: int, *args: str, devices: int = 1, stage: str = "base") -> dict:
     """Up to `kills` SIGKILLs, each at a random moment 0 to 0.4 s after the run (or the resumed run) logged a
     step past its start with a complete checkpoint there, each followed by a resume, then one to the end.
     Returns {"hit": what each kill hit ('save' when a save's temporary directory was left, else 'step'),
@@ -187,23 +196,24 @@ def kill_and_resume(home: Path, kills: int, seed: int, *args: str, devices: int 
         resume = ("--train.resume=true",) if hit else ()
         resumes += bool(resume)
         launched = time.time()
-        proc = start(home, *args, *resume, devices=devices)
+        proc = start(home, *args, *resume, devices=devices, stage=stage)
         if len(hit) == kills:
             output = finish(proc)
             break
-        before, delay, since = (complete_steps(home) or [0])[-1], rng.uniform(0, 0.4), []
+        before, delay, since = (complete_steps(home, stage) or [0])[-1], rng.uniform(0, 0.4), []
 
         def ready() -> bool:  # (the records of a killed run's last steps stay until the run rewrites the file)
-            log = home / "report" / "base_train.jsonl"
+            log = home / "report" / f"{stage}_train.jsonl"
             fresh = log.exists() and log.stat().st_mtime > launched
-            if not since and fresh and max(logged_steps(home), default=0) > before and complete_steps(home):
+            past = max(logged_steps(home, stage), default=0) > before
+            if not since and fresh and past and complete_steps(home, stage):
                 since.append(time.time())
             return bool(since) and time.time() >= since[0] + delay
 
         if (output := kill_when(proc, ready)) is None:
             output = finish(proc)
             break
-        hit.append("save" if saving(home) else "step")
+        hit.append("save" if saving(home, stage=stage) else "step")
         skipped += [line for line in output[1].splitlines() if line.startswith("resume: skipped")]
     skipped += [line for line in output[1].splitlines() if line.startswith("resume: skipped")]
     return {"hit": hit, "resumes": resumes, "skipped": skipped}
@@ -264,3 +274,20 @@ def test_a_full_disk_stops_the_run_in_one_line_and_the_previous_checkpoint_resum
     assert f"resumed from {run_dir(home)}/5" in out
     assert state_hash(home) == straight[1]
     assert logged(home) == straight[2]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["mid", "sft"])
+def test_sigkills_in_mid_and_sft_resume_bit_identical(straight, tmp_path, stage):
+    """Mid training from the straight run's base checkpoint (SFT from such a mid run's), killed twice at random
+    moments and resumed: the same run as without the kills."""
+    ref, home = tmp_path / "reference", tmp_path / "home"
+    shutil.copytree(straight[0], ref)
+    if stage == "sft":
+        finish(start(ref, stage="mid"))
+    shutil.copytree(ref, home)
+    finish(start(ref, stage=stage))
+    campaign = kill_and_resume(home, 2, 2, stage=stage)
+    assert campaign["hit"], "the run finished before a kill"
+    assert state_hash(home, stage=stage) == state_hash(ref, stage=stage)
+    assert logged(home, stage) == logged(ref, stage)
