@@ -27,6 +27,7 @@ from nanochat_jax import web
 from nanochat_jax.scheduler import Busy
 
 N_RANGE = (1, 8)
+SEED_RANGE = (-2**63, 2**63 - N_RANGE[1])  # the n replies take seed, seed + 1, ...: all are 64-bit integers
 MAX_STOPS = 4
 DEFAULT_MAX_TOKENS = 512
 
@@ -89,8 +90,9 @@ def _parse(body, defaults: dict) -> dict:
     if not isinstance(options, dict):
         raise web.ChatError("'stream_options' must be an object such as {\"include_usage\": true}.")
     seed = body.get("seed")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise web.ChatError(f"'seed' must be an integer, got {seed!r}.")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)
+                             or not SEED_RANGE[0] <= seed <= SEED_RANGE[1]):
+        raise web.ChatError(f"'seed' must be an integer from {SEED_RANGE[0]} to {SEED_RANGE[1]}, got {seed!r}.")
     get = lambda name: body.get(name) if body.get(name) is not None else defaults[name]  # noqa: E731
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
     temperature, top_k, max_tokens = web.check_request(
@@ -135,8 +137,10 @@ def api_router(scheduler, tokenizer, *, model: str, api_key: str | None = None, 
             return no
         try:
             body = json.loads(await request.body())
-        except ValueError as e:
+        except ValueError as e:  # (invalid UTF-8 included)
             return error(400, f"The request body is not valid JSON: {e}")
+        except RecursionError:
+            return error(400, "The request body is not valid JSON: it is nested too deeply.")
         try:
             settings = _parse(body, defaults)
             prompt = web.completion_prompt(tokenizer, settings["messages"], base, scheduler.context_len)

@@ -11,9 +11,10 @@ Layout: `<root>/<stage>/d<depth>/<step>/` with one Orbax item per part, where ro
 Saving is asynchronous (Orbax writes in the background; `wait()` blocks until it is on disk) and keeps the
 newest `keep` steps. Orbax writes a step in `<step>.orbax-checkpoint-tmp` and renames it when complete, so a kill
 during a save leaves that temporary directory, which no listing counts; `set_aside_unfinished` and `set_aside`
-(used when a run resumes) move such leftovers and steps that fail to restore to `<directory>.broken/`, never
-deleting them. Restoring takes abstract targets (`jax.ShapeDtypeStruct` with a sharding), so a
-checkpoint written on one mesh restores onto any other mesh.
+(used when a run resumes) move such leftovers and steps that fail to restore to `<directory>.broken/`, and a new
+run moves what a previous run left to `<directory>.previous-<n>/` (`set_aside_previous_run`): nothing is deleted.
+Restoring takes abstract targets (`jax.ShapeDtypeStruct` with a sharding), so a checkpoint written on one mesh
+restores onto any other mesh.
 
 `load_model(stage)` rebuilds an nnx GPT from the latest checkpoint of a stage for inference. With mesh=None
 the parameters land on one device (the first local one): right for chat/eval of small models; pass a mesh
@@ -22,7 +23,10 @@ to shard a large model.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -89,31 +93,31 @@ def _check_shared(directory: Path) -> None:
                               "(or NANOCHAT_JAX_HOME) to a directory on a mount all hosts share")
 
 
-def set_aside_previous_run(directory) -> None:
-    """A new run in `directory`: the checkpoints a previous run left there move to `<directory>.previous/`
-    (replacing what an older run left there), so the new run neither trips over their step numbers nor mixes its
-    checkpoints with theirs."""
+def set_aside_previous_run(directory) -> Path | None:
+    """A new run in `directory`: whatever a previous run left there (checkpoints, saves a kill cut short, its
+    config.toml) moves to `<directory>.previous-<n>/`, n one more than the highest already there, so the new run
+    neither trips over their step numbers nor mixes its checkpoints with theirs, and nothing is ever deleted.
+    Says so in one line; returns the new directory (None when there was nothing to move)."""
     directory = Path(directory).absolute()
     _check_shared(directory)
-    steps = sorted((p for p in directory.glob("*") if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name))
-    if steps and jax.process_index() == 0:
-        import shutil
-
-        previous = directory.with_name(directory.name + ".previous")
-        older = sorted(p.name for p in previous.glob("*") if p.is_dir() and p.name.isdigit())
-        shutil.rmtree(previous, ignore_errors=True)
-        if older:
-            print(f"new run: deleted the older backup {previous} (steps {', '.join(older)}); one run is kept there",
-                  file=sys.stderr)
-        previous.mkdir(parents=True)
-        for path in steps:
+    left = sorted(p for p in directory.glob("*") if not p.name.startswith("."))
+    previous = None
+    if left:
+        taken = [int(p.name.rsplit("-", 1)[1]) for p in directory.parent.glob(f"{directory.name}.previous-*")
+                 if p.name.rsplit("-", 1)[1].isdigit()]
+        previous = directory.with_name(f"{directory.name}.previous-{max(taken, default=0) + 1}")
+    if previous and jax.process_index() == 0:
+        previous.mkdir()
+        for path in left:
             path.rename(previous / path.name)
-        print(f"new run: moved the previous run's checkpoints (steps {', '.join(p.name for p in steps)}) from "
-              f"{directory} to {previous} (--train.resume=true continues a run instead)", file=sys.stderr)
+        steps = sorted((p.name for p in left if p.name.isdigit()), key=int)
+        print(f"new run: moved the previous run in {directory} (steps {', '.join(steps) or 'none'}) to {previous}; "
+              "--train.resume=true continues a run instead", file=sys.stderr)
     if jax.process_count() > 1:  # the others wait until process 0 has moved them
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices("checkpoint: previous run set aside")
+    return previous
 
 
 class Checkpointer:
@@ -122,6 +126,7 @@ class Checkpointer:
     def __init__(self, directory, keep: int = 2, async_save: bool = True):
         self.directory = Path(directory).absolute()
         _check_shared(self.directory)
+        self._bytes = 0  # the arrays of the latest save, about the space a checkpoint takes
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
         self._manager = ocp.CheckpointManager(self.directory, options=options,
                                               item_names=("params", "opt_state", "data", "meta"))
@@ -135,9 +140,30 @@ class Checkpointer:
         items = dict(params=ocp.args.StandardSave(params), data=ocp.args.JsonSave(data), meta=ocp.args.JsonSave(meta))
         if opt_state is not None:
             items["opt_state"] = ocp.args.StandardSave(opt_state)
-        self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+        self._bytes = sum(leaf.nbytes for leaf in jax.tree.leaves((params, opt_state)))
+        with self._disk_full_said():  # (an asynchronous save's failure comes out at the next save or wait)
+            self._manager.save(step, args=ocp.args.Composite(**items), force=True)
         if wait:
             self.wait()
+
+    @contextlib.contextmanager
+    def _disk_full_said(self):
+        """A save that ran out of disk space: CheckpointError in one line naming the directory, the space a
+        checkpoint needs (as the newest complete one takes, else its arrays' bytes) and the space free; the
+        complete checkpoints before it are untouched."""
+        try:
+            yield
+        except Exception as e:
+            if os.strerror(errno.ENOSPC) not in str(e):
+                raise
+            steps = sorted(int(p.name) for p in self.directory.iterdir() if p.name.isdigit())
+            need = sum(f.stat().st_size for f in (self.directory / str(steps[-1])).rglob("*") if f.is_file()) \
+                if steps else self._bytes
+            intact = f"; step {steps[-1]} is intact: resume from it with --train.resume=true" if steps else ""
+            raise CheckpointError(f"no space left on the disk of {self.directory} for a checkpoint: it needs about "
+                                  f"{_mib(need)} free there, {_mib(shutil.disk_usage(self.directory).free)} "
+                                  f"are free; free some space (or set {CHECKPOINTS_ENV} to a larger disk){intact}"
+                                  ) from None
 
     def all_steps(self) -> list[int]:
         return sorted(self._manager.all_steps())
@@ -222,11 +248,16 @@ class Checkpointer:
             multihost_utils.sync_global_devices("checkpoint: broken step set aside")
 
     def wait(self) -> None:
-        self._manager.wait_until_finished()
+        with self._disk_full_said():
+            self._manager.wait_until_finished()
 
     def close(self) -> None:
-        self._manager.wait_until_finished()
+        self.wait()
         self._manager.close()
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
 
 
 def _depth_dirs(stage: str) -> tuple[Path, list[Path]]:

@@ -137,9 +137,13 @@ except MemoryError:
 except BaseException as e:
     status = {"ok": False, "error": f"{type(e).__name__}: {e}"[:1000], "memory": False}
 scope.clear()
+for stream in (sys.stdout, sys.stderr):
+    try:
+        stream.flush()
+    except BaseException as e:  # output past the file size limit: the status is still reported
+        if status["ok"]:
+            status = {"ok": False, "error": f"{type(e).__name__}: {e}"[:1000], "memory": False}
 try:
-    sys.stdout.flush()
-    sys.stderr.flush()
     status_file.write(json.dumps(status))
     status_file.close()
 except BaseException:

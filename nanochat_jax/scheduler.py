@@ -96,10 +96,11 @@ class Scheduler:
             raise ValueError(f"the prompt must hold 1 to {self.context_len - 1} tokens, got {len(prompt)}")
         top_k, top_p = top_k or 0, 1.0 if top_p is None else top_p
         if (not isinstance(max_tokens, (int, np.integer)) or max_tokens < 1 or not temperature >= 0
-                or not isinstance(top_k, (int, np.integer)) or top_k < 0 or not 0 <= top_p <= 1):
-            raise ValueError(f"need a whole max_tokens >= 1, temperature >= 0, a whole top_k >= 0 and 0 <= top_p <= 1;"
-                             f" got max_tokens={max_tokens!r}, temperature={temperature!r}, top_k={top_k!r}, "
-                             f"top_p={top_p!r}")
+                or not isinstance(top_k, (int, np.integer)) or top_k < 0 or not 0 <= top_p <= 1
+                or not isinstance(seed, (int, np.integer)) or not -2**63 <= seed < 2**63):
+            raise ValueError(f"need a whole max_tokens >= 1, temperature >= 0, a whole top_k >= 0, 0 <= top_p <= 1 "
+                             f"and a 64-bit integer seed; got max_tokens={max_tokens!r}, temperature={temperature!r}, "
+                             f"top_k={top_k!r}, top_p={top_p!r}, seed={seed!r}")
         request = Request(list(prompt), min(int(max_tokens), self.context_len - len(prompt)), sink,
                           float(temperature), int(top_k), float(top_p), int(seed))
         with self.cond:

@@ -289,28 +289,31 @@ def run_stage(run: TrainRun, stage: str, cfg: Config, data, next_batch: Callable
                           peak_flops=peak_flops_per_device(compute_dtype=run.model_cfg.compute_dtype), num_devices=info["num_devices"], append=train.resume,
                           not_redone=not_redone)
     tokens, stop = 0, StopSignal()
-    for step in range(start, run.num_iterations + 1):
-        last = step == run.num_iterations
-        with progress.paused():  # evals, samples and checkpoints do not count in tokens/s and MFU
-            if (step > start and (last or (train.checkpoint_every > 0 and step % train.checkpoint_every == 0))
-                    or (stop.requested and ckpt.latest_step() != step)):
-                run.save(ckpt, step, data_state, checkpoint_meta(stage, step, cfg, run.model_cfg, tokenizer), wait=last)
-            if stop.requested:
-                progress.close()
-                stop.exit(ckpt, step)
-            evaluate(step, last, progress)
-        if last:
-            break
-        metrics = run.step(batch)
-        data_state = data.get_state()  # before fetching: the batch of step+1 comes from here
-        tokens += batch["inputs"].size
-        batch = next_batch()  # overlaps the device's step
-        if (step + 1) % train.log_every == 0 or step + 1 == run.num_iterations:
-            m = jax.device_get(metrics)  # the one host sync of the loop
-            progress.log(step + 1, m["loss"], tokens, grad_norm=m["grad_norm"], lr_multiplier=m["lr_multiplier"],
-                         num_tokens=m["num_tokens"])
-            tokens = 0
-    stop.close()
-    progress.close()
+    try:
+        for step in range(start, run.num_iterations + 1):
+            last = step == run.num_iterations
+            with progress.paused():  # evals, samples and checkpoints do not count in tokens/s and MFU
+                if (step > start and (last or (train.checkpoint_every > 0 and step % train.checkpoint_every == 0))
+                        or (stop.requested and ckpt.latest_step() != step)):
+                    run.save(ckpt, step, data_state, checkpoint_meta(stage, step, cfg, run.model_cfg, tokenizer),
+                             wait=last)
+                if stop.requested:
+                    progress.close()
+                    stop.exit(ckpt, step)
+                evaluate(step, last, progress)
+            if last:
+                break
+            metrics = run.step(batch)
+            data_state = data.get_state()  # before fetching: the batch of step+1 comes from here
+            tokens += batch["inputs"].size
+            batch = next_batch()  # overlaps the device's step
+            if (step + 1) % train.log_every == 0 or step + 1 == run.num_iterations:
+                m = jax.device_get(metrics)  # the one host sync of the loop
+                progress.log(step + 1, m["loss"], tokens, grad_norm=m["grad_norm"],
+                             lr_multiplier=m["lr_multiplier"], num_tokens=m["num_tokens"])
+                tokens = 0
+    finally:  # (the bar's last line comes before an error's)
+        stop.close()
+        progress.close()
     ckpt.close()
     return progress

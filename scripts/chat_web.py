@@ -42,6 +42,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def refuse_invalid(request, exc):
+    """A request that fails the routes' own validation (Gradio's among them): 422 with what was wrong, never the
+    request's values echoed back (FastAPI's default does, and fails with a 500 on text UTF-8 cannot hold, such as
+    a lone surrogate escaped in the JSON)."""
+    from fastapi.responses import JSONResponse
+
+    errors = "; ".join(f"{'.'.join(map(str, e.get('loc', ())))}: {e.get('msg', '')}" for e in exc.errors())
+    return JSONResponse({"detail": errors.encode("utf-8", "replace").decode()}, status_code=422)
+
+
 def launch(app, router, args) -> str | None:
     """Start the Gradio app with the API's routes on its FastAPI app (given to the app as it is made, so they
     answer from the first connection); returns the share link, if one opened. Without a network the share link
@@ -49,11 +59,14 @@ def launch(app, router, args) -> str | None:
     import contextlib
     import io
 
+    from fastapi.exceptions import RequestValidationError
+
     share = args.share or args.share_server is not None
     quiet = io.StringIO()
     with contextlib.redirect_stdout(quiet) if share else contextlib.nullcontext():
         app.launch(server_name=args.host, server_port=args.port, quiet=True, prevent_thread_lock=True, share=share,
-                   share_server_address=args.share_server, app_kwargs={"routes": list(router.routes)})
+                   share_server_address=args.share_server,
+                   app_kwargs={"routes": list(router.routes), "exception_handlers": {RequestValidationError: refuse_invalid}})
     if share and not app.share_url:
         where = f"share server {args.share_server}" if args.share_server else "Gradio's share server"
         print(f"chat_web: could not open a public link through {where}; serving locally only", file=sys.stderr)

@@ -26,7 +26,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--compute-dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"],
                         help="model.compute_dtype recorded in the checkpoint (parameters are stored in float32)")
     parser.add_argument("--force", action="store_true", help="import even if the run directory holds checkpoints "
-                        "(they are set aside to <dir>.previous)")
+                        "(they are set aside to <dir>.previous-<n>)")
     return parser.parse_args(argv)
 
 
@@ -56,7 +56,7 @@ def main(argv=None) -> int:
     save_token_bytes(tokenizer, tok_dir)
     meta = checkpoint_meta(args.stage, args.step, Config(model=cfg), cfg, tokenizer_record(tok_dir),
                            imported_from=str(Path(args.folder).absolute()))
-    # --force: the checkpoints there are set aside to <directory>.previous (their tokenizer is replaced below, and
+    # --force: the checkpoints there are set aside to <directory>.previous-<n> (their tokenizer is replaced below, and
     # the fingerprint in their metadata then refuses to load them with it)
     if args.force:
         set_aside_previous_run(directory)

@@ -105,36 +105,38 @@ def test_keep_last_n_and_latest_step(tmp_path, make_mesh):
     ckpt.close()
 
 
-def test_fresh_run_sets_the_previous_run_aside(tmp_path, capsys):
-    """A new (not resumed) run in a directory that holds another run's checkpoints moves them to
-    <dir>.previous instead of failing at its first save on an existing step (or mixing the two runs)."""
+def test_fresh_run_sets_every_previous_run_aside_and_deletes_nothing(tmp_path, capsys):
+    """A new (not resumed) run in a directory that a previous run left things in moves all of it (steps, a save
+    a kill cut short, config.toml) to <dir>.previous-<n>, n counting up: three runs later every run is still
+    there and restorable."""
     run_dir = tmp_path / "d2"
     params = {"w": jnp.ones((4,))}
     first = Checkpointer(run_dir, keep=3, async_save=False)
     for step in (10, 20):
         first.save(step, params, None, {}, {"step": step, "run": 1})
     first.close()
-    (run_dir / "config.toml").write_text("kept")
+    (run_dir / "config.toml").write_text("run 1")
+    (run_dir / "30.orbax-checkpoint-tmp").mkdir()
 
-    set_aside_previous_run(run_dir)
-    second = Checkpointer(run_dir, keep=3, async_save=False)
-    assert second.all_steps() == [] and second.latest_step() is None
-    assert "moved the previous run's checkpoints (steps 10, 20)" in capsys.readouterr().err
-    previous = tmp_path / "d2.previous"
-    assert sorted(p.name for p in previous.iterdir()) == ["10", "20"]
-    assert (run_dir / "config.toml").read_text() == "kept"
-    second.save(20, jax.tree.map(lambda a: 2 * a, params), None, {}, {"step": 20, "run": 2})  # same step number
-    second.close()
-    old = Checkpointer(previous, async_save=False)
-    assert old.all_steps() == [10, 20] and old.restore(20, params)["meta"]["run"] == 1
-    old.close()
-
-    set_aside_previous_run(run_dir)  # a third run replaces the older backup
-    assert sorted(p.name for p in previous.iterdir()) == ["20"]
-    assert Checkpointer(run_dir).all_steps() == []
-    err = capsys.readouterr().err
-    assert "deleted the older backup" in err and "(steps 10, 20)" in err and "(steps 20)" in err
-    set_aside_previous_run(tmp_path / "empty")  # nothing to move: nothing said
+    assert set_aside_previous_run(run_dir) == tmp_path / "d2.previous-1"
+    assert capsys.readouterr().err == (f"new run: moved the previous run in {run_dir} (steps 10, 20) to "
+                                       f"{tmp_path / 'd2.previous-1'}; --train.resume=true continues a run instead\n")
+    assert list(run_dir.iterdir()) == []
+    assert sorted(p.name for p in (tmp_path / "d2.previous-1").iterdir()) == [
+        "10", "20", "30.orbax-checkpoint-tmp", "config.toml"]
+    for run in (2, 3):
+        ckpt = Checkpointer(run_dir, keep=3, async_save=False)
+        assert ckpt.all_steps() == []
+        ckpt.save(20, jax.tree.map(lambda a: run * a, params), None, {}, {"step": 20, "run": run})  # same step
+        ckpt.close()
+        assert set_aside_previous_run(run_dir) == tmp_path / f"d2.previous-{run}"
+    assert capsys.readouterr().err.count("new run: moved the previous run") == 2
+    for run in (1, 2, 3):
+        old = Checkpointer(tmp_path / f"d2.previous-{run}", async_save=False)
+        restored = old.restore(20, params)
+        assert restored["meta"]["run"] == run and float(restored["params"]["w"][0]) == run
+        old.close()
+    assert set_aside_previous_run(tmp_path / "empty") is None  # nothing to move: nothing said
     assert "moved" not in capsys.readouterr().err
 
 

@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from nanochat_jax.execution import execute_code
+from nanochat_jax.execution import MAX_FILE_BYTES, MAX_OUTPUT_CHARS, execute_code
 
 
 def test_success_captures_stdout_and_stderr():
@@ -120,3 +120,25 @@ def test_network_is_refused():
             server.accept()  # nobody ever connected
     finally:
         server.close()
+
+
+@pytest.mark.parametrize("stream", ["stdout", "stderr"])
+def test_an_output_flood_stops_at_the_file_size_limit_and_is_cut_in_the_result(stream):
+    t0 = time.monotonic()
+    r = execute_code(f"import sys\nwhile True:\n    sys.{stream}.write('x' * 999 + '\\n')", timeout=20)
+    assert time.monotonic() - t0 < 10  # stopped by RLIMIT_FSIZE (16 MiB written), not by the timeout
+    assert not r.success and not r.timeout and r.error == "OSError: [Errno 27] File too large"
+    assert len(getattr(r, stream)) == MAX_OUTPUT_CHARS and getattr(r, stream).startswith("x" * 999 + "\n")
+
+
+def test_a_file_never_grows_past_the_file_size_limit():
+    r = execute_code("import os\nf = open('big', 'wb')\ntry:\n    f.write(b'x' * (MAX + 1))\n    f.flush()\n"
+                     "except OSError as e:\n    print(e)\nprint(os.path.getsize('big'))".replace("MAX", str(MAX_FILE_BYTES)))
+    assert r.stdout == f"[Errno 27] File too large\n{MAX_FILE_BYTES}\n"
+
+
+def test_one_huge_allocation_and_a_runaway_recursion_are_plain_errors():
+    r = execute_code("x = bytearray(2**40)", max_memory_bytes=256 * 2**20)
+    assert not r.success and r.memory_exceeded and r.error == "MemoryError"
+    r = execute_code("def f():\n    return f()\nf()")
+    assert not r.success and not r.memory_exceeded and r.error.startswith("RecursionError: maximum recursion depth")

@@ -130,7 +130,7 @@ def test_slot_reuse_cancel_and_queue_full(engine):
 
 def test_bad_requests_are_refused(scheduler):
     for prompt, kwargs in [([], {}), ([1] * 128, {}), (PROMPTS[0], {"temperature": -1}),
-                           (PROMPTS[0], {"top_p": 1.5}), (PROMPTS[0], {"top_k": 0.5})]:
+                           (PROMPTS[0], {"top_p": 1.5}), (PROMPTS[0], {"top_k": 0.5}), (PROMPTS[0], {"seed": 2**63})]:
         with pytest.raises(ValueError):
             scheduler.submit(prompt, 5, lambda *e: None, **kwargs)
     with pytest.raises(ValueError, match="max_tokens"):
@@ -256,6 +256,7 @@ def test_models_health_and_the_api_key(server, client):
     ({"messages": [{"role": "user", "content": "hi"}], "n": 9}, "n must be between 1 and 8"),
     ({"messages": [{"role": "user", "content": "hi"}], "stop": 5}, "'stop' must be"),
     ({"messages": [{"role": "user", "content": "hi"}], "seed": "x"}, "'seed' must be an integer"),
+    ({"messages": [{"role": "user", "content": "hi"}], "seed": 2**63}, "'seed' must be an integer from"),
     ({"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]}, "should be 'assistant'"),
     ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]}, "last message"),
 ])

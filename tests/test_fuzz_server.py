@@ -1,0 +1,91 @@
+"""Request fuzz (bench/reliability.py's generator) against the chat server of test_serve (the Gradio page and the
+API on one port, a tiny random model): every request gets an answer or a clear 4xx, never a 5xx; the server stays
+up with bounded memory; text a user types never becomes a control token; a greedy request answers as before."""
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+
+import reliability  # noqa: E402
+from test_serve import API_KEY, engine, start_server, tokenizer  # noqa: E402,F401  (module fixtures)
+
+
+def rss_mib() -> float:
+    return int(next(line for line in open("/proc/self/status") if line.startswith("VmRSS")).split()[1]) / 1024
+
+
+@pytest.fixture(scope="module")
+def server(engine, tokenizer):  # noqa: F811
+    url, scheduler, close = start_server(engine, tokenizer, api_key=API_KEY)
+    yield url, scheduler
+    close()
+
+
+def greedy(url: str) -> dict:
+    body = {"messages": [{"role": "user", "content": "hi there"}], "temperature": 0, "max_tokens": 10}
+    response = httpx.post(url + reliability.PATH, json=body, headers={"Authorization": f"Bearer {API_KEY}"},
+                          timeout=120)
+    assert response.status_code == 200, response.text
+    return {k: response.json()[k] for k in ("choices", "usage")}
+
+
+def run_fuzz(server, tokenizer, count: int, seed: int):  # noqa: F811
+    """The fuzz with every submitted prompt checked: its special tokens are exactly those the renderer puts
+    around the request's messages (rendered with each content replaced by "x"), whatever the text holds."""
+    url, scheduler = server
+    before, rss_before = greedy(url), rss_mib()
+    specials, submitted, wrong = set(tokenizer.special.values()), [], []
+    submit = scheduler.submit
+
+    def spy(prompt, *args, **kwargs):
+        submitted.append(list(prompt))
+        return submit(prompt, *args, **kwargs)
+
+    def check(request, status, body):
+        method, path, _, data, kind = request
+        assert status < 500, (status, request[:3], data[:300], body[:300])
+        if path == reliability.PATH and method == "POST" and status in (400, 401):  # one clear line
+            message = json.loads(body)["error"]["message"]
+            assert message and "\n" not in message and "Traceback" not in message, message
+        if status == 200 and path == reliability.PATH and method == "POST":
+            messages = json.loads(data)["messages"]
+            plain = [{"role": m["role"], "content": "x"} for m in messages] + [{"role": "assistant", "content": ""}]
+            expected = [t for t in tokenizer.render_for_completion({"messages": plain}, max_tokens=1 << 30)
+                        if t in specials]
+            wrong.extend(p for p in submitted if [t for t in p if t in specials] != expected)
+        submitted.clear()
+
+    scheduler.submit = spy
+    try:
+        stats = reliability.fuzz(url, count, seed, API_KEY, check)
+    finally:
+        del scheduler.submit
+    deadline = time.time() + 60
+    while (scheduler.busy_slots() or scheduler.waiting) and time.time() < deadline:  # abandoned ones cancelled
+        time.sleep(0.05)
+    assert scheduler.busy_slots() == 0 and not scheduler.waiting and scheduler.error is None
+    assert not wrong, wrong[:3]
+    assert stats["crashes"] == 0, stats
+    assert httpx.get(url + "/health").json()["status"] == "ok"
+    assert greedy(url) == before
+    return stats, rss_mib() - rss_before
+
+
+def test_a_thousand_hostile_requests(server, tokenizer):  # noqa: F811
+    stats, grown = run_fuzz(server, tokenizer, 1000, seed=0)
+    assert stats["requests"] == 1000 + 100 + 20
+    assert stats["answered"] > 50 and stats["refusals"] > 700, stats
+    assert grown < 200, f"RSS grew by {grown:.0f} MiB"
+
+
+@pytest.mark.slow
+def test_ten_thousand_hostile_requests(server, tokenizer):  # noqa: F811
+    stats, grown = run_fuzz(server, tokenizer, 10_000, seed=1)
+    assert stats["answered"] > 500 and stats["refusals"] > 7000, stats
+    assert grown < 200, f"RSS grew by {grown:.0f} MiB"
