@@ -26,6 +26,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
+from nanochat_jax import splash
 from nanochat_jax.common import device_info, is_main_process, peak_flops_per_device, print0
 from nanochat_jax.config import (RUNTIME_MODEL_FIELDS, Config, ConfigError, ModelConfig, OptimConfig,
                                  model_config_from_dict, to_dict, to_toml)
@@ -171,6 +172,7 @@ class TrainRun:
                  seed: int = 0, params=None, objective: Callable = lm_loss, abstract: bool = False):
         self.model_cfg, self.optim_cfg, self.num_iterations, self.mesh = model_cfg, optim_cfg, num_iterations, mesh
         self.objective = objective
+        splash.prepare(model_cfg, mesh)  # the kernel built outside the step's trace serves every mesh
         self.optimizer = build_optimizer(optim_cfg, model_cfg.n_embd, num_iterations)
         self.graphdef, abstract_params = nnx.split(nnx.eval_shape(lambda: init_model(model_cfg, seed)), nnx.Param)
         shapes = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=nnx.to_pure_dict(abstract_params),

@@ -86,7 +86,7 @@ OPTIM = OptimConfig(warmdown_ratio=0.5, ns_dtype="float32")
 TINY = ModelConfig(depth=2, aspect_ratio=32, head_dim=16, vocab_size=128, sequence_len=128, compute_dtype="float32")
 
 
-def _train(cfg, mesh_shape, steps=3):
+def _train(cfg, mesh_shape, steps=2):
     """(losses of `steps` train steps, gradients of the first batch at the initial parameters) on a mesh."""
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, cfg.vocab_size, size=(steps, 2, 8, cfg.sequence_len + 1), dtype=np.int32)
