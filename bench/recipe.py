@@ -16,7 +16,7 @@ over --points), at the same token positions in both, and at each run's end. The 
 
 Each recipe is scripts/base_train.py in a subprocess (JAX on CPU) in one temporary NANOCHAT_JAX_HOME with a
 tokenizer trained there (scripts/tok_train.py on the embedded corpus); logs go to that home, kept with --keep.
-Prints the table, the final values and their ratio, a JSON line starting with `JSON `, and the plot's path.
+Prints the table, the final values and their ratio, a JSON line starting with `JSON `, then the plot's path.
 """
 
 from __future__ import annotations
@@ -188,13 +188,13 @@ def main(argv=None) -> dict:
           f"{recipes['modern']['flops']:.3e} FLOPs) | modern/first_release {modern / first:.4f}")
     print("wall time (noisy, shared machine): " + ", ".join(
         f"{n} {r['wall_s'] / 60:.1f} min ({r['summary']['tokens_per_sec']:,.0f} tok/s)" for n, r in results.items()))
-    path = Path(args.plot) if args.plot else artifacts_dir("bench") / "recipe_bpb.png"
-    plot(results, path)
-    print(f"plot: {path}")
     out = {"processor": cpu_model(), "budget_flops": flops, "eval_every": eval_every, "ratio_final": modern / first,
            **{name: {**r["plan"], "curve": r["curve"], "wall_s": r["wall_s"],
                      "tokens_per_sec": r["summary"]["tokens_per_sec"]} for name, r in results.items()}}
     print("JSON " + json.dumps(out))
+    path = Path(args.plot) if args.plot else artifacts_dir("bench") / "recipe_bpb.png"
+    plot(results, path)
+    print(f"plot: {path}")
     return out
 
 
