@@ -1,6 +1,8 @@
-"""bench/train_step.py end to end on a tiny model, the HLO summary on a hand-written module, and init_distributed staying off without its environment."""
+"""bench/train_step.py end to end on a tiny model, the HLO summary on a hand-written module, bench/recipe.py's equal-FLOPs
+step counts, and init_distributed staying off without its environment."""
 
 import gzip
+import importlib.util
 import json
 import os
 import subprocess
@@ -13,10 +15,11 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
+import recipe  # noqa: E402
 import train_step  # noqa: E402
 
 from nanochat_jax import common, distributed  # noqa: E402
-from nanochat_jax.config import ModelConfig  # noqa: E402
+from nanochat_jax.config import ModelConfig, TrainConfig  # noqa: E402
 from nanochat_jax.model import num_params  # noqa: E402
 
 TINY = ["--model.depth=2", "--model.aspect_ratio=32", "--model.head_dim=32", "--model.vocab_size=512",
@@ -195,3 +198,29 @@ def test_mfu_on_cpu_is_against_the_measured_matmul_peak():
     assert common.peak_flops_per_device("cpu", "float32") * jax.local_device_count() == pytest.approx(whole)
     assert common.peak_flops_per_device("NVIDIA H100 80GB HBM3") == 989e12  # accelerators: the datasheet
     assert common.peak_flops_per_device("some new accelerator") is None
+
+
+def test_recipe_bench_gives_both_recipes_the_same_flops():
+    recipes, every = recipe.plans(8e12, points=4)
+    first, modern = recipes["first_release"], recipes["modern"]
+    assert (first["steps"], modern["steps"], every) == (78, 81, 19)  # windows: 4.7% fewer FLOPs per modern token
+    assert (first["flops_per_token"], modern["flops_per_token"]) == (25_165_824, 23_986_896)
+    # the same matrices (+120 gate weights); the value-embedding tables are lookups, counted apart
+    assert (first["matmul_params"], modern["matmul_params"]) == (3_670_016, 3_670_136)
+    assert (first["table_params"], modern["table_params"]) == (2048 * 256, 3 * 2048 * 256)
+    assert (first["params"], modern["params"]) == (4_194_304, 5_243_010)
+    spec = importlib.util.spec_from_file_location("base_train", ROOT / "scripts" / "base_train.py")
+    base_train = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(base_train)
+    for p in recipes.values():
+        assert p["flops"] == p["steps"] * p["flops_per_token"] * 4096
+        assert abs(p["flops"] - 8e12) <= p["flops_per_token"] * 4096 / 2  # within half a step of the budget
+        horizon = TrainConfig(num_iterations=-1, target_flops=8e12, total_batch_size=p["tokens_per_step"])
+        assert base_train.training_horizon(horizon, p["params"], p["flops_per_token"]) == p["steps"]
+    assert recipe.budget(recipe.parse_args([])) == 6e13  # 10 minutes at CPU_TRAIN_FLOPS
+    assert recipe.budget(recipe.parse_args(["--minutes", "1", "--flops", "2e12"])) == 2e12
+    default, _ = recipe.plans(6e13, points=10)
+    assert (default["first_release"]["steps"], default["modern"]["steps"]) == (582, 611)
+    assert default["modern"]["flops"] / default["first_release"]["flops"] == pytest.approx(1.0006, abs=1e-4)
+    with pytest.raises(SystemExit):
+        recipe.parse_args(["--points", "0"])

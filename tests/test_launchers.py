@@ -73,6 +73,8 @@ def test_modern_recipe_config_loads_with_the_launchers_overrides(launcher):
     assert cfg.run == "d24_modern" and cfg.model.depth == 24 and cfg.model.window_pattern == "SSSL"
     assert cfg.optim.orthogonalizer == "polar_express" and cfg.tokenizer.vocab_size == 32768
     assert cfg.model.attention_impl == ("splash" if launcher == "run_tpu.sh" else "cudnn")
+    if launcher == "run_tpu.sh":  # 8 rows plan over a v6e chip's 32 GB (bench/RESULTS.md)
+        assert cfg.train.device_batch_size == cfg.mid.device_batch_size == 4
 
 
 def test_gpu_launcher_halves_rows_with_real_config_keys():
