@@ -18,7 +18,7 @@ import random
 import re
 
 from nanochat_jax import corpus
-from nanochat_jax.tasks.base import Task
+from nanochat_jax.tasks.base import Task, check_choice
 from nanochat_jax.tasks.gsm8k import evaluate_final_number
 
 SPLITS = ("train", "test")
@@ -47,8 +47,7 @@ class _Generated(Task):
 
     def __init__(self, size: int = 1000, split: str = "train", **kwargs):
         super().__init__(**kwargs)
-        if split not in SPLITS:
-            raise ValueError(f"{type(self).__name__} split must be one of {SPLITS}, got {split!r}")
+        check_choice(self, "split", split, SPLITS)
         if size < 1:
             raise ValueError(f"{type(self).__name__} size must be >= 1, got {size}")
         self.size, self.split = size, split

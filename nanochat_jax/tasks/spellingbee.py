@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import random
 
-from nanochat_jax.tasks.base import Task
+from nanochat_jax.tasks.base import Task, check_choice
 from nanochat_jax.tasks.gsm8k import evaluate_final_number
 
 ALPHABET = "abcdefghijklmnopqrstuvwxyz"
@@ -88,8 +88,7 @@ class SpellingBee(Task):
 
     def __init__(self, size: int = 1000, split: str = "train", words=WORDS, **kwargs):
         super().__init__(**kwargs)
-        if split not in SPLITS:
-            raise ValueError(f"SpellingBee split must be one of {SPLITS}, got {split!r}")
+        check_choice(self, "split", split, SPLITS)
         self.size, self.split, self.words = size, split, _check_words(words)
 
     def num_examples(self) -> int:
@@ -142,8 +141,7 @@ class SimpleSpelling(Task):
 
     def __init__(self, size: int = 1000, split: str = "train", words=WORDS, **kwargs):
         super().__init__(**kwargs)
-        if split not in SPLITS:
-            raise ValueError(f"SimpleSpelling split must be one of {SPLITS}, got {split!r}")
+        check_choice(self, "split", split, SPLITS)
         self.size, self.split = size, split
         self.words = list(_check_words(words))
         random.Random(42).shuffle(self.words)  # a different word order from SpellingBee's
