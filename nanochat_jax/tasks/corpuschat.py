@@ -289,5 +289,3 @@ class Identity(_Generated):
             turns += [rng.choice(more_questions), more_answer]
         return _chat(*turns)
 
-
-__all__ = ["ASSISTANT_NAME", "Identity", "SmallTalk", "WordProblems", "WorldFacts"]
