@@ -86,6 +86,22 @@ class HubTask(Task):
         self.rows = data if data is not None else load_hub_rows(self.hub_path, subset, split)
 
 
+class GeneratedTask(Task):
+    """A task of `size` examples made on demand, in a train and a test split."""
+
+    eval_type = "generative"
+
+    def __init__(self, size: int = 1000, split: str = "train", **kwargs):
+        super().__init__(**kwargs)
+        check_choice(self, "split", split, ("train", "test"))
+        if size < 1:
+            raise ValueError(f"{type(self).__name__} size must be >= 1, got {size}")
+        self.size, self.split = size, split
+
+    def num_examples(self) -> int:
+        return self.size
+
+
 def check_choice(task: Task, what: str, value, allowed: tuple) -> None:
     """ValueError unless a task's `what` (its subset, split) is one of `allowed`."""
     if value not in allowed:
