@@ -34,11 +34,7 @@ if [ "$GPU_GIB" -ge 0 ] && [ "$GPU_GIB" -lt 64 ] && [ "${FULL_ROWS:-0}" != 1 ]; 
   echo "GPUs under 64 GiB: $ROWS (gradient accumulation keeps the batch size; FULL_ROWS=1 keeps the config's)"
 fi
 
-step() { echo; echo "=== $* ==="; }
-run() {  # run SCRIPT ARGS...: a pipeline step, echoed first
-  echo "+ $PY $*"
-  "$PY" "$@"
-}
+source scripts/speedrun.sh  # step, run, speedrun_stages
 
 step "report: reset"
 run scripts/report.py reset
@@ -55,25 +51,4 @@ run scripts/tok_eval.py --config "$CONFIG"
 echo "waiting for the data download ($NUM_SHARDS shards, ~100 MB each) ..."
 wait $DOWNLOAD_PID
 
-step "base model: pretrain (d20: ~11B tokens)"
-run scripts/base_train.py --config "$CONFIG" $ROWS "$@"
-step "base model: train/val bits per byte and samples"
-run scripts/base_loss.py --config "$CONFIG" "$@"
-step "base model: CORE metric"
-run scripts/base_eval.py --config "$CONFIG" "$@"
-
-step "mid-training and its chat eval"
-run scripts/mid_train.py --config "$CONFIG" $ROWS "$@"
-run scripts/chat_eval.py -i mid --config "$CONFIG"
-step "supervised fine-tuning and its chat eval"
-run scripts/chat_sft.py --config "$CONFIG" "$@"
-run scripts/chat_eval.py -i sft --config "$CONFIG"
-if [ "${RUN_RL:-0}" = 1 ]; then  # optional, as in nanochat's speedrun: RUN_RL=1 bash run_gpu.sh
-  step "reinforcement learning on GSM8K and its eval"
-  run scripts/chat_rl.py --config "$CONFIG" "$@"
-  run scripts/chat_eval.py -i rl -a GSM8K --config "$CONFIG"
-fi
-
-step "report: generate"
-run scripts/report.py generate
-echo "done: report in ${NANOCHAT_JAX_HOME:-$HOME/.cache/nanochat_jax}/report/report.md"
+speedrun_stages "$@"

@@ -33,11 +33,8 @@ read -r SOURCE NUM_SHARDS <<< "$(NANOCHAT_JAX_DISTRIBUTED=0 JAX_PLATFORMS=cpu "$
 from nanochat_jax.config import load_config
 c = load_config(['--config', *sys.argv[1:]]); print(c.data.source, c.data.num_shards)" "$CONFIG" "$@" | tail -1)"
 
-step() { echo; echo "=== $* ==="; }
-run() {  # run SCRIPT ARGS...: a pipeline step, echoed first
-  echo "+ $PY $*"
-  "$PY" "$@"
-}
+ROWS=""  # the config's rows per device (run_gpu.sh halves them on GPUs under 64 GiB)
+source scripts/speedrun.sh  # step, run, speedrun_stages
 
 step "report: reset"
 run scripts/report.py reset
@@ -58,25 +55,4 @@ wait $DOWNLOAD_PID
 "$PY" -c "from nanochat_jax.distributed import init_distributed; init_distributed(); import jax; \
 print(f'process {jax.process_index()}/{jax.process_count()}: {jax.device_count()} x {jax.devices()[0].device_kind}')"
 
-step "base model: pretrain d20"
-run scripts/base_train.py --config "$CONFIG" "$@"
-step "base model: train/val bits per byte and samples"
-run scripts/base_loss.py --config "$CONFIG" "$@"
-step "base model: CORE metric"
-run scripts/base_eval.py --config "$CONFIG" "$@"
-
-step "mid-training and its chat eval"
-run scripts/mid_train.py --config "$CONFIG" "$@"
-run scripts/chat_eval.py -i mid --config "$CONFIG"
-step "supervised fine-tuning and its chat eval"
-run scripts/chat_sft.py --config "$CONFIG" "$@"
-run scripts/chat_eval.py -i sft --config "$CONFIG"
-if [ "${RUN_RL:-0}" = 1 ]; then  # optional, as in nanochat's speedrun: RUN_RL=1 bash run_tpu.sh
-  step "reinforcement learning on GSM8K and its eval"
-  run scripts/chat_rl.py --config "$CONFIG" "$@"
-  run scripts/chat_eval.py -i rl -a GSM8K --config "$CONFIG"
-fi
-
-step "report: generate"
-run scripts/report.py generate
-echo "done: report in ${NANOCHAT_JAX_HOME:-$HOME/.cache/nanochat_jax}/report/report.md"
+speedrun_stages "$@"

@@ -1,4 +1,5 @@
-"""Shared plumbing: user errors, the artifacts directory, device info, logging on process 0, timers, peak FLOP/s.
+"""Shared plumbing: user errors, the scripts' checkpoint flags, the artifacts directory, device info, logging on
+process 0, timers, peak FLOP/s.
 
 Every artifact (tokenizer, data cache, checkpoints, report) lives under one home directory:
 `$NANOCHAT_JAX_HOME`, default `~/.cache/nanochat_jax`.
@@ -30,6 +31,24 @@ def run_script(main) -> None:
         print(f"{Path(sys.argv[0]).stem}: {e}", file=sys.stderr, flush=True)
         raise SystemExit(1) from None
     raise SystemExit(code if isinstance(code, int) else 0)
+
+
+def add_checkpoint_flags(parser, default: str = "sft") -> None:
+    """-i/--source, -s/--step, --depth: the checkpoint a chat or export script loads (by default the latest)."""
+    parser.add_argument("-i", "--source", default=default, choices=["base", "mid", "sft", "rl"], help="checkpoint stage")
+    parser.add_argument("-s", "--step", type=int, default=None, help="checkpoint step (default: latest)")
+    parser.add_argument("--depth", type=int, default=None, help="model depth (default: most recently written)")
+
+
+def load_checkpoint(args):
+    """(model, tokenizer, meta) of the checkpoint that add_checkpoint_flags' flags name; a UserError ("cannot load
+    the sft checkpoint: why") when it is missing or unreadable."""
+    from nanochat_jax.checkpoint import CheckpointError, load_model
+
+    try:
+        return load_model(args.source, step=args.step, depth=args.depth)
+    except (CheckpointError, FileNotFoundError, ValueError) as e:
+        raise UserError(f"cannot load the {args.source} checkpoint: {e}") from None
 
 
 def artifacts_dir(*parts: str, create: bool = True) -> Path:

@@ -510,6 +510,14 @@ def parse_overrides(argv: list[str]) -> tuple[str | None, list[tuple[str, str]]]
     return config_file, overrides
 
 
+def flag_overrides(parser, argv: list[str] | None, section: str = "eval") -> tuple:
+    """(script flags, config overrides) for a script whose short flags alias keys of a config section: every flag
+    given whose dest is a key of [section] joins the other arguments as --section.key=value."""
+    args, rest = parser.parse_known_args(argv)
+    keys = _fields(getattr(Config(), section))
+    return args, rest + [f"--{section}.{k}={v}" for k, v in vars(args).items() if k in keys and v is not None]
+
+
 def _asks_for_help(argv: list[str]) -> bool:
     """-h or --help where an option may stand (not as the value of --key value)."""
     i = 0
@@ -594,8 +602,3 @@ def model_config_from_dict(table: dict) -> ModelConfig:
     cfg.validate()
     return cfg
 
-
-__all__ = [
-    "RUNTIME_MODEL_FIELDS", "ChatStageConfig", "Config", "ConfigError", "DataConfig", "EvalConfig", "MeshConfig", "MidConfig", "ModelConfig", "OptimConfig",
-    "RLConfig", "SFTConfig", "StageConfig", "TokenizerConfig", "TrainConfig", "from_dict", "load_config", "model_config_from_dict", "parse_overrides", "to_dict", "to_toml",
-]

@@ -58,7 +58,8 @@ def stage_optim(optim: OptimConfig, init_lr_frac: float, **schedule) -> OptimCon
 
 
 def chat_samples(graphdef, params, tokenizer, questions=SAMPLE_QUESTIONS, max_tokens: int = 64) -> list[str]:
-    """'question -> answer' for fixed one-turn questions, answered greedily through the Engine (tools on)."""
+    """'question -> answer' for fixed one-turn questions, answered greedily through the Engine (tools on), and
+    printed."""
     from nanochat_jax.engine import Engine
 
     engine = Engine(nnx.merge(graphdef, params), tokenizer)
@@ -66,4 +67,7 @@ def chat_samples(graphdef, params, tokenizer, questions=SAMPLE_QUESTIONS, max_to
                                                              {"role": "assistant", "content": ""}]})
                for q in questions]
     results, _ = engine.generate_batch(prompts, max_tokens=max_tokens, temperature=0.0)
-    return [f"{q} -> {tokenizer.decode(r[len(p):])}" for q, p, r in zip(questions, prompts, results)]
+    samples = [f"{q} -> {tokenizer.decode(r[len(p):])}" for q, p, r in zip(questions, prompts, results)]
+    for s in samples:
+        print0(f"  sample: {s!r}")
+    return samples

@@ -10,24 +10,19 @@ the checkpoint; [mesh] sets the devices.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 
 from nanochat_jax.checkpoint import load_model
 from nanochat_jax.common import print0, run_script
-from nanochat_jax.config import load_config, to_toml
+from nanochat_jax.config import flag_overrides, load_config, to_toml
 from nanochat_jax.core_eval import EVAL_BUNDLE_URL, ensure_bundle, evaluate_core, make_scorer
 from nanochat_jax.distributed import eval_mesh, init_distributed
 from nanochat_jax.progress import save_summary
 from nanochat_jax.sharding import batch_shards
 
 
-ALIASES = {"bundle_dir": "bundle_dir", "bundle_url": "bundle_url", "max_per_task": "max_per_task",
-           "batch_tokens": "batch_tokens", "max_seq_len": "max_seq_len"}
-
-
 def parse_args(argv):
-    """(checkpoint args, config overrides): alias flags become --eval.* overrides."""
+    """(checkpoint args, config overrides): the short flags become --eval.* overrides."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--bundle-dir", help="an unzipped eval bundle (default: download to <home>/eval_bundle)")
     p.add_argument("--bundle-url", help=f"default: {EVAL_BUNDLE_URL}")
@@ -36,14 +31,12 @@ def parse_args(argv):
     p.add_argument("--max-seq-len", help="crop longer prompts from the left (0 = no cropping)")
     p.add_argument("--step", type=int, default=None)
     p.add_argument("--depth", type=int, default=None)
-    args, rest = p.parse_known_args(argv)
-    rest += [f"--eval.{key}={getattr(args, flag)}" for flag, key in ALIASES.items() if getattr(args, flag) is not None]
-    return args, rest
+    return flag_overrides(p, argv)
 
 
 def main(argv: list[str] | None = None) -> dict:
     init_distributed()  # multi-host: before anything touches the devices
-    args, rest = parse_args(sys.argv[1:] if argv is None else argv)
+    args, rest = parse_args(argv)
     cfg = load_config(rest)
     print0(to_toml(cfg.eval))
     ev = cfg.eval

@@ -13,15 +13,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from nanochat_jax.common import enable_compilation_cache, run_script
+from nanochat_jax.common import add_checkpoint_flags, enable_compilation_cache, load_checkpoint, run_script
 from nanochat_jax.web import ChatError, completion_prompt, reply_content, reply_parts, stream_tokens
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Chat with a nanochat-jax checkpoint in the terminal")
-    parser.add_argument("-i", "--source", default="sft", choices=["base", "mid", "sft", "rl"], help="checkpoint stage")
-    parser.add_argument("-s", "--step", type=int, default=None, help="checkpoint step (default: latest)")
-    parser.add_argument("--depth", type=int, default=None, help="model depth (default: most recently written)")
+    add_checkpoint_flags(parser)
     parser.add_argument("-p", "--prompt", default="", help="answer this one prompt and exit")
     parser.add_argument("-t", "--temperature", type=float, default=0.6)
     parser.add_argument("-k", "--top-k", type=int, default=50, help="0 disables top-k")
@@ -58,50 +56,22 @@ def respond(engine, tokenizer, messages: list[dict], user_text: str, out=sys.std
     return tokens
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    from nanochat_jax.checkpoint import CheckpointError, load_model
-    from nanochat_jax.engine import Engine
+def answer(engine, tokenizer, messages: list[dict], user_text: str, base: bool, settings: dict) -> None:
+    """Stream the reply to one user turn: a chat model answers as the assistant (kept in `messages` only when it
+    finishes); a base model, which is not a chat model, continues the plain text."""
+    if base:
+        prompt = completion_prompt(tokenizer, [{"role": "user", "content": user_text}], base=True,
+                                   context_len=engine.context_len)
+        print(f"\n{user_text}", end="", flush=True)
+        stream(engine, tokenizer, prompt, **settings)
+    else:
+        print("\nAssistant: ", end="", flush=True)
+        respond(engine, tokenizer, messages, user_text, **settings)
 
-    try:
-        model, tokenizer, meta = load_model(args.source, step=args.step, depth=args.depth)
-    except (CheckpointError, FileNotFoundError, ValueError) as e:
-        print(f"chat_cli: cannot load the {args.source} checkpoint: {e}", file=sys.stderr)
-        return 1
-    engine = Engine(model, tokenizer)
-    settings = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k or None,
-                    top_p=args.top_p, seed=args.seed)
-    model_cfg = meta.get("model", {})
-    print(f"nanochat-jax chat | source={args.source} step={meta.get('step')} depth={model_cfg.get('depth')} "
-          f"| " + " ".join(f"{k}={v}" for k, v in settings.items()))
-    base = args.source == "base"  # a base model is not a chat model: it continues plain text
-    if not args.prompt:
-        print("Type 'clear' to start a new conversation, 'quit' or 'exit' to leave."
-              + (" The base model continues your text." if base else ""))
 
+def interact(engine, tokenizer, base: bool, settings: dict) -> int:
+    """The conversation loop: 'clear' starts a new one, 'quit' / 'exit' / end of input leave."""
     messages: list[dict] = []
-
-    def answer(user_text: str) -> None:
-        if base:
-            prompt = completion_prompt(tokenizer, [{"role": "user", "content": user_text}], base=True,
-                                       context_len=engine.context_len)
-            print(f"\n{user_text}", end="", flush=True)
-            stream(engine, tokenizer, prompt, **settings)
-        else:
-            print("\nAssistant: ", end="", flush=True)
-            respond(engine, tokenizer, messages, user_text, **settings)  # (messages grow only when it finishes)
-
-    if args.prompt:  # one answer, to the text as given: no commands
-        if not args.prompt.strip():
-            print("chat_cli: the prompt is empty", file=sys.stderr)
-            return 2
-        try:
-            answer(args.prompt.strip())
-        except ChatError as e:
-            print(f"\nchat_cli: {e}", file=sys.stderr)
-            return 1
-        return 0
-
     while True:
         try:
             user_text = input("\nUser: ").strip()
@@ -117,12 +87,37 @@ def main(argv=None) -> int:
         if not user_text:
             continue
         try:
-            answer(user_text)
+            answer(engine, tokenizer, messages, user_text, base, settings)
         except ChatError as e:
             print(f"({e}" + ("" if base else " Type 'clear'.") + ")")
         except KeyboardInterrupt:  # Ctrl-C stops this reply only; the conversation goes on without it
             print("\n(stopped: that reply is not kept)")
         settings["seed"] += 1  # a fresh sample each turn
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from nanochat_jax.engine import Engine
+
+    model, tokenizer, meta = load_checkpoint(args)
+    engine, base = Engine(model, tokenizer), args.source == "base"
+    settings = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k or None,
+                    top_p=args.top_p, seed=args.seed)
+    print(f"nanochat-jax chat | source={args.source} step={meta.get('step')} "
+          f"depth={meta.get('model', {}).get('depth')} | " + " ".join(f"{k}={v}" for k, v in settings.items()))
+    if not args.prompt:
+        print("Type 'clear' to start a new conversation, 'quit' or 'exit' to leave."
+              + (" The base model continues your text." if base else ""))
+        return interact(engine, tokenizer, base, settings)
+    if not args.prompt.strip():  # -p: one answer, to the text as given (no commands)
+        print("chat_cli: the prompt is empty", file=sys.stderr)
+        return 2
+    try:
+        answer(engine, tokenizer, [], args.prompt.strip(), base, settings)
+    except ChatError as e:
+        print(f"\nchat_cli: {e}", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":

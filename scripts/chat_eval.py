@@ -11,14 +11,13 @@ the checkpoint; [mesh] sets the devices.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 
 from nanochat_jax.chat_eval import (CHAT_TASKS, KNOWN_TASKS, chatcore, load_task, make_answer_logits,
                                     run_categorical_eval, run_generative_eval)
 from nanochat_jax.checkpoint import load_model
 from nanochat_jax.common import print0, run_script
-from nanochat_jax.config import ConfigError, load_config, to_dict, to_toml
+from nanochat_jax.config import ConfigError, flag_overrides, load_config, to_dict, to_toml
 from nanochat_jax.distributed import eval_mesh, init_distributed
 from nanochat_jax.engine import Engine
 from nanochat_jax.progress import save_summary
@@ -26,17 +25,12 @@ from nanochat_jax.sharding import batch_shards
 from nanochat_jax.tasks import TaskDataError
 
 
-ALIASES = {"task_name": "tasks", "temperature": "temperature", "max_new_tokens": "max_new_tokens",
-           "num_samples": "num_samples", "top_k": "top_k", "batch_size": "batch_size", "max_problems": "max_problems",
-           "data_dir": "data_dir"}
-
-
 def parse_args(argv):
-    """(checkpoint args, config overrides): alias flags become --eval.* overrides."""
+    """(checkpoint args, config overrides): the short flags become --eval.* overrides."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("-i", "--source", required=True, choices=["mid", "sft", "rl"])
-    p.add_argument("-a", "--task-name", help=f"tasks split by '|' (default: {'|'.join(CHAT_TASKS)}; also "
-                                               f"{'|'.join(KNOWN_TASKS[len(CHAT_TASKS):])})")
+    p.add_argument("-a", "--task-name", dest="tasks", help=f"tasks split by '|' (default: {'|'.join(CHAT_TASKS)}; "
+                                                             f"also {'|'.join(KNOWN_TASKS[len(CHAT_TASKS):])})")
     p.add_argument("-t", "--temperature")
     p.add_argument("-m", "--max-new-tokens")
     p.add_argument("-n", "--num-samples")
@@ -47,9 +41,7 @@ def parse_args(argv):
     p.add_argument("--depth", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-dir", help="local <task>.jsonl files to use instead of the hub")
-    args, rest = p.parse_known_args(argv)
-    rest += [f"--eval.{key}={getattr(args, flag)}" for flag, key in ALIASES.items() if getattr(args, flag) is not None]
-    return args, rest
+    return flag_overrides(p, argv)
 
 
 def task_names(tasks: str) -> tuple[str, ...]:
@@ -62,7 +54,7 @@ def task_names(tasks: str) -> tuple[str, ...]:
 
 def main(argv: list[str] | None = None) -> dict:
     init_distributed()  # multi-host: before anything touches the devices
-    args, rest = parse_args(sys.argv[1:] if argv is None else argv)
+    args, rest = parse_args(argv)
     cfg = load_config(rest)
     print0(to_toml(cfg.eval))
     ev, names = cfg.eval, task_names(cfg.eval.tasks)

@@ -118,8 +118,6 @@ def main(argv: list[str] | None = None) -> dict:
                          evaluate, flops_per_token(model_cfg), source_meta)
 
     samples = chat_samples(run.graphdef, run.params, tokenizer)
-    for s in samples:
-        print0(f"  sample: {s!r}")
     summary = save_summary("sft_train", {
         "stage": "sft", "run": cfg.run, "mixture": cfg.sft.mixture, "source": cfg.sft.source,
         "params": num_params(model_cfg), "steps": num_iterations, "train_conversations": len(train_task),

@@ -17,7 +17,6 @@ import sys
 from pathlib import Path
 
 
-
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Import a Hugging Face NanoChat folder as a nanochat-jax checkpoint")
     parser.add_argument("folder", help="Hugging Face NanoChat folder (config.json, model.safetensors, tokenizer.json)")

@@ -76,8 +76,6 @@ def main(argv: list[str] | None = None) -> dict:
                          evaluate, flops, source_meta)
 
     samples = chat_samples(run.graphdef, run.params, tokenizer)
-    for s in samples:
-        print0(f"  sample: {s!r}")
     info = device_info()
     tokens_per_sec = (num_iterations - progress.start) * cfg.mid.total_batch_size / progress.train_seconds
     summary = save_summary("mid_train", {

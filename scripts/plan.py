@@ -71,14 +71,34 @@ def describe(name: str, plan, target) -> list[str]:
     return lines
 
 
-def sweep(cfg, target, devices, folder: Path) -> None:
-    """Every mesh of the device count; per mesh the config's rows and remat first, then fewer rows / more remat
-    until the train step fits. Answers are cached in folder/sweep_cache.json."""
+def train_plan(trial, target, devices, cache: dict, cache_file: Path):
+    """The train step's ProgramPlan under a trial config: from the cache, or compiled and added to it; None when
+    its rows do not divide train.total_batch_size."""
     import jax
 
     from nanochat_jax.config import ConfigError
+    from nanochat_jax.plan import ProgramPlan, plan_programs
+
+    key = hashlib.sha256(json.dumps([target.name, jax.__version__, dataclasses.asdict(trial.model),
+                                     dataclasses.asdict(trial.mesh), trial.train.device_batch_size,
+                                     trial.train.total_batch_size, dataclasses.asdict(trial.optim)],
+                                    sort_keys=True).encode()).hexdigest()
+    if key in cache:
+        return ProgramPlan(**cache[key])
+    try:
+        plan = plan_programs(trial, target, devices, programs=("train",))["train"]
+    except ConfigError:
+        return None
+    cache[key] = dataclasses.asdict(plan)
+    cache_file.write_text(json.dumps(cache))
+    return plan
+
+
+def sweep(cfg, target, devices, folder: Path) -> None:
+    """Every mesh of the device count; per mesh the config's rows and remat first, then fewer rows / more remat
+    until the train step fits. Answers are cached in folder/sweep_cache.json."""
     from nanochat_jax.model import flops_per_token
-    from nanochat_jax.plan import ProgramPlan, fits, mesh_options, plan_programs, roofline
+    from nanochat_jax.plan import fits, mesh_options, roofline
 
     cache_file = folder / "sweep_cache.json"
     cache = json.loads(cache_file.read_text()) if cache_file.exists() else {}
@@ -92,20 +112,11 @@ def sweep(cfg, target, devices, folder: Path) -> None:
             while rows >= 1:
                 trial = dataclasses.replace(cfg, mesh=mesh, model=dataclasses.replace(cfg.model, remat=remat),
                                             train=dataclasses.replace(cfg.train, device_batch_size=rows))
-                key = hashlib.sha256(json.dumps([target.name, jax.__version__, dataclasses.asdict(trial.model),
-                                                 dataclasses.asdict(mesh), rows, trial.train.total_batch_size,
-                                                 dataclasses.asdict(trial.optim)], sort_keys=True).encode()).hexdigest()
                 label = f"data={mesh.data} fsdp={mesh.fsdp} tensor={mesh.tensor} rows={rows} remat={remat}"
                 start = time.time()
-                if key in cache:
-                    plan = ProgramPlan(**cache[key])
-                else:
-                    try:
-                        plan = plan_programs(trial, target, devices, programs=("train",))["train"]
-                    except ConfigError:  # these rows do not divide train.total_batch_size
-                        break
-                    cache[key] = dataclasses.asdict(plan)
-                    cache_file.write_text(json.dumps(cache))
+                plan = train_plan(trial, target, devices, cache, cache_file)
+                if plan is None:  # these rows do not divide train.total_batch_size
+                    break
                 ok = fits(plan, target)
                 print(f"[{m + 1}/{len(meshes)}] {label}: " + ("does not compile" if plan.error else
                       f"{plan.total / GB:.1f} GB, {'fits' if ok else 'too big'}") + f" ({time.time() - start:.0f} s)",

@@ -18,7 +18,9 @@ NO_CONFIG = {"report.py"}  # takes reset / generate, no config
 def stage_commands(launcher: str) -> list[tuple[str, list[str]]]:
     """(script, argv) of each `run scripts/X.py ...` / `"$PY" scripts/X.py ...` line, with the launcher's
     variables substituted ($CONFIG by its default, "$@" dropped)."""
-    text = (ROOT / launcher).read_text().replace("\\\n", " ")
+    text = (ROOT / launcher).read_text()  # with the stages it sources
+    text = text.replace("source scripts/speedrun.sh", (ROOT / "scripts/speedrun.sh").read_text())
+    text = text.replace("\\\n", " ")
     variables = {}
     for name, default in re.findall(r'(?:^|\s)(\w+)=\$\{\w+:-([^}]*)\}', text, re.M):  # CONFIG=${CONFIG:-x.toml}
         variables.setdefault(name, default)  # the first: the default RECIPE's

@@ -6,24 +6,12 @@ Rows: {"question": str, "choices": {"text": [str], "label": [str]}, "answerKey":
 
 from __future__ import annotations
 
-from nanochat_jax.tasks.base import Task, TaskDataError, evaluate_letter, load_hub_rows, render_mc
-
-SUBSETS = ("ARC-Easy", "ARC-Challenge")
-SPLITS = ("train", "validation", "test")
+from nanochat_jax.tasks.base import HubTask, TaskDataError, evaluate_letter, render_mc
 
 
-class ARC(Task):
+class ARC(HubTask):
     eval_type = "categorical"
-
-    def __init__(self, subset: str, split: str, data: list[dict] | None = None, **kwargs):
-        """`data`: rows in the hub format to use instead of the hub (kept in the given order)."""
-        super().__init__(**kwargs)
-        if subset not in SUBSETS:
-            raise ValueError(f"ARC subset must be one of {SUBSETS}, got {subset!r}")
-        if split not in SPLITS:
-            raise ValueError(f"ARC split must be one of {SPLITS}, got {split!r}")
-        self.subset, self.split = subset, split
-        self.rows = data if data is not None else load_hub_rows("allenai/ai2_arc", subset, split)
+    hub_path, subsets, splits = "allenai/ai2_arc", ("ARC-Easy", "ARC-Challenge"), ("train", "validation", "test")
 
     def get_example(self, index: int) -> dict:
         row = self.rows[index]

@@ -70,6 +70,44 @@ class Task:
         return cls(data=read_jsonl(path), **kwargs)
 
 
+class HubTask(Task):
+    """A task over one split of a Hugging Face hub dataset (self.rows), or over rows in the hub's format given as
+    `data` (kept in the given order). Subclasses name the dataset and its subsets and splits."""
+
+    hub_path: str
+    subsets: tuple = (None,)
+    splits: tuple
+
+    def __init__(self, subset: str | None, split: str, data: list[dict] | None = None, **kwargs):
+        super().__init__(**kwargs)
+        check_choice(self, "subset", subset, self.subsets)
+        check_choice(self, "split", split, self.splits)
+        self.subset, self.split = subset, split
+        self.rows = data if data is not None else load_hub_rows(self.hub_path, subset, split)
+
+
+class GeneratedTask(Task):
+    """A task of `size` examples made on demand, in a train and a test split."""
+
+    eval_type = "generative"
+
+    def __init__(self, size: int = 1000, split: str = "train", **kwargs):
+        super().__init__(**kwargs)
+        check_choice(self, "split", split, ("train", "test"))
+        if size < 1:
+            raise ValueError(f"{type(self).__name__} size must be >= 1, got {size}")
+        self.size, self.split = size, split
+
+    def num_examples(self) -> int:
+        return self.size
+
+
+def check_choice(task: Task, what: str, value, allowed: tuple) -> None:
+    """ValueError unless a task's `what` (its subset, split) is one of `allowed`."""
+    if value not in allowed:
+        raise ValueError(f"{type(task).__name__} {what} must be one of {allowed}, got {value!r}")
+
+
 class TaskMixture(Task):
     """All examples of several tasks in one fixed shuffled order (list a task twice to oversample it)."""
 

@@ -18,10 +18,9 @@ import random
 import re
 
 from nanochat_jax import corpus
-from nanochat_jax.tasks.base import Task
+from nanochat_jax.tasks.base import GeneratedTask
 from nanochat_jax.tasks.gsm8k import evaluate_final_number
 
-SPLITS = ("train", "test")
 ASSISTANT_NAME = "nanochat-jax"
 
 
@@ -39,22 +38,10 @@ def _cap(s: str) -> str:
     return s[0].upper() + s[1:]
 
 
-class _Generated(Task):
-    """A generated task of `size` examples; subclasses implement make(rng) -> conversation."""
+class _Generated(GeneratedTask):
+    """A generated task; subclasses implement make(rng) -> conversation."""
 
-    eval_type = "generative"
     name = ""
-
-    def __init__(self, size: int = 1000, split: str = "train", **kwargs):
-        super().__init__(**kwargs)
-        if split not in SPLITS:
-            raise ValueError(f"{type(self).__name__} split must be one of {SPLITS}, got {split!r}")
-        if size < 1:
-            raise ValueError(f"{type(self).__name__} size must be >= 1, got {size}")
-        self.size, self.split = size, split
-
-    def num_examples(self) -> int:
-        return self.size
 
     def get_example(self, index: int) -> dict:
         return self.make(_rng(self.name, self.split, index))
@@ -290,5 +277,3 @@ class Identity(_Generated):
             turns += [rng.choice(more_questions), more_answer]
         return _chat(*turns)
 
-
-__all__ = ["ASSISTANT_NAME", "Identity", "SmallTalk", "WordProblems", "WorldFacts"]

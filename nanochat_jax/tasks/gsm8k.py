@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import re
 
-from nanochat_jax.tasks.base import Task, load_hub_rows
+from nanochat_jax.tasks.base import HubTask
 
-SUBSETS = ("main", "socratic")
-SPLITS = ("train", "test")
 ANSWER_RE = re.compile(r"#### (\-?[0-9\.\,]+)")
 CALC_RE = re.compile(r"(<<[^>]+>>)")
 
@@ -46,18 +44,9 @@ def evaluate_final_number(conversation: dict, completion: str) -> int:
     return int(extract_answer(completion) == extract_answer(ref_text))
 
 
-class GSM8K(Task):
+class GSM8K(HubTask):
     eval_type = "generative"
-
-    def __init__(self, subset: str, split: str, data: list[dict] | None = None, **kwargs):
-        """`data`: rows in the hub format to use instead of the hub (kept in the given order)."""
-        super().__init__(**kwargs)
-        if subset not in SUBSETS:
-            raise ValueError(f"GSM8K subset must be one of {SUBSETS}, got {subset!r}")
-        if split not in SPLITS:
-            raise ValueError(f"GSM8K split must be one of {SPLITS}, got {split!r}")
-        self.subset, self.split = subset, split
-        self.rows = data if data is not None else load_hub_rows("openai/gsm8k", subset, split)
+    hub_path, subsets, splits = "openai/gsm8k", ("main", "socratic"), ("train", "test")
 
     def get_example(self, index: int) -> dict:
         row = self.rows[index]

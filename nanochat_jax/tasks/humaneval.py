@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 
 from nanochat_jax.execution import execute_code
-from nanochat_jax.tasks.base import Task, load_hub_rows
+from nanochat_jax.tasks.base import HubTask
 
 CODE_BLOCK_RE = re.compile(r"```(?:python)?\s*\n(.*?)\n```", re.DOTALL)
 
@@ -41,14 +41,14 @@ def build_program(conversation: dict, completion: str) -> str:
             f"check({conversation['entry_point']})\n")
 
 
-class HumanEval(Task):
+class HumanEval(HubTask):
     eval_type = "generative"
+    hub_path, splits = "openai/openai_humaneval", ("test",)
 
     def __init__(self, data: list[dict] | None = None, timeout: float = 5.0, **kwargs):
-        """`data`: rows in the hub format to use instead of the hub; `timeout`: seconds per test program."""
-        super().__init__(**kwargs)
+        """`timeout`: seconds per test program."""
+        super().__init__(None, "test", data, **kwargs)
         self.timeout = timeout
-        self.rows = data if data is not None else load_hub_rows("openai/openai_humaneval", None, "test")
 
     def get_example(self, index: int) -> dict:
         row = self.rows[index]

@@ -7,26 +7,15 @@ auxiliary_train wrap each row as {"train": row}; those are unwrapped.
 
 from __future__ import annotations
 
-from nanochat_jax.tasks.base import Task, TaskDataError, evaluate_letter, load_hub_rows, render_mc
+from nanochat_jax.tasks.base import HubTask, TaskDataError, evaluate_letter, render_mc
 
-SPLITS = ("auxiliary_train", "validation", "dev", "test")
 LETTERS = ("A", "B", "C", "D")
 
 
-class MMLU(Task):
+class MMLU(HubTask):
     eval_type = "categorical"
-
+    hub_path, subsets, splits = "cais/mmlu", ("all",), ("auxiliary_train", "validation", "dev", "test")
     letters = LETTERS
-
-    def __init__(self, subset: str, split: str, data: list[dict] | None = None, **kwargs):
-        """`data`: rows in the hub format to use instead of the hub (kept in the given order)."""
-        super().__init__(**kwargs)
-        if subset != "all":
-            raise ValueError(f"MMLU subset must be 'all', got {subset!r}")
-        if split not in SPLITS:
-            raise ValueError(f"MMLU split must be one of {SPLITS}, got {split!r}")
-        self.subset, self.split = subset, split
-        self.rows = data if data is not None else load_hub_rows("cais/mmlu", subset, split)
 
     def get_example(self, index: int) -> dict:
         row = self.rows[index]

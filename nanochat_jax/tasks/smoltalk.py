@@ -7,9 +7,7 @@ alternating, starting with the user. Training data only: there is no evaluation.
 
 from __future__ import annotations
 
-from nanochat_jax.tasks.base import Task, TaskDataError, load_hub_rows
-
-SPLITS = ("train", "test")
+from nanochat_jax.tasks.base import HubTask, TaskDataError
 
 
 def check_chat(messages, where: str) -> None:
@@ -29,16 +27,12 @@ def check_chat(messages, where: str) -> None:
             raise TaskDataError(f"{where}: message {i + offset} has role {m['role']!r}, expected {expected!r}")
 
 
-class SmolTalk(Task):
+class SmolTalk(HubTask):
     eval_type = "generative"
+    hub_path, splits = "HuggingFaceTB/smol-smoltalk", ("train", "test")
 
     def __init__(self, split: str, data: list[dict] | None = None, **kwargs):
-        """`data`: rows in the hub format to use instead of the hub (kept in the given order)."""
-        super().__init__(**kwargs)
-        if split not in SPLITS:
-            raise ValueError(f"SmolTalk split must be one of {SPLITS}, got {split!r}")
-        self.split = split
-        self.rows = data if data is not None else load_hub_rows("HuggingFaceTB/smol-smoltalk", None, split)
+        super().__init__(None, split, data, **kwargs)
 
     def get_example(self, index: int) -> dict:
         messages = self.rows[index]["messages"]

@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import random
 
-from nanochat_jax.tasks.base import Task
+from nanochat_jax.tasks.base import GeneratedTask
 from nanochat_jax.tasks.gsm8k import evaluate_final_number
 
 ALPHABET = "abcdefghijklmnopqrstuvwxyz"
-SPLITS = ("train", "test")
 TEST_SEED_OFFSET = 10_000_000  # larger than any split size, so train and test seeds never meet
 
 WORDS = tuple("""
@@ -78,25 +77,22 @@ def _check_words(words) -> tuple[str, ...]:
     return words
 
 
+def _rng(split: str, index: int) -> random.Random:
+    return random.Random(index if split == "train" else TEST_SEED_OFFSET + index)
+
+
 def spell(word: str) -> str:
     """'apple' -> 'apple:a,p,p,l,e' (no spaces: ' a' and 'a' are different tokens)."""
     return f"{word}:{','.join(word)}"
 
 
-class SpellingBee(Task):
-    eval_type = "generative"
-
+class SpellingBee(GeneratedTask):
     def __init__(self, size: int = 1000, split: str = "train", words=WORDS, **kwargs):
-        super().__init__(**kwargs)
-        if split not in SPLITS:
-            raise ValueError(f"SpellingBee split must be one of {SPLITS}, got {split!r}")
-        self.size, self.split, self.words = size, split, _check_words(words)
-
-    def num_examples(self) -> int:
-        return self.size
+        super().__init__(size, split, **kwargs)
+        self.words = _check_words(words)
 
     def get_example(self, index: int) -> dict:
-        rng = random.Random(index if self.split == "train" else TEST_SEED_OFFSET + index)
+        rng = _rng(self.split, index)
         word = rng.choice(self.words)
         letter = rng.choice(word) if rng.random() < 0.9 else rng.choice(ALPHABET)  # sometimes a letter not in it
         template = rng.choice(TEMPLATES)
@@ -137,23 +133,14 @@ def counting_parts(word: str, letter: str) -> list[dict]:
     ]
 
 
-class SimpleSpelling(Task):
-    eval_type = "generative"
-
+class SimpleSpelling(GeneratedTask):
     def __init__(self, size: int = 1000, split: str = "train", words=WORDS, **kwargs):
-        super().__init__(**kwargs)
-        if split not in SPLITS:
-            raise ValueError(f"SimpleSpelling split must be one of {SPLITS}, got {split!r}")
-        self.size, self.split = size, split
+        super().__init__(size, split, **kwargs)
         self.words = list(_check_words(words))
         random.Random(42).shuffle(self.words)  # a different word order from SpellingBee's
 
-    def num_examples(self) -> int:
-        return self.size
-
     def get_example(self, index: int) -> dict:
-        rng = random.Random(index if self.split == "train" else TEST_SEED_OFFSET + index)
-        word = rng.choice(self.words)
+        word = _rng(self.split, index).choice(self.words)
         return {"messages": [{"role": "user", "content": f"Spell the word: {word}"},
                              {"role": "assistant", "content": spell(word)}]}
 
