@@ -62,8 +62,9 @@ class Request:
 def _insert(cache, logits, keys, rows, row_logits, row_keys, slots):
     """Copy prefilled prompts (a cache of P rows and L positions, their last logits and PRNG keys) into rows `slots`
     (P,) of the shared state."""
-    L = rows.k.shape[3]
-    k, v = cache.k.at[:, slots, :, :L].set(rows.k), cache.v.at[:, slots, :, :L].set(rows.v)
+    L = rows.k[0].shape[2]
+    k = tuple(layer.at[slots, :, :L].set(new) for layer, new in zip(cache.k, rows.k))
+    v = tuple(layer.at[slots, :, :L].set(new) for layer, new in zip(cache.v, rows.v))
     last = None if cache.last is None else cache.last.at[slots].set(rows.last)
     cache = cache.replace(k=k, v=v, lengths=cache.lengths.at[slots].set(rows.lengths), last=last)
     return cache, logits.at[slots].set(row_logits), keys.at[slots].set(row_keys)
