@@ -117,7 +117,8 @@ def _repeat_rows(tree, n: int):
     cache, logits = tree
     rep = lambda x, axis: jnp.repeat(x, n, axis=axis)  # noqa: E731
     last = None if cache.last is None else rep(cache.last, 0)
-    return cache.replace(k=rep(cache.k, 1), v=rep(cache.v, 1), lengths=rep(cache.lengths, 0), last=last), rep(logits, 0)
+    k, v = tuple(rep(x, 0) for x in cache.k), tuple(rep(x, 0) for x in cache.v)
+    return cache.replace(k=k, v=v, lengths=rep(cache.lengths, 0), last=last), rep(logits, 0)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3), donate_argnames=("cache",))
@@ -182,12 +183,12 @@ class _Row:
 
 
 def cache_shardings(mesh, kv_shape: tuple[int, ...]):
-    """(shardings of the cache's k and v, of its lengths (and last)) for a cache of kv_shape (n_layer, B, Hkv,
-    max_len, D)."""
+    """(shardings of each layer's keys and values, of the lengths (and last)) for a cache whose layers are kv_shape
+    (B, Hkv, max_len, D)."""
     from nanochat_jax.sharding import named_sharding
 
-    return (named_sharding(mesh, ("layers", "batch", "kv_heads", "cache_len", None), kv_shape),
-            named_sharding(mesh, ("batch",), kv_shape[1:2]))
+    return (named_sharding(mesh, ("batch", "kv_heads", "cache_len", None), kv_shape),
+            named_sharding(mesh, ("batch",), kv_shape[:1]))
 
 
 def _to_compute_dtype(x: jax.Array, dtype) -> jax.Array:
@@ -223,17 +224,17 @@ class Engine:
         self.decode_windows: list[int] = []
 
     def _empty_cache(self, batch: int, max_len: int) -> KVCache:
-        shape = (self.n_layer, batch, self.n_kv_heads, max_len, self.head_dim)
+        shape = (batch, self.n_kv_heads, max_len, self.head_dim)
         rows = jnp.zeros((batch,), jnp.int32)
-        cache = KVCache(k=jnp.zeros(shape, self.cache_dtype), v=jnp.zeros(shape, self.cache_dtype), lengths=rows,
-                        last=rows if self.smear else None)
+        layers = lambda: tuple(jnp.zeros(shape, self.cache_dtype) for _ in range(self.n_layer))  # noqa: E731
+        cache = KVCache(k=layers(), v=layers(), lengths=rows, last=rows if self.smear else None)
         return self._place(cache)
 
     def _place(self, cache: KVCache) -> KVCache:
         """With a mesh: shard the cache rows over the batch mesh axes when they divide, else replicate."""
         if self.mesh is None:
             return cache
-        kv, lengths = cache_shardings(self.mesh, cache.k.shape)
+        kv, lengths = cache_shardings(self.mesh, cache.k[0].shape)
         last = None if cache.last is None else jax.device_put(cache.last, lengths)
         return cache.replace(k=jax.device_put(cache.k, kv), v=jax.device_put(cache.v, kv),
                              lengths=jax.device_put(cache.lengths, lengths), last=last)

@@ -169,17 +169,15 @@ class Attention(nnx.Module):
             y = jax.nn.dot_product_attention(q, k, v, is_causal=True, local_window_size=None if w is None else (w, 0),
                                              implementation="cudnn" if cudnn else None)
         else:
-            k_all, v_all, positions, mask = cache
-            rows = jnp.arange(B)[:, None]  # the cache is (layer, B, Hkv, position, D): heads before positions
-            k_all = k_all.at[self.layer, rows, :, positions].set(k.astype(k_all.dtype), mode="drop")
-            v_all = v_all.at[self.layer, rows, :, positions].set(v.astype(v_all.dtype), mode="drop")
+            k_all, v_all, positions, mask = cache  # per layer (B, Hkv, position, D): heads before positions
+            rows, i = jnp.arange(B)[:, None], self.layer
+            k_l = k_all[i].at[rows, :, positions].set(k.astype(k_all[i].dtype), mode="drop")
+            v_l = v_all[i].at[rows, :, positions].set(v.astype(v_all[i].dtype), mode="drop")
             window = mask.shape[-1]  # attend to the first `window` cache positions only (see GPT.decode)
             if w is not None:  # ... and, sliding, to the w positions before the query
                 mask = mask & (positions[:, None, :, None] - jnp.arange(window)[None, None, None, :] <= w)
-            k_l = k_all[self.layer, :, :, :window].astype(q.dtype)
-            v_l = v_all[self.layer, :, :, :window].astype(q.dtype)
-            y = _cached_attention(q, k_l, v_l, mask)
-            cache = (k_all, v_all, positions, cache[3])
+            y = _cached_attention(q, k_l[:, :, :window].astype(q.dtype), v_l[:, :, :window].astype(q.dtype), mask)
+            cache = ((*k_all[:i], k_l, *k_all[i + 1:]), (*v_all[:i], v_l, *v_all[i + 1:]), positions, cache[3])
         return self.c_proj(y.reshape(B, T, self.n_head * self.head_dim)), cache
 
 
@@ -222,19 +220,22 @@ def _run_block(block, x, cos, sin, ve):
 
 class KVCache(flax.struct.PyTreeNode):
     """Keys/values of every layer for B rows of up to max_len positions; lengths[b] = valid positions of row b.
-    With the smear, last[b] is row b's token at position lengths[b] - 1 (None for models without it)."""
+    With the smear, last[b] is row b's token at position lengths[b] - 1 (None for models without it).
+    One array per layer: a decode step's attention reads its layer's keys and values in place, where slicing one
+    layer out of a stacked array would copy it in every step (XLA on CPUs)."""
 
-    k: jax.Array  # (n_layer, B, n_kv_heads, max_len, head_dim)
-    v: jax.Array
+    k: tuple[jax.Array, ...]  # per layer (B, n_kv_heads, max_len, head_dim)
+    v: tuple[jax.Array, ...]
     lengths: jax.Array  # (B,) int32
     last: jax.Array | None = None  # (B,) int32
 
     @classmethod
     def init(cls, cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> "KVCache":
-        shape = (cfg.n_layer, batch, cfg.n_kv_heads, max_len, head_dim(cfg))
+        shape = (batch, cfg.n_kv_heads, max_len, head_dim(cfg))
         dtype = dtype or cfg.compute_dtype
         rows = jnp.zeros((batch,), jnp.int32)
-        return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), lengths=rows, last=rows if cfg.smear else None)
+        layers = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(cfg.n_layer))  # noqa: E731
+        return cls(k=layers(), v=layers(), lengths=rows, last=rows if cfg.smear else None)
 
 
 class GPT(nnx.Module):
@@ -370,7 +371,7 @@ class GPT(nnx.Module):
         window (static, <= max_len): attention reads only the first `window` cache positions, so its cost
         follows the live length instead of the allocated one; every position written must be < window.
         Writes past max_len are dropped (the caller must size the cache)."""
-        T, max_len = tokens.shape[1], cache.k.shape[3]
+        T, max_len = tokens.shape[1], cache.k[0].shape[2]
         window = max_len if window is None else min(window, max_len)
         positions = cache.lengths[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
         mask = (jnp.arange(window)[None, None, :] <= positions[:, :, None])[:, None]  # (B, 1, T, window)

@@ -265,14 +265,13 @@ def plan_programs(cfg: Config, target: Target, devices, decode_rows: int = 32, p
         nnx.replace_by_pure_dict(engine_state, state)
         L = bucket(prompt_len)
         max_len = cache_len or bucket(L + T)
-        kv_shape = (model_cfg.n_layer, decode_rows, model_cfg.n_kv_heads, max_len, head_dim(model_cfg))
 
         def cache(batch):
-            shape = (kv_shape[0], batch) + kv_shape[2:]
+            shape = (batch, model_cfg.n_kv_heads, max_len, head_dim(model_cfg))
             kv, lengths = cache_shardings(mesh, shape)
-            sds = jax.ShapeDtypeStruct(shape, jnp.dtype(model_cfg.compute_dtype), sharding=kv)
+            layers = (jax.ShapeDtypeStruct(shape, jnp.dtype(model_cfg.compute_dtype), sharding=kv),) * model_cfg.n_layer
             rows = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=lengths)
-            return KVCache(k=sds, v=sds, lengths=rows, last=rows if model_cfg.smear else None)
+            return KVCache(k=layers, v=layers, lengths=rows, last=rows if model_cfg.smear else None)
 
         matmul_flops = 2 * matmul_params(model_cfg)
         if "prefill" in programs:

@@ -4,12 +4,14 @@ Owns the serving loop and its state: a fixed number of decode slots (the rows of
 bucket(context_len) positions), the bounded queue of requests waiting for a slot, and each request's sampling
 settings (temperature, top_k, top_p, max_tokens, seed) and token stream.
 
-One background thread runs the loop: admit waiting requests into free slots (each prompt is prefilled alone and
-copied into its slot: nobody waits for the others to finish), run one decode chunk for all slots
+One background thread runs the loop: admit waiting requests into free slots (the prompts admitted together are
+prefilled together, one call per prompt-length bucket and power-of-two group of them, and copied into their slots:
+nobody waits for the others to finish), run one decode chunk for all slots
 (Engine._decode: the engine's jitted while_loop with per-row sampling settings, and Engine._advance's calculator
 state machine per row), hand each request its new tokens, free the slots of finished and cancelled requests.
 Shapes stay fixed (slots rows, a power-of-two cache and windows), so the loop compiles a few programs once.
-A request alone in the scheduler gets the tokens Engine.generate gives it (same prefill, same per-row key).
+A request gets the tokens Engine.generate gives it alone (its prompt is padded to the same bucket, the prefill's
+rows are independent, and its row has the same key).
 
 Consumers receive (tokens, masks, finish) events through the request's `sink`: the new tokens (without the
 terminal token; mask 0 = forced tool output) and finish = None, "stop" (the model ended the reply), "length"
@@ -57,13 +59,15 @@ class Request:
 
 
 @functools.partial(jax.jit, donate_argnums=(0, 1, 2))
-def _insert(cache, logits, keys, row_cache, row_logits, row_key, slot):
-    """Copy one prefilled prompt (cache row, last logits, PRNG key) into slot `slot` of the shared state."""
-    k = jax.lax.dynamic_update_slice(cache.k, row_cache.k, (0, slot, 0, 0, 0))
-    v = jax.lax.dynamic_update_slice(cache.v, row_cache.v, (0, slot, 0, 0, 0))
-    last = None if cache.last is None else cache.last.at[slot].set(row_cache.last[0])
-    cache = cache.replace(k=k, v=v, lengths=cache.lengths.at[slot].set(row_cache.lengths[0]), last=last)
-    return cache, logits.at[slot].set(row_logits[0]), keys.at[slot].set(row_key)
+def _insert(cache, logits, keys, rows, row_logits, row_keys, slots):
+    """Copy prefilled prompts (a cache of P rows and L positions, their last logits and PRNG keys) into rows `slots`
+    (P,) of the shared state."""
+    L = rows.k[0].shape[2]
+    k = tuple(layer.at[slots, :, :L].set(new) for layer, new in zip(cache.k, rows.k))
+    v = tuple(layer.at[slots, :, :L].set(new) for layer, new in zip(cache.v, rows.v))
+    last = None if cache.last is None else cache.last.at[slots].set(rows.last)
+    cache = cache.replace(k=k, v=v, lengths=cache.lengths.at[slots].set(rows.lengths), last=last)
+    return cache, logits.at[slots].set(row_logits), keys.at[slots].set(row_keys)
 
 
 class Scheduler:
@@ -82,6 +86,7 @@ class Scheduler:
         self.cache = engine._empty_cache(slots, self.cache_len)
         self.logits = None  # (slots, vocab) fp32, made with the first prefill
         self.keys = jax.random.split(jax.random.key(0), slots)
+        self.prefills: list[tuple[int, int]] = []  # (prompts, padded length) of every prefill run (for tests)
         self.decode_windows: list[int] = []  # the attention window of every chunk run (for tests)
         self.thread = threading.Thread(target=self._loop, name="scheduler", daemon=True)
         self.thread.start()
@@ -161,8 +166,7 @@ class Scheduler:
                 for slot, request in admitted:
                     if request.cancelled:
                         request.sink([], [], "cancelled")
-                    else:
-                        self._admit(slot, request)
+                self._admit([(slot, request) for slot, request in admitted if not request.cancelled])
                 for slot, request in enumerate(self.requests):
                     if request is not None and request.cancelled:
                         self._finish(slot, "cancelled")
@@ -177,21 +181,35 @@ class Scheduler:
         for request in pending:
             request.sink([], [], "error" if self.error else "cancelled")
 
-    def _admit(self, slot: int, request: Request) -> None:
-        """Prefill the prompt alone (as Engine.generate would) and copy it into the slot."""
-        engine, n = self.engine, len(request.prompt)
-        L = bucket(n)
-        padded = np.zeros((1, L), np.int32)
-        padded[0, :n] = request.prompt
-        logits, row_cache = _prefill(engine.graphdef, engine.state, engine._empty_cache(1, L), jnp.asarray(padded),
-                                     jnp.asarray([n], jnp.int32))
+    def _admit(self, admitted: list[tuple[int, Request]]) -> None:
+        """Prefill the admitted prompts and copy them into their slots: one prefill per prompt-length bucket (each
+        prompt padded as Engine.generate pads it alone) and power-of-two group (few compiled shapes, no padding rows)."""
+        by_bucket: dict[int, list[tuple[int, Request]]] = {}
+        for slot, request in admitted:
+            by_bucket.setdefault(bucket(len(request.prompt)), []).append((slot, request))
+        for L, group in by_bucket.items():
+            while group:
+                size = 1 << (len(group).bit_length() - 1)
+                self._prefill(L, group[:size])
+                group = group[size:]
+
+    def _prefill(self, L: int, group: list[tuple[int, Request]]) -> None:
+        engine = self.engine
+        padded = np.zeros((len(group), L), np.int32)
+        for i, (_, request) in enumerate(group):
+            padded[i, :len(request.prompt)] = request.prompt
+        lengths = jnp.asarray([len(request.prompt) for _, request in group], jnp.int32)
+        self.prefills.append((len(group), L))
+        logits, rows = _prefill(engine.graphdef, engine.state, engine._empty_cache(len(group), L), jnp.asarray(padded),
+                                lengths)
         if self.logits is None:
             self.logits = jnp.zeros((self.slots, logits.shape[-1]), logits.dtype)
-        key = jax.random.split(jax.random.key(request.seed), 1)[0]
-        self.cache, self.logits, self.keys = _insert(self.cache, self.logits, self.keys, row_cache, logits, key,
-                                                     jnp.int32(slot))
-        request.row = _Row(remaining=request.max_tokens)
-        self.requests[slot] = request
+        keys = jnp.stack([jax.random.split(jax.random.key(request.seed), 1)[0] for _, request in group])
+        slots = jnp.asarray([slot for slot, _ in group], jnp.int32)
+        self.cache, self.logits, self.keys = _insert(self.cache, self.logits, self.keys, rows, logits, keys, slots)
+        for slot, request in group:
+            request.row = _Row(remaining=request.max_tokens)
+            self.requests[slot] = request
 
     def _step(self) -> None:
         """One decode chunk for every slot, then hand out the new tokens and free finished slots."""

@@ -188,11 +188,12 @@ def test_param_axes_metadata():
 def test_kvcache_init_shapes():
     cfg = tiny(n_kv_head=2)
     cache = KVCache.init(cfg, batch=3, max_len=20)
-    chex.assert_shape([cache.k, cache.v], (2, 3, 2, 20, 16))
-    chex.assert_type([cache.k, cache.v, cache.lengths], [jnp.float32, jnp.float32, jnp.int32])
-    assert len(jax.tree.leaves(cache)) == 3 and np.all(np.asarray(cache.lengths) == 0)
-    assert KVCache.init(cfg, 1, 4, dtype=jnp.bfloat16).k.dtype == jnp.bfloat16
-    assert KVCache.init(tiny(compute_dtype="bfloat16"), 1, 4).k.dtype == jnp.bfloat16
+    assert len(cache.k) == len(cache.v) == 2  # one array per layer
+    chex.assert_shape([*cache.k, *cache.v], (3, 2, 20, 16))
+    chex.assert_type([*cache.k, *cache.v, cache.lengths], [jnp.float32] * 4 + [jnp.int32])
+    assert len(jax.tree.leaves(cache)) == 2 * 2 + 1 and np.all(np.asarray(cache.lengths) == 0)
+    assert KVCache.init(cfg, 1, 4, dtype=jnp.bfloat16).k[0].dtype == jnp.bfloat16
+    assert KVCache.init(tiny(compute_dtype="bfloat16"), 1, 4).k[1].dtype == jnp.bfloat16
 
 
 def test_prefill_then_decode_matches_forward():

@@ -61,6 +61,49 @@ def test_greedy_requests_equal_the_engine_alone_also_sixteen_at_once(engine, sch
     assert set(scheduler.decode_windows) == {32}  # a power of two holding every live position (12 + 12 + chunk)
 
 
+def test_prompts_admitted_together_are_prefilled_together_and_equal_each_alone(engine):
+    """Prompts waiting together are prefilled per length bucket in power-of-two groups; a row's logits match its
+    prefill alone (to float rounding) and every request's greedy tokens equal the engine's alone."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from nanochat_jax.engine import _prefill
+
+    prompts = [PROMPTS[0], PROMPTS[1], PROMPTS[2], PROMPTS[0][:5]]  # 9, 2, 20, 5 tokens: buckets 16, 16, 32, 16
+
+    def prefill(group):
+        padded = np.zeros((len(group), 16), np.int32)
+        for i, p in enumerate(group):
+            padded[i, :len(p)] = p
+        lengths = jnp.asarray([len(p) for p in group], jnp.int32)
+        return _prefill(engine.graphdef, engine.state, engine._empty_cache(len(group), 16), jnp.asarray(padded),
+                        lengths)[0]
+
+    together = prefill(prompts[:2])  # the shape of the scheduler's first prefill below
+    for i, p in enumerate(prompts[:2]):
+        alone_logits = prefill([p])[0]
+        np.testing.assert_allclose(together[i], alone_logits, rtol=0, atol=1e-4)
+        assert int(jnp.argmax(together[i])) == int(jnp.argmax(alone_logits))
+
+    scheduler = Scheduler(engine, slots=4)
+    try:
+        events = [queue.Queue() for _ in prompts]
+        with scheduler.cond:  # the loop waits on this lock: all four are admitted in one round
+            for p, q in zip(prompts, events):
+                scheduler.submit(p, 10, lambda *e, q=q: q.put(e), temperature=0.0)
+        results = []
+        for q in events:
+            got, finish = [], None
+            while finish is None:
+                tokens, _, finish = q.get(timeout=60)
+                got += tokens
+            results.append(got)
+        assert scheduler.prefills == [(2, 16), (1, 16), (1, 32)]
+        assert results == [alone(engine, p, 10, temperature=0.0) for p in prompts]
+    finally:
+        scheduler.close()
+
+
 def test_sampled_request_equals_the_engine_with_its_seed(engine, scheduler):
     settings = dict(temperature=1.0, top_k=20, top_p=0.9, seed=5)
     assert tokens_of(scheduler, PROMPTS[1], 12, **settings) == alone(engine, PROMPTS[1], 12, **settings)
