@@ -17,12 +17,12 @@ import argparse
 import os
 import sys
 
+from nanochat_jax.common import add_checkpoint_flags, load_checkpoint, run_script
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Chat with a nanochat-jax checkpoint in the browser")
-    parser.add_argument("-i", "--source", default="sft", choices=["base", "mid", "sft", "rl"], help="checkpoint stage")
-    parser.add_argument("-s", "--step", type=int, default=None, help="checkpoint step (default: latest)")
-    parser.add_argument("--depth", type=int, default=None, help="model depth (default: most recently written)")
+    add_checkpoint_flags(parser)
     parser.add_argument("-t", "--temperature", type=float, default=0.8, help="default temperature (0 is greedy)")
     parser.add_argument("-k", "--top-k", type=int, default=50, help="default top-k (0 disables it)")
     parser.add_argument("-m", "--max-tokens", type=int, default=512, help="default max tokens per reply")
@@ -76,7 +76,6 @@ def launch(app, router, args) -> str | None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home
-    from nanochat_jax.checkpoint import CheckpointError, load_model
     from nanochat_jax.api import api_router
     from nanochat_jax.engine import Engine
     from nanochat_jax.scheduler import Scheduler
@@ -87,11 +86,7 @@ def main(argv=None) -> int:
     except ChatError as e:
         print(f"chat_web: bad default: {e}", file=sys.stderr)
         return 2
-    try:
-        model, tokenizer, meta = load_model(args.source, step=args.step, depth=args.depth)
-    except (CheckpointError, FileNotFoundError, ValueError) as e:
-        print(f"chat_web: cannot load the {args.source} checkpoint: {e}", file=sys.stderr)
-        return 1
+    model, tokenizer, meta = load_checkpoint(args)
     depth = meta.get("model", {}).get("depth")
     title = f"nanochat-jax · {args.source} d{depth} step {meta.get('step')}"
     scheduler = Scheduler(Engine(model, tokenizer), slots=args.slots, max_queue=args.max_queue)
@@ -115,4 +110,4 @@ if __name__ == "__main__":
     from nanochat_jax.common import enable_compilation_cache
 
     enable_compilation_cache()
-    sys.exit(main())
+    run_script(main)

@@ -13,6 +13,7 @@ import pytest
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 from nanochat_jax import web  # noqa: E402
+from nanochat_jax.common import UserError  # noqa: E402
 from nanochat_jax.engine import Engine  # noqa: E402
 from test_engine import byte_tokenizer, load_chat_cli, random_model, save_tiny_checkpoint, scripted_engine  # noqa: E402
 
@@ -233,9 +234,9 @@ def test_script_loads_once_and_launches_on_localhost(home, model, tokenizer, cap
     import gradio as gr
 
     chat_web = load_chat_web()
-    assert chat_web.main(["--source", "rl"]) == 1
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "cannot load the rl checkpoint" in err
+    with pytest.raises(UserError, match="^cannot load the rl checkpoint: ") as missing:
+        chat_web.main(["--source", "rl"])
+    assert "\n" not in str(missing.value)  # run_script prints it as one line
     assert chat_web.main(["-t", "3"]) == 2 and "Temperature must be between" in capsys.readouterr().err
 
     launched = []
