@@ -190,10 +190,11 @@ class Scheduler:
         for L, group in by_bucket.items():
             while group:
                 size = 1 << (len(group).bit_length() - 1)
-                self._prefill(L, group[:size])
+                self._prefill_group(L, group[:size])
                 group = group[size:]
 
-    def _prefill(self, L: int, group: list[tuple[int, Request]]) -> None:
+    def _prefill_group(self, L: int, group: list[tuple[int, Request]]) -> None:
+        """Prefill one group of prompts padded to L positions (engine._prefill) and copy them into their slots."""
         engine = self.engine
         padded = np.zeros((len(group), L), np.int32)
         for i, (_, request) in enumerate(group):
