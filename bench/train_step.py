@@ -49,7 +49,10 @@ def parse_args(argv):
     parser.add_argument("--profile", default="", help="trace 3 steps with jax.profiler into this directory and "
                         "print where the device time goes (top kernels, by kind, busy fraction)")
     parser.add_argument("--nanochat-dir", default="", help="also time karpathy/nanochat's torch step from this "
-                        "checkout (bench/nanochat_torch.py, same shapes) and print the tokens/s ratio")
+                        "checkout (bench/nanochat_torch.py, same shapes and compute dtype: fp32 runs nanochat's step "
+                        "without autocast) and print the tokens/s ratio")
+    parser.add_argument("--nanochat-python", default=sys.executable, help="the Python that runs nanochat's step (one "
+                        "with torch; default this one)")
     return parser.parse_known_args(argv)  # the rest are config overrides: --config FILE --section.key=value
 
 
@@ -321,12 +324,13 @@ def run_nanochat(args, cfg) -> dict:
     """Times karpathy/nanochat's own step (bench/nanochat_torch.py, one device) on our shapes per device, in a
     fresh process that ends before JAX claims the device; its output is streamed (a time limit keeps it)."""
     import subprocess
-    device = "cpu" if os.environ.get("JAX_PLATFORMS", "").startswith("cpu") else "cuda"
-    cmd = [sys.executable, str(Path(__file__).with_name("nanochat_torch.py")), "--nanochat-dir", args.nanochat_dir,
-           "--depth", str(cfg.model.depth), "--device-batch-size", str(cfg.train.device_batch_size),
+    device = "cpu" if os.environ.get("JAX_PLATFORMS", "").startswith("cpu") else ""  # "": a GPU if torch sees one
+    dtype = "float32" if cfg.model.compute_dtype == "float32" else "bfloat16"
+    cmd = [args.nanochat_python, str(Path(__file__).with_name("nanochat_torch.py")), "--nanochat-dir", args.nanochat_dir,
+           "--depth", str(cfg.model.depth), "--heads", str(cfg.model.n_head), "--dtype", dtype, "--device-batch-size", str(cfg.train.device_batch_size),
            "--seq", str(cfg.model.sequence_len), "--vocab", str(cfg.model.vocab_size),
            "--micro-steps", str(args.micro_steps), "--steps", str(args.steps), "--warmup", str(args.warmup),
-           "--device", device]
+           *(["--device", device] if device else [])]
     lines = []
     with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
         for line in proc.stdout:
