@@ -1,5 +1,5 @@
-"""Nothing lost: base_train stopped by SIGTERM, or killed by SIGKILL during a step or in the middle of a save,
-resumes bit-identical: parameters, optimizer state, data position and the logged losses."""
+"""Nothing lost: base_train (and mid, SFT, RL) stopped by SIGTERM, or killed by SIGKILL during a step or in the
+middle of a save, resumes bit-identical: parameters, optimizer state, data position and the logged losses."""
 
 import hashlib
 import itertools
@@ -32,6 +32,11 @@ STAGES = {  # stage: (script, its settings), mid and SFT on the cpu mixtures, ea
     "sft": ("scripts/chat_sft.py", ["--sft.mixture=cpu", "--sft.device_batch_size=4",
                                     "--sft.target_examples_per_step=4", "--sft.eval_steps=1", f"--sft.num_iterations={STEPS}", "--sft.eval_every=0",
                                     "--sft.eval_metrics_every=0"]),
+    # RL from the mid run, on a reward the tiny model earns (see the script); it evaluates pass@k at 10 and 20
+    "rl": ("tests/rl_dense_reward.py", ["--rl.source=mid", "--rl.task=cpu", "--rl.num_samples=4",
+                                        "--rl.examples_per_step=2", "--rl.max_new_tokens=16", "--rl.device_batch_size=4",
+                                        f"--rl.num_iterations={STEPS}", "--rl.eval_examples=2", "--rl.eval_every=10",
+                                        "--rl.save_every=5"]),
 }
 
 
@@ -94,7 +99,7 @@ def logged_steps(home: Path, stage: str = "base") -> list[int]:
 def logged(home: Path, stage: str = "base") -> list[dict]:
     """The metrics file's records without their timings: every loss, smoothed loss, gradient norm, lr multiplier
     and evaluation, in order."""
-    timings = ("tokens_per_sec", "mfu", "elapsed_s")
+    timings = ("tokens_per_sec", "mfu", "elapsed_s", "rollout_s", "train_s")
     records = (json.loads(line) for line in (home / "report" / f"{stage}_train.jsonl").read_text().splitlines())
     return [{k: v for k, v in r.items() if k not in timings} for r in records]
 
@@ -277,17 +282,19 @@ def test_a_full_disk_stops_the_run_in_one_line_and_the_previous_checkpoint_resum
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", ["mid", "sft"])
-def test_sigkills_in_mid_and_sft_resume_bit_identical(straight, tmp_path, stage):
-    """Mid training from the straight run's base checkpoint (SFT from such a mid run's), killed twice at random
-    moments and resumed: the same run as without the kills."""
+@pytest.mark.parametrize("stage", ["mid", "sft", "rl"])
+def test_sigkills_in_mid_sft_and_rl_resume_bit_identical(straight, tmp_path, stage):
+    """Mid training from the straight run's base checkpoint (SFT and RL from such a mid run's), killed at random
+    moments and resumed: the same run as without the kills (RL: the same rollouts, rewards, pass@k evaluations
+    and updates, which depend only on the step number and the seed)."""
     ref, home = tmp_path / "reference", tmp_path / "home"
     shutil.copytree(straight[0], ref)
-    if stage == "sft":
+    if stage in ("sft", "rl"):
         finish(start(ref, stage="mid"))
     shutil.copytree(ref, home)
     finish(start(ref, stage=stage))
-    campaign = kill_and_resume(home, 2, 2, stage=stage)
+    assert sum(r.get("grad_norm", 0) > 0 for r in logged(ref, stage)) >= STEPS // 2  # (RL: rewards, updates)
+    campaign = kill_and_resume(home, 3 if stage == "rl" else 2, 2, stage=stage)
     assert campaign["hit"], "the run finished before a kill"
     assert state_hash(home, stage=stage) == state_hash(ref, stage=stage)
     assert logged(home, stage) == logged(ref, stage)
