@@ -71,9 +71,8 @@ class StepLogger:
 
     def __init__(self, stage: str, total_steps: int, start_step: int = 0, flops_per_token: float | None = None,
                  peak_flops: float | None = None, num_devices: int = 1, append: bool = False, ema_beta: float = 0.9,
-                 directory: Path | None = None, clock: Callable[[], float] = time.perf_counter,
-                 not_redone: tuple[str, ...] = ()):
-        self.stage, self.total, self.start, self.not_redone = stage, total_steps, start_step, not_redone
+                 directory: Path | None = None, clock: Callable[[], float] = time.perf_counter):
+        self.stage, self.total, self.start = stage, total_steps, start_step
         self.flops, self.peak, self.num_devices = flops_per_token, peak_flops, num_devices
         self.enabled = is_main_process()
         self.path = Path(directory or artifacts_dir("report")) / f"{stage}_train.jsonl"
@@ -100,11 +99,9 @@ class StepLogger:
 
     def _before_start(self, record: dict) -> bool:
         """Kept on resume: training records up to start_step, eval records before it (the resumed run redoes
-        the evaluations of start_step, except those holding a `not_redone` key)."""
+        all the evaluations of start_step, so they stay in their order even when a kill cut them short)."""
         step = record.get("step", 0)
-        if "loss" in record or any(key in record for key in self.not_redone):
-            return step <= self.start
-        return step < self.start
+        return step <= self.start if "loss" in record else step < self.start
 
     @property
     def elapsed(self) -> float:

@@ -268,8 +268,7 @@ def open_checkpoints(stage: str, depth: int, train):
 
 
 def run_stage(run: TrainRun, stage: str, cfg: Config, data, next_batch: Callable[[], dict], evaluate: Callable,
-              flops_per_token: float | None = None, source_meta: dict | None = None, seed: int | None = None,
-              not_redone: tuple[str, ...] = ()) -> StepLogger:
+              flops_per_token: float | None = None, source_meta: dict | None = None, seed: int | None = None) -> StepLogger:
     """The training loop of base, mid and SFT, from step 0 (or the checkpoint --train.resume finds) to
     run.num_iterations. At every step boundary, paused in the progress clock: the checkpoint first (every
     train.checkpoint_every steps and at the end; a failing evaluation cannot lose the trained model), then
@@ -288,8 +287,7 @@ def run_stage(run: TrainRun, stage: str, cfg: Config, data, next_batch: Callable
     batch = next_batch()
     info = device_info()
     progress = StepLogger(stage, run.num_iterations, start, flops_per_token=flops_per_token,
-                          peak_flops=peak_flops_per_device(compute_dtype=run.model_cfg.compute_dtype), num_devices=info["num_devices"], append=train.resume,
-                          not_redone=not_redone)
+                          peak_flops=peak_flops_per_device(compute_dtype=run.model_cfg.compute_dtype), num_devices=info["num_devices"], append=train.resume)
     tokens, stop = 0, StopSignal()
     try:
         for step in range(start, run.num_iterations + 1):

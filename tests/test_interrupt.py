@@ -190,6 +190,36 @@ def test_sigkill_during_a_save_then_resume_is_bit_identical(straight, tmp_path):
     assert logged(home) == straight[2]
 
 
+EVALS = ("--train.eval_every=10", "--train.core_every=10", f"--eval.bundle_dir={ROOT / 'tests' / 'fixtures' / 'core'}",
+         "--train.core_max_per_task=6")  # val bpb at 0, 10, 20; a CORE estimate on the fixture bundle at 10, 20
+
+
+def evaluated(home: Path, step: int, key: str) -> bool:
+    """Whether the metrics file holds a complete `key` record (val_bpb, core_metric) of `step`."""
+    path = home / "report" / "base_train.jsonl"
+    lines = path.read_text().splitlines() if path.exists() else []
+    return any(key in r and r["step"] == step for r in (json.loads(x) for x in lines if x.endswith("}")))
+
+
+@pytest.mark.slow
+def test_sigkill_during_an_evaluation_then_resume_is_bit_identical(straight, tmp_path):
+    """Killed while step 10's CORE estimate runs (its val bpb logged, the CORE record not yet), resumed, killed
+    again right after that CORE record with step 10's checkpoint complete, resumed to the end: the uninterrupted
+    run's parameters, optimizer state, data position and records (every val bpb and CORE point once, in order)."""
+    ref = fresh_home(straight, tmp_path, "reference")
+    finish(start(ref, *EVALS))
+    assert [r["step"] for r in logged(ref) if "core_metric" in r] == [10, 20]
+    home = fresh_home(straight, tmp_path)
+    assert kill_when(start(home, *EVALS), lambda: evaluated(home, 10, "val_bpb") and 10 in complete_steps(home))
+    assert not evaluated(home, 10, "core_metric")
+    assert kill_when(start(home, *EVALS, "--train.resume=true"),
+                     lambda: evaluated(home, 10, "core_metric") and 10 in complete_steps(home))
+    out, _ = finish(start(home, *EVALS, "--train.resume=true"))
+    assert f"resumed from {run_dir(home)}/10" in out
+    assert state_hash(home) == state_hash(ref)
+    assert logged(home) == logged(ref)
+
+
 def kill_and_resume(home: Path, kills: int, seed: int, *args: str, devices: int = 1, stage: str = "base") -> dict:
     """Up to `kills` SIGKILLs, each at a random moment 0 to 0.4 s after the run (or the resumed run) logged a
     step past its start with a complete checkpoint there, each followed by a resume, then one to the end.
