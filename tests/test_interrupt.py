@@ -74,19 +74,23 @@ def finish(proc: subprocess.Popen) -> tuple[str, str]:
     return out, err
 
 
-def run_dir(home: Path, stage: str = "base") -> Path:
+def run_dir(home: Path, stage: str = "base", depth: int = 1) -> Path:
     root = Path(os.environ.get("NANOCHAT_JAX_CHECKPOINTS", home / "checkpoints"))  # (set by small_disk)
-    return root / stage / "d1"
+    return root / stage / f"d{depth}"
 
 
-def state_hash(home: Path, step: int = STEPS, stage: str = "base") -> str:
-    """sha256 of checkpoint `step`'s parameters, optimizer state and data position."""
-    digest = hashlib.sha256()
+def state_hash(home: Path, step: int = STEPS, stage: str = "base", depth: int = 1) -> str:
+    """sha256 of checkpoint `step`'s parameters, optimizer state and data position (restored onto one device,
+    whatever devices and processes saved them)."""
+    digest, ckptr = hashlib.sha256(), ocp.StandardCheckpointer()
+    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     for item in ("params", "opt_state"):
-        tree = ocp.StandardCheckpointer().restore(run_dir(home, stage) / str(step) / item)
+        path = run_dir(home, stage, depth) / str(step) / item
+        tree = ckptr.restore(path, jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=one),
+                                                ckptr.metadata(path).item_metadata))
         for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
             digest.update(item.encode() + jax.tree_util.keystr(path).encode() + np.asarray(leaf).tobytes())
-    digest.update((run_dir(home, stage) / str(step) / "data" / "metadata").read_bytes())
+    digest.update((run_dir(home, stage, depth) / str(step) / "data" / "metadata").read_bytes())
     return digest.hexdigest()
 
 
@@ -171,8 +175,8 @@ def fresh_home(straight, tmp_path, name: str = "home") -> Path:
     return home
 
 
-def complete_steps(home: Path, stage: str = "base") -> list[int]:
-    return sorted(int(p.name) for p in run_dir(home, stage).glob("*") if p.name.isdigit())
+def complete_steps(home: Path, stage: str = "base", depth: int = 1) -> list[int]:
+    return sorted(int(p.name) for p in run_dir(home, stage, depth).glob("*") if p.name.isdigit())
 
 
 def test_sigkill_during_a_save_then_resume_is_bit_identical(straight, tmp_path):
