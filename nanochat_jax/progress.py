@@ -6,8 +6,8 @@
     with logger.paused(): ...   # evals, samples, checkpoints: excluded from tokens/s and MFU
     logger.close()
 
-Records go to artifacts_dir("report")/<stage>_train.jsonl, which the report generator plots: truncated on a
-fresh start; on resume, the records of the steps being redone (training steps after start_step, evals from
+Records go to artifacts_dir("report")/<stage>_train.jsonl, which the report generator plots: started anew on a
+fresh start (train.open_checkpoints has set a previous run's log aside with its checkpoints); on resume, the records of the steps being redone (training steps after start_step, evals from
 start_step on) are dropped and new ones appended, so every step appears once. Only process 0 writes anything.
 """
 

@@ -27,7 +27,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from nanochat_jax import splash
-from nanochat_jax.common import device_info, is_main_process, peak_flops_per_device, print0
+from nanochat_jax.common import artifacts_dir, device_info, is_main_process, peak_flops_per_device, print0
 from nanochat_jax.config import (RUNTIME_MODEL_FIELDS, Config, ConfigError, ModelConfig, OptimConfig,
                                  model_config_from_dict, to_dict, to_toml)
 from nanochat_jax.model import init_model
@@ -259,11 +259,12 @@ class TrainRun:
 
 
 def open_checkpoints(stage: str, depth: int, train):
-    """The stage's Checkpointer; a run that does not resume first sets a previous run's checkpoints aside."""
+    """The stage's Checkpointer; a run that does not resume first sets a previous run's checkpoints and metrics log
+    (report/<stage>_train.jsonl, which StepLogger starts anew) aside; a resumed run appends to the log."""
     from nanochat_jax.checkpoint import Checkpointer, checkpoint_dir, set_aside_previous_run
 
     if not train.resume:
-        set_aside_previous_run(checkpoint_dir(stage, depth))
+        set_aside_previous_run(checkpoint_dir(stage, depth), also=(artifacts_dir("report") / f"{stage}_train.jsonl",))
     return Checkpointer(checkpoint_dir(stage, depth), keep=train.keep_checkpoints)
 
 
