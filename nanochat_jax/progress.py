@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -78,8 +79,10 @@ class StepLogger:
         self.path = Path(directory or artifacts_dir("report")) / f"{stage}_train.jsonl"
         kept = [r for r in self._records() if self._before_start(r)] if append and self.enabled else []
         self.kept = kept  # the earlier sessions' records (process 0), e.g. for a best-so-far metric
-        if self.enabled:
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        if self.enabled:  # written beside it, then renamed over it: a kill during the rewrite leaves the log whole
+            rewritten = self.path.with_name(self.path.name + ".tmp")
+            rewritten.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            os.replace(rewritten, self.path)
         # a resumed run's wall time continues from its earlier sessions' (as logged up to the resumed step)
         self.prior_s = max((r.get("elapsed_s", 0.0) for r in kept if "loss" in r), default=0.0)
         self.paused_s = 0.0

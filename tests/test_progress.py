@@ -91,3 +91,26 @@ def test_paused_time_is_not_counted_in_rates(tmp_path):
     log.close()
     assert record["tokens_per_sec"] == pytest.approx(100.0) and record["elapsed_s"] == pytest.approx(7.0)
     assert log.train_seconds == pytest.approx(2.0) and log.paused_s == pytest.approx(5.0)
+
+
+def test_a_resume_cut_short_while_rewriting_the_log_leaves_it_whole(tmp_path, monkeypatch):
+    """The resumed run rewrites the log without the steps it redoes; a kill in the middle of that write (here: the
+    write stops after half its text) must not leave a log cut short: the earlier records are all still there."""
+    log = StepLogger("base", total_steps=4, directory=tmp_path)
+    for step in range(1, 5):
+        log.log(step, 5.0 - step, 10)
+    log.close()
+    before = (tmp_path / "base_train.jsonl").read_text()
+
+    def killed_halfway(path, text):
+        with open(path, "w") as f:
+            f.write(text[: len(text) // 2])
+        raise KeyboardInterrupt  # (stands in for the SIGKILL)
+
+    monkeypatch.setattr("pathlib.Path.write_text", killed_halfway)
+    with pytest.raises(KeyboardInterrupt):
+        StepLogger("base", total_steps=4, start_step=2, append=True, directory=tmp_path)
+    assert (tmp_path / "base_train.jsonl").read_text() == before
+    monkeypatch.undo()
+    StepLogger("base", total_steps=4, start_step=2, append=True, directory=tmp_path).close()  # the resume, again
+    assert [json.loads(x)["step"] for x in (tmp_path / "base_train.jsonl").read_text().splitlines()] == [1, 2]
