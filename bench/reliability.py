@@ -1,11 +1,12 @@
-"""Reliability campaign: base_train killed with SIGKILL at random moments and resumed, and hostile requests
+"""Reliability campaign: training stages killed with SIGKILL at random moments and resumed, and hostile requests
 against the chat server's API.
 
-    python bench/reliability.py [--kills 3] [--requests 1000] [--seed 0]
+    python bench/reliability.py [--stages base,mid,sft,rl] [--kills 3] [--requests 1000] [--seed 0]
 
-Kills: a tiny base_train (tests/test_interrupt.py's run) is killed `--kills` times at random moments after its
-first logged step and resumed with --train.resume=true each time; the final checkpoint (parameters, optimizer
-state, data position) and the logged records are compared with an uninterrupted run. Requests: `--requests`
+Kills: each of `--stages` (default base; tests/test_interrupt.py's tiny runs: mid from base, SFT and RL from mid)
+is killed `--kills` times at random moments after its first logged step and resumed with --train.resume=true each
+time; the final checkpoint (parameters, optimizer state, data position) and the logged records are compared with
+an uninterrupted run of the stage from the same source checkpoint. Requests: `--requests`
 generated requests (malformed JSON, wrong types, huge, empty, invalid UTF-8, control characters, special-token
 text, out-of-range settings, concurrent and abandoned connections) against scripts/chat_web.py serving the
 trained model. Prints kills, resumes, bit-identical runs, broken checkpoints skipped, requests sent, refusals,
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import shutil
 import socket
 import subprocess
 import sys
@@ -134,8 +136,12 @@ def fuzz(url: str, count: int, seed: int, api_key: str | None = None, check=None
             "crashes": sum(n for s, n in statuses.items() if s >= 500), "statuses": dict(sorted(statuses.items()))}
 
 
-def kill_campaign(work: Path, kills: int, seed: int) -> dict:
-    """An uninterrupted tiny base_train, then the same run killed `kills` times and resumed to the end."""
+SOURCE = {"base": None, "mid": "base", "sft": "mid", "rl": "mid"}  # the stage each one starts from
+
+
+def kill_campaign(work: Path, kills: int, seed: int, stages: list[str]) -> dict[str, dict]:
+    """Uninterrupted tiny runs of `stages` and the stages they start from, in one reference home; each of
+    `stages` also copied from there before it ran, killed `kills` times and resumed to the end."""
     sys.path.insert(0, str(ROOT / "tests"))
     import itertools
 
@@ -144,21 +150,28 @@ def kill_campaign(work: Path, kills: int, seed: int) -> dict:
     from nanochat_jax import corpus
     from nanochat_jax.tokenizer import Tokenizer
 
-    reference, home = work / "reference", work / "killed"
+    reference = work / "reference"
     Tokenizer.train_from_iterator(itertools.islice(corpus.documents("train"), 2000), vocab_size=300).save(
         reference / "tokenizer")
-    t.finish(t.start(reference))
-    (home / "tokenizer").parent.mkdir(parents=True)
-    subprocess.run(["cp", "-r", str(reference / "tokenizer"), str(home / "tokenizer")], check=True)
-    campaign = t.kill_and_resume(home, kills, seed)
-    same = t.state_hash(home) == t.state_hash(reference) and t.logged(home) == t.logged(reference)
-    return {"kills": len(campaign["hit"]), "kills_during_save": campaign["hit"].count("save"),
-            "resumes": campaign["resumes"], "bit_identical_runs": f"{int(same)}/1",
-            "broken_checkpoints_skipped": len(campaign["skipped"]), "home": home}
+    needed = {s for stage in stages for s in (stage, SOURCE[stage], SOURCE.get(SOURCE[stage])) if s}
+    results = {}
+    for stage in (s for s in SOURCE if s in needed):
+        home = work / f"killed-{stage}"
+        if stage in stages:
+            shutil.copytree(reference, home)
+        t.finish(t.start(reference, stage=stage))
+        if stage in stages:
+            campaign = t.kill_and_resume(home, kills, seed, stage=stage)
+            same = (t.state_hash(home, stage=stage) == t.state_hash(reference, stage=stage)
+                    and t.logged(home, stage) == t.logged(reference, stage))
+            results[stage] = {"kills": len(campaign["hit"]), "kills_during_save": campaign["hit"].count("save"),
+                              "resumes": campaign["resumes"], "bit_identical_runs": f"{int(same)}/1",
+                              "broken_checkpoints_skipped": len(campaign["skipped"])}
+    return results
 
 
 def serve_fuzz(home: Path, count: int, seed: int) -> dict:
-    """scripts/chat_web.py serving the campaign's base checkpoint, `count` hostile requests, then its peak RSS."""
+    """scripts/chat_web.py serving the reference run's base checkpoint, `count` hostile requests, then its peak RSS."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -191,19 +204,25 @@ def serve_fuzz(home: Path, count: int, seed: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--kills", type=int, default=3, help="SIGKILLs of the base_train run")
+    parser.add_argument("--stages", default="base", help="comma-separated stages to kill: base, mid, sft, rl")
+    parser.add_argument("--kills", type=int, default=3, help="SIGKILLs of each stage's run")
     parser.add_argument("--requests", type=int, default=1000, help="hostile requests to the server")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    stages = args.stages.split(",")
+    if set(stages) - set(SOURCE):
+        raise SystemExit(f"reliability.py: --stages={args.stages!r}: each must be one of {', '.join(SOURCE)}")
     with tempfile.TemporaryDirectory(prefix="nanochat-jax-reliability-") as work:
         t0 = time.time()
-        kills = kill_campaign(Path(work), args.kills, args.seed)
+        kills = kill_campaign(Path(work), args.kills, args.seed, stages)
         t1 = time.time()
-        requests = serve_fuzz(kills.pop("home"), args.requests, args.seed)
+        requests = serve_fuzz(Path(work) / "reference", args.requests, args.seed)
         t2 = time.time()
-    print(f"base_train: kills {kills['kills']} ({kills['kills_during_save']} during a save) | resumes "
-          f"{kills['resumes']} | bit-identical runs {kills['bit_identical_runs']} | broken checkpoints skipped "
-          f"{kills['broken_checkpoints_skipped']} | {t1 - t0:.0f} s")
+    for stage, k in kills.items():
+        print(f"{stage}: kills {k['kills']} ({k['kills_during_save']} during a save) | resumes {k['resumes']} | "
+              f"bit-identical runs {k['bit_identical_runs']} | broken checkpoints skipped "
+              f"{k['broken_checkpoints_skipped']}")
+    print(f"kill campaigns: {t1 - t0:.0f} s")
     print(f"chat_web: requests sent {requests['requests']} | answered {requests['answered']} | refusals "
           f"{requests['refusals']} | crashes {requests['crashes'] + (not requests['server_alive'])} | peak RSS "
           f"{requests['server_peak_rss_mib']} MiB | statuses {requests['statuses']} | {t2 - t1:.0f} s")

@@ -12,7 +12,8 @@ Saving is asynchronous (Orbax writes in the background; `wait()` blocks until it
 newest `keep` steps. Orbax writes a step in `<step>.orbax-checkpoint-tmp` and renames it when complete, so a kill
 during a save leaves that temporary directory, which no listing counts; `set_aside_unfinished` and `set_aside`
 (used when a run resumes) move such leftovers and steps that fail to restore to `<directory>.broken/`, and a new
-run moves what a previous run left to `<directory>.previous-<n>/` (`set_aside_previous_run`): nothing is deleted.
+run moves what a previous run left (and its metrics log) to `<directory>.previous-<n>/` (`set_aside_previous_run`):
+nothing is deleted.
 Restoring takes abstract targets (`jax.ShapeDtypeStruct` with a sharding), so a checkpoint written on one mesh
 restores onto any other mesh.
 
@@ -93,14 +94,16 @@ def _check_shared(directory: Path) -> None:
                               "(or NANOCHAT_JAX_HOME) to a directory on a mount all hosts share")
 
 
-def set_aside_previous_run(directory) -> Path | None:
+def set_aside_previous_run(directory, also: tuple[Path, ...] = ()) -> Path | None:
     """A new run in `directory`: whatever a previous run left there (checkpoints, saves a kill cut short, its
-    config.toml) moves to `<directory>.previous-<n>/`, n one more than the highest already there, so the new run
-    neither trips over their step numbers nor mixes its checkpoints with theirs, and nothing is ever deleted.
-    Says so in one line; returns the new directory (None when there was nothing to move)."""
+    config.toml) and the files of `also` that exist (its metrics log, which the new run would overwrite) move to
+    `<directory>.previous-<n>/`, n one more than the highest already there, so the new run neither trips over
+    their step numbers nor mixes its checkpoints with theirs, and nothing is ever deleted. Says so in one line;
+    returns the new directory (None when there was nothing to move)."""
     directory = Path(directory).absolute()
     _check_shared(directory)
-    left = sorted(p for p in directory.glob("*") if not p.name.startswith("."))
+    left = sorted(p for p in directory.glob("*") if not p.name.startswith(".")) + [Path(p) for p in also
+                                                                                 if Path(p).exists()]
     previous = None
     if left:
         taken = [int(p.name.rsplit("-", 1)[1]) for p in directory.parent.glob(f"{directory.name}.previous-*")
@@ -109,7 +112,7 @@ def set_aside_previous_run(directory) -> Path | None:
     if previous and jax.process_index() == 0:
         previous.mkdir()
         for path in left:
-            path.rename(previous / path.name)
+            shutil.move(path, previous / path.name)  # (the log may be on another disk than the checkpoints)
         steps = sorted((p.name for p in left if p.name.isdigit()), key=int)
         print(f"new run: moved the previous run in {directory} (steps {', '.join(steps) or 'none'}) to {previous}; "
               "--train.resume=true continues a run instead", file=sys.stderr)

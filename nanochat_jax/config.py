@@ -469,14 +469,14 @@ def _set(cfg: Config, key: str, value, cli: bool = False) -> None:
         sub = getattr(obj, part, None) if part in _fields(obj) else None
         if not dataclasses.is_dataclass(sub):
             sections = [n for n, t in _fields(obj).items() if dataclasses.is_dataclass(t)]
-            raise ConfigError(f"unknown config section '{'.'.join(prefix + [part])}'; sections are: {', '.join(sections)}")
+            raise ConfigError(f"unknown config section {'.'.join(prefix + [part])!r}; sections are: {', '.join(sections)}")
         obj, prefix = sub, prefix + [part]
     name = parts[-1]
     fields = _fields(obj)
     if name not in fields or dataclasses.is_dataclass(fields[name]):
         where = f"[{'.'.join(prefix)}]" if prefix else "the top level"
         allowed = [n for n, t in fields.items() if not dataclasses.is_dataclass(t)]
-        raise ConfigError(f"unknown config key '{key}'; keys allowed in {where}: {', '.join(allowed)}")
+        raise ConfigError(f"unknown config key {key!r}; keys allowed in {where}: {', '.join(allowed)}")
     setattr(obj, name, _coerce(key, value, fields[name], cli))
 
 
@@ -500,7 +500,7 @@ def parse_overrides(argv: list[str]) -> tuple[str | None, list[tuple[str, str]]]
         key, eq, value = arg[2:].partition("=")
         if not eq:
             if i + 1 >= len(argv):
-                raise ConfigError(f"missing value for --{key}")
+                raise ConfigError(f"missing value for {arg!r}")
             value, i = argv[i + 1], i + 1
         if key == "config":
             config_file = value
@@ -545,16 +545,27 @@ def load_config(argv: list[str] | None = None, defaults: Config | None = None) -
         print(usage(cfg))
         raise SystemExit(0)
     config_file, overrides = parse_overrides(argv)
-    if config_file:
+    if config_file is not None:
         path = Path(config_file)
         if not path.exists():
-            raise ConfigError(f"config file not found: {config_file}")
+            raise ConfigError(f"config file not found: {config_file!r}")
         try:
-            table = tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"config file {config_file} is not valid TOML: {e}") from None
-        for key, value in _flatten(table):
-            _set(cfg, key, value)
+            table = tomllib.loads(path.read_bytes().decode())
+        except OSError as e:  # a directory, no permission
+            raise ConfigError(f"config file {config_file!r} cannot be read: {e.strerror}") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"config file {config_file!r} is not UTF-8 text (byte {e.object[e.start]:#04x} at "
+                              f"offset {e.start})") from None
+        except ValueError as e:  # TOMLDecodeError, or an integer of more than 4300 digits
+            raise ConfigError(f"config file {config_file!r} is not valid TOML: {e}") from None
+        except RecursionError:
+            raise ConfigError(f"config file {config_file!r} is not valid TOML: arrays or tables nested too "
+                              "deeply") from None
+        try:
+            for key, value in _flatten(table):
+                _set(cfg, key, value)
+        except ConfigError as e:
+            raise ConfigError(f"config file {config_file!r}: {e}") from None
     for key, value in overrides:
         _set(cfg, key, value, cli=True)
     return cfg.validate()

@@ -95,13 +95,16 @@ def init_distributed() -> bool:
             if not value.isdigit():
                 raise SetupError(f"{var}={value!r} must be a non-negative integer")
             kwargs[arg] = int(value)
-    # hosts may arrive far apart (each finishes its own downloads first): wait up to 30 minutes, not 5
-    timeout = os.environ.get("NANOCHAT_JAX_INIT_TIMEOUT", "1800").strip()
-    if not timeout.isdigit():
-        raise SetupError(f"NANOCHAT_JAX_INIT_TIMEOUT={timeout!r} must be a number of seconds")
-    timeout = int(timeout)
+    # hosts may arrive far apart (each finishes its own downloads first): wait up to 30 minutes, not 5; a process
+    # that stops sending heartbeats (killed, its host gone) for 100 s ends the others ("another task died")
+    for var, arg, default in (("NANOCHAT_JAX_INIT_TIMEOUT", "initialization_timeout", "1800"),
+                              ("NANOCHAT_JAX_HEARTBEAT_TIMEOUT", "heartbeat_timeout_seconds", "100")):
+        seconds = os.environ.get(var, default).strip()
+        if not seconds.isdigit() or not int(seconds):
+            raise SetupError(f"{var}={seconds!r} must be a positive number of seconds")
+        kwargs[arg] = int(seconds)
     try:
-        jax.distributed.initialize(**kwargs, initialization_timeout=timeout)
+        jax.distributed.initialize(**kwargs)
     except ValueError as e:  # e.g. a coordinator address without a process count outside TPU/SLURM/MPI
         raise SetupError(f"multi-process start failed ({e}); outside Cloud TPU, SLURM and Open MPI set "
                          "JAX_COORDINATOR_ADDRESS=host:port, JAX_NUM_PROCESSES and JAX_PROCESS_ID on every "

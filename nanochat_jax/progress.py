@@ -6,8 +6,8 @@
     with logger.paused(): ...   # evals, samples, checkpoints: excluded from tokens/s and MFU
     logger.close()
 
-Records go to artifacts_dir("report")/<stage>_train.jsonl, which the report generator plots: truncated on a
-fresh start; on resume, the records of the steps being redone (training steps after start_step, evals from
+Records go to artifacts_dir("report")/<stage>_train.jsonl, which the report generator plots: started anew on a
+fresh start (train.open_checkpoints has set a previous run's log aside with its checkpoints); on resume, the records of the steps being redone (training steps after start_step, evals from
 start_step on) are dropped and new ones appended, so every step appears once. Only process 0 writes anything.
 """
 
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -71,16 +72,17 @@ class StepLogger:
 
     def __init__(self, stage: str, total_steps: int, start_step: int = 0, flops_per_token: float | None = None,
                  peak_flops: float | None = None, num_devices: int = 1, append: bool = False, ema_beta: float = 0.9,
-                 directory: Path | None = None, clock: Callable[[], float] = time.perf_counter,
-                 not_redone: tuple[str, ...] = ()):
-        self.stage, self.total, self.start, self.not_redone = stage, total_steps, start_step, not_redone
+                 directory: Path | None = None, clock: Callable[[], float] = time.perf_counter):
+        self.stage, self.total, self.start = stage, total_steps, start_step
         self.flops, self.peak, self.num_devices = flops_per_token, peak_flops, num_devices
         self.enabled = is_main_process()
         self.path = Path(directory or artifacts_dir("report")) / f"{stage}_train.jsonl"
         kept = [r for r in self._records() if self._before_start(r)] if append and self.enabled else []
         self.kept = kept  # the earlier sessions' records (process 0), e.g. for a best-so-far metric
-        if self.enabled:
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        if self.enabled:  # written beside it, then renamed over it: a kill during the rewrite leaves the log whole
+            rewritten = self.path.with_name(self.path.name + ".tmp")
+            rewritten.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            os.replace(rewritten, self.path)
         # a resumed run's wall time continues from its earlier sessions' (as logged up to the resumed step)
         self.prior_s = max((r.get("elapsed_s", 0.0) for r in kept if "loss" in r), default=0.0)
         self.paused_s = 0.0
@@ -100,11 +102,9 @@ class StepLogger:
 
     def _before_start(self, record: dict) -> bool:
         """Kept on resume: training records up to start_step, eval records before it (the resumed run redoes
-        the evaluations of start_step, except those holding a `not_redone` key)."""
+        all the evaluations of start_step, so they stay in their order even when a kill cut them short)."""
         step = record.get("step", 0)
-        if "loss" in record or any(key in record for key in self.not_redone):
-            return step <= self.start
-        return step < self.start
+        return step <= self.start if "loss" in record else step < self.start
 
     @property
     def elapsed(self) -> float:

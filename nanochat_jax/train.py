@@ -27,7 +27,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from nanochat_jax import splash
-from nanochat_jax.common import device_info, is_main_process, peak_flops_per_device, print0
+from nanochat_jax.common import artifacts_dir, device_info, is_main_process, peak_flops_per_device, print0
 from nanochat_jax.config import (RUNTIME_MODEL_FIELDS, Config, ConfigError, ModelConfig, OptimConfig,
                                  model_config_from_dict, to_dict, to_toml)
 from nanochat_jax.model import init_model
@@ -259,17 +259,17 @@ class TrainRun:
 
 
 def open_checkpoints(stage: str, depth: int, train):
-    """The stage's Checkpointer; a run that does not resume first sets a previous run's checkpoints aside."""
+    """The stage's Checkpointer; a run that does not resume first sets a previous run's checkpoints and metrics log
+    (report/<stage>_train.jsonl, which StepLogger starts anew) aside; a resumed run appends to the log."""
     from nanochat_jax.checkpoint import Checkpointer, checkpoint_dir, set_aside_previous_run
 
     if not train.resume:
-        set_aside_previous_run(checkpoint_dir(stage, depth))
+        set_aside_previous_run(checkpoint_dir(stage, depth), also=(artifacts_dir("report") / f"{stage}_train.jsonl",))
     return Checkpointer(checkpoint_dir(stage, depth), keep=train.keep_checkpoints)
 
 
 def run_stage(run: TrainRun, stage: str, cfg: Config, data, next_batch: Callable[[], dict], evaluate: Callable,
-              flops_per_token: float | None = None, source_meta: dict | None = None, seed: int | None = None,
-              not_redone: tuple[str, ...] = ()) -> StepLogger:
+              flops_per_token: float | None = None, source_meta: dict | None = None, seed: int | None = None) -> StepLogger:
     """The training loop of base, mid and SFT, from step 0 (or the checkpoint --train.resume finds) to
     run.num_iterations. At every step boundary, paused in the progress clock: the checkpoint first (every
     train.checkpoint_every steps and at the end; a failing evaluation cannot lose the trained model), then
@@ -288,8 +288,7 @@ def run_stage(run: TrainRun, stage: str, cfg: Config, data, next_batch: Callable
     batch = next_batch()
     info = device_info()
     progress = StepLogger(stage, run.num_iterations, start, flops_per_token=flops_per_token,
-                          peak_flops=peak_flops_per_device(compute_dtype=run.model_cfg.compute_dtype), num_devices=info["num_devices"], append=train.resume,
-                          not_redone=not_redone)
+                          peak_flops=peak_flops_per_device(compute_dtype=run.model_cfg.compute_dtype), num_devices=info["num_devices"], append=train.resume)
     tokens, stop = 0, StopSignal()
     try:
         for step in range(start, run.num_iterations + 1):

@@ -47,7 +47,7 @@ def base_evals(cfg, run: TrainRun, tokenizer, rows: int, bundle):
             val_batches[:] = val_batches or split_batches(cfg, tokenizer, rows, run.mesh, "val")  # tokenized once
             latest["val_bpb"] = evaluate_bpb(bpb_step, run.params, val_batches, tb)
             progress.eval({"step": step, "val_bpb": latest["val_bpb"]}, f"step {step:5d} | val bpb {latest['val_bpb']:.4f}")
-        if bundle and (last or (step > progress.start and step % train.core_every == 0)):  # (not again on resume)
+        if bundle and step > 0 and (last or step % train.core_every == 0):
             core = latest["core_metric_estimate"] = core_estimate(run.graphdef, run.params, tokenizer, bundle, cfg,
                                                                   core_mesh)
             progress.eval({"step": step, "core_metric": core}, f"step {step:5d} | CORE estimate {core:.4f}")
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> dict:
                                      packing=cfg.data.packing, seed=cfg.train.seed, num_threads=cfg.data.tokenizer_threads,
                                      prefetch=cfg.data.prefetch)
     progress = run_stage(run, "base", cfg, train_iter, lambda: global_batch([next(train_iter) for _ in range(accum)], mesh),
-                         evaluate, flops, seed=cfg.train.seed, not_redone=("core_metric",))
+                         evaluate, flops, seed=cfg.train.seed)
 
     tokens_per_sec = (num_iterations - progress.start) * cfg.train.total_batch_size / progress.train_seconds
     summary = save_summary("base_train", {

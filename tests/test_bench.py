@@ -122,6 +122,12 @@ def test_init_distributed_is_a_noop_without_env(monkeypatch):
     monkeypatch.setenv("JAX_NUM_PROCESSES", "two")
     with pytest.raises(ValueError, match="JAX_NUM_PROCESSES='two' must be a non-negative integer"):
         distributed.init_distributed()
+    monkeypatch.setenv("JAX_NUM_PROCESSES", "2")
+    for value in ("0", "10s"):
+        monkeypatch.setenv("NANOCHAT_JAX_HEARTBEAT_TIMEOUT", value)
+        with pytest.raises(ValueError, match=f"^NANOCHAT_JAX_HEARTBEAT_TIMEOUT='{value}' must be a positive number "
+                                             "of seconds$"):
+            distributed.init_distributed()
     assert not jax.distributed.is_initialized()
 
 

@@ -1,6 +1,7 @@
 """Checkpoints: round trip, restore onto other meshes, keep-last-N, load_model end to end, clear errors."""
 
 import dataclasses
+import json
 import os
 import shutil
 import subprocess
@@ -138,6 +139,44 @@ def test_fresh_run_sets_every_previous_run_aside_and_deletes_nothing(tmp_path, c
         old.close()
     assert set_aside_previous_run(tmp_path / "empty") is None  # nothing to move: nothing said
     assert "moved" not in capsys.readouterr().err
+
+
+def test_a_new_run_sets_the_previous_runs_log_aside_and_a_resumed_run_appends(home, capsys):
+    """report/<stage>_train.jsonl follows the checkpoints: a resumed run appends to it; a new run moves it, with
+    the previous run's checkpoints, to d<depth>.previous-<n>/ and starts its own (also when there is no checkpoint
+    to move)."""
+    from nanochat_jax.config import TrainConfig
+    from nanochat_jax.progress import StepLogger
+    from nanochat_jax.train import open_checkpoints
+
+    def session(resume: bool, start: int, losses: list[float]) -> None:
+        ckpt = open_checkpoints("mid", 2, TrainConfig(resume=resume))
+        log = StepLogger("mid", 10, start, append=resume)
+        for step, loss in enumerate(losses, start + 1):
+            log.log(step, loss, 100)
+        log.close()
+        if losses:
+            ckpt.save(start + len(losses), {"w": jnp.ones((2,))}, None, {}, {"step": start + len(losses)}, wait=True)
+        ckpt.close()
+
+    def losses(path) -> list[float]:
+        return [json.loads(line)["loss"] for line in path.read_text().splitlines()]
+
+    log, run_dir = home / "report" / "mid_train.jsonl", home / "checkpoints" / "mid" / "d2"
+    session(False, 0, [5.0, 4.0])
+    session(True, 2, [3.0])  # resumed from step 2: appends
+    assert losses(log) == [5.0, 4.0, 3.0] and not (home / "checkpoints" / "mid" / "d2.previous-1").exists()
+    capsys.readouterr()
+    session(False, 0, [9.0])  # a new run
+    previous = home / "checkpoints" / "mid" / "d2.previous-1"
+    assert capsys.readouterr().err.startswith(f"new run: moved the previous run in {run_dir} (steps 2, 3) to "
+                                              f"{previous}; --train.resume=true continues a run instead\n")
+    assert sorted(p.name for p in previous.iterdir()) == ["2", "3", "mid_train.jsonl"]
+    assert losses(previous / "mid_train.jsonl") == [5.0, 4.0, 3.0] and losses(log) == [9.0]
+    shutil.rmtree(run_dir)  # only a log left behind (a run killed before its first checkpoint)
+    session(False, 0, [])
+    assert sorted(p.name for p in (run_dir.parent / "d2.previous-2").iterdir()) == ["mid_train.jsonl"]
+    assert losses(run_dir.parent / "d2.previous-2" / "mid_train.jsonl") == [9.0] and log.read_text() == ""
 
 
 def test_a_waited_save_survives_a_crash_right_after_it(tmp_path):

@@ -112,3 +112,73 @@ def test_help_is_asked_where_an_option_stands():
     assert _asks_for_help(["--help"]) and _asks_for_help(["--config", "c.toml", "-h"])
     assert _asks_for_help(["--run=x", "--help"])
     assert not _asks_for_help(["--run", "-h"]) and not _asks_for_help(["--run", "--help"])  # a value, not an option
+
+
+def hostile_configs(seed: int, count: int):
+    """`count` bad inputs for load_config, each with one offending part: (argv, config file bytes or None, the
+    names one of which its error must mention: the key, its section, the file)."""
+    import dataclasses
+    import random
+
+    rng = random.Random(seed)
+    sections = {f.name: [g.name for g in dataclasses.fields(f.type if not isinstance(f.type, str) else
+                                                            type(getattr(Config(), f.name)))]
+                for f in dataclasses.fields(Config) if dataclasses.is_dataclass(getattr(Config(), f.name))}
+    keys = [f"{s}.{k}" for s, names in sections.items() for k in names] + ["run"]
+    cli_values = ["", "x", "-1", "0", "-0", "1.5", "1e999", "-1e999", "nan", "inf", "9" * 5000, "-" + "9" * 30,
+                  "2" * 19, "true", "no", "0x10", "1_000", " 3 ", "\x00", "é", "[1]", "{}", "=", "--", "\n", "\udcff"]
+    toml_values = ["1", "-1", "0", "-99999999999999999999", "1" * 5000, "1.5", "-0.0", "inf", "-inf", "nan", "1e308",
+                   '"x"', '"4"', '""', "true", "[1, 2]", "[]", "{a = 1}", "1979-05-27", "07:32:00", '"\\u0000"', "'é'",
+                   "[" * 5000 + "]" * 5000, "{a = " * 2000 + "1" + "}" * 2000]
+    key_typos = ["modle.depth", "model.dpeth", "model..depth", "model.depth.x", ".depth", "model.", "", "rn",
+                 "model.depth\n", "mödel.depth", "train", "model\x00.depth", "a.b.c.d.e"]
+    for _ in range(count):
+        key = rng.choice(keys)
+        section = key.split(".")[0]
+        kind = rng.choice(["cli", "cli", "cli_key", "cli_shape", "toml", "toml", "toml_key", "toml_text", "bytes"])
+        if kind == "cli":
+            yield [f"--{key}={rng.choice(cli_values)}"], None, [key, section]
+        elif kind == "cli_key":
+            bad = rng.choice(key_typos)
+            parts = bad.split(".")  # the error names the key, or the first of its sections that is not one
+            yield [f"--{bad}=1"], None, [repr(".".join(parts[:j])) for j in range(1, len(parts) + 1)]
+        elif kind == "cli_shape":
+            yield rng.choice([[f"--{key}"], [key], ["-" + key + "=1"], ["--config"], ["--config", "/nonexistent"],
+                              ["--config", "/"], ["--config", ""]]), None, [key, "config", "/nonexistent", "'/'", "''"]
+        elif kind == "toml":
+            name = key.split(".")[-1]
+            text = (f"[{section}]\n" if "." in key else "") + f"{name} = {rng.choice(toml_values)}\n"
+            yield [], text.encode(), [key, section]
+        elif kind == "toml_key":
+            header = rng.choice(["[nosuch]\nx = 1", f"[{section}.sub]\nx = 1", f"[[{section}]]\nx = 1",
+                                 f'[{section}]\n"a\\nb" = 1', f"{section} = 1", f"[{section}]\n{section} = {{a = 1}}"])
+            yield [], (header + "\n").encode(), ["nosuch", section, "a\\nb"]
+        elif kind in ("toml_text", "bytes"):
+            text = to_toml(Config()).encode()
+            cut = rng.randrange(len(text))
+            if kind == "toml_text":
+                junk = rng.choice([b"[", b"]", b"=", b'"', b"\n[model]\n", b"x", b"[[", b"\\", b"= =", b"[" * 3000])
+            else:  # not UTF-8
+                junk = rng.choice([b"\xff", b"\xc3\x28", b"\xed\xa0\x80", b"\xf4\x90\x80\x80", b"\x80", b"\xfe\xff"])
+            yield [], text[:cut] + junk + text[cut:], []
+
+
+def test_hostile_config_inputs_load_or_fail_in_one_line(tmp_path):
+    """300 bad inputs for the config system (malformed TOML and non-UTF-8 files, wrong types per field, unknown
+    sections and keys, malformed --section.key=value arguments, huge, negative and non-finite numbers): each loads,
+    or raises ConfigError with one line naming the offending key, its section or the file; nothing else."""
+    path = tmp_path / "c.toml"
+    errors = 0
+    for i, (argv, text, names) in enumerate(hostile_configs(0, 300)):
+        if text is not None:
+            path.write_bytes(text)
+            argv = ["--config", str(path), *argv]
+            names = [*names, str(path)]
+        try:
+            load_config(argv)
+        except ConfigError as e:
+            errors += 1
+            message = str(e)
+            assert "\n" not in message and 0 < len(message) < 20000, (i, argv, text, message)
+            assert any(n and n in message for n in names), (i, argv, text, message)
+    assert errors > 250  # (some mutations are sound configs)

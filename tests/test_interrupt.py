@@ -1,5 +1,5 @@
-"""Nothing lost: base_train stopped by SIGTERM, or killed by SIGKILL during a step or in the middle of a save,
-resumes bit-identical: parameters, optimizer state, data position and the logged losses."""
+"""Nothing lost: base_train (and mid, SFT, RL) stopped by SIGTERM, or killed by SIGKILL during a step or in the
+middle of a save, resumes bit-identical: parameters, optimizer state, data position and the logged losses."""
 
 import hashlib
 import itertools
@@ -32,6 +32,11 @@ STAGES = {  # stage: (script, its settings), mid and SFT on the cpu mixtures, ea
     "sft": ("scripts/chat_sft.py", ["--sft.mixture=cpu", "--sft.device_batch_size=4",
                                     "--sft.target_examples_per_step=4", "--sft.eval_steps=1", f"--sft.num_iterations={STEPS}", "--sft.eval_every=0",
                                     "--sft.eval_metrics_every=0"]),
+    # RL from the mid run, on a reward the tiny model earns (see the script); it evaluates pass@k at 10 and 20
+    "rl": ("tests/rl_dense_reward.py", ["--rl.source=mid", "--rl.task=cpu", "--rl.num_samples=4",
+                                        "--rl.examples_per_step=2", "--rl.max_new_tokens=16", "--rl.device_batch_size=4",
+                                        f"--rl.num_iterations={STEPS}", "--rl.eval_examples=2", "--rl.eval_every=10",
+                                        "--rl.save_every=5"]),
 }
 
 
@@ -69,19 +74,23 @@ def finish(proc: subprocess.Popen) -> tuple[str, str]:
     return out, err
 
 
-def run_dir(home: Path, stage: str = "base") -> Path:
+def run_dir(home: Path, stage: str = "base", depth: int = 1) -> Path:
     root = Path(os.environ.get("NANOCHAT_JAX_CHECKPOINTS", home / "checkpoints"))  # (set by small_disk)
-    return root / stage / "d1"
+    return root / stage / f"d{depth}"
 
 
-def state_hash(home: Path, step: int = STEPS, stage: str = "base") -> str:
-    """sha256 of checkpoint `step`'s parameters, optimizer state and data position."""
-    digest = hashlib.sha256()
+def state_hash(home: Path, step: int = STEPS, stage: str = "base", depth: int = 1) -> str:
+    """sha256 of checkpoint `step`'s parameters, optimizer state and data position (restored onto one device,
+    whatever devices and processes saved them)."""
+    digest, ckptr = hashlib.sha256(), ocp.StandardCheckpointer()
+    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     for item in ("params", "opt_state"):
-        tree = ocp.StandardCheckpointer().restore(run_dir(home, stage) / str(step) / item)
+        path = run_dir(home, stage, depth) / str(step) / item
+        tree = ckptr.restore(path, jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=one),
+                                                ckptr.metadata(path).item_metadata))
         for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
             digest.update(item.encode() + jax.tree_util.keystr(path).encode() + np.asarray(leaf).tobytes())
-    digest.update((run_dir(home, stage) / str(step) / "data" / "metadata").read_bytes())
+    digest.update((run_dir(home, stage, depth) / str(step) / "data" / "metadata").read_bytes())
     return digest.hexdigest()
 
 
@@ -94,7 +103,7 @@ def logged_steps(home: Path, stage: str = "base") -> list[int]:
 def logged(home: Path, stage: str = "base") -> list[dict]:
     """The metrics file's records without their timings: every loss, smoothed loss, gradient norm, lr multiplier
     and evaluation, in order."""
-    timings = ("tokens_per_sec", "mfu", "elapsed_s")
+    timings = ("tokens_per_sec", "mfu", "elapsed_s", "rollout_s", "train_s")
     records = (json.loads(line) for line in (home / "report" / f"{stage}_train.jsonl").read_text().splitlines())
     return [{k: v for k, v in r.items() if k not in timings} for r in records]
 
@@ -166,8 +175,8 @@ def fresh_home(straight, tmp_path, name: str = "home") -> Path:
     return home
 
 
-def complete_steps(home: Path, stage: str = "base") -> list[int]:
-    return sorted(int(p.name) for p in run_dir(home, stage).glob("*") if p.name.isdigit())
+def complete_steps(home: Path, stage: str = "base", depth: int = 1) -> list[int]:
+    return sorted(int(p.name) for p in run_dir(home, stage, depth).glob("*") if p.name.isdigit())
 
 
 def test_sigkill_during_a_save_then_resume_is_bit_identical(straight, tmp_path):
@@ -183,6 +192,36 @@ def test_sigkill_during_a_save_then_resume_is_bit_identical(straight, tmp_path):
     assert f"resumed from {run_dir(home)}/5" in out
     assert state_hash(home) == straight[1]
     assert logged(home) == straight[2]
+
+
+EVALS = ("--train.eval_every=10", "--train.core_every=10", f"--eval.bundle_dir={ROOT / 'tests' / 'fixtures' / 'core'}",
+         "--train.core_max_per_task=6")  # val bpb at 0, 10, 20; a CORE estimate on the fixture bundle at 10, 20
+
+
+def evaluated(home: Path, step: int, key: str) -> bool:
+    """Whether the metrics file holds a complete `key` record (val_bpb, core_metric) of `step`."""
+    path = home / "report" / "base_train.jsonl"
+    lines = path.read_text().splitlines() if path.exists() else []
+    return any(key in r and r["step"] == step for r in (json.loads(x) for x in lines if x.endswith("}")))
+
+
+@pytest.mark.slow
+def test_sigkill_during_an_evaluation_then_resume_is_bit_identical(straight, tmp_path):
+    """Killed while step 10's CORE estimate runs (its val bpb logged, the CORE record not yet), resumed, killed
+    again right after that CORE record with step 10's checkpoint complete, resumed to the end: the uninterrupted
+    run's parameters, optimizer state, data position and records (every val bpb and CORE point once, in order)."""
+    ref = fresh_home(straight, tmp_path, "reference")
+    finish(start(ref, *EVALS))
+    assert [r["step"] for r in logged(ref) if "core_metric" in r] == [10, 20]
+    home = fresh_home(straight, tmp_path)
+    assert kill_when(start(home, *EVALS), lambda: evaluated(home, 10, "val_bpb") and 10 in complete_steps(home))
+    assert not evaluated(home, 10, "core_metric")
+    assert kill_when(start(home, *EVALS, "--train.resume=true"),
+                     lambda: evaluated(home, 10, "core_metric") and 10 in complete_steps(home))
+    out, _ = finish(start(home, *EVALS, "--train.resume=true"))
+    assert f"resumed from {run_dir(home)}/10" in out
+    assert state_hash(home) == state_hash(ref)
+    assert logged(home) == logged(ref)
 
 
 def kill_and_resume(home: Path, kills: int, seed: int, *args: str, devices: int = 1, stage: str = "base") -> dict:
@@ -277,17 +316,19 @@ def test_a_full_disk_stops_the_run_in_one_line_and_the_previous_checkpoint_resum
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", ["mid", "sft"])
-def test_sigkills_in_mid_and_sft_resume_bit_identical(straight, tmp_path, stage):
-    """Mid training from the straight run's base checkpoint (SFT from such a mid run's), killed twice at random
-    moments and resumed: the same run as without the kills."""
+@pytest.mark.parametrize("stage", ["mid", "sft", "rl"])
+def test_sigkills_in_mid_sft_and_rl_resume_bit_identical(straight, tmp_path, stage):
+    """Mid training from the straight run's base checkpoint (SFT and RL from such a mid run's), killed at random
+    moments and resumed: the same run as without the kills (RL: the same rollouts, rewards, pass@k evaluations
+    and updates, which depend only on the step number and the seed)."""
     ref, home = tmp_path / "reference", tmp_path / "home"
     shutil.copytree(straight[0], ref)
-    if stage == "sft":
+    if stage in ("sft", "rl"):
         finish(start(ref, stage="mid"))
     shutil.copytree(ref, home)
     finish(start(ref, stage=stage))
-    campaign = kill_and_resume(home, 2, 2, stage=stage)
+    assert sum(r.get("grad_norm", 0) > 0 for r in logged(ref, stage)) >= STEPS // 2  # (RL: rewards, updates)
+    campaign = kill_and_resume(home, 3 if stage == "rl" else 2, 2, stage=stage)
     assert campaign["hit"], "the run finished before a kill"
     assert state_hash(home, stage=stage) == state_hash(ref, stage=stage)
     assert logged(home, stage) == logged(ref, stage)

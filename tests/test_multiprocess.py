@@ -21,13 +21,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(argv: list[str], processes: int, devices_per_process: int, home: Path | None = None) -> list[str]:
-    """Run `python argv` as `processes` cooperating JAX processes (or one plain process); their stdouts."""
+def spawn(argv: list[str], processes: int, devices_per_process: int, home: Path | None = None,
+          **env_vars: str) -> list[subprocess.Popen]:
+    """Start `python argv` as `processes` cooperating JAX processes (or one plain process), stderr in stdout."""
     port = free_port()
     procs = []
     for pid in range(processes):
         env = dict(os.environ, JAX_PLATFORMS="cpu",
-                   XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}")
+                   XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}", **env_vars)
         for var in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "NANOCHAT_JAX_DISTRIBUTED"):
             env.pop(var, None)
         if processes > 1:
@@ -37,6 +38,12 @@ def launch(argv: list[str], processes: int, devices_per_process: int, home: Path
             env["NANOCHAT_JAX_HOME"] = str(home)
         procs.append(subprocess.Popen([sys.executable, *argv], env=env, cwd=ROOT, stdout=subprocess.PIPE,
                                       stderr=subprocess.STDOUT, text=True))
+    return procs
+
+
+def launch(argv: list[str], processes: int, devices_per_process: int, home: Path | None = None) -> list[str]:
+    """Run `python argv` as `processes` cooperating JAX processes (or one plain process); their stdouts."""
+    procs = spawn(argv, processes, devices_per_process, home)
     outputs = []
     for p in procs:
         try:
@@ -112,6 +119,38 @@ def test_two_process_base_train_checkpoints_and_resumes_exactly(two_process_base
     assert sorted(resumed) == list(range(1, 9))
     for step in range(5, 9):
         assert resumed[step] == pytest.approx(straight[step], rel=1e-6), step
+
+
+@pytest.mark.slow
+def test_two_process_base_train_killed_resumes_bit_identical(two_process_base, tmp_path):
+    """Process 1 SIGKILLed after step 5 (checkpoint 4 complete): process 0 does not hang in the step's collective,
+    it ends once process 1 misses its heartbeats (10 s here) with JAX's line that another process died. Resumed by
+    two processes, both killed at once after step 6, resumed again: the uninterrupted two-process run's parameters,
+    optimizer state, data position and records, bit for bit."""
+    import shutil
+    import time
+
+    from test_interrupt import complete_steps, kill_when, logged, logged_steps, state_hash
+
+    home = tmp_path / "home"
+    home.mkdir()
+    shutil.copytree(two_process_base[0] / "tokenizer", home / "tokenizer")
+    argv, resume = [str(ROOT / "scripts" / "base_train.py"), *TINY], ["--train.resume=true"]
+    procs = spawn(argv, 2, 2, home, NANOCHAT_JAX_HEARTBEAT_TIMEOUT="10")
+    assert kill_when(procs[1], lambda: max(logged_steps(home), default=0) >= 5 and 4 in complete_steps(home, depth=2))
+    killed = time.time()
+    out, _ = procs[0].communicate(timeout=120)
+    assert procs[0].returncode != 0 and time.time() - killed < 60
+    assert "This most likely indicates that another task died" in out, out[-3000:]
+
+    procs = spawn(argv + resume, 2, 2, home)
+    assert kill_when(procs[0], lambda: max(logged_steps(home), default=0) >= 6)  # (the resume dropped step 5's)
+    procs[1].kill()
+    procs[1].communicate()
+    outputs = launch(argv + resume, 2, 2, home)
+    assert f"resumed from {home}/checkpoints/base/d2/4" in outputs[0]
+    assert state_hash(home, 8, depth=2) == state_hash(two_process_base[0], 8, depth=2)
+    assert logged(home) == logged(two_process_base[0])
 
 
 @pytest.mark.slow  # ~95 s: CI runs the same stages in one process (test_run_cpu.py, test_rl)

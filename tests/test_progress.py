@@ -50,16 +50,15 @@ def test_records_rates_and_resume(tmp_path, capsys):
     assert lines == [json.loads(json.dumps(r1)), json.loads(json.dumps(r2)), {"step": 2, "val_loss": 1.5},
                      {"step": 2, "core_metric": 0.25}]
 
-    # resuming from the step-2 checkpoint: the eval at step 2 is redone by the resumed run, so it is dropped,
-    # except the one the resumed run does not redo (not_redone); the killed first session left half a line
+    # resuming from the step-2 checkpoint: the evals at step 2 are redone by the resumed run, so they are dropped
+    # (all of them, so that they are written again in their order); the killed first session left half a line
     # behind: skipped with a warning naming the file
     with (tmp_path / "sft_train.jsonl").open("a") as f:
         f.write('{"step": 3, "lo')
     clock.t += 100.0  # the restart
-    resumed = StepLogger("sft", total_steps=4, start_step=2, append=True, directory=tmp_path, clock=clock,
-                         not_redone=("core_metric",))
+    resumed = StepLogger("sft", total_steps=4, start_step=2, append=True, directory=tmp_path, clock=clock)
     assert "sft_train.jsonl:5 is not a JSON record" in capsys.readouterr().err
-    assert resumed.kept == [json.loads(json.dumps(r1)), json.loads(json.dumps(r2)), {"step": 2, "core_metric": 0.25}]
+    assert resumed.kept == [json.loads(json.dumps(r1)), json.loads(json.dumps(r2))]
     clock.t += 1.0
     r3 = resumed.log(3, 2.0, 10)
     assert r3["mfu"] is None  # no FLOPs or peak given
@@ -70,7 +69,7 @@ def test_records_rates_and_resume(tmp_path, capsys):
     assert resumed.train_seconds == pytest.approx(1.0) and r3["tokens_per_sec"] == pytest.approx(10.0)
     resumed.close()
     records = [json.loads(x) for x in (tmp_path / "sft_train.jsonl").read_text().splitlines()]
-    assert [(r["step"], "loss" in r) for r in records] == [(1, True), (2, True), (2, False), (3, True)]
+    assert [(r["step"], "loss" in r) for r in records] == [(1, True), (2, True), (3, True)]
 
     # resuming from an earlier checkpoint (step 1) drops the records of the steps that will be redone
     StepLogger("sft", total_steps=4, start_step=1, append=True, directory=tmp_path, clock=clock).close()
@@ -92,3 +91,26 @@ def test_paused_time_is_not_counted_in_rates(tmp_path):
     log.close()
     assert record["tokens_per_sec"] == pytest.approx(100.0) and record["elapsed_s"] == pytest.approx(7.0)
     assert log.train_seconds == pytest.approx(2.0) and log.paused_s == pytest.approx(5.0)
+
+
+def test_a_resume_cut_short_while_rewriting_the_log_leaves_it_whole(tmp_path, monkeypatch):
+    """The resumed run rewrites the log without the steps it redoes; a kill in the middle of that write (here: the
+    write stops after half its text) must not leave a log cut short: the earlier records are all still there."""
+    log = StepLogger("base", total_steps=4, directory=tmp_path)
+    for step in range(1, 5):
+        log.log(step, 5.0 - step, 10)
+    log.close()
+    before = (tmp_path / "base_train.jsonl").read_text()
+
+    def killed_halfway(path, text):
+        with open(path, "w") as f:
+            f.write(text[: len(text) // 2])
+        raise KeyboardInterrupt  # (stands in for the SIGKILL)
+
+    monkeypatch.setattr("pathlib.Path.write_text", killed_halfway)
+    with pytest.raises(KeyboardInterrupt):
+        StepLogger("base", total_steps=4, start_step=2, append=True, directory=tmp_path)
+    assert (tmp_path / "base_train.jsonl").read_text() == before
+    monkeypatch.undo()
+    StepLogger("base", total_steps=4, start_step=2, append=True, directory=tmp_path).close()  # the resume, again
+    assert [json.loads(x)["step"] for x in (tmp_path / "base_train.jsonl").read_text().splitlines()] == [1, 2]

@@ -133,8 +133,8 @@ def test_chat_cli_answers_from_the_sft_checkpoint(smoke, monkeypatch):
 
 @pytest.mark.parametrize("stage", ["mid", pytest.param("sft", marks=pytest.mark.slow)])  # (SFTBatches' state: test_chat_stages.py)
 def test_rerun_then_resume_is_exact(smoke, tmp_path, stage):
-    """A new run in a directory holding another run's checkpoints sets them aside (<dir>.previous-1), and a
-    resumed run from its step-4 checkpoint redoes steps 5..8 with the straight run's losses."""
+    """A new run in a directory holding another run's checkpoints sets them and its log aside (<dir>.previous-1),
+    and a resumed run from its step-4 checkpoint redoes steps 5..8 with the straight run's losses."""
     home = tmp_path / "home"
     shutil.copytree(smoke[0], home)
     script, args = {
@@ -148,7 +148,9 @@ def test_rerun_then_resume_is_exact(smoke, tmp_path, stage):
     ckpt = home / "checkpoints" / stage / "d2"
     assert sorted(p.name for p in ckpt.iterdir() if p.name.isdigit()) == ["4", "8"]
     assert sorted(p.name for p in (ckpt.parent / "d2.previous-1").iterdir()) == sorted(
-        [{"mid": "30", "sft": "20"}[stage], "config.toml"])
+        [{"mid": "30", "sft": "20"}[stage], "config.toml", f"{stage}_train.jsonl"])
+    previous_log = (ckpt.parent / "d2.previous-1" / f"{stage}_train.jsonl").read_text().splitlines()
+    assert [r["step"] for r in map(json.loads, previous_log) if "loss" in r] == list(range(1, STEPS[stage] + 1))
     straight = {r["step"]: r["loss"] for r in records(home, stage) if "loss" in r}
     straight_smooth = {r["step"]: r["loss_smooth"] for r in records(home, stage) if "loss" in r}
     summary = json.loads((home / "report" / f"{stage}_train.json").read_text())
