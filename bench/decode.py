@@ -2,11 +2,15 @@
 memory-bandwidth bound for decoding.
 
     python bench/decode.py --depth 4 --prompt-len 64 --max-tokens 64 --batch-sizes 1,16
+                           [--nanochat-dir DIR --nanochat-python PYTHON]
 
 Synthetic prompts, a freshly initialised model (its zero lm_head makes greedy decoding emit token 0
 forever, so no row stops early). Prefill is timed on the engine's jitted prefill; decode is the
 end-to-end `generate_batch` time for max_tokens minus the same for 1 token (prefill and first sample),
-divided into batch * (max_tokens - 1) tokens; each time is the best of two runs.
+divided into batch * (max_tokens - 1) tokens, for `batch` samples of one prompt (one prefill, the cache
+copied into the rows, as nanochat's Engine does); each time is the best of two runs. With --nanochat-dir,
+karpathy/nanochat's own Engine is timed the same way first (bench/nanochat_decode.py, same shapes and compute
+dtype, in its own process) and the ratio is printed per batch size.
 Bandwidth bound: every decode step must read all weights once (in the compute dtype: the engine casts the
 parameters once; the embedding table only gathers rows) and the live keys/values (prompt + tokens so far,
 on average prompt + max_tokens / 2 per row; the engine's attention window is at most twice that), so
@@ -62,6 +66,8 @@ def main(argv=None) -> None:
     parser.add_argument("--batch-sizes", default="1,16")
     parser.add_argument("--chunk", type=int, default=16, help="decode steps per jitted call")
     parser.add_argument("--compute-dtype", default="float32")
+    parser.add_argument("--nanochat-dir", default="", help="also time karpathy/nanochat's Engine from this checkout")
+    parser.add_argument("--nanochat-python", default=sys.executable, help="the Python that runs it (one with torch)")
     parser.add_argument("--bandwidth-gbs", type=float, default=None,
                         help="memory bandwidth in GB/s for the bound (default 4800, an H200's HBM)")
     args = parser.parse_args(argv)
@@ -73,6 +79,7 @@ def main(argv=None) -> None:
             print("note: the bandwidth bound below is for an H200 (4800 GB/s); this CPU's is unknown, "
                   "pass --bandwidth-gbs")
 
+    theirs = run_nanochat(args) if args.nanochat_dir else {}
     cfg = ModelConfig(depth=args.depth, vocab_size=args.vocab_size, sequence_len=args.prompt_len + args.max_tokens,
                       compute_dtype=args.compute_dtype)
     model = init_model(cfg)
@@ -103,7 +110,8 @@ def main(argv=None) -> None:
             best = float("inf")
             for _ in range(2):
                 t0 = time.perf_counter()
-                results, _ = engine.generate_batch(prompts, max_tokens=max_tokens, temperature=0.0)
+                results, _ = engine.generate_batch(prompts[0], num_samples=batch, max_tokens=max_tokens,
+                                                   temperature=0.0)
                 best = min(best, time.perf_counter() - t0)
                 assert all(len(r) == args.prompt_len + max_tokens for r in results), "a row stopped early"
             return best
@@ -119,6 +127,25 @@ def main(argv=None) -> None:
               f"({t_prefill * 1e3:.1f} ms) | decode {decode_tps:8.1f} tok/s ({t_decode / (args.max_tokens - 1) * 1e3:.2f} "
               f"ms/step) | bandwidth bound at {args.bandwidth_gbs:g} GB/s: {bound:10.0f} tok/s (live cache), "
               f"{read:.0f} tok/s (windows read) | decode / bound {decode_tps / bound:.2f}")
+        if batch in theirs:
+            print(f"RATIO batch={batch} ours/nanochat decode tokens/s = {decode_tps / theirs[batch]:.2f} "
+                  f"({decode_tps:,.0f} vs {theirs[batch]:,.0f})")
+
+
+def run_nanochat(args) -> dict[int, float]:
+    """nanochat's Engine on the same shapes (bench/nanochat_decode.py in its own process): {batch: decode tok/s}."""
+    import json
+    import subprocess
+    cmd = [args.nanochat_python, str(Path(__file__).with_name("nanochat_decode.py")), "--nanochat-dir",
+           args.nanochat_dir, "--depth", str(args.depth), "--heads", str(ModelConfig(depth=args.depth).n_head),
+           "--vocab", str(args.vocab_size), "--prompt-len", str(args.prompt_len), "--max-tokens", str(args.max_tokens),
+           "--batch-sizes", args.batch_sizes, "--dtype", args.compute_dtype]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    print("".join("[nanochat] " + line + "\n" for line in out.stdout.splitlines() if not line.startswith("JSON ")), end="")
+    results = [line for line in out.stdout.splitlines() if line.startswith("JSON ")]
+    if out.returncode != 0 or not results:
+        raise SystemExit(f"bench/nanochat_decode.py failed (exit {out.returncode}):\n{out.stderr[-2000:]}")
+    return {row["batch"]: row["decode_tokens_per_sec"] for row in json.loads(results[0][5:])["rows"]}
 
 
 if __name__ == "__main__":
