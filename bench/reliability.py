@@ -136,6 +136,19 @@ def fuzz(url: str, count: int, seed: int, api_key: str | None = None, check=None
             "crashes": sum(n for s, n in statuses.items() if s >= 500), "statuses": dict(sorted(statuses.items()))}
 
 
+GRADIO = "/gradio_api"
+
+
+def page_events(url: str) -> dict:
+    """What the page's own Gradio client uses, read from /config: the chat event ("submit": fn_index, trigger ids,
+    number of inputs) and the other events' fn_index."""
+    config = httpx.get(url + "/config", timeout=60).json()
+    events = {d["api_name"]: d for d in config["dependencies"]}
+    chat = events["submit"]
+    return {"chat": chat["id"], "triggers": [t for t, _ in chat["targets"]], "inputs": len(chat["inputs"]),
+            "others": [d["id"] for d in config["dependencies"] if d is not chat]}
+
+
 SOURCE = {"base": None, "mid": "base", "sft": "mid", "rl": "mid"}  # the stage each one starts from
 
 

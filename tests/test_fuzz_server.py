@@ -89,3 +89,29 @@ def test_ten_thousand_hostile_requests(server, tokenizer):  # noqa: F811
     stats, grown = run_fuzz(server, tokenizer, 10_000, seed=1)
     assert stats["answered"] > 500 and stats["refusals"] > 7000, stats
     assert grown < 200, f"RSS grew by {grown:.0f} MiB"
+
+
+def test_what_the_gradio_fuzz_found(server):
+    """A message with a lone surrogate (JSON allows it, UTF-8 cannot hold it: Gradio's stream of the page's update
+    broke) is answered with U+FFFD in its place; an unknown fn_index or endpoint is refused with one line (a 500
+    and a dropped connection before) on a connection that stays usable; the stream of an unknown session ends
+    properly; the direct /run route, which would skip the queue, is closed."""
+    url, _ = server
+    page = reliability.page_events(url)
+    join = {"data": ["\ud800hi", [], 0.0, 0, 2, None], "fn_index": page["chat"], "session_hash": "surrogate",
+            "trigger_id": page["triggers"][0]}
+    with httpx.Client(base_url=url, timeout=60, headers={"Content-Type": "application/json"}) as client:
+        post = lambda path, body: client.post(path, content=json.dumps(body))  # noqa: E731  (httpx: no surrogates)
+        assert post("/gradio_api/queue/join", join).status_code == 200
+        events = [json.loads(line[6:]) for line in client.get("/gradio_api/queue/data?session_hash=surrogate")
+                  .text.splitlines() if line.startswith("data: ")]
+        done = next(e for e in events if e["msg"] == "process_completed")
+        assert done["success"] and done["output"]["data"][2][0]["content"][0]["text"] == "\ufffdhi"
+        for path, body in [("/gradio_api/queue/join", {**join, "fn_index": 99}), ("/gradio_api/call/v2/nope", {}),
+                           ("/gradio_api/call/v2/submit", {"bogus": 1})]:
+            response = post(path, body)
+            assert response.status_code == 400 and response.json() == {
+                "detail": "The server could not handle this request."}
+        stream = client.get("/gradio_api/queue/data?session_hash=nobody")
+        assert stream.status_code == 200 and '"session_not_found":true' in stream.text
+        assert post("/gradio_api/run/submit", {"data": join["data"]}).status_code == 404
