@@ -1,5 +1,5 @@
 """Reliability campaign: training stages killed with SIGKILL at random moments and resumed, and hostile requests
-against the chat server's API.
+against the chat server's API and page.
 
     python bench/reliability.py [--stages base,mid,sft,rl] [--kills 3] [--requests 1000] [--seed 0]
 
@@ -9,11 +9,11 @@ time; the final checkpoint (parameters, optimizer state, data position) and the 
 an uninterrupted run of the stage from the same source checkpoint. Requests: `--requests`
 generated requests (malformed JSON, wrong types, huge, empty, invalid UTF-8, control characters, special-token
 text, out-of-range settings, concurrent and abandoned connections) against scripts/chat_web.py serving the
-trained model. Prints kills, resumes, bit-identical runs, broken checkpoints skipped, requests sent, refusals,
-crashes (5xx, dead server: must be 0) and the server's peak RSS.
+trained model, and as many to its page's Gradio queue. Prints kills, resumes, bit-identical runs, broken
+checkpoints skipped, requests sent, refusals, crashes (5xx, dead server: must be 0) and the server's peak RSS.
 
-`hostile_requests` and `send` are the request fuzz; tests/test_fuzz_server.py runs them against test_serve's
-server.
+`hostile_requests` and `send` are the request fuzz of the API, `gradio_requests` and `send_gradio` that of the
+page; tests/test_fuzz_server.py runs them against test_serve's server.
 """
 
 from __future__ import annotations
@@ -275,7 +275,8 @@ def kill_campaign(work: Path, kills: int, seed: int, stages: list[str]) -> dict[
 
 
 def serve_fuzz(home: Path, count: int, seed: int) -> dict:
-    """scripts/chat_web.py serving the reference run's base checkpoint, `count` hostile requests, then its peak RSS."""
+    """scripts/chat_web.py serving the reference run's base checkpoint, `count` hostile requests to its API and
+    `count` to its page's Gradio queue, then its peak RSS."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -297,6 +298,7 @@ def serve_fuzz(home: Path, count: int, seed: int) -> dict:
                 raise SystemExit(f"chat_web did not start (exit code {server.returncode})")
             time.sleep(0.5)
         stats = fuzz(url, count, seed, "bench")
+        stats["page"] = gradio_fuzz(url, count, seed)
         stats["server_alive"] = server.poll() is None and httpx.get(url + "/health").json()["status"] == "ok"
         status = Path(f"/proc/{server.pid}/status").read_text().splitlines()
         stats["server_peak_rss_mib"] = int(next(x for x in status if x.startswith("VmHWM")).split()[1]) // 1024
@@ -330,6 +332,9 @@ def main() -> None:
     print(f"chat_web: requests sent {requests['requests']} | answered {requests['answered']} | refusals "
           f"{requests['refusals']} | crashes {requests['crashes'] + (not requests['server_alive'])} | peak RSS "
           f"{requests['server_peak_rss_mib']} MiB | statuses {requests['statuses']} | {t2 - t1:.0f} s")
+    page = requests["page"]
+    print(f"chat_web page (Gradio queue): requests sent {page['requests']} | answered {page['answered']} | refusals "
+          f"{page['refusals']} | crashes {page['crashes']} | statuses {page['statuses']}")
 
 
 if __name__ == "__main__":
