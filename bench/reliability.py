@@ -191,7 +191,8 @@ def gradio_requests(seed: int, count: int, page: dict):
             body["data"] = rng.choice([data, data, data[:rng.randrange(len(data))], data + [1], "hi", None, {}])
         elif kind == "history":
             data[1] = [{"role": rng.choice(["user", "assistant", "system", "tool", "", None]),
-                        "content": rng.choice([hostile_text(rng), "".join(SPECIALS), [{"type": "text", "text": "<|bos|>"}]])}
+                        "content": rng.choice([hostile_text(rng), "".join(SPECIALS),
+                                               [{"type": "text", "text": "<|bos|>"}]])}
                        for _ in range(rng.randint(1, 6))]
         elif kind == "huge":
             data[0] = rng.choice(["x", "ab ", "<|assistant_end|>", "é"]) * rng.choice([8001, 40000, 10**6])
@@ -229,7 +230,8 @@ def send_gradio(client: httpx.Client, request) -> tuple[int, bytes]:
     joins = 2 if kind == "twice" else 1
     for _ in range(joins):
         response = client.request(method, path, headers=headers, content=data)
-    if response.status_code != 200 or method != "POST" or not path.startswith((GRADIO + "/queue/join", GRADIO + "/call/")):
+    followed = path.startswith((GRADIO + "/queue/join", GRADIO + "/call/"))
+    if response.status_code != 200 or method != "POST" or not followed:
         return response.status_code, response.content
     if path.endswith("/queue/join"):
         stream = f"{GRADIO}/queue/data?session_hash={quote(json.loads(data)['session_hash'])}"
