@@ -1,5 +1,5 @@
 """Reliability campaign: training stages killed with SIGKILL at random moments and resumed, and hostile requests
-against the chat server's API.
+against the chat server's API and page.
 
     python bench/reliability.py [--stages base,mid,sft,rl] [--kills 3] [--requests 1000] [--seed 0]
 
@@ -9,11 +9,11 @@ time; the final checkpoint (parameters, optimizer state, data position) and the 
 an uninterrupted run of the stage from the same source checkpoint. Requests: `--requests`
 generated requests (malformed JSON, wrong types, huge, empty, invalid UTF-8, control characters, special-token
 text, out-of-range settings, concurrent and abandoned connections) against scripts/chat_web.py serving the
-trained model. Prints kills, resumes, bit-identical runs, broken checkpoints skipped, requests sent, refusals,
-crashes (5xx, dead server: must be 0) and the server's peak RSS.
+trained model, and as many to its page's Gradio queue. Prints kills, resumes, bit-identical runs, broken
+checkpoints skipped, requests sent, refusals, crashes (5xx, dead server: must be 0) and the server's peak RSS.
 
-`hostile_requests` and `send` are the request fuzz; tests/test_fuzz_server.py runs them against test_serve's
-server.
+`hostile_requests` and `send` are the request fuzz of the API, `gradio_requests` and `send_gradio` that of the
+page; tests/test_fuzz_server.py runs them against test_serve's server.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from urllib.parse import quote
 
 import httpx
 
@@ -130,10 +131,115 @@ def fuzz(url: str, count: int, seed: int, api_key: str | None = None, check=None
     rng = random.Random(seed)
     for _ in range(count // 50):
         abandon(url, api_key, rng)
-    total = sum(statuses.values())
-    return {"requests": total + count // 50, "answered": statuses.get(200, 0),
+    return tally(statuses, count // 50)
+
+
+def tally(statuses: dict[int, int], abandoned: int = 0) -> dict:
+    return {"requests": sum(statuses.values()) + abandoned, "answered": statuses.get(200, 0),
             "refusals": sum(n for s, n in statuses.items() if 400 <= s < 500),
             "crashes": sum(n for s, n in statuses.items() if s >= 500), "statuses": dict(sorted(statuses.items()))}
+
+
+def gradio_fuzz(url: str, count: int, seed: int, check=None) -> dict:
+    """`count` requests to the page's Gradio queue (gradio_requests) as fuzz sends its own: sequential ones (with
+    check(request, status, body) after each), then a tenth of them again from 8 threads at once. Returns fuzz's
+    counts."""
+    page, statuses = page_events(url), {}
+    with httpx.Client(base_url=url, timeout=120) as client:
+        for request in gradio_requests(seed, count, page):
+            status, body = send_gradio(client, request)
+            statuses[status] = statuses.get(status, 0) + 1
+            if check:
+                check(request, status, body)
+        with ThreadPoolExecutor(8) as pool:
+            for status, _ in pool.map(lambda r: send_gradio(client, r), gradio_requests(seed + 1, count // 10, page)):
+                statuses[status] = statuses.get(status, 0) + 1
+    return tally(statuses)
+
+
+GRADIO = "/gradio_api"
+
+
+def page_events(url: str) -> dict:
+    """What the page's own Gradio client uses, read from /config: the chat event ("submit": fn_index, trigger ids,
+    number of inputs) and the other events' fn_index."""
+    config = httpx.get(url + "/config", timeout=60).json()
+    events = {d["api_name"]: d for d in config["dependencies"]}
+    chat = events["submit"]
+    return {"chat": chat["id"], "triggers": [t for t, _ in chat["targets"]], "inputs": len(chat["inputs"]),
+            "others": [d["id"] for d in config["dependencies"] if d is not chat]}
+
+
+def gradio_requests(seed: int, count: int, page: dict):
+    """`count` requests to the page's Gradio queue, generated from `seed` (bench's `page_events` gives `page`), as
+    (method, path, headers, body bytes, kind). A join ("sound" ones: the browser's own, up to 3 tokens) is followed
+    by the stream of its session (see send_gradio); "twice" joins two events on one session before it, "abandon"
+    goes away after the stream's first line. The chat event's inputs are the message box, the history (server-side
+    state: the sent value is ignored), temperature, top-k, max tokens and the run state."""
+    rng = random.Random(seed)
+    for _ in range(count):
+        session = f"fuzz{seed}-{rng.randrange(1 << 30)}"
+        data = [hostile_text(rng) or "hi", [], rng.choice([0.0, 0.7]), rng.choice([0, 50]), rng.randint(1, 3), None]
+        body = {"data": data, "fn_index": page["chat"], "session_hash": session, "event_data": None,
+                "trigger_id": rng.choice(page["triggers"])}
+        kind = rng.choice(["sound", "data", "data", "history", "huge", "event", "session", "json", "utf8", "twice",
+                           "abandon", "call", "path"])
+        path = GRADIO + "/queue/join"
+        if kind == "data":
+            for i in rng.sample(range(len(data)), rng.randint(1, 3)):
+                data[i] = rng.choice(WEIRD)
+            body["data"] = rng.choice([data, data, data[:rng.randrange(len(data))], data + [1], "hi", None, {}])
+        elif kind == "history":
+            data[1] = [{"role": rng.choice(["user", "assistant", "system", "tool", "", None]),
+                        "content": rng.choice([hostile_text(rng), "".join(SPECIALS),
+                                               [{"type": "text", "text": "<|bos|>"}]])}
+                       for _ in range(rng.randint(1, 6))]
+        elif kind == "huge":
+            data[0] = rng.choice(["x", "ab ", "<|assistant_end|>", "é"]) * rng.choice([8001, 40000, 10**6])
+        elif kind == "event":
+            key = rng.choice(["fn_index", "trigger_id", "event_data", "batched", "event_id", "extra"])
+            body[key] = rng.choice([99, -1, 2**70, "0", None, 1.5, [], {"index": 1}, True] + page["others"])
+        elif kind == "session":
+            body["session_hash"] = rng.choice([None, 7, [], "", "\x00" + session, "é😀/../" + session, "s" * 5000])
+        method, headers = "POST", {"Content-Type": "application/json"}
+        if kind == "call":
+            path = GRADIO + rng.choice(["/call/submit", "/call/v2/submit", "/call/nope", "/run/submit", "/api/submit",
+                                        "/call/stop", "/cancel"])
+            body = rng.choice([{"data": [data[0], *data[2:5]]}, {"data": data}, {"user_text": data[0]},
+                               {"user_text": data[0], "temperature": rng.choice(WEIRD)}, {"bogus": 1}, {},
+                               {"session_hash": session, "fn_index": page["chat"], "event_id": "x"}])
+        elif kind == "path":
+            method, body = "GET", None
+            path = rng.choice(["/config", GRADIO + "/info", f"{GRADIO}/queue/data?session_hash={session}",
+                               f"{GRADIO}/queue/data", f"{GRADIO}/call/submit/{session}",
+                               GRADIO + "/file=/etc/passwd", "/"])
+        raw = b"" if body is None else json.dumps(body).encode()  # (NaN, Infinity and lone surrogates as JSON allows)
+        if kind == "json":
+            raw = rng.choice([raw[:rng.randint(0, len(raw))], b"", b"null", b"[]", b"{" * 10000, raw + b"}",
+                              bytes(rng.randrange(256) for _ in range(64)), b'{"data": [' + b"1," * 10000 + b"1]}"])
+        elif kind == "utf8":
+            raw = raw.replace(b'"data": ["', b'"data": ["' + rng.choice([b"\xff", b"\xed\xa0\x80", b"\xc0\xaf"]), 1)
+        yield method, path, headers, raw, kind
+
+
+def send_gradio(client: httpx.Client, request) -> tuple[int, bytes]:
+    """Send one generated Gradio request and read its answer; a join answered 200 is followed, as the browser does,
+    by the session's event stream read to its end (or, for "abandon", to its first line); "twice" joins the same
+    body twice first. A /call POST answered 200 is followed by its event's stream. Returns (status, body)."""
+    method, path, headers, data, kind = request
+    joins = 2 if kind == "twice" else 1
+    for _ in range(joins):
+        response = client.request(method, path, headers=headers, content=data)
+    followed = path.startswith((GRADIO + "/queue/join", GRADIO + "/call/"))
+    if response.status_code != 200 or method != "POST" or not followed:
+        return response.status_code, response.content
+    if path.endswith("/queue/join"):
+        stream = f"{GRADIO}/queue/data?session_hash={quote(json.loads(data)['session_hash'])}"
+    else:
+        stream = f"{path}/{response.json()['event_id']}"
+    with client.stream("GET", stream) as events:
+        body = next(events.iter_lines(), "").encode() if kind == "abandon" else events.read()
+    return events.status_code, response.content + body
 
 
 SOURCE = {"base": None, "mid": "base", "sft": "mid", "rl": "mid"}  # the stage each one starts from
@@ -171,7 +277,8 @@ def kill_campaign(work: Path, kills: int, seed: int, stages: list[str]) -> dict[
 
 
 def serve_fuzz(home: Path, count: int, seed: int) -> dict:
-    """scripts/chat_web.py serving the reference run's base checkpoint, `count` hostile requests, then its peak RSS."""
+    """scripts/chat_web.py serving the reference run's base checkpoint, `count` hostile requests to its API and
+    `count` to its page's Gradio queue, then its peak RSS."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -193,6 +300,7 @@ def serve_fuzz(home: Path, count: int, seed: int) -> dict:
                 raise SystemExit(f"chat_web did not start (exit code {server.returncode})")
             time.sleep(0.5)
         stats = fuzz(url, count, seed, "bench")
+        stats["page"] = gradio_fuzz(url, count, seed)
         stats["server_alive"] = server.poll() is None and httpx.get(url + "/health").json()["status"] == "ok"
         status = Path(f"/proc/{server.pid}/status").read_text().splitlines()
         stats["server_peak_rss_mib"] = int(next(x for x in status if x.startswith("VmHWM")).split()[1]) // 1024
@@ -226,6 +334,9 @@ def main() -> None:
     print(f"chat_web: requests sent {requests['requests']} | answered {requests['answered']} | refusals "
           f"{requests['refusals']} | crashes {requests['crashes'] + (not requests['server_alive'])} | peak RSS "
           f"{requests['server_peak_rss_mib']} MiB | statuses {requests['statuses']} | {t2 - t1:.0f} s")
+    page = requests["page"]
+    print(f"chat_web page (Gradio queue): requests sent {page['requests']} | answered {page['answered']} | refusals "
+          f"{page['refusals']} | crashes {page['crashes']} | statuses {page['statuses']}")
 
 
 if __name__ == "__main__":

@@ -71,6 +71,12 @@ def reply_content(parts: list[dict]) -> str | list[dict]:
     return "".join(p["text"] for p in parts)
 
 
+def sendable(text: str) -> str:
+    """Text as the chat keeps it: lone surrogates (JSON's escapes allow them, UTF-8 cannot hold them, so Gradio
+    could not send the page's update) become U+FFFD."""
+    return re.sub("[\ud800-\udfff]", "\ufffd", text)
+
+
 def plain(text: str) -> str:
     """Text that Markdown shows as written: a "#" starting a line is not a heading ("#### 42" stays)."""
     return re.sub(r"(?m)^( {0,3})#", r"\1\\#", text)
@@ -219,6 +225,7 @@ def build_app(engine, tokenizer, *, base: bool = False, title: str = "nanochat-j
     def submit(user_text, messages, temperature, top_k, max_tokens, run):
         """Stream (textbox, messages, chatbot, status); a refused request only sets the status line. The box is
         emptied once, when the request is accepted, so what the user types meanwhile stays."""
+        user_text = sendable(user_text or "")
         try:
             steps = respond(engine, tokenizer, messages, user_text, temperature=temperature, top_k=top_k,
                             max_tokens=max_tokens, seed=next(seeds), base=base)
@@ -289,4 +296,4 @@ def build_app(engine, tokenizer, *, base: bool = False, title: str = "nanochat-j
         stop_button.click(stop, [run], None, show_progress="hidden")
         clear_button.click(clear, [run], outputs, show_progress="hidden")
         chatbot.clear(clear, [run], outputs, show_progress="hidden")  # the Chatbot's trash icon too
-    return app
+    return app.queue(api_open=False)  # every event goes through the queue (/run would skip it and its limits)

@@ -52,6 +52,37 @@ def refuse_invalid(request, exc):
     return JSONResponse({"detail": errors.encode("utf-8", "replace").decode()}, status_code=422)
 
 
+class ContainErrors:
+    """ASGI middleware around the routes: a route that raises (Gradio's do, on requests its page never sends: an
+    unknown fn_index, endpoint or argument, or the stream of a session it does not know) answers 400 with one line
+    instead of a 500, or, when its answer has begun, ends that answer properly; either way the connection stays
+    open (uvicorn drops it after an exception) and the error is logged, not sent."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        sent = {"start": False, "end": False}
+
+        async def watch(message):
+            sent["start"] = sent["start"] or message["type"] == "http.response.start"
+            sent["end"] = sent["end"] or (message["type"] == "http.response.body" and not message.get("more_body"))
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watch)
+        except Exception as e:
+            print(f"chat_web: {scope['method']} {scope['path']}: {type(e).__name__}: {e}", file=sys.stderr)
+            if not sent["start"]:
+                from fastapi.responses import JSONResponse
+
+                await JSONResponse({"detail": "The server could not handle this request."}, 400)(scope, receive, send)
+            elif not sent["end"]:
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
 def launch(app, router, args) -> str | None:
     """Start the Gradio app with the API's routes on its FastAPI app (given to the app as it is made, so they
     answer from the first connection); returns the share link, if one opened. Without a network the share link
@@ -60,13 +91,15 @@ def launch(app, router, args) -> str | None:
     import io
 
     from fastapi.exceptions import RequestValidationError
+    from starlette.middleware import Middleware
 
     share = args.share or args.share_server is not None
     quiet = io.StringIO()
     with contextlib.redirect_stdout(quiet) if share else contextlib.nullcontext():
         app.launch(server_name=args.host, server_port=args.port, quiet=True, prevent_thread_lock=True, share=share,
                    share_server_address=args.share_server,
-                   app_kwargs={"routes": list(router.routes), "exception_handlers": {RequestValidationError: refuse_invalid}})
+                   app_kwargs={"routes": list(router.routes), "middleware": [Middleware(ContainErrors)],
+                               "exception_handlers": {RequestValidationError: refuse_invalid}})
     if share and not app.share_url:
         where = f"share server {args.share_server}" if args.share_server else "Gradio's share server"
         print(f"chat_web: could not open a public link through {where}; serving locally only", file=sys.stderr)
