@@ -296,4 +296,25 @@ def build_app(engine, tokenizer, *, base: bool = False, title: str = "nanochat-j
         stop_button.click(stop, [run], None, show_progress="hidden")
         clear_button.click(clear, [run], outputs, show_progress="hidden")
         chatbot.clear(clear, [run], outputs, show_progress="hidden")  # the Chatbot's trash icon too
-    return app.queue(api_open=False)  # every event goes through the queue (/run would skip it and its limits)
+    app.queue(api_open=False)  # every event goes through the queue (/run would skip it and its limits)
+    guard_queue(app._queue)
+    return app
+
+
+def guard_queue(queue) -> None:
+    """Close two holes in Gradio's queue (6.31) through which one request stops its event loop, after which the page
+    answers 503 to every user: a join with an empty session_hash files its event's messages under a session that
+    does not exist, and so does an event whose session was evicted from the queue's 2000-session message cache
+    while it waited. Such joins are refused (400); a message for a session no longer held is dropped."""
+    push, send_message = queue.push, queue.send_message
+
+    async def push_with_session(body, request, username):
+        if body.session_hash == "":
+            return False, "The request has an empty session_hash.", "error"
+        return await push(body, request, username)
+
+    def send_if_held(event, message):
+        if event.session_hash in queue.pending_messages_per_session:
+            send_message(event, message)
+
+    queue.push, queue.send_message = push_with_session, send_if_held

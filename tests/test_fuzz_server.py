@@ -158,7 +158,8 @@ def test_what_the_gradio_fuzz_found(server):
     """A message with a lone surrogate (JSON allows it, UTF-8 cannot hold it: Gradio's stream of the page's update
     broke) is answered with U+FFFD in its place; an unknown fn_index or endpoint is refused with one line (a 500
     and a dropped connection before) on a connection that stays usable; the stream of an unknown session ends
-    properly; the direct /run route, which would skip the queue, is closed."""
+    properly; the direct /run route, which would skip the queue, is closed; a join with an empty session is
+    refused and the queue keeps serving."""
     url, _ = server
     page = reliability.page_events(url)
     join = {"data": ["\ud800hi", [], 0.0, 0, 2, None], "fn_index": page["chat"], "session_hash": "surrogate",
@@ -170,6 +171,10 @@ def test_what_the_gradio_fuzz_found(server):
                   .text.splitlines() if line.startswith("data: ")]
         done = next(e for e in events if e["msg"] == "process_completed")
         assert done["success"] and done["output"]["data"][2][0]["content"][0]["text"] == "\ufffdhi"
+        # an empty session_hash made Gradio file the event's messages under no session: its queue loop then died
+        # and the page answered 503 to everyone
+        empty = post("/gradio_api/queue/join", {**join, "session_hash": ""})
+        assert empty.status_code == 400 and "empty session_hash" in empty.text
         for path, body in [("/gradio_api/queue/join", {**join, "fn_index": 99}), ("/gradio_api/call/v2/nope", {}),
                            ("/gradio_api/call/v2/submit", {"bogus": 1})]:
             response = post(path, body)
@@ -178,3 +183,5 @@ def test_what_the_gradio_fuzz_found(server):
         stream = client.get("/gradio_api/queue/data?session_hash=nobody")
         assert stream.status_code == 200 and '"session_not_found":true' in stream.text
         assert post("/gradio_api/run/submit", {"data": join["data"]}).status_code == 404
+        assert post("/gradio_api/queue/join", {**join, "session_hash": "after"}).status_code == 200
+        assert '"msg":"process_completed"' in client.get("/gradio_api/queue/data?session_hash=after").text
