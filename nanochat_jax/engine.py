@@ -56,6 +56,15 @@ def bucket(n: int, minimum: int = MIN_BUCKET) -> int:
 TOP_K_FAST = 256  # top_k up to this takes the partial top-k path in sample_tokens
 
 
+def greedy(logits: jax.Array) -> jax.Array:
+    """argmax over the last axis (the first of equal maxima) as two plain reductions: XLA's CPU backend runs
+    argmax's (value, index) reduction unvectorised, 0.3 ms of a 4 ms 16-row decode step at vocab 8192."""
+    V = logits.shape[-1]
+    top = jnp.max(logits, axis=-1, keepdims=True)
+    at_top = (logits == top) | jnp.isnan(logits)  # a NaN is the maximum, as for jnp.argmax
+    return jnp.min(jnp.where(at_top, jnp.arange(V, dtype=jnp.int32), V), axis=-1)
+
+
 def sample_tokens(keys: jax.Array, logits: jax.Array, temperature, top_k=0, top_p=1.0) -> jax.Array:
     """One token per row from logits (B, V) with per-row keys (B,); each setting is one value for all rows or
     one per row ((B,), as the scheduler's rows).
@@ -94,7 +103,6 @@ def sample_tokens(keys: jax.Array, logits: jax.Array, temperature, top_k=0, top_
         tokens = jax.vmap(jax.random.categorical)(keys, x).astype(jnp.int32)
         return jnp.where(temperature > 0, tokens, greedy(logits))
 
-    greedy = lambda logits: jnp.argmax(logits, axis=-1).astype(jnp.int32)  # noqa: E731
     return jax.lax.cond(jnp.any(temperature > 0), sampled, greedy, logits)
 
 

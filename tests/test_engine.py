@@ -6,6 +6,7 @@ import importlib.util
 import io
 from pathlib import Path
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,7 +16,7 @@ from flax import nnx
 from nanochat_jax.common import UserError
 from nanochat_jax.config import ModelConfig
 from nanochat_jax.checkpoint import load_model
-from nanochat_jax.engine import Engine, bucket, sample_tokens
+from nanochat_jax.engine import Engine, bucket, greedy, sample_tokens
 from nanochat_jax.model import GPT, Linear, init_model
 from nanochat_jax.tokenizer import Tokenizer
 
@@ -175,6 +176,17 @@ def test_sample_greedy_top_k_top_p():
     assert (sample(keys, logits, 1.0, 1) == greedy).all()  # top_k=1
     assert (sample(keys, logits, 1.0, 0, 1e-6) == greedy).all()  # top_p tiny
     assert (sample(keys, logits, 1.0, 0, 0.0) == greedy).all()  # top_p 0 keeps the top token, not everything
+
+
+def test_greedy_is_argmax_with_its_ties_and_nans():
+    x = np.random.default_rng(0).standard_normal((8, 300)).astype(np.float32)
+    x[1, [7, 200]] = 9.0  # a tie: the first
+    x[2, [10, 20]] = np.nan  # NaNs: the first, as argmax
+    x[3, 5], x[4] = np.inf, -np.inf
+    got = greedy(jnp.asarray(x))
+    chex.assert_type(got, jnp.int32)
+    np.testing.assert_array_equal(got, jnp.argmax(jnp.asarray(x), axis=-1))
+    assert got[1] == 7 and got[2] == 10 and got[3] == 5 and got[4] == 0
 
 
 def test_small_top_k_takes_a_partial_top_k_with_the_same_samples(monkeypatch):
