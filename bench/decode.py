@@ -9,7 +9,7 @@ forever, so no row stops early). Prefill is timed on the engine's jitted prefill
 end-to-end `generate_batch` time for max_tokens minus the same for 1 token (prefill and first sample),
 divided into batch * (max_tokens - 1) tokens, for `batch` samples of one prompt (one prefill, the cache
 copied into the rows, as nanochat's Engine does); each time is the best of two runs. With --nanochat-dir,
-karpathy/nanochat's own Engine is timed the same way first (bench/nanochat_decode.py, same shapes and compute
+karpathy/nanochat's own Engine is timed the same way first (bench/nanochat_ref.py, same shapes and compute
 dtype, in its own process) and the ratio is printed per batch size.
 Bandwidth bound: every decode step must read all weights once (in the compute dtype: the engine casts the
 parameters once; the embedding table only gathers rows) and the live keys/values (prompt + tokens so far,
@@ -79,9 +79,9 @@ def main(argv=None) -> None:
             print("note: the bandwidth bound below is for an H200 (4800 GB/s); this CPU's is unknown, "
                   "pass --bandwidth-gbs")
 
-    theirs = run_nanochat(args) if args.nanochat_dir else {}
     cfg = ModelConfig(depth=args.depth, vocab_size=args.vocab_size, sequence_len=args.prompt_len + args.max_tokens,
                       compute_dtype=args.compute_dtype)
+    theirs = run_nanochat(args, cfg) if args.nanochat_dir else {}
     model = init_model(cfg)
     tokenizer = _NoSpecialsTokenizer(cfg.vocab_size)
     engine = engine_lib.Engine(model, tokenizer, chunk=args.chunk)
@@ -132,20 +132,14 @@ def main(argv=None) -> None:
                   f"({decode_tps:,.0f} vs {theirs[batch]:,.0f})")
 
 
-def run_nanochat(args) -> dict[int, float]:
-    """nanochat's Engine on the same shapes (bench/nanochat_decode.py in its own process): {batch: decode tok/s}."""
-    import json
-    import subprocess
-    cmd = [args.nanochat_python, str(Path(__file__).with_name("nanochat_decode.py")), "--nanochat-dir",
-           args.nanochat_dir, "--depth", str(args.depth), "--heads", str(ModelConfig(depth=args.depth).n_head),
-           "--vocab", str(args.vocab_size), "--prompt-len", str(args.prompt_len), "--max-tokens", str(args.max_tokens),
-           "--batch-sizes", args.batch_sizes, "--dtype", args.compute_dtype]
-    out = subprocess.run(cmd, capture_output=True, text=True)
-    print("".join("[nanochat] " + line + "\n" for line in out.stdout.splitlines() if not line.startswith("JSON ")), end="")
-    results = [line for line in out.stdout.splitlines() if line.startswith("JSON ")]
-    if out.returncode != 0 or not results:
-        raise SystemExit(f"bench/nanochat_decode.py failed (exit {out.returncode}):\n{out.stderr[-2000:]}")
-    return {row["batch"]: row["decode_tokens_per_sec"] for row in json.loads(results[0][5:])["rows"]}
+def run_nanochat(args, cfg: ModelConfig) -> dict[int, float]:
+    """nanochat's Engine on the same shapes (bench/nanochat_ref.py decode): {batch: decode tok/s}."""
+    from nanochat_ref import run
+    result = run(args.nanochat_python, "decode", [
+        "--nanochat-dir", args.nanochat_dir, "--depth", str(cfg.depth), "--width", str(cfg.n_embd),
+        "--heads", str(cfg.n_head), "--vocab", str(cfg.vocab_size), "--prompt-len", str(args.prompt_len),
+        "--max-tokens", str(args.max_tokens), "--batch-sizes", args.batch_sizes, "--dtype", args.compute_dtype])
+    return {row["batch"]: row["decode_tokens_per_sec"] for row in result["rows"]}
 
 
 if __name__ == "__main__":

@@ -49,7 +49,7 @@ def parse_args(argv):
     parser.add_argument("--profile", default="", help="trace 3 steps with jax.profiler into this directory and "
                         "print where the device time goes (top kernels, by kind, busy fraction)")
     parser.add_argument("--nanochat-dir", default="", help="also time karpathy/nanochat's torch step from this "
-                        "checkout (bench/nanochat_torch.py, same shapes and compute dtype: fp32 runs nanochat's step "
+                        "checkout (bench/nanochat_ref.py, same shapes and compute dtype: fp32 runs nanochat's step "
                         "without autocast) and print the tokens/s ratio")
     parser.add_argument("--nanochat-python", default=sys.executable, help="the Python that runs nanochat's step (one "
                         "with torch; default this one)")
@@ -321,25 +321,16 @@ def breakdown(args, graphdef, state, shardings, mesh, batch, step_s: float) -> d
 
 
 def run_nanochat(args, cfg) -> dict:
-    """Times karpathy/nanochat's own step (bench/nanochat_torch.py, one device) on our shapes per device, in a
-    fresh process that ends before JAX claims the device; its output is streamed (a time limit keeps it)."""
-    import subprocess
+    """Times karpathy/nanochat's own step (bench/nanochat_ref.py train, one device) on our shapes per device."""
+    from nanochat_ref import run
     device = "cpu" if os.environ.get("JAX_PLATFORMS", "").startswith("cpu") else ""  # "": a GPU if torch sees one
-    dtype = "float32" if cfg.model.compute_dtype == "float32" else "bfloat16"
-    cmd = [args.nanochat_python, str(Path(__file__).with_name("nanochat_torch.py")), "--nanochat-dir", args.nanochat_dir,
-           "--depth", str(cfg.model.depth), "--heads", str(cfg.model.n_head), "--dtype", dtype, "--device-batch-size", str(cfg.train.device_batch_size),
-           "--seq", str(cfg.model.sequence_len), "--vocab", str(cfg.model.vocab_size),
-           "--micro-steps", str(args.micro_steps), "--steps", str(args.steps), "--warmup", str(args.warmup),
-           *(["--device", device] if device else [])]
-    lines = []
-    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
-        for line in proc.stdout:
-            print("[nanochat] " + line, end="", flush=True)
-            lines.append(line)
-    results = [line for line in lines if line.startswith("JSON ")]
-    if proc.returncode != 0 or not results:
-        raise SystemExit(f"bench/nanochat_torch.py failed (exit {proc.returncode}; its output is above)")
-    return json.loads(results[0][5:])
+    m = cfg.model
+    return run(args.nanochat_python, "train", [
+        "--nanochat-dir", args.nanochat_dir, "--depth", str(m.depth), "--width", str(m.n_embd), "--heads", str(m.n_head),
+        "--dtype", "float32" if m.compute_dtype == "float32" else "bfloat16", "--vocab", str(m.vocab_size),
+        "--device-batch-size", str(cfg.train.device_batch_size), "--seq", str(m.sequence_len),
+        "--micro-steps", str(args.micro_steps), "--steps", str(args.steps), "--warmup", str(args.warmup),
+        *(["--device", device] if device else [])])
 
 
 if __name__ == "__main__":
