@@ -306,7 +306,8 @@ def guard_queue(queue) -> None:
     answers 503 to every user: a join with an empty session_hash files its event's messages under a session that
     does not exist, and so does an event whose session was evicted from the queue's 2000-session message cache
     while it waited. Such joins are refused (400); a message for a session no longer held is dropped."""
-    push, send_message = queue.push, queue.send_message
+    # read here, so that a Gradio release that renames them fails at start-up rather than in its queue loop
+    push, send_message, held = queue.push, queue.send_message, queue.pending_messages_per_session
 
     async def push_with_session(body, request, username):
         if body.session_hash == "":
@@ -314,7 +315,7 @@ def guard_queue(queue) -> None:
         return await push(body, request, username)
 
     def send_if_held(event, message):
-        if event.session_hash in queue.pending_messages_per_session:
+        if event.session_hash in held:
             send_message(event, message)
 
     queue.push, queue.send_message = push_with_session, send_if_held
