@@ -115,8 +115,9 @@ def sweep(cfg, target, devices, folder: Path) -> None:
                 label = f"data={mesh.data} fsdp={mesh.fsdp} tensor={mesh.tensor} rows={rows} remat={remat}"
                 start = time.time()
                 plan = train_plan(trial, target, devices, cache, cache_file)
-                if plan is None:  # these rows do not divide train.total_batch_size
-                    break
+                if plan is None:  # these rows do not divide train.total_batch_size on this mesh: fewer may
+                    rows //= 2
+                    continue
                 ok = fits(plan, target)
                 print(f"[{m + 1}/{len(meshes)}] {label}: " + ("does not compile" if plan.error else
                       f"{plan.total / GB:.1f} GB, {'fits' if ok else 'too big'}") + f" ({time.time() - start:.0f} s)",
