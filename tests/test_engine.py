@@ -171,11 +171,11 @@ sample = jax.jit(sample_tokens)
 def test_sample_greedy_top_k_top_p():
     logits = jax.random.normal(jax.random.key(0), (64, 50)) * 3
     keys = jax.random.split(jax.random.key(1), 64)
-    greedy = jnp.argmax(logits, -1)
-    assert (sample(keys, logits, 0.0) == greedy).all()
-    assert (sample(keys, logits, 1.0, 1) == greedy).all()  # top_k=1
-    assert (sample(keys, logits, 1.0, 0, 1e-6) == greedy).all()  # top_p tiny
-    assert (sample(keys, logits, 1.0, 0, 0.0) == greedy).all()  # top_p 0 keeps the top token, not everything
+    best = jnp.argmax(logits, -1)
+    assert (sample(keys, logits, 0.0) == best).all()
+    assert (sample(keys, logits, 1.0, 1) == best).all()  # top_k=1
+    assert (sample(keys, logits, 1.0, 0, 1e-6) == best).all()  # top_p tiny
+    assert (sample(keys, logits, 1.0, 0, 0.0) == best).all()  # top_p 0 keeps the top token, not everything
 
 
 def test_greedy_is_argmax_with_its_ties_and_nans():
