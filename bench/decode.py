@@ -91,7 +91,7 @@ def main(argv=None) -> None:
     rng = np.random.default_rng(0)
     for batch in [int(b) for b in args.batch_sizes.split(",")]:
         prompts = rng.integers(0, cfg.vocab_size, (batch, args.prompt_len)).tolist()
-        L = engine_lib.bucket(args.prompt_len)
+        L = engine_lib.prompt_bucket(args.prompt_len)
         max_len = engine_lib.bucket(L + args.max_tokens)
         padded, lengths = np.zeros((batch, L), np.int32), jnp.full((batch,), args.prompt_len, jnp.int32)
         padded[:, :args.prompt_len] = prompts

@@ -223,7 +223,7 @@ def plan_programs(cfg: Config, target: Target, devices, decode_rows: int = 32, p
     from flax import nnx
 
     from nanochat_jax import splash
-    from nanochat_jax.engine import _decode_chunk, _prefill, bucket, cache_shardings
+    from nanochat_jax.engine import _decode_chunk, _prefill, bucket, cache_shardings, prompt_bucket
     from nanochat_jax.evaluation import make_bpb_step
     from nanochat_jax.model import KVCache, flops_per_token, head_dim, init_model, matmul_params, runnable_on
     from nanochat_jax.sharding import batch_sharding, make_mesh, named_sharding, param_shardings
@@ -263,7 +263,7 @@ def plan_programs(cfg: Config, target: Target, devices, decode_rows: int = 32, p
         state = nnx.to_pure_dict(engine_state)
         state = _abstract(state, state_sh, jnp.dtype(model_cfg.compute_dtype))
         nnx.replace_by_pure_dict(engine_state, state)
-        L = bucket(prompt_len)
+        L = prompt_bucket(prompt_len)
         max_len = cache_len or bucket(L + T)
 
         def cache(batch):

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nanochat_jax.engine import _prefill, _Row, bucket
+from nanochat_jax.engine import _prefill, _Row, bucket, prompt_bucket
 
 
 class Busy(RuntimeError):
@@ -59,9 +59,11 @@ class Request:
 
 
 @functools.partial(jax.jit, donate_argnums=(0, 1, 2))
-def _insert(cache, logits, keys, rows, row_logits, row_keys, slots):
-    """Copy prefilled prompts (a cache of P rows and L positions, their last logits and PRNG keys) into rows `slots`
-    (P,) of the shared state."""
+def _insert(cache, logits, keys, rows, row_logits, seeds, slots):
+    """Copy prefilled prompts (a cache of P rows and L positions, their last logits) into rows `slots` (P,) of the
+    shared state, each with the PRNG key Engine.generate gives one sample of its seed. seeds: (P,) uint32, the seeds
+    modulo 2**32 (what jax.random.key makes of a Python int without x64)."""
+    row_keys = jax.vmap(lambda seed: jax.random.split(jax.random.key(seed), 1)[0])(seeds)
     L = rows.k[0].shape[2]
     k = tuple(layer.at[slots, :, :L].set(new) for layer, new in zip(cache.k, rows.k))
     v = tuple(layer.at[slots, :, :L].set(new) for layer, new in zip(cache.v, rows.v))
@@ -186,7 +188,7 @@ class Scheduler:
         prompt padded as Engine.generate pads it alone) and power-of-two group (few compiled shapes, no padding rows)."""
         by_bucket: dict[int, list[tuple[int, Request]]] = {}
         for slot, request in admitted:
-            by_bucket.setdefault(bucket(len(request.prompt)), []).append((slot, request))
+            by_bucket.setdefault(prompt_bucket(len(request.prompt)), []).append((slot, request))
         for L, group in by_bucket.items():
             while group:
                 size = 1 << (len(group).bit_length() - 1)
@@ -205,9 +207,9 @@ class Scheduler:
                                 lengths)
         if self.logits is None:
             self.logits = jnp.zeros((self.slots, logits.shape[-1]), logits.dtype)
-        keys = jnp.stack([jax.random.split(jax.random.key(request.seed), 1)[0] for _, request in group])
-        slots = jnp.asarray([slot for slot, _ in group], jnp.int32)
-        self.cache, self.logits, self.keys = _insert(self.cache, self.logits, self.keys, rows, logits, keys, slots)
+        seeds = np.asarray([request.seed & 0xFFFFFFFF for _, request in group], np.uint32)
+        slots = np.asarray([slot for slot, _ in group], np.int32)
+        self.cache, self.logits, self.keys = _insert(self.cache, self.logits, self.keys, rows, logits, seeds, slots)
         for slot, request in group:
             request.row = _Row(remaining=request.max_tokens)
             self.requests[slot] = request

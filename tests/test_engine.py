@@ -16,7 +16,7 @@ from flax import nnx
 from nanochat_jax.common import UserError
 from nanochat_jax.config import ModelConfig
 from nanochat_jax.checkpoint import load_model
-from nanochat_jax.engine import Engine, bucket, greedy, sample_tokens
+from nanochat_jax.engine import Engine, bucket, greedy, prompt_bucket, sample_tokens
 from nanochat_jax.model import GPT, Linear, init_model
 from nanochat_jax.tokenizer import Tokenizer
 
@@ -80,6 +80,12 @@ PROMPTS = [[256, 72, 105, 32, 116, 104, 101, 114, 101], [256, 65], list(range(60
 
 def test_bucket():
     assert [bucket(n) for n in (1, 16, 17, 100, 128, 129)] == [16, 16, 32, 128, 128, 256]
+    # prompts: powers of two up to 64, then multiples of an eighth of the next power of two
+    lengths = (1, 17, 33, 64, 65, 68, 80, 81, 100, 128, 129, 130, 161, 256, 257)
+    assert [prompt_bucket(n) for n in lengths] == [16, 32, 64, 64, 80, 80, 80, 96, 112, 128, 160, 160, 192, 256, 320]
+    for n in range(1, 2049):
+        padded = prompt_bucket(n)
+        assert n <= padded <= bucket(n) and (n <= 64 or padded - n < padded // 4 + 1)
 
 
 def test_greedy_equals_naive_recompute(model, engine, tokenizer):
