@@ -3,12 +3,13 @@ the same generator the web chat and the CLI stream from (`web.stream_tokens` ove
 
     python bench/serve.py [--depth 4] [--vocab-size 2048] [--chunks 1,4,16] [--prompt-len 64]
                           [--max-tokens 64] [--turns 3] [--compute-dtype float32]
-    python bench/serve.py --load [--clients 32] [--requests 256] [--slots 16] [--config configs/cpu_tiny.toml]
-                          [--depth N] [--prompt-len 64] [--max-tokens 64]
+    python bench/serve.py --load [--clients 32] [--requests 256] [--slots 32] [--cpu-devices 2]
+                          [--config configs/cpu_tiny.toml] [--depth N] [--prompt-len 64] [--max-tokens 64]
 
 --load: a load test of the chat server's API (nanochat_jax/api.py over the Scheduler, served by uvicorn on
 127.0.0.1 only): `--clients` threads (in a second process) send `--requests` streamed greedy chat completions in all, first with
-`--slots` decode slots (continuous batching), then with one slot (one reply at a time), and print requests/s,
+`--slots` decode slots (continuous batching; on a CPU split into `--cpu-devices` devices that share the slots, as
+scripts/chat_web.py serves), then with one slot on one device (one reply at a time), and print requests/s,
 p50/p95 time to first token, generated tokens/s and errors side by side with their ratio. The model has the
 sizes of --config's [model] and its tokenizer's vocabulary (by default run_cpu.sh's: depth 4, width 256, vocab
 2048); the chat renders with a byte-level tokenizer (256 bytes + the special tokens); a warm-up round compiles
@@ -103,6 +104,7 @@ def load_test(args) -> dict:
     from concurrent.futures import ProcessPoolExecutor
 
     import fastapi
+    import jax
     import numpy as np
     import uvicorn
 
@@ -110,18 +112,21 @@ def load_test(args) -> dict:
     from nanochat_jax.config import load_config
     from nanochat_jax.engine import Engine
     from nanochat_jax.model import init_model
-    from nanochat_jax.scheduler import Scheduler
+    from nanochat_jax.scheduler import Scheduler, serving_engine, split_cpu
     from nanochat_jax.tokenizer import Tokenizer
 
+    split_cpu(args.cpu_devices)
     tokenizer = Tokenizer({bytes([i]): i for i in range(256)})
     config = load_config(["--config", args.config])
     cfg = config.model
     cfg.vocab_size, cfg.depth = config.tokenizer.vocab_size, args.depth or cfg.depth
-    engine = Engine(init_model(cfg), tokenizer)  # zero lm_head: every reply runs to max_tokens
+    model = init_model(cfg)  # zero lm_head: every reply runs to max_tokens
     rng = np.random.default_rng(0)
     prompts = ["".join(chr(c) for c in rng.integers(97, 123, args.prompt_len)) for _ in range(64)]
-    results = {}
+    results, devices = {}, 0
     for slots in (args.slots, 1):
+        engine = serving_engine(model, tokenizer, slots, args.cpu_devices) if slots > 1 else Engine(model, tokenizer)
+        devices = devices or (1 if engine.mesh is None else engine.mesh.size)  # the batched round's
         scheduler = Scheduler(engine, slots=slots, max_queue=args.clients)
         app = fastapi.FastAPI()
         app.include_router(api_router(scheduler, tokenizer, model="bench", max_tokens=args.max_tokens))
@@ -145,8 +150,8 @@ def load_test(args) -> dict:
             scheduler.close()
     batched, single = results[args.slots], results[1]
     print(f"load: {args.requests} requests from {args.clients} clients, prompt {args.prompt_len} characters, "
-          f"{args.max_tokens} tokens each, depth {cfg.depth}, width {cfg.n_embd}, "
-          f"vocab {cfg.vocab_size}")
+          f"{args.max_tokens} tokens each, depth {cfg.depth}, width {cfg.n_embd}, vocab {cfg.vocab_size}, "
+          f"{jax.default_backend()} {args.slots} slots on {devices} device(s)")
     print(f"{'':16s} {f'slots={args.slots}':>12s} {'slots=1':>12s} {'ratio':>8s}")
     for name, key, scale in [("requests/s", "requests_per_sec", 1), ("TTFT p50 (ms)", "ttft_p50_s", 1e3),
                              ("TTFT p95 (ms)", "ttft_p95_s", 1e3), ("tokens/s", "tokens_per_sec", 1),
@@ -170,7 +175,8 @@ def main(argv=None) -> list[dict] | dict:
     parser.add_argument("--load", action="store_true", help="load-test the API: batched scheduler vs one slot")
     parser.add_argument("--clients", type=int, default=32, help="--load: concurrent clients")
     parser.add_argument("--requests", type=int, default=256, help="--load: requests in all")
-    parser.add_argument("--slots", type=int, default=16, help="--load: decode slots of the batched scheduler")
+    parser.add_argument("--slots", type=int, default=32, help="--load: decode slots of the batched scheduler")
+    parser.add_argument("--cpu-devices", type=int, default=2, help="--load: devices a CPU is split into for the slots")
     parser.add_argument("--config", default=str(_ROOT / "configs" / "cpu_tiny.toml"),
                         help="--load: the model's sizes ([model] and the tokenizer's vocab_size)")
     args = parser.parse_args(argv)

@@ -13,6 +13,10 @@ Shapes stay fixed (slots rows, a power-of-two cache and windows), so the loop co
 A request gets the tokens Engine.generate gives it alone (its prompt is padded to the same bucket, the prefill's
 rows are independent, and its row has the same key).
 
+On a CPU backend, `serving_engine` splits the slots over several host devices (`split_cpu`, before JAX starts):
+each device decodes its share of the rows on a thread of its own (a decode step is bound by reading each row's
+cache, which one thread does at about half the memory bandwidth of two).
+
 Consumers receive (tokens, masks, finish) events through the request's `sink`: the new tokens (without the
 terminal token; mask 0 = forced tool output) and finish = None, "stop" (the model ended the reply), "length"
 (max_tokens or the context), "cancelled" or "error".
@@ -21,6 +25,7 @@ terminal token; mask 0 = forced tool output) and finish = None, "stop" (the mode
 from __future__ import annotations
 
 import functools
+import os
 import queue
 import threading
 from collections import deque
@@ -31,7 +36,33 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nanochat_jax.engine import _prefill, _Row, bucket, prompt_bucket
+from flax import nnx
+from jax.sharding import Mesh
+
+from nanochat_jax.engine import Engine, _prefill, _Row, bucket, prompt_bucket
+from nanochat_jax.sharding import MESH_AXES, replicated
+
+CPU_DEVICES_FLAG = "--xla_force_host_platform_device_count"
+
+
+def split_cpu(devices: int) -> None:
+    """Have XLA present this machine's CPU as `devices` devices (call before JAX's first computation; a count
+    already in $XLA_FLAGS wins). Accelerator backends are unaffected."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    if devices > 1 and CPU_DEVICES_FLAG not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} {CPU_DEVICES_FLAG}={devices}".strip()
+
+
+def serving_engine(model, tokenizer, slots: int, cpu_devices: int) -> Engine:
+    """The Engine a Scheduler of `slots` rows decodes with: on a CPU backend, a data mesh over the first
+    `cpu_devices` host devices (those split_cpu made) when they divide the slots, with the weights replicated, so
+    the rows are split over them; else the model's own device."""
+    devices = jax.devices()[:cpu_devices]
+    if jax.default_backend() != "cpu" or len(devices) < 2 or slots % len(devices):
+        return Engine(model, tokenizer)
+    mesh = Mesh(np.array(devices).reshape(-1, 1, 1), MESH_AXES)
+    graphdef, state = nnx.split(model)
+    return Engine(nnx.merge(graphdef, jax.device_put(state, replicated(mesh))), tokenizer, mesh=mesh)
 
 
 class Busy(RuntimeError):

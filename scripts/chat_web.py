@@ -32,13 +32,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="address to listen on (default: this machine only; 0.0.0.0 exposes it to the network)")
     parser.add_argument("--slots", type=int, default=8, help="replies generated together (rows of the KV cache)")
     parser.add_argument("--max-queue", type=int, default=64, help="requests that may wait for a slot (then: busy)")
+    parser.add_argument("--cpu-devices", type=int, default=2,
+                        help="on a CPU: split it into this many devices that share the slots (1: one device)")
     parser.add_argument("--api-key", default=os.environ.get("NANOCHAT_JAX_API_KEY"),
                         help="require 'Authorization: Bearer KEY' on /v1 (default: $NANOCHAT_JAX_API_KEY, else none)")
     parser.add_argument("--share", action="store_true", help="also open a public Gradio share link")
     parser.add_argument("--share-server", default=None, help="a self-hosted Gradio share server (host:port)")
     args = parser.parse_args(argv)
-    if args.slots < 1 or args.max_queue < 0:
-        parser.error("--slots must be >= 1 and --max-queue >= 0")
+    if args.slots < 1 or args.max_queue < 0 or args.cpu_devices < 1:
+        parser.error("--slots and --cpu-devices must be >= 1 and --max-queue >= 0")
     return args
 
 
@@ -110,8 +112,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home
     from nanochat_jax.api import api_router
-    from nanochat_jax.engine import Engine
-    from nanochat_jax.scheduler import Scheduler
+    from nanochat_jax.scheduler import Scheduler, serving_engine, split_cpu
     from nanochat_jax.web import ChatError, build_app, check_request
 
     try:
@@ -119,10 +120,12 @@ def main(argv=None) -> int:
     except ChatError as e:
         print(f"chat_web: bad default: {e}", file=sys.stderr)
         return 2
+    split_cpu(args.cpu_devices)
     model, tokenizer, meta = load_checkpoint(args)
     depth = meta.get("model", {}).get("depth")
     title = f"nanochat-jax · {args.source} d{depth} step {meta.get('step')}"
-    scheduler = Scheduler(Engine(model, tokenizer), slots=args.slots, max_queue=args.max_queue)
+    engine = serving_engine(model, tokenizer, args.slots, args.cpu_devices)
+    scheduler = Scheduler(engine, slots=args.slots, max_queue=args.max_queue)
     base = args.source == "base"
     app = build_app(scheduler, tokenizer, base=base, title=title, temperature=args.temperature, top_k=args.top_k,
                     max_tokens=args.max_tokens, seed=args.seed)
@@ -130,7 +133,8 @@ def main(argv=None) -> int:
                         temperature=args.temperature, top_k=args.top_k, max_tokens=args.max_tokens, base=base)
     share_url = launch(app, router, args)
     key = ", key required" if args.api_key else ""
-    print(f"{title} | http://{args.host}:{args.port} (API: /v1/chat/completions{key})"
+    split = f" over {engine.mesh.size} CPU devices" if engine.mesh is not None else ""
+    print(f"{title} | {args.slots} slots{split} | http://{args.host}:{args.port} (API: /v1/chat/completions{key})"
           + (f" | public: {share_url}" if share_url else ""))
     try:
         app.block_thread()

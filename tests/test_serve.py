@@ -11,7 +11,7 @@ import pytest
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 from nanochat_jax.engine import Engine  # noqa: E402
-from nanochat_jax.scheduler import Busy, Scheduler  # noqa: E402
+from nanochat_jax.scheduler import Busy, Scheduler, serving_engine  # noqa: E402
 from test_engine import PROMPTS, byte_tokenizer, random_model, scripted_engine  # noqa: E402
 
 
@@ -108,6 +108,34 @@ def test_sampled_request_equals_the_engine_with_its_seed(engine, scheduler):
     settings = dict(temperature=1.0, top_k=20, top_p=0.9, seed=5)
     assert tokens_of(scheduler, PROMPTS[1], 12, **settings) == alone(engine, PROMPTS[1], 12, **settings)
     assert tokens_of(scheduler, PROMPTS[1], 12, **{**settings, "seed": 6}) != alone(engine, PROMPTS[1], 12, **settings)
+
+
+def test_slots_split_over_two_cpu_devices_give_each_request_its_tokens_alone(engine, tokenizer):
+    """serving_engine splits the slots over 2 of the 8 simulated CPU devices (chat_web.py's default): the cache rows
+    are sharded, the weights replicated, and every request (greedy or seeded, a prompt past 64 tokens included:
+    prefilled at 80 positions) still gets what the one-device Engine gives it alone."""
+    split = serving_engine(random_model(), tokenizer, slots=4, cpu_devices=2)
+    assert split.mesh.size == 2 and serving_engine(random_model(), tokenizer, slots=3, cpu_devices=2).mesh is None
+    scheduler = Scheduler(split, slots=4, max_queue=8)
+    try:
+        assert len(scheduler.cache.k[0].sharding.device_set) == 2
+        requests = [(PROMPTS[0], {"temperature": 0.0}), (PROMPTS[2] * 3 + [66] * 8, {"temperature": 0.0}),
+                    (PROMPTS[1], {"temperature": 1.0, "top_k": 20, "seed": 5}), (PROMPTS[2], {"temperature": 0.0}),
+                    (PROMPTS[1] + [70], {"temperature": 0.7, "top_p": 0.9, "seed": 2**40 + 3})]
+        results = [None] * len(requests)
+
+        def run(i):
+            results[i] = tokens_of(scheduler, requests[i][0], 10, **requests[i][1])
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(requests))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert results == [alone(engine, p, 10, **kw) for p, kw in requests]
+        assert (1, 80) in scheduler.prefills  # the 68-token prompt
+    finally:
+        scheduler.close()
 
 
 def test_max_tokens_is_cut_at_the_context(engine, scheduler):
