@@ -145,9 +145,13 @@ def _decode_chunk(graphdef, chunk: int, specials: tuple[int, int, int, int], win
                   logits, keys, active, in_block, budget, forced, n_forced, temperature, top_k, top_p):
     """Up to `chunk` steps for all rows. Per row: take the next forced token or sample from `logits`,
     feed it, stop on a terminal token or an exhausted budget, freeze after a closing <|python_end|>.
-    Attention reads the first `window` cache positions (> every position this chunk writes).
+    Attention reads the first `window` cache positions (> every position this chunk writes): the loop runs on
+    that window, sliced once here and written back at the end (on CPUs, slicing it in every step copied it for
+    every layer, which cost as much as the positions it saved reading).
     Returns tokens/emitted/was_forced (B, chunk) and the new cache, logits and keys."""
     model = nnx.merge(graphdef, state)
+    full = cache
+    cache = cache.replace(k=tuple(x[:, :, :window] for x in cache.k), v=tuple(x[:, :, :window] for x in cache.v))
     assistant_end, bos, python_start, python_end = specials
     B = logits.shape[0]
     rows = jnp.arange(B)
@@ -164,7 +168,7 @@ def _decode_chunk(graphdef, chunk: int, specials: tuple[int, int, int, int], win
         sampled = sample_tokens(sub, logits, temperature, top_k, top_p)
         has_forced = fpos < n_forced
         tok = jnp.where(has_forced, forced[rows, jnp.minimum(fpos, chunk - 1)], sampled)
-        new_logits, new_cache = model.decode(tok[:, None], cache, window=window)
+        new_logits, new_cache = model.decode(tok[:, None], cache)
         last = None if cache.last is None else jnp.where(active, new_cache.last, cache.last)
         cache = new_cache.replace(lengths=jnp.where(active, new_cache.lengths, cache.lengths), last=last)
         logits = jnp.where(active[:, None], new_logits[:, 0], logits)
@@ -182,6 +186,8 @@ def _decode_chunk(graphdef, chunk: int, specials: tuple[int, int, int, int], win
     zeros = jnp.zeros((B,), jnp.int32)
     carry = (0, cache, logits, keys, zeros, active, in_block, zeros, out, out.astype(bool), out.astype(bool))
     _, cache, logits, keys, _, _, _, _, tokens, emitted, was_forced = jax.lax.while_loop(cond, body, carry)
+    put_back = lambda whole, part: whole.at[:, :, :window].set(part)  # noqa: E731
+    cache = cache.replace(k=tuple(map(put_back, full.k, cache.k)), v=tuple(map(put_back, full.v, cache.v)))
     return tokens, emitted, was_forced, cache, logits, keys
 
 

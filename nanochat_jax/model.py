@@ -192,15 +192,22 @@ class Attention(nnx.Module):
                                              implementation="cudnn" if cudnn else None)
         else:
             k_all, v_all, positions, mask = cache  # per layer (B, Hkv, position, D): heads before positions
-            rows, i = jnp.arange(B)[:, None], self.layer
-            k_l = k_all[i].at[rows, :, positions].set(k.astype(k_all[i].dtype), mode="drop")
-            v_l = v_all[i].at[rows, :, positions].set(v.astype(v_all[i].dtype), mode="drop")
+            i = self.layer
+            k_l, v_l = _cache_write(k_all[i], k, positions), _cache_write(v_all[i], v, positions)
             window = mask.shape[-1]  # attend to the first `window` cache positions only (see GPT.decode)
             if w is not None:  # ... and, sliding, to the w positions before the query
                 mask = mask & (positions[:, None, :, None] - jnp.arange(window)[None, None, None, :] <= w)
             y = _cached_attention(q, k_l[:, :, :window].astype(q.dtype), v_l[:, :, :window].astype(q.dtype), mask)
             cache = ((*k_all[:i], k_l, *k_all[i + 1:]), (*v_all[:i], v_l, *v_all[i + 1:]), positions, cache[3])
         return self.c_proj(y.reshape(B, T, self.n_head * self.head_dim)), cache
+
+
+def _cache_write(layer, new, positions):
+    """Row b of new (B, T, Hkv, D) into layer (B, Hkv, max_len, D) at positions[b] (writes past max_len dropped).
+    Written per row (vmap): the scatter keeps the batch axis, so on a batch-sharded mesh each device writes its
+    own rows (indexing the rows instead gathered every row's update on every device, in every step)."""
+    write = lambda rows, row, at: rows.at[:, at].set(row.swapaxes(0, 1).astype(rows.dtype), mode="drop")  # noqa: E731
+    return jax.vmap(write)(layer, new, positions)
 
 
 def _cached_attention(q, k, v, mask):
