@@ -1,7 +1,7 @@
 """Inference throughput of the Engine: prefill tokens/s and decode tokens/s per batch size, next to the
 memory-bandwidth bound for decoding.
 
-    python bench/decode.py --depth 4 --prompt-len 64 --max-tokens 64 --batch-sizes 1,16
+    python bench/decode.py --depth 4 --prompt-len 64 --max-tokens 64 --batch-sizes 1,16 [--cpu-devices 2]
                            [--nanochat-dir DIR --nanochat-python PYTHON]
 
 Synthetic prompts, a freshly initialised model (its zero lm_head makes greedy decoding emit token 0
@@ -10,7 +10,9 @@ end-to-end `generate_batch` time for max_tokens minus the same for 1 token (pref
 divided into batch * (max_tokens - 1) tokens, for `batch` samples of one prompt (one prefill, the cache
 copied into the rows, as nanochat's Engine does); each time is the best of two runs. With --nanochat-dir,
 karpathy/nanochat's own Engine is timed the same way first (bench/nanochat_ref.py, same shapes and compute
-dtype, in its own process) and the ratio is printed per batch size.
+dtype, in its own process) and the ratio is printed per batch size. --cpu-devices N splits a CPU into N host
+devices that share the rows, as scripts/chat_web.py serves (scheduler.serving_engine; batches N does not divide
+stay on one device).
 Bandwidth bound: every decode step must read all weights once (in the compute dtype: the engine casts the
 parameters once; the embedding table only gathers rows) and the live keys/values (prompt + tokens so far,
 on average prompt + max_tokens / 2 per row; the engine's attention window is at most twice that), so
@@ -32,7 +34,8 @@ import numpy as np  # noqa: E402
 
 from nanochat_jax import engine as engine_lib  # noqa: E402
 from nanochat_jax.config import ModelConfig  # noqa: E402
-from nanochat_jax.model import KVCache, head_dim, init_model, matmul_params, num_params  # noqa: E402
+from nanochat_jax.model import head_dim, init_model, matmul_params, num_params  # noqa: E402
+from nanochat_jax.scheduler import serving_engine, split_cpu  # noqa: E402
 
 
 class _NoSpecialsTokenizer:
@@ -66,6 +69,7 @@ def main(argv=None) -> None:
     parser.add_argument("--batch-sizes", default="1,16")
     parser.add_argument("--chunk", type=int, default=16, help="decode steps per jitted call")
     parser.add_argument("--compute-dtype", default="float32")
+    parser.add_argument("--cpu-devices", type=int, default=1, help="on a CPU: host devices that share the rows")
     parser.add_argument("--nanochat-dir", default="", help="also time karpathy/nanochat's Engine from this checkout")
     parser.add_argument("--nanochat-python", default=sys.executable, help="the Python that runs it (one with torch)")
     parser.add_argument("--bandwidth-gbs", type=float, default=None,
@@ -73,6 +77,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if args.max_tokens < 2:
         parser.error("--max-tokens must be at least 2 (decode time is the time past the first token)")
+    split_cpu(args.cpu_devices)  # before JAX starts
     if args.bandwidth_gbs is None:
         args.bandwidth_gbs = 4800.0
         if jax.default_backend() == "cpu":
@@ -84,20 +89,20 @@ def main(argv=None) -> None:
     theirs = run_nanochat(args, cfg) if args.nanochat_dir else {}
     model = init_model(cfg)
     tokenizer = _NoSpecialsTokenizer(cfg.vocab_size)
-    engine = engine_lib.Engine(model, tokenizer, chunk=args.chunk)
     print(f"backend={jax.default_backend()} device={jax.devices()[0].device_kind} depth={cfg.depth} width={cfg.n_embd} "
           f"heads={cfg.n_head} params={num_params(cfg) / 1e6:.1f}M vocab={cfg.vocab_size} dtype={cfg.compute_dtype} "
           f"prompt={args.prompt_len} max_tokens={args.max_tokens} chunk={args.chunk}")
     rng = np.random.default_rng(0)
     for batch in [int(b) for b in args.batch_sizes.split(",")]:
         prompts = rng.integers(0, cfg.vocab_size, (batch, args.prompt_len)).tolist()
+        engine = serving_engine(model, tokenizer, batch, args.cpu_devices, chunk=args.chunk)
         L = engine_lib.prompt_bucket(args.prompt_len)
         max_len = engine_lib.bucket(L + args.max_tokens)
         padded, lengths = np.zeros((batch, L), np.int32), jnp.full((batch,), args.prompt_len, jnp.int32)
         padded[:, :args.prompt_len] = prompts
 
         def prefill():
-            cache = KVCache.init(cfg, batch, max_len)
+            cache = engine._empty_cache(batch, max_len)
             logits, cache = engine_lib._prefill(engine.graphdef, engine.state, cache, jnp.asarray(padded), lengths)
             return jax.block_until_ready(logits)
 
@@ -123,7 +128,8 @@ def main(argv=None) -> None:
         bound = bandwidth_bound(cfg, batch, args.prompt_len + args.max_tokens / 2, args.bandwidth_gbs)
         # the engine attends over power-of-two cache windows: the bound for the positions it actually reads
         read = bandwidth_bound(cfg, batch, float(np.mean(engine.decode_windows)), args.bandwidth_gbs)
-        print(f"batch={batch:3d} cache_len={max_len} | prefill {batch * args.prompt_len / t_prefill:10.0f} tok/s "
+        devices = 1 if engine.mesh is None else engine.mesh.size
+        print(f"batch={batch:3d} devices={devices} cache_len={max_len} | prefill {batch * args.prompt_len / t_prefill:10.0f} tok/s "
               f"({t_prefill * 1e3:.1f} ms) | decode {decode_tps:8.1f} tok/s ({t_decode / (args.max_tokens - 1) * 1e3:.2f} "
               f"ms/step) | bandwidth bound at {args.bandwidth_gbs:g} GB/s: {bound:10.0f} tok/s (live cache), "
               f"{read:.0f} tok/s (windows read) | decode / bound {decode_tps / bound:.2f}")

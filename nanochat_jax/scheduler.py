@@ -53,16 +53,16 @@ def split_cpu(devices: int) -> None:
         os.environ["XLA_FLAGS"] = f"{flags} {CPU_DEVICES_FLAG}={devices}".strip()
 
 
-def serving_engine(model, tokenizer, slots: int, cpu_devices: int) -> Engine:
+def serving_engine(model, tokenizer, slots: int, cpu_devices: int, chunk: int = 16) -> Engine:
     """The Engine a Scheduler of `slots` rows decodes with: on a CPU backend, a data mesh over the first
     `cpu_devices` host devices (those split_cpu made) when they divide the slots, with the weights replicated, so
     the rows are split over them; else the model's own device."""
     devices = jax.devices()[:cpu_devices]
     if jax.default_backend() != "cpu" or len(devices) < 2 or slots % len(devices):
-        return Engine(model, tokenizer)
+        return Engine(model, tokenizer, chunk=chunk)
     mesh = Mesh(np.array(devices).reshape(-1, 1, 1), MESH_AXES)
     graphdef, state = nnx.split(model)
-    return Engine(nnx.merge(graphdef, jax.device_put(state, replicated(mesh))), tokenizer, mesh=mesh)
+    return Engine(nnx.merge(graphdef, jax.device_put(state, replicated(mesh))), tokenizer, mesh=mesh, chunk=chunk)
 
 
 class Busy(RuntimeError):
