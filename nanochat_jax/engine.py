@@ -121,6 +121,17 @@ def sample_tokens(keys: jax.Array, logits: jax.Array, temperature, top_k=0, top_
 # Jitted pure functions of (graphdef, state, ...)
 
 
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
+def _zero_cache(n_layer: int, shape: tuple[int, ...], dtype, smear: bool, shardings) -> KVCache:
+    """An empty cache of n_layer layers of `shape`, made where it lives: one call, each device filling its own shard
+    (cache_shardings' pair, or None for the default device), instead of zeros made on one device and then moved."""
+    kv, rows = shardings or (None, None)
+    place = lambda x, sharding: x if sharding is None else jax.lax.with_sharding_constraint(x, sharding)  # noqa: E731
+    layers = lambda: tuple(place(jnp.zeros(shape, dtype), kv) for _ in range(n_layer))  # noqa: E731
+    lengths = place(jnp.zeros(shape[:1], jnp.int32), rows)
+    return KVCache(k=layers(), v=layers(), lengths=lengths, last=lengths if smear else None)
+
+
 @functools.partial(jax.jit, static_argnums=0)
 def _prefill(graphdef, state, cache: KVCache, tokens, lengths):
     """Right-padded prompts (P, L) into an empty cache; returns (logits at each prompt's last token, cache)."""
@@ -250,10 +261,8 @@ class Engine:
 
     def _empty_cache(self, batch: int, max_len: int) -> KVCache:
         shape = (batch, self.n_kv_heads, max_len, self.head_dim)
-        rows = jnp.zeros((batch,), jnp.int32)
-        layers = lambda: tuple(jnp.zeros(shape, self.cache_dtype) for _ in range(self.n_layer))  # noqa: E731
-        cache = KVCache(k=layers(), v=layers(), lengths=rows, last=rows if self.smear else None)
-        return self._place(cache)
+        shardings = None if self.mesh is None else cache_shardings(self.mesh, shape)
+        return _zero_cache(self.n_layer, shape, self.cache_dtype, self.smear, shardings)
 
     def _place(self, cache: KVCache) -> KVCache:
         """With a mesh: shard the cache rows over the batch mesh axes when they divide, else replicate."""
