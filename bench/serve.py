@@ -3,14 +3,15 @@ the same generator the web chat and the CLI stream from (`web.stream_tokens` ove
 
     python bench/serve.py [--depth 4] [--vocab-size 2048] [--chunks 1,4,16] [--prompt-len 64]
                           [--max-tokens 64] [--turns 3] [--compute-dtype float32]
-    python bench/serve.py --load [--clients 32] [--requests 256] [--slots 32] [--cpu-devices 2]
+    python bench/serve.py --load [--clients 32] [--requests 256] [--slots 32] [--cpu-devices 2] [--repeats 3]
                           [--config configs/cpu_tiny.toml] [--depth N] [--prompt-len 64] [--max-tokens 64]
 
 --load: a load test of the chat server's API (nanochat_jax/api.py over the Scheduler, served by uvicorn on
 127.0.0.1 only): `--clients` threads (in a second process) send `--requests` streamed greedy chat completions in all, first with
 `--slots` decode slots (continuous batching; on a CPU split into `--cpu-devices` devices that share the slots, as
-scripts/chat_web.py serves), then with one slot on one device (one reply at a time), and print requests/s,
-p50/p95 time to first token, generated tokens/s and errors side by side with their ratio. The model has the
+scripts/chat_web.py serves) and with one slot on one device (one reply at a time), both servers up at once and
+their rounds alternating `--repeats` times, and print the medians of requests/s, p50/p95 time to first token,
+generated tokens/s and errors side by side with their ratio, then the tokens/s ratio of each round. The model has the
 sizes of --config's [model] and its tokenizer's vocabulary (by default run_cpu.sh's: depth 4, width 256, vocab
 2048); the chat renders with a byte-level tokenizer (256 bytes + the special tokens); a warm-up round compiles
 first.
@@ -97,7 +98,8 @@ def load_round(url: str, clients: int, requests: int, prompts: list[str], max_to
 
 
 def load_test(args) -> dict:
-    """The batched scheduler against one slot, through the HTTP API on the loopback interface."""
+    """The batched scheduler against one slot, through the HTTP API on the loopback interface: both servers up at
+    once, their rounds alternating `--repeats` times (a noisy machine slows both alike); medians are printed."""
     import multiprocessing
     import socket
     import threading
@@ -123,10 +125,9 @@ def load_test(args) -> dict:
     model = init_model(cfg)  # zero lm_head: every reply runs to max_tokens
     rng = np.random.default_rng(0)
     prompts = ["".join(chr(c) for c in rng.integers(97, 123, args.prompt_len)) for _ in range(64)]
-    results, devices = {}, 0
-    for slots in (args.slots, 1):
-        engine = serving_engine(model, tokenizer, slots, args.cpu_devices) if slots > 1 else Engine(model, tokenizer)
-        devices = devices or (1 if engine.mesh is None else engine.mesh.size)  # the batched round's
+    engines = {args.slots: serving_engine(model, tokenizer, args.slots, args.cpu_devices), 1: Engine(model, tokenizer)}
+    servers, urls = [], {}
+    for slots, engine in engines.items():
         scheduler = Scheduler(engine, slots=slots, max_queue=args.clients)
         app = fastapi.FastAPI()
         app.include_router(api_router(scheduler, tokenizer, model="bench", max_tokens=args.max_tokens))
@@ -136,22 +137,33 @@ def load_test(args) -> dict:
         server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
         thread = threading.Thread(target=server.run, daemon=True)
         thread.start()
-        while not server.started:
+        servers.append((server, thread, scheduler))
+        urls[slots] = f"http://127.0.0.1:{port}/v1/chat/completions"
+    rounds: dict[int, list[dict]] = {slots: [] for slots in urls}
+    try:
+        while not all(server.started for server, _, _ in servers):
             time.sleep(0.05)
-        url = f"http://127.0.0.1:{port}/v1/chat/completions"
-        try:  # the clients run in a process of their own: their threads would otherwise share the server's GIL
-            with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as clients:
-                clients.submit(load_round, url, args.slots, args.slots, prompts, args.max_tokens).result()  # warm-up
-                results[slots] = clients.submit(load_round, url, args.clients, args.requests, prompts,
-                                                args.max_tokens).result()
-        finally:
+        # the clients run in a process of their own: their threads would otherwise share the server's GIL
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as clients:
+            for slots, url in urls.items():  # warm-up: compiles every shape the rounds use
+                clients.submit(load_round, url, slots, slots, prompts, args.max_tokens).result()
+            for _ in range(args.repeats):
+                for slots, url in urls.items():
+                    rounds[slots].append(clients.submit(load_round, url, args.clients, args.requests, prompts,
+                                                        args.max_tokens).result())
+    finally:
+        for server, thread, scheduler in servers:
             server.should_exit = True
             thread.join()
             scheduler.close()
+    results = {slots: {key: float(np.median([r[key] for r in runs])) for key in runs[0]}
+               for slots, runs in rounds.items()}
     batched, single = results[args.slots], results[1]
+    devices = 1 if engines[args.slots].mesh is None else engines[args.slots].mesh.size
     print(f"load: {args.requests} requests from {args.clients} clients, prompt {args.prompt_len} characters, "
           f"{args.max_tokens} tokens each, depth {cfg.depth}, width {cfg.n_embd}, vocab {cfg.vocab_size}, "
-          f"{jax.default_backend()} {args.slots} slots on {devices} device(s)")
+          f"{jax.default_backend()} {args.slots} slots on {devices} device(s); medians of {args.repeats} "
+          f"alternating rounds")
     print(f"{'':16s} {f'slots={args.slots}':>12s} {'slots=1':>12s} {'ratio':>8s}")
     for name, key, scale in [("requests/s", "requests_per_sec", 1), ("TTFT p50 (ms)", "ttft_p50_s", 1e3),
                              ("TTFT p95 (ms)", "ttft_p95_s", 1e3), ("tokens/s", "tokens_per_sec", 1),
@@ -160,7 +172,9 @@ def load_test(args) -> dict:
         ratio = f"{a / b:8.2f}" if b else f"{'-':>8s}"
         digits = 0 if key == "errors" else 1
         print(f"{name:16s} {a:12.{digits}f} {b:12.{digits}f} {ratio}")
-    return {"batched": batched, "single": single}
+    ratios = [b["tokens_per_sec"] / s["tokens_per_sec"] for b, s in zip(rounds[args.slots], rounds[1])]
+    print("tokens/s ratio per round: " + ", ".join(f"{r:.2f}" for r in ratios))
+    return {"batched": batched, "single": single, "ratios": ratios}
 
 
 def main(argv=None) -> list[dict] | dict:
@@ -177,9 +191,12 @@ def main(argv=None) -> list[dict] | dict:
     parser.add_argument("--requests", type=int, default=256, help="--load: requests in all")
     parser.add_argument("--slots", type=int, default=32, help="--load: decode slots of the batched scheduler")
     parser.add_argument("--cpu-devices", type=int, default=2, help="--load: devices a CPU is split into for the slots")
+    parser.add_argument("--repeats", type=int, default=3, help="--load: rounds of each (alternating); medians")
     parser.add_argument("--config", default=str(_ROOT / "configs" / "cpu_tiny.toml"),
                         help="--load: the model's sizes ([model] and the tokenizer's vocab_size)")
     args = parser.parse_args(argv)
+    if args.load and (args.slots < 2 or args.repeats < 1):
+        parser.error("--load compares --slots >= 2 with one slot, over --repeats >= 1 rounds")
     if args.load:
         return load_test(args)
 

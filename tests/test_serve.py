@@ -431,10 +431,11 @@ def test_load_bench_compares_batched_and_one_slot(monkeypatch):
     import serve  # bench/serve.py
 
     results = serve.main(["--load", "--clients", "4", "--requests", "8", "--slots", "4", "--depth", "1",
-                          "--prompt-len", "8", "--max-tokens", "8"])
-    for r in results.values():
+                          "--prompt-len", "8", "--max-tokens", "8", "--repeats", "2"])
+    for r in (results["batched"], results["single"]):
         assert r["errors"] == 0 and r["requests_per_sec"] > 0 and r["tokens_per_sec"] > 0
         assert 0 < r["ttft_p50_s"] <= r["ttft_p95_s"]
+    assert len(results["ratios"]) == 2 and all(r > 0 for r in results["ratios"])
 
 
 def test_a_client_that_disconnects_mid_stream_frees_its_slot(server, monkeypatch):
