@@ -23,12 +23,13 @@ import numpy as np
 from flax import nnx
 
 from nanochat_jax.checkpoint import checkpoint_meta
-from nanochat_jax.common import device_info, print0, run_script
+from nanochat_jax.common import device_info, peak_flops_per_device, print0, run_script
 from nanochat_jax.config import load_config, to_toml
 from nanochat_jax.distributed import (eval_mesh, init_distributed, max_over_processes, replicated_on,
                                       sum_over_processes)
 from nanochat_jax.engine import Engine, bucket
 from nanochat_jax.finetune import load_source, stage_optim
+from nanochat_jax.model import flops_per_token
 from nanochat_jax.progress import StepLogger, save_summary
 from nanochat_jax.rl import group_advantages, micro_batches, pass_at_k, pg_objective, rl_batch, rollout
 from nanochat_jax.sharding import batch_shards, make_mesh
@@ -138,7 +139,10 @@ def main(argv: list[str] | None = None) -> dict:
     ckpt = open_checkpoints("rl", model_cfg.depth, cfg.train)
     start = run.resume(ckpt, None, meta.get("tokenizer"), seed=seed) if cfg.train.resume else 0  # (seeds the rollouts)
 
-    logger = StepLogger("rl", num_iterations, start, append=cfg.train.resume)
+    # MFU: the training passes' FLOPs over the whole step's time (rollouts included)
+    logger = StepLogger("rl", num_iterations, start, flops_per_token=flops_per_token(model_cfg),
+                        peak_flops=peak_flops_per_device(compute_dtype=model_cfg.compute_dtype),
+                        num_devices=device_info()["num_devices"], append=cfg.train.resume)
     rewards_per_step = [r["reward"] for r in logger.kept if "reward" in r]  # (process 0's log: for the summary)
     stop = StopSignal()
     for step in range(start, num_iterations):

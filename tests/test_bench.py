@@ -206,6 +206,24 @@ def test_mfu_on_cpu_is_against_the_measured_matmul_peak():
     assert common.peak_flops_per_device("some new accelerator") is None
 
 
+def test_cpu_peak_is_the_best_this_machine_has_measured(home):
+    """Every stage's MFU is against the same peak: the best measured on this machine so far, kept in the home
+    (a busy moment at one stage's start no longer inflates its MFU); an unreadable file is measured over."""
+    path = home / "cpu_peak_flops.json"
+    home.mkdir(parents=True)
+    path.write_text("not json")
+    common.cpu_peak_flops.cache_clear()
+    try:
+        measured = common.cpu_peak_flops("float32")
+        (key, stored), = json.loads(path.read_text()).items()
+        assert stored == measured and key.endswith(" float32")
+        path.write_text(json.dumps({key: 100 * measured}))  # a better figure seen before wins
+        common.cpu_peak_flops.cache_clear()
+        assert common.cpu_peak_flops("float32") == 100 * measured
+    finally:
+        common.cpu_peak_flops.cache_clear()
+
+
 def test_recipe_bench_gives_both_recipes_the_same_flops():
     recipes, every = recipe.plans(8e12, points=4)
     first, modern = recipes["first_release"], recipes["modern"]
