@@ -328,12 +328,13 @@ class Engine:
         for i, r in enumerate(rows):
             queued = list(r.forced)[: self.chunk]
             forced[i, :len(queued)], n_forced[i] = queued, len(queued)
-        active = jnp.asarray([not r.done for r in rows])
-        in_block = jnp.asarray([r.in_block for r in rows])
-        budget = jnp.asarray([r.remaining for r in rows], jnp.int32)
+        # host arrays as numpy: the jitted call moves them in one batch (jnp.asarray of a list is an eager op each)
+        active = np.asarray([not r.done for r in rows])
+        in_block = np.asarray([r.in_block for r in rows])
+        budget = np.asarray([r.remaining for r in rows], np.int32)
         specials = (self.assistant_end, self.bos, self.python_start, self.python_end)
         out = _decode_chunk(self.graphdef, self.chunk, specials, window, self.state, cache, logits, keys, active,
-                            in_block, budget, jnp.asarray(forced), jnp.asarray(n_forced), *sampling)
+                            in_block, budget, forced, n_forced, *sampling)
         toks, emitted, was_forced, cache, logits, keys = out
         toks, emitted, was_forced = np.asarray(toks), np.asarray(emitted), np.asarray(was_forced)
         for i, r in enumerate(rows):

@@ -232,10 +232,9 @@ class Scheduler:
         padded = np.zeros((len(group), L), np.int32)
         for i, (_, request) in enumerate(group):
             padded[i, :len(request.prompt)] = request.prompt
-        lengths = jnp.asarray([len(request.prompt) for _, request in group], jnp.int32)
+        lengths = np.asarray([len(request.prompt) for _, request in group], np.int32)
         self.prefills.append((len(group), L))
-        logits, rows = _prefill(engine.graphdef, engine.state, engine._empty_cache(len(group), L), jnp.asarray(padded),
-                                lengths)
+        logits, rows = _prefill(engine.graphdef, engine.state, engine._empty_cache(len(group), L), padded, lengths)
         if self.logits is None:
             self.logits = jnp.zeros((self.slots, logits.shape[-1]), logits.dtype)
         seeds = np.asarray([request.seed & 0xFFFFFFFF for _, request in group], np.uint32)
@@ -252,10 +251,10 @@ class Scheduler:
         live = max(len(r.prompt) + len(r.row.out) for r in self.requests if r is not None)
         window = min(self.cache_len, bucket(live + engine.chunk))
         self.decode_windows.append(window)
-        setting = lambda name, empty, dtype: jnp.asarray(  # noqa: E731
+        setting = lambda name, empty, dtype: np.asarray(  # noqa: E731
             [getattr(r, name) if r is not None else empty for r in self.requests], dtype)
-        sampling = (setting("temperature", 0.0, jnp.float32), setting("top_k", 0, jnp.int32),
-                    setting("top_p", 1.0, jnp.float32))
+        sampling = (setting("temperature", 0.0, np.float32), setting("top_k", 0, np.int32),
+                    setting("top_p", 1.0, np.float32))
         self.cache, self.logits, self.keys = engine._decode(rows, window, self.cache, self.logits, self.keys, sampling)
         stop = (engine.assistant_end, engine.bos)
         for slot, request in enumerate(self.requests):
