@@ -37,10 +37,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from flax import nnx
-from jax.sharding import Mesh
 
+from nanochat_jax.config import MeshConfig
 from nanochat_jax.engine import Engine, _prefill, _Row, bucket, prompt_bucket
-from nanochat_jax.sharding import MESH_AXES, replicated
+from nanochat_jax.sharding import make_mesh, replicated
 
 CPU_DEVICES_FLAG = "--xla_force_host_platform_device_count"
 
@@ -60,7 +60,7 @@ def serving_engine(model, tokenizer, slots: int, cpu_devices: int, chunk: int = 
     devices = jax.devices()[:cpu_devices]
     if jax.default_backend() != "cpu" or len(devices) < 2 or slots % len(devices):
         return Engine(model, tokenizer, chunk=chunk)
-    mesh = Mesh(np.array(devices).reshape(-1, 1, 1), MESH_AXES)
+    mesh = make_mesh(MeshConfig(data=-1, fsdp=1, tensor=1), devices)
     graphdef, state = nnx.split(model)
     return Engine(nnx.merge(graphdef, jax.device_put(state, replicated(mesh))), tokenizer, mesh=mesh, chunk=chunk)
 
