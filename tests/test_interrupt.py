@@ -17,6 +17,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from conftest import cpu_xla_flags
+
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 20
 TINY = [
@@ -42,7 +44,7 @@ STAGES = {  # stage: (script, its settings), mid and SFT on the cpu mixtures, ea
 
 def start(home: Path, *args: str, devices: int = 1, stage: str = "base", **env: str) -> subprocess.Popen:
     env = dict(os.environ, NANOCHAT_JAX_HOME=str(home), JAX_PLATFORMS="cpu",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", **env)
+               XLA_FLAGS=cpu_xla_flags(devices), **env)
     script, settings = STAGES[stage]
     return subprocess.Popen([sys.executable, script, *TINY, *settings, *args], env=env, cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

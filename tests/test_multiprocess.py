@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import cpu_xla_flags
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -28,7 +30,7 @@ def spawn(argv: list[str], processes: int, devices_per_process: int, home: Path 
     procs = []
     for pid in range(processes):
         env = dict(os.environ, JAX_PLATFORMS="cpu",
-                   XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}", **env_vars)
+                   XLA_FLAGS=cpu_xla_flags(devices_per_process), **env_vars)
         for var in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "NANOCHAT_JAX_DISTRIBUTED"):
             env.pop(var, None)
         if processes > 1:

@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import cpu_xla_flags
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
     "--config", str(ROOT / "configs" / "cpu_tiny.toml"),
@@ -22,7 +24,7 @@ TINY = [
 def run(script: str, *args: str, home: Path, devices: int = 1, fails: bool = False) -> str:
     """The script's stdout; with fails=True it must exit non-zero, and its stderr is returned."""
     env = dict(os.environ, NANOCHAT_JAX_HOME=str(home), JAX_PLATFORMS="cpu",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+               XLA_FLAGS=cpu_xla_flags(devices))
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / script), *args], env=env, cwd=ROOT,
                           capture_output=True, text=True, timeout=600)
     if fails:
@@ -140,7 +142,7 @@ def test_resume_after_the_tokenizer_was_retrained_is_refused(trained, tmp_path):
     run("tok_train.py", "--config", str(ROOT / "configs" / "cpu_tiny.toml"), "--tokenizer.vocab_size=512",
         "--tokenizer.max_chars=200000", home=home)
     env = dict(os.environ, NANOCHAT_JAX_HOME=str(home), JAX_PLATFORMS="cpu",
-               XLA_FLAGS="--xla_force_host_platform_device_count=1")
+               XLA_FLAGS=cpu_xla_flags(1))
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "base_train.py"), *TINY, "--train.num_iterations=60",
                            "--train.resume=true"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode != 0 and "tokenizer" in proc.stderr and "retrained or replaced since" in proc.stderr, \
@@ -153,7 +155,7 @@ def test_resume_past_the_horizon_is_a_clear_error(trained, tmp_path):
     shutil.copytree(trained, home)
     summary = (home / "report" / "base_train.json").read_text()
     env = dict(os.environ, NANOCHAT_JAX_HOME=str(home), JAX_PLATFORMS="cpu",
-               XLA_FLAGS="--xla_force_host_platform_device_count=1")
+               XLA_FLAGS=cpu_xla_flags(1))
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "base_train.py"), *TINY, "--train.num_iterations=30",
                            "--train.resume=true"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode != 0

@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import FAST_COMPILE, cpu_xla_flags
+
 ROOT = Path(__file__).resolve().parents[1]
 
 MODEL = ["--model.depth=2", "--model.aspect_ratio=32", "--model.head_dim=32", "--model.sequence_len=64"]
@@ -31,8 +33,7 @@ TINY = ["--config", str(ROOT / "configs" / "cpu_tiny.toml"), *MODEL, "--mesh.dat
 def smoke(tmp_path_factory):
     """run_cpu.sh on the tiny model: (home, stdout)."""
     home = tmp_path_factory.mktemp("home")
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env.update(NANOCHAT_JAX_HOME=str(home), EVAL_PROBLEMS="4", EVAL_TOKENS="32")
+    env = dict(os.environ, NANOCHAT_JAX_HOME=str(home), EVAL_PROBLEMS="4", EVAL_TOKENS="32", XLA_FLAGS=FAST_COMPILE)
     proc = subprocess.run(["bash", str(ROOT / "run_cpu.sh"), *SMOKE], env=env, cwd=ROOT, capture_output=True,
                           text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -41,7 +42,7 @@ def smoke(tmp_path_factory):
 
 def run(script: str, *args: str, home: Path) -> str:
     env = dict(os.environ, NANOCHAT_JAX_HOME=str(home), JAX_PLATFORMS="cpu",
-               XLA_FLAGS="--xla_force_host_platform_device_count=1")
+               XLA_FLAGS=cpu_xla_flags(1))
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / script), *args], env=env, cwd=ROOT,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"{script} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
