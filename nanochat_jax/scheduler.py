@@ -6,7 +6,8 @@ settings (temperature, top_k, top_p, max_tokens, seed) and token stream.
 
 One background thread runs the loop: admit waiting requests into free slots (the prompts admitted together are
 prefilled together, one call per prompt-length bucket and power-of-two group of them, and copied into their slots:
-nobody waits for the others to finish), run one decode chunk for all slots
+nobody waits for the others to finish; requests that arrived during a prefill are admitted before the next chunk,
+else a reply one moment late would need a chunk more than the others), run one decode chunk for all slots
 (Engine._decode: the engine's jitted while_loop with per-row sampling settings, and Engine._advance's calculator
 state machine per row), hand each request its new tokens, free the slots of finished and cancelled requests.
 Shapes stay fixed (slots rows, a power-of-two cache and windows), so the loop compiles a few programs once.
@@ -203,6 +204,9 @@ class Scheduler:
                 for slot, request in enumerate(self.requests):
                     if request is not None and request.cancelled:
                         self._finish(slot, "cancelled")
+                with self.cond:  # requests that came during this prefill join the coming chunk, not the next one
+                    if admitted and self.waiting and None in self.requests:
+                        continue
                 if self.busy_slots():
                     self._step()
         except Exception as e:  # a device failure: every request hears of it, later ones are refused

@@ -104,6 +104,31 @@ def test_prompts_admitted_together_are_prefilled_together_and_equal_each_alone(e
         scheduler.close()
 
 
+def test_a_request_that_arrives_during_a_prefill_joins_the_next_chunk(engine, monkeypatch):
+    """Clients that send at nearly the same moment finish together: one that arrives while the others' prompts are
+    being prefilled is prefilled before the next decode chunk, so its reply needs no chunk more than theirs."""
+    scheduler = Scheduler(engine, slots=4)
+    late, prefill_group = queue.Queue(), Scheduler._prefill_group
+
+    def prefill_then_a_late_arrival(self, L, group):
+        prefill_group(self, L, group)
+        if len(self.prefills) == 1:
+            self.submit(PROMPTS[1], 8, lambda *e: late.put(e), temperature=0.0)
+
+    monkeypatch.setattr(Scheduler, "_prefill_group", prefill_then_a_late_arrival)
+    try:
+        first = tokens_of(scheduler, PROMPTS[0], 8, temperature=0.0)
+        got, finish = [], None
+        while finish is None:
+            tokens, _, finish = late.get(timeout=60)
+            got += tokens
+        assert len(scheduler.prefills) == 2 and len(scheduler.decode_windows) == 1  # one chunk of 8 for both
+        assert first == alone(engine, PROMPTS[0], 8, temperature=0.0)
+        assert got == alone(engine, PROMPTS[1], 8, temperature=0.0)
+    finally:
+        scheduler.close()
+
+
 def test_sampled_request_equals_the_engine_with_its_seed(engine, scheduler):
     settings = dict(temperature=1.0, top_k=20, top_p=0.9, seed=5)
     assert tokens_of(scheduler, PROMPTS[1], 12, **settings) == alone(engine, PROMPTS[1], 12, **settings)
