@@ -149,18 +149,13 @@ def plot(results: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def cpu_model() -> str:
-    out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    return next((line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")), "?")
-
-
 def main(argv=None) -> dict:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    from nanochat_jax.common import artifacts_dir
+    from nanochat_jax.common import artifacts_dir, cpu_model
 
-    flops = budget(args)
+    flops, processor = budget(args), cpu_model() or "?"
     recipes, eval_every = plans(flops, args.points, args.eval_every)
-    print(f"processor: {cpu_model()} ({os.cpu_count()} CPUs) | budget {flops:.3e} training FLOPs per recipe"
+    print(f"processor: {processor} ({os.cpu_count()} CPUs) | budget {flops:.3e} training FLOPs per recipe"
           + ("" if args.flops else f" ({args.minutes:g} min at {CPU_TRAIN_FLOPS:.1e} FLOP/s)"))
     for name, p in recipes.items():
         print(f"{name:14s} {p['config']}: params {p['params']:,} = matmul {p['matmul_params']:,} + embedding tables "
@@ -188,7 +183,7 @@ def main(argv=None) -> dict:
           f"{recipes['modern']['flops']:.3e} FLOPs) | modern/first_release {modern / first:.4f}")
     print("wall time (noisy, shared machine): " + ", ".join(
         f"{n} {r['wall_s'] / 60:.1f} min ({r['summary']['tokens_per_sec']:,.0f} tok/s)" for n, r in results.items()))
-    out = {"processor": cpu_model(), "budget_flops": flops, "eval_every": eval_every, "ratio_final": modern / first,
+    out = {"processor": processor, "budget_flops": flops, "eval_every": eval_every, "ratio_final": modern / first,
            **{name: {**r["plan"], "curve": r["curve"], "wall_s": r["wall_s"],
                      "tokens_per_sec": r["summary"]["tokens_per_sec"]} for name, r in results.items()}}
     print("JSON " + json.dumps(out))
