@@ -7,12 +7,9 @@ import tempfile
 
 # The tests' programs are tiny: LLVM's optimisations (level 2, XLA's default) cost more compile time than they save
 # at run time (the suite: about a third less CPU time at level 0). Scripts the tests start get the same flag.
-FAST_COMPILE = "--xla_backend_optimization_level=0"
-
-
 def cpu_xla_flags(devices: int) -> str:
     """XLA_FLAGS for a test process or a script a test starts: `devices` simulated CPU devices, compiled fast."""
-    return f"{FAST_COMPILE} --xla_force_host_platform_device_count={devices}"
+    return f"--xla_backend_optimization_level=0 --xla_force_host_platform_device_count={devices}"
 
 
 os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {cpu_xla_flags(8)}".strip()

@@ -12,7 +12,7 @@ from pathlib import Path
 import jax
 import pytest
 
-from conftest import FAST_COMPILE
+from conftest import cpu_xla_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
@@ -29,7 +29,7 @@ TINY = ["--model.depth=2", "--model.aspect_ratio=32", "--model.head_dim=32", "--
 
 
 def test_train_step_bench_json(tmp_path):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=FAST_COMPILE)  # one CPU device, not the 8 of conftest
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=cpu_xla_flags(1))  # one CPU device, not the 8 of conftest
     out = subprocess.run([sys.executable, str(ROOT / "bench" / "train_step.py"), *TINY, "--steps", "2",
                           "--warmup", "1", "--matmul-size", "512", "--breakdown", "--profile", str(tmp_path)],
                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
@@ -164,7 +164,7 @@ def test_gpu_suite_stages_run_on_cpu(tmp_path):
     missing.mkdir()
     for name in ("rust_bpe", "grain", "gradio", "datasets"):
         (missing / f"{name}.py").write_text(f"raise ImportError('{name} is not on the GPU machine')\n")
-    env = dict(os.environ, XLA_FLAGS=FAST_COMPILE)
+    env = dict(os.environ, XLA_FLAGS=cpu_xla_flags(1))
     env.update(PY=sys.executable, OUT=str(tmp_path), TRACE_DIR=str(tmp_path), JAX_PLATFORMS="cpu",
                PYTHONPATH=os.pathsep.join(filter(None, [str(missing), os.environ.get("PYTHONPATH")])))
     suite = ["bash", str(ROOT / "bench" / "gpu_suite.sh")]

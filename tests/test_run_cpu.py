@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import FAST_COMPILE, cpu_xla_flags
+from conftest import cpu_xla_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,7 +33,7 @@ TINY = ["--config", str(ROOT / "configs" / "cpu_tiny.toml"), *MODEL, "--mesh.dat
 def smoke(tmp_path_factory):
     """run_cpu.sh on the tiny model: (home, stdout)."""
     home = tmp_path_factory.mktemp("home")
-    env = dict(os.environ, NANOCHAT_JAX_HOME=str(home), EVAL_PROBLEMS="4", EVAL_TOKENS="32", XLA_FLAGS=FAST_COMPILE)
+    env = dict(os.environ, NANOCHAT_JAX_HOME=str(home), EVAL_PROBLEMS="4", EVAL_TOKENS="32", XLA_FLAGS=cpu_xla_flags(1))
     proc = subprocess.run(["bash", str(ROOT / "run_cpu.sh"), *SMOKE], env=env, cwd=ROOT, capture_output=True,
                           text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
