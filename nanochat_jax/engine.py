@@ -10,6 +10,8 @@ Design
 - Attention reads a window of the cache, not all of it: the smallest power of two that holds every position
   the next chunk can write (prefill: the prompt bucket). Decode cost follows the live length; the few
   window sizes are each compiled once.
+- On a mesh that splits only the rows (the whole model on every device: chat_web.py's CPU split, the evals'
+  data meshes), each device runs the decode loop on its own rows (shard_map): no step waits on another device.
 - Parameters are held in the compute dtype (cast once when the engine is made): the forward would cast
   them in every step anyway, and a decode step's time is the bytes of weights it reads.
 - `num_samples` completions of a prompt share one prefill: prefill runs on the distinct prompts and
@@ -37,9 +39,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import PartitionSpec
 
 from nanochat_jax.calculator import calculate
 from nanochat_jax.model import KVCache
+from nanochat_jax.sharding import batch_shards, logical_to_spec
 
 MIN_BUCKET = 16
 
@@ -151,9 +155,24 @@ def _repeat_rows(tree, n: int):
     return cache.replace(k=k, v=v, lengths=rep(cache.lengths, 0), last=last), rep(logits, 0)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3), donate_argnames=("cache",))
-def _decode_chunk(graphdef, chunk: int, specials: tuple[int, int, int, int], window: int, state, cache: KVCache,
-                  logits, keys, active, in_block, budget, forced, n_forced, temperature, top_k, top_p):
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4), donate_argnames=("cache",))
+def _decode_chunk(graphdef, chunk: int, specials: tuple[int, int, int, int], window: int, mesh, state,
+                  cache: KVCache, logits, keys, active, in_block, budget, forced, n_forced, temperature, top_k, top_p):
+    """`_decode_rows` for all rows. mesh: None, or a mesh whose devices hold the parameters whole and split the rows
+    (every argument but the state has them first, or is a scalar): each device then runs the loop on its own rows,
+    with no traffic between devices in any step (a loop over the whole batch would agree on `any(active)` and on
+    the sampling branch across devices in every step)."""
+    args = (cache, logits, keys, active, in_block, budget, forced, n_forced, temperature, top_k, top_p)
+    run = functools.partial(_decode_rows, graphdef, chunk, specials, window)
+    if mesh is not None:
+        rows = logical_to_spec(("batch",))
+        run = jax.shard_map(run, mesh=mesh, out_specs=rows, check_vma=False,
+                            in_specs=(PartitionSpec(), *jax.tree.map(lambda x: rows if x.ndim else PartitionSpec(), args)))
+    return run(state, *args)
+
+
+def _decode_rows(graphdef, chunk: int, specials: tuple[int, int, int, int], window: int, state, cache: KVCache,
+                 logits, keys, active, in_block, budget, forced, n_forced, temperature, top_k, top_p):
     """Up to `chunk` steps for all rows. Per row: take the next forced token or sample from `logits`,
     feed it, stop on a terminal token or an exhausted budget, freeze after a closing <|python_end|>.
     Attention reads the first `window` cache positions (> every position this chunk writes): the loop runs on
@@ -250,6 +269,9 @@ class Engine:
         self.smear = model.smear  # the cache then carries each row's last token
         self.cache_dtype = jnp.dtype(model.compute_dtype)
         self.state = jax.tree.map(lambda x: _to_compute_dtype(x, self.cache_dtype), state)
+        # every device holds the whole model and only rows are split: decode chunks run per device (_decode_chunk)
+        self.rows_split = mesh is not None and mesh.shape.get("tensor", 1) == 1 and all(
+            x.sharding.is_fully_replicated for x in jax.tree.leaves(self.state))
         sp = tokenizer.encode_special
         self.assistant_end, self.bos = sp("<|assistant_end|>"), tokenizer.bos_token_id
         self.python_start, self.python_end = sp("<|python_start|>"), sp("<|python_end|>")
@@ -333,7 +355,8 @@ class Engine:
         in_block = np.asarray([r.in_block for r in rows])
         budget = np.asarray([r.remaining for r in rows], np.int32)
         specials = (self.assistant_end, self.bos, self.python_start, self.python_end)
-        out = _decode_chunk(self.graphdef, self.chunk, specials, window, self.state, cache, logits, keys, active,
+        mesh = self.mesh if self.rows_split and len(rows) % batch_shards(self.mesh) == 0 else None
+        out = _decode_chunk(self.graphdef, self.chunk, specials, window, mesh, self.state, cache, logits, keys, active,
                             in_block, budget, forced, n_forced, *sampling)
         toks, emitted, was_forced, cache, logits, keys = out
         toks, emitted, was_forced = np.asarray(toks), np.asarray(emitted), np.asarray(was_forced)

@@ -290,7 +290,7 @@ def plan_programs(cfg: Config, target: Target, devices, decode_rows: int = 32, p
             keys = jax.eval_shape(lambda: jax.random.split(jax.random.key(0), B))
             keys = jax.ShapeDtypeStruct(keys.shape, keys.dtype, sharding=named_sharding(mesh, ("batch",), (B,)))
             scalar = lambda dtype: jax.ShapeDtypeStruct((), dtype, sharding=named_sharding(mesh, ()))  # noqa: E731
-            args = (engine_graphdef, chunk, (0, 1, 2, 3), max_len, engine_state, cache(B),
+            args = (engine_graphdef, chunk, (0, 1, 2, 3), max_len, None, engine_state, cache(B),
                     rowwise((B, model_cfg.vocab_size), jnp.float32), keys, rowwise((B,), jnp.bool_),
                     rowwise((B,), jnp.bool_), rowwise((B,), jnp.int32), rowwise((B, chunk), jnp.int32),
                     rowwise((B,), jnp.int32), scalar(jnp.float32), scalar(jnp.int32), scalar(jnp.float32))

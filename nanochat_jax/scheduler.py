@@ -118,8 +118,11 @@ class Scheduler:
         self.cond = threading.Condition()
         self.closed, self.error = False, None
         self.cache = engine._empty_cache(slots, self.cache_len)
+        # the per-slot state lives where the decode leaves it (split like the cache's rows), so the programs that
+        # insert prompts compile once for each group size, not again after the first decode has moved it
+        self.rows = self.cache.lengths.sharding
         self.logits = None  # (slots, vocab) fp32, made with the first prefill
-        self.keys = jax.random.split(jax.random.key(0), slots)
+        self.keys = jax.device_put(jax.random.split(jax.random.key(0), slots), self.rows)
         self.prefills: list[tuple[int, int]] = []  # (prompts, padded length) of every prefill run (for tests)
         self.decode_windows: list[int] = []  # the attention window of every chunk run (for tests)
         self.thread = threading.Thread(target=self._loop, name="scheduler", daemon=True)
@@ -240,7 +243,7 @@ class Scheduler:
         self.prefills.append((len(group), L))
         logits, rows = _prefill(engine.graphdef, engine.state, engine._empty_cache(len(group), L), padded, lengths)
         if self.logits is None:
-            self.logits = jnp.zeros((self.slots, logits.shape[-1]), logits.dtype)
+            self.logits = jax.device_put(jnp.zeros((self.slots, logits.shape[-1]), logits.dtype), self.rows)
         seeds = np.asarray([request.seed & 0xFFFFFFFF for _, request in group], np.uint32)
         slots = np.asarray([slot for slot, _ in group], np.int32)
         self.cache, self.logits, self.keys = _insert(self.cache, self.logits, self.keys, rows, logits, seeds, slots)

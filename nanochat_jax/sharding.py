@@ -137,13 +137,14 @@ def shard_count(name: str) -> int:
 
 
 def constrain(x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
-    """Pin an activation's sharding by logical names while tracing under `jax.set_mesh(mesh)`; else a no-op.
+    """Pin an activation's sharding by logical names while tracing under `jax.set_mesh(mesh)`; else (and inside
+    a shard_map, whose code sees one device's part) a no-op.
 
     Without it, FSDP lets the compiler gather activations (every device computing the whole batch)
     instead of gathering the weights.
     """
     mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty:
+    if mesh.empty or jax.sharding.AxisType.Manual in mesh.axis_types:
         return x
     return jax.lax.with_sharding_constraint(x, logical_to_spec(axes, x.shape, mesh))
 

@@ -16,7 +16,7 @@ from flax import nnx
 from nanochat_jax.common import UserError
 from nanochat_jax.config import ModelConfig
 from nanochat_jax.checkpoint import load_model
-from nanochat_jax.engine import Engine, bucket, greedy, prompt_bucket, sample_tokens
+from nanochat_jax.engine import Engine, _decode_chunk, bucket, greedy, prompt_bucket, sample_tokens
 from nanochat_jax.model import GPT, Linear, init_model
 from nanochat_jax.tokenizer import Tokenizer
 
@@ -165,6 +165,21 @@ def test_sharded_cache_matches_unsharded(model, tokenizer, engine, make_mesh):
     sharded = Engine(model, tokenizer, mesh=make_mesh(data=2), chunk=8)
     expected, _ = engine.generate_batch(PROMPTS[:2], max_tokens=10, temperature=0.0)
     assert sharded.generate_batch(PROMPTS[:2], max_tokens=10, temperature=0.0)[0] == expected
+
+
+def test_rows_split_over_devices_decode_without_talking_to_each_other(model, tokenizer, make_mesh):
+    """On a mesh that splits only rows (the whole model on every device), each device runs the decode loop on its own
+    rows: the compiled chunk has no collective, where the loop over the whole batch agrees on `any(active)` and on
+    the sampling branch across devices in every step. A mesh that splits the model keeps the whole-batch loop."""
+    engine = Engine(model, tokenizer, mesh=make_mesh(data=2), chunk=4)
+    assert engine.rows_split and not Engine(model, tokenizer, mesh=make_mesh(tensor=2)).rows_split
+    B, n = 2, np.zeros(2, np.int32)
+    args = (engine.state, engine._empty_cache(B, 32), jnp.zeros((B, model.vocab_size), jnp.float32),
+            jax.random.split(jax.random.key(0), B), np.ones(B, bool), np.zeros(B, bool), n + 8,
+            np.zeros((B, 4), np.int32), n, np.float32(0), np.int32(0), np.float32(1))
+    specials = (engine.assistant_end, engine.bos, engine.python_start, engine.python_end)
+    hlo = lambda mesh: _decode_chunk.lower(engine.graphdef, 4, specials, 16, mesh, *args).compile().as_text()  # noqa: E731
+    assert "all-reduce" not in hlo(engine.mesh) and "all-reduce" in hlo(None)
 
 
 # ---------------------------------------------------------------------------------------------

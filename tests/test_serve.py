@@ -163,6 +163,30 @@ def test_slots_split_over_two_cpu_devices_give_each_request_its_tokens_alone(eng
         scheduler.close()
 
 
+def test_a_split_scheduler_compiles_each_program_once(tokenizer):
+    """The slots' logits and keys start where the decode leaves them (split over the devices like the cache rows):
+    a second request of the same shape, after decode chunks have run, compiles nothing (they were made on one
+    device and then replicated, so each prompt-group size compiled its insert again after the first decode)."""
+    import jax
+
+    compiles = []
+
+    def listen(event, _, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    scheduler = Scheduler(serving_engine(random_model(), tokenizer, slots=6, cpu_devices=2), slots=6)
+    try:
+        tokens_of(scheduler, PROMPTS[0], 20, temperature=0.0)
+        first = len(compiles)
+        tokens_of(scheduler, PROMPTS[0], 20, temperature=0.0)
+        assert first > 0 and len(compiles) == first
+    finally:
+        scheduler.close()
+        jax.monitoring.unregister_event_duration_listener(listen)
+
+
 def test_max_tokens_is_cut_at_the_context(engine, scheduler):
     prompt = PROMPTS[2] * 5  # 100 of the 128 positions
     events = queue.Queue()
