@@ -13,8 +13,8 @@ scripts/chat_web.py serves) and with one slot on one device (one reply at a time
 their rounds alternating `--repeats` times, and print the medians of requests/s, p50/p95 time to first token,
 generated tokens/s and errors side by side with their ratio, then the tokens/s ratio of each round. The model has the
 sizes of --config's [model] and its tokenizer's vocabulary (by default run_cpu.sh's: depth 4, width 256, vocab
-2048); the chat renders with a byte-level tokenizer (256 bytes + the special tokens); a warm-up round compiles
-first.
+2048); the chat renders with a byte-level tokenizer (256 bytes + the special tokens); a warm-up round (the whole
+load for the batched server, one request for the other) compiles first.
 
 The engine hands tokens to the host once per chunk of decode steps (one jitted while_loop per chunk), so the
 chunk size trades host round trips for streaming smoothness: a reply arrives in bursts of `chunk` tokens.
@@ -145,8 +145,10 @@ def load_test(args) -> dict:
             time.sleep(0.05)
         # the clients run in a process of their own: their threads would otherwise share the server's GIL
         with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as clients:
-            for slots, url in urls.items():  # warm-up: compiles every shape the rounds use
-                clients.submit(load_round, url, slots, slots, prompts, args.max_tokens).result()
+            for slots, url in urls.items():  # warm-up: compiles every shape the rounds use (the batched server
+                # prefills the prompts that arrive together in groups of 1 to 32 rows: a whole round meets them all)
+                warm = (args.clients, args.requests) if slots > 1 else (1, 1)
+                clients.submit(load_round, url, *warm, prompts, args.max_tokens).result()
             for _ in range(args.repeats):
                 for slots, url in urls.items():
                     rounds[slots].append(clients.submit(load_round, url, args.clients, args.requests, prompts,

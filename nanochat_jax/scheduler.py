@@ -5,7 +5,7 @@ bucket(context_len) positions), the bounded queue of requests waiting for a slot
 settings (temperature, top_k, top_p, max_tokens, seed) and token stream.
 
 One background thread runs the loop: admit waiting requests into free slots (the prompts admitted together are
-prefilled together, one call per prompt-length bucket and power-of-two group of them, and copied into their slots:
+prefilled together, one call per prompt-length bucket and power-of-two group of rows, and copied into their slots:
 nobody waits for the others to finish; requests that arrived during a prefill are admitted before the next chunk,
 else a reply one moment late would need a chunk more than the others), run one decode chunk for all slots
 (Engine._decode: the engine's jitted while_loop with per-row sampling settings, and Engine._advance's calculator
@@ -66,6 +66,15 @@ def serving_engine(model, tokenizer, slots: int, cpu_devices: int, chunk: int = 
     return Engine(nnx.merge(graphdef, jax.device_put(state, replicated(mesh))), tokenizer, mesh=mesh, chunk=chunk)
 
 
+def group_rows(n: int) -> int:
+    """How many of n waiting prompts of one length bucket to prefill in one call, and the rows of that call: a power
+    of two (few compiled shapes), all n padded up to the next one when that adds at most a quarter of n rows (or
+    one row), else the largest power of two <= n (a call costs about as much as a few rows more: 31 -> 32, 3 -> 4,
+    but 6 -> 4 + 2)."""
+    up = 1 << (n - 1).bit_length()
+    return up if up - n <= max(1, n // 4) else up // 2
+
+
 class Busy(RuntimeError):
     """The wait queue is full."""
 
@@ -93,15 +102,16 @@ class Request:
 @functools.partial(jax.jit, donate_argnums=(0, 1, 2))
 def _insert(cache, logits, keys, rows, row_logits, seeds, slots):
     """Copy prefilled prompts (a cache of P rows and L positions, their last logits) into rows `slots` (P,) of the
-    shared state, each with the PRNG key Engine.generate gives one sample of its seed. seeds: (P,) uint32, the seeds
-    modulo 2**32 (what jax.random.key makes of a Python int without x64)."""
+    shared state, each with the PRNG key Engine.generate gives one sample of its seed; a slot past the last one drops
+    its row. seeds: (P,) uint32, the seeds modulo 2**32 (what jax.random.key makes of a Python int without x64)."""
     row_keys = jax.vmap(lambda seed: jax.random.split(jax.random.key(seed), 1)[0])(seeds)
     L = rows.k[0].shape[2]
-    k = tuple(layer.at[slots, :, :L].set(new) for layer, new in zip(cache.k, rows.k))
-    v = tuple(layer.at[slots, :, :L].set(new) for layer, new in zip(cache.v, rows.v))
-    last = None if cache.last is None else cache.last.at[slots].set(rows.last)
-    cache = cache.replace(k=k, v=v, lengths=cache.lengths.at[slots].set(rows.lengths), last=last)
-    return cache, logits.at[slots].set(row_logits), keys.at[slots].set(row_keys)
+    put = lambda whole, part: whole.at[slots].set(part, mode="drop")  # noqa: E731
+    k = tuple(layer.at[slots, :, :L].set(new, mode="drop") for layer, new in zip(cache.k, rows.k))
+    v = tuple(layer.at[slots, :, :L].set(new, mode="drop") for layer, new in zip(cache.v, rows.v))
+    last = None if cache.last is None else put(cache.last, rows.last)
+    cache = cache.replace(k=k, v=v, lengths=put(cache.lengths, rows.lengths), last=last)
+    return cache, put(logits, row_logits), put(keys, row_keys)
 
 
 class Scheduler:
@@ -123,7 +133,7 @@ class Scheduler:
         self.rows = self.cache.lengths.sharding
         self.logits = None  # (slots, vocab) fp32, made with the first prefill
         self.keys = jax.device_put(jax.random.split(jax.random.key(0), slots), self.rows)
-        self.prefills: list[tuple[int, int]] = []  # (prompts, padded length) of every prefill run (for tests)
+        self.prefills: list[tuple[int, int]] = []  # (rows, padded length) of every prefill run (for tests)
         self.decode_windows: list[int] = []  # the attention window of every chunk run (for tests)
         self.thread = threading.Thread(target=self._loop, name="scheduler", daemon=True)
         self.thread.start()
@@ -188,6 +198,7 @@ class Scheduler:
     # -- the loop ----------------------------------------------------------------------------------
 
     def _loop(self) -> None:
+        admitted = []
         try:
             while True:
                 with self.cond:
@@ -217,36 +228,39 @@ class Scheduler:
                 self.error = f"{type(e).__name__}: {e}"
         with self.cond:
             pending = [r for r in self.requests if r is not None] + list(self.waiting)
+            pending += [r for _, r in admitted if r not in pending and not r.cancelled]  # taken, not yet in a slot
             self.requests, self.waiting = [None] * self.slots, deque()
         for request in pending:
             request.sink([], [], "error" if self.error else "cancelled")
 
     def _admit(self, admitted: list[tuple[int, Request]]) -> None:
         """Prefill the admitted prompts and copy them into their slots: one prefill per prompt-length bucket (each
-        prompt padded as Engine.generate pads it alone) and power-of-two group (few compiled shapes, no padding rows)."""
+        prompt padded as Engine.generate pads it alone) and group (group_rows)."""
         by_bucket: dict[int, list[tuple[int, Request]]] = {}
         for slot, request in admitted:
             by_bucket.setdefault(prompt_bucket(len(request.prompt)), []).append((slot, request))
         for L, group in by_bucket.items():
             while group:
-                size = 1 << (len(group).bit_length() - 1)
-                self._prefill_group(L, group[:size])
-                group = group[size:]
+                rows = group_rows(len(group))
+                self._prefill_group(L, group[:rows], rows)
+                group = group[rows:]
 
-    def _prefill_group(self, L: int, group: list[tuple[int, Request]]) -> None:
-        """Prefill one group of prompts padded to L positions (engine._prefill) and copy them into their slots."""
+    def _prefill_group(self, L: int, group: list[tuple[int, Request]], rows: int) -> None:
+        """Prefill one group of prompts padded to L positions and `rows` rows (engine._prefill; a padding row is a
+        one-token prompt) and copy them into their slots."""
         engine = self.engine
-        padded = np.zeros((len(group), L), np.int32)
-        for i, (_, request) in enumerate(group):
+        padded = np.zeros((rows, L), np.int32)
+        lengths = np.ones((rows,), np.int32)
+        seeds = np.zeros((rows,), np.uint32)
+        slots = np.full((rows,), self.slots, np.int32)  # past the last slot: _insert drops the padding rows
+        for i, (slot, request) in enumerate(group):
             padded[i, :len(request.prompt)] = request.prompt
-        lengths = np.asarray([len(request.prompt) for _, request in group], np.int32)
-        self.prefills.append((len(group), L))
-        logits, rows = _prefill(engine.graphdef, engine.state, engine._empty_cache(len(group), L), padded, lengths)
+            lengths[i], seeds[i], slots[i] = len(request.prompt), request.seed & 0xFFFFFFFF, slot
+        self.prefills.append((rows, L))
+        logits, cache = _prefill(engine.graphdef, engine.state, engine._empty_cache(rows, L), padded, lengths)
         if self.logits is None:
             self.logits = jax.device_put(jnp.zeros((self.slots, logits.shape[-1]), logits.dtype), self.rows)
-        seeds = np.asarray([request.seed & 0xFFFFFFFF for _, request in group], np.uint32)
-        slots = np.asarray([slot for slot, _ in group], np.int32)
-        self.cache, self.logits, self.keys = _insert(self.cache, self.logits, self.keys, rows, logits, seeds, slots)
+        self.cache, self.logits, self.keys = _insert(self.cache, self.logits, self.keys, cache, logits, seeds, slots)
         for slot, request in group:
             request.row = _Row(remaining=request.max_tokens)
             self.requests[slot] = request

@@ -11,7 +11,7 @@ import pytest
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 from nanochat_jax.engine import Engine  # noqa: E402
-from nanochat_jax.scheduler import Busy, Scheduler, serving_engine  # noqa: E402
+from nanochat_jax.scheduler import Busy, Scheduler, group_rows, serving_engine  # noqa: E402
 from test_engine import PROMPTS, byte_tokenizer, random_model, scripted_engine  # noqa: E402
 
 
@@ -62,8 +62,9 @@ def test_greedy_requests_equal_the_engine_alone_also_sixteen_at_once(engine, sch
 
 
 def test_prompts_admitted_together_are_prefilled_together_and_equal_each_alone(engine):
-    """Prompts waiting together are prefilled per length bucket in power-of-two groups; a row's logits match its
-    prefill alone (to float rounding) and every request's greedy tokens equal the engine's alone."""
+    """Prompts waiting together are prefilled per length bucket in power-of-two groups of rows (the three of bucket
+    16 with a padding row); a row's logits match its prefill alone (to float rounding) and every request's greedy
+    tokens equal the engine's alone."""
     import jax.numpy as jnp
     import numpy as np
 
@@ -79,8 +80,8 @@ def test_prompts_admitted_together_are_prefilled_together_and_equal_each_alone(e
         return _prefill(engine.graphdef, engine.state, engine._empty_cache(len(group), 16), jnp.asarray(padded),
                         lengths)[0]
 
-    together = prefill(prompts[:2])  # the shape of the scheduler's first prefill below
-    for i, p in enumerate(prompts[:2]):
+    together = prefill([prompts[0], prompts[1], prompts[3], [0]])  # the scheduler's first prefill below
+    for i, p in enumerate([prompts[0], prompts[1], prompts[3]]):
         alone_logits = prefill([p])[0]
         np.testing.assert_allclose(together[i], alone_logits, rtol=0, atol=1e-4)
         assert int(jnp.argmax(together[i])) == int(jnp.argmax(alone_logits))
@@ -98,10 +99,22 @@ def test_prompts_admitted_together_are_prefilled_together_and_equal_each_alone(e
                 tokens, _, finish = q.get(timeout=60)
                 got += tokens
             results.append(got)
-        assert scheduler.prefills == [(2, 16), (1, 16), (1, 32)]
+        assert scheduler.prefills == [(4, 16), (1, 32)]
         assert results == [alone(engine, p, 10, temperature=0.0) for p in prompts]
     finally:
         scheduler.close()
+
+
+def test_prefill_groups_are_powers_of_two_padded_when_that_costs_few_rows():
+    def groups(n):
+        out = []
+        while n > 0:
+            out.append(group_rows(n))
+            n -= out[-1]
+        return out
+
+    assert [groups(n) for n in (1, 3, 5, 6, 7, 12, 13, 24, 31, 32)] == [
+        [1], [4], [4, 1], [4, 2], [8], [8, 4], [16], [16, 8], [32], [32]]
 
 
 def test_a_request_that_arrives_during_a_prefill_joins_the_next_chunk(engine, monkeypatch):
@@ -110,8 +123,8 @@ def test_a_request_that_arrives_during_a_prefill_joins_the_next_chunk(engine, mo
     scheduler = Scheduler(engine, slots=4)
     late, prefill_group = queue.Queue(), Scheduler._prefill_group
 
-    def prefill_then_a_late_arrival(self, L, group):
-        prefill_group(self, L, group)
+    def prefill_then_a_late_arrival(self, L, group, rows):
+        prefill_group(self, L, group, rows)
         if len(self.prefills) == 1:
             self.submit(PROMPTS[1], 8, lambda *e: late.put(e), temperature=0.0)
 
@@ -125,6 +138,23 @@ def test_a_request_that_arrives_during_a_prefill_joins_the_next_chunk(engine, mo
         assert len(scheduler.prefills) == 2 and len(scheduler.decode_windows) == 1  # one chunk of 8 for both
         assert first == alone(engine, PROMPTS[0], 8, temperature=0.0)
         assert got == alone(engine, PROMPTS[1], 8, temperature=0.0)
+    finally:
+        scheduler.close()
+
+
+def test_a_failing_prefill_ends_its_requests_with_an_error(engine, monkeypatch):
+    """A device failure while prompts are prefilled reaches the requests taken from the queue for it (they are in
+    no slot yet), and later requests are refused, instead of leaving their clients waiting forever."""
+    def fail(self, L, group, rows):
+        raise RuntimeError("device lost")
+
+    monkeypatch.setattr(Scheduler, "_prefill_group", fail)
+    scheduler = Scheduler(engine, slots=4)
+    try:
+        with pytest.raises(RuntimeError, match="device lost"):
+            tokens_of(scheduler, PROMPTS[0], 8, temperature=0.0)
+        with pytest.raises(RuntimeError, match="the scheduler has stopped: RuntimeError: device lost"):
+            scheduler.submit(PROMPTS[0], 8, lambda *e: None)
     finally:
         scheduler.close()
 
