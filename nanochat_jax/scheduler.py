@@ -130,9 +130,9 @@ class Scheduler:
         self.cache = engine._empty_cache(slots, self.cache_len)
         # the per-slot state lives where the decode leaves it (split like the cache's rows), so the programs that
         # insert prompts compile once for each group size, not again after the first decode has moved it
-        self.rows = self.cache.lengths.sharding
+        self.row_sharding = self.cache.lengths.sharding
         self.logits = None  # (slots, vocab) fp32, made with the first prefill
-        self.keys = jax.device_put(jax.random.split(jax.random.key(0), slots), self.rows)
+        self.keys = jax.device_put(jax.random.split(jax.random.key(0), slots), self.row_sharding)
         self.prefills: list[tuple[int, int]] = []  # (rows, padded length) of every prefill run (for tests)
         self.decode_windows: list[int] = []  # the attention window of every chunk run (for tests)
         self.thread = threading.Thread(target=self._loop, name="scheduler", daemon=True)
@@ -259,7 +259,7 @@ class Scheduler:
         self.prefills.append((rows, L))
         logits, cache = _prefill(engine.graphdef, engine.state, engine._empty_cache(rows, L), padded, lengths)
         if self.logits is None:
-            self.logits = jax.device_put(jnp.zeros((self.slots, logits.shape[-1]), logits.dtype), self.rows)
+            self.logits = jax.device_put(jnp.zeros((self.slots, logits.shape[-1]), logits.dtype), self.row_sharding)
         self.cache, self.logits, self.keys = _insert(self.cache, self.logits, self.keys, cache, logits, seeds, slots)
         for slot, request in group:
             request.row = _Row(remaining=request.max_tokens)
