@@ -255,6 +255,13 @@ def _to_compute_dtype(x: jax.Array, dtype) -> jax.Array:
     return x
 
 
+def splits_only_rows(mesh: jax.sharding.Mesh | None, state) -> bool:
+    """Whether every device of `mesh` holds the whole model (`state`'s leaves, arrays or abstract) and only rows
+    are split: decode chunks then run per device (_decode_chunk)."""
+    return mesh is not None and mesh.shape.get("tensor", 1) == 1 and all(
+        x.sharding.is_fully_replicated for x in jax.tree.leaves(state))
+
+
 class Engine:
     """Batched generation with tool use for a GPT held in memory (see the module docstring)."""
 
@@ -270,8 +277,7 @@ class Engine:
         self.cache_dtype = jnp.dtype(model.compute_dtype)
         self.state = jax.tree.map(lambda x: _to_compute_dtype(x, self.cache_dtype), state)
         # every device holds the whole model and only rows are split: decode chunks run per device (_decode_chunk)
-        self.rows_split = mesh is not None and mesh.shape.get("tensor", 1) == 1 and all(
-            x.sharding.is_fully_replicated for x in jax.tree.leaves(self.state))
+        self.rows_split = splits_only_rows(mesh, self.state)
         sp = tokenizer.encode_special
         self.assistant_end, self.bos = sp("<|assistant_end|>"), tokenizer.bos_token_id
         self.python_start, self.python_end = sp("<|python_start|>"), sp("<|python_end|>")

@@ -127,6 +127,7 @@ def test_tiny_model_compiles_for_eight_h100s_with_cudnn_attention(tmp_path):
     assert train["compiler_flops"] == 0 and train["flops"] > 0 and train["temporaries"] > 0  # no cost model on GPU
     assert train["collectives"].get("all-reduce", 0) > 0  # data parallel over 8 GPUs: gradients all-reduced
     assert decode["passes"] == 16 and decode["tokens"] == 8 * 16
+    assert not decode["collectives"]  # rows split 8 ways, each GPU decodes its own (the Engine's per-device program)
 
 
 MODERN = ["--model.depth=3", "--model.sequence_len=512", "--model.window_pattern=SSL", "--model.value_embeds=true",
