@@ -1,6 +1,8 @@
 """GPT model tests: equality with an independent float64 NumPy version of nanochat's forward, init, KV-cache
 decoding against the full forward, the loss (ignore index, mask, reductions, chunking), parameter/FLOP counts."""
 
+import re
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -342,11 +344,11 @@ def test_bf16_compute_close_to_fp32():
 
 def test_loss_gradient_scatters_only_into_the_embedding():
     """The target logit is picked by a one-hot select, so the backward pass has no (tokens, vocab) scatter:
-    the only scatter left in the compiled gradient is the embedding table's."""
+    the only scatter in the gradient program is the embedding table's."""
     cfg = tiny(depth=1)
     graphdef, params = nnx.split(random_model(cfg, seed=1))
     tokens, targets = tokens_for((2, 16), seed=2), tokens_for((2, 16), seed=3)
     grad = jax.jit(jax.grad(lambda p: nnx.merge(graphdef, p).loss(tokens, targets)))
-    hlo = grad.lower(params).compile().as_text()
-    scatters = [line for line in hlo.splitlines() if " scatter(" in line]
-    assert len(scatters) == 1 and f"f32[{cfg.vocab_size},{cfg.n_embd}]" in scatters[0], scatters
+    program = grad.lower(params).as_text()  # StableHLO, before a backend rewrites scatters (XLA:CPU into loops)
+    scatters = re.findall(r'"stablehlo.scatter".*?-> (tensor<[^>]*>)', program, flags=re.DOTALL)
+    assert scatters == [f"tensor<{cfg.vocab_size}x{cfg.n_embd}xf32>"], scatters
