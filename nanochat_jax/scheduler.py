@@ -228,7 +228,7 @@ class Scheduler:
                 self.error = f"{type(e).__name__}: {e}"
         with self.cond:
             pending = [r for r in self.requests if r is not None] + list(self.waiting)
-            pending += [r for _, r in admitted if r not in pending and not r.cancelled]  # taken, not yet in a slot
+            pending += [r for _, r in admitted if r.row is None and not r.cancelled]  # taken, never put in a slot
             self.requests, self.waiting = [None] * self.slots, deque()
         for request in pending:
             request.sink([], [], "error" if self.error else "cancelled")

@@ -159,6 +159,20 @@ def test_a_failing_prefill_ends_its_requests_with_an_error(engine, monkeypatch):
         scheduler.close()
 
 
+def test_a_finished_request_hears_nothing_more_when_the_scheduler_closes(engine):
+    """Closing after a reply has finished sends it no second finish (the requests of the loop's last admission
+    are in no slot any more, but were not left waiting either)."""
+    events = queue.Queue()
+    scheduler = Scheduler(engine, slots=4)
+    try:
+        scheduler.submit(PROMPTS[0], 4, lambda *e: events.put(e), temperature=0.0)
+        while events.get(timeout=60)[2] is None:
+            pass
+    finally:
+        scheduler.close()
+    assert events.empty(), list(events.queue)
+
+
 def test_sampled_request_equals_the_engine_with_its_seed(engine, scheduler):
     settings = dict(temperature=1.0, top_k=20, top_p=0.9, seed=5)
     assert tokens_of(scheduler, PROMPTS[1], 12, **settings) == alone(engine, PROMPTS[1], 12, **settings)
