@@ -2,7 +2,8 @@
 bench/train_step.py) and its Engine's decoding (`decode`, the reference of bench/decode.py).
 
     python bench/nanochat_ref.py train --nanochat-dir DIR [--depth 20] [--width 0] [--heads 0] [--vocab 65536]
-        [--dtype bfloat16] [--device-batch-size 32] [--seq 2048] [--micro-steps 1] [--steps 10] [--warmup 3] [--device D]
+        [--dtype bfloat16] [--ns-dtype bfloat16] [--device-batch-size 32] [--seq 2048] [--micro-steps 1] [--steps 10]
+        [--warmup 3] [--device D]
     python bench/nanochat_ref.py decode --nanochat-dir DIR [--depth 4] [--width 0] [--heads 0] [--vocab 65536]
         [--dtype float32] [--prompt-len 64] [--max-tokens 64] [--batch-sizes 1,16] [--device D]
 
@@ -12,8 +13,11 @@ nanochat's scripts build it (meta-device init, to_empty, init_weights) with our 
 depth * 64, heads 0 = width / 128; on a GPU when torch sees one (or --device).
 
 train: compiled as nanochat's base_train.py does (torch.compile(dynamic=False), bf16 autocast, AdamW + Muon from
-GPT.setup_optimizers, grad clip 1.0) on synthetic tokens; `--dtype float32` drops the autocast (the whole step in
-fp32, like for like with a model whose compute dtype is fp32, cpu_tiny's). One step = --micro-steps forward/backward
+GPT.setup_optimizers, grad clip 1.0) on synthetic tokens; `--dtype float32` drops the autocast (the model in fp32,
+like for like with a model whose compute dtype is fp32, cpu_tiny's). nanochat's Muon orthogonalises in bf16 whatever
+the autocast; `--ns-dtype float32` runs the same quintic Newton-Schulz iteration in fp32 instead (like for like with
+our optim.ns_dtype=float32; on CPUs without bf16 instructions torch's bf16 matmuls are 50-100x slower than its fp32
+ones and dominate nanochat's step). One step = --micro-steps forward/backward
 passes then the optimizer steps; the median of --steps after --warmup.
 decode: nanochat's Engine on a fresh model (its zero lm_head makes greedy decoding emit token 0, so no row stops
 early), `batch` greedy samples of one synthetic prompt (its Engine prefills once and copies the cache into the rows).
@@ -73,6 +77,9 @@ def time_train(args) -> dict:
 
     torch.set_float32_matmul_precision("high")  # nanochat's compute_init does the same
     orig_model, device, width, heads = build_model(args)
+    if args.ns_dtype == "float32":
+        import nanochat.muon
+        nanochat.muon.zeropower_via_newtonschulz5 = torch.compile(newton_schulz_fp32)
     if args.dtype == "float32":  # nanochat keeps the embedding in bf16 for autocast; its rotary tables stay bf16 (the
         orig_model.transformer.wte.to(dtype=torch.float32)  # products with fp32 activations are fp32)
     model = torch.compile(orig_model, dynamic=False)
@@ -121,6 +128,19 @@ def time_train(args) -> dict:
     print(f"nanochat torch d{args.depth} ({params / 1e6:.1f}M params, {heads} heads, {args.dtype}) | batch {A}x{B}x{T} | compile {compile_s:.1f}s | "
           f"step {1e3 * step_s:.1f} ms | {tok_s:,.0f} tok/s | MFU {100 * result['mfu_989']:.1f}% of 989 TFLOP/s")
     return result
+
+
+def newton_schulz_fp32(G, steps: int):
+    """nanochat's orthogonalisation (the quintic iteration, coefficients 3.4445, -4.7750, 2.0315, on the wide
+    orientation, spectral norm first scaled to <= 1) computed in fp32 instead of bf16."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    tall = G.size(-2) > G.size(-1)
+    X = G.float().mT if tall else G.float()
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)
+    for _ in range(steps):
+        A = X @ X.mT
+        X = a * X + (b * A + c * A @ A) @ X
+    return X.mT if tall else X
 
 
 class NoSpecialsTokenizer:
@@ -184,6 +204,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--vocab", type=int, default=65536)
     parser.add_argument("--dtype", default=None, choices=["bfloat16", "float32"],
                         help="train: bfloat16 = nanochat's autocast (default), float32 = none; decode: default float32")
+    parser.add_argument("--ns-dtype", default="bfloat16", choices=["bfloat16", "float32"],
+                        help="train: Muon's Newton-Schulz dtype (bfloat16 = nanochat's)")
     parser.add_argument("--device", default="", help="cuda or cpu (default: cuda when torch sees a GPU)")
     parser.add_argument("--device-batch-size", type=int, default=32, help="train")
     parser.add_argument("--seq", type=int, default=2048, help="train")

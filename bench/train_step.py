@@ -50,7 +50,8 @@ def parse_args(argv):
                         "print where the device time goes (top kernels, by kind, busy fraction)")
     parser.add_argument("--nanochat-dir", default="", help="also time karpathy/nanochat's torch step from this "
                         "checkout (bench/nanochat_ref.py, same shapes and compute dtype: fp32 runs nanochat's step "
-                        "without autocast) and print the tokens/s ratio")
+                        "without autocast; optim.ns_dtype=float32 also runs its Newton-Schulz in fp32) and print the "
+                        "tokens/s ratio")
     parser.add_argument("--nanochat-python", default=sys.executable, help="the Python that runs nanochat's step (one "
                         "with torch; default this one)")
     return parser.parse_known_args(argv)  # the rest are config overrides: --config FILE --section.key=value
@@ -328,6 +329,7 @@ def run_nanochat(args, cfg) -> dict:
     return run(args.nanochat_python, "train", [
         "--nanochat-dir", args.nanochat_dir, "--depth", str(m.depth), "--width", str(m.n_embd), "--heads", str(m.n_head),
         "--dtype", "float32" if m.compute_dtype == "float32" else "bfloat16", "--vocab", str(m.vocab_size),
+        "--ns-dtype", "float32" if cfg.optim.ns_dtype == "float32" else "bfloat16",
         "--device-batch-size", str(cfg.train.device_batch_size), "--seq", str(m.sequence_len),
         "--micro-steps", str(args.micro_steps), "--steps", str(args.steps), "--warmup", str(args.warmup),
         *(["--device", device] if device else [])])

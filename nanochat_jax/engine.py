@@ -282,10 +282,6 @@ class Engine:
         self.assistant_end, self.bos = sp("<|assistant_end|>"), tokenizer.bos_token_id
         self.python_start, self.python_end = sp("<|python_start|>"), sp("<|python_end|>")
         self.output_start, self.output_end = sp("<|output_start|>"), sp("<|output_end|>")
-        # what the latest generate call ran (for tests): (prompts, padded length) of its one prefill and the
-        # attention window of each of its decode chunks
-        self.last_prefill: tuple[int, int] | None = None
-        self.decode_windows: list[int] = []
 
     def _empty_cache(self, batch: int, max_len: int) -> KVCache:
         shape = (batch, self.n_kv_heads, max_len, self.head_dim)
@@ -326,7 +322,6 @@ class Engine:
         for i, p in enumerate(prompts):
             padded[i, :len(p)] = p
         lengths = jnp.asarray([len(p) for p in prompts], jnp.int32)
-        self.last_prefill, self.decode_windows = (P, L), []
         logits, cache = _prefill(self.graphdef, self.state, self._empty_cache(P, max_len), jnp.asarray(padded), lengths)
         if num_samples > 1:
             cache, logits = _repeat_rows((cache, logits), num_samples)
@@ -340,7 +335,6 @@ class Engine:
             # attend over a power-of-two window that holds every position this chunk can write
             live = max(len(prompts[i // num_samples]) + len(r.out) for i, r in enumerate(rows))
             window = min(max_len, bucket(live + self.chunk))
-            self.decode_windows.append(window)
             cache, logits, keys = self._decode(rows, window, cache, logits, keys, sampling)
             # stream every column that all unfinished rows have reached
             while any(len(r.out) > yielded for r in rows) and all(len(r.out) > yielded or r.done for r in rows):

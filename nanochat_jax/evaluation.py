@@ -12,7 +12,6 @@ from typing import Callable, Iterable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 
@@ -116,15 +115,3 @@ def sample_texts(graphdef, params, tokenizer, prompts=SAMPLE_PROMPTS, max_tokens
     results, _ = engine.generate_batch(tokens, max_tokens=max_tokens, temperature=0.0)
     return [tokenizer.decode(r[1:]) for r in results]
 
-
-def unigram_bpb(token_ids: np.ndarray, token_bytes: np.ndarray, train_ids: np.ndarray | None = None) -> float:
-    """Bits-per-byte of a unigram model (token frequencies of train_ids, add-one smoothed) on token_ids.
-
-    The baseline a trained model must beat clearly; specials are excluded like in evaluate_bpb.
-    """
-    train_ids = token_ids if train_ids is None else train_ids
-    counts = np.bincount(train_ids, minlength=len(token_bytes)).astype(np.float64) + 1.0
-    logp = np.log(counts / counts.sum())
-    nbytes = token_bytes[token_ids]
-    keep = nbytes > 0
-    return float(-logp[token_ids[keep]].sum() / (math.log(2) * nbytes[keep].sum()))

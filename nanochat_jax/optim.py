@@ -347,14 +347,6 @@ def _partition(transforms: dict, labels_fn) -> optax.GradientTransformation:
     return optax.GradientTransformation(lambda params: present(params).init(params), update_fn)
 
 
-def current_lrs(opt_state) -> dict:
-    """Learning rates (and Muon momentum) used by the latest update, from a `build_optimizer` state."""
-    partition_state = next(s for s in opt_state if hasattr(s, "inner_states"))
-    hp = {label: masked.inner_state.hyperparams for label, masked in partition_state.inner_states.items()}
-    return {"lr_embedding": hp["embedding"]["learning_rate"], "lr_unembedding": hp["unembedding"]["learning_rate"],
-            "lr_matrix": hp["muon"]["learning_rate"], "muon_momentum": hp["muon"]["momentum"]}
-
-
 @dataclasses.dataclass(frozen=True)
 class DepthScaling:
     """nanochat master's hyperparameters for this depth, derived from optim.reference_depth (see depth_scaling)."""

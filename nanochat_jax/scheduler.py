@@ -133,8 +133,6 @@ class Scheduler:
         self.row_sharding = self.cache.lengths.sharding
         self.logits = None  # (slots, vocab) fp32, made with the first prefill
         self.keys = jax.device_put(jax.random.split(jax.random.key(0), slots), self.row_sharding)
-        self.prefills: list[tuple[int, int]] = []  # (rows, padded length) of every prefill run (for tests)
-        self.decode_windows: list[int] = []  # the attention window of every chunk run (for tests)
         self.thread = threading.Thread(target=self._loop, name="scheduler", daemon=True)
         self.thread.start()
 
@@ -256,7 +254,6 @@ class Scheduler:
         for i, (slot, request) in enumerate(group):
             padded[i, :len(request.prompt)] = request.prompt
             lengths[i], seeds[i], slots[i] = len(request.prompt), request.seed & 0xFFFFFFFF, slot
-        self.prefills.append((rows, L))
         logits, cache = _prefill(engine.graphdef, engine.state, engine._empty_cache(rows, L), padded, lengths)
         if self.logits is None:
             self.logits = jax.device_put(jnp.zeros((self.slots, logits.shape[-1]), logits.dtype), self.row_sharding)
@@ -271,7 +268,6 @@ class Scheduler:
         rows = [r.row if r is not None else _Row(remaining=0, done=True) for r in self.requests]
         live = max(len(r.prompt) + len(r.row.out) for r in self.requests if r is not None)
         window = min(self.cache_len, bucket(live + engine.chunk))
-        self.decode_windows.append(window)
         setting = lambda name, empty, dtype: np.asarray(  # noqa: E731
             [getattr(r, name) if r is not None else empty for r in self.requests], dtype)
         sampling = (setting("temperature", 0.0, np.float32), setting("top_k", 0, np.int32),

@@ -158,15 +158,6 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
-def bytes_per_device(tree) -> int:
-    """Largest number of bytes any one device holds for the arrays of a pytree (for memory checks)."""
-    totals: dict = {}
-    for leaf in jax.tree.leaves(tree):
-        for shard in leaf.addressable_shards:
-            totals[shard.device] = totals.get(shard.device, 0) + shard.data.nbytes
-    return max(totals.values()) if totals else 0
-
-
 def batch_shards(mesh: Mesh) -> int:
     """How many ways batch rows are split (data x fsdp): rows per batch must be a multiple of it."""
     return _axis_size(mesh, LOGICAL_RULES["batch"])

@@ -1,7 +1,7 @@
 """The BPE tokenizer: trained with our Rust trainer `rust_bpe`, run with `tiktoken`, saved as plain JSON.
 
 Owns the special tokens, the split pattern, the on-disk format (`tokenizer.json`: pattern, the merge
-ranks as base64 strings in rank order, special tokens; plus `token_bytes.npy` for bits-per-byte),
+ranks as base64 strings in rank order, special tokens),
 and the chat layout: `render_conversation` turns a conversation into token ids plus a training mask
 (1 on the tokens the assistant must learn to produce), `render_for_completion` primes a reply.
 Ordinary text is always encoded with `encode_ordinary`, so text that spells a special token never
@@ -33,7 +33,6 @@ SPECIAL_TOKENS = [
 SPLIT_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
 
 TOKENIZER_FILE = "tokenizer.json"
-TOKEN_BYTES_FILE = "token_bytes.npy"
 FORMAT_VERSION = 1
 
 
@@ -114,9 +113,6 @@ class Tokenizer:
             return self.special[name]
         except KeyError:
             raise ValueError(f"unknown special token {name!r}; special tokens are: {', '.join(SPECIAL_TOKENS)}") from None
-
-    def id_to_token(self, token_id: int) -> str:
-        return self.enc.decode([token_id])
 
     def _special_id(self, token: int | str) -> int:
         return token if isinstance(token, int) else self.encode_special(token)
@@ -247,12 +243,6 @@ def token_bytes(tokenizer: Tokenizer) -> np.ndarray:
                      for i in range(tokenizer.vocab_size)], dtype=np.int32)
 
 
-def save_token_bytes(tokenizer: Tokenizer, directory) -> Path:
-    path = Path(directory) / TOKEN_BYTES_FILE
-    np.save(path, token_bytes(tokenizer))
-    return path
-
-
 def default_tokenizer_dir() -> Path:
     return artifacts_dir("tokenizer")
 
@@ -294,7 +284,3 @@ def load_tokenizer(directory=None) -> Tokenizer:
     _require(directory / TOKENIZER_FILE)
     return Tokenizer.load(directory)
 
-
-def load_token_bytes(directory=None) -> np.ndarray:
-    directory = tokenizer_dir(directory)
-    return np.load(_require(directory / TOKEN_BYTES_FILE))

@@ -5,7 +5,7 @@
     python scripts/chat_cli.py --source sft --depth 32                  # then chat / evaluate as usual
 
 The folder needs config.json, model.safetensors (or a safetensors index with its shards) and tokenizer.json
-(no pickles are read). The tokenizer is written in our format (with token_bytes.npy for bits per byte) to
+(no pickles are read). The tokenizer is written in our format to
 <home>/imported/<stage>_d<depth>/tokenizer and recorded in the checkpoint's metadata. The checkpoint holds
 no optimizer state. Refuses to write into a run directory that already holds checkpoints unless --force.
 """
@@ -13,8 +13,9 @@ no optimizer state. Refuses to write into a run directory that already holds che
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
+
+from nanochat_jax.common import UserError, run_script
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -37,22 +38,19 @@ def main(argv=None) -> int:
     from nanochat_jax.common import artifacts_dir
     from nanochat_jax.config import Config
     from nanochat_jax.hf import import_hf
-    from nanochat_jax.tokenizer import save_token_bytes, tokenizer_record
+    from nanochat_jax.tokenizer import tokenizer_record
 
     try:
         cfg, params, tokenizer = import_hf(args.folder, compute_dtype=args.compute_dtype)
     except (ValueError, FileNotFoundError) as e:  # HFFormatError, ConfigError, a malformed JSON file
-        print(f"import_hf: {e}", file=sys.stderr)
-        return 1
+        raise UserError(e) from None
     directory = checkpoint_dir(args.stage, cfg.depth)
     existing = sorted(p.name for p in directory.iterdir() if p.name.isdigit())
     if existing and not args.force:
-        print(f"import_hf: {directory} already holds checkpoints (steps {', '.join(existing)}); "
-              "choose another --stage or pass --force", file=sys.stderr)
-        return 1
+        raise UserError(f"{directory} already holds checkpoints (steps {', '.join(existing)}); "
+                        "choose another --stage or pass --force")
     tok_dir = artifacts_dir("imported", f"{args.stage}_d{cfg.depth}", "tokenizer")
     tokenizer.save(tok_dir)
-    save_token_bytes(tokenizer, tok_dir)
     meta = checkpoint_meta(args.stage, args.step, Config(model=cfg), cfg, tokenizer_record(tok_dir),
                            imported_from=str(Path(args.folder).absolute()))
     # --force: the checkpoints there are set aside to <directory>.previous-<n> (their tokenizer is replaced below, and
@@ -69,4 +67,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_script(main)

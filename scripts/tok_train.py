@@ -1,7 +1,7 @@
-"""Train the BPE tokenizer on the configured text source and save it (plus token byte lengths) as an artifact.
+"""Train the BPE tokenizer on the configured text source and save it as an artifact.
 
 Usage: python scripts/tok_train.py [--config FILE.toml] [--tokenizer.vocab_size=N] [--tokenizer.max_chars=N] ...
-Writes artifacts_dir("tokenizer")/{tokenizer.json, token_bytes.npy, config.toml} and a summary to
+Writes artifacts_dir("tokenizer")/{tokenizer.json, config.toml} and a summary to
 artifacts_dir("report")/tokenizer.json.
 """
 
@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from nanochat_jax.common import Timer, artifacts_dir, run_script
 from nanochat_jax.config import Config, load_config, to_toml
-from nanochat_jax.tokenizer import Tokenizer, default_tokenizer_dir, save_token_bytes, token_bytes
+from nanochat_jax.tokenizer import Tokenizer, default_tokenizer_dir, token_bytes
 
 SAMPLE_CHARS = 1_000_000  # characters of training text kept to measure compression
 
@@ -61,7 +61,6 @@ def main(argv=None) -> dict:
 
     out = default_tokenizer_dir()
     tokenizer.save(out)
-    save_token_bytes(tokenizer, out)
     (out / "config.toml").write_text(to_toml(cfg))
 
     sample_text = "".join(sample)

@@ -16,6 +16,7 @@ from flax import nnx
 from nanochat_jax.common import UserError
 from nanochat_jax.config import ModelConfig
 from nanochat_jax.checkpoint import load_model
+from nanochat_jax import engine as engine_module
 from nanochat_jax.engine import Engine, _decode_chunk, bucket, greedy, prompt_bucket, sample_tokens
 from nanochat_jax.model import GPT, Linear, init_model
 from nanochat_jax.tokenizer import Tokenizer
@@ -111,19 +112,33 @@ def test_bf16_engine_holds_bf16_weights_and_equals_fp32_storage(tokenizer):
     assert engine.generate_batch(PROMPTS[0], max_tokens=12, temperature=0.0)[0] == [expected]
 
 
-def test_attention_window_follows_the_live_length(model, tokenizer):
+def record_calls(monkeypatch, owner, name: str, what) -> list:
+    """Wrap owner.<name> (a module's function or a class's method) so each call appends what(*args) to the list
+    returned."""
+    calls, original = [], getattr(owner, name)
+
+    def wrapper(*args, **kwargs):
+        calls.append(what(*args))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, wrapper)
+    return calls
+
+
+def test_attention_window_follows_the_live_length(model, tokenizer, monkeypatch):
     """Decode chunks attend over the smallest power-of-two window holding every position they write (not the
     whole 128-position cache); 60 greedy tokens still equal the naive full recomputation."""
     engine = Engine(model, tokenizer, chunk=8)
+    windows = record_calls(monkeypatch, engine_module, "_decode_chunk", lambda graphdef, chunk, specials, window, *rest: window)
     stop = {tokenizer.encode_special("<|assistant_end|>"), tokenizer.bos_token_id}
     prompt = PROMPTS[0]  # 9 tokens: prefill bucket 16, cache bucket(16 + 60) = 128
     expected = naive_greedy(model, prompt, 60, stop, width=128)
     assert len(expected) == len(prompt) + 60  # no early stop: every chunk runs
     results, _ = engine.generate_batch(prompt, max_tokens=60, temperature=0.0)
     assert results == [expected]
-    live = [len(prompt) + 8 * i for i in range(len(engine.decode_windows))]  # cache length before each chunk
-    assert engine.decode_windows == [min(128, bucket(n + 8)) for n in live]
-    assert engine.decode_windows[:3] == [32, 32, 64] and engine.decode_windows[-1] == 128
+    live = [len(prompt) + 8 * i for i in range(len(windows))]  # cache length before each chunk
+    assert windows == [min(128, bucket(n + 8)) for n in live]
+    assert windows[:3] == [32, 32, 64] and windows[-1] == 128
 
 
 def test_batched_prompts_equal_one_by_one(engine):
@@ -139,11 +154,12 @@ def test_streaming_columns(engine):
     assert all(len(c) == 2 and len(m) == 2 and m == [1, 1] for c, m in columns)
 
 
-def test_num_samples_share_one_prefill(model, tokenizer):
+def test_num_samples_share_one_prefill(model, tokenizer, monkeypatch):
     engine = Engine(model, tokenizer, chunk=8)
+    prefills = record_calls(monkeypatch, engine_module, "_prefill", lambda graphdef, state, cache, tokens, lengths: tokens.shape)
     prompt = PROMPTS[0]
     results, _ = engine.generate_batch(prompt, num_samples=4, max_tokens=16, temperature=1.0, seed=1)
-    assert engine.last_prefill == (1, 16)  # one prefill of one row for four samples
+    assert prefills == [(1, 16)]  # one prefill of one row for four samples
     assert len(results) == 4 and all(r[: len(prompt)] == prompt for r in results)
     assert len({tuple(r) for r in results}) > 1  # rows have their own keys
     again, _ = engine.generate_batch(prompt, num_samples=4, max_tokens=16, temperature=1.0, seed=1)

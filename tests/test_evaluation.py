@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from nanochat_jax.evaluation import bpb_sums, evaluate_bpb, unigram_bpb
+from nanochat_jax.evaluation import bpb_sums, evaluate_bpb
 
 
 class FixedLossModel:
@@ -42,6 +42,19 @@ def test_evaluate_bpb_refuses_zero_bytes():
     step = lambda *a: (jnp.zeros(()), jnp.zeros((), jnp.int32))  # noqa: E731
     with pytest.raises(ValueError, match="zero bytes"):
         evaluate_bpb(step, None, [(None, None)], TOKEN_BYTES)
+
+
+def unigram_bpb(token_ids: np.ndarray, token_bytes: np.ndarray, train_ids: np.ndarray | None = None) -> float:
+    """Bits-per-byte of a unigram model (token frequencies of train_ids, add-one smoothed) on token_ids.
+
+    The baseline a trained model must beat clearly; specials are excluded like in evaluate_bpb.
+    """
+    train_ids = token_ids if train_ids is None else train_ids
+    counts = np.bincount(train_ids, minlength=len(token_bytes)).astype(np.float64) + 1.0
+    logp = np.log(counts / counts.sum())
+    nbytes = token_bytes[token_ids]
+    keep = nbytes > 0
+    return float(-logp[token_ids[keep]].sum() / (math.log(2) * nbytes[keep].sum()))
 
 
 def test_unigram_bpb_by_hand():

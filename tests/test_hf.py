@@ -299,8 +299,8 @@ def test_scripts_import_then_export(tok, home, tmp_path, capsys):
     assert got_tok.encode(SAMPLES[2]) == tok.encode(SAMPLES[2])
     ids = random_ids(cfg, seed=2)
     np.testing.assert_array_equal(np.asarray(model(jnp.asarray(ids, jnp.int32))), our_logits(cfg, params, ids))
-    assert import_hf.main([str(folder), "--stage", "sft"]) == 1
-    assert "already holds checkpoints (steps 5)" in capsys.readouterr().err
+    with pytest.raises(UserError, match=r"already holds checkpoints \(steps 5\)"):  # run_script: one line, exit 1
+        import_hf.main([str(folder), "--stage", "sft"])
     # --force on the same step: the old import is set aside (it crashed with Orbax's StepAlreadyExists before)
     assert import_hf.main([str(folder), "--stage", "sft", "--step", "5", "--force", "--compute-dtype", "float32"]) == 0
     assert "moved the previous run in " in (err := capsys.readouterr().err) and "(steps 5) to " in err

@@ -10,7 +10,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from nanochat_jax.config import OptimConfig
-from nanochat_jax.optim import (build_optimizer, current_lrs, lr_multiplier, muon, muon_momentum, newton_schulz,
+from nanochat_jax.optim import (build_optimizer, lr_multiplier, muon, muon_momentum, newton_schulz,
                                 param_labels)
 
 C, V = 32, 128  # toy width and vocab (both divisible by the 8-device mesh)
@@ -237,6 +237,15 @@ def test_build_optimizer_matches_reference(num_steps):
     assert float(lrs["lr_unembedding"]) == pytest.approx(CFG.unembedding_lr * scale * lrm, rel=1e-6)
     assert float(lrs["lr_matrix"]) == pytest.approx(CFG.matrix_lr * lrm, rel=1e-6)
     assert float(lrs["muon_momentum"]) == pytest.approx(ref_momentum(last, CFG), rel=1e-6)
+
+
+def current_lrs(opt_state) -> dict:
+    """Learning rates (and Muon momentum) the latest update used, read from the injected hyperparameters of a
+    build_optimizer state."""
+    partition_state = next(s for s in opt_state if hasattr(s, "inner_states"))
+    hp = {label: masked.inner_state.hyperparams for label, masked in partition_state.inner_states.items()}
+    return {"lr_embedding": hp["embedding"]["learning_rate"], "lr_unembedding": hp["unembedding"]["learning_rate"],
+            "lr_matrix": hp["muon"]["learning_rate"], "muon_momentum": hp["muon"]["momentum"]}
 
 
 def test_build_optimizer_float32_newton_schulz_matches_reference_exactly():

@@ -66,8 +66,8 @@ def test_base_train_estimates_core_like_base_eval(trained):
 
 def test_base_train_learns_the_corpus(trained):
     from nanochat_jax import corpus
-    from nanochat_jax.evaluation import unigram_bpb
     from nanochat_jax.tokenizer import Tokenizer, token_bytes
+    from test_evaluation import unigram_bpb
 
     summary = json.loads((trained / "report" / "base_train.json").read_text())
     tok = Tokenizer.load(trained / "tokenizer")

@@ -10,9 +10,10 @@ import pytest
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
+from nanochat_jax import scheduler as scheduler_module  # noqa: E402
 from nanochat_jax.engine import Engine  # noqa: E402
 from nanochat_jax.scheduler import Busy, Scheduler, group_rows, serving_engine  # noqa: E402
-from test_engine import PROMPTS, byte_tokenizer, random_model, scripted_engine  # noqa: E402
+from test_engine import PROMPTS, byte_tokenizer, random_model, record_calls, scripted_engine  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -32,6 +33,17 @@ def scheduler(engine):
     scheduler.close()
 
 
+def record_prefills(monkeypatch) -> list:
+    """(rows, padded length) of each prefill the scheduler runs from now on."""
+    return record_calls(monkeypatch, scheduler_module, "_prefill",
+                        lambda graphdef, state, cache, tokens, lengths: tokens.shape)
+
+
+def record_windows(monkeypatch) -> list:
+    """The attention window of each decode chunk run from now on."""
+    return record_calls(monkeypatch, Engine, "_decode", lambda self, rows, window, *rest: window)
+
+
 def alone(engine, prompt, max_tokens, **kwargs) -> list[int]:
     """The completion Engine.generate gives a prompt on its own (without the terminal token)."""
     results, _ = engine.generate_batch(prompt, max_tokens=max_tokens, **kwargs)
@@ -42,7 +54,8 @@ def tokens_of(scheduler, prompt, max_tokens, **kwargs) -> list[int]:
     return [column[0] for column, _ in scheduler.generate(prompt, max_tokens=max_tokens, **kwargs)]
 
 
-def test_greedy_requests_equal_the_engine_alone_also_sixteen_at_once(engine, scheduler):
+def test_greedy_requests_equal_the_engine_alone_also_sixteen_at_once(engine, scheduler, monkeypatch):
+    windows = record_windows(monkeypatch)
     prompts = [PROMPTS[i % 2] + [65 + i] * (i % 4) for i in range(16)]
     budgets = [12 - (i % 3) for i in range(16)]
     results = [None] * 16
@@ -55,13 +68,13 @@ def test_greedy_requests_equal_the_engine_alone_also_sixteen_at_once(engine, sch
         t.start()
     for t in threads:
         t.join()
+    assert set(windows) == {32}  # a power of two holding every live position (12 + 12 + chunk)
     assert results == [alone(engine, p, n, temperature=0.0) for p, n in zip(prompts, budgets)]
     assert [len(r) for r in results] == budgets  # (no early stop: the random model never picks a special token)
     assert scheduler.busy_slots() == 0 and not scheduler.waiting
-    assert set(scheduler.decode_windows) == {32}  # a power of two holding every live position (12 + 12 + chunk)
 
 
-def test_prompts_admitted_together_are_prefilled_together_and_equal_each_alone(engine):
+def test_prompts_admitted_together_are_prefilled_together_and_equal_each_alone(engine, monkeypatch):
     """Prompts waiting together are prefilled per length bucket in power-of-two groups of rows (the three of bucket
     16 with a padding row); a row's logits match its prefill alone (to float rounding) and every request's greedy
     tokens equal the engine's alone."""
@@ -86,7 +99,7 @@ def test_prompts_admitted_together_are_prefilled_together_and_equal_each_alone(e
         np.testing.assert_allclose(together[i], alone_logits, rtol=0, atol=1e-4)
         assert int(jnp.argmax(together[i])) == int(jnp.argmax(alone_logits))
 
-    scheduler = Scheduler(engine, slots=4)
+    scheduler, prefills = Scheduler(engine, slots=4), record_prefills(monkeypatch)
     try:
         events = [queue.Queue() for _ in prompts]
         with scheduler.cond:  # the loop waits on this lock: all four are admitted in one round
@@ -99,7 +112,7 @@ def test_prompts_admitted_together_are_prefilled_together_and_equal_each_alone(e
                 tokens, _, finish = q.get(timeout=60)
                 got += tokens
             results.append(got)
-        assert scheduler.prefills == [(4, 16), (1, 32)]
+        assert prefills == [(4, 16), (1, 32)]
         assert results == [alone(engine, p, 10, temperature=0.0) for p in prompts]
     finally:
         scheduler.close()
@@ -122,10 +135,11 @@ def test_a_request_that_arrives_during_a_prefill_joins_the_next_chunk(engine, mo
     being prefilled is prefilled before the next decode chunk, so its reply needs no chunk more than theirs."""
     scheduler = Scheduler(engine, slots=4)
     late, prefill_group = queue.Queue(), Scheduler._prefill_group
+    prefills, windows = record_prefills(monkeypatch), record_windows(monkeypatch)
 
     def prefill_then_a_late_arrival(self, L, group, rows):
         prefill_group(self, L, group, rows)
-        if len(self.prefills) == 1:
+        if len(prefills) == 1:
             self.submit(PROMPTS[1], 8, lambda *e: late.put(e), temperature=0.0)
 
     monkeypatch.setattr(Scheduler, "_prefill_group", prefill_then_a_late_arrival)
@@ -135,7 +149,7 @@ def test_a_request_that_arrives_during_a_prefill_joins_the_next_chunk(engine, mo
         while finish is None:
             tokens, _, finish = late.get(timeout=60)
             got += tokens
-        assert len(scheduler.prefills) == 2 and len(scheduler.decode_windows) == 1  # one chunk of 8 for both
+        assert len(prefills) == 2 and len(windows) == 1  # one chunk of 8 for both
         assert first == alone(engine, PROMPTS[0], 8, temperature=0.0)
         assert got == alone(engine, PROMPTS[1], 8, temperature=0.0)
     finally:
@@ -179,13 +193,13 @@ def test_sampled_request_equals_the_engine_with_its_seed(engine, scheduler):
     assert tokens_of(scheduler, PROMPTS[1], 12, **{**settings, "seed": 6}) != alone(engine, PROMPTS[1], 12, **settings)
 
 
-def test_slots_split_over_two_cpu_devices_give_each_request_its_tokens_alone(engine, tokenizer):
+def test_slots_split_over_two_cpu_devices_give_each_request_its_tokens_alone(engine, tokenizer, monkeypatch):
     """serving_engine splits the slots over 2 of the 8 simulated CPU devices (chat_web.py's default): the cache rows
     are sharded, the weights replicated, and every request (greedy or seeded, a prompt past 64 tokens included:
     prefilled at 80 positions) still gets what the one-device Engine gives it alone."""
     split = serving_engine(random_model(), tokenizer, slots=4, cpu_devices=2)
     assert split.mesh.size == 2 and serving_engine(random_model(), tokenizer, slots=3, cpu_devices=2).mesh is None
-    scheduler = Scheduler(split, slots=4, max_queue=8)
+    scheduler, prefills = Scheduler(split, slots=4, max_queue=8), record_prefills(monkeypatch)
     try:
         assert len(scheduler.cache.k[0].sharding.device_set) == 2
         requests = [(PROMPTS[0], {"temperature": 0.0}), (PROMPTS[2] * 3 + [66] * 8, {"temperature": 0.0}),
@@ -202,7 +216,7 @@ def test_slots_split_over_two_cpu_devices_give_each_request_its_tokens_alone(eng
         for t in threads:
             t.join()
         assert results == [alone(engine, p, 10, **kw) for p, kw in requests]
-        assert (1, 80) in scheduler.prefills  # the 68-token prompt
+        assert (1, 80) in prefills  # the 68-token prompt
     finally:
         scheduler.close()
 

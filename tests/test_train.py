@@ -8,11 +8,20 @@ import numpy as np
 import pytest
 
 from nanochat_jax.config import MeshConfig, ModelConfig, OptimConfig
-from nanochat_jax.sharding import bytes_per_device, make_mesh
+from nanochat_jax.sharding import make_mesh
 from nanochat_jax.train import TrainRun, microbatch_sharding
 
 TINY = ModelConfig(depth=2, aspect_ratio=32, head_dim=16, vocab_size=128, sequence_len=16, compute_dtype="float32")
 OPTIM = OptimConfig(warmdown_ratio=0.5, ns_dtype="float32")  # bf16 NS is not bit-stable across meshes
+
+
+def bytes_per_device(tree) -> int:
+    """Largest number of bytes any one device holds for the arrays of a pytree (for memory checks)."""
+    totals: dict = {}
+    for leaf in jax.tree.leaves(tree):
+        for shard in leaf.addressable_shards:
+            totals[shard.device] = totals.get(shard.device, 0) + shard.data.nbytes
+    return max(totals.values()) if totals else 0
 
 
 def _batches(steps, micro, rows, seq, vocab, seed=0):
