@@ -255,11 +255,12 @@ def _to_compute_dtype(x: jax.Array, dtype) -> jax.Array:
     return x
 
 
-def splits_only_rows(mesh: jax.sharding.Mesh | None, state) -> bool:
-    """Whether every device of `mesh` holds the whole model (`state`'s leaves, arrays or abstract) and only rows
-    are split: decode chunks then run per device (_decode_chunk)."""
-    return mesh is not None and mesh.shape.get("tensor", 1) == 1 and all(
+def per_device_mesh(mesh: jax.sharding.Mesh | None, state, rows: int) -> jax.sharding.Mesh | None:
+    """The mesh over which a decode chunk of `rows` rows runs per device (_decode_chunk), or None: `mesh` when
+    every device holds the whole model (`state`'s leaves, arrays or abstract) and the rows split evenly."""
+    whole_model = mesh is not None and mesh.shape.get("tensor", 1) == 1 and all(
         x.sharding.is_fully_replicated for x in jax.tree.leaves(state))
+    return mesh if whole_model and rows % batch_shards(mesh) == 0 else None
 
 
 class Engine:
@@ -276,12 +277,11 @@ class Engine:
         self.smear = model.smear  # the cache then carries each row's last token
         self.cache_dtype = jnp.dtype(model.compute_dtype)
         self.state = jax.tree.map(lambda x: _to_compute_dtype(x, self.cache_dtype), state)
-        # every device holds the whole model and only rows are split: decode chunks run per device (_decode_chunk)
-        self.rows_split = splits_only_rows(mesh, self.state)
         sp = tokenizer.encode_special
         self.assistant_end, self.bos = sp("<|assistant_end|>"), tokenizer.bos_token_id
         self.python_start, self.python_end = sp("<|python_start|>"), sp("<|python_end|>")
         self.output_start, self.output_end = sp("<|output_start|>"), sp("<|output_end|>")
+        self.decode_windows: list[int] = []  # the attention window of each decode chunk of the latest generate call
 
     def _empty_cache(self, batch: int, max_len: int) -> KVCache:
         shape = (batch, self.n_kv_heads, max_len, self.head_dim)
@@ -322,6 +322,7 @@ class Engine:
         for i, p in enumerate(prompts):
             padded[i, :len(p)] = p
         lengths = jnp.asarray([len(p) for p in prompts], jnp.int32)
+        self.decode_windows = []
         logits, cache = _prefill(self.graphdef, self.state, self._empty_cache(P, max_len), jnp.asarray(padded), lengths)
         if num_samples > 1:
             cache, logits = _repeat_rows((cache, logits), num_samples)
@@ -335,6 +336,7 @@ class Engine:
             # attend over a power-of-two window that holds every position this chunk can write
             live = max(len(prompts[i // num_samples]) + len(r.out) for i, r in enumerate(rows))
             window = min(max_len, bucket(live + self.chunk))
+            self.decode_windows.append(window)
             cache, logits, keys = self._decode(rows, window, cache, logits, keys, sampling)
             # stream every column that all unfinished rows have reached
             while any(len(r.out) > yielded for r in rows) and all(len(r.out) > yielded or r.done for r in rows):
@@ -355,7 +357,7 @@ class Engine:
         in_block = np.asarray([r.in_block for r in rows])
         budget = np.asarray([r.remaining for r in rows], np.int32)
         specials = (self.assistant_end, self.bos, self.python_start, self.python_end)
-        mesh = self.mesh if self.rows_split and len(rows) % batch_shards(self.mesh) == 0 else None
+        mesh = per_device_mesh(self.mesh, self.state, len(rows))
         out = _decode_chunk(self.graphdef, self.chunk, specials, window, mesh, self.state, cache, logits, keys, active,
                             in_block, budget, forced, n_forced, *sampling)
         toks, emitted, was_forced, cache, logits, keys = out

@@ -223,10 +223,10 @@ def plan_programs(cfg: Config, target: Target, devices, decode_rows: int = 32, p
     from flax import nnx
 
     from nanochat_jax import splash
-    from nanochat_jax.engine import _decode_chunk, _prefill, bucket, cache_shardings, prompt_bucket, splits_only_rows
+    from nanochat_jax.engine import _decode_chunk, _prefill, bucket, cache_shardings, per_device_mesh, prompt_bucket
     from nanochat_jax.evaluation import make_bpb_step
     from nanochat_jax.model import KVCache, flops_per_token, head_dim, init_model, matmul_params, runnable_on
-    from nanochat_jax.sharding import batch_shards, batch_sharding, make_mesh, named_sharding, param_shardings
+    from nanochat_jax.sharding import batch_sharding, make_mesh, named_sharding, param_shardings
     from nanochat_jax.train import TrainRun, microbatch_sharding, resolve_depth_scaling, rows_and_accum
 
     mesh = make_mesh(cfg.mesh, devices)
@@ -290,9 +290,7 @@ def plan_programs(cfg: Config, target: Target, devices, decode_rows: int = 32, p
             keys = jax.eval_shape(lambda: jax.random.split(jax.random.key(0), B))
             keys = jax.ShapeDtypeStruct(keys.shape, keys.dtype, sharding=named_sharding(mesh, ("batch",), (B,)))
             scalar = lambda dtype: jax.ShapeDtypeStruct((), dtype, sharding=named_sharding(mesh, ()))  # noqa: E731
-            # the program the Engine runs: per device when only rows are split (engine.splits_only_rows)
-            per_device = splits_only_rows(mesh, engine_state) and B % batch_shards(mesh) == 0
-            decode_mesh = mesh if per_device else None
+            decode_mesh = per_device_mesh(mesh, engine_state, B)  # the program the Engine runs
             args = (engine_graphdef, chunk, (0, 1, 2, 3), max_len, decode_mesh, engine_state, cache(B),
                     rowwise((B, model_cfg.vocab_size), jnp.float32), keys, rowwise((B,), jnp.bool_),
                     rowwise((B,), jnp.bool_), rowwise((B,), jnp.int32), rowwise((B, chunk), jnp.int32),

@@ -151,6 +151,15 @@ class StepLogger:
         self.last = record  # the latest training record (a stage's final loss)
         return record
 
+    def run_record(self, tokens_per_step: int | None = None) -> dict:
+        """The fields every stage's summary has: steps and wall time; given the tokens per step also this session's
+        tokens/s (compilation included, the paused evals not) and its MFU."""
+        record = {"steps": self.total, "wall_time_s": self.elapsed}
+        if tokens_per_step:
+            tok_s = (self.total - self.start) * tokens_per_step / self.train_seconds
+            record |= {"tokens_per_sec": tok_s, "mfu": mfu(self.flops, tok_s, self.peak, self.num_devices)}
+        return record
+
     def eval(self, record: dict, message: str) -> None:
         """An evaluation result: a JSONL record (e.g. {"step", "val_bpb"}) and a line printed above the bar."""
         self.append(record)

@@ -14,13 +14,13 @@ import jax
 import jax.numpy as jnp
 
 from nanochat_jax.checkpoint import checkpoint_dir
-from nanochat_jax.common import device_info, peak_flops_per_device, print0, run_script
+from nanochat_jax.common import device_info, print0, run_script
 from nanochat_jax.config import TrainConfig, load_config, to_toml
 from nanochat_jax.data import check_enough_chunks, make_batch_iterator, make_source
 from nanochat_jax.distributed import check_same_on_all_processes, eval_mesh, init_distributed
 from nanochat_jax.evaluation import core_bundle, core_estimate, evaluate_bpb, make_bpb_step, sample_texts, split_batches
 from nanochat_jax.model import flops_per_token, num_params
-from nanochat_jax.progress import mfu, save_summary
+from nanochat_jax.progress import save_summary
 from nanochat_jax.sharding import make_mesh
 from nanochat_jax.tokenizer import load_tokenizer, token_bytes, tokenizer_fingerprint
 from nanochat_jax.train import TrainRun, global_batch, resolve_depth_scaling, rows_and_accum, run_stage
@@ -97,17 +97,14 @@ def main(argv: list[str] | None = None) -> dict:
     progress = run_stage(run, "base", cfg, train_iter, lambda: global_batch([next(train_iter) for _ in range(accum)], mesh),
                          evaluate, flops, seed=cfg.train.seed)
 
-    tokens_per_sec = (num_iterations - progress.start) * cfg.train.total_batch_size / progress.train_seconds
     summary = save_summary("base_train", {
-        "stage": "base", "run": cfg.run, "params": n_params, "flops_per_token": flops, "steps": num_iterations,
-        "tokens": total_tokens, "total_flops": flops * total_tokens, "wall_time_s": progress.elapsed,
-        "tokens_per_sec": tokens_per_sec, "val_bpb": latest["val_bpb"], "core_metric_estimate": latest["core_metric_estimate"],
+        "stage": "base", "run": cfg.run, "params": n_params, "flops_per_token": flops, "tokens": total_tokens,
+        "total_flops": flops * total_tokens, **progress.run_record(cfg.train.total_batch_size),
+        "val_bpb": latest["val_bpb"], "core_metric_estimate": latest["core_metric_estimate"],
         "samples": latest["samples"], "device": info, "mesh": dict(mesh.shape),
-        "checkpoint": str(checkpoint_dir("base", cfg.model.depth) / str(num_iterations)),
-        "mfu": mfu(flops, tokens_per_sec, peak_flops_per_device(compute_dtype=cfg.model.compute_dtype),
-                   info["num_devices"])})
+        "checkpoint": str(checkpoint_dir("base", cfg.model.depth) / str(num_iterations))})
     print0(f"done: {num_iterations} steps in {progress.elapsed / 60:.1f} min | val bpb {latest['val_bpb']:.4f} | "
-           f"{tokens_per_sec:,.0f} tok/s in this session, compilation included")
+           f"{summary['tokens_per_sec']:,.0f} tok/s in this session, compilation included")
     return summary
 
 

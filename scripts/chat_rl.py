@@ -168,9 +168,9 @@ def main(argv: list[str] | None = None) -> dict:
     tail = rewards_per_step[-max(1, len(rewards_per_step) // 10):]
     summary = save_summary("rl_train", {
         "stage": "rl", "run": cfg.run, "source": rl.source, "source_step": meta["step"], "task": rl.task,
-        "steps": num_iterations, "examples_per_step": rl.examples_per_step, "num_samples": rl.num_samples,
+        **logger.run_record(), "examples_per_step": rl.examples_per_step, "num_samples": rl.num_samples,
         "reward_first_step": rewards_per_step[0], "reward_last_10pct": float(np.mean(tail)), **evals["passk"],
-        "wall_time_s": logger.elapsed, "device": device_info(), "mesh": dict(mesh.shape), "samples": evals["samples"],
+        "device": device_info(), "mesh": dict(mesh.shape), "samples": evals["samples"],
         "checkpoint": str(ckpt.directory / str(num_iterations))})
     k = rl.device_batch_size
     print0(f"done: {num_iterations} steps in {logger.elapsed / 60:.1f} min | reward {rewards_per_step[0]:.3f} -> "

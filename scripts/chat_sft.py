@@ -120,8 +120,8 @@ def main(argv: list[str] | None = None) -> dict:
     samples = chat_samples(run.graphdef, run.params, tokenizer)
     summary = save_summary("sft_train", {
         "stage": "sft", "run": cfg.run, "mixture": cfg.sft.mixture, "source": cfg.sft.source,
-        "params": num_params(model_cfg), "steps": num_iterations, "train_conversations": len(train_task),
-        "epochs": train_iter.epoch, "wall_time_s": progress.elapsed, "train_loss": progress.last.get("loss"),
+        "params": num_params(model_cfg), **progress.run_record(), "train_conversations": len(train_task),
+        "epochs": train_iter.epoch, "train_loss": progress.last.get("loss"),
         "val_loss": latest["val_loss"], **latest["metrics"], "samples": samples, "device": device_info(),
         "mesh": dict(mesh.shape), "checkpoint": str(checkpoint_dir("sft", model_cfg.depth) / str(num_iterations))})
     print0(f"done: {num_iterations} steps in {progress.elapsed / 60:.1f} min | val loss {latest['val_loss']:.4f}")

@@ -17,13 +17,13 @@ import jax.numpy as jnp
 
 from nanochat_jax.chat_data import PackedConversations, mean_tokens_per_conversation
 from nanochat_jax.checkpoint import checkpoint_dir
-from nanochat_jax.common import device_info, peak_flops_per_device, print0, run_script
+from nanochat_jax.common import device_info, print0, run_script
 from nanochat_jax.config import load_config, to_toml
 from nanochat_jax.distributed import init_distributed
 from nanochat_jax.evaluation import evaluate_bpb, make_bpb_step
 from nanochat_jax.finetune import chat_samples, load_source, stage_optim
 from nanochat_jax.model import flops_per_token, num_params
-from nanochat_jax.progress import mfu, save_summary
+from nanochat_jax.progress import save_summary
 from nanochat_jax.sharding import make_mesh
 from nanochat_jax.tasks.mixtures import mid_mixture
 from nanochat_jax.tokenizer import token_bytes
@@ -76,18 +76,14 @@ def main(argv: list[str] | None = None) -> dict:
                          evaluate, flops, source_meta)
 
     samples = chat_samples(run.graphdef, run.params, tokenizer)
-    info = device_info()
-    tokens_per_sec = (num_iterations - progress.start) * cfg.mid.total_batch_size / progress.train_seconds
     summary = save_summary("mid_train", {
         "stage": "mid", "run": cfg.run, "mixture": cfg.mid.mixture, "source": cfg.mid.source, "params": n_params,
-        "steps": num_iterations, "tokens": num_iterations * cfg.mid.total_batch_size,
-        "train_conversations": len(train_task), "epochs": train_iter.progress, "wall_time_s": progress.elapsed,
-        "tokens_per_sec": tokens_per_sec, "mfu": mfu(flops, tokens_per_sec, peak_flops_per_device(compute_dtype=model_cfg.compute_dtype),
-                                                  info["num_devices"]),
-        **latest, "samples": samples, "device": info, "mesh": dict(mesh.shape),
+        "tokens": num_iterations * cfg.mid.total_batch_size, "train_conversations": len(train_task),
+        "epochs": train_iter.progress, **progress.run_record(cfg.mid.total_batch_size), **latest, "samples": samples,
+        "device": device_info(), "mesh": dict(mesh.shape),
         "checkpoint": str(checkpoint_dir("mid", model_cfg.depth) / str(num_iterations))})
     print0(f"done: {num_iterations} steps in {progress.elapsed / 60:.1f} min | val bpb {latest['val_bpb']:.4f} | "
-           f"{tokens_per_sec:,.0f} tok/s in this session, compilation included")
+           f"{summary['tokens_per_sec']:,.0f} tok/s in this session, compilation included")
     return summary
 
 

@@ -17,7 +17,7 @@ from nanochat_jax.common import UserError
 from nanochat_jax.config import ModelConfig
 from nanochat_jax.checkpoint import load_model
 from nanochat_jax import engine as engine_module
-from nanochat_jax.engine import Engine, _decode_chunk, bucket, greedy, prompt_bucket, sample_tokens
+from nanochat_jax.engine import Engine, _decode_chunk, bucket, per_device_mesh, greedy, prompt_bucket, sample_tokens
 from nanochat_jax.model import GPT, Linear, init_model
 from nanochat_jax.tokenizer import Tokenizer
 
@@ -125,17 +125,17 @@ def record_calls(monkeypatch, owner, name: str, what) -> list:
     return calls
 
 
-def test_attention_window_follows_the_live_length(model, tokenizer, monkeypatch):
+def test_attention_window_follows_the_live_length(model, tokenizer):
     """Decode chunks attend over the smallest power-of-two window holding every position they write (not the
     whole 128-position cache); 60 greedy tokens still equal the naive full recomputation."""
     engine = Engine(model, tokenizer, chunk=8)
-    windows = record_calls(monkeypatch, engine_module, "_decode_chunk", lambda graphdef, chunk, specials, window, *rest: window)
     stop = {tokenizer.encode_special("<|assistant_end|>"), tokenizer.bos_token_id}
     prompt = PROMPTS[0]  # 9 tokens: prefill bucket 16, cache bucket(16 + 60) = 128
     expected = naive_greedy(model, prompt, 60, stop, width=128)
     assert len(expected) == len(prompt) + 60  # no early stop: every chunk runs
     results, _ = engine.generate_batch(prompt, max_tokens=60, temperature=0.0)
     assert results == [expected]
+    windows = engine.decode_windows
     live = [len(prompt) + 8 * i for i in range(len(windows))]  # cache length before each chunk
     assert windows == [min(128, bucket(n + 8)) for n in live]
     assert windows[:3] == [32, 32, 64] and windows[-1] == 128
@@ -188,7 +188,9 @@ def test_rows_split_over_devices_decode_without_talking_to_each_other(model, tok
     rows: the compiled chunk has no collective, where the loop over the whole batch agrees on `any(active)` and on
     the sampling branch across devices in every step. A mesh that splits the model keeps the whole-batch loop."""
     engine = Engine(model, tokenizer, mesh=make_mesh(data=2), chunk=4)
-    assert engine.rows_split and not Engine(model, tokenizer, mesh=make_mesh(tensor=2)).rows_split
+    split_model = Engine(model, tokenizer, mesh=make_mesh(tensor=2))
+    assert per_device_mesh(engine.mesh, engine.state, 2) is engine.mesh and per_device_mesh(engine.mesh, engine.state, 3) is None
+    assert per_device_mesh(split_model.mesh, split_model.state, 2) is None
     B, n = 2, np.zeros(2, np.int32)
     args = (engine.state, engine._empty_cache(B, 32), jnp.zeros((B, model.vocab_size), jnp.float32),
             jax.random.split(jax.random.key(0), B), np.ones(B, bool), np.zeros(B, bool), n + 8,

@@ -67,6 +67,12 @@ def test_records_rates_and_resume(tmp_path, capsys):
     # the run's wall time continues from the first session's 2.5 s; rates count this session only
     assert r3["elapsed_s"] == pytest.approx(3.5) and resumed.elapsed == pytest.approx(3.5)
     assert resumed.train_seconds == pytest.approx(1.0) and r3["tokens_per_sec"] == pytest.approx(10.0)
+    # the summary's figures: this session's 2 steps of 10 tokens over its 1 s
+    assert resumed.run_record(10) == {"steps": 4, "wall_time_s": pytest.approx(3.5), "tokens_per_sec": pytest.approx(20.0),
+                                      "mfu": None}
+    assert log.run_record(1000) == {"steps": 4, "wall_time_s": pytest.approx(103.5),
+                                    "tokens_per_sec": pytest.approx(4000 / 103.5), "mfu": pytest.approx(1e6 * 4000 / 103.5 / 2e9)}
+    assert resumed.run_record() == {"steps": 4, "wall_time_s": pytest.approx(3.5)}
     resumed.close()
     records = [json.loads(x) for x in (tmp_path / "sft_train.jsonl").read_text().splitlines()]
     assert [(r["step"], "loss" in r) for r in records] == [(1, True), (2, True), (3, True)]
