@@ -8,9 +8,6 @@ cd "$(dirname "$0")"
 PY=$(bash scripts/ensure_env.sh)
 CONFIG=${CONFIG:-configs/cpu_tiny.toml}
 export JAX_PLATFORMS=${JAX_PLATFORMS:-cpu}
-# compiled programs persist across stages and reruns: the chat evals of mid, SFT and RL, base_loss after base_train
-# and chat_cli compile programs an earlier stage already compiled
-export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-${NANOCHAT_JAX_HOME:-$HOME/.cache/nanochat_jax}/xla_cache}
 CPU_TASKS="WorldFacts|WordProblems|SpellingBee"  # chat evals that need no download (the hub ones do);
 # their reference answers are at most 208 tokens (SpellingBee), so 256 new tokens instead of the default 512;
 # EVAL_PROBLEMS / EVAL_TOKENS shrink them (the CI smoke test does)

@@ -27,8 +27,6 @@ PY=$(EXTRAS=tpu,dev bash scripts/ensure_env.sh)
 
 export NANOCHAT_JAX_DISTRIBUTED=${NANOCHAT_JAX_DISTRIBUTED:-1}
 export JAX_PLATFORMS=${JAX_PLATFORMS:-tpu}
-# compiled programs persist across stages and reruns (SFT and RL compile one step per padded width)
-export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-${NANOCHAT_JAX_HOME:-$HOME/.cache/nanochat_jax}/xla_cache}
 read -r SOURCE NUM_SHARDS <<< "$(NANOCHAT_JAX_DISTRIBUTED=0 JAX_PLATFORMS=cpu "$PY" -c "import sys
 from nanochat_jax.config import load_config
 c = load_config(['--config', *sys.argv[1:]]); print(c.data.source, c.data.num_shards)" "$CONFIG" "$@" | tail -1)"

@@ -22,9 +22,10 @@ class UserError(Exception):
 
 
 def run_script(main) -> None:
-    """A script's `if __name__ == "__main__"`: main()'s integer return is the exit code; a UserError ends the
-    process with "script: message" on stderr (named like the scripts' own messages, e.g. "chat_rl: ...") and exit
-    code 1, without a traceback."""
+    """A script's `if __name__ == "__main__"`: compiled programs are kept on disk (enable_compilation_cache);
+    main()'s integer return is the exit code; a UserError ends the process with "script: message" on stderr (named
+    like the scripts' own messages, e.g. "chat_rl: ...") and exit code 1, without a traceback."""
+    enable_compilation_cache()
     try:
         code = main()
     except UserError as e:
@@ -61,8 +62,10 @@ def artifacts_dir(*parts: str, create: bool = True) -> Path:
 
 
 def enable_compilation_cache() -> None:
-    """Keep compiled XLA programs on disk, in $JAX_COMPILATION_CACHE_DIR or else <home>/xla_cache (the launchers'
-    place), so that a chat launched again does not stall mid-reply compiling its prefill and decode shapes."""
+    """Keep compiled XLA programs on disk, in $JAX_COMPILATION_CACHE_DIR or else <home>/xla_cache: a stage reuses
+    what an earlier one compiled (the chat evals of mid, SFT and RL; base_loss after base_train), SFT and RL their
+    steps of each padded width, and a chat launched again does not stall mid-reply compiling its prefill and decode
+    shapes."""
     import jax
 
     jax.config.update("jax_compilation_cache_dir",

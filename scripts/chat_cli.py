@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from nanochat_jax.common import add_checkpoint_flags, enable_compilation_cache, load_checkpoint, run_script
+from nanochat_jax.common import add_checkpoint_flags, load_checkpoint, run_script
 from nanochat_jax.web import ChatError, completion_prompt, reply_content, reply_parts, stream_tokens
 
 
@@ -121,5 +121,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    enable_compilation_cache()
     run_script(main)

@@ -144,7 +144,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from nanochat_jax.common import enable_compilation_cache
-
-    enable_compilation_cache()
     run_script(main)

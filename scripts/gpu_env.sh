@@ -8,8 +8,6 @@ export XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_latency_hiding_scheduler=true
  --xla_gpu_reduce_scatter_combine_threshold_bytes=134217728
  --xla_gpu_all_reduce_combine_threshold_bytes=134217728"
 export XLA_FLAGS=$(echo $XLA_FLAGS)  # one line
-# compiled programs persist across stages and reruns (SFT and RL compile one step per padded width)
-export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-${NANOCHAT_JAX_HOME:-$HOME/.cache/nanochat_jax}/xla_cache}
 export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.92}
 export JAX_PLATFORMS=${JAX_PLATFORMS:-cuda}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
