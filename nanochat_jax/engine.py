@@ -125,15 +125,9 @@ def sample_tokens(keys: jax.Array, logits: jax.Array, temperature, top_k=0, top_
 # Jitted pure functions of (graphdef, state, ...)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
-def _zero_cache(n_layer: int, shape: tuple[int, ...], dtype, smear: bool, shardings) -> KVCache:
-    """An empty cache of n_layer layers of `shape`, made where it lives: one call, each device filling its own shard
-    (cache_shardings' pair, or None for the default device), instead of zeros made on one device and then moved."""
-    kv, rows = shardings or (None, None)
-    place = lambda x, sharding: x if sharding is None else jax.lax.with_sharding_constraint(x, sharding)  # noqa: E731
-    layers = lambda: tuple(place(jnp.zeros(shape, dtype), kv) for _ in range(n_layer))  # noqa: E731
-    lengths = place(jnp.zeros(shape[:1], jnp.int32), rows)
-    return KVCache(k=layers(), v=layers(), lengths=lengths, last=lengths if smear else None)
+# an empty cache made where it lives: one call, each device filling its own shard (cache_shardings' pair, or None
+# for the default device), instead of zeros made on one device and then moved
+_zero_cache = jax.jit(KVCache.zeros, static_argnums=(0, 1, 2, 3, 4))
 
 
 @functools.partial(jax.jit, static_argnums=0)

@@ -260,11 +260,18 @@ class KVCache(flax.struct.PyTreeNode):
 
     @classmethod
     def init(cls, cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> "KVCache":
-        shape = (batch, cfg.n_kv_heads, max_len, head_dim(cfg))
-        dtype = dtype or cfg.compute_dtype
-        rows = jnp.zeros((batch,), jnp.int32)
-        layers = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(cfg.n_layer))  # noqa: E731
-        return cls(k=layers(), v=layers(), lengths=rows, last=rows if cfg.smear else None)
+        return cls.zeros(cfg.n_layer, (batch, cfg.n_kv_heads, max_len, head_dim(cfg)), dtype or cfg.compute_dtype,
+                         cfg.smear)
+
+    @classmethod
+    def zeros(cls, n_layer: int, shape: tuple[int, ...], dtype, smear: bool, shardings=None) -> "KVCache":
+        """An empty cache of n_layer layers of `shape` (B, n_kv_heads, max_len, head_dim). shardings: None, or the
+        (layers, rows) pair of shardings to make the arrays under (inside jit each device then fills its own shard)."""
+        kv, rows = shardings or (None, None)
+        place = lambda x, sharding: x if sharding is None else jax.lax.with_sharding_constraint(x, sharding)  # noqa: E731
+        layers = lambda: tuple(place(jnp.zeros(shape, dtype), kv) for _ in range(n_layer))  # noqa: E731
+        lengths = place(jnp.zeros(shape[:1], jnp.int32), rows)
+        return cls(k=layers(), v=layers(), lengths=lengths, last=lengths if smear else None)
 
 
 class GPT(nnx.Module):

@@ -267,11 +267,10 @@ def plan_programs(cfg: Config, target: Target, devices, decode_rows: int = 32, p
         max_len = cache_len or bucket(L + T)
 
         def cache(batch):
-            shape = (batch, model_cfg.n_kv_heads, max_len, head_dim(model_cfg))
-            kv, lengths = cache_shardings(mesh, shape)
-            layers = (jax.ShapeDtypeStruct(shape, jnp.dtype(model_cfg.compute_dtype), sharding=kv),) * model_cfg.n_layer
-            rows = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=lengths)
-            return KVCache(k=layers, v=layers, lengths=rows, last=rows if model_cfg.smear else None)
+            kv, rows = cache_shardings(mesh, (batch, model_cfg.n_kv_heads, max_len, head_dim(model_cfg)))
+            empty = jax.eval_shape(lambda: KVCache.init(model_cfg, batch, max_len))
+            return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=kv if x.ndim == 4 else rows),
+                                empty)
 
         matmul_flops = 2 * matmul_params(model_cfg)
         if "prefill" in programs:
