@@ -114,4 +114,3 @@ def sample_texts(graphdef, params, tokenizer, prompts=SAMPLE_PROMPTS, max_tokens
     tokens = [tokenizer.encode(p, prepend=tokenizer.bos_token_id) for p in prompts]
     results, _ = engine.generate_batch(tokens, max_tokens=max_tokens, temperature=0.0)
     return [tokenizer.decode(r[1:]) for r in results]
-

@@ -283,4 +283,3 @@ def load_tokenizer(directory=None) -> Tokenizer:
     directory = tokenizer_dir(directory)
     _require(directory / TOKENIZER_FILE)
     return Tokenizer.load(directory)
-
