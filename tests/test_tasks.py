@@ -14,6 +14,7 @@ import pytest
 from nanochat_jax.calculator import calculate
 from nanochat_jax.tasks import (ARC, GSM8K, MMLU, CustomJSON, HumanEval, SimpleSpelling, SmolTalk, SpellingBee,
                                 Task, TaskDataError, TaskMixture, TaskSequence, render_mc)
+from nanochat_jax.tasks.base import read_jsonl
 from nanochat_jax.tasks.gsm8k import answer_to_parts, extract_answer
 from nanochat_jax.tasks.humaneval import extract_imports, extract_program
 from nanochat_jax.tasks.spellingbee import WORDS, counting_parts
@@ -80,7 +81,7 @@ def test_render_mc():
 
 
 def test_arc_rendering_and_scoring():
-    task = ARC.from_file(FIXTURES / "arc.jsonl", subset="ARC-Easy", split="test")
+    task = ARC(data=read_jsonl(FIXTURES / "arc.jsonl"), subset="ARC-Easy", split="test")
     assert len(task) == 3 and task.eval_type == "categorical"
     conv = task[0]
     assert conv == {
@@ -103,7 +104,7 @@ def test_arc_rendering_and_scoring():
 
 
 def test_mmlu_rendering_and_scoring():
-    task = MMLU.from_file(FIXTURES / "mmlu.jsonl", subset="all", split="auxiliary_train")
+    task = MMLU(data=read_jsonl(FIXTURES / "mmlu.jsonl"), subset="all", split="auxiliary_train")
     conv = task[1]
     assert conv == {
         "messages": [
@@ -127,7 +128,7 @@ def test_mmlu_rendering_and_scoring():
 
 
 def test_gsm8k_annotations_become_python_calls():
-    task = GSM8K.from_file(FIXTURES / "gsm8k.jsonl", subset="main", split="test")
+    task = GSM8K(data=read_jsonl(FIXTURES / "gsm8k.jsonl"), subset="main", split="test")
     assert task.eval_type == "generative"
     assert task[0] == {"messages": [
         {"role": "user", "content": "Mia buys 3 packs of stickers with 12 stickers each. She gives away 10. "
@@ -152,7 +153,7 @@ def test_gsm8k_annotations_become_python_calls():
 
 def test_gsm8k_renders_with_the_tokenizer():
     tok = Tokenizer({bytes([i]): i for i in range(256)})
-    ids, mask = tok.render_conversation(GSM8K.from_file(FIXTURES / "gsm8k.jsonl", subset="main", split="test")[0])
+    ids, mask = tok.render_conversation(GSM8K(data=read_jsonl(FIXTURES / "gsm8k.jsonl"), subset="main", split="test")[0])
     sp = tok.encode_special
     start, end = ids.index(sp("<|python_start|>")), ids.index(sp("<|python_end|>"))
     assert tok.decode(ids[start + 1:end]) == "3*12" and set(mask[start:end + 1]) == {1}
@@ -161,7 +162,7 @@ def test_gsm8k_renders_with_the_tokenizer():
 
 
 def test_gsm8k_scoring():
-    task = GSM8K.from_file(FIXTURES / "gsm8k.jsonl", subset="main", split="test")
+    task = GSM8K(data=read_jsonl(FIXTURES / "gsm8k.jsonl"), subset="main", split="test")
     conv = task[0]
     assert task.evaluate(conv, "She has 26 left.\n#### 26") == 1
     assert task.evaluate(conv, "#### 25") == 0
@@ -171,7 +172,7 @@ def test_gsm8k_scoring():
 
 
 def test_humaneval_rendering_and_scoring():
-    task = HumanEval.from_file(FIXTURES / "humaneval.jsonl", timeout=3.0)
+    task = HumanEval(data=read_jsonl(FIXTURES / "humaneval.jsonl"), timeout=3.0)
     row = json.loads((FIXTURES / "humaneval.jsonl").read_text().splitlines()[0])
     conv = task[0]
     assert conv == {"messages": [{"role": "user", "content": row["prompt"]},
@@ -195,7 +196,7 @@ def test_humaneval_extraction():
 
 
 def test_smoltalk_rendering():
-    task = SmolTalk.from_file(FIXTURES / "smoltalk.jsonl", split="train")
+    task = SmolTalk(data=read_jsonl(FIXTURES / "smoltalk.jsonl"), split="train")
     assert task.eval_type == "generative" and len(task) == 2
     assert task[1] == {"messages": [{"role": "system", "content": "You answer in one word."},
                                     {"role": "user", "content": "Capital of France?"},

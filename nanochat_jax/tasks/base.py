@@ -64,11 +64,6 @@ class Task:
         """The RL reward: the evaluation outcome as a float."""
         return float(self.evaluate(conversation, completion))
 
-    @classmethod
-    def from_file(cls, path: str | Path, **kwargs):
-        """The task over rows read from a JSONL file (one row per line, in the hub dataset's format)."""
-        return cls(data=read_jsonl(path), **kwargs)
-
 
 class HubTask(Task):
     """A task over one split of a Hugging Face hub dataset (self.rows), or over rows in the hub's format given as
