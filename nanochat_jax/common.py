@@ -65,11 +65,15 @@ def enable_compilation_cache() -> None:
     """Keep compiled XLA programs on disk, in $JAX_COMPILATION_CACHE_DIR or else <home>/xla_cache: a stage reuses
     what an earlier one compiled (the chat evals of mid, SFT and RL; base_loss after base_train), SFT and RL their
     steps of each padded width, and a chat launched again does not stall mid-reply compiling its prefill and decode
-    shapes."""
+    shapes. Before jax is imported this only sets the variable jax reads then (a script that never uses jax, or
+    --help, does not pay for importing it)."""
+    directory = os.environ.get("JAX_COMPILATION_CACHE_DIR") or str(artifacts_dir("xla_cache"))
+    if "jax" not in sys.modules:
+        os.environ["JAX_COMPILATION_CACHE_DIR"] = directory
+        return
     import jax
 
-    jax.config.update("jax_compilation_cache_dir",
-                      os.environ.get("JAX_COMPILATION_CACHE_DIR") or str(artifacts_dir("xla_cache")))
+    jax.config.update("jax_compilation_cache_dir", directory)
 
 
 def process_index() -> int:

@@ -196,6 +196,12 @@ def test_compilation_cache_goes_to_the_home_or_the_launchers_directory(monkeypat
         assert jax.config.jax_compilation_cache_dir == str(tmp_path / "elsewhere")
     finally:
         jax.config.update("jax_compilation_cache_dir", before)
+    # a script that has not imported jax yet (run_script runs first): the variable jax reads when it is imported
+    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+    code = "from nanochat_jax import common; common.enable_compilation_cache(); import jax; print(jax.config.jax_compilation_cache_dir)"
+    out = subprocess.run([sys.executable, "-c", code], env=dict(env, NANOCHAT_JAX_HOME=str(tmp_path / "fresh")),
+                         capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert out.stdout.strip() == str(tmp_path / "fresh" / "xla_cache"), out.stderr
 
 
 def test_mfu_on_cpu_is_against_the_measured_matmul_peak():
