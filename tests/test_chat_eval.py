@@ -22,6 +22,7 @@ from nanochat_jax.core_eval import BundleError, evaluate_core, make_scorer
 from nanochat_jax.config import Config, ModelConfig, to_dict
 from nanochat_jax.model import Linear, init_model
 from nanochat_jax.tasks import ARC, MMLU, Task
+from nanochat_jax.tasks.base import read_jsonl
 from nanochat_jax.tokenizer import Tokenizer
 
 ROOT = Path(__file__).parent.parent
@@ -46,8 +47,8 @@ def letter_stub(tok):
 
 
 def test_categorical_picks_the_highest_letter_logit(tok, make_mesh):
-    arc = ARC.from_file(TASKS / "arc.jsonl", subset="ARC-Easy", split="test")  # answers B, 2, B
-    mmlu = MMLU.from_file(TASKS / "mmlu.jsonl", subset="all", split="test")  # answers B, C, A
+    arc = ARC(data=read_jsonl(TASKS / "arc.jsonl"), subset="ARC-Easy", split="test")  # answers B, 2, B
+    mmlu = MMLU(data=read_jsonl(TASKS / "mmlu.jsonl"), subset="all", split="test")  # answers B, C, A
     # ARC: B (right), then letters 1-3 -> '3' (wrong), then B (right); MMLU: B, B, B -> 1 of 3
     for batch_size in (8, 2, 1):
         fn = make_answer_logits(letter_stub(tok))
