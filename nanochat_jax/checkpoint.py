@@ -191,6 +191,11 @@ class Checkpointer:
                 raise CheckpointError(f"checkpoint {path} holds a model of another size than this run's ("
                                       f"{str(e).splitlines()[0][:200]}): resume with the [model] settings it was "
                                       "trained with (its metadata's \"model\"), or start a new run") from None
+            if "tree structures do not match" in str(e):  # a sound checkpoint of other optimizer settings
+                raise CheckpointError(f"checkpoint {path} holds an optimizer state of another structure than this "
+                                      "run's: [optim] settings that add or remove a part of it (grad_clip or "
+                                      "muon_weight_decay 0 or not, normuon, ...) differ; resume with the settings "
+                                      f"in {self.directory / 'config.toml'}, or start a new run") from None
             earlier = [s for s in self.all_steps() if s < step]
             way_out = f" (remove {path} to fall back to step {earlier[-1]})" if earlier else ""
             raise BrokenCheckpoint(f"checkpoint {path} is incomplete or corrupt{way_out}: {type(e).__name__}: "
@@ -226,29 +231,36 @@ class Checkpointer:
     def set_aside(self, step: int, why: str) -> None:
         """Move step `step` (a broken one) to `<directory>.broken/`, saying so in one line; its step number is
         then free for this run's next save of it."""
-        self._move_broken(self.directory / str(step), f"skipped step {step}: {why}")
-        self._manager.reload()
+        if jax.process_index() == 0:
+            self._move_broken(self.directory / str(step), f"skipped step {step}: {why}")
+        self._after_process_0("checkpoint: broken step set aside")
 
     def set_aside_unfinished(self) -> None:
-        """Move the temporary directories of saves that a kill cut short to `<directory>.broken/` (one line each)."""
-        for path in sorted(self.directory.glob("*.orbax-checkpoint-tmp*")):
-            step = path.name.split(".")[0]
-            self._move_broken(path, f"skipped step {step}: its save was cut short (Orbax never finished {path.name})")
-        self._manager.reload()
+        """Move the temporary directories of saves that a kill cut short to `<directory>.broken/` (one line each).
+        Process 0 lists and moves them (a list made by each process could miss one process 0 has moved)."""
+        if jax.process_index() == 0:
+            for path in sorted(self.directory.glob("*.orbax-checkpoint-tmp*")):
+                step = path.name.split(".")[0]
+                self._move_broken(path, f"skipped step {step}: its save was cut short (Orbax never finished "
+                                        f"{path.name})")
+        self._after_process_0("checkpoint: unfinished saves set aside")
 
     def _move_broken(self, path: Path, line: str) -> None:
-        if jax.process_index() == 0:
-            broken = self.directory.with_name(self.directory.name + ".broken")
-            broken.mkdir(exist_ok=True)
-            target, n = broken / path.name, 1
-            while target.exists():  # an earlier broken copy of the same step stays too
-                target, n = broken / f"{path.name}.{n}", n + 1
-            path.rename(target)
-            print(f"resume: {line}; moved it to {target}", file=sys.stderr, flush=True)
+        broken = self.directory.with_name(self.directory.name + ".broken")
+        broken.mkdir(exist_ok=True)
+        target, n = broken / path.name, 1
+        while target.exists():  # an earlier broken copy of the same step stays too
+            target, n = broken / f"{path.name}.{n}", n + 1
+        path.rename(target)
+        print(f"resume: {line}; moved it to {target}", file=sys.stderr, flush=True)
+
+    def _after_process_0(self, what: str) -> None:
+        """Every process waits for process 0's moves, then sees the steps as they are now."""
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
 
-            multihost_utils.sync_global_devices("checkpoint: broken step set aside")
+            multihost_utils.sync_global_devices(what)
+        self._manager.reload()
 
     def wait(self) -> None:
         with self._disk_full_said():

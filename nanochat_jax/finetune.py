@@ -46,11 +46,14 @@ def load_source(stage: str, cfg: Config, mesh):
 
 
 def stage_optim(optim: OptimConfig, init_lr_frac: float, **schedule) -> OptimConfig:
-    """A copy of [optim] with every learning rate times init_lr_frac and the stage's schedule fields set."""
-    out = dataclasses.replace(optim.scale_lrs(init_lr_frac), **schedule)
+    """A copy of [optim] for a stage after base training: every learning rate times init_lr_frac, the stage's
+    schedule fields set, and what only pretraining has switched off (as nanochat master's SFT and RL do): no LR
+    warm-up, no Muon weight decay (pretraining's schedule has taken it to zero), no momentum warm-down."""
+    out = dataclasses.replace(optim.scale_lrs(init_lr_frac), warmup_steps=0, warmup_ratio=0.0, muon_weight_decay=0.0,
+                              muon_momentum_final=-1.0, **schedule)
     out.validate()
     print0(f"optimizer: lr embedding {out.embedding_lr:g}, unembedding {out.unembedding_lr:g}, matrix "
-           f"{out.matrix_lr:g} (= [optim] x init_lr_frac {init_lr_frac:g}) | warmup_ratio {out.warmup_ratio:g}, "
+           f"{out.matrix_lr:g} (= [optim] x init_lr_frac {init_lr_frac:g}) | no warm-up, "
            f"warmdown_ratio {out.warmdown_ratio:g}, final_lr_frac {out.final_lr_frac:g} | Muon momentum "
            f"{out.muon_momentum_start:g} -> {out.muon_momentum:g} over {out.muon_momentum_warmup_steps} steps | "
            f"grad_clip {out.grad_clip:g}")

@@ -172,6 +172,11 @@ class TrainRun:
                  seed: int = 0, params=None, objective: Callable = lm_loss, abstract: bool = False):
         self.model_cfg, self.optim_cfg, self.num_iterations, self.mesh = model_cfg, optim_cfg, num_iterations, mesh
         self.objective = objective
+        warmdown = round(optim_cfg.warmdown_ratio * num_iterations)
+        if optim_cfg.warmup_steps + warmdown > num_iterations:  # (the ratios are checked by OptimConfig)
+            raise ConfigError(f"optim.warmup_steps={optim_cfg.warmup_steps} and the warm-down's {warmdown} steps "
+                              f"(optim.warmdown_ratio={optim_cfg.warmdown_ratio:g}) do not fit in {num_iterations} "
+                              "steps: the learning rate would never decay; lower warmup_steps or train longer")
         splash.prepare(model_cfg, mesh)  # the kernel built outside the step's trace serves every mesh
         self.optimizer = build_optimizer(optim_cfg, model_cfg.n_embd, num_iterations)
         self.graphdef, abstract_params = nnx.split(nnx.eval_shape(lambda: init_model(model_cfg, seed)), nnx.Param)
@@ -293,12 +298,13 @@ def run_stage(run: TrainRun, stage: str, cfg: Config, data, next_batch: Callable
     try:
         for step in range(start, run.num_iterations + 1):
             last = step == run.num_iterations
+            stopping = stop.requested  # (read once: a signal arriving later is acted on at the next boundary)
             with progress.paused():  # evals, samples and checkpoints do not count in tokens/s and MFU
                 if (step > start and (last or (train.checkpoint_every > 0 and step % train.checkpoint_every == 0))
-                        or (stop.requested and ckpt.latest_step() != step)):
+                        or (stopping and ckpt.latest_step() != step)):
                     run.save(ckpt, step, data_state, checkpoint_meta(stage, step, cfg, run.model_cfg, tokenizer),
                              wait=last)
-                if stop.requested:
+                if stopping:
                     progress.close()
                     stop.exit(ckpt, step)
                 evaluate(step, last, progress)
@@ -313,8 +319,8 @@ def run_stage(run: TrainRun, stage: str, cfg: Config, data, next_batch: Callable
                 progress.log(step + 1, m["loss"], tokens, grad_norm=m["grad_norm"],
                              lr_multiplier=m["lr_multiplier"], num_tokens=m["num_tokens"])
                 tokens = 0
-    finally:  # (the bar's last line comes before an error's)
+    finally:  # (the bar's last line comes before an error's; a save still being written completes)
         stop.close()
         progress.close()
-    ckpt.close()
+        ckpt.close()
     return progress

@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> dict:
            f"{rl.task}: {len(train_task)} train / {len(test_task)} test questions")
     rows_local, num_iterations = step_shape(rl, mesh, len(train_task))
     # nanochat's RL: [optim] learning rates x init_lr_frac, linear decay to 0, no Muon momentum warm-up
-    optim_cfg = stage_optim(cfg.optim, rl.init_lr_frac, warmup_ratio=0.0, warmdown_ratio=1.0, final_lr_frac=0.0,
+    optim_cfg = stage_optim(cfg.optim, rl.init_lr_frac, warmdown_ratio=1.0, final_lr_frac=0.0,
                             muon_momentum_start=cfg.optim.muon_momentum, grad_clip=rl.grad_clip)
     run = TrainRun(model_cfg, optim_cfg, num_iterations, mesh, seed, params=params, objective=pg_objective)
     del params
@@ -145,21 +145,26 @@ def main(argv: list[str] | None = None) -> dict:
                         num_devices=device_info()["num_devices"], append=cfg.train.resume)
     rewards_per_step = [r["reward"] for r in logger.kept if "reward" in r]  # (process 0's log: for the summary)
     stop = StopSignal()
-    for step in range(start, num_iterations):
-        if rl.eval_every > 0 and step % rl.eval_every == 0:
-            with logger.paused():  # not counted in tokens/s
-                evaluate(rl, seed, policy(run, tokenizer, gen_mesh), tokenizer, test_task, step, rows_local, logger)
-        record = train_step(rl, seed, run, policy(run, tokenizer, gen_mesh), tokenizer, train_task, step, rows_local)
-        rewards_per_step.append(record["reward"])
-        logger.log(step + 1, record.pop("loss"), record.pop("tokens"), **record)
-        if step + 1 == num_iterations or (rl.save_every > 0 and (step + 1) % rl.save_every == 0) or stop.requested:
-            with logger.paused():  # the last one is on disk before the final evaluation starts
-                run.save(ckpt, step + 1, None, checkpoint_meta("rl", step + 1, cfg, model_cfg, meta.get("tokenizer"), source=rl.source),
-                         wait=step + 1 == num_iterations)
-        if stop.requested:
-            logger.close()
-            stop.exit(ckpt, step + 1)
-    stop.close()
+    try:
+        for step in range(start, num_iterations):
+            if rl.eval_every > 0 and step % rl.eval_every == 0:
+                with logger.paused():  # not counted in tokens/s
+                    evaluate(rl, seed, policy(run, tokenizer, gen_mesh), tokenizer, test_task, step, rows_local, logger)
+            record = train_step(rl, seed, run, policy(run, tokenizer, gen_mesh), tokenizer, train_task, step,
+                                rows_local)
+            rewards_per_step.append(record["reward"])
+            logger.log(step + 1, record.pop("loss"), record.pop("tokens"), **record)
+            stopping = stop.requested  # (read once: a signal arriving later is acted on after the next step)
+            if step + 1 == num_iterations or (rl.save_every > 0 and (step + 1) % rl.save_every == 0) or stopping:
+                with logger.paused():  # the last one is on disk before the final evaluation starts
+                    step_meta = checkpoint_meta("rl", step + 1, cfg, model_cfg, meta.get("tokenizer"), source=rl.source)
+                    run.save(ckpt, step + 1, None, step_meta, wait=step + 1 == num_iterations)
+            if stopping:
+                logger.close()
+                stop.exit(ckpt, step + 1)
+    finally:  # a periodic save still being written completes, whatever stopped the loop
+        stop.close()
+        ckpt.wait()
     evals = evaluate(rl, seed, policy(run, tokenizer, gen_mesh), tokenizer, test_task, num_iterations, rows_local, logger)
     logger.close()
     ckpt.close()

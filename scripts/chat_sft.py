@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> dict:
     num_iterations = cfg.sft.num_iterations
     if num_iterations <= 0:
         num_iterations = max(1, len(train_task) // cfg.sft.target_examples_per_step * cfg.sft.num_epochs)
-    optim = stage_optim(cfg.optim, cfg.sft.init_lr_frac, warmup_ratio=0.0, warmdown_ratio=1.0, final_lr_frac=0.0,
+    optim = stage_optim(cfg.optim, cfg.sft.init_lr_frac, warmdown_ratio=1.0, final_lr_frac=0.0,
                         muon_momentum_start=cfg.optim.muon_momentum, grad_clip=cfg.sft.grad_clip)
     epochs = num_iterations * cfg.sft.target_examples_per_step / len(train_task)
     print0(f"sft mixture '{cfg.sft.mixture}': {len(train_task):,} train / {len(val_task):,} val conversations | "

@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> dict:
         mean_len = mean_tokens_per_conversation(train_task, tokenizer)
         num_iterations = max(1, math.ceil(len(train_task) * mean_len / cfg.mid.total_batch_size))
         print0(f"one pass over {len(train_task):,} conversations of ~{mean_len:.0f} tokens: {num_iterations} steps")
-    optim = stage_optim(cfg.optim, cfg.mid.init_lr_frac, warmup_ratio=0.0, warmdown_ratio=WARMDOWN_RATIO,
+    optim = stage_optim(cfg.optim, cfg.mid.init_lr_frac, warmdown_ratio=WARMDOWN_RATIO,
                         final_lr_frac=0.0, grad_clip=cfg.mid.grad_clip)
     n_params, flops = num_params(model_cfg), flops_per_token(model_cfg)
     print0(f"mid mixture '{cfg.mid.mixture}': {len(train_task):,} train / {len(val_task):,} val conversations | "

@@ -348,3 +348,50 @@ def test_a_moved_artifacts_home_still_finds_its_tokenizer(home, monkeypatch, tmp
     assert tokenizer_record(moved / "imported" / "sft_d1" / "tokenizer") == "imported/sft_d1/tokenizer"
     assert tokenizer_record(tmp_path / "own_tok") == str(tmp_path / "own_tok")
     assert tokenizer_dir(str(tmp_path / "own_tok")) == tmp_path / "own_tok"
+
+
+def test_a_periodic_save_survives_an_evaluation_that_crashes_after_it(tmp_path):
+    """run_stage saves every checkpoint_every steps asynchronously, then evaluates: when that evaluation raises,
+    the save still being written completes before the error ends the process."""
+    program = (
+        "import sys, numpy as np\n"
+        "import nanochat_jax.checkpoint as C\n"
+        "C.checkpoint_meta = lambda stage, step, *args, **kw: {'step': step}  # (no tokenizer in this home)\n"
+        "from nanochat_jax.config import Config, MeshConfig, ModelConfig\n"
+        "from nanochat_jax.sharding import make_mesh\n"
+        "from nanochat_jax.train import TrainRun, global_batch, run_stage\n"
+        "cfg = Config()\n"
+        "cfg.model = ModelConfig(depth=1, aspect_ratio=32, head_dim=32, vocab_size=64, sequence_len=8,\n"
+        "                        compute_dtype='float32')\n"
+        "cfg.train.checkpoint_every, cfg.train.log_every = 2, 100\n"
+        "mesh = make_mesh(MeshConfig())\n"
+        "class Data:\n"
+        "    i = 0\n"
+        "    def get_state(self): return {'i': self.i}\n"
+        "    def next(self):\n"
+        "        self.i += 1\n"
+        "        x = np.random.default_rng(self.i).integers(0, 64, (8, 9)).astype(np.int32)\n"
+        "        return global_batch([{'inputs': x[:, :-1], 'targets': x[:, 1:]}], mesh)\n"
+        "def evaluate(step, last, progress):\n"
+        "    if step == 4: raise RuntimeError('the evaluation at step 4 failed')\n"
+        "data = Data()\n"
+        "run_stage(TrainRun(cfg.model, cfg.optim, 6, mesh), 'base', cfg, data, data.next, evaluate)\n")
+    proc = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=300, cwd=ROOT,
+                          env=dict(os.environ, JAX_PLATFORMS="cpu", NANOCHAT_JAX_HOME=str(tmp_path)))
+    assert "the evaluation at step 4 failed" in proc.stderr and proc.returncode == 1
+    run_dir = tmp_path / "checkpoints" / "base" / "d1"
+    assert sorted(p.name for p in run_dir.iterdir()) == ["2", "4", "config.toml"]
+    assert Checkpointer(run_dir).read_meta(4) == {"step": 4}
+
+
+def test_resuming_with_optimizer_settings_that_reshape_its_state_is_refused_and_moves_nothing(tmp_path, make_mesh):
+    """grad_clip > 0 adds a part to the optimizer state: a checkpoint written with it is sound, not corrupt, for
+    a run without it, so the error says which settings to use and no step is set aside as broken."""
+    params = {"w": jnp.arange(8.0)}
+    ckpt = Checkpointer(tmp_path / "run", keep=2, async_save=False)
+    ckpt.save(3, params, trained_opt_state(params), {}, {"step": 3})
+    other = optax.adamw(1e-2).init(params)  # no clip_by_global_norm in front
+    with pytest.raises(CheckpointError, match=r"holds an optimizer state of another structure than this run's"):
+        ckpt.restore(3, abstract_on(params, make_mesh(1, 1, 1)), abstract_on(other, make_mesh(1, 1, 1)))
+    assert ckpt.all_steps() == [3] and not (tmp_path / "run.broken").exists()
+    ckpt.close()

@@ -81,6 +81,23 @@ def test_only_base_training_clips_gradients_by_default():
     assert stage_optim(cfg.optim, 1.0, grad_clip=cfg.sft.grad_clip).grad_clip == 0.5
 
 
+def test_stages_after_base_have_no_warm_up_muon_weight_decay_or_momentum_warm_down():
+    """The modern recipe's warm-up steps, Muon weight decay and momentum warm-down are pretraining's (nanochat
+    master's SFT and RL have none of them): mid, SFT and RL start at their full learning rate."""
+    from pathlib import Path
+
+    from nanochat_jax.finetune import stage_optim
+    from nanochat_jax.optim import lr_multiplier, muon_momentum
+
+    cfg = load_config(["--config", str(Path(__file__).parents[1] / "configs" / "cpu_modern.toml")])
+    assert (cfg.optim.warmup_steps, cfg.optim.muon_weight_decay, cfg.optim.muon_momentum_final) == (40, 0.28, 0.9)
+    sft = stage_optim(cfg.optim, 0.5, warmdown_ratio=1.0, final_lr_frac=0.0, muon_momentum_start=0.97)
+    assert (sft.warmup_steps, sft.warmup_ratio, sft.muon_weight_decay, sft.muon_momentum_final) == (0, 0.0, 0.0, -1.0)
+    assert sft.matrix_lr == 0.5 * cfg.optim.matrix_lr
+    assert [round(float(lr_multiplier(s, 60, sft)), 4) for s in (0, 30, 59)] == [1.0, 0.5, 0.0167]
+    assert [round(float(muon_momentum(s, sft, 60)), 4) for s in (0, 30, 59)] == [0.97] * 3
+
+
 def test_scripts_print_user_errors_on_one_line_and_help(tmp_path):
     """A bad setting ends a script with exit code 1 and one line naming the key (no traceback); --help prints
     the script's docstring and every setting with its default, and exits 0."""
@@ -182,3 +199,13 @@ def test_hostile_config_inputs_load_or_fail_in_one_line(tmp_path):
             assert "\n" not in message and 0 < len(message) < 20000, (i, argv, text, message)
             assert any(n and n in message for n in names), (i, argv, text, message)
     assert errors > 250  # (some mutations are sound configs)
+
+
+def test_a_warm_up_that_leaves_no_room_for_the_warm_down_is_refused(make_mesh):
+    from nanochat_jax.config import ModelConfig, OptimConfig
+    from nanochat_jax.train import TrainRun
+
+    model = ModelConfig(depth=1, aspect_ratio=32, head_dim=32, vocab_size=64, sequence_len=8)
+    with pytest.raises(ConfigError, match=r"optim.warmup_steps=40 and the warm-down's 20 steps \(optim.warmdown_"
+                                          r"ratio=0.65\) do not fit in 30 steps"):
+        TrainRun(model, OptimConfig(warmup_steps=40, warmdown_ratio=0.65), 30, make_mesh(1, 1, 1), abstract=True)
