@@ -29,6 +29,8 @@ from nanochat_jax.scheduler import Busy
 N_RANGE = (1, 8)
 SEED_RANGE = (-2**63, 2**63 - N_RANGE[1])  # the n replies take seed, seed + 1, ...: all are 64-bit integers
 MAX_STOPS = 4
+MAX_STOP_CHARS = 256
+DISCONNECT_POLL_S = 0.5  # how often a reply that is not streamed checks that its client is still there
 DEFAULT_MAX_TOKENS = 512
 
 
@@ -55,9 +57,18 @@ def apply_stops(text: str, stops: list[str], final: bool) -> tuple[str, bool]:
     if cut >= 0:
         return text[:cut], True
     if not final:
-        held = max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+        held = max((k for s in stops for k in range(1, min(len(s), len(text) + 1)) if text.endswith(s[:k])),
+                   default=0)
         text = text[:len(text) - held]
     return text, False
+
+
+async def cancel_when_gone(request: Request, requests: list) -> None:
+    """Cancel the requests once the client has gone (a stream notices that itself, when it writes to it)."""
+    while not await request.is_disconnected():
+        await asyncio.sleep(DISCONNECT_POLL_S)
+    for r in requests:
+        r.cancel()
 
 
 def _parse(body, defaults: dict) -> dict:
@@ -84,11 +95,15 @@ def _parse(body, defaults: dict) -> dict:
         raise web.ChatError("The last message must be from the user.")
     stop = body.get("stop")
     stops = [] if stop is None else [stop] if isinstance(stop, str) else stop
-    if not isinstance(stops, list) or len(stops) > MAX_STOPS or not all(isinstance(s, str) and s for s in stops):
-        raise web.ChatError(f"'stop' must be a non-empty string or a list of up to {MAX_STOPS} of them.")
+    if (not isinstance(stops, list) or len(stops) > MAX_STOPS
+            or not all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in stops)):
+        raise web.ChatError(f"'stop' must be a string of 1 to {MAX_STOP_CHARS} characters or a list of up to "
+                            f"{MAX_STOPS} of them.")
     options = body.get("stream_options") or {}
-    if not isinstance(options, dict):
+    if not isinstance(options, dict) or not isinstance(options.get("include_usage", False), bool):
         raise web.ChatError("'stream_options' must be an object such as {\"include_usage\": true}.")
+    if not isinstance(body.get("stream", False), bool):
+        raise web.ChatError(f"'stream' must be true or false, got {body['stream']!r}.")
     seed = body.get("seed")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)
                              or not SEED_RANGE[0] <= seed <= SEED_RANGE[1]):
@@ -101,8 +116,8 @@ def _parse(body, defaults: dict) -> dict:
     return {"messages": clean, "temperature": temperature, "top_k": top_k, "max_tokens": max_tokens,
             "top_p": web._number("top_p", get("top_p"), (0.0, 1.0)),
             "n": web._number("n", get("n"), N_RANGE, integer=True), "stops": stops,
-            "seed": secrets.randbits(31) if seed is None else seed, "stream": bool(body.get("stream", False)),
-            "include_usage": bool(options.get("include_usage", False))}
+            "seed": secrets.randbits(31) if seed is None else seed, "stream": body.get("stream", False),
+            "include_usage": options.get("include_usage", False)}
 
 
 def api_router(scheduler, tokenizer, *, model: str, api_key: str | None = None, temperature: float = 0.8,
@@ -191,11 +206,11 @@ def api_router(scheduler, tokenizer, *, model: str, api_key: str | None = None, 
                 for r in requests:
                     r.cancel()
 
-        usage = lambda completion: {"prompt_tokens": len(prompt) * len(requests),  # noqa: E731
-                                    "completion_tokens": completion,
-                                    "total_tokens": len(prompt) * len(requests) + completion}
+        usage = lambda completion: {"prompt_tokens": len(prompt), "completion_tokens": completion,  # noqa: E731
+                                    "total_tokens": len(prompt) + completion}  # (the n replies share the prompt)
         if not settings["stream"]:
             final, counts = {}, {}
+            watcher = asyncio.create_task(cancel_when_gone(request, requests))
             try:
                 async for i, text, finish, count in choices():
                     counts[i] = count
@@ -203,6 +218,8 @@ def api_router(scheduler, tokenizer, *, model: str, api_key: str | None = None, 
                         final[i] = (text, finish)
             except RuntimeError as e:
                 return error(500, str(e), "server_error")
+            finally:
+                watcher.cancel()
             return {**head, "object": "chat.completion", "usage": usage(sum(counts.values())), "choices": [
                 {"index": i, "message": {"role": "assistant", "content": final[i][0]}, "finish_reason": final[i][1]}
                 for i in range(len(requests))]}

@@ -226,5 +226,8 @@ def _describe_exit(returncode: int, timeout: float) -> str:
             return f"CPU time limit exceeded (timeout {timeout:g} s)"
         if sig == signal.SIGXFSZ:
             return f"file size limit exceeded ({MAX_FILE_BYTES} bytes)"
-        return f"killed by signal {signal.Signals(sig).name}"
+        try:
+            return f"killed by signal {signal.Signals(sig).name}"
+        except ValueError:  # a number without a name (a real-time signal)
+            return f"killed by signal {sig}"
     return f"exited with code {returncode} without reporting a result"

@@ -156,11 +156,17 @@ class Scheduler:
         with self.cond:
             if self.closed or self.error:
                 raise RuntimeError(f"the scheduler has stopped{f': {self.error}' if self.error else ''}")
-            if len(self.waiting) >= self.max_queue and None not in self.requests:
-                raise Busy(f"The server is busy: {len(self.waiting)} requests are already waiting. "
-                           "Please try again in a moment.")
-            self.waiting.append(request)
-            self.cond.notify()
+            gone = [r for r in self.waiting if r.cancelled]  # (their clients left: they hold no waiting place)
+            self.waiting = deque(r for r in self.waiting if not r.cancelled) if gone else self.waiting
+            busy = len(self.waiting) >= self.max_queue and None not in self.requests
+            if not busy:
+                self.waiting.append(request)
+                self.cond.notify()
+        for r in gone:
+            r.sink([], [], "cancelled")
+        if busy:
+            raise Busy(f"The server is busy: {len(self.waiting)} requests are already waiting. "
+                       "Please try again in a moment.")
         return request
 
     def generate(self, tokens, num_samples: int = 1, max_tokens: int = 256, temperature: float = 1.0,

@@ -27,8 +27,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--max-tokens", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    if args.max_tokens < 1 or not args.temperature >= 0 or (args.top_p is not None and not 0 <= args.top_p <= 1):
-        parser.error("need --max-tokens >= 1, --temperature >= 0 and --top-p within [0, 1]")
+    if (args.max_tokens < 1 or not args.temperature >= 0 or args.top_k < 0
+            or (args.top_p is not None and not 0 <= args.top_p <= 1)):
+        parser.error("need --max-tokens >= 1, --temperature >= 0, --top-k >= 0 and --top-p within [0, 1]")
     return args
 
 

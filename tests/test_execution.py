@@ -1,5 +1,6 @@
 """The code sandbox: results, output capture, timeouts, memory limits, and the best-effort guards."""
 
+import signal
 import socket
 import time
 
@@ -65,6 +66,8 @@ def test_memory_bomb_is_stopped():
 def test_crash_does_not_take_the_caller_down():
     r = execute_code("import ctypes\nctypes.string_at(0)")
     assert not r.success and r.error == "killed by signal SIGSEGV"
+    r = execute_code("import signal\nsignal.raise_signal(signal.SIGRTMIN + 6)")  # a signal without a name
+    assert not r.success and r.error == f"killed by signal {signal.SIGRTMIN + 6}"
 
 
 def test_writes_stay_inside_a_deleted_temp_dir(tmp_path):

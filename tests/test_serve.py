@@ -5,6 +5,7 @@ with 16 at once; slot reuse, cancel, queue full), and the OpenAI-compatible API 
 import os
 import queue
 import threading
+import time
 
 import pytest
 
@@ -433,6 +434,8 @@ def test_models_health_and_the_api_key(server, client):
     ({"messages": [{"role": "user", "content": "hi"}], "top_p": 2}, "top_p must be between 0.0 and 1.0"),
     ({"messages": [{"role": "user", "content": "hi"}], "n": 9}, "n must be between 1 and 8"),
     ({"messages": [{"role": "user", "content": "hi"}], "stop": 5}, "'stop' must be"),
+    ({"messages": [{"role": "user", "content": "hi"}], "stop": ["x" * 257]}, "'stop' must be a string of 1 to 256"),
+    ({"messages": [{"role": "user", "content": "hi"}], "stream": "false"}, "'stream' must be true or false"),
     ({"messages": [{"role": "user", "content": "hi"}], "seed": "x"}, "'seed' must be an integer"),
     ({"messages": [{"role": "user", "content": "hi"}], "seed": 2**63}, "'seed' must be an integer from"),
     ({"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]}, "should be 'assistant'"),
@@ -514,8 +517,8 @@ def test_stream_with_n_and_usage(engine, tokenizer, server):
     expected = expected_text(engine, tokenizer, "hi there", 10)
     assert texts == [expected, expected] and finishes == ["length", "length"]
     prompt_tokens = len(chat_prompt(tokenizer, "hi there"))
-    assert events[-1]["choices"] == [] and events[-1]["usage"] == {
-        "prompt_tokens": 2 * prompt_tokens, "completion_tokens": 20, "total_tokens": 2 * prompt_tokens + 20}
+    assert events[-1]["choices"] == [] and events[-1]["usage"] == {  # (as OpenAI counts: the prompt once)
+        "prompt_tokens": prompt_tokens, "completion_tokens": 20, "total_tokens": prompt_tokens + 20}
 
 
 def test_a_share_link_that_cannot_open_is_one_line_and_the_server_goes_on(engine, tokenizer, capsys):
@@ -548,7 +551,6 @@ def test_load_bench_compares_batched_and_one_slot(monkeypatch):
 def test_a_client_that_disconnects_mid_stream_frees_its_slot(server, monkeypatch):
     """The client reads the first streamed text and hangs up: its request is cancelled well before its max_tokens
     and its slot is free again within seconds."""
-    import time
 
     import httpx
 
@@ -568,6 +570,32 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slot(server, monkeypatch
         time.sleep(0.05)
     assert scheduler.busy_slots() == 0 and request.cancelled
     assert 0 < len(request.row.out) < request.max_tokens
+
+
+def test_a_client_that_leaves_before_its_reply_gives_its_waiting_place_back(engine, tokenizer):
+    """One slot (held by a stalled request) and one waiting place: a client asking for a reply that is not streamed
+    waits, then gives up; its request is cancelled and no longer holds the waiting place, so the next client is
+    queued rather than refused as busy."""
+    import httpx
+
+    url, scheduler, close = start_server(engine, tokenizer, slots=1, max_queue=1)
+    release, started = threading.Event(), threading.Event()
+    try:
+        scheduler.submit(PROMPTS[0], 50, lambda *e: started.set() or release.wait(timeout=60), temperature=0.0)
+        assert started.wait(timeout=60)
+        body = {"messages": [{"role": "user", "content": "hi"}]}
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(url + "/v1/chat/completions", json=body, timeout=1.0)
+        (left,) = scheduler.waiting
+        deadline = time.monotonic() + 30
+        while not left.cancelled and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert left.cancelled
+        scheduler.submit(PROMPTS[1], 4, lambda *e: None)  # the place is free again
+        assert list(scheduler.waiting) != [left] and len(scheduler.waiting) == 1
+    finally:
+        release.set()
+        close()
 
 
 def test_the_api_routes_are_part_of_the_app_from_its_start(engine, tokenizer):
