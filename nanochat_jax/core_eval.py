@@ -76,8 +76,13 @@ def ensure_bundle(bundle_dir: str | Path | None = None, url: str = EVAL_BUNDLE_U
         found = sorted(Path(tmp, "unzipped").rglob("core.yaml"), key=lambda p: len(p.parts))
         if not found:
             raise BundleError(f"the zip from {url} has no core.yaml")
-        shutil.rmtree(target, ignore_errors=True)
-        shutil.move(str(found[0].parent), str(target))
+        try:  # one atomic rename: processes sharing this home may fetch it at once, and the first one's stays
+            found[0].parent.rename(target)
+        except OSError:
+            if (target / "core.yaml").is_file():
+                return target
+            shutil.rmtree(target, ignore_errors=True)  # a leftover that is not a bundle
+            found[0].parent.rename(target)
     return target
 
 
@@ -111,6 +116,14 @@ def load_task_specs(bundle_dir: Path) -> list[CoreTask]:
                               int(fewshot[0] if isinstance(fewshot, list) else fewshot),
                               entry.get("continuation_delimiter", " "), baselines[label]))
     return tasks
+
+
+def check_max_per_task(tasks: list[CoreTask], max_per_task: int, setting: str = "max_per_task") -> None:
+    """UserError when max_per_task leaves a task fewer items than its few-shot prompts draw from the others."""
+    most = max((t.num_fewshot for t in tasks), default=0)
+    if 0 < max_per_task <= most:
+        raise UserError(f"{setting}={max_per_task} CORE items per task is too few: the {most}-shot tasks draw "
+                        f"each item's examples from {most} other items; use at least {most + 1}, or -1 for all")
 
 
 def load_task_data(bundle_dir: Path, task: CoreTask, max_per_task: int = -1) -> list[dict]:
@@ -286,8 +299,9 @@ def evaluate_core(scorer: Callable, tokenizer, bundle_dir: Path, max_per_task: i
     """{"results": {label: accuracy}, "centered_results": {label: centered}, "core_metric": mean centered}."""
     import time
 
-    results, centered = {}, {}
-    for task in load_task_specs(bundle_dir):
+    results, centered, tasks = {}, {}, load_task_specs(bundle_dir)
+    check_max_per_task(tasks, max_per_task)
+    for task in tasks:
         t0 = time.perf_counter()
         data = load_task_data(bundle_dir, task, max_per_task)
         acc = evaluate_task(scorer, tokenizer, data, task, max_seq_len, batch_tokens, row_multiple)

@@ -76,7 +76,7 @@ def core_bundle(cfg):
         return None
     from nanochat_jax.common import print0
     from nanochat_jax.distributed import errors_anywhere
-    from nanochat_jax.core_eval import EVAL_BUNDLE_URL, BundleError, ensure_bundle
+    from nanochat_jax.core_eval import EVAL_BUNDLE_URL, BundleError, check_max_per_task, ensure_bundle, load_task_specs
 
     try:
         bundle, error = ensure_bundle(cfg.eval.bundle_dir or None, cfg.eval.bundle_url or EVAL_BUNDLE_URL), None
@@ -87,6 +87,7 @@ def core_bundle(cfg):
     if errors := errors_anywhere(error):
         print0(f"CORE estimates off (train.core_every=0 silences this): {errors[0]}")
         return None
+    check_max_per_task(load_task_specs(bundle), cfg.train.core_max_per_task, "train.core_max_per_task")  # (now)
     return bundle
 
 

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from nanochat_jax.common import UserError
 from nanochat_jax.config import ModelConfig
 from nanochat_jax.core_eval import (BundleError, centered_accuracy, crop_left, ensure_bundle, evaluate_core,
                                     evaluate_task, fewshot_examples, item_rows, load_task_data, load_task_specs,
@@ -101,6 +102,16 @@ def test_centered_accuracy():
     assert centered_accuracy(0.5, 0.25) == pytest.approx(1 / 3)
     assert centered_accuracy(0.1, 0.25) == pytest.approx(-0.2)
     assert centered_accuracy(0.4, 0.0) == 0.4
+
+
+def test_too_few_items_for_the_few_shot_prompts_is_refused_before_any_scoring(tok):
+    """The toy bundle's 1-shot tasks draw each item's example from the others: 1 item per task cannot."""
+    scored = []
+    with pytest.raises(UserError, match=r"^max_per_task=1 CORE items per task is too few: the 1-shot tasks draw each "
+                                        r"item's examples from 1 other items; use at least 2, or -1 for all$"):
+        evaluate_core(lambda *a: scored.append(a), tok, BUNDLE, max_per_task=1, log=lambda s: None)
+    assert scored == []
+    assert evaluate_core(make_scorer(bigram_stub()), tok, BUNDLE, max_per_task=2, log=lambda s: None)["results"]
 
 
 def test_core_on_toy_bundle_with_a_stub_model(tok):
