@@ -61,6 +61,13 @@ def artifacts_dir(*parts: str, create: bool = True) -> Path:
     return path
 
 
+def write_atomically(path: Path, text: str) -> None:
+    """Write beside path, then rename over it: a kill mid-write leaves the old file or the new one, never half."""
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def enable_compilation_cache() -> None:
     """Keep compiled XLA programs on disk, in $JAX_COMPILATION_CACHE_DIR or else <home>/xla_cache: a stage reuses
     what an earlier one compiled (the chat evals of mid, SFT and RL; base_loss after base_train), SFT and RL their
@@ -107,7 +114,9 @@ def device_info() -> dict:
 
 
 # Datasheet dense bf16 peak FLOP/s per device, used for MFU when the device kind is known.
+# The first name found in the device kind counts: the more specific names come first.
 PEAK_BF16_FLOPS = {
+    "H100 PCIe": 756e12,
     "H100": 989e12,  # SXM
     "H200": 989e12,
     "A100": 312e12,
@@ -115,6 +124,7 @@ PEAK_BF16_FLOPS = {
     "TPU v5 lite": 197e12,
     "TPU v5e": 197e12,
     "TPU v5p": 459e12,
+    "TPU v5": 459e12,  # (v5p's device kind)
     "TPU v6 lite": 918e12,
     "TPU v6e": 918e12,
 }
@@ -147,7 +157,9 @@ def cpu_peak_flops(compute_dtype: str) -> float:
     import jax
 
     measured = measured_peak_flops(jax.local_devices()[:1], compute_dtype, 512, rounds=5, calls=3)
-    path, key = artifacts_dir() / "cpu_peak_flops.json", f"{cpu_model() or platform.machine()} {compute_dtype}"
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    path = artifacts_dir() / "cpu_peak_flops.json"
+    key = f"{cpu_model() or platform.machine()} {cores} cores {compute_dtype}"
     try:
         seen = json.loads(path.read_text())
         seen = seen if isinstance(seen, dict) else {}
@@ -156,9 +168,7 @@ def cpu_peak_flops(compute_dtype: str) -> float:
     best = seen.get(key)
     if not isinstance(best, (int, float)) or measured > best:
         seen[key] = best = measured
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(seen, indent=1))
-        tmp.replace(path)
+        write_atomically(path, json.dumps(seen, indent=1))
     return best
 
 

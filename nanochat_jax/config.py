@@ -156,8 +156,8 @@ class OptimConfig:
         except ValueError:
             raise ConfigError(f"optim.adam_{group}={spec!r} is not 'beta1,beta2,eps,weight_decay' "
                               "(four numbers)") from None
-        if not (0 <= b1 <= 1 and 0 <= b2 <= 1 and eps >= 0 and wd >= 0):
-            raise ConfigError(f"optim.adam_{group}={spec!r}: betas must be in [0, 1], eps and weight_decay >= 0")
+        if not (0 <= b1 < 1 and 0 <= b2 < 1 and eps >= 0 and wd >= 0):  # (a beta of 1 makes AdamW's update NaN)
+            raise ConfigError(f"optim.adam_{group}={spec!r}: betas must be in [0, 1), eps and weight_decay >= 0")
         return b1, b2, eps, wd
 
     def scale_lrs(self, factor: float) -> "OptimConfig":
@@ -167,10 +167,13 @@ class OptimConfig:
     def validate(self) -> None:
         _non_negative(self, "optim", *LR_FIELDS, "weight_decay", "adam_eps", "grad_clip", "muon_weight_decay",
                       "warmup_steps", "reference_depth")
-        for name in ("adam_beta1", "adam_beta2", "muon_momentum", "muon_momentum_start", "normuon_beta2",
-                     "warmup_ratio", "warmdown_ratio", "final_lr_frac"):
+        for name in ("muon_momentum", "muon_momentum_start", "normuon_beta2", "warmup_ratio", "warmdown_ratio",
+                     "final_lr_frac"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ConfigError(f"optim.{name}={getattr(self, name)} must be in [0, 1]")
+        for name in ("adam_beta1", "adam_beta2"):  # (a beta of 1 makes AdamW's update NaN)
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"optim.{name}={getattr(self, name)} must be in [0, 1)")
         if self.muon_momentum_final != -1.0 and not 0.0 <= self.muon_momentum_final <= 1.0:
             raise ConfigError(f"optim.muon_momentum_final={self.muon_momentum_final} must be in [0, 1] (-1: none)")
         if self.warmup_ratio + self.warmdown_ratio > 1.0:
@@ -275,6 +278,7 @@ class DataConfig:
         if self.source == "files" and not self.path:
             raise ConfigError("data.path must be set when data.source='files'")
         _positive(self, "data", "num_shards", "download_workers", "tokenizer_threads")
+        _non_negative(self, "data", "prefetch")
 
 
 @dataclass
@@ -350,6 +354,7 @@ class RLConfig(ChatStageConfig):
         _choice(self, "rl", "source", ("mid", "sft", "rl"))
         _choice(self, "rl", "task", ("gsm8k", "cpu"))
         self._validate("rl", "examples_per_step", "num_samples", "max_new_tokens", "num_epochs", "eval_examples")
+        _non_negative(self, "rl", "temperature", "top_k")
 
 
 @dataclass
@@ -499,7 +504,7 @@ def parse_overrides(argv: list[str]) -> tuple[str | None, list[tuple[str, str]]]
             raise ConfigError(f"unexpected argument {arg!r}; use --config FILE.toml and --section.key=value")
         key, eq, value = arg[2:].partition("=")
         if not eq:
-            if i + 1 >= len(argv):
+            if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
                 raise ConfigError(f"missing value for {arg!r}")
             value, i = argv[i + 1], i + 1
         if key == "config":

@@ -35,8 +35,9 @@ TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 GENERATION_CONFIG_FILE = "generation_config.json"
 DTYPES = ("float32", "bfloat16")
 
-# ModelConfig fields that only change how the forward runs or is stored, not what it computes: not exported.
-RUNTIME_FIELDS = {*RUNTIME_MODEL_FIELDS, "param_dtype"}
+# ModelConfig fields that only change how the forward runs or is stored (or how the weights were initialised), not
+# what it computes: not exported.
+RUNTIME_FIELDS = {*RUNTIME_MODEL_FIELDS, "param_dtype", "init"}
 # ModelConfig fields that the exported config.json encodes.
 ARCH_FIELDS = {"depth", "aspect_ratio", "head_dim", "n_kv_head", "vocab_size", "sequence_len", "softcap", "rope_theta"}
 
@@ -129,9 +130,11 @@ def model_config_from_hf(config: dict, compute_dtype: str = "bfloat16") -> Model
             raise HFFormatError(f"config.json: {key}={config.get(key)!r} is not supported: {why}")
 
     need("model_type", config.get("model_type") == "nanochat", "expected 'nanochat'")
-    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size"):
+    optional = [k for k in ("max_position_embeddings", "num_key_value_heads") if k in config]
+    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", *optional):
         if type(config.get(key)) is not int or config[key] <= 0:  # (bool is an int too)
-            raise HFFormatError(f"config.json: {key} must be a positive integer, got {config.get(key)!r}")
+            if not (key == "num_key_value_heads" and config[key] is None):  # (null: as many as the heads)
+                raise HFFormatError(f"config.json: {key} must be a positive integer, got {config.get(key)!r}")
     C, L, H = config["hidden_size"], config["num_hidden_layers"], config["num_attention_heads"]
     kv = config.get("num_key_value_heads") or H
     need("hidden_act", config.get("hidden_act", "relu2") == "relu2", "nanochat's MLP uses relu(x)^2 ('relu2')")
@@ -151,11 +154,14 @@ def model_config_from_hf(config: dict, compute_dtype: str = "bfloat16") -> Model
     theta = rope.get("rope_theta", config.get("rope_theta", 10000.0))
     softcap = config.get("final_logit_softcapping")
     eps = config.get("rms_norm_eps", EPS)
+    for key, value in (("rope_theta", theta), ("final_logit_softcapping", softcap or 0.0), ("rms_norm_eps", eps)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+            raise HFFormatError(f"config.json: {key} must be a number >= 0, got {value!r}")
     if not np.isclose(eps, EPS, rtol=1e-6, atol=0):
         warnings.warn(f"config.json: rms_norm_eps={eps} differs from ours (float32 eps {EPS}); "
                       "logits will differ very slightly from transformers'", stacklevel=2)
     cfg = ModelConfig(depth=L, aspect_ratio=C // L, head_dim=C // H, n_kv_head=kv if kv != H else 0,
-                      vocab_size=config["vocab_size"], sequence_len=int(config.get("max_position_embeddings", 2048)),
+                      vocab_size=config["vocab_size"], sequence_len=config.get("max_position_embeddings", 2048),
                       softcap=float(softcap or 0.0), rope_theta=float(theta), compute_dtype=compute_dtype)
     cfg.validate()
     return cfg

@@ -217,8 +217,11 @@ def slices_of(devices) -> list[int]:
     return [getattr(d, "slice_index", 0) if d.platform == "tpu" else d.process_index for d in devices]
 
 
+PROGRAMS = ("train", "bpb", "prefill", "decode")
+
+
 def plan_programs(cfg: Config, target: Target, devices, decode_rows: int = 32, prompt_len: int = 512,
-                  cache_len: int | None = None, programs=("train", "bpb", "prefill", "decode")) -> dict:
+                  cache_len: int | None = None, programs=PROGRAMS) -> dict:
     """{program name: ProgramPlan} for the stages' programs under cfg (its mesh, rows and model) on `devices`."""
     from flax import nnx
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -23,7 +22,7 @@ from typing import Callable
 
 from tqdm import tqdm
 
-from nanochat_jax.common import artifacts_dir, is_main_process
+from nanochat_jax.common import artifacts_dir, is_main_process, write_atomically
 
 SHORT_NAMES = {"lr_multiplier": "lrm"}  # progress-bar labels; grad_norm only goes to the JSONL
 HIDDEN = ("grad_norm",)
@@ -80,9 +79,7 @@ class StepLogger:
         kept = [r for r in self._records() if self._before_start(r)] if append and self.enabled else []
         self.kept = kept  # the earlier sessions' records (process 0), e.g. for a best-so-far metric
         if self.enabled:  # written beside it, then renamed over it: a kill during the rewrite leaves the log whole
-            rewritten = self.path.with_name(self.path.name + ".tmp")
-            rewritten.write_text("".join(json.dumps(r) + "\n" for r in kept))
-            os.replace(rewritten, self.path)
+            write_atomically(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         # a resumed run's wall time continues from its earlier sessions' (as logged up to the resumed step)
         self.prior_s = max((r.get("elapsed_s", 0.0) for r in kept if "loss" in r), default=0.0)
         self.paused_s = 0.0
@@ -181,5 +178,5 @@ class StepLogger:
 def save_summary(name: str, summary: dict) -> dict:
     """<home>/report/<name>.json, a script's summary for the report (written by process 0); returns it."""
     if is_main_process():
-        (artifacts_dir("report") / f"{name}.json").write_text(json.dumps(summary, indent=2))
+        write_atomically(artifacts_dir("report") / f"{name}.json", json.dumps(summary, indent=2))
     return summary

@@ -16,6 +16,7 @@ import os
 import platform
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 from nanochat_jax.common import artifacts_dir
@@ -157,8 +158,18 @@ def header(train_summary: dict | None, root: Path = REPO_ROOT) -> str:
 # Sections
 
 
-def read_json(path: Path):
-    return json.loads(path.read_text()) if path.is_file() else None
+def read_json(path: Path) -> dict | None:
+    """A script's summary, or None when there is none; one that cannot be read is said and left out."""
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        data = f"{type(e).__name__}: {e}"
+    if not isinstance(data, dict):
+        print(f"report: left out {path}: not a readable summary ({str(data)[:120]})", file=sys.stderr)
+        return None
+    return data
 
 
 # (title, file suffix, [(JSONL key, label)]): a plot is made when any record of the stage has its first key

@@ -269,7 +269,9 @@ def open_checkpoints(stage: str, depth: int, train):
     from nanochat_jax.checkpoint import Checkpointer, checkpoint_dir, set_aside_previous_run
 
     if not train.resume:
-        set_aside_previous_run(checkpoint_dir(stage, depth), also=(artifacts_dir("report") / f"{stage}_train.jsonl",))
+        report = artifacts_dir("report")
+        set_aside_previous_run(checkpoint_dir(stage, depth), also=(report / f"{stage}_train.jsonl",
+                                                                   report / f"{stage}_train.json"))
     return Checkpointer(checkpoint_dir(stage, depth), keep=train.keep_checkpoints)
 
 

@@ -36,17 +36,25 @@ REMATS = ("none", "dots_saveable", "block")
 
 def options(argv: list[str]):
     """(the planner's own options, the config's: --config and dotted overrides)."""
+    from nanochat_jax.plan import PROGRAMS
+
     p = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     p.add_argument("--target")
     p.add_argument("--sweep", action="store_true")
     p.add_argument("--decode-rows", type=int, default=32)
     p.add_argument("--prompt-len", type=int, default=512)
     p.add_argument("--cache-len", type=int)
-    p.add_argument("--programs", default="train,bpb,prefill,decode")
+    p.add_argument("--programs", default=",".join(PROGRAMS))
     p.add_argument("--out")
     own, rest = p.parse_known_args(argv)
     if not own.target:
         raise SystemExit(f"plan: --target is required ({TARGET_HELP})")
+    unknown = set(own.programs.split(",")) - set(PROGRAMS)
+    if unknown:
+        raise SystemExit(f"plan: --programs {own.programs}: no program {', '.join(sorted(unknown))} (the programs: "
+                         f"{','.join(PROGRAMS)})")
+    if own.decode_rows < 1 or own.prompt_len < 1 or (own.cache_len is not None and own.cache_len < 1):
+        raise SystemExit("plan: --decode-rows, --prompt-len and --cache-len must be >= 1")
     return own, rest
 
 

@@ -210,6 +210,8 @@ def test_mfu_on_cpu_is_against_the_measured_matmul_peak():
     assert 1e8 < whole < 1e14  # FLOP/s of a real CPU
     assert common.peak_flops_per_device("cpu", "float32") * jax.local_device_count() == pytest.approx(whole)
     assert common.peak_flops_per_device("NVIDIA H100 80GB HBM3") == 989e12  # accelerators: the datasheet
+    assert common.peak_flops_per_device("NVIDIA H100 PCIe") == 756e12
+    assert [common.peak_flops_per_device(f"TPU {v}") for v in ("v5 lite", "v5", "v6 lite")] == [197e12, 459e12, 918e12]
     assert common.peak_flops_per_device("some new accelerator") is None
 
 
@@ -223,7 +225,7 @@ def test_cpu_peak_is_the_best_this_machine_has_measured(home):
     try:
         measured = common.cpu_peak_flops("float32")
         (key, stored), = json.loads(path.read_text()).items()
-        assert stored == measured and key.endswith(" float32")
+        assert stored == measured and key.endswith(f" {len(os.sched_getaffinity(0))} cores float32")  # per core count
         path.write_text(json.dumps({key: 100 * measured}))  # a better figure seen before wins
         common.cpu_peak_flops.cache_clear()
         assert common.cpu_peak_flops("float32") == 100 * measured

@@ -144,9 +144,10 @@ def test_fresh_run_sets_every_previous_run_aside_and_deletes_nothing(tmp_path, c
 def test_a_new_run_sets_the_previous_runs_log_aside_and_a_resumed_run_appends(home, capsys):
     """report/<stage>_train.jsonl follows the checkpoints: a resumed run appends to it; a new run moves it, with
     the previous run's checkpoints, to d<depth>.previous-<n>/ and starts its own (also when there is no checkpoint
-    to move)."""
+    to move). So does its summary, report/<stage>_train.json (beside a new run's curves, it would be read as the new
+    run's when that run is cut short)."""
     from nanochat_jax.config import TrainConfig
-    from nanochat_jax.progress import StepLogger
+    from nanochat_jax.progress import StepLogger, save_summary
     from nanochat_jax.train import open_checkpoints
 
     def session(resume: bool, start: int, losses: list[float]) -> None:
@@ -157,6 +158,7 @@ def test_a_new_run_sets_the_previous_runs_log_aside_and_a_resumed_run_appends(ho
         log.close()
         if losses:
             ckpt.save(start + len(losses), {"w": jnp.ones((2,))}, None, {}, {"step": start + len(losses)}, wait=True)
+            save_summary("mid_train", {"losses": losses})
         ckpt.close()
 
     def losses(path) -> list[float]:
@@ -171,11 +173,12 @@ def test_a_new_run_sets_the_previous_runs_log_aside_and_a_resumed_run_appends(ho
     previous = home / "checkpoints" / "mid" / "d2.previous-1"
     assert capsys.readouterr().err.startswith(f"new run: moved the previous run in {run_dir} (steps 2, 3) to "
                                               f"{previous}; --train.resume=true continues a run instead\n")
-    assert sorted(p.name for p in previous.iterdir()) == ["2", "3", "mid_train.jsonl"]
+    assert sorted(p.name for p in previous.iterdir()) == ["2", "3", "mid_train.json", "mid_train.jsonl"]
+    assert json.loads((home / "report" / "mid_train.json").read_text()) == {"losses": [9.0]}  # the new run's
     assert losses(previous / "mid_train.jsonl") == [5.0, 4.0, 3.0] and losses(log) == [9.0]
     shutil.rmtree(run_dir)  # only a log left behind (a run killed before its first checkpoint)
     session(False, 0, [])
-    assert sorted(p.name for p in (run_dir.parent / "d2.previous-2").iterdir()) == ["mid_train.jsonl"]
+    assert sorted(p.name for p in (run_dir.parent / "d2.previous-2").iterdir()) == ["mid_train.json", "mid_train.jsonl"]
     assert losses(run_dir.parent / "d2.previous-2" / "mid_train.jsonl") == [9.0] and log.read_text() == ""
 
 

@@ -205,6 +205,10 @@ def test_model_config_from_hf_maps_fields():
     ({"head_dim": 32}, r"head_dim=32 is not supported"),
     ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4}}, r"rope_type='yarn' is not supported"),
     ({"vocab_size": None}, r"vocab_size must be a positive integer"),
+    ({"num_key_value_heads": 2.0}, r"num_key_value_heads must be a positive integer, got 2.0"),
+    ({"num_key_value_heads": True}, r"num_key_value_heads must be a positive integer, got True"),
+    ({"max_position_embeddings": 64.7}, r"max_position_embeddings must be a positive integer, got 64.7"),
+    ({"rope_parameters": {"rope_theta": "abc"}}, r"rope_theta must be a number >= 0, got 'abc'"),
 ])
 def test_unsupported_hf_configs_name_the_option(changes, match):
     with pytest.raises(hf.HFFormatError, match=match):
@@ -222,6 +226,7 @@ def test_unrepresentable_weights_and_tokenizers_are_clear_errors(tok, tmp_path):
     with pytest.raises(hf.HFFormatError, match=r"model.value_embeds=True has no equivalent in the Hugging Face NanoChat"):
         hf.export_hf(params, dataclasses.replace(cfg, value_embeds=True), tok, tmp_path / "x")
     hf.hf_config(dataclasses.replace(cfg, value_embeds=False), tok)  # at its default the option changes nothing
+    hf.hf_config(dataclasses.replace(cfg, init="master"), tok)  # how the weights began does not change the forward
     with pytest.raises(hf.HFFormatError, match=r"parameters value_embeds have no equivalent"):
         hf.params_to_hf({**params, "value_embeds": np.zeros(3)}, cfg)
     with pytest.raises(hf.HFFormatError, match=r"dtype='float16' is not one of float32, bfloat16"):
@@ -278,7 +283,7 @@ def test_malformed_folders_name_the_file(tok, tmp_path):
         (folder("layers_bool", config_text=json.dumps({**config, "num_hidden_layers": True})),
          r"num_hidden_layers must be a positive integer, got True"),
         (folder("positions_null", config_text=json.dumps({**config, "max_position_embeddings": None})),
-         r"config.json: missing or malformed field \(TypeError"),
+         r"config.json: max_position_embeddings must be a positive integer, got None"),
         (folder("tokenizer_no_vocab", tokenizer_text=json.dumps(no_vocab)), r"tokenizer.json: missing or malformed"),
     ]
     for path, message in cases:

@@ -169,3 +169,14 @@ def test_every_shipped_accelerator_config_fits_its_target(tmp_path, config, targ
     plans, _ = run_plan(tmp_path, "--config", f"configs/{config}.toml", "--target", target, "--programs", "train")
     assert plans["train"]["error"] == ""
     assert plans["train"]["arguments"] + plans["train"]["temporaries"] > 1e9  # a real d20/d26-sized program
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--programs", "trian"], "plan: --programs trian: no program trian (the programs: train,bpb,prefill,decode)"),
+    (["--decode-rows", "-4"], "plan: --decode-rows, --prompt-len and --cache-len must be >= 1"),
+    (["--cache-len", "0"], "plan: --decode-rows, --prompt-len and --cache-len must be >= 1"),
+])
+def test_bad_planner_options_are_one_line(args, message):
+    proc = subprocess.run([sys.executable, "scripts/plan.py", "--target", "v5e-4", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and proc.stderr.splitlines()[-1] == message and "Traceback" not in proc.stderr

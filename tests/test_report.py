@@ -64,6 +64,20 @@ def test_generate_from_fixture_files(filled):
     assert "- Lines: " in summary and "- Files: " in summary  # bloat numbers repeated in the summary
 
 
+def test_a_summary_cut_short_is_left_out_and_named(filled, capsys):
+    """A summary a kill cut short (or any file that is not a JSON object) does not stop the report: that stage's
+    cells show '-' and the file is named."""
+    (filled / "chat_eval_rl.json").write_text('{"stage": "rl", "GSM8K": 0.07')
+    (filled / "base_eval.json").write_text("[1, 2]")
+    text = report.generate().read_text()
+    assert "| GSM8K           | -        | 0.0250   | 0.0455   | -        |" in text
+    assert "| CORE            | -        | -        | -        | -        |" in text
+    err = capsys.readouterr().err.splitlines()
+    assert any(line.startswith(f"report: left out {filled / 'chat_eval_rl.json'}: not a readable summary "
+                               "(JSONDecodeError: ") for line in err)
+    assert f"report: left out {filled / 'base_eval.json'}: not a readable summary ([1, 2])" in err
+
+
 def test_summary_table_with_nothing():
     table = report.summary_table({})
     lines = table.splitlines()
