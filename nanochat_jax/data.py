@@ -114,6 +114,8 @@ def _download_one(name: str, data_dir: Path, base_url: str, title: str, attempts
                 total = _remote_size(response, have if partial else 0)
                 with open(part, "ab" if partial else "wb") as f:
                     while block := response.read(1 << 20):
+                        if stop.is_set():  # (what came so far stays in the part file for the next run)
+                            raise DataError(f"download of {name} cancelled")
                         f.write(block)
                         progress(len(block))
             size = part.stat().st_size
@@ -140,7 +142,7 @@ def _download_one(name: str, data_dir: Path, base_url: str, title: str, attempts
             _warn(f"download of {name} failed ({reason}); retry {attempt}/{attempts - 1} in {backoff * 2 ** (attempt - 1):.1f}s")
             stop.wait(backoff * 2 ** (attempt - 1))
     host = urllib.parse.urlsplit(base_url).netloc
-    raise DataError(f"cannot reach {host} to download {title} {name}: {reason}; download shards elsewhere "
+    raise DataError(f"cannot download {title} {name} from {host}: {reason}; download shards elsewhere "
                     f"and put them in {data_dir}, or use data.source=embedded")
 
 
