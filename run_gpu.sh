@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # nanochat's d20 speedrun in JAX on one host with 8 NVIDIA GPUs (8 x H100/H200 80-141 GB): one Python
 # process drives all 8 GPUs (no torchrun; the mesh in the config spreads the batch over them).
-#   bash run_gpu.sh                    # the whole pipeline; extra args are overrides for the training
+#   bash run_gpu.sh                    # the whole pipeline; extra args are config overrides for every step
 #   RECIPE=modern bash run_gpu.sh      # nanochat master's recipe: configs/d24_modern.toml (CONFIG=... for another)
 #   screen -L -Logfile run_gpu.log -S speedrun bash run_gpu.sh   # it takes hours
 # Artifacts go to $NANOCHAT_JAX_HOME (default ~/.cache/nanochat_jax). RUN_RL=1 adds the optional RL stage.
@@ -45,8 +45,8 @@ step "data: first 8 $SOURCE shards now (~2B chars for the tokenizer), all $NUM_S
 DOWNLOAD_PID=$!
 
 step "tokenizer: train (the config's vocabulary, on 2B characters) and evaluate"
-run scripts/tok_train.py --config "$CONFIG" --data.num_shards=8
-run scripts/tok_eval.py --config "$CONFIG"
+run scripts/tok_train.py --config "$CONFIG" "$@" --data.num_shards=8
+run scripts/tok_eval.py --config "$CONFIG" "$@"
 
 echo "waiting for the data download ($NUM_SHARDS shards, ~100 MB each) ..."
 wait $DOWNLOAD_PID

@@ -3,15 +3,16 @@
 # Every host runs this same script; jax.distributed joins them (NANOCHAT_JAX_DISTRIBUTED=1, coordinates
 # taken from the TPU metadata) and the FSDP mesh of the config spans all chips of all hosts.
 #
-#   gcloud compute tpus tpu-vm ssh NAME --zone=ZONE --worker=all \
-#     --command="cd nanochat-jax && bash run_tpu.sh > run_tpu.log 2>&1"
+#   gcloud compute tpus tpu-vm ssh NAME --zone=ZONE --worker=all --command="cd nanochat-jax && \
+#     NANOCHAT_JAX_CHECKPOINTS=/mnt/shared/checkpoints nohup bash run_tpu.sh > run_tpu.log 2>&1 &"
+#   (nohup: the run outlives the ssh session; the checkpoint folder: see below, needed on a multi-host pod)
 #
 # (copy or clone the repo onto every worker first, e.g. with `gcloud compute tpus tpu-vm scp --worker=all`.)
 # Artifacts go to $NANOCHAT_JAX_HOME on each host's own disk (default ~/.cache/nanochat_jax): every host downloads
 # its own data and trains the same tokenizer (deterministic; checkpoints check its fingerprint). On a multi-host
 # pod, checkpoints must go to storage every host sees: set NANOCHAT_JAX_CHECKPOINTS=/path/on/a/shared/mount
 # (a run whose hosts do not see one directory stops at its first stage with a message saying so).
-# Extra arguments are overrides for the training.
+# Extra arguments are config overrides for every step (e.g. --data.source=climbmix, --train.num_iterations=100).
 set -euo pipefail
 cd "$(dirname "$0")"
 case "${RECIPE:-first_release}" in  # RECIPE=modern: nanochat master's recipe, d24_modern.toml on the TPU's settings
@@ -27,9 +28,10 @@ PY=$(EXTRAS=tpu,dev bash scripts/ensure_env.sh)
 
 export NANOCHAT_JAX_DISTRIBUTED=${NANOCHAT_JAX_DISTRIBUTED:-1}
 export JAX_PLATFORMS=${JAX_PLATFORMS:-tpu}
-read -r SOURCE NUM_SHARDS <<< "$(NANOCHAT_JAX_DISTRIBUTED=0 JAX_PLATFORMS=cpu "$PY" -c "import sys
+SIZES=$(NANOCHAT_JAX_DISTRIBUTED=0 JAX_PLATFORMS=cpu "$PY" -c "import sys
 from nanochat_jax.config import load_config
-c = load_config(['--config', *sys.argv[1:]]); print(c.data.source, c.data.num_shards)" "$CONFIG" "$@" | tail -1)"
+c = load_config(['--config', *sys.argv[1:]]); print(c.data.source, c.data.num_shards)" "$CONFIG" "$@" | tail -1)
+read -r SOURCE NUM_SHARDS <<< "$SIZES"  # (a bad config or override stops the script above)
 
 ROWS=""  # the config's rows per device (run_gpu.sh halves them on GPUs under 64 GiB)
 source scripts/speedrun.sh  # step, run, speedrun_stages
@@ -44,8 +46,8 @@ NANOCHAT_JAX_DISTRIBUTED=0 "$PY" -c "from nanochat_jax.data import download_shar
 DOWNLOAD_PID=$!
 
 step "tokenizer: train (the config's vocabulary, on 2B characters) and evaluate (on each host, no devices needed)"
-NANOCHAT_JAX_DISTRIBUTED=0 JAX_PLATFORMS=cpu run scripts/tok_train.py --config "$CONFIG" --data.num_shards=8
-NANOCHAT_JAX_DISTRIBUTED=0 JAX_PLATFORMS=cpu run scripts/tok_eval.py --config "$CONFIG"
+NANOCHAT_JAX_DISTRIBUTED=0 JAX_PLATFORMS=cpu run scripts/tok_train.py --config "$CONFIG" "$@" --data.num_shards=8
+NANOCHAT_JAX_DISTRIBUTED=0 JAX_PLATFORMS=cpu run scripts/tok_eval.py --config "$CONFIG" "$@"
 
 echo "waiting for the data download ($NUM_SHARDS shards, ~100 MB each) ..."
 wait $DOWNLOAD_PID

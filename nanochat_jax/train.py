@@ -94,8 +94,15 @@ class StopSignal:
 
 def rows_and_accum(device_batch_size: int, per_step: int, row_len: int, mesh: Mesh, setting: str) -> tuple[int, int]:
     """(global rows per micro-batch, micro-steps per optimizer step) for `per_step` tokens of rows of row_len
-    tokens (row_len=1: per_step rows, e.g. conversations); ConfigError naming `setting` unless it divides."""
-    rows = device_batch_size * batch_shards(mesh)
+    tokens (row_len=1: per_step rows, e.g. conversations); ConfigError naming `setting` unless it divides. When
+    one micro-batch of device_batch_size rows would hold more than a whole step (many devices), each device takes
+    fewer rows: the step stays per_step."""
+    shards = batch_shards(mesh)
+    if per_step < device_batch_size * shards * row_len and per_step % (shards * row_len) == 0:
+        print0(f"{setting}={per_step} is less than one micro-batch of {device_batch_size} rows on each of {shards} "
+               f"devices: {per_step // (shards * row_len)} rows per device")
+        device_batch_size = per_step // (shards * row_len)
+    rows = device_batch_size * shards
     if per_step % (rows * row_len):
         raise ConfigError(f"{setting}={per_step} is not a multiple of the {rows * row_len} per micro-batch (= "
                           f"device_batch_size {device_batch_size} x batch-sharded devices {batch_shards(mesh)}"

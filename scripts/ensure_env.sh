@@ -11,6 +11,16 @@ cd "$(dirname "$0")/.."
 EXTRAS=${EXTRAS:-dev}
 PYTHON=${PYTHON:-python3.11}
 command -v "$PYTHON" >/dev/null 2>&1 || PYTHON=python3
+new_enough() { "$1" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; }
+if [ -x .venv/bin/python ] && ! new_enough .venv/bin/python; then
+  echo "[setup] .venv has $(.venv/bin/python --version 2>&1), older than 3.11: making it again" >&2
+  rm -rf .venv
+fi
+if [ ! -x .venv/bin/python ] && ! new_enough "$PYTHON"; then
+  echo "[setup] nanochat-jax needs Python >= 3.11 and found $PYTHON ($("$PYTHON" --version 2>/dev/null || echo "it does not run")):" \
+       "install python3.11, or name one with PYTHON=/path/to/python3.x" >&2
+  exit 1
+fi
 want=$( (echo "$EXTRAS ${LOCK:-1}"; cat pyproject.toml requirements.lock rust_bpe/Cargo.toml rust_bpe/src/*.rs) | sha256sum | cut -d' ' -f1)
 if [ ! -x .venv/bin/python ]; then
   echo "[setup] creating .venv with $($PYTHON --version)" >&2

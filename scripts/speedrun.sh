@@ -1,7 +1,7 @@
 # Sourced by run_gpu.sh and run_tpu.sh: `step`, `run`, and `speedrun_stages`, the stages after the tokenizer
 # (base pretraining and its evals, mid-training, SFT, optional RL, the report). They read PY, CONFIG and ROWS
 # (overrides of the rows per device of base and mid training, may be empty); speedrun_stages' arguments are
-# overrides for every training stage.
+# overrides for every stage.
 step() { echo; echo "=== $* ==="; }
 run() {  # run SCRIPT ARGS...: a pipeline step, echoed first
   echo "+ $PY $*"
@@ -18,14 +18,14 @@ speedrun_stages() {
 
   step "mid-training and its chat eval"
   run scripts/mid_train.py --config "$CONFIG" $ROWS "$@"
-  run scripts/chat_eval.py -i mid --config "$CONFIG"
+  run scripts/chat_eval.py -i mid --config "$CONFIG" "$@"
   step "supervised fine-tuning and its chat eval"
   run scripts/chat_sft.py --config "$CONFIG" "$@"
-  run scripts/chat_eval.py -i sft --config "$CONFIG"
+  run scripts/chat_eval.py -i sft --config "$CONFIG" "$@"
   if [ "${RUN_RL:-0}" = 1 ]; then  # optional, as in nanochat's speedrun
     step "reinforcement learning on GSM8K and its eval"
     run scripts/chat_rl.py --config "$CONFIG" "$@"
-    run scripts/chat_eval.py -i rl -a GSM8K --config "$CONFIG"
+    run scripts/chat_eval.py -i rl -a GSM8K --config "$CONFIG" "$@"
   fi
 
   step "report: generate"

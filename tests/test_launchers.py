@@ -77,6 +77,17 @@ def test_modern_recipe_config_loads_with_the_launchers_overrides(launcher):
     assert cfg.model.attention_impl == ("splash" if launcher == "run_tpu.sh" else "cudnn")
     if launcher == "run_tpu.sh":  # 8 rows plan over a v6e chip's 32 GB (bench/RESULTS.md)
         assert cfg.train.device_batch_size == cfg.mid.device_batch_size == 4
+    else:  # 16 rows plan at 73.1 GB per H100 (bench/RESULTS.md); mid-training's default 32 would not fit either
+        assert cfg.train.device_batch_size == cfg.mid.device_batch_size == 8
+
+
+def test_a_bad_override_stops_the_launchers_before_anything_runs():
+    """The config check's command substitution is assigned first: `read X <<< "$(failing)"` succeeds under set -e
+    and the launcher would go on (resetting the report) with empty sizes."""
+    for launcher in ("run_gpu.sh", "run_tpu.sh"):
+        text = (ROOT / launcher).read_text()
+        assert re.search(r"^SIZES=\$\(", text, re.M) and 'read -r SOURCE NUM_SHARDS' in text, launcher
+        assert not re.search(r'<<<\s*"\$\(', text), launcher
 
 
 def test_gpu_launcher_halves_rows_with_real_config_keys():

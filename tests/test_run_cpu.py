@@ -149,7 +149,7 @@ def test_rerun_then_resume_is_exact(smoke, tmp_path, stage):
     ckpt = home / "checkpoints" / stage / "d2"
     assert sorted(p.name for p in ckpt.iterdir() if p.name.isdigit()) == ["4", "8"]
     assert sorted(p.name for p in (ckpt.parent / "d2.previous-1").iterdir()) == sorted(
-        [{"mid": "30", "sft": "20"}[stage], "config.toml", f"{stage}_train.jsonl"])
+        [{"mid": "30", "sft": "20"}[stage], "config.toml", f"{stage}_train.json", f"{stage}_train.jsonl"])
     previous_log = (ckpt.parent / "d2.previous-1" / f"{stage}_train.jsonl").read_text().splitlines()
     assert [r["step"] for r in map(json.loads, previous_log) if "loss" in r] == list(range(1, STEPS[stage] + 1))
     straight = {r["step"]: r["loss"] for r in records(home, stage) if "loss" in r}

@@ -180,3 +180,23 @@ def test_muon_stacks_on_a_data_fsdp_tensor_mesh_never_gather_whole_matrices():
     c = 64  # width: depth 2 x aspect ratio 32
     whole = {f"{c},{c}", f"{c},{4 * c}", f"{4 * c},{c}"}
     assert gathered and not [g for g in gathered if g in whole or g.count(",") >= 2], gathered
+
+
+def test_rows_per_device_shrink_when_one_micro_batch_would_exceed_the_step(make_mesh, capsys):
+    """(global rows, micro-steps): the configured rows while they divide the step; on so many devices that one
+    micro-batch would hold more than the step, fewer rows per device (said once); otherwise a ConfigError."""
+    from nanochat_jax.config import ConfigError
+    from nanochat_jax.train import rows_and_accum
+
+    mesh = make_mesh(8, 1, 1)
+    assert rows_and_accum(4, 64, 1, mesh, "sft.target_examples_per_step") == (32, 2)
+    assert capsys.readouterr().out == ""
+    assert rows_and_accum(4, 16, 1, mesh, "sft.target_examples_per_step") == (16, 1)  # 2 rows per device
+    assert capsys.readouterr().out == ("sft.target_examples_per_step=16 is less than one micro-batch of 4 rows on "
+                                       "each of 8 devices: 2 rows per device\n")
+    assert rows_and_accum(32, 8 * 16 * 2048, 2048, mesh, "train.total_batch_size") == (128, 1)
+    with pytest.raises(ConfigError, match=r"sft.target_examples_per_step=20 is not a multiple of the 32 per "
+                                          r"micro-batch \(= device_batch_size 4 x batch-sharded devices 8\)"):
+        rows_and_accum(4, 20, 1, mesh, "sft.target_examples_per_step")
+    with pytest.raises(ConfigError, match=r"=4 is not a multiple of the 32 per micro-batch"):
+        rows_and_accum(4, 4, 1, mesh, "sft.target_examples_per_step")  # fewer than one row per device
