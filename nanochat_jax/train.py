@@ -30,6 +30,7 @@ from nanochat_jax import splash
 from nanochat_jax.common import artifacts_dir, device_info, is_main_process, peak_flops_per_device, print0
 from nanochat_jax.config import (RUNTIME_MODEL_FIELDS, Config, ConfigError, ModelConfig, OptimConfig,
                                  model_config_from_dict, to_dict, to_toml)
+from nanochat_jax.distributed import errors_anywhere
 from nanochat_jax.model import init_model
 from nanochat_jax.optim import build_optimizer, depth_scaling, lr_multiplier, scaling_param_count
 from nanochat_jax.progress import StepLogger
@@ -256,10 +257,12 @@ class TrainRun:
                 meta = ckpt.read_meta(step)
                 check_resumable(meta, self.model_cfg, seed, ckpt.directory / str(step))
                 check_tokenizer(meta, tokenizer_dir, ckpt.directory / str(step))
-                restored = ckpt.restore(step, abstract.params, abstract.opt_state)
-                break
+                restored, broken = ckpt.restore(step, abstract.params, abstract.opt_state), None
             except BrokenCheckpoint as e:
-                ckpt.set_aside(step, f"it is incomplete or corrupt ({str(e).split(': ', 1)[-1][:200]})")
+                broken = str(e).split(": ", 1)[-1][:200]
+            if not (broken := errors_anywhere(broken)):  # (one verdict for every process)
+                break
+            ckpt.set_aside(step, f"it is incomplete or corrupt ({broken[0]})")
         else:
             raise SystemExit(f"--train.resume: no complete checkpoint in {ckpt.directory}")
         self.state = TrainState(step=jax.device_put(jnp.asarray(step, jnp.int32), self.shardings.step),
