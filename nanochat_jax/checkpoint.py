@@ -266,8 +266,15 @@ class Checkpointer:
         with self._disk_full_said():
             self._manager.wait_until_finished()
 
-    def close(self) -> None:
-        self.wait()
+    def close(self, quiet: bool = False) -> None:
+        """Wait for the saves in flight, then stop Orbax's threads. quiet: an error doing so is dropped (another
+        error, the one to report, is already on its way)."""
+        try:
+            self.wait()
+        except Exception:
+            if not quiet:
+                raise
+            return
         self._manager.close()
 
 

@@ -8,6 +8,7 @@ Every artifact (tokenizer, data cache, checkpoints, report) lives under one home
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import sys
 import time
@@ -30,6 +31,9 @@ def run_script(main) -> None:
         code = main()
     except UserError as e:
         print(f"{Path(sys.argv[0]).stem}: {e}", file=sys.stderr, flush=True)
+        # the line stays the last: futures of the failed work (e.g. Orbax's writes to a full disk) that nothing
+        # awaited any more would log their tracebacks as they are collected at exit
+        logging.getLogger("asyncio").disabled = True
         raise SystemExit(1) from None
     raise SystemExit(code if isinstance(code, int) else 0)
 

@@ -331,8 +331,8 @@ def run_stage(run: TrainRun, stage: str, cfg: Config, data, next_batch: Callable
                 progress.log(step + 1, m["loss"], tokens, grad_norm=m["grad_norm"],
                              lr_multiplier=m["lr_multiplier"], num_tokens=m["num_tokens"])
                 tokens = 0
-    finally:  # (the bar's last line comes before an error's; a save still being written completes)
+    finally:  # (the bar's last line comes before an error's)
         stop.close()
         progress.close()
-        ckpt.close()
+        ckpt.close(quiet=sys.exc_info()[1] is not None)  # a save still being written completes, also after an error
     return progress

@@ -16,6 +16,7 @@ from the latest checkpoint exactly: a step's questions and sampling seeds depend
 
 from __future__ import annotations
 
+import sys
 import time
 
 import jax
@@ -162,12 +163,11 @@ def main(argv: list[str] | None = None) -> dict:
             if stopping:
                 logger.close()
                 stop.exit(ckpt, step + 1)
-    finally:  # a periodic save still being written completes, whatever stopped the loop
+    finally:
         stop.close()
-        ckpt.wait()
+        ckpt.close(quiet=sys.exc_info()[1] is not None)  # a save still being written completes, also after an error
     evals = evaluate(rl, seed, policy(run, tokenizer, gen_mesh), tokenizer, test_task, num_iterations, rows_local, logger)
     logger.close()
-    ckpt.close()
     # (a process other than 0 has no earlier sessions' rewards; only process 0 writes the summary)
     rewards_per_step = rewards_per_step or [float("nan")]
     tail = rewards_per_step[-max(1, len(rewards_per_step) // 10):]
