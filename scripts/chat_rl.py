@@ -10,7 +10,8 @@ micro-batches of rl.device_batch_size rows per device. The learning rates are th
 rl.init_lr_frac, decaying linearly to 0. Every rl.eval_every steps (and at the end) pass@k, k = 1 ..
 device_batch_size, is measured on rl.eval_examples test questions with temperature 1.0. Checkpoints (with the
 optimizer state) go to <home>/checkpoints/rl/d<depth> every rl.save_every steps and at the end; metrics
-to <home>/report/rl_train.jsonl and a summary to <home>/report/rl_train.json. --train.resume=true continues
+to <home>/report/rl_train.jsonl (MFU: the training passes' FLOPs over the whole step's time,
+rollouts included) and a summary to <home>/report/rl_train.json. --train.resume=true continues
 from the latest checkpoint exactly: a step's questions and sampling seeds depend only on the step number.
 """
 
@@ -49,7 +50,10 @@ def load_tasks(name: str):
         return WordProblems(CPU_TRAIN_SIZE, "train"), WordProblems(CPU_TEST_SIZE, "test")
     from nanochat_jax.tasks import GSM8K
 
-    return GSM8K("main", "train"), GSM8K("main", "test")
+    try:
+        return GSM8K("main", "train"), GSM8K("main", "test")
+    except TaskDataError as e:
+        raise TaskDataError(f"{e} (--rl.task=cpu needs no download)") from None
 
 
 def seed_for(*parts: int) -> int:
@@ -124,10 +128,7 @@ def main(argv: list[str] | None = None) -> dict:
     print0(to_toml(cfg))
     mesh = make_mesh(cfg.mesh)
     params, tokenizer, model_cfg, meta = load_source(rl.source, cfg, mesh)
-    try:
-        train_task, test_task = load_tasks(rl.task)
-    except TaskDataError as e:
-        raise TaskDataError(f"{e} (--rl.task=cpu needs no download)") from None
+    train_task, test_task = load_tasks(rl.task)
     print0(f"{rl.source} model: step {meta['step']} | depth {model_cfg.depth} | mesh {dict(mesh.shape)} | task "
            f"{rl.task}: {len(train_task)} train / {len(test_task)} test questions")
     rows_local, num_iterations = step_shape(rl, mesh, len(train_task))
@@ -140,7 +141,6 @@ def main(argv: list[str] | None = None) -> dict:
     ckpt = open_checkpoints("rl", model_cfg.depth, cfg.train)
     start = run.resume(ckpt, None, meta.get("tokenizer"), seed=seed) if cfg.train.resume else 0  # (seeds the rollouts)
 
-    # MFU: the training passes' FLOPs over the whole step's time (rollouts included)
     logger = StepLogger("rl", num_iterations, start, flops_per_token=flops_per_token(model_cfg),
                         peak_flops=peak_flops_per_device(compute_dtype=model_cfg.compute_dtype),
                         num_devices=device_info()["num_devices"], append=cfg.train.resume)
@@ -170,16 +170,16 @@ def main(argv: list[str] | None = None) -> dict:
     logger.close()
     # (a process other than 0 has no earlier sessions' rewards; only process 0 writes the summary)
     rewards_per_step = rewards_per_step or [float("nan")]
-    tail = rewards_per_step[-max(1, len(rewards_per_step) // 10):]
     summary = save_summary("rl_train", {
         "stage": "rl", "run": cfg.run, "source": rl.source, "source_step": meta["step"], "task": rl.task,
         **logger.run_record(), "examples_per_step": rl.examples_per_step, "num_samples": rl.num_samples,
-        "reward_first_step": rewards_per_step[0], "reward_last_10pct": float(np.mean(tail)), **evals["passk"],
-        "device": device_info(), "mesh": dict(mesh.shape), "samples": evals["samples"],
+        "reward_first_step": rewards_per_step[0],
+        "reward_last_10pct": float(np.mean(rewards_per_step[-max(1, len(rewards_per_step) // 10):])),
+        **evals["passk"], "device": device_info(), "mesh": dict(mesh.shape), "samples": evals["samples"],
         "checkpoint": str(ckpt.directory / str(num_iterations))})
-    k = rl.device_batch_size
     print0(f"done: {num_iterations} steps in {logger.elapsed / 60:.1f} min | reward {rewards_per_step[0]:.3f} -> "
-           f"{summary['reward_last_10pct']:.3f} | pass@1 {summary['pass@1']:.4f} | pass@{k} {summary[f'pass@{k}']:.4f}")
+           f"{summary['reward_last_10pct']:.3f} | pass@1 {summary['pass@1']:.4f} | "
+           f"pass@{rl.device_batch_size} {summary[f'pass@{rl.device_batch_size}']:.4f}")
     return summary
 
 
