@@ -307,7 +307,7 @@ def test_a_full_disk_stops_the_run_in_one_line_and_the_previous_checkpoint_resum
     step5 = sum(f.stat().st_size for f in (run_dir(home) / "5").rglob("*") if f.is_file())
     assert line.startswith(f"base_train: no space left on the disk of {run_dir(home)} for a checkpoint: it needs "
                            f"about {step5 / 2**20:.1f} MiB free there, 0.")
-    assert line.endswith(f"MiB are free; free some space (or set NANOCHAT_JAX_CHECKPOINTS to a larger disk); step 5 "
+    assert line.endswith("MiB are free; free some space (or set NANOCHAT_JAX_CHECKPOINTS to a larger disk); step 5 "
                          "is intact: resume from it with --train.resume=true"), line
     assert complete_steps(home) == [5] and saving(home, 10)
     subprocess.run(["mount", "-o", "remount,size=4m", str(small_disk)], check=True)
