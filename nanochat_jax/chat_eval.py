@@ -78,10 +78,25 @@ def _load_task_here(name: str, data_dir: str | Path | None = None):
         raise ValueError(f"unknown chat task {name!r}; known: {', '.join(KNOWN_TASKS)}")
     local = Path(data_dir) / f"{name}.jsonl" if data_dir else None
     if local is not None and local.is_file():
-        from nanochat_jax.tasks.base import read_jsonl
-
-        return makers[name](data=read_jsonl(local))
+        return _local_task(name, makers[name], local)
     return makers[name]()
+
+
+def _local_task(name: str, make, path: Path):
+    """A task over the hub-format rows of a local JSONL file, every row checked now: TaskDataError naming the
+    file and line of the first one that is not a `name` row (instead of a KeyError in the middle of the eval)."""
+    from nanochat_jax.tasks.base import TaskDataError, read_jsonl_numbered
+    from nanochat_jax.tokenizer import check_conversation
+
+    numbered = read_jsonl_numbered(path)
+    task = make(data=[row for _, row in numbered])
+    for i, (lineno, _) in enumerate(numbered):
+        try:
+            check_conversation(task[i])
+        except (KeyError, TypeError, IndexError, AttributeError, ValueError, TaskDataError) as e:
+            why = f"no field {e.args[0]!r}" if isinstance(e, KeyError) else str(e)
+            raise TaskDataError(f"{path}:{lineno}: not a {name} row: {why}") from None
+    return task
 
 
 # ---------------------------------------------------------------------------------------------

@@ -188,6 +188,11 @@ class Tokenizer:
 PART_TYPES = ("text", "python", "python_output")
 
 
+def check_conversation(conversation) -> None:
+    """ValueError (saying which message) unless render_conversation can render the conversation."""
+    _checked_messages(conversation)
+
+
 def _checked_messages(conversation) -> list[dict]:
     """The messages with a leading system message merged into the first user message; ValueError if malformed."""
     messages = conversation.get("messages") if isinstance(conversation, dict) else None

@@ -21,7 +21,7 @@ from nanochat_jax.checkpoint import CheckpointError
 from nanochat_jax.core_eval import BundleError, evaluate_core, make_scorer
 from nanochat_jax.config import Config, ModelConfig, to_dict
 from nanochat_jax.model import Linear, init_model
-from nanochat_jax.tasks import ARC, MMLU, Task
+from nanochat_jax.tasks import ARC, MMLU, Task, TaskDataError
 from nanochat_jax.tasks.base import read_jsonl
 from nanochat_jax.tokenizer import Tokenizer
 
@@ -153,6 +153,30 @@ def test_load_task(tmp_path):
         assert task.evaluate(conv, text) == 1 and task.evaluate(conv, "no idea") == 0
     with pytest.raises(ValueError, match="unknown chat task 'Bogus'"):
         load_task("Bogus")
+
+
+
+def test_local_task_rows_are_checked_when_loaded(tmp_path):
+    """A --data-dir file with a row the task cannot use is one TaskDataError naming the file and line when the task
+    loads (chat_eval reports it as unavailable), not a KeyError in the middle of the evaluation."""
+    good = (TASKS / "gsm8k.jsonl").read_text().splitlines()[0]
+    cases = {
+        "GSM8K": ('{"question": "What is 2+2?"}', "no field 'answer'"),
+        "ARC-Easy": ('{"question": "q", "answerKey": "A"}', "no field 'choices'"),
+        "HumanEval": ('{"prompt": "def f():"}', "no field 'canonical_solution'"),
+        "MMLU": ('["not", "a", "row"]', "list indices must be integers"),
+    }
+    for name, (line, why) in cases.items():
+        (tmp_path / f"{name}.jsonl").write_text(good + "\n\n" + line + "\n" if name == "GSM8K" else line + "\n")
+        lineno = 3 if name == "GSM8K" else 1
+        with pytest.raises(TaskDataError, match=rf"{name}\.jsonl:{lineno}: not a {name} row: {why}"):
+            load_task(name, tmp_path)
+    (tmp_path / "GSM8K.jsonl").write_text('{"question": 7, "answer": "#### 7"}\n')
+    with pytest.raises(TaskDataError, match=r"GSM8K\.jsonl:1: not a GSM8K row: message 0: user content must be a string"):
+        load_task("GSM8K", tmp_path)
+    (tmp_path / "GSM8K.jsonl").write_bytes(good.encode() + b'\n{"question": "caf\xe9"}\n')  # Latin-1, not UTF-8
+    with pytest.raises(TaskDataError, match=r"GSM8K\.jsonl:2: not UTF-8 text \(byte 18\)"):
+        load_task("GSM8K", tmp_path)
 
 
 # ---------------------------------------------------------------------------------------------

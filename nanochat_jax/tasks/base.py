@@ -185,8 +185,12 @@ def read_jsonl_numbered(path: str | Path) -> list[tuple[int, object]]:
     if not path.is_file():
         raise TaskDataError(f"{path}: no such file")
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise TaskDataError(f"{path}:{lineno}: not UTF-8 text (byte {e.start + 1})") from None
             if not line.strip():
                 continue
             try:
