@@ -278,6 +278,9 @@ class DataConfig:
         if self.source == "files" and not self.path:
             raise ConfigError("data.path must be set when data.source='files'")
         _positive(self, "data", "num_shards", "download_workers", "tokenizer_threads")
+        if self.source in ("fineweb", "climbmix") and self.num_shards < 2:
+            raise ConfigError(f"data.num_shards={self.num_shards} must be >= 2 for data.source={self.source}: the "
+                              "last shard is the validation split, the others are the training data")
         _non_negative(self, "data", "prefetch")
 
 

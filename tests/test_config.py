@@ -48,6 +48,7 @@ def test_round_trip_through_toml(tmp_path):
         (["--rl.temperature=-0.5"], "rl.temperature=-0.5 must be >= 0"),
         (["--rl.top_k=-1"], "rl.top_k=-1 must be >= 0"),
         (["--data.prefetch=-1"], "data.prefetch=-1 must be >= 0"),
+        (["--data.source=fineweb", "--data.num_shards=1"], "data.num_shards=1 must be >= 2 for data.source=fineweb"),
         (["--run", "--train.num_iterations=50"], "missing value for '--run'"),
     ],
 )
