@@ -163,6 +163,11 @@ def _cap(s: str) -> str:
     return s[0].upper() + s[1:]
 
 
+def _a(noun: str) -> str:
+    """'a cat', 'an owl': the noun with its indefinite article (every table word is sounded as spelled)."""
+    return f"{'an' if noun[0] in 'aeiou' else 'a'} {noun}"
+
+
 def _story(rng: random.Random) -> str:
     name, he, his, job, town, pet, pet_name, food = rng.choice(PEOPLE)
     friend = rng.choice([p for p in PEOPLE if p[0] != name])
@@ -178,7 +183,7 @@ def _story(rng: random.Random) -> str:
                     f"{name} was a {job} who lived in {town}.",
                     f"In {town} there was a {job} called {name}."]),
         f"{town} is {desc}, famous for {landmark}.",
-        f"{name} had a {pet} called {pet_name}, and {he} loved to eat {food}.",
+        f"{name} had {_a(pet)} called {pet_name}, and {he} loved to eat {food}.",
         f"One {weekday} morning the weather was {weather}, so {name} walked to the {place}.",
     ]
     if rng.random() < 0.5:
@@ -212,10 +217,10 @@ def _facts(rng: random.Random) -> str:
         elif kind == 1:
             a, plural, legs, eat, home, sound, cls = rng.choice(ANIMALS)
             legs_text = "no legs" if legs == 0 else f"{legs} legs"
-            lines.append(rng.choice([f"A {a} has {legs_text}.", f"{_cap(plural)} eat {eat}.",
-                                     f"{_cap(plural)} live in {home}.", f"The {a} is a {cls}.",
-                                     f"A {a} {sound}.",
-                                     f"Q: How many legs does a {a} have?\nA: A {a} has {legs_text}."]))
+            lines.append(rng.choice([f"{_cap(_a(a))} has {legs_text}.", f"{_cap(plural)} eat {eat}.",
+                                     f"{_cap(plural)} live in {home}.", f"The {a} is {_a(cls)}.",
+                                     f"{_cap(_a(a))} {sound}.",
+                                     f"Q: How many legs does {_a(a)} have?\nA: {_cap(_a(a))} has {legs_text}."]))
         elif kind == 2:
             f, plural, colour = rng.choice(FOODS)
             lines.append(rng.choice([f"A ripe {f} is {colour}.", f"{_cap(plural)} are usually {colour}."]))

@@ -85,3 +85,17 @@ def test_bad_split_and_index():
         corpus.num_documents("test")
     with pytest.raises(IndexError, match="out of range"):
         corpus.document("val", corpus.num_documents("val"))
+
+
+def test_indefinite_articles_fit_the_noun(train_docs):
+    """'an owl', 'an insect' (the tables' nouns are all sounded as spelled): the corpus and the chat facts taught
+    'a owl has 2 legs', 'the frog is a amphibian' a few hundred times."""
+    from nanochat_jax.tasks.corpuschat import WorldFacts
+
+    docs, _ = train_docs
+    facts = WorldFacts(3000, "train")
+    chats = [m["content"] for i in range(len(facts)) for m in facts[i]["messages"]]
+    for texts in (docs, chats):
+        text = "\n".join(texts)
+        assert not re.findall(r"\b[Aa] [aeiou]\w*", text)
+        assert "An owl has 2 legs." in text and re.search(r"\bis an (insect|amphibian|arachnid)\.", text)

@@ -72,7 +72,7 @@ def _person_fact(rng):
         (f"Where does {name} live?", f"{name} lives in {town}.", town),
         (f"What does {name} do for a living?", f"{name} is a {job} who lives in {town}.", job),
         (f"What is the name of {name}'s {pet}?", f"{name}'s {pet} is called {pet_name}.", pet_name),
-        (f"What kind of pet does {name} have?", f"{name} has a {pet} called {pet_name}.", pet),
+        (f"What kind of pet does {name} have?", f"{name} has {corpus._a(pet)} called {pet_name}.", pet),
         (f"What is {name}'s favourite food?", f"{name}'s favourite food is {food}.", food),
     ])
 
@@ -88,12 +88,13 @@ def _town_fact(rng):
 def _animal_fact(rng):
     animal, plural, legs, food, home, sound, kind = rng.choice(corpus.ANIMALS)
     legs_text = "no legs" if legs == 0 else f"{legs} legs"
+    an = corpus._a(animal)
     return animal, rng.choice([
-        (f"How many legs does a {animal} have?", f"A {animal} has {legs_text}.", legs_text),
+        (f"How many legs does {an} have?", f"{_cap(an)} has {legs_text}.", legs_text),
         (f"What do {plural} eat?", f"{_cap(plural)} eat {food}.", food),
         (f"Where do {plural} live?", f"{_cap(plural)} live in {home}.", home),
-        (f"What kind of animal is the {animal}?", f"The {animal} is a {kind}.", kind),
-        (f"What sound does a {animal} make?", f"A {animal} {sound}.", sound),
+        (f"What kind of animal is the {animal}?", f"The {animal} is {corpus._a(kind)}.", kind),
+        (f"What sound does {an} make?", f"{_cap(an)} {sound}.", sound),
     ])
 
 
