@@ -30,7 +30,8 @@ def run_script(main) -> None:
     try:
         code = main()
     except UserError as e:
-        print(f"{Path(sys.argv[0]).stem}: {e}", file=sys.stderr, flush=True)
+        # one line also when the message quotes a library's multi-line error (pyarrow's on a corrupt file)
+        print(f"{Path(sys.argv[0]).stem}: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
         # the line stays the last: futures of the failed work (e.g. Orbax's writes to a full disk) that nothing
         # awaited any more would log their tracebacks as they are collected at exit
         logging.getLogger("asyncio").disabled = True

@@ -4,6 +4,7 @@ step counts, and init_distributed staying off without its environment."""
 import gzip
 import importlib.util
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -202,6 +203,24 @@ def test_compilation_cache_goes_to_the_home_or_the_launchers_directory(monkeypat
     out = subprocess.run([sys.executable, "-c", code], env=dict(env, NANOCHAT_JAX_HOME=str(tmp_path / "fresh")),
                          capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert out.stdout.strip() == str(tmp_path / "fresh" / "xla_cache"), out.stderr
+
+
+def test_run_script_prints_a_user_error_on_one_line(monkeypatch, capsys):
+    """A message quoting a library's multi-line error (pyarrow: "Couldn't deserialize thrift...\nDeserializing page
+    header failed.") is still one line: the script's name, then the message; exit code 1."""
+    monkeypatch.setattr(sys, "argv", ["scripts/base_train.py"])
+    monkeypatch.setattr(common, "enable_compilation_cache", lambda: None)
+    monkeypatch.setattr(logging.getLogger("asyncio"), "disabled", False)  # (run_script silences it: restored after)
+
+    def main():
+        raise common.UserError("cannot read row group 0 of parquet file x.parquet: Couldn't deserialize thrift\n"
+                               "Deserializing page header failed.\n")
+
+    with pytest.raises(SystemExit) as exit_:
+        common.run_script(main)
+    assert exit_.value.code == 1
+    assert capsys.readouterr().err == ("base_train: cannot read row group 0 of parquet file x.parquet: Couldn't "
+                                       "deserialize thrift Deserializing page header failed.\n")
 
 
 def test_mfu_on_cpu_is_against_the_measured_matmul_peak():
