@@ -27,7 +27,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="model.compute_dtype recorded in the checkpoint (parameters are stored in float32)")
     parser.add_argument("--force", action="store_true", help="import even if the run directory holds checkpoints "
                         "(they are set aside to <dir>.previous-<n>)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.step < 0:  # a step directory named -5 is one no listing counts: the import would never be found
+        parser.error(f"--step must be >= 0, got {args.step}")
+    return args
 
 
 def main(argv=None) -> int:

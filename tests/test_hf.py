@@ -321,6 +321,16 @@ def test_scripts_import_then_export(tok, home, tmp_path, capsys):
         export_hf.main(["--source", "base"])
 
 
+def test_import_refuses_a_negative_step(tok, home, tmp_path, capsys):
+    """A checkpoint directory named -5 is one that no listing counts: the import said it succeeded, then nothing
+    found it (and a second import saw no checkpoints there)."""
+    folder = hf.export_hf(random_params(tiny_cfg(tok)), tiny_cfg(tok), tok, tmp_path / "hf_in")
+    with pytest.raises(SystemExit) as e:
+        load_script("import_hf").main([str(folder), "--stage", "mid", "--step", "-5"])
+    assert e.value.code == 2 and "--step must be >= 0, got -5" in capsys.readouterr().err
+    assert not (home / "checkpoints" / "mid" / "d2").exists() or not any((home / "checkpoints" / "mid" / "d2").iterdir())
+
+
 # ---------------------------------------------------------------------------------------------
 # Against transformers itself (skipped where torch or transformers is missing)
 
