@@ -161,3 +161,20 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def batch_shards(mesh: Mesh) -> int:
     """How many ways batch rows are split (data x fsdp): rows per batch must be a multiple of it."""
     return _axis_size(mesh, LOGICAL_RULES["batch"])
+
+
+def check_rows_per_process(mesh: Mesh) -> None:
+    """ConfigError unless the devices of each process hold their own 1 / process_count of the batch rows: every
+    process reads its own documents and feeds them as its share of the batch (train.global_batch). On a mesh whose
+    batch axes do not split the rows over the processes (tensor across hosts, say), each process's rows would
+    stand for the same rows: the batch shrank by the process count and its copies disagreed, without an error."""
+    processes, shards = jax.process_count(), batch_shards(mesh)
+    if processes == 1:
+        return
+    held: dict[int, set] = {}
+    for device, index in batch_sharding(mesh, 1).devices_indices_map((shards,)).items():
+        held.setdefault(device.process_index, set()).add(index[0].start or 0)
+    if any(len(rows) * processes != shards for rows in held.values()):
+        raise ConfigError(f"mesh {dict(mesh.shape)}: each of the {processes} processes feeds its own rows of the batch, "
+                          f"so the batch axes (data x fsdp = {shards}) must split the rows over the processes; make "
+                          f"data x fsdp a multiple of {processes} and keep tensor within a host")

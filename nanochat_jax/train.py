@@ -34,7 +34,8 @@ from nanochat_jax.distributed import errors_anywhere
 from nanochat_jax.model import init_model
 from nanochat_jax.optim import build_optimizer, depth_scaling, lr_multiplier, scaling_param_count
 from nanochat_jax.progress import StepLogger
-from nanochat_jax.sharding import batch_shards, like_params, named_sharding, param_shardings, replicated
+from nanochat_jax.sharding import (batch_shards, check_rows_per_process, like_params, named_sharding, param_shardings,
+                                   replicated)
 
 
 @flax.struct.dataclass
@@ -185,6 +186,7 @@ class TrainRun:
             raise ConfigError(f"optim.warmup_steps={optim_cfg.warmup_steps} and the warm-down's {warmdown} steps "
                               f"(optim.warmdown_ratio={optim_cfg.warmdown_ratio:g}) do not fit in {num_iterations} "
                               "steps: the learning rate would never decay; lower warmup_steps or train longer")
+        check_rows_per_process(mesh)  # (each process feeds its own rows)
         splash.prepare(model_cfg, mesh)  # the kernel built outside the step's trace serves every mesh
         self.optimizer = build_optimizer(optim_cfg, model_cfg.n_embd, num_iterations)
         self.graphdef, abstract_params = nnx.split(nnx.eval_shape(lambda: init_model(model_cfg, seed)), nnx.Param)

@@ -1,7 +1,7 @@
 """One process of tests/test_multiprocess.py: a few train steps on a fixed global batch, over every device of
 every process (jax.distributed on CPU when JAX_NUM_PROCESSES is set), printing `RESULT {json}` on process 0.
 
-    python tests/multiprocess_worker.py DATA FSDP STEPS
+    python tests/multiprocess_worker.py DATA FSDP STEPS [TENSOR]
 """
 
 import json
@@ -25,11 +25,11 @@ from nanochat_jax.train import TrainRun, global_batch, microbatch_sharding  # no
 jax.config.update("jax_default_matmul_precision", "highest")
 
 
-def main(data: int, fsdp: int, steps: int) -> None:
+def main(data: int, fsdp: int, steps: int, tensor: int = 1) -> None:
     model_cfg = ModelConfig(depth=2, aspect_ratio=32, head_dim=32, vocab_size=512, sequence_len=32,
                             compute_dtype="float32")
     optim_cfg = OptimConfig(ns_dtype="float32")  # bf16 Newton-Schulz is not bit-stable across reduction orders
-    mesh = make_mesh(MeshConfig(data=data, fsdp=fsdp))
+    mesh = make_mesh(MeshConfig(data=data, fsdp=fsdp, tensor=tensor))
     run = TrainRun(model_cfg, optim_cfg, 100, mesh, seed=0)
 
     rows, micro = 8, 2
@@ -54,4 +54,4 @@ def main(data: int, fsdp: int, steps: int) -> None:
 
 
 if __name__ == "__main__":
-    main(*(int(a) for a in sys.argv[1:4]))
+    main(*(int(a) for a in sys.argv[1:5]))

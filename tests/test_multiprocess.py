@@ -78,6 +78,18 @@ def test_two_processes_equal_one(data, fsdp):
         assert two["param_sq"][name] == pytest.approx(value, rel=1e-5), name
 
 
+def test_a_mesh_that_does_not_split_the_rows_over_the_processes_is_refused():
+    """Tensor parallelism across the two processes, the batch not split: each process's rows stood for the same
+    rows (the batch halved, its copies disagreeing) and the losses differed from one process's, without an error."""
+    worker = [str(ROOT / "tests" / "multiprocess_worker.py"), "1", "1", "1", "4"]
+    procs = spawn(worker, processes=2, devices_per_process=2)
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [1, 1]
+    for out in outputs:
+        assert ("ConfigError: mesh {'data': 1, 'fsdp': 1, 'tensor': 4}: each of the 2 processes feeds its own rows "
+                "of the batch, so the batch axes (data x fsdp = 1) must split the rows over the processes") in out
+
+
 MODEL_AND_MESH = ["--config", str(ROOT / "configs" / "cpu_tiny.toml"), "--model.depth=2", "--model.aspect_ratio=32",
                   "--model.head_dim=32", "--model.sequence_len=64", "--mesh.data=2", "--mesh.fsdp=2"]
 TINY = [*MODEL_AND_MESH, "--train.device_batch_size=2", "--train.total_batch_size=512", "--train.eval_tokens=2048",
