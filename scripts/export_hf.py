@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 
-from nanochat_jax.common import add_checkpoint_flags, artifacts_dir, load_checkpoint, run_script
+from nanochat_jax.common import UserError, add_checkpoint_flags, artifacts_dir, load_checkpoint, run_script
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -35,7 +35,10 @@ def main(argv=None) -> int:
     cfg = model_config_from_dict(meta["model"])
     out = args.out or artifacts_dir("hf", f"{args.source}_d{cfg.depth}")
     params = jax.tree.map(jax.device_get, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
-    export_hf(params, cfg, tokenizer, out, dtype=args.dtype)  # (HFFormatError: a UserError, one line)
+    try:
+        export_hf(params, cfg, tokenizer, out, dtype=args.dtype)  # (HFFormatError: a UserError, one line)
+    except OSError as e:  # --out names a file, a folder it may not write to, a full disk
+        raise UserError(f"cannot write the export to {out}: {e}") from None
     print(f"exported {args.source} step {meta['step']} (depth {cfg.depth}, {args.dtype}) to {out}")
     return 0
 

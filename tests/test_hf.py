@@ -331,6 +331,14 @@ def test_import_refuses_a_negative_step(tok, home, tmp_path, capsys):
     assert not (home / "checkpoints" / "mid" / "d2").exists() or not any((home / "checkpoints" / "mid" / "d2").iterdir())
 
 
+def test_export_to_a_path_it_cannot_write_is_one_line(tok, home, tmp_path):
+    folder = hf.export_hf(random_params(tiny_cfg(tok)), tiny_cfg(tok), tok, tmp_path / "hf_in")
+    assert load_script("import_hf").main([str(folder), "--stage", "sft"]) == 0
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(UserError, match=r"cannot write the export to .*a_file: \[Errno 17\] File exists"):
+        load_script("export_hf").main(["--source", "sft", "--out", str(tmp_path / "a_file")])
+
+
 # ---------------------------------------------------------------------------------------------
 # Against transformers itself (skipped where torch or transformers is missing)
 
