@@ -17,7 +17,7 @@ from nanochat_jax.config import load_config, to_toml
 from nanochat_jax.distributed import init_distributed
 from nanochat_jax.evaluation import make_bpb_step, sample_texts, split_bpb
 from nanochat_jax.progress import save_summary
-from nanochat_jax.sharding import batch_shards, make_mesh
+from nanochat_jax.sharding import batch_shards, check_rows_per_process, make_mesh
 from nanochat_jax.tokenizer import token_bytes
 
 
@@ -26,6 +26,7 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = load_config(argv)
     print0(to_toml(cfg))
     mesh = make_mesh(cfg.mesh)
+    check_rows_per_process(mesh)  # each process feeds its own rows of the evaluation batches
     model, tokenizer, meta = load_model("base", depth=depth_or_latest("base", cfg.model.depth), mesh=mesh)
     cfg.model = type(cfg.model)(**meta["model"])
     graphdef, params = nnx.split(model, nnx.Param)

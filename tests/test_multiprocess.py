@@ -78,7 +78,7 @@ def test_two_processes_equal_one(data, fsdp):
         assert two["param_sq"][name] == pytest.approx(value, rel=1e-5), name
 
 
-def test_a_mesh_that_does_not_split_the_rows_over_the_processes_is_refused():
+def test_a_mesh_that_does_not_split_the_rows_over_the_processes_is_refused(tmp_path):
     """Tensor parallelism across the two processes, the batch not split: each process's rows stood for the same
     rows (the batch halved, its copies disagreeing) and the losses differed from one process's, without an error."""
     worker = [str(ROOT / "tests" / "multiprocess_worker.py"), "1", "1", "1", "4"]
@@ -88,6 +88,13 @@ def test_a_mesh_that_does_not_split_the_rows_over_the_processes_is_refused():
     for out in outputs:
         assert ("ConfigError: mesh {'data': 1, 'fsdp': 1, 'tensor': 4}: each of the 2 processes feeds its own rows "
                 "of the batch, so the batch axes (data x fsdp = 1) must split the rows over the processes") in out
+    # base_loss's evaluation batches are fed the same way: refused at start, in one line
+    procs = spawn([str(ROOT / "scripts" / "base_loss.py"), "--config", str(ROOT / "configs" / "cpu_tiny.toml"),
+                   "--mesh.data=1", "--mesh.tensor=4"], processes=2, devices_per_process=2, home=tmp_path)
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [1, 1]
+    for out in outputs:
+        assert out.strip().splitlines()[-1].startswith("base_loss: mesh {'data': 1, 'fsdp': 1, 'tensor': 4}: each of")
 
 
 MODEL_AND_MESH = ["--config", str(ROOT / "configs" / "cpu_tiny.toml"), "--model.depth=2", "--model.aspect_ratio=32",
