@@ -6,8 +6,10 @@ site) in its own session, with a minimal environment (no proxies, no credentials
 parent waits `timeout` seconds of wall-clock time, then kills the whole process group. Inside the child,
 a small runner sets resource limits (address space, CPU seconds, file size, process count, no core
 dumps), then disables what a careless program could use to hurt the host before executing it:
-destructive os/shutil functions, process creation (os.fork/exec/spawn, subprocess.Popen), sockets
-(socket.socket and friends raise OSError), and opening files for writing outside its working directory.
+destructive os/shutil functions, signalling other processes (os.kill, pidfds), process creation
+(os.fork/exec/spawn, subprocess.Popen, multiprocessing's spawn), sockets (socket.socket and friends raise
+OSError), opening files for writing or making directories outside its working directory, and reading
+other processes' /proc entries (the caller's /proc/PID/environ).
 stdout and stderr go to files (capped by the file-size limit) and come back in the result. Whatever the
 program does -- hang, crash, exhaust memory, kill itself -- the caller gets success=False and carries on.
 
@@ -47,7 +49,7 @@ class ExecutionResult:
 # root/program.py, locks itself down, executes the program with cwd root/work, and writes a one-line
 # JSON status to root/status.json through a file opened before the lock-down.
 RUNNER = r'''
-import builtins, io, json, os, resource, shutil, socket, subprocess, sys
+import _posixsubprocess, builtins, io, json, os, resource, shutil, signal, socket, subprocess, sys
 
 root, timeout, max_memory = sys.argv[1], float(sys.argv[2]), int(sys.argv[3])
 work = os.path.realpath(os.path.join(root, "work"))
@@ -80,12 +82,15 @@ for name in ("kill", "killpg", "system", "remove", "removedirs", "rmdir", "unlin
              "fchmod", "lchmod", "chown", "fchown", "lchown", "chroot", "chdir", "fchdir", "link", "symlink",
              "execv", "execve", "execl", "execle", "execlp", "execlpe", "execvp", "execvpe", "popen",
              "spawnl", "spawnle", "spawnlp", "spawnlpe", "spawnv", "spawnve", "spawnvp", "spawnvpe",
-             "posix_spawn", "posix_spawnp"):
+             "posix_spawn", "posix_spawnp", "pidfd_open"):
     if hasattr(os, name):
         setattr(os, name, disabled("os." + name))
 for name in ("rmtree", "move", "chown"):
     setattr(shutil, name, disabled("shutil." + name))
 subprocess.Popen = disabled("subprocess.Popen")
+_posixsubprocess.fork_exec = disabled("_posixsubprocess.fork_exec")  # multiprocessing's spawn and forkserver
+if hasattr(signal, "pidfd_send_signal"):
+    signal.pidfd_send_signal = disabled("signal.pidfd_send_signal")
 
 class NoSocket(socket.socket):
     def __init__(self, *args, **kwargs):
@@ -98,28 +103,52 @@ for name in ("create_connection", "create_server", "socketpair", "fromfd", "geta
 real_open, real_os_open = builtins.open, os.open
 realpath = os.path.realpath
 
+own_proc = realpath("/proc/self")
+
 def inside_work(path):
     if isinstance(path, int):
         return True  # an already-open descriptor
     full = realpath(os.fsdecode(path))
     return full == work or full.startswith(work + os.sep)
 
+def check_read(path):
+    """Another process's /proc entries (the caller's environ holds what the child's environment left out)."""
+    if isinstance(path, int):
+        return
+    parts = realpath(os.fsdecode(path)).split(os.sep)
+    if len(parts) > 2 and parts[1] == "proc" and parts[2].isdigit() and os.sep.join(parts[:3]) != own_proc:
+        raise PermissionError(f"reading another process's /proc entries is not allowed: {path!r}")
+
 def guarded_open(file, mode="r", *args, **kwargs):
     if any(c in mode for c in "wax+") and not inside_work(file):
         raise PermissionError(f"writing outside the sandbox directory is not allowed: {file!r}")
+    check_read(file)
     return real_open(file, mode, *args, **kwargs)
 
 def guarded_os_open(path, flags, *args, **kwargs):
     writes = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
-    if flags & writes and not inside_work(path):
+    if flags & writes and (kwargs.get("dir_fd") is not None or not inside_work(path)):
         raise PermissionError(f"writing outside the sandbox directory is not allowed: {path!r}")
+    check_read(path)
     return real_os_open(path, flags, *args, **kwargs)
 
 class GuardedFileIO(io.FileIO):
     def __init__(self, file, mode="r", *args, **kwargs):
         if any(c in mode for c in "wax+") and not inside_work(file):
             raise PermissionError(f"writing outside the sandbox directory is not allowed: {file!r}")
+        check_read(file)
         super().__init__(file, mode, *args, **kwargs)
+
+def guarded_path_call(name, real):  # os.mkdir (so os.makedirs, Path.mkdir), mkfifo, mknod, utime
+    def call(path, *args, **kwargs):
+        if kwargs.get("dir_fd") is not None or not inside_work(path):
+            raise PermissionError(f"os.{name} outside the sandbox directory is not allowed: {path!r}")
+        return real(path, *args, **kwargs)
+    return call
+
+for name in ("mkdir", "mkfifo", "mknod", "utime"):
+    if hasattr(os, name):
+        setattr(os, name, guarded_path_call(name, getattr(os, name)))
 
 builtins.open = io.open = guarded_open
 io.FileIO = GuardedFileIO

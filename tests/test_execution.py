@@ -84,11 +84,47 @@ def test_writes_stay_inside_a_deleted_temp_dir(tmp_path):
     "import os; os.close(os.open({p!r}, os.O_WRONLY | os.O_CREAT))",
     "open('../../' + {p!r}.lstrip('/'), 'w').write('x')",
     "import io; io.FileIO({p!r}, 'w').write(b'x')",
+    "import os; d = os.open({d!r}, os.O_RDONLY); os.close(os.open('escaped.txt', os.O_WRONLY | os.O_CREAT, dir_fd=d))",
+    "import os; os.makedirs({p!r})",
+    "import pathlib; pathlib.Path({p!r}).mkdir()",
+    "import os; os.mkfifo({p!r})",
 ])
 def test_writing_outside_is_refused(tmp_path, how):
     target = tmp_path / "escaped.txt"
-    r = execute_code(how.format(p=str(target)))
+    r = execute_code(how.format(p=str(target), d=str(tmp_path)))
     assert not r.success and r.error.startswith("PermissionError") and not target.exists()
+
+
+def test_directories_inside_the_sandbox_still_work():
+    r = execute_code("import os, pathlib\nos.makedirs('a/b')\npathlib.Path('a/f').touch()\nprint(sorted(os.listdir('a')))")
+    assert r.success and r.stdout == "['b', 'f']\n"
+
+
+def test_the_callers_environment_cannot_be_read_from_proc():
+    r = execute_code("import os\nprint(open('/proc/%d/environ' % os.getppid()).read())")
+    assert not r.success and r.error.startswith("PermissionError: reading another process's /proc entries")
+    r = execute_code("print(len(open('/proc/self/status').read()) > 0)")  # its own entries stay readable
+    assert r.success and r.stdout == "True\n"
+
+
+def test_the_caller_cannot_be_signalled_through_a_pidfd():
+    received = []
+    previous = signal.signal(signal.SIGUSR1, lambda *_: received.append(True))
+    try:
+        r = execute_code("import os, signal\nsignal.pidfd_send_signal(os.pidfd_open(os.getppid()), signal.SIGUSR1)")
+        time.sleep(0.1)
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    assert not r.success and "disabled in the sandbox" in r.error and not received
+
+
+@pytest.mark.parametrize("method", ["spawn", "forkserver"])
+def test_multiprocessing_cannot_start_a_process(tmp_path, method):
+    marker = tmp_path / "child_ran"
+    child = f"open({str(marker)!r}, 'w')"
+    r = execute_code(f"import multiprocessing as mp\np = mp.get_context({method!r}).Process(target=exec, "
+                     f"args=({child!r},))\np.start()\np.join()")
+    assert not r.success and "disabled in the sandbox" in r.error and not marker.exists()
 
 
 @pytest.mark.parametrize("how", [
