@@ -6,7 +6,8 @@ site) in its own session, with a minimal environment (no proxies, no credentials
 parent waits `timeout` seconds of wall-clock time, then kills the whole process group. Inside the child,
 a small runner sets resource limits (address space, CPU seconds, file size, process count, no core
 dumps), then disables what a careless program could use to hurt the host before executing it:
-destructive os/shutil functions, signalling other processes (os.kill, pidfds), process creation
+destructive os/shutil functions, signalling other processes (os.kill, pidfds) or changing their limits,
+priority or CPUs (resource.prlimit, os.setpriority, os.sched_setaffinity), process creation
 (os.fork/exec/spawn, subprocess.Popen, multiprocessing's spawn), sockets (socket.socket and friends raise
 OSError), opening files for writing or making directories outside its working directory, and reading
 other processes' /proc entries (the caller's /proc/PID/environ).
@@ -82,7 +83,8 @@ for name in ("kill", "killpg", "system", "remove", "removedirs", "rmdir", "unlin
              "fchmod", "lchmod", "chown", "fchown", "lchown", "chroot", "chdir", "fchdir", "link", "symlink",
              "execv", "execve", "execl", "execle", "execlp", "execlpe", "execvp", "execvpe", "popen",
              "spawnl", "spawnle", "spawnlp", "spawnlpe", "spawnv", "spawnve", "spawnvp", "spawnvpe",
-             "posix_spawn", "posix_spawnp", "pidfd_open"):
+             "posix_spawn", "posix_spawnp", "pidfd_open", "setpriority", "sched_setaffinity", "sched_setscheduler",
+             "sched_setparam"):
     if hasattr(os, name):
         setattr(os, name, disabled("os." + name))
 for name in ("rmtree", "move", "chown"):
@@ -91,6 +93,9 @@ subprocess.Popen = disabled("subprocess.Popen")
 _posixsubprocess.fork_exec = disabled("_posixsubprocess.fork_exec")  # multiprocessing's spawn and forkserver
 if hasattr(signal, "pidfd_send_signal"):
     signal.pidfd_send_signal = disabled("signal.pidfd_send_signal")
+for name in ("setrlimit", "prlimit"):  # the limits set above stay; the caller's (same user) cannot be changed
+    if hasattr(resource, name):
+        setattr(resource, name, disabled("resource." + name))
 
 class NoSocket(socket.socket):
     def __init__(self, *args, **kwargs):

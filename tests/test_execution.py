@@ -118,6 +118,22 @@ def test_the_caller_cannot_be_signalled_through_a_pidfd():
     assert not r.success and "disabled in the sandbox" in r.error and not received
 
 
+@pytest.mark.parametrize("how", [
+    "resource.prlimit(os.getppid(), resource.RLIMIT_CORE, (0, 0))",  # (with RLIMIT_CPU the caller could be killed)
+    "resource.setrlimit(resource.RLIMIT_AS, (-1, -1))",
+    "os.sched_setaffinity(os.getppid(), {min(os.sched_getaffinity(0))})",
+    "os.setpriority(os.PRIO_PROCESS, os.getppid(), 19)",
+])
+def test_the_callers_limits_priority_and_cpus_cannot_be_changed(how):
+    import os
+    import resource
+
+    before = (resource.getrlimit(resource.RLIMIT_CORE), os.sched_getaffinity(0), os.getpriority(os.PRIO_PROCESS, 0))
+    r = execute_code(f"import os, resource\n{how}")
+    assert not r.success and "disabled in the sandbox" in r.error
+    assert (resource.getrlimit(resource.RLIMIT_CORE), os.sched_getaffinity(0), os.getpriority(os.PRIO_PROCESS, 0)) == before
+
+
 @pytest.mark.parametrize("method", ["spawn", "forkserver"])
 def test_multiprocessing_cannot_start_a_process(tmp_path, method):
     marker = tmp_path / "child_ran"
