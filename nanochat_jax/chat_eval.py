@@ -89,6 +89,8 @@ def _local_task(name: str, make, path: Path):
     from nanochat_jax.tokenizer import check_conversation
 
     numbered = read_jsonl_numbered(path)
+    if not numbered:  # else its accuracy would read 0/0 = 0% and count in ChatCORE
+        raise TaskDataError(f"{path}: no rows")
     task = make(data=[row for _, row in numbered])
     for i, (lineno, _) in enumerate(numbered):
         try:

@@ -155,7 +155,6 @@ def test_load_task(tmp_path):
         load_task("Bogus")
 
 
-
 def test_local_task_rows_are_checked_when_loaded(tmp_path):
     """A --data-dir file with a row the task cannot use is one TaskDataError naming the file and line when the task
     loads (chat_eval reports it as unavailable), not a KeyError in the middle of the evaluation."""
@@ -177,6 +176,12 @@ def test_local_task_rows_are_checked_when_loaded(tmp_path):
     (tmp_path / "GSM8K.jsonl").write_bytes(good.encode() + b'\n{"question": "caf\xe9"}\n')  # Latin-1, not UTF-8
     with pytest.raises(TaskDataError, match=r"GSM8K\.jsonl:2: not UTF-8 text \(byte 18\)"):
         load_task("GSM8K", tmp_path)
+
+
+def test_an_empty_task_file_is_unavailable_not_zero_percent(tmp_path):
+    (tmp_path / "ARC-Easy.jsonl").write_text("\n")  # e.g. a download that wrote nothing
+    with pytest.raises(TaskDataError, match="ARC-Easy.jsonl: no rows"):
+        load_task("ARC-Easy", tmp_path)
 
 
 # ---------------------------------------------------------------------------------------------
