@@ -84,15 +84,20 @@ class Tokenizer:
 
     @classmethod
     def load(cls, directory) -> "Tokenizer":
+        """TokenizerCorrupt (one line) when tokenizer.json is not a tokenizer saved by `save`."""
         path = Path(directory) / TOKENIZER_FILE
-        table = json.loads(path.read_text())
-        if table.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"{path}: format_version {table.get('format_version')!r}, expected {FORMAT_VERSION}")
-        ranks = {base64.b64decode(token): rank for rank, token in enumerate(table["mergeable_ranks"])}
-        tok = cls(ranks, table["pattern"])
-        stored = table["special_tokens"]
+        try:
+            table = json.loads(path.read_text(encoding="utf-8"))
+            if table.get("format_version") != FORMAT_VERSION:
+                raise ValueError(f"format_version {table.get('format_version')!r}, expected {FORMAT_VERSION}")
+            ranks = {base64.b64decode(token, validate=True): rank for rank, token in enumerate(table["mergeable_ranks"])}
+            tok = cls(ranks, table["pattern"])
+            stored = table["special_tokens"]
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            why = f"no {e} entry" if isinstance(e, KeyError) else e
+            raise TokenizerCorrupt(f"{path} is not a readable tokenizer ({why}); run scripts/tok_train.py again") from None
         if stored != tok.special:
-            raise ValueError(f"{path}: special tokens {stored} do not match SPECIAL_TOKENS after the ranks")
+            raise TokenizerCorrupt(f"{path}: special tokens {stored} do not match SPECIAL_TOKENS after the ranks")
         return tok
 
     # ----- basic encoding
@@ -269,6 +274,10 @@ def tokenizer_record(directory) -> str:
 
 class TokenizerMissing(UserError, FileNotFoundError):
     """No trained tokenizer where one is needed."""
+
+
+class TokenizerCorrupt(UserError, ValueError):
+    """A tokenizer.json that cannot be read back (cut short, edited, another format)."""
 
 
 def _require(path: Path) -> Path:

@@ -16,8 +16,9 @@ from hypothesis import given, settings, strategies as st
 from nanochat_jax import corpus
 from nanochat_jax.config import load_config
 from nanochat_jax.tokenizer import (
-    SPECIAL_TOKENS, SPLIT_PATTERN, Tokenizer, load_tokenizer, token_bytes,
+    SPECIAL_TOKENS, SPLIT_PATTERN, Tokenizer, TokenizerCorrupt, load_tokenizer, token_bytes,
 )
+from nanochat_jax.common import UserError
 
 VOCAB = 700
 ROOT = Path(__file__).resolve().parents[1]
@@ -129,6 +130,28 @@ def test_missing_tokenizer_and_small_vocab(tmp_path):
         load_tokenizer(tmp_path)
     with pytest.raises(ValueError, match="vocab_size=264 must be >= 265"):
         Tokenizer.train_from_iterator(["abc"], 264)
+
+
+def test_corrupt_tokenizer_is_a_one_line_error(tok, tmp_path):
+    path = tok.save(tmp_path)
+    good = path.read_text()
+    table = json.loads(good)
+    broken = {
+        "cut short": (good[:3000], r"Unterminated string"),
+        "not utf-8": (b"\xff\xfe junk", r"can't decode byte 0xff"),
+        "a list": ("[1, 2]", r"'list' object has no attribute 'get'"),
+        "no ranks": (json.dumps({k: v for k, v in table.items() if k != "mergeable_ranks"}), r"no 'mergeable_ranks' entry"),
+        # (without validation the bad entry decoded to b"", an empty token that loaded without complaint)
+        "bad base64": (json.dumps({**table, "mergeable_ranks": table["mergeable_ranks"][:-1] + ["!!"]}), r"base64"),
+        "bad pattern": (json.dumps({**table, "pattern": "("}), r"parenthesis"),
+        "format 2": (json.dumps({**table, "format_version": 2}), r"format_version 2, expected 1"),
+    }
+    for name, (content, why) in broken.items():
+        path.write_bytes(content if isinstance(content, bytes) else content.encode())
+        with pytest.raises(TokenizerCorrupt, match=rf"^{path} is not a readable tokenizer \(.*{why}.*\); "
+                                                   r"run scripts/tok_train.py again$") as info:
+            load_tokenizer(tmp_path)
+        assert isinstance(info.value, UserError), name  # a script prints it as one line, no traceback
 
 
 # ---------------------------------------------------------------------------------------------
