@@ -304,6 +304,19 @@ def test_bad_buffer_size():
         train(["hello"], 300, buffer_size=0)
 
 
+def test_lone_surrogates_count_as_replacement_characters():
+    """Half an emoji from a JSON escape ("\\ud83d") trains like tiktoken encodes it: one U+FFFD per surrogate
+    (it was a UnicodeEncodeError that ended training)."""
+    texts = ["cut \ud83d emoji \ud83d\ud83d here", "ok \ufffd\ufffd text", "pair \ud83d\ude00"]
+    clean = [t.encode("utf-16", "surrogatepass").decode("utf-16", "replace") for t in texts]
+    assert clean[0] == "cut \ufffd emoji \ufffd\ufffd here" and clean[2] == "pair \U0001f600"
+    tok = train(texts, 300)
+    assert tok.get_merges() == train(clean, 300).get_merges()
+    enc = tiktoken.Encoding("t", pat_str=tok.get_pattern(), mergeable_ranks=dict(tok.get_mergeable_ranks()),
+                            special_tokens={})
+    assert [enc.encode_ordinary(t) for t in texts] == [enc.encode_ordinary(t) for t in clean]
+
+
 def test_iterator_exception_propagates():
     def gen():
         yield "hello world"

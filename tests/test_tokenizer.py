@@ -282,6 +282,20 @@ def test_source_texts(tmp_path):
     assert list(tok_train.source_texts(cfg, "val")) == ["val doc"]
 
 
+def test_tok_train_on_json_with_half_an_emoji(home, tmp_path):
+    """A JSON escape of a lone surrogate (an emoji cut in half) is read as U+FFFD, as tiktoken encodes it;
+    training used to stop with a UnicodeEncodeError traceback, then the round-trip check failed on it."""
+    docs = [f"document {i} about cats and dogs" for i in range(50)] + ["half an emoji \ud83d here"]
+    for name in ("a.jsonl", "b.jsonl"):
+        (tmp_path / name).write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    assert '"half an emoji \\ud83d here"' in (tmp_path / "a.jsonl").read_text()
+    summary = load_script("tok_train").main(["--tokenizer.vocab_size=300", "--data.source=files",
+                                             f"--data.path={tmp_path}"])
+    tok = load_tokenizer()
+    assert summary["vocab_size"] == tok.vocab_size == 300
+    assert tok.decode(tok.encode("half an emoji \ud83d here")) == "half an emoji \ufffd here"
+
+
 def test_tok_train_and_eval_scripts(home, monkeypatch, capsys):
     import tiktoken
 

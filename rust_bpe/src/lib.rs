@@ -500,7 +500,8 @@ impl Tokenizer {
     /// (left_id, right_id) pair in lexicographic order. Same rule as nanochat's
     /// rustbpe; results are independent of the thread count.
     ///
-    /// Raises ValueError for vocab_size < 256, buffer_size < 1, an invalid or
+    /// A lone surrogate in a string counts as U+FFFD (what tiktoken encodes it
+    /// as). Raises ValueError for vocab_size < 256, buffer_size < 1, an invalid or
     /// empty pattern, or an iterator that yields no text at all; TypeError if
     /// ``iterator`` is not iterable or yields a non-str item; RuntimeError if
     /// the regex engine gives up on an input (backtracking limit).
@@ -554,7 +555,14 @@ impl Tokenizer {
                                 type_name(&item)
                             ))
                         })?;
-                        buf.push(s.to_str()?.to_owned());
+                        buf.push(match s.to_str() {
+                            Ok(text) => text.to_owned(),
+                            // lone surrogates (e.g. from JSON escapes): each becomes U+FFFD, as in tiktoken's encode
+                            Err(_) => s
+                                .call_method1("encode", ("utf-16", "surrogatepass"))?
+                                .call_method1("decode", ("utf-16", "replace"))?
+                                .extract::<String>()?,
+                        });
                         n_items += 1;
                     }
                 }
