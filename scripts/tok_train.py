@@ -7,12 +7,13 @@ artifacts_dir("report")/tokenizer.json.
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import numpy as np
 from tqdm import tqdm
 
-from nanochat_jax.common import Timer, artifacts_dir, run_script
+from nanochat_jax.common import Timer, UserError, artifacts_dir, run_script
 from nanochat_jax.config import Config, load_config, to_toml
 from nanochat_jax.tokenizer import Tokenizer, default_tokenizer_dir, token_bytes
 
@@ -53,7 +54,12 @@ def main(argv=None) -> dict:
     sample: list[str] = []
     with tqdm(desc="tokenizer text", unit="char", unit_scale=True) as progress, Timer() as timer:
         texts = capped_texts(source_texts(cfg, "train"), tc.max_chars, tc.doc_cap, sample, progress)
-        tokenizer = Tokenizer.train_from_iterator(texts, tc.vocab_size, buffer_size=tc.buffer_size)
+        first = next(texts, None)
+        if first is None:
+            raise UserError(f"no text to train the tokenizer on: every train document of data.source="
+                            f"{cfg.data.source!r} is empty")
+        tokenizer = Tokenizer.train_from_iterator(itertools.chain([first], texts), tc.vocab_size,
+                                                  buffer_size=tc.buffer_size)
         train_chars = progress.n
     if tokenizer.vocab_size < tc.vocab_size:
         print(f"note: the text ran out of pairs to merge; vocab_size is {tokenizer.vocab_size}, "

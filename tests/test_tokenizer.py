@@ -296,6 +296,16 @@ def test_tok_train_on_json_with_half_an_emoji(home, tmp_path):
     assert tok.decode(tok.encode("half an emoji \ud83d here")) == "half an emoji \ufffd here"
 
 
+def test_tok_train_on_empty_documents(home, tmp_path):
+    """Data whose documents are all empty is a one-line error (it was the trainer's ValueError traceback)."""
+    for name in ("a.jsonl", "b.jsonl"):
+        (tmp_path / name).write_text('{"text": ""}\n{"text": ""}\n')
+    with pytest.raises(UserError, match=r"^no text to train the tokenizer on: every train document of "
+                                        r"data.source='files' is empty$"):
+        load_script("tok_train").main(["--data.source=files", f"--data.path={tmp_path}"])
+    assert not (home / "tokenizer" / "tokenizer.json").exists()
+
+
 def test_tok_train_and_eval_scripts(home, monkeypatch, capsys):
     import tiktoken
 
