@@ -17,7 +17,7 @@ import argparse
 import os
 import sys
 
-from nanochat_jax.common import add_checkpoint_flags, load_checkpoint, run_script
+from nanochat_jax.common import UserError, add_checkpoint_flags, load_checkpoint, run_script
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -41,6 +41,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.slots < 1 or args.max_queue < 0 or args.cpu_devices < 1:
         parser.error("--slots and --cpu-devices must be >= 1 and --max-queue >= 0")
+    if not 1 <= args.port <= 65535:
+        parser.error(f"--port must be from 1 to 65535, got {args.port}")
     return args
 
 
@@ -88,7 +90,8 @@ class ContainErrors:
 def launch(app, router, args) -> str | None:
     """Start the Gradio app with the API's routes on its FastAPI app (given to the app as it is made, so they
     answer from the first connection); returns the share link, if one opened. Without a network the share link
-    fails: Gradio's own long explanation is replaced by one line of ours."""
+    fails: Gradio's own long explanation is replaced by one line of ours. UserError when it cannot listen on
+    --host:--port (the port is taken, or the address is not this machine's)."""
     import contextlib
     import io
 
@@ -97,11 +100,15 @@ def launch(app, router, args) -> str | None:
 
     share = args.share or args.share_server is not None
     quiet = io.StringIO()
-    with contextlib.redirect_stdout(quiet) if share else contextlib.nullcontext():
-        app.launch(server_name=args.host, server_port=args.port, quiet=True, prevent_thread_lock=True, share=share,
-                   share_server_address=args.share_server,
-                   app_kwargs={"routes": list(router.routes), "middleware": [Middleware(ContainErrors)],
-                               "exception_handlers": {RequestValidationError: refuse_invalid}})
+    try:
+        with contextlib.redirect_stdout(quiet) if share else contextlib.nullcontext():
+            app.launch(server_name=args.host, server_port=args.port, quiet=True, prevent_thread_lock=True, share=share,
+                       share_server_address=args.share_server,
+                       app_kwargs={"routes": list(router.routes), "middleware": [Middleware(ContainErrors)],
+                                   "exception_handlers": {RequestValidationError: refuse_invalid}})
+    except OSError:  # Gradio's message names a range of ports and an environment variable, not the flags
+        raise UserError(f"cannot listen on {args.host}:{args.port}: the port is in use or the address is not this "
+                        "machine's (see --port and --host)") from None
     if share and not app.share_url:
         where = f"share server {args.share_server}" if args.share_server else "Gradio's share server"
         print(f"chat_web: could not open a public link through {where}; serving locally only", file=sys.stderr)

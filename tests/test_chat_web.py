@@ -391,3 +391,27 @@ def test_markdown_headings_and_special_tokens_are_shown_as_text(tokenizer):
     engine = Scripted([*b"a", sp("<|user_start|>"), *b"b", sp("<|bos|>")])
     messages, display, _ = list(web.respond(engine, tokenizer, [], "hi", temperature=0.0, top_k=0, max_tokens=9))[-1]
     assert messages[-1]["content"] == "ab" and display[-1]["content"] == "ab"
+
+
+def test_a_taken_port_or_a_bad_one_is_one_line(capsys):
+    """A port already in use (a second chat_web) or an address that is not this machine's was Gradio's OSError
+    traceback, telling to set GRADIO_SERVER_PORT; a port past 65535 an OverflowError from bind()."""
+    import argparse
+
+    import gradio as gr
+    from fastapi import APIRouter
+
+    chat_web = load_chat_web()
+    with pytest.raises(SystemExit):
+        chat_web.parse_args(["-p", "70000"])
+    assert "--port must be from 1 to 65535, got 70000" in capsys.readouterr().err
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        args = argparse.Namespace(host="127.0.0.1", port=port, share=False, share_server=None)
+        with gr.Blocks() as app:
+            gr.Markdown("x")
+        with pytest.raises(UserError, match=f"^cannot listen on 127.0.0.1:{port}: the port is in use or the address "
+                                            r"is not this machine's \(see --port and --host\)$"):
+            chat_web.launch(app, APIRouter(), args)
