@@ -30,6 +30,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     if (args.max_tokens < 1 or not args.temperature >= 0 or args.top_k < 0
             or (args.top_p is not None and not 0 <= args.top_p <= 1)):
         parser.error("need --max-tokens >= 1, --temperature >= 0, --top-k >= 0 and --top-p within [0, 1]")
+    if not -2**62 <= args.seed <= 2**62:  # jax.random.key takes 64-bit seeds (+1 each turn)
+        parser.error(f"--seed must be from -2**62 to 2**62, got {args.seed}")
     return args
 
 

@@ -43,6 +43,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--slots and --cpu-devices must be >= 1 and --max-queue >= 0")
     if not 1 <= args.port <= 65535:
         parser.error(f"--port must be from 1 to 65535, got {args.port}")
+    if not -2**62 <= args.seed <= 2**62:  # a 64-bit seed for every reply (the Scheduler refuses others), +1 each
+        parser.error(f"--seed must be from -2**62 to 2**62, got {args.seed}")
     return args
 
 

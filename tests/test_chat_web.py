@@ -415,3 +415,15 @@ def test_a_taken_port_or_a_bad_one_is_one_line(capsys):
         with pytest.raises(UserError, match=f"^cannot listen on 127.0.0.1:{port}: the port is in use or the address "
                                             r"is not this machine's \(see --port and --host\)$"):
             chat_web.launch(app, APIRouter(), args)
+
+
+@pytest.mark.parametrize("script", ["chat_web", "chat_cli"])
+def test_a_seed_past_64_bits_is_refused_at_start(script, capsys):
+    """--seed 10**20 started the page, then every message failed (the Scheduler refuses it); chat_cli answered -p
+    with jax's OverflowError traceback."""
+    module = load_chat_web() if script == "chat_web" else load_chat_cli()
+    for seed in (10**20, -(2**62) - 1):
+        with pytest.raises(SystemExit):
+            module.parse_args(["--seed", str(seed)])
+        assert f"--seed must be from -2**62 to 2**62, got {seed}" in capsys.readouterr().err
+    assert module.parse_args(["--seed", str(2**62)]).seed == 2**62
