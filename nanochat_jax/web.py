@@ -82,15 +82,24 @@ def plain(text: str) -> str:
     return re.sub(r"(?m)^( {0,3})#", r"\1\\#", text)
 
 
+def code(kind: str, text: str) -> str:
+    """A tool part as Markdown (PART_MARKUP's, unless the text needs more): the fence or the backticks around it
+    outnumber any run of backticks inside, so a result such as a`b cannot end them early, and a result of several
+    lines is a block (a line of it starting with "#" would be a heading)."""
+    ticks = "`" * (max(map(len, re.findall("`+", text)), default=0) + 1)
+    if kind == "python" or "\n" in text:
+        fence = max(ticks, "```", key=len)
+        lang, before, after = ("python", "\n", "\n") if kind == "python" else ("", "→\n", "\n\n")
+        return f"{before}{fence}{lang}\n{text}\n{fence}{after}"
+    pad = " " if text.startswith("`") or text.endswith("`") else ""  # (CommonMark strips one space each side)
+    return f"→ {ticks}{pad}{text}{pad}{ticks}\n\n"
+
+
 def to_markdown(content: str | list[dict]) -> str:
     """How a message's content shows in the chat."""
     if isinstance(content, str):
         return plain(content)
-    out = []
-    for part in content:
-        before, after = PART_MARKUP.get(part["type"], ("", ""))
-        out.append(before + (plain(part["text"]) if part["type"] == "text" else part["text"]) + after)
-    return "".join(out)
+    return "".join(plain(p["text"]) if p["type"] == "text" else code(p["type"], p["text"]) for p in content)
 
 
 def chat_display(messages: list[dict]) -> list[dict]:

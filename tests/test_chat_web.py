@@ -427,3 +427,15 @@ def test_a_seed_past_64_bits_is_refused_at_start(script, capsys):
             module.parse_args(["--seed", str(seed)])
         assert f"--seed must be from -2**62 to 2**62, got {seed}" in capsys.readouterr().err
     assert module.parse_args(["--seed", str(2**62)]).seed == 2**62
+
+
+def test_backticks_and_lines_in_a_calculator_call_or_result_stay_inside_its_code():
+    """A result with a backtick ('a`b'.upper() is A`B) ended its `span` early ("→ `A`B`" shows code A, then B`);
+    one of several lines became a heading ("→ `x\n# big`"); the fence or backticks now outnumber any run inside."""
+    assert web.to_markdown([{"type": "python", "text": "1/7"}, {"type": "python_output", "text": "0.142857142857"}]) \
+        == "\n```python\n1/7\n```\n→ `0.142857142857`\n\n"  # the usual case unchanged
+    assert web.to_markdown([{"type": "python_output", "text": "A`B"}]) == "→ ``A`B``\n\n"
+    assert web.to_markdown([{"type": "python_output", "text": "```"}]) == "→ ```` ``` ````\n\n"
+    assert web.to_markdown([{"type": "python_output", "text": "x\n# big"}]) == "→\n```\nx\n# big\n```\n\n"
+    assert web.to_markdown([{"type": "python", "text": "'```'\n```"}, {"type": "text", "text": "ok"}]) == \
+        "\n````python\n'```'\n```\n````\nok"
