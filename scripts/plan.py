@@ -8,7 +8,7 @@ Prints, per device of the target: parameter + optimizer bytes, temporaries, the 
 (fits with 10% headroom or not), FLOPs per call, bytes each kind of collective moves, and a roofline estimate of the
 step time and tokens/s (nanochat_jax/plan.py says how). Nothing runs on a device and nothing is downloaded: the
 compilers come from the plan extra (`PLAN=1 bash scripts/ensure_env.sh`). Other options: --decode-rows,
---prompt-len, --cache-len, --programs train,bpb,prefill,decode, --out DIR (default <home>/plans). Any config
+--prompt-len, --cache-len, --programs train,bpb,prefill,decode, --out DIR (default <home>/plans/<run>_<target>). Any config
 override (--model.depth=26, --mesh.fsdp=8, --train.device_batch_size=16) works as in the training scripts.
 --sweep compiles the train step for every (data, fsdp, tensor) of the device count, halving the rows and turning
 remat on only until it fits, caches each answer in the plan folder, draws sweep.png and prints the best override.
@@ -36,6 +36,7 @@ REMATS = ("none", "dots_saveable", "block")
 
 def options(argv: list[str]):
     """(the planner's own options, the config's: --config and dotted overrides)."""
+    from nanochat_jax.config import _asks_for_help
     from nanochat_jax.plan import PROGRAMS
 
     p = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
@@ -47,7 +48,7 @@ def options(argv: list[str]):
     p.add_argument("--programs", default=",".join(PROGRAMS))
     p.add_argument("--out")
     own, rest = p.parse_known_args(argv)
-    if not own.target:
+    if not own.target and not _asks_for_help(rest):  # (--help: load_config prints the usage)
         raise SystemExit(f"plan: --target is required ({TARGET_HELP})")
     unknown = set(own.programs.split(",")) - set(PROGRAMS)
     if unknown:
@@ -180,8 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     from nanochat_jax.sharding import mesh_shape
 
     own, rest = options(list(sys.argv[1:] if argv is None else argv))
-    target = parse_target(own.target)
     cfg = load_config(rest)
+    target = parse_target(own.target)
     print(to_toml(cfg))
     devices = target_devices(target)
     folder = Path(own.out) if own.out else artifacts_dir("plans", f"{cfg.run}_{target.name}")

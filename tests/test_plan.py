@@ -180,3 +180,13 @@ def test_bad_planner_options_are_one_line(args, message):
     proc = subprocess.run([sys.executable, "scripts/plan.py", "--target", "v5e-4", *args], cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1 and proc.stderr.splitlines()[-1] == message and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("args", [["--help"], ["-h"], ["--config", "configs/d20.toml", "--help"]])
+def test_help_without_a_target_prints_the_usage(args):
+    """--help needs no --target: it prints the docstring and the settings (it said '--target is required', exit 1)."""
+    proc = subprocess.run([sys.executable, "scripts/plan.py", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("usage: python plan.py") and "--target 8xh100" in proc.stdout
+    assert "[model]\ndepth = 20" in proc.stdout and "required" not in proc.stderr
