@@ -222,7 +222,8 @@ class StageConfig:
 
 @dataclass
 class TrainConfig(StageConfig):
-    """Base training; resume, seed, checkpoint_every, keep_checkpoints and log_every apply to every stage."""
+    """Base training; resume, checkpoint_every, keep_checkpoints and log_every apply to every stage, seed (the
+    initialisation and data order) to base training and RL (its rollouts)."""
 
     total_batch_size: int = 524288  # tokens per optimizer step; grad accumulation is derived (-1: depth scaling's)
     target_flops: float = -1.0  # (num_iterations -1: derive from target_flops or the ratio)

@@ -7,7 +7,8 @@ Starts from the latest [sft] source checkpoint (architecture from its metadata) 
 sft.target_examples_per_step conversations per step (gradient accumulation over micro-batches of
 sft.device_batch_size per device). Every sft.eval_every steps: mean validation loss over sft.eval_steps
 micro-batches; every sft.eval_metrics_every steps (and at the end): quick accuracies on checkable tasks.
-[train] resume / checkpoint_every / keep_checkpoints / log_every / seed apply here too.
+[train] resume / checkpoint_every / keep_checkpoints / log_every apply here too (seed does not: the model comes
+from the source checkpoint and the mixture's order is fixed).
 Writes <home>/checkpoints/sft/d<depth>/ and <home>/report/sft_train.{jsonl,json}.
 """
 

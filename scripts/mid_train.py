@@ -5,7 +5,8 @@
 Starts from the latest [mid] source checkpoint (architecture from its metadata) with a fresh optimizer at
 [optim] learning rates x mid.init_lr_frac: constant, then linear decay to 0 over the last 20% of the steps,
 Muon momentum warming up as in pretraining. Validation bits-per-byte on the mixture's val split every
-mid.eval_every steps. [train] resume / checkpoint_every / keep_checkpoints / log_every / seed apply here too.
+mid.eval_every steps. [train] resume / checkpoint_every / keep_checkpoints / log_every apply here too (seed does
+not: the model comes from the source checkpoint and the mixture's order is fixed).
 Writes <home>/checkpoints/mid/d<depth>/ and <home>/report/mid_train.{jsonl,json}.
 """
 
