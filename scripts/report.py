@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 
 from nanochat_jax import report
 from nanochat_jax.common import run_script
@@ -19,6 +20,8 @@ def main(argv: list[str] | None = None):
                    help="dollars per hour of the machine, for the cost estimate (default: $3 per GPU-hour when base "
                         "training ran on GPUs, as nanochat's $24/hour for 8 x H100; no estimate otherwise)")
     args = p.parse_args(argv)
+    if args.hourly_price is not None and not (math.isfinite(args.hourly_price) and args.hourly_price >= 0):
+        p.error(f"--hourly-price must be a number >= 0, got {args.hourly_price}")
     if args.command == "reset":
         removed = report.reset()
         for path in removed:

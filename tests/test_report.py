@@ -138,3 +138,17 @@ def test_plot_curves_per_stage_metrics(tmp_path):
     assert [name for _, name in plot_curves(tmp_path, "rl")] == ["rl_train_loss.png", "rl_reward.png"]
     assert plot_curves(tmp_path, "mid") == []
     assert (tmp_path / "rl_reward.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("price", ["-5", "nan", "inf"])
+def test_script_refuses_a_price_that_is_no_price(filled, capsys, price):
+    """--hourly-price -5 wrote "Estimated cost: $-17.92 (at $-5.00/hour)" (nan, inf: $nan, $inf) into report.md."""
+    spec = importlib.util.spec_from_file_location("report_script", ROOT / "scripts" / "report.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    with pytest.raises(SystemExit) as exit_info:
+        script.main(["generate", f"--hourly-price={price}"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1].endswith(
+        f": error: --hourly-price must be a number >= 0, got {float(price)}")
+    assert not (filled / "report.md").exists()
