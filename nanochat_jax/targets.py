@@ -19,6 +19,8 @@ import re
 import sys
 from pathlib import Path
 
+from nanochat_jax.common import UserError
+
 PLAN_SITE = Path(__file__).resolve().parents[1] / ".venv" / "plan-site"
 
 
@@ -62,8 +64,8 @@ GPUS_PER_NODE = 8
 TARGET_HELP = "8xh100, 16xh100, 8xh200, v6e-8, v5e-16, v5p-8, v4-8 or a slice times slices like v6e-8x2"
 
 
-class TargetError(ValueError):
-    pass
+class TargetError(UserError, ValueError):
+    """A target name the planner does not know, or one it cannot compile for here (the plan extra missing)."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -5,6 +5,7 @@ and must be on the path before JAX starts, which this test process has already d
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -190,3 +191,29 @@ def test_help_without_a_target_prints_the_usage(args):
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("usage: python plan.py") and "--target 8xh100" in proc.stdout
     assert "[model]\ndepth = 20" in proc.stdout and "required" not in proc.stderr
+
+
+@pytest.mark.parametrize("target, message", [
+    ("bogus", "plan: unknown target 'bogus'; targets look like 8xh100, "),
+    ("v6e-3", "plan: target 'v6e-3': no v6e slice of that size; sizes: v6e-1, v6e-4, "),
+    ("12xh100", "plan: target '12xh100': GPUs come in nodes of 8: use 1-8 or a multiple of 8"),
+])
+def test_bad_target_is_one_line(target, message):
+    """A target the planner does not know ended in a traceback (TargetError was no UserError)."""
+    proc = subprocess.run([sys.executable, "scripts/plan.py", "--target", target], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 1 and proc.stderr.splitlines()[-1].startswith(message)
+    assert "Traceback" not in proc.stderr
+
+
+def test_missing_plan_extra_is_one_line():
+    """Without the plan extra the planner says how to install it in one line (it was a traceback)."""
+    script = ROOT / "scripts" / "plan.py"
+    code = ("import sys, runpy; from pathlib import Path; from nanochat_jax import targets; "
+            "targets.PLAN_SITE = Path('/nonexistent'); sys.argv = ['plan.py', '--target', 'v6e-8', *sys.argv[1:]]; "
+            f"runpy.run_path({str(script)!r}, run_name='__main__')")
+    proc = subprocess.run([sys.executable, "-c", code, *TINY, "--programs", "train"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.splitlines()[-1].startswith("plan: cannot compile for v6e-8: libtpu is not usable here (")
+    assert proc.stderr.splitlines()[-1].endswith("install the plan extra with `PLAN=1 bash scripts/ensure_env.sh`")
