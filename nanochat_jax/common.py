@@ -69,7 +69,7 @@ def artifacts_dir(*parts: str, create: bool = True) -> Path:
 def write_atomically(path: Path, text: str) -> None:
     """Write beside path, then rename over it: a kill mid-write leaves the old file or the new one, never half."""
     tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
+    tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
 
 

@@ -527,7 +527,7 @@ def flag_overrides(parser, argv: list[str] | None, section: str = "eval") -> tup
     return args, rest + [f"--{section}.{k}={v}" for k, v in vars(args).items() if k in keys and v is not None]
 
 
-def _asks_for_help(argv: list[str]) -> bool:
+def asks_for_help(argv: list[str]) -> bool:
     """-h or --help where an option may stand (not as the value of --key value)."""
     i = 0
     while i < len(argv):
@@ -550,7 +550,7 @@ def load_config(argv: list[str] | None = None, defaults: Config | None = None) -
     """Defaults <- TOML file (--config) <- command-line overrides; then validate."""
     argv = sys.argv[1:] if argv is None else argv
     cfg = from_dict(to_dict(defaults)) if defaults else Config()
-    if _asks_for_help(argv):
+    if asks_for_help(argv):
         print(usage(cfg))
         raise SystemExit(0)
     config_file, overrides = parse_overrides(argv)

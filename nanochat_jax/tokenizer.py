@@ -19,7 +19,7 @@ import numpy as np
 import rust_bpe
 import tiktoken
 
-from nanochat_jax.common import UserError, artifacts_dir
+from nanochat_jax.common import UserError, artifacts_dir, write_atomically
 
 SPECIAL_TOKENS = [
     "<|bos|>",  # starts every document
@@ -79,7 +79,7 @@ class Tokenizer:
             "special_tokens": self.special,
         }
         path = directory / TOKENIZER_FILE
-        path.write_text(json.dumps(table, ensure_ascii=False))
+        write_atomically(path, json.dumps(table, ensure_ascii=False))  # a kill mid-write leaves the old one whole
         return path
 
     @classmethod

@@ -36,7 +36,7 @@ REMATS = ("none", "dots_saveable", "block")
 
 def options(argv: list[str]):
     """(the planner's own options, the config's: --config and dotted overrides)."""
-    from nanochat_jax.config import _asks_for_help
+    from nanochat_jax.config import asks_for_help
     from nanochat_jax.plan import PROGRAMS
 
     p = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
@@ -48,7 +48,7 @@ def options(argv: list[str]):
     p.add_argument("--programs", default=",".join(PROGRAMS))
     p.add_argument("--out")
     own, rest = p.parse_known_args(argv)
-    if not own.target and not _asks_for_help(rest):  # (--help: load_config prints the usage)
+    if not own.target and not asks_for_help(rest):  # (--help: load_config prints the usage)
         raise SystemExit(f"plan: --target is required ({TARGET_HELP})")
     unknown = set(own.programs.split(",")) - set(PROGRAMS)
     if unknown:
@@ -103,9 +103,9 @@ def train_plan(trial, target, devices, cache: dict, cache_file: Path):
     return plan
 
 
-def sweep(cfg, target, devices, folder: Path) -> None:
+def sweep(cfg, target, devices, folder: Path) -> bool:
     """Every mesh of the device count; per mesh the config's rows and remat first, then fewer rows / more remat
-    until the train step fits. Answers are cached in folder/sweep_cache.json."""
+    until the train step fits. Answers are cached in folder/sweep_cache.json. False when no mesh fits."""
     from nanochat_jax.model import flops_per_token
     from nanochat_jax.plan import fits, mesh_options, roofline
 
@@ -141,7 +141,7 @@ def sweep(cfg, target, devices, folder: Path) -> None:
                 break  # more remat only costs time once it fits
     if not results:
         print("no mesh fits: try a smaller model or sequence, or more devices")
-        return
+        return False
     results.sort(key=lambda x: -x[2].tokens / x[3]["step"])
     print(f"\n{'setting':60s} {'GB/dev':>7s} {'est. ms':>8s} {'tokens/s':>12s} {'MFU':>5s}  bound")
     for label, _, plan, r, mfu in results:
@@ -151,6 +151,7 @@ def sweep(cfg, target, devices, folder: Path) -> None:
     print(f"\nrecommended: --mesh.data={best.mesh.data} --mesh.fsdp={best.mesh.fsdp} --mesh.tensor={best.mesh.tensor} "
           f"--train.device_batch_size={best.train.device_batch_size} --model.remat={best.model.remat}")
     chart(results, target, folder / "sweep.png")
+    return True
 
 
 def chart(results, target, path: Path) -> None:
@@ -191,8 +192,7 @@ def main(argv: list[str] | None = None) -> int:
           f"slice(s)); peak {target.chip.peak_flops / 1e12:.0f} TFLOP/s, HBM {target.chip.hbm_bandwidth / 1e12:.2f} "
           f"TB/s, memory {target.chip.memory / GB:.1f} GB per device [{target.chip.source}]")
     if own.sweep:
-        sweep(cfg, target, devices, folder)
-        return 0
+        return 0 if sweep(cfg, target, devices, folder) else 3
     start = time.time()
     plans = plan_programs(cfg, target, devices, decode_rows=own.decode_rows, prompt_len=own.prompt_len,
                           cache_len=own.cache_len, programs=tuple(own.programs.split(",")))

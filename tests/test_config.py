@@ -2,7 +2,7 @@ import re
 
 import pytest
 
-from nanochat_jax.config import Config, ConfigError, _asks_for_help, from_dict, load_config, to_dict, to_toml
+from nanochat_jax.config import Config, ConfigError, asks_for_help, from_dict, load_config, to_dict, to_toml
 
 
 def test_overrides_and_types():
@@ -135,9 +135,9 @@ def test_scripts_print_user_errors_on_one_line_and_help(tmp_path):
 
 
 def test_help_is_asked_where_an_option_stands():
-    assert _asks_for_help(["--help"]) and _asks_for_help(["--config", "c.toml", "-h"])
-    assert _asks_for_help(["--run=x", "--help"])
-    assert not _asks_for_help(["--run", "-h"]) and not _asks_for_help(["--run", "--help"])  # a value, not an option
+    assert asks_for_help(["--help"]) and asks_for_help(["--config", "c.toml", "-h"])
+    assert asks_for_help(["--run=x", "--help"])
+    assert not asks_for_help(["--run", "-h"]) and not asks_for_help(["--run", "--help"])  # a value, not an option
 
 
 def hostile_configs(seed: int, count: int):

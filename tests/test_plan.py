@@ -217,3 +217,21 @@ def test_missing_plan_extra_is_one_line():
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert proc.stderr.splitlines()[-1].startswith("plan: cannot compile for v6e-8: libtpu is not usable here (")
     assert proc.stderr.splitlines()[-1].endswith("install the plan extra with `PLAN=1 bash scripts/ensure_env.sh`")
+
+
+def test_a_sweep_where_nothing_fits_exits_3(tmp_path):
+    """As a plan that does not fit: exit code 3 (the sweep said "no mesh fits" and exited 0). The compiler is
+    replaced by a refusal, so nothing compiles."""
+    script = ROOT / "scripts" / "plan.py"
+    code = ("import sys, importlib.util; "
+            f"spec = importlib.util.spec_from_file_location('plan_script', {str(script)!r}); "
+            "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m); "
+            "from nanochat_jax.plan import ProgramPlan; "
+            "m.train_plan = lambda *a: ProgramPlan('train', error='RESOURCE_EXHAUSTED'); "
+            "m.target_devices = lambda target: list(range(4)); "
+            "sys.exit(m.main(['--target', 'v5e-4', '--sweep', *sys.argv[1:]]))")
+    proc = subprocess.run([sys.executable, "-c", code, *TINY, "--out", str(tmp_path)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    assert proc.stdout.count("does not compile") >= 3
+    assert proc.stdout.rstrip().endswith("no mesh fits: try a smaller model or sequence, or more devices")
