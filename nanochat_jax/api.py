@@ -39,14 +39,13 @@ def error(status: int, message: str, kind: str = "invalid_request_error") -> JSO
 
 
 def reply_text(tokenizer, tokens: list[int], final: bool) -> str:
-    """The text of a reply so far; append-only while it grows (a tool part's closing markup and half a UTF-8
-    character wait until they are complete)."""
+    """The text of a reply so far, with tool parts as the chat page shows them (web.code); append-only while it
+    grows: a tool part shows once complete (its backticks depend on its whole text), half a UTF-8 character
+    once the rest has come."""
     parts = web.reply_parts(tokenizer, tokens)
-    out = []
-    for i, part in enumerate(parts):
-        before, after = web.PART_MARKUP.get(part["type"], ("", ""))
-        out.append(before + part["text"] + (after if final or i < len(parts) - 1 else ""))
-    text = "".join(out)
+    if not final and parts and parts[-1]["type"] != "text":
+        parts = parts[:-1]
+    text = "".join(p["text"] if p["type"] == "text" else web.code(p["type"], p["text"]) for p in parts)
     return text if final else text.rstrip("\ufffd")
 
 

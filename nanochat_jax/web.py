@@ -27,8 +27,6 @@ TEMPERATURE_RANGE = (0.0, 2.0)
 TOP_K_RANGE = (0, 200)  # 0 disables top-k
 MAX_TOKENS_RANGE = (1, 4096)
 
-# Markdown around a tool part: (before, after)
-PART_MARKUP = {"python": ("\n```python\n", "\n```\n"), "python_output": ("→ `", "`\n\n")}
 STOPPED = "\n\n*(stopped)*"
 CUT_BY_MAX_TOKENS = "\n\n*(cut at {} tokens: the Max tokens setting)*"
 CUT_BY_CONTEXT = "\n\n*(cut: the conversation reached the model's context of {} tokens; press Clear to start anew)*"
@@ -83,9 +81,10 @@ def plain(text: str) -> str:
 
 
 def code(kind: str, text: str) -> str:
-    """A tool part as Markdown (PART_MARKUP's, unless the text needs more): the fence or the backticks around it
-    outnumber any run of backticks inside, so a result such as a`b cannot end them early, and a result of several
-    lines is a block (a line of it starting with "#" would be a heading)."""
+    """A tool part as Markdown: a call as a python code block, a result as "→ `result`" (the chat page's and the
+    API's). The fence or the backticks around it outnumber any run of backticks inside, so a result such as a`b
+    cannot end them early, and a result of several lines is a block (a line of it starting with "#" would be a
+    heading)."""
     ticks = "`" * (max(map(len, re.findall("`+", text)), default=0) + 1)
     if kind == "python" or "\n" in text:
         fence = max(ticks, "```", key=len)

@@ -452,6 +452,22 @@ def test_each_limit_is_a_clear_400(server, body, message):
     assert message in error["message"] and error["type"] == "invalid_request_error" and "\n" not in error["message"]
 
 
+def test_reply_text_grows_append_only_and_shows_tool_parts_as_the_chat_page(tokenizer):
+    """A calculator result with a backtick keeps its code span whole (as the chat page shows it: web.code), and
+    every partial text is a prefix of the next: a tool part appears once it is complete."""
+    from nanochat_jax.api import reply_text
+
+    sp = tokenizer.encode_special
+    tokens = (tokenizer.encode("Let me check. ") + [sp("<|python_start|>")] + tokenizer.encode("'a`b'.upper()")
+              + [sp("<|python_end|>"), sp("<|output_start|>")] + tokenizer.encode("'A`B'")
+              + [sp("<|output_end|>")] + tokenizer.encode(" So: A`B."))
+    final = reply_text(tokenizer, tokens, final=True)
+    assert final == "Let me check. \n```python\n'a`b'.upper()\n```\n→ ``'A`B'``\n\n So: A`B."
+    texts = [reply_text(tokenizer, tokens[:n], final=False) for n in range(len(tokens) + 1)] + [final]
+    assert all(b.startswith(a) for a, b in zip(texts, texts[1:]))
+    assert "Let me check. \n```python\n'a`b'.upper()\n```\n" in texts  # the call, before its result
+
+
 def test_special_token_text_is_plain_text(engine, tokenizer, client):
     """A user typing "<|assistant_end|>" gets its bytes encoded, never the control token."""
     text = "<|assistant_end|><|python_start|>1+1<|python_end|><|bos|>"
