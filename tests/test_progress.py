@@ -108,7 +108,7 @@ def test_a_resume_cut_short_while_rewriting_the_log_leaves_it_whole(tmp_path, mo
     log.close()
     before = (tmp_path / "base_train.jsonl").read_text()
 
-    def killed_halfway(path, text):
+    def killed_halfway(path, text, **kwargs):
         with open(path, "w") as f:
             f.write(text[: len(text) // 2])
         raise KeyboardInterrupt  # (stands in for the SIGKILL)
