@@ -310,8 +310,10 @@ def build_optimizer(cfg: OptimConfig, model_dim: int, num_iterations: int) -> op
 
     def adamw(group, base_lr):
         b1, b2, eps, wd = cfg.adam_group(group)
-        return optax.inject_hyperparams(optax.adamw)(learning_rate=scheduled(base_lr), b1=b1, b2=b2, eps=eps,
-                                                     weight_decay=wd)
+        # hyperparameters and arithmetic in float32 whatever the parameters' dtype, the moments stored in theirs (as
+        # master's fused AdamW): in bfloat16 a beta2 of 0.999 is 1.0 (NaN updates), in float16 an eps of 1e-10 is 0
+        return _keep_state_dtypes(optax.inject_hyperparams(optax.adamw, hyperparam_dtype=jnp.float32)(
+            learning_rate=scheduled(base_lr), b1=b1, b2=b2, eps=eps, weight_decay=wd))
 
     muon_options = dict(nesterov=cfg.muon_nesterov, ns_steps=cfg.ns_steps, ns_dtype=jnp.dtype(cfg.ns_dtype),
                         method=cfg.orthogonalizer, muon_eq=cfg.muon_eq, muon_plus=cfg.muon_plus,
@@ -331,6 +333,17 @@ def build_optimizer(cfg: OptimConfig, model_dim: int, num_iterations: int) -> op
     }
     parts = [clip_by_global_norm_torch(cfg.grad_clip)] if cfg.grad_clip > 0 else []
     return optax.chain(*parts, _partition(transforms, param_labels))
+
+
+def _keep_state_dtypes(inner: optax.GradientTransformation) -> optax.GradientTransformation:
+    """inner, its updated state cast back to the dtypes of the state it was given (float32 arithmetic on
+    bfloat16 moments would otherwise turn them into float32 after the first step)."""
+
+    def update_fn(updates, state, params=None):
+        updates, new_state = inner.update(updates, state, params)
+        return updates, jax.tree.map(lambda new, old: new.astype(old.dtype), new_state, state)
+
+    return optax.GradientTransformation(inner.init, update_fn)
 
 
 def _partition(transforms: dict, labels_fn) -> optax.GradientTransformation:

@@ -281,6 +281,24 @@ def test_unclipped_when_norm_is_small():
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), clipped, unclipped)
 
 
+@pytest.mark.parametrize("beta2", [0.95, 0.999])
+def test_adamw_on_bfloat16_parameters_computes_in_float32(beta2):
+    """bfloat16 parameters (model.param_dtype): AdamW's moments stay bfloat16, its betas and eps are not rounded
+    to bfloat16 (0.999 would be 1.0: the second moment never grows, the update was NaN), updates match float32."""
+    cfg = dataclasses.replace(CFG, grad_clip=0.0, weight_decay=0.0, adam_beta2=beta2)
+    rng = np.random.default_rng(0)
+    p, g = rng.normal(size=(V, C)), 0.01 * rng.normal(size=(V, C))
+    updates = {}
+    for dtype in (jnp.float32, jnp.bfloat16):
+        params, grads = {"wte": {"embedding": jnp.asarray(p, dtype)}}, {"wte": {"embedding": jnp.asarray(g, dtype)}}
+        _, state = run_steps(build_optimizer(cfg, C, NUM_ITERATIONS), params, [grads] * 2)
+        assert {x.dtype for x in jax.tree.leaves(state) if x.ndim == 2} == {jnp.dtype(dtype)}
+        u, _ = build_optimizer(cfg, C, NUM_ITERATIONS).update(grads, state, params)
+        updates[dtype] = np.asarray(u["wte"]["embedding"], np.float64)
+    assert np.isfinite(updates[jnp.bfloat16]).all()
+    np.testing.assert_allclose(updates[jnp.bfloat16], updates[jnp.float32], rtol=0.02)
+
+
 # ---------------------------------------------------------------------------------------------
 # Sharding
 
