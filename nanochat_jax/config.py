@@ -37,7 +37,7 @@ class ModelConfig:
     softcap: float = 15.0  # logit soft-capping, computed in fp32
     rope_theta: float = 10000.0
     compute_dtype: str = "bfloat16"  # activations / matmuls; parameters stay fp32
-    param_dtype: str = "float32"
+    param_dtype: str = "float32"  # float32 | bfloat16 (AdamW stores its moments in it and computes in fp32)
     attention_impl: str = "xla"  # xla | cudnn (flash attention on NVIDIA GPUs) | splash (flash attention on TPU)
     remat: str = "none"  # none | block | dots_saveable
     loss_chunk: int = 0  # >0: cross-entropy over chunks of this many tokens (no full (B,T,V) logits)
@@ -77,6 +77,9 @@ class ModelConfig:
         if self.n_kv_head < 0 or self.n_head % self.n_kv_heads:
             raise ConfigError(f"model.n_kv_head={self.n_kv_head} must divide n_head={self.n_head} (0 = same as n_head)")
         _choice(self, "model", "compute_dtype", DTYPES)
+        if self.param_dtype == "float16":  # (master keeps fp32 weights for fp16 training)
+            raise ConfigError("model.param_dtype='float16' is not supported (its range cannot hold the optimizer's "
+                              "updates: the loss is NaN within a few steps); use float32 or bfloat16")
         _choice(self, "model", "param_dtype", DTYPES)
         _choice(self, "model", "attention_impl", ("xla", "cudnn", "splash"))
         _choice(self, "model", "remat", ("none", "block", "dots_saveable"))

@@ -50,6 +50,7 @@ def test_round_trip_through_toml(tmp_path):
         (["--data.prefetch=-1"], "data.prefetch=-1 must be >= 0"),
         (["--data.source=fineweb", "--data.num_shards=1"], "data.num_shards=1 must be >= 2 for data.source=fineweb"),
         (["--run", "--train.num_iterations=50"], "missing value for '--run'"),
+        (["--model.param_dtype=float16"], "model.param_dtype='float16' is not supported"),  # NaN loss by step 2
     ],
 )
 def test_errors_name_the_key(argv, message):
