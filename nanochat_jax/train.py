@@ -31,7 +31,7 @@ from nanochat_jax.common import artifacts_dir, device_info, is_main_process, pea
 from nanochat_jax.config import (RUNTIME_MODEL_FIELDS, Config, ConfigError, ModelConfig, OptimConfig,
                                  model_config_from_dict, to_dict, to_toml)
 from nanochat_jax.distributed import errors_anywhere
-from nanochat_jax.model import init_model
+from nanochat_jax.model import NATIVE_PLATFORMS, init_model
 from nanochat_jax.optim import build_optimizer, depth_scaling, lr_multiplier, scaling_param_count
 from nanochat_jax.progress import StepLogger
 from nanochat_jax.sharding import (batch_shards, check_rows_per_process, like_params, named_sharding, param_shardings,
@@ -186,6 +186,13 @@ class TrainRun:
             raise ConfigError(f"optim.warmup_steps={optim_cfg.warmup_steps} and the warm-down's {warmdown} steps "
                               f"(optim.warmdown_ratio={optim_cfg.warmdown_ratio:g}) do not fit in {num_iterations} "
                               "steps: the learning rate would never decay; lower warmup_steps or train longer")
+        if model_cfg.compute_dtype == "float16":  # (gradients of 1/tokens-sized logits flush to zero in float16)
+            raise ConfigError("model.compute_dtype='float16' cannot train: its gradients underflow without loss "
+                              "scaling (nanochat's GradScaler), which this port does not have; use bfloat16 or float32")
+        platform = mesh.devices.flat[0].platform
+        if model_cfg.attention_impl == "cudnn" and platform not in NATIVE_PLATFORMS["cudnn"]:
+            raise ConfigError(f"model.attention_impl='cudnn' runs on NVIDIA GPUs only, not on this run's {platform} "
+                              "devices; use xla")
         check_rows_per_process(mesh)  # (each process feeds its own rows)
         splash.prepare(model_cfg, mesh)  # the kernel built outside the step's trace serves every mesh
         self.optimizer = build_optimizer(optim_cfg, model_cfg.n_embd, num_iterations)

@@ -1,5 +1,6 @@
 """The sharded train step: same numbers on every mesh, gradient accumulation, overfitting, FSDP memory."""
 
+import dataclasses
 import re
 
 import jax
@@ -7,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from nanochat_jax.config import MeshConfig, ModelConfig, OptimConfig
+from nanochat_jax.config import ConfigError, MeshConfig, ModelConfig, OptimConfig
 from nanochat_jax.sharding import make_mesh
 from nanochat_jax.train import TrainRun, microbatch_sharding
 
@@ -200,3 +201,15 @@ def test_rows_per_device_shrink_when_one_micro_batch_would_exceed_the_step(make_
         rows_and_accum(4, 20, 1, mesh, "sft.target_examples_per_step")
     with pytest.raises(ConfigError, match=r"=4 is not a multiple of the 32 per micro-batch"):
         rows_and_accum(4, 4, 1, mesh, "sft.target_examples_per_step")  # fewer than one row per device
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(compute_dtype="float16"), "model.compute_dtype='float16' cannot train: its gradients underflow"),
+    (dict(compute_dtype="bfloat16", attention_impl="cudnn"), "model.attention_impl='cudnn' runs on NVIDIA GPUs only"),
+])
+def test_settings_that_cannot_train_here_are_refused_in_one_line(change, message):
+    """float16 training had no loss scaling (on CPUs its attention did not even compile: 'F16_F16_F32' is not
+    supported), cuDNN attention off NVIDIA GPUs failed at the first step ('cuDNN is not detected')."""
+    mesh = make_mesh(MeshConfig(1, 1, 1), devices=jax.devices()[:1])  # (the tests' CPU devices)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        TrainRun(dataclasses.replace(TINY, **change), OPTIM, 3, mesh)
