@@ -430,11 +430,14 @@ NATIVE_PLATFORMS = {"cudnn": ("gpu", "cuda"), "splash": ("tpu",)}  # attention t
 def runnable_on(cfg: ModelConfig, platform: str) -> ModelConfig:
     """cfg with an attention_impl that devices of `platform` (a device's .platform) run: cudnn off NVIDIA GPUs and
     splash off TPUs become xla (the same attention computed by XLA), e.g. for a model trained on GPUs and evaluated
-    or served on a laptop. The platform is the devices', not jax.default_backend(): a laptop compiles for TPUs."""
+    or served on a laptop; float16 compute becomes float32 on CPUs (XLA:CPU has no float16 dot that accumulates in
+    float32, as attention asks). The platform is the devices', not jax.default_backend(): a laptop compiles for TPUs."""
     native = NATIVE_PLATFORMS.get(cfg.attention_impl)
-    if native is None or platform in native:
-        return cfg
-    return dataclasses.replace(cfg, attention_impl="xla")
+    if native is not None and platform not in native:
+        cfg = dataclasses.replace(cfg, attention_impl="xla")
+    if platform == "cpu" and cfg.compute_dtype == "float16":
+        cfg = dataclasses.replace(cfg, compute_dtype="float32")
+    return cfg
 
 
 def init_model(cfg: ModelConfig, seed: int = 0) -> GPT:

@@ -265,6 +265,13 @@ def test_load_model_end_to_end(home, make_mesh):
         cfg_impl = dataclasses.replace(cfg.model, attention_impl=impl)
         assert runnable_on(cfg_impl, "cpu").attention_impl == "xla"
         assert runnable_on(cfg_impl, native) == cfg_impl  # a laptop compiling for that platform keeps the kernel
+    # float16 compute (an import with --compute-dtype float16) runs in float32 on CPUs: XLA:CPU's attention dot
+    # cannot accumulate float16 in float32 ("F16_F16_F32 is not supported"); other platforms keep it
+    f16 = dataclasses.replace(cfg.model, compute_dtype="float16")
+    assert runnable_on(f16, "cpu").compute_dtype == "float32" and runnable_on(f16, "cuda") == f16
+    np.testing.assert_allclose(forward(init_model(runnable_on(f16, "cpu"), seed=0), tokens),
+                               forward(init_model(dataclasses.replace(cfg.model, compute_dtype="float32"), seed=0),
+                                       tokens))
     ckpt = Checkpointer(checkpoint.checkpoint_dir("base", 1))
     ckpt.save(8, params, None, None, {**meta, "step": 8, "model": {**meta["model"], "attention_impl": "splash"}})
     ckpt.close()
