@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -30,8 +31,10 @@ def run_script(main) -> None:
     try:
         code = main()
     except UserError as e:
-        # one line also when the message quotes a library's multi-line error (pyarrow's on a corrupt file)
-        print(f"{Path(sys.argv[0]).stem}: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
+        # one line also when the message quotes a library's multi-line error (pyarrow's on a corrupt file); the
+        # spaces within a line stay (a path "my  data" is named as it is)
+        one_line = re.sub(r"\s*[\r\n]\s*", " ", str(e).strip())
+        print(f"{Path(sys.argv[0]).stem}: {one_line}", file=sys.stderr, flush=True)
         # the line stays the last: futures of the failed work (e.g. Orbax's writes to a full disk) that nothing
         # awaited any more would log their tracebacks as they are collected at exit
         logging.getLogger("asyncio").disabled = True

@@ -223,6 +223,20 @@ def test_run_script_prints_a_user_error_on_one_line(monkeypatch, capsys):
                                        "deserialize thrift Deserializing page header failed.\n")
 
 
+def test_run_script_keeps_the_spaces_within_a_line(monkeypatch, capsys):
+    """Only line breaks are joined: a path with two spaces in a row is named as it is (it read "my data")."""
+    monkeypatch.setattr(sys, "argv", ["scripts/tok_train.py"])
+    monkeypatch.setattr(common, "enable_compilation_cache", lambda: None)
+    monkeypatch.setattr(logging.getLogger("asyncio"), "disabled", False)
+
+    def main():
+        raise common.UserError("found 0 data file(s) in /data/my  data; need at least 2\r\n  (the last one)")
+
+    with pytest.raises(SystemExit):
+        common.run_script(main)
+    assert capsys.readouterr().err == "tok_train: found 0 data file(s) in /data/my  data; need at least 2 (the last one)\n"
+
+
 def test_mfu_on_cpu_is_against_the_measured_matmul_peak():
     """CPU has no datasheet peak: MFU there is against one measured dense matmul, split over the simulated devices."""
     whole = common.cpu_peak_flops("float32")
