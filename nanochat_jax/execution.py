@@ -59,8 +59,11 @@ with open(os.path.join(root, "program.py"), encoding="utf-8") as f:
 status_file = open(os.path.join(root, "status.json"), "w", encoding="utf-8")
 exit_now = os._exit
 
+pinned = set()  # the limits set here: the program cannot change them (a root program could lift them)
+
 def limit(name, value):
     if hasattr(resource, name):
+        pinned.add(getattr(resource, name))
         try:
             resource.setrlimit(getattr(resource, name), (value, value))
         except (ValueError, OSError):
@@ -93,9 +96,16 @@ subprocess.Popen = disabled("subprocess.Popen")
 _posixsubprocess.fork_exec = disabled("_posixsubprocess.fork_exec")  # multiprocessing's spawn and forkserver
 if hasattr(signal, "pidfd_send_signal"):
     signal.pidfd_send_signal = disabled("signal.pidfd_send_signal")
-for name in ("setrlimit", "prlimit"):  # the limits set above stay; the caller's (same user) cannot be changed
-    if hasattr(resource, name):
-        setattr(resource, name, disabled("resource." + name))
+if hasattr(resource, "prlimit"):  # the caller's limits (same user) cannot be changed
+    resource.prlimit = disabled("resource.prlimit")
+real_setrlimit = resource.setrlimit
+
+def guarded_setrlimit(which, limits):  # the limits set above stay; others (RLIMIT_STACK for deep recursion) may move
+    if which in pinned:
+        disabled("resource.setrlimit of the sandbox's limits")()
+    return real_setrlimit(which, limits)
+
+resource.setrlimit = guarded_setrlimit
 
 class NoSocket(socket.socket):
     def __init__(self, *args, **kwargs):

@@ -134,6 +134,16 @@ def test_the_callers_limits_priority_and_cpus_cannot_be_changed(how):
     assert (resource.getrlimit(resource.RLIMIT_CORE), os.sched_getaffinity(0), os.getpriority(os.PRIO_PROCESS, 0)) == before
 
 
+def test_a_program_may_raise_its_stack_limit():
+    """The sandbox's own limits are fixed, not the others: the usual deep-recursion preamble still runs."""
+    r = execute_code("import resource, sys\nsoft, hard = resource.getrlimit(resource.RLIMIT_STACK)\n"
+                     "resource.setrlimit(resource.RLIMIT_STACK, (hard, hard))\nsys.setrecursionlimit(10**5)\n"
+                     "print(resource.getrlimit(resource.RLIMIT_STACK)[0] == hard)")
+    assert r.success and r.stdout == "True\n", r.error
+    r = execute_code("import resource\nresource.setrlimit(resource.RLIMIT_CPU, (1, 1))")
+    assert not r.success and "disabled in the sandbox" in r.error
+
+
 @pytest.mark.parametrize("method", ["spawn", "forkserver"])
 def test_multiprocessing_cannot_start_a_process(tmp_path, method):
     marker = tmp_path / "child_ran"
