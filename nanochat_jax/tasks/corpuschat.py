@@ -34,10 +34,6 @@ def _chat(*turns: str | list, **extra) -> dict:
     return {"messages": [{"role": roles[i % 2], "content": t} for i, t in enumerate(turns)], **extra}
 
 
-def _cap(s: str) -> str:
-    return s[0].upper() + s[1:]
-
-
 class _Generated(GeneratedTask):
     """A generated task; subclasses implement make(rng) -> conversation."""
 
@@ -90,11 +86,11 @@ def _animal_fact(rng):
     legs_text = "no legs" if legs == 0 else f"{legs} legs"
     an = corpus._a(animal)
     return animal, rng.choice([
-        (f"How many legs does {an} have?", f"{_cap(an)} has {legs_text}.", legs_text),
-        (f"What do {plural} eat?", f"{_cap(plural)} eat {food}.", food),
-        (f"Where do {plural} live?", f"{_cap(plural)} live in {home}.", home),
+        (f"How many legs does {an} have?", f"{corpus._cap(an)} has {legs_text}.", legs_text),
+        (f"What do {plural} eat?", f"{corpus._cap(plural)} eat {food}.", food),
+        (f"Where do {plural} live?", f"{corpus._cap(plural)} live in {home}.", home),
         (f"What kind of animal is the {animal}?", f"The {animal} is {corpus._a(kind)}.", kind),
-        (f"What sound does {an} make?", f"{_cap(an)} {sound}.", sound),
+        (f"What sound does {an} make?", f"{corpus._cap(an)} {sound}.", sound),
     ])
 
 
@@ -102,7 +98,7 @@ def _food_fact(rng):
     food, plural, colour = rng.choice(corpus.FOODS)
     return food, rng.choice([
         (f"What colour is a ripe {food}?", f"A ripe {food} is {colour}.", colour),
-        (f"What colour are {plural} usually?", f"{_cap(plural)} are usually {colour}.", colour),
+        (f"What colour are {plural} usually?", f"{corpus._cap(plural)} are usually {colour}.", colour),
     ])
 
 
@@ -205,7 +201,7 @@ def _weather(rng):
     weather, icon = rng.choice(corpus.WEATHER)
     return (f"It is {weather} here in {town} today.",
             rng.choice([f"A {weather} day in {town}! {icon} I hope you enjoy it.",
-                        f"Thanks for telling me. {_cap(weather)} days in {town} sound nice {icon}"]))
+                        f"Thanks for telling me. {corpus._cap(weather)} days in {town} sound nice {icon}"]))
 
 
 def _mood(rng):
