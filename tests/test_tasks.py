@@ -171,6 +171,18 @@ def test_gsm8k_scoring():
     assert extract_answer("#### -1,234.5 dollars") == "-1234.5" and extract_answer("nothing") is None
 
 
+def test_gsm8k_scores_the_models_answer_not_a_calculator_output():
+    """The calculator evaluates string literals, so its output can read '#### n': that is not the model's answer
+    (it used to be taken first, scoring a completion that ends '#### 25' as 26)."""
+    task = GSM8K(data=read_jsonl(FIXTURES / "gsm8k.jsonl"), subset="main", split="test")
+    expr = "'####' + ' 26'"
+    assert calculate(expr) == "#### 26"
+    call = f"<|python_start|>{expr}<|python_end|><|output_start|>{calculate(expr)}<|output_end|>"
+    assert task.evaluate(task[0], call + "So she has 25 left.\n#### 25") == 0
+    assert task.evaluate(task[0], call.replace("26", "25") + "So she has 26 left.\n#### 26") == 1
+    assert task.reward(task[0], f"It is 26 {call.replace('<|output_end|>', '')}") == 0.0  # output cut by max_tokens
+
+
 def test_humaneval_rendering_and_scoring():
     task = HumanEval(data=read_jsonl(FIXTURES / "humaneval.jsonl"), timeout=3.0)
     row = json.loads((FIXTURES / "humaneval.jsonl").read_text().splitlines()[0])

@@ -14,6 +14,8 @@ from nanochat_jax.tasks.base import HubTask
 
 ANSWER_RE = re.compile(r"#### (\-?[0-9\.\,]+)")
 CALC_RE = re.compile(r"(<<[^>]+>>)")
+# a calculator output in a decoded completion (to its end when max_tokens cut it short): written by the tool, not the model
+TOOL_OUTPUT_RE = re.compile(r"<\|output_start\|>.*?(?:<\|output_end\|>|$)", re.S)
 
 
 def extract_answer(text: str) -> str | None:
@@ -38,10 +40,11 @@ def answer_to_parts(answer: str) -> list[dict]:
 
 
 def evaluate_final_number(conversation: dict, completion: str) -> int:
-    """1 if the completion's '#### n' matches the one in the reference answer's last part, else 0."""
+    """1 if the completion's '#### n' matches the one in the reference answer's last part, else 0. Calculator outputs
+    in the completion are not the model's answer: the calculator evaluates string literals ('#### 7' prints #### 7)."""
     reference = conversation["messages"][-1]["content"]
     ref_text = reference[-1]["text"] if isinstance(reference, list) else reference
-    return int(extract_answer(completion) == extract_answer(ref_text))
+    return int(extract_answer(TOOL_OUTPUT_RE.sub("", completion)) == extract_answer(ref_text))
 
 
 class GSM8K(HubTask):
