@@ -107,7 +107,7 @@ def _local_task(name: str, make, path: Path):
 
 def make_answer_logits(model, mesh=None) -> Callable:
     """A jitted (tokens (B, L), positions (B,)) -> logits (B, V) at each row's position, for an nnx GPT or any
-    function tokens -> logits. With a mesh, rows are sharded over its batch axes."""
+    function tokens -> logits. With a mesh, rows are sharded over its batch axes (any number of rows)."""
     from flax import nnx
 
     def at(logits, positions):
@@ -121,10 +121,16 @@ def make_answer_logits(model, mesh=None) -> Callable:
         fn = jax.jit(lambda t, p: at(model(t), p))
     if mesh is None:
         return fn
-    from nanochat_jax.sharding import batch_sharding
+    from nanochat_jax.sharding import batch_sharding, batch_shards
 
-    rows, cols = batch_sharding(mesh, 1), batch_sharding(mesh, 2)
-    return lambda t, p: fn(jax.device_put(t, cols), jax.device_put(p, rows))
+    rows, cols, shards = batch_sharding(mesh, 1), batch_sharding(mesh, 2), batch_shards(mesh)
+
+    def sharded(t, p):  # rows padded up to a multiple of the batch shards (a batch of 4 on 8 devices), then cut
+        n, pad = t.shape[0], -t.shape[0] % shards
+        t, p = jnp.pad(jnp.asarray(t), ((0, pad), (0, 0))), jnp.pad(jnp.asarray(p), (0, pad))
+        return fn(jax.device_put(t, cols), jax.device_put(p, rows))[:n]
+
+    return sharded
 
 
 def letter_token_ids(tokenizer, letters, cache: dict | None = None) -> list[int]:

@@ -58,6 +58,17 @@ def test_categorical_picks_the_highest_letter_logit(tok, make_mesh):
     assert run_categorical_eval(arc, tok, make_answer_logits(letter_stub(tok)), 8, max_problems=2) == (1, 2)
 
 
+def test_categorical_batches_that_do_not_divide_over_the_mesh(tok, make_mesh):
+    """chat_sft's quick metrics pass 4 x sft.device_batch_size rows per batch: 4 or 12 rows on 8 devices are
+    padded to a multiple of the batch shards (not an IndivisibleError), and score as without a mesh."""
+    arc = ARC(data=read_jsonl(TASKS / "arc.jsonl"), subset="ARC-Easy", split="test")
+    for batch_size in (4, 3, 12):
+        fn = make_answer_logits(letter_stub(tok), make_mesh(8, 1, 1))
+        assert run_categorical_eval(arc, tok, fn, batch_size) == (2, 3)
+    out = make_answer_logits(letter_stub(tok), make_mesh(4, 2, 1))(jnp.zeros((3, 16), jnp.int32), jnp.zeros(3, jnp.int32))
+    assert out.shape == (3, V)
+
+
 def test_answer_logits_of_a_real_model_match_an_unpadded_forward(tok):
     cfg = ModelConfig(depth=1, aspect_ratio=32, head_dim=16, vocab_size=V, sequence_len=64, compute_dtype="float32")
     model = init_model(cfg, seed=0)
