@@ -266,6 +266,10 @@ class Engine:
         self.tokenizer, self.mesh, self.chunk = tokenizer, mesh, chunk
         self.context_len = model.sequence_len
         self.graphdef, state = nnx.split(model)
+        if tokenizer.vocab_size < model.vocab_size:  # a table padded past the tokenizer (load_checkpoint allows it):
+            view = nnx.merge(self.graphdef, state)  # sample only ids the tokenizer can decode (the model's logits
+            view.vocab_size = tokenizer.vocab_size  # are cut to them, as they are cut to vocab_size from the table)
+            self.graphdef, state = nnx.split(view)
         attn = model.blocks[0].attn
         self.n_layer, self.n_kv_heads, self.head_dim = len(model.blocks), attn.n_kv_heads, attn.head_dim
         self.smear = model.smear  # the cache then carries each row's last token

@@ -200,6 +200,23 @@ def test_rows_split_over_devices_decode_without_talking_to_each_other(model, tok
     assert "all-reduce" not in hlo(engine.mesh) and "all-reduce" in hlo(None)
 
 
+def test_a_table_padded_past_the_tokenizer_samples_only_its_ids(tokenizer):
+    """load_checkpoint and import_hf accept a model whose vocab_size exceeds the tokenizer's: the engine must never
+    sample an id the tokenizer cannot decode (tiktoken's decode raised KeyError 'Invalid token for decoding: 315')."""
+    model = init_model(dataclasses.replace(tiny_config(), vocab_size=320), seed=0)
+    kernel = jnp.zeros_like(model.lm_head.kernel[...])
+    model.lm_head.kernel[...] = kernel.at[:, N_BYTES + 9:].set(jax.random.normal(jax.random.key(1), (64, 320 - 265)))
+    engine = Engine(model, tokenizer, chunk=4)
+    prompt = tokenizer.encode("hi", prepend=tokenizer.bos_token_id)
+    for temperature in (0.0, 1.0):
+        results, _ = engine.generate_batch(prompt, max_tokens=12, temperature=temperature)
+        assert len(results[0]) == len(prompt) + 12 and max(results[0]) < tokenizer.vocab_size
+    assert model.vocab_size == 320  # the caller's model is unchanged
+    out = io.StringIO()
+    load_chat_cli().stream(engine, tokenizer, prompt, out=out, max_tokens=6, temperature=0.0)
+    assert out.getvalue() == "\x00" * 6 + "\n"  # every id the tokenizer has scores 0: greedy takes the first
+
+
 # ---------------------------------------------------------------------------------------------
 # The sampling function on toy logits
 
