@@ -108,7 +108,8 @@ def _parse(body, defaults: dict) -> dict:
                              or not SEED_RANGE[0] <= seed <= SEED_RANGE[1]):
         raise web.ChatError(f"'seed' must be an integer from {SEED_RANGE[0]} to {SEED_RANGE[1]}, got {seed!r}.")
     get = lambda name: body.get(name) if body.get(name) is not None else defaults[name]  # noqa: E731
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    max_tokens = body.get("max_completion_tokens")  # (a null one is not given: max_tokens, else the default)
+    max_tokens = body.get("max_tokens") if max_tokens is None else max_tokens
     temperature, top_k, max_tokens = web.check_request(
         clean, get("temperature"), get("top_k"),
         defaults["max_tokens"] if max_tokens is None else max_tokens)
