@@ -101,8 +101,9 @@ def _parse(body, defaults: dict) -> dict:
     options = body.get("stream_options") or {}
     if not isinstance(options, dict) or not isinstance(options.get("include_usage", False), bool):
         raise web.ChatError("'stream_options' must be an object such as {\"include_usage\": true}.")
-    if not isinstance(body.get("stream", False), bool):
-        raise web.ChatError(f"'stream' must be true or false, got {body['stream']!r}.")
+    stream = False if body.get("stream") is None else body["stream"]  # (OpenAI's null: not streamed)
+    if not isinstance(stream, bool):
+        raise web.ChatError(f"'stream' must be true or false, got {stream!r}.")
     seed = body.get("seed")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)
                              or not SEED_RANGE[0] <= seed <= SEED_RANGE[1]):
@@ -116,7 +117,7 @@ def _parse(body, defaults: dict) -> dict:
     return {"messages": clean, "temperature": temperature, "top_k": top_k, "max_tokens": max_tokens,
             "top_p": web._number("top_p", get("top_p"), (0.0, 1.0)),
             "n": web._number("n", get("n"), N_RANGE, integer=True), "stops": stops,
-            "seed": secrets.randbits(31) if seed is None else seed, "stream": body.get("stream", False),
+            "seed": secrets.randbits(31) if seed is None else seed, "stream": stream,
             "include_usage": options.get("include_usage", False)}
 
 

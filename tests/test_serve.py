@@ -452,9 +452,9 @@ def test_each_limit_is_a_clear_400(server, body, message):
     assert message in error["message"] and error["type"] == "invalid_request_error" and "\n" not in error["message"]
 
 
-def test_a_null_max_completion_tokens_leaves_max_tokens():
+def test_null_parameters_are_not_given():
     """OpenAI's SDK sends a parameter given as None as null: max_tokens=5 with max_completion_tokens=None asked for 5
-    tokens and got the server's default."""
+    tokens and got the server's default; stream=None was refused."""
     from nanochat_jax.api import _parse
 
     defaults = {"temperature": 0.0, "top_k": 0, "max_tokens": 40, "top_p": 1.0, "n": 1}
@@ -462,6 +462,7 @@ def test_a_null_max_completion_tokens_leaves_max_tokens():
     assert _parse({**hi, "max_completion_tokens": None, "max_tokens": 5}, defaults)["max_tokens"] == 5
     assert _parse({**hi, "max_completion_tokens": 7, "max_tokens": 5}, defaults)["max_tokens"] == 7
     assert _parse({**hi, "max_completion_tokens": None, "max_tokens": None}, defaults)["max_tokens"] == 40
+    assert _parse({**hi, "stream": None}, defaults)["stream"] is False  # (was a 400: "'stream' must be true or false")
 
 
 def test_reply_text_grows_append_only_and_shows_tool_parts_as_the_chat_page(tokenizer):
