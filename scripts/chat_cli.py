@@ -75,6 +75,8 @@ def answer(engine, tokenizer, messages: list[dict], user_text: str, base: bool, 
 def interact(engine, tokenizer, base: bool, settings: dict) -> int:
     """The conversation loop: 'clear' starts a new one, 'quit' / 'exit' / end of input leave."""
     messages: list[dict] = []
+    if hasattr(sys.stdin, "reconfigure"):  # a line that is not UTF-8 (a Latin-1 file piped in) shows U+FFFD instead
+        sys.stdin.reconfigure(errors="replace")  # of ending the chat with a UnicodeDecodeError traceback
     while True:
         try:
             user_text = input("\nUser: ").strip()

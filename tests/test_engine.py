@@ -445,6 +445,18 @@ def test_chat_cli_prompt_and_interactive(home, model, tokenizer, capsys, monkeyp
         Engine(model, tokenizer).generate_batch(prompt, max_tokens=8, temperature=0.0)
 
 
+def test_chat_cli_reads_input_that_is_not_utf8(home, model, tokenizer, capsys, monkeypatch):
+    """A terminal's stdin decodes strictly under a UTF-8 locale: a Latin-1 line ended the chat with a
+    UnicodeDecodeError traceback (and the lines after it were lost)."""
+    chat_cli = load_chat_cli()
+    save_tiny_checkpoint(home, model, tokenizer)
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"caf\xe9\nclear\nexit\n"), encoding="utf-8",
+                                                      errors="strict"))
+    assert chat_cli.main(["--source", "sft", "-t", "0", "--max-tokens", "4"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("Assistant: ") == 1 and "Conversation cleared." in out
+
+
 def test_chat_cli_base_model_continues_plain_text(home, model, tokenizer, capsys):
     chat_cli = load_chat_cli()
     save_tiny_checkpoint(home, model, tokenizer, stage="base")
