@@ -89,18 +89,32 @@ _COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
 _SHAPE = re.compile(r"\b(pred|[suf]\d+|bf16|f8e4m3fn|f8e5m2)\[([\d,]*)\]")
 _OP = re.compile(r"=\s*(.*?)\s(" + "|".join(COLLECTIVES) + r")(-start)?\(")
 _CALLEE = re.compile(r"(?:body|condition|to_apply|calls|branch_computations|called_computations)="
-                     r"\{?%?([\w.\-]+(?:,\s*%?[\w.\-]+)*)\}?")
+                     r"(\{[^}]*\}|%?[\w.\-]+)")
 _TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
 
 
+def _tuple_item(tuple_type: str, index: int) -> str:
+    """The index-th element of an HLO tuple type "(a, (b, c), d)" (commas inside shapes and layouts skipped)."""
+    depth, start, items = 0, 1, []
+    for i, c in enumerate(tuple_type):
+        if c in "([{":
+            depth += 1
+        elif c in ")]}":
+            depth -= 1
+        if (c == "," and depth == 1) or depth == 0:
+            items.append(tuple_type[start:i])
+            start = i + 1
+            if depth == 0:
+                break
+    return items[index] if index < len(items) else ""
+
+
 def _result_bytes(result_type: str, kind: str, is_start: bool) -> int:
-    """Bytes of a collective's result on one device. The async -start form of an all-gather returns (operands,
-    results) and of a collective-permute (operand, result, context): count the results only."""
+    """Bytes of a collective's result on one device. The async -start form of every collective but all-reduce
+    returns (operands, results, context...): count the results (the second element) only."""
+    if is_start and kind != "all-reduce" and result_type.lstrip().startswith("("):
+        result_type = _tuple_item(result_type.strip(), 1)
     shapes = _SHAPE.findall(result_type)
-    if is_start and kind == "all-gather":
-        shapes = shapes[len(shapes) // 2:]
-    elif is_start and kind == "collective-permute":
-        shapes = shapes[1:2]
     return sum(DTYPE_BYTES.get(dt, 4) * math.prod(int(d) for d in dims.split(",") if d) for dt, dims in shapes)
 
 
@@ -117,12 +131,17 @@ def replica_groups(line: str, num_devices: int) -> list[list[int]]:
         if iota.group(3):
             ids = ids.transpose([int(x) for x in iota.group(3).split(",")])
         return ids.reshape(shape[0], -1).tolist()
-    named = re.search(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}", line)
+    named = re.search(r"replica_groups=mesh\[([^\]]*)\](?:,\s*device_ids=\(\[([\d,]+)\](?:T\(([\d,]+)\))?\))?"
+                      r"\s*\{([^}]*)\}", line)
     if named:  # mesh['axis_0'=2,'axis_1'=4] {'axis_1'}: groups along the named axes of a row-major device grid
         axes = re.findall(r"'(\w+)'=(\d+)", named.group(1))
         names, sizes = [a for a, _ in axes], [int(n) for _, n in axes]
-        grouped = [names.index(a) for a in re.findall(r"'(\w+)'", named.group(2))]
-        ids = np.arange(math.prod(sizes)).reshape(sizes)
+        grouped = [names.index(a) for a in re.findall(r"'(\w+)'", named.group(4))]
+        ids = np.arange(math.prod(sizes))
+        if named.group(2):  # device_ids=([2,2]T(1,0)): the grid holds an iota reshaped and transposed
+            ids = ids.reshape([int(x) for x in named.group(2).split(",")])
+            ids = ids.transpose([int(x) for x in named.group(3).split(",")]) if named.group(3) else ids
+        ids = ids.reshape(sizes)
         ids = ids.transpose([i for i in range(len(sizes)) if i not in grouped] + grouped)
         return ids.reshape(-1, math.prod(sizes[i] for i in grouped)).tolist()
     pairs = re.search(r"source_target_pairs=\{(.*?)\}\}", line)
@@ -151,7 +170,7 @@ def collective_bytes(hlo: str, slice_of: list[int]) -> tuple[dict, float]:
             continue
         trip = _TRIP.search(line)
         for names in _CALLEE.findall(line):
-            for callee in re.split(r",\s*%?", names):
+            for callee in re.findall(r"[\w.\-]+", names):
                 calls[current].append((callee, int(trip.group(1)) if trip and " while(" in line else 1))
         op = _OP.search(line)
         if op:

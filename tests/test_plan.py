@@ -73,6 +73,42 @@ def test_collective_bytes_counts_loops_and_ring_traffic():
     assert network == pytest.approx(sent["all-gather"] + sent["all-reduce"])
 
 
+ASYNC_HLO = """HloModule m
+
+%region_1.2_spmd (p: (s32[], f32[64])) -> pred[] {
+  ROOT %lt = pred[] compare(%a, %b), direction=LT
+}
+
+%region_0.1_spmd (p: (s32[], f32[64])) -> (s32[], f32[64]) {
+  %ag = ((bf16[16,8]{1,0}, f32[4]{0}), (bf16[64,8]{1,0}, f32[16]{0})) all-gather-start(%a, %b), channel_id=1, replica_groups=mesh['axis_0'=1,'axis_1'=4] {'axis_1'}, dimensions={0}
+  %rs = ((f32[32,128]{1,0}), f32[8,128]{1,0}) reduce-scatter-start(%c), channel_id=2, replica_groups=mesh['axis_0'=1,'axis_1'=4] {'axis_1'}, dimensions={0}, to_apply=%add
+  %a2a = ((bf16[4,1,16,512]{3,2,1,0}), bf16[4,1,16,512]{3,2,1,0}) all-to-all-start(%d), channel_id=3, replica_groups=mesh['axis_0'=2,'axis_1'=2], device_ids=([2,2]T(1,0)) {'axis_1'}, dimensions={0}
+  %cp = ((bf16[1,128,128]{2,1,0}, bf16[1,128,512]{1,0,2}), (bf16[1,128,128]{2,1,0}, bf16[1,128,512]{1,0,2})) collective-permute-start(%e, %f), channel_id=4, source_target_pairs={{1,0}}
+  %cp.1 = (f32[1,64,64]{2,1,0:T(8,128)S(1)}, f32[1,64,64]{2,1,0:T(8,128)S(1)}, u32[]{:S(2)}, u32[]{:S(2)}) collective-permute-start(%g), channel_id=5, source_target_pairs={{0,1},{1,0}}
+  ROOT %t = (s32[], f32[64]) tuple(%i, %x)
+}
+
+ENTRY %main.58_spmd (a: f32[64]) -> f32[64] {
+  %while.36 = (s32[], f32[64]) while(%init), condition=%region_1.2_spmd, body=%region_0.1_spmd, backend_config={"known_trip_count":{"n":"3"}}
+  ROOT %r = f32[64]{0} get-tuple-element(%while.36), index=1
+}
+"""
+
+
+def test_collective_bytes_of_async_collectives_in_a_loop_body_as_xla_names_them():
+    """The micro-step loop's body (condition=%region_1, body=%region_0: it was never visited, so FSDP's gathers
+    and tensor-parallel traffic of every accumulating step were lost) and the async -start forms, whose type is
+    (operands, results[, context]): only the results count (all-to-all / reduce-scatter counted both, a
+    collective-permute of two buffers only the second operand)."""
+    sent, _ = plan.collective_bytes(ASYNC_HLO, slice_of=[0, 0, 1, 1])
+    assert sent["all-gather"] == pytest.approx(3 * 3 / 4 * (64 * 8 * 2 + 16 * 4))
+    assert sent["reduce-scatter"] == pytest.approx(3 * 3 * 8 * 128 * 4)
+    assert sent["all-to-all"] == pytest.approx(3 * 1 / 2 * 4 * 16 * 512 * 2)  # groups of 2 ({{0,2},{1,3}})
+    assert sent["collective-permute"] == pytest.approx(3 * (128 * 128 * 2 + 128 * 512 * 2 + 64 * 64 * 4))
+    named = "replica_groups=mesh['axis_0'=2,'axis_1'=2,'axis_2'=1], device_ids=([2,2]T(1,0)) {'axis_1'}, dims={0}"
+    assert plan.replica_groups(named, 4) == [[0, 2], [1, 3]]  # (it was every device: [[0, 1, 2, 3]])
+
+
 def test_mesh_options_divide_devices_and_heads():
     options = plan.mesh_options(8, n_head=4, n_kv_heads=4)
     assert all(m.data * m.fsdp * m.tensor == 8 for m in options)
