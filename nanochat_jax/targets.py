@@ -51,7 +51,7 @@ CHIPS = {
                "cloud.google.com/tpu/docs/v4"),
     "v5e": Chip("TPU v5e", "tpu", 16e9, 197e12, 819e9, 200e9, 2 * 100e9 / 8 / 8,
                 "cloud.google.com/tpu/docs/v5e"),
-    "v5p": Chip("TPU v5p", "tpu", 95e9, 459e12, 2.765e12, 600e9, 4 * 200e9 / 8 / 4,
+    "v5p": Chip("TPU v5p", "tpu", 95e9, 459e12, 2.765e12, 600e9, 50e9 / 8,  # the page gives DCN per chip: 50 Gbps
                 "cloud.google.com/tpu/docs/v5p"),
     "v6e": Chip("TPU v6e (Trillium)", "tpu", 32e9, 918e12, 1.638e12, 400e9, 4 * 200e9 / 8 / 8,
                 "cloud.google.com/tpu/docs/v6e"),
@@ -94,6 +94,8 @@ def parse_target(name: str) -> Target:
     tpu = re.fullmatch(r"(v4|v5e|v5p|v6e)-(\d+)(?:x(\d+))?", key)
     if tpu:
         version, size, slices = tpu.group(1), int(tpu.group(2)), int(tpu.group(3) or 1)
+        if slices < 1:
+            raise TargetError(f"target {name!r}: a slice times slices needs at least 1 slice, e.g. {version}-{size}x2")
         table = TORUS_2D if version in ("v5e", "v6e") else TORUS_3D
         chips = size if version in ("v5e", "v6e") else size // 2
         if chips not in table:

@@ -30,9 +30,16 @@ def test_target_names():
     assert targets.parse_target("v5e-16x2").num_slices == 2
     gpus = targets.parse_target("16xH100")
     assert (gpus.platform, gpus.topology, gpus.num_slices) == ("cuda", "1x2x8", 2)
-    for bad, message in (("v6e-6", "no v6e slice of that size"), ("12xh100", "nodes of 8"), ("a100", "unknown")):
+    for bad, message in (("v6e-6", "no v6e slice of that size"), ("12xh100", "nodes of 8"), ("a100", "unknown"),
+                         ("v5e-4x0", "at least 1 slice")):  # (v5e-4x0 planned '0 slice(s)' of 4 chips)
         with pytest.raises(targets.TargetError, match=message):
             targets.parse_target(bad)
+
+
+def test_v5p_data_center_network_is_the_datasheets_50_gbps_per_chip():
+    """cloud.google.com/tpu/docs/v5p: 'Data center network (DCN) bandwidth per chip (Gbps) | 50' (it was 4 x 200
+    Gbps per host over 4 chips: 25 GB/s, four times the page's 6.25 GB/s)."""
+    assert targets.CHIPS["v5p"].network_bandwidth == 50e9 / 8
 
 
 def test_replica_groups_explicit_and_iota():
