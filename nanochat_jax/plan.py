@@ -9,8 +9,8 @@ Nothing runs on a device. From each compiled program:
 - FLOPs: the model's formula (flops_per_token, as MFU counts them), and `cost_analysis()`'s where the backend
   gives it (TPU; it counts a loop body once and no Pallas kernel);
 - collectives: bytes each kind moves per device per call, read from the partitioned HLO (loop bodies multiplied
-  by their trip counts) and converted to ring-algorithm traffic; groups that span slices / nodes go over the
-  slower network;
+  by their trip counts) and converted to ring-algorithm traffic; groups that span slices / nodes, and the
+  sends a multi-slice TPU program makes between slices (megascale), go over the slower network;
 - a roofline: max(compute at peak FLOP/s, arguments and outputs at HBM bandwidth, collectives at link bandwidth),
   i.e. perfect overlap: a lower bound on the step time.
 """
@@ -91,6 +91,8 @@ _OP = re.compile(r"=\s*(.*?)\s(" + "|".join(COLLECTIVES) + r")(-start)?\(")
 _CALLEE = re.compile(r"(?:body|condition|to_apply|calls|branch_computations|called_computations)="
                      r"(\{[^}]*\}|%?[\w.\-]+)")
 _TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
+# a collective between TPU slices: the compiler sends each device's part over the data-center network (megascale)
+_DCN_SEND = re.compile(r'=\s*(.*?)\ssend\(.*_xla_megascale_target="?\{([^}]*)\}.*_xla_megascale_transfer_type="(\w+)"')
 
 
 def _tuple_item(tuple_type: str, index: int) -> str:
@@ -172,6 +174,12 @@ def collective_bytes(hlo: str, slice_of: list[int]) -> tuple[dict, float]:
         for names in _CALLEE.findall(line):
             for callee in re.findall(r"[\w.\-]+", names):
                 calls[current].append((callee, int(trip.group(1)) if trip and " while(" in line else 1))
+        dcn = _DCN_SEND.search(line)
+        if dcn:  # an all-reduce over k slices sends 2(k-1)/k of the buffer; one-to-one and all-to-all at most all of it
+            k = len(dcn.group(2).split(","))
+            sent = _result_bytes(_tuple_item(dcn.group(1).strip(), 0), "", False)
+            kind = {"ALL_REDUCE": "all-reduce", "ALL_TO_ALL": "all-to-all"}.get(dcn.group(3), "collective-permute")
+            per_comp[current].append((kind, sent * (2 * (k - 1) / k if kind == "all-reduce" else 1), True))
         op = _OP.search(line)
         if op:
             kind = op.group(2)

@@ -57,7 +57,14 @@ def make_mesh(cfg: MeshConfig, devices=None) -> Mesh:
     try:
         from jax.experimental import mesh_utils
 
-        grid = mesh_utils.create_device_mesh(shape, devices=devices)
+        slices = len({getattr(d, "slice_index", 0) for d in devices})
+        outer = next((i for i in (0, 1) if slices > 1 and shape[i] % slices == 0), None)
+        if outer is None:
+            grid = mesh_utils.create_device_mesh(shape, devices=devices)
+        else:  # several TPU slices: the data (else fsdp) axis spans them, the rest stays on each slice's ICI
+            dcn = tuple(slices if i == outer else 1 for i in range(3))
+            grid = mesh_utils.create_hybrid_device_mesh(tuple(s // d for s, d in zip(shape, dcn)), dcn,
+                                                        devices=devices)
     except Exception as e:  # unusual device sets: plain row-major order, said out loud
         print(f"make_mesh: no topology-aware layout for {shape} ({type(e).__name__}: {e}); using device order",
               file=sys.stderr)

@@ -116,6 +116,37 @@ def test_collective_bytes_of_async_collectives_in_a_loop_body_as_xla_names_them(
     assert plan.replica_groups(named, 4) == [[0, 2], [1, 3]]  # (it was every device: [[0, 1, 2, 3]])
 
 
+def test_collectives_between_tpu_slices_go_over_the_network():
+    """A multi-slice TPU program holds only its slice's collectives; what crosses slices is a megascale send
+    (it was not counted: every v6e-8x2 plan said network 0.0 ms)."""
+    hlo = """ENTRY %main (a: f32[64]) -> f32[64] {
+  %send.1 = (f32[40,8,128]{2,1,0:T(8,128)}, u32[], token[]) send(%a, %after-all), channel_id=3, is_host_transfer=true, frontend_attributes={_xla_host_transfer_handler_name="xla_megascale_runtime",_xla_megascale_reduce_operation="SUM",_xla_megascale_target="{1,2,3,4}x{0:3}",_xla_megascale_transfer_type="ALL_REDUCE"}
+  %send.8 = (bf16[1,32,128]{2,1,0}, u32[], token[]) send(%b, %after-all.8), channel_id=20, is_host_transfer=true, frontend_attributes={_xla_host_transfer_handler_name="xla_megascale_runtime",_xla_megascale_target={{200000->100001}},_xla_megascale_transfer_type="ONE_TO_ONE"}
+  %recv.1 = (f32[40,8,128]{2,1,0:T(8,128)}, u32[], token[]) recv(%after-all), channel_id=4, is_host_transfer=true, frontend_attributes={_xla_megascale_target="{1,2,3,4}x{0:3}",_xla_megascale_transfer_type="ALL_REDUCE"}
+  ROOT %r = f32[64]{0} copy(%a)
+}
+"""
+    sent, network = plan.collective_bytes(hlo, slice_of=[0] * 4)
+    assert sent == {"all-reduce": pytest.approx(2 * 3 / 4 * 40 * 8 * 128 * 4),  # a ring over 4 slices
+                    "collective-permute": 32 * 128 * 2}
+    assert network == pytest.approx(sum(sent.values()))
+
+
+@needs_plan_extra
+def test_a_mesh_over_two_tpu_slices_keeps_fsdp_inside_each_slice():
+    """On v5e-4x2 the (data=2, fsdp=4) mesh put each FSDP group across both slices ([[0, 1, 0, 1], [1, 0, 1, 0]]):
+    every weight gather went over the data-center network. The data axis now spans the slices."""
+    code = ("import sys; sys.path.insert(0, '.'); from nanochat_jax import targets; targets.use_plan_packages(); "
+            "from nanochat_jax.config import MeshConfig; from nanochat_jax.sharding import make_mesh; "
+            "from nanochat_jax.plan import slices_of; "
+            "devices = targets.target_devices(targets.parse_target('v5e-4x2')); "
+            "mesh = make_mesh(MeshConfig(data=2, fsdp=4, tensor=1), devices); "
+            "print([slices_of(list(row.flat)) for row in mesh.devices])")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == "[[0, 0, 0, 0], [1, 1, 1, 1]]"
+
+
 def test_mesh_options_divide_devices_and_heads():
     options = plan.mesh_options(8, n_head=4, n_kv_heads=4)
     assert all(m.data * m.fsdp * m.tensor == 8 for m in options)
