@@ -9,8 +9,9 @@ Nothing runs on a device. From each compiled program:
 - FLOPs: the model's formula (flops_per_token, as MFU counts them), and `cost_analysis()`'s where the backend
   gives it (TPU; it counts a loop body once and no Pallas kernel);
 - collectives: bytes each kind moves per device per call, read from the partitioned HLO (loop bodies multiplied
-  by their trip counts) and converted to ring-algorithm traffic; groups that span slices / nodes, and the
-  sends a multi-slice TPU program makes between slices (megascale), go over the slower network;
+  by their trip counts) and converted to ring-algorithm traffic; groups that span nodes (a ring over m GPUs per
+  node runs m channels, one NIC each: 1/m of a device's traffic per NIC), and the sends a multi-slice TPU program
+  makes between slices (megascale), go over the slower network;
 - a roofline: max(compute at peak FLOP/s, arguments and outputs at HBM bandwidth, collectives at link bandwidth),
   i.e. perfect overlap: a lower bound on the step time.
 """
@@ -152,6 +153,14 @@ def replica_groups(line: str, num_devices: int) -> list[list[int]]:
     return [list(range(num_devices))]
 
 
+def _members_per_node(groups: list[list[int]], slice_of: list[int]) -> float:
+    """inf for groups inside one slice / node; else how many of a group's devices share a node. A ring over nodes
+    runs one channel per such device, each through its own NIC, so each NIC carries 1/m of a device's traffic."""
+    spans = [{slice_of[d] for d in g if d < len(slice_of)} for g in groups]
+    crossing = [len(g) / len(nodes) for g, nodes in zip(groups, spans) if len(nodes) > 1]
+    return min(crossing) if crossing else float("inf")
+
+
 def collective_bytes(hlo: str, slice_of: list[int]) -> tuple[dict, float]:
     """({kind: bytes one device sends per call}, bytes of those over the slower network) from partitioned HLO.
 
@@ -179,15 +188,15 @@ def collective_bytes(hlo: str, slice_of: list[int]) -> tuple[dict, float]:
             k = len(dcn.group(2).split(","))
             sent = _result_bytes(_tuple_item(dcn.group(1).strip(), 0), "", False)
             kind = {"ALL_REDUCE": "all-reduce", "ALL_TO_ALL": "all-to-all"}.get(dcn.group(3), "collective-permute")
-            per_comp[current].append((kind, sent * (2 * (k - 1) / k if kind == "all-reduce" else 1), True))
+            sent *= 2 * (k - 1) / k if kind == "all-reduce" else 1
+            per_comp[current].append((kind, sent, sent))
         op = _OP.search(line)
         if op:
             kind = op.group(2)
             groups = replica_groups(line, len(slice_of))
             n = max(len(g) for g in groups)
             sent = RING_TRAFFIC[kind](_result_bytes(op.group(1), kind, bool(op.group(3))), n)
-            crosses = any(len({slice_of[d] for d in g if d < len(slice_of)}) > 1 for g in groups)
-            per_comp[current].append((kind, sent, crosses))
+            per_comp[current].append((kind, sent, sent / _members_per_node(groups, slice_of)))
     totals: dict[str, float] = {}
     network = 0.0
 
@@ -195,9 +204,9 @@ def collective_bytes(hlo: str, slice_of: list[int]) -> tuple[dict, float]:
         nonlocal network
         if depth > 50:
             return
-        for kind, sent, crosses in per_comp.get(comp, []):
+        for kind, sent, over_network in per_comp.get(comp, []):
             totals[kind] = totals.get(kind, 0.0) + times * sent
-            network += times * sent if crosses else 0.0
+            network += times * over_network
         for callee, n in calls.get(comp, []):
             visit(callee, times * n, depth + 1)
 

@@ -76,8 +76,12 @@ def test_collective_bytes_counts_loops_and_ring_traffic():
     assert sent["all-gather"] == pytest.approx(3 / 4 * 128 * 16 * 2)  # (n-1)/n of the gathered result
     assert sent["reduce-scatter"] == pytest.approx(1 * 16 * 4)  # (n-1) x the scattered result, n = 2
     assert sent["all-reduce"] == pytest.approx(5 * 2 * 3 / 4 * 64 * 4)  # in a loop of 5 trips
-    # the all-gather and the loop's all-reduce span both slices; the reduce-scatter stays inside each
-    assert network == pytest.approx(sent["all-gather"] + sent["all-reduce"])
+    # the all-gather and the loop's all-reduce span both nodes, 2 devices each: a ring of 2 channels, each NIC
+    # carries half of a device's traffic; the reduce-scatter stays inside each node
+    assert network == pytest.approx((sent["all-gather"] + sent["all-reduce"]) / 2)
+    # one device per node in each group (nodes 0,1,0,1): the groups {0,1} and {2,3} send all of it over the network
+    assert plan.collective_bytes(HLO, slice_of=[0, 1, 0, 1])[1] == pytest.approx(
+        sent["all-gather"] / 2 + sent["reduce-scatter"] + sent["all-reduce"] / 2)
 
 
 ASYNC_HLO = """HloModule m
