@@ -5,8 +5,9 @@ The conversation is kept as chat messages for `tokenizer.render_conversation`. A
 used the calculator is stored as text / python / python_output parts (`reply_parts`), so the next turn
 renders exactly the tokens the model produced; the Chatbot only shows a Markdown view of the messages, with
 a calculator call as a python code block followed by "→ `result`", a line starting with "#" (GSM8K's
-"#### 42") kept as text, and a notice under a reply that was stopped or cut by max tokens or the context (kept
-with the message as its "notice", which the model never reads, so it stays in the history).
+"#### 42") and a "<" (a<b) kept as text outside code, and a notice under a reply that was stopped or cut by max
+tokens or the context (kept with the message as its "notice", which the model never reads, so it stays in the
+history).
 Special tokens other than the calculator's never show as text.
 
 A base model is not a chat model: each message is continued as plain text and earlier turns are not used.
@@ -15,6 +16,7 @@ Gradio is imported only by `build_app`, so the rest (and chat_cli's `reply_parts
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import math
 import re
@@ -75,9 +77,41 @@ def sendable(text: str) -> str:
     return re.sub("[\ud800-\udfff]", "\ufffd", text)
 
 
+FENCE = re.compile(r" {0,3}(`{3,}|~{3,})(.*)")
+CODE_SPAN = re.compile(r"(?<!`)(`+)(?!`).*?(?<!`)\1(?!`)", re.S)
+MARKUP = re.compile(r"(?m)^ {0,3}#|<(?=[A-Za-z/!?])")  # a heading, an HTML tag (or comment) the page would hide
+
+
 def plain(text: str) -> str:
-    """Text that Markdown shows as written: a "#" starting a line is not a heading ("#### 42" stays)."""
-    return re.sub(r"(?m)^( {0,3})#", r"\1\\#", text)
+    """Text that Markdown shows as written: a "#" starting a line is not a heading ("#### 42" stays) and a "<" is
+    not an HTML tag ("a<b and c>d" stays), except in code (fenced blocks, `spans`, indented lines), which Markdown
+    shows as written already and where an escape would show as a backslash."""
+    out, prose, fence = [], [], None
+    for line in text.split("\n"):
+        m = FENCE.fullmatch(line)
+        if fence:  # inside a fenced block: up to a fence of its kind at least as long
+            out.append(line)
+            if m and m[1][0] == fence[0] and len(m[1]) >= len(fence) and not m[2].strip():
+                fence = None
+        elif m and not (m[1][0] == "`" and "`" in m[2]):
+            out += [_escaped("\n".join(prose)), line] if prose else [line]
+            prose, fence = [], m[1]
+        else:
+            prose.append(line)
+    return "\n".join(out + ([_escaped("\n".join(prose))] if prose else []))
+
+
+def _escaped(text: str) -> str:
+    spans = [m.span() for m in CODE_SPAN.finditer(text)]  # (in order, apart)
+
+    def escape(m):
+        i = bisect.bisect(spans, (m.start(), math.inf)) - 1
+        indented = text.startswith(("    ", "\t"), text.rfind("\n", 0, m.start()) + 1)
+        if (i >= 0 and m.start() < spans[i][1]) or (m[0] == "<" and indented):
+            return m[0]
+        return m[0][:-1] + "\\" + m[0][-1]
+
+    return MARKUP.sub(escape, text)
 
 
 def code(kind: str, text: str) -> str:

@@ -439,3 +439,15 @@ def test_backticks_and_lines_in_a_calculator_call_or_result_stay_inside_its_code
     assert web.to_markdown([{"type": "python_output", "text": "x\n# big"}]) == "→\n```\nx\n# big\n```\n\n"
     assert web.to_markdown([{"type": "python", "text": "'```'\n```"}, {"type": "text", "text": "ok"}]) == \
         "\n````python\n'```'\n```\n````\nok"
+
+
+def test_html_tags_are_text_and_code_is_shown_as_written():
+    """"is a<b and c>d here" showed as "is ad here" (<b ...> an HTML tag: "d here" in bold), and a "# comment" line in
+    a code block the model wrote showed as "\\# comment" (Markdown shows an escape in code as written)."""
+    assert web.plain("is a<b and c>d here, x < y") == "is a\\<b and c>d here, x < y"
+    assert web.plain("<br> or <!-- x --> </div>") == "\\<br> or \\<!-- x --> \\</div>"
+    block = "```python\n# comment\nif a<b and c>d: pass\n```"
+    assert web.plain(f"code:\n{block}\n# 42 <b>") == f"code:\n{block}\n\\# 42 \\<b>"
+    assert web.plain("see `a<b and c>d` and ``x`<b>`` <i>") == "see `a<b and c>d` and ``x`<b>`` \\<i>"
+    assert web.plain("~~~\n# open to the end <b>") == "~~~\n# open to the end <b>"
+    assert web.plain("    if a<b:\n        # c") == "    if a<b:\n        # c"  # indented code
