@@ -328,7 +328,8 @@ class Engine:
         keys = jax.random.split(jax.random.key(seed), B)
 
         rows = [_Row(remaining=max_tokens) for _ in range(B)]
-        sampling = (jnp.float32(temperature), jnp.int32(top_k or 0), jnp.float32(1.0 if top_p is None else top_p))
+        top_k = min(top_k or 0, np.iinfo(np.int32).max)  # any top_k past the vocabulary keeps all of it
+        sampling = (jnp.float32(temperature), jnp.int32(top_k), jnp.float32(1.0 if top_p is None else top_p))
         yielded = 0
         while not all(r.done for r in rows):
             # attend over a power-of-two window that holds every position this chunk can write

@@ -177,6 +177,13 @@ def test_top_k_one_and_tiny_top_p_equal_greedy(engine):
     assert top1 == greedy and tiny_p == greedy
 
 
+
+def test_a_top_k_past_the_vocabulary_keeps_all_of_it(engine):
+    """chat_cli -k 10000000000 was an OverflowError traceback (top_k went to an int32); nanochat clamps it to the
+    vocabulary, as sample_tokens does."""
+    every, _ = engine.generate_batch(PROMPTS, max_tokens=6, temperature=1.0, seed=5)
+    assert engine.generate_batch(PROMPTS, max_tokens=6, temperature=1.0, top_k=10**10, seed=5)[0] == every
+
 def test_sharded_cache_matches_unsharded(model, tokenizer, engine, make_mesh):
     sharded = Engine(model, tokenizer, mesh=make_mesh(data=2), chunk=8)
     expected, _ = engine.generate_batch(PROMPTS[:2], max_tokens=10, temperature=0.0)
