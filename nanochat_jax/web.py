@@ -186,9 +186,11 @@ def completion_prompt(tokenizer, messages: list[dict], base: bool = False, conte
     else:
         prompt = tokenizer.render_for_completion({"messages": messages + [{"role": "assistant", "content": ""}]},
                                                  max_tokens=1 << 30)
-    if context_len is not None and len(prompt) >= context_len:
-        raise ChatError(f"The conversation is {len(prompt)} tokens long; this model reads at most {context_len - 1} "
-                        "before its reply. Start a new conversation.")
+    if context_len is not None and len(prompt) >= context_len:  # a new conversation helps only with earlier turns
+        alone = base or not any(m["role"] == "assistant" for m in messages)
+        what, remedy = ("Your message", "Shorten it.") if alone else ("The conversation", "Start a new conversation.")
+        raise ChatError(f"{what} is {len(prompt)} tokens long; this model reads at most {context_len - 1} "
+                        f"before its reply. {remedy}")
     return prompt
 
 

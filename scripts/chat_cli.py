@@ -94,7 +94,7 @@ def interact(engine, tokenizer, base: bool, settings: dict) -> int:
         try:
             answer(engine, tokenizer, messages, user_text, base, settings)
         except ChatError as e:
-            print(f"({e}" + ("" if base else " Type 'clear'.") + ")")
+            print(f"({e}" + ("" if base or not messages else " Type 'clear'.") + ")")
         except KeyboardInterrupt:  # Ctrl-C stops this reply only; the conversation goes on without it
             print("\n(stopped: that reply is not kept)")
         settings["seed"] += 1  # a fresh sample each turn

@@ -451,3 +451,17 @@ def test_html_tags_are_text_and_code_is_shown_as_written():
     assert web.plain("see `a<b and c>d` and ``x`<b>`` <i>") == "see `a<b and c>d` and ``x`<b>`` \\<i>"
     assert web.plain("~~~\n# open to the end <b>") == "~~~\n# open to the end <b>"
     assert web.plain("    if a<b:\n        # c") == "    if a<b:\n        # c"  # indented code
+
+
+def test_a_message_over_the_context_on_its_own_is_told_to_be_shortened(tokenizer):
+    """A first message (or, for a base model, any message: it never reads earlier turns) over the context said "Start
+    a new conversation", which refuses the same message again."""
+    engine = Scripted([*b"ok"], context_len=128)
+    chat = {**GREEDY, "max_tokens": 2}
+    earlier = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]
+    for history, base in (([], False), (earlier, True)):
+        with pytest.raises(web.ChatError, match=r"^Your message is 30[14] tokens long; this model reads at most 127 "
+                                                r"before its reply\. Shorten it\.$"):
+            web.respond(engine, tokenizer, history, "x" * 300, base=base, **chat)
+    with pytest.raises(web.ChatError, match=r"^The conversation is \d+ tokens long; .* Start a new conversation\.$"):
+        web.respond(engine, tokenizer, earlier, "x" * 120, **chat)
