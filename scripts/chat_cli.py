@@ -11,6 +11,7 @@ turn renders the tool call exactly as the model produced it.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 from nanochat_jax.common import add_checkpoint_flags, load_checkpoint, run_script
@@ -27,9 +28,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--max-tokens", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    if (args.max_tokens < 1 or not args.temperature >= 0 or args.top_k < 0
+    if (args.max_tokens < 1 or not 0 <= args.temperature < math.inf or args.top_k < 0
             or (args.top_p is not None and not 0 <= args.top_p <= 1)):
-        parser.error("need --max-tokens >= 1, --temperature >= 0, --top-k >= 0 and --top-p within [0, 1]")
+        parser.error("need --max-tokens >= 1, a finite --temperature >= 0, --top-k >= 0 and --top-p within [0, 1]")
     if not -2**62 <= args.seed <= 2**62:  # jax.random.key takes 64-bit seeds (+1 each turn)
         parser.error(f"--seed must be from -2**62 to 2**62, got {args.seed}")
     return args

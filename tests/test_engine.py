@@ -404,8 +404,9 @@ def test_chat_cli_refuses_a_conversation_over_the_context_and_keeps_it(model, to
     with pytest.raises(ChatError, match="this model reads at most 127"):
         chat_cli.respond(Engine(model, tokenizer), tokenizer, messages, "tell me " * 40, out=io.StringIO())
     assert messages == [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]
-    with pytest.raises(SystemExit):
-        chat_cli.parse_args(["--max-tokens", "0"])
+    for bad in (["--max-tokens", "0"], ["-t", "inf"], ["-t", "nan"]):  # (-t inf sampled uniformly at random)
+        with pytest.raises(SystemExit):
+            chat_cli.parse_args(bad)
     # a reply ends at the trained context (128) even when --max-tokens asks for more
     prompt = tokenizer.encode("z" * 120, prepend=tokenizer.bos_token_id)
     tokens = chat_cli.stream(Engine(model, tokenizer), tokenizer, prompt, out=io.StringIO(), max_tokens=500,
