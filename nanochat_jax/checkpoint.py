@@ -368,12 +368,15 @@ def load_model(stage: str, step: int | None = None, depth: int | None = None, me
     return model, tokenizer, meta
 
 
-def checkpoint_meta(stage: str, step: int, cfg, model_cfg, tokenizer: str | None = None, **extra) -> dict:
+def checkpoint_meta(stage: str, step: int, cfg, model_cfg, tokenizer: str | None = None,
+                    fingerprint: str | None = None, **extra) -> dict:
     """A checkpoint's metadata: step, stage, the run's config, the model config, the tokenizer (a record as
-    tokenizer_record makes; default: the trained one) with its fingerprint, and `extra`."""
+    tokenizer_record makes; default: the trained one) with its fingerprint, and `extra`. fingerprint: the one
+    taken when the run loaded its tokenizer (default: the file's now; a training run passes its own, so that a
+    tokenizer retrained while it runs does not get stamped on a model trained with the old token ids)."""
     from nanochat_jax.config import to_dict
     from nanochat_jax.tokenizer import default_tokenizer_dir, tokenizer_fingerprint, tokenizer_record
 
     tokenizer = tokenizer or tokenizer_record(default_tokenizer_dir())
     return {"step": step, "stage": stage, "config": to_dict(cfg), "model": to_dict(model_cfg),
-            "tokenizer": tokenizer, "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer), **extra}
+            "tokenizer": tokenizer, "tokenizer_fingerprint": fingerprint or tokenizer_fingerprint(tokenizer), **extra}

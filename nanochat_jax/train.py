@@ -304,8 +304,10 @@ def run_stage(run: TrainRun, stage: str, cfg: Config, data, next_batch: Callable
     source_meta: the metadata of the checkpoint the stage starts from (its tokenizer is this run's); seed: the
     data seed a resumed checkpoint must have. Returns the closed StepLogger (elapsed and train_seconds)."""
     from nanochat_jax.checkpoint import checkpoint_meta
+    from nanochat_jax.tokenizer import tokenizer_fingerprint
 
     train, tokenizer = cfg.train, (source_meta or {}).get("tokenizer")
+    fingerprint = tokenizer_fingerprint(tokenizer)  # the run's tokenizer, also if tok_train replaces it meanwhile
     ckpt = open_checkpoints(stage, run.model_cfg.depth, train)
     start = run.resume(ckpt, data, tokenizer, seed) if train.resume else 0
     if is_main_process():  # after a resume succeeded: a refused one leaves the run's config.toml as it was
@@ -323,7 +325,7 @@ def run_stage(run: TrainRun, stage: str, cfg: Config, data, next_batch: Callable
             with progress.paused():  # evals, samples and checkpoints do not count in tokens/s and MFU
                 if (step > start and (last or (train.checkpoint_every > 0 and step % train.checkpoint_every == 0))
                         or (stopping and ckpt.latest_step() != step)):
-                    run.save(ckpt, step, data_state, checkpoint_meta(stage, step, cfg, run.model_cfg, tokenizer),
+                    run.save(ckpt, step, data_state, checkpoint_meta(stage, step, cfg, run.model_cfg, tokenizer, fingerprint),
                              wait=last)
                 if stopping:
                     progress.close()

@@ -37,6 +37,7 @@ from nanochat_jax.rl import group_advantages, micro_batches, pass_at_k, pg_objec
 from nanochat_jax.sharding import batch_shards, make_mesh
 from nanochat_jax.tasks import TaskDataError
 from nanochat_jax.train import StopSignal, TrainRun, global_batch, open_checkpoints
+from nanochat_jax.tokenizer import tokenizer_fingerprint
 
 
 CPU_TRAIN_SIZE, CPU_TEST_SIZE = 8000, 1000  # generated word problems for task "cpu" (GSM8K train has 7473)
@@ -128,6 +129,7 @@ def main(argv: list[str] | None = None) -> dict:
     print0(to_toml(cfg))
     mesh = make_mesh(cfg.mesh)
     params, tokenizer, model_cfg, meta = load_source(rl.source, cfg, mesh)
+    fingerprint = tokenizer_fingerprint(meta.get("tokenizer"))  # the run's, also if tok_train replaces it meanwhile
     train_task, test_task = load_tasks(rl.task)
     print0(f"{rl.source} model: step {meta['step']} | depth {model_cfg.depth} | mesh {dict(mesh.shape)} | task "
            f"{rl.task}: {len(train_task)} train / {len(test_task)} test questions")
@@ -158,7 +160,8 @@ def main(argv: list[str] | None = None) -> dict:
             stopping = stop.requested  # (read once: a signal arriving later is acted on after the next step)
             if step + 1 == num_iterations or (rl.save_every > 0 and (step + 1) % rl.save_every == 0) or stopping:
                 with logger.paused():  # the last one is on disk before the final evaluation starts
-                    step_meta = checkpoint_meta("rl", step + 1, cfg, model_cfg, meta.get("tokenizer"), source=rl.source)
+                    step_meta = checkpoint_meta("rl", step + 1, cfg, model_cfg, meta.get("tokenizer"), fingerprint,
+                                                source=rl.source)
                     run.save(ckpt, step + 1, None, step_meta, wait=step + 1 == num_iterations)
             if stopping:
                 logger.close()
