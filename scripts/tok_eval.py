@@ -8,11 +8,14 @@ Usage: python scripts/tok_eval.py [--config FILE.toml]
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import json
 
 from nanochat_jax import corpus
 from nanochat_jax.common import artifacts_dir, run_script
 from nanochat_jax.config import load_config, to_toml
+from nanochat_jax.data import text_iterator
 from nanochat_jax.tokenizer import load_tokenizer
 
 BASELINES = {"gpt2": "gpt2", "gpt4": "cl100k_base"}
@@ -59,9 +62,16 @@ Check: 17 * 23 = 391, 391 / 17 = 23, 2^10 = 1024, sqrt(144) = 12, 0.125 + 0.375 
 """
 
 
-def eval_texts() -> dict[str, str]:
-    val = "\n\n".join(corpus.document("val", i) for i in range(min(50, corpus.num_documents("val"))))
-    return {"corpus-val": val, "english": ENGLISH, "code": CODE, "multilingual": MULTILINGUAL, "math": MATH}
+def eval_texts(data=None) -> dict[str, str]:
+    """The texts measured: the first 50 validation documents of the [data] source (None: the embedded corpus),
+    as "<source>-val" ("corpus-val" for the embedded one), then the fixed samples."""
+    if data is None or data.source == "embedded":
+        name, docs = "corpus-val", (corpus.document("val", i) for i in range(corpus.num_documents("val")))
+    else:  # (2 shards: the first and the validation one; the tokenizer's 8 are there already)
+        name, docs = f"{data.source}-val", text_iterator(dataclasses.replace(data, num_shards=2), "val")
+    val = "\n\n".join(itertools.islice(filter(None, docs), 50))
+    return {**({name: val} if val else {}), "english": ENGLISH, "code": CODE, "multilingual": MULTILINGUAL,
+            "math": MATH}
 
 
 def load_baselines() -> dict:
@@ -83,7 +93,7 @@ def main(argv=None) -> dict:
     tokenizer = load_tokenizer()
     baselines = load_baselines()
     results = {}
-    for kind, text in eval_texts().items():
+    for kind, text in eval_texts(cfg.data).items():
         n_bytes = len(text.encode())
         row = {"bytes": n_bytes, "ours_tokens": len(tokenizer.encode(text))}
         for name, enc in baselines.items():

@@ -343,3 +343,35 @@ def test_tok_train_and_eval_scripts(home, monkeypatch, capsys):
     assert all(row["gpt2_tokens"] == row["ours_tokens"] for row in result["texts"].values())
     report = json.loads((home / "report" / "tokenizer.json").read_text())
     assert report["train"] == summary and report["eval"] == result
+
+
+def test_tok_eval_measures_the_configured_sources_validation_text(home, tmp_path, monkeypatch):
+    """Its held-out row is the [data] source's validation documents, as nanochat's fwe-val: with data.source=files
+    or fineweb it was the embedded generated corpus, whatever the tokenizer was trained on."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import tiktoken
+
+    from nanochat_jax import data
+    from nanochat_jax.config import DataConfig
+
+    train_docs = [f"def f{i}(x):\n    return x * {i}\n" for i in range(300)]
+    val_docs = [f"class C{i}:\n    value = {i}\n" for i in range(80)] + [""]
+    for name, docs in (("a.jsonl", train_docs), ("b.jsonl", ["", *val_docs])):
+        (tmp_path / name).write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    files = ["--data.source=files", f"--data.path={tmp_path}"]
+    load_script("tok_train").main([*files, "--tokenizer.vocab_size=400"])
+    monkeypatch.setattr(tiktoken, "get_encoding", lambda name: (_ for _ in ()).throw(ConnectionError(name)))
+    rows = load_script("tok_eval").main(files)["texts"]
+    expected = "\n\n".join(val_docs[:50])  # the first 50 non-empty documents
+    assert list(rows) == ["files-val", "english", "code", "multilingual", "math"]
+    assert rows["files-val"]["bytes"] == len(expected.encode())
+    assert rows["files-val"]["ours_tokens"] == len(load_tokenizer().encode(expected))
+
+    # fineweb: the validation shard present, the other 239 of num_shards=240 not: nothing is downloaded
+    shards = home / "data" / "fineweb"
+    shards.mkdir(parents=True)
+    for name, docs in ((data.shard_name(0), train_docs), (data.shard_name(data.SHARD_SETS["fineweb"].max_shard), val_docs)):
+        pq.write_table(pa.table({"text": docs}), shards / name)
+    texts = load_script("tok_eval").eval_texts(DataConfig(source="fineweb", num_shards=240))
+    assert texts["fineweb-val"] == expected and "corpus-val" not in texts
