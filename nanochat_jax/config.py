@@ -299,6 +299,8 @@ class TokenizerConfig:
         _positive(self, "tokenizer", "max_chars", "doc_cap", "buffer_size")
         if self.vocab_size < 256 + 9:
             raise ConfigError(f"tokenizer.vocab_size={self.vocab_size} must be >= 265 (256 bytes + 9 special tokens)")
+        if self.vocab_size > 2**31 - 1:  # token ids are int32 (the data pipeline, the trainer)
+            raise ConfigError(f"tokenizer.vocab_size={self.vocab_size} must be <= {2**31 - 1:,} (token ids are int32)")
 
 
 @dataclass

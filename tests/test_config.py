@@ -51,6 +51,8 @@ def test_round_trip_through_toml(tmp_path):
         (["--data.source=fineweb", "--data.num_shards=1"], "data.num_shards=1 must be >= 2 for data.source=fineweb"),
         (["--run", "--train.num_iterations=50"], "missing value for '--run'"),
         (["--model.param_dtype=float16"], "model.param_dtype='float16' is not supported"),  # NaN loss by step 2
+        # (the trainer's ValueError / OverflowError traceback after the data was opened)
+        (["--tokenizer.vocab_size=99999999999"], "tokenizer.vocab_size=99999999999 must be <= 2,147,483,647"),
     ],
 )
 def test_errors_name_the_key(argv, message):
