@@ -535,10 +535,11 @@ def make_batch_iterator(source, tokenizer, batch_rows: int, seq_len: int, *, pac
     chunks = chunk_stream(len(source.chunks), seed=seed, shuffle=shuffle, infinite=infinite,
                           process_index=process_index, process_count=process_count)
     per_epoch = len(range(process_index, len(source.chunks), process_count))
+    docs_per_epoch = sum(stop - start for start, stop in source.chunks[process_index::process_count])
     ds = chunks.map_with_index(_tokenize_chunk(source, tokenizer, per_epoch, seed, shuffle, num_threads))
     ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=2))
     ds = PackDataset(ds, packing, seq_len + 1, per_epoch, len(source.chunks),
-                     _encode_documents(source, tokenizer, num_threads))
+                     _encode_documents(source, tokenizer, num_threads), docs_per_epoch)
     ds = ds.batch(batch_rows // process_count, drop_remainder=True).map(_split_rows)
     if prefetch:
         ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=prefetch)

@@ -7,12 +7,13 @@ A packer reads a grain stream of chunks, each `(ids, docs)`: the source indices 
   "chunks"}`: k is the stream position of the oldest chunk with unemitted tokens, s how many of its tokens were
   emitted; restoring re-reads that one chunk.
 - "bestfit": nanochat master's BOS-aligned best fit. A buffer holds at least BUFFER_DOCS documents (refilled a
-  chunk at a time); a row is filled from its start with the largest buffered document that fits the space left
-  (the first of equal ones) until none fits, then the shortest one is cropped to the space left and its rest
-  dropped. Every row starts with a BOS and nothing is padded; a document longer than a row waits until it is the
-  shortest, then is cropped. State `{"docs": {"next_index": k}, "pending": [...], "epoch", "chunks"}`: k is the
-  stream position of the next chunk to read, pending the source indices of the buffered documents in buffer
-  order; restoring re-reads and re-tokenizes those documents only.
+  chunk at a time; at most one epoch of this process's documents, so a split of fewer, long documents, e.g. whole
+  .txt files, is not read and tokenized over and over to fill it); a row is filled from its start with the largest
+  buffered document that fits the space left (the first of equal ones) until none fits, then the shortest one is
+  cropped to the space left and its rest dropped. Every row starts with a BOS and nothing is padded; a document
+  longer than a row waits until it is the shortest, then is cropped. State `{"docs": {"next_index": k}, "pending":
+  [...], "epoch", "chunks"}`: k is the stream position of the next chunk to read, pending the source indices of
+  the buffered documents in buffer order; restoring re-reads and re-tokenizes those documents only.
 A state saved over another data set (another number of chunks) or by the other packer starts the order over,
 said on stderr.
 """
@@ -32,10 +33,10 @@ class PackDataset(grain.IterDataset):
     """Rows of row_len tokens from a stream of (ids, docs) chunks; encode(ids) re-tokenizes source documents."""
 
     def __init__(self, parent: grain.IterDataset, packing: str, row_len: int, chunks_per_epoch: int,
-                 num_chunks: int, encode):
+                 num_chunks: int, encode, docs_per_epoch: int | None = None):
         super().__init__(parent)
         self.packer = {"concat": _Concat, "bestfit": _BestFit}[packing]
-        self.args = (row_len, chunks_per_epoch, num_chunks, encode)
+        self.args = (row_len, chunks_per_epoch, num_chunks, encode, docs_per_epoch)
 
     def __iter__(self):
         return self.packer(self._parent.__iter__(), *self.args)
@@ -44,9 +45,10 @@ class PackDataset(grain.IterDataset):
 class _Packer(grain.DatasetIterator):
     packing = ""
 
-    def __init__(self, parent, row_len: int, chunks_per_epoch: int, num_chunks: int, encode):
+    def __init__(self, parent, row_len: int, chunks_per_epoch: int, num_chunks: int, encode, docs_per_epoch=None):
         super().__init__(parent)
         self.row_len, self.chunks_per_epoch, self.encode = row_len, chunks_per_epoch, encode
+        self.buffer_docs = min(BUFFER_DOCS, docs_per_epoch or BUFFER_DOCS)  # (bestfit)
         self.num_chunks = num_chunks  # of the whole source (all processes): the shuffled order is over these
 
     def _state(self, docs: dict, **position) -> dict:
@@ -127,7 +129,7 @@ class _BestFit(_Packer):
         self._lens = np.concatenate([self._lens, [len(d) for d in docs]])
 
     def _refill(self) -> None:
-        while len(self._docs) < BUFFER_DOCS and not self._done:
+        while len(self._docs) < self.buffer_docs and not self._done:
             try:
                 ids, docs = next(self._parent)
             except StopIteration:

@@ -222,6 +222,26 @@ def test_bestfit_crops_what_concat_cuts_off_its_start():
     assert got == {"concat": (1032, 0.0056, 0.3031), "bestfit": (984, 0.0519, 0.0)}
 
 
+def test_bestfit_buffer_holds_at_most_an_epoch_of_a_small_split():
+    """Two documents far longer than a row (whole .txt files): the buffer of 1000 documents was filled with 500
+    copies of each, re-read and re-tokenized (97 s and 0.6 GB for the first batch of two 200 KB files), and as
+    a copy of the shorter one was always there to crop, the longer one never made a row. The buffer now holds at
+    most one epoch of the process's documents."""
+    class Counting(ByteTokenizer):
+        encoded = 0
+
+        def encode(self, texts, prepend=None, num_threads=1):
+            Counting.encoded += len(texts)
+            return super().encode(texts, prepend, num_threads)
+
+    it = data.make_batch_iterator(ListSource(["a" * 5000, "b" * 6000], k=1), Counting(), 2, 40, packing="bestfit",
+                                  shuffle=False, process_index=0, process_count=1, prefetch=0)
+    rows = [np.append(r, t[-1]) for b in take(it, 3) for r, t in zip(b["inputs"], b["targets"])]
+    assert all(r[0] == 256 and len(set(r[1:].tolist())) == 1 for r in rows)  # each a document's cropped head
+    assert "".join(chr(r[1]) for r in rows) == "aababa"  # was "aaaaaa"
+    assert Counting.encoded == 8  # was 1006
+
+
 def test_global_batch_is_sharded_over_the_batch_axes(make_mesh):
     mesh = make_mesh(2, 2, 2)
     from nanochat_jax.train import global_batch
