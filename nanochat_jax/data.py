@@ -297,7 +297,7 @@ class _TextFile:
 
     def read_chunk(self, c: int) -> list[str]:
         try:
-            return [self.path.read_text(encoding="utf-8")]
+            return [self.path.read_bytes().decode("utf-8")]  # as written: no newline translation
         except (OSError, UnicodeDecodeError) as e:
             raise DataError(f"cannot read text file {self.path}: {e}") from None
 

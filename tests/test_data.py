@@ -290,6 +290,17 @@ def test_jsonl_and_txt_sources(tmp_path):
         data.check_enough_chunks(data.make_source(cfg, "val"), "val", process_count=2)
 
 
+def test_txt_documents_keep_their_bytes_like_jsonl_and_parquet(tmp_path):
+    """read_text translated newlines: a .txt file's CR LF became LF and a lone CR (a progress bar's) LF, while the
+    same text in a .jsonl or .parquet file kept them."""
+    text = "line 1\r\nline 2\rstill 2\x00\n"
+    (tmp_path / "a.txt").write_bytes(text.encode())
+    (tmp_path / "b.jsonl").write_text(json.dumps({"text": text}) + "\n")
+    write_parquet(tmp_path / "c.parquet", [text])
+    src = data.FileSource(sorted(tmp_path.iterdir()))
+    assert src.read(0, 3) == [text] * 3  # the .txt was "line 1\nline 2\nstill 2\x00\n"
+
+
 def test_bad_files_raise_clear_errors(tmp_path):
     write_parquet(tmp_path / "nocol.parquet", ["x"], column="content")
     with pytest.raises(data.DataError, match=r"nocol\.parquet has no column 'text'"):
