@@ -31,10 +31,11 @@ def source_texts(cfg: Config, split: str = "train"):
     return text_iterator(cfg.data, split)
 
 
-def capped_texts(texts, max_chars: int, doc_cap: int, sample: list[str], progress: tqdm):
-    """Each document cut to doc_cap characters, stopping after max_chars characters in total."""
+def capped_texts(texts, max_chars: int, doc_cap: int, sample: list[str], progress: tqdm, cut: list[int]):
+    """Each document cut to doc_cap characters (counted in cut[0]), stopping after max_chars characters in total."""
     used = 0
     for text in texts:
+        cut[0] += len(text) > doc_cap
         text = text[: min(doc_cap, max_chars - used)]
         if not text:
             continue
@@ -52,8 +53,9 @@ def main(argv=None) -> dict:
     print(to_toml(cfg))
     tc = cfg.tokenizer
     sample: list[str] = []
+    cut = [0]
     with tqdm(desc="tokenizer text", unit="char", unit_scale=True) as progress, Timer() as timer:
-        texts = capped_texts(source_texts(cfg, "train"), tc.max_chars, tc.doc_cap, sample, progress)
+        texts = capped_texts(source_texts(cfg, "train"), tc.max_chars, tc.doc_cap, sample, progress, cut)
         first = next(texts, None)
         if first is None:
             raise UserError(f"no text to train the tokenizer on: every train document of data.source="
@@ -61,6 +63,9 @@ def main(argv=None) -> dict:
         tokenizer = Tokenizer.train_from_iterator(itertools.chain([first], texts), tc.vocab_size,
                                                   buffer_size=tc.buffer_size)
         train_chars = progress.n
+    if cut[0]:  # (a .txt file is one document: one long file would train the tokenizer on its first 10k characters)
+        print(f"note: {cut[0]:,} document(s) were cut to tokenizer.doc_cap={tc.doc_cap:,} characters (raise it for "
+              "long documents such as whole .txt files)")
     if tokenizer.vocab_size < tc.vocab_size:
         print(f"note: the text ran out of pairs to merge; vocab_size is {tokenizer.vocab_size}, "
               f"not the requested {tc.vocab_size}")

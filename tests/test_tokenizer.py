@@ -265,9 +265,10 @@ def test_capped_texts():
         def update(self, k):
             self.n += k
 
-    progress = Progress()
-    texts = list(tok_train.capped_texts(iter(["abcdef", "", "gh", "ijkl", "mnop"]), 7, 4, sample, progress))
+    progress, cut = Progress(), [0]
+    texts = list(tok_train.capped_texts(iter(["abcdef", "", "gh", "ijkl", "mnop"]), 7, 4, sample, progress, cut))
     assert texts == ["abcd", "gh", "i"] and sample == texts and progress.n == 7
+    assert cut == [1]  # "abcdef" was longer than doc_cap (tok_train then says so: a whole .txt file is one document)
 
 
 def test_source_texts(tmp_path):
@@ -319,7 +320,9 @@ def test_tok_train_and_eval_scripts(home, monkeypatch, capsys):
     assert summary["token_bytes_min"] == 1 and summary["token_bytes_max"] > 4
     assert load_config(["--config", str(out / "config.toml")]).tokenizer.vocab_size == 600
     assert json.loads((home / "report" / "tokenizer.json").read_text())["train"] == summary
-    assert "trained a 600-token tokenizer on 300,000 characters" in capsys.readouterr().out
+    out_text = capsys.readouterr().out
+    assert "trained a 600-token tokenizer on 300,000 characters" in out_text
+    assert regex.search(r"note: [\d,]+ document\(s\) were cut to tokenizer.doc_cap=800 characters", out_text)
 
     def offline(name):
         raise ConnectionError(f"no network for {name}")
