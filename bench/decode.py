@@ -45,7 +45,7 @@ class _NoSpecialsTokenizer:
         names = ["<|bos|>", "<|assistant_end|>", "<|python_start|>", "<|python_end|>", "<|output_start|>",
                  "<|output_end|>"]
         self.ids = {name: vocab_size + i for i, name in enumerate(names)}
-        self.bos_token_id = self.ids["<|bos|>"]
+        self.bos_token_id, self.vocab_size = self.ids["<|bos|>"], vocab_size + len(names)
 
     def encode_special(self, name: str) -> int:
         return self.ids[name]
