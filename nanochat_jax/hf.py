@@ -79,6 +79,10 @@ CHAT_TEMPLATE = (
 )
 
 
+# transformers' NanoChatConfig defaults for the fields a config.json may leave out (where they differ from ours)
+HF_DEFAULTS = {"final_logit_softcapping": 15.0, "rms_norm_eps": 1e-6, "intermediate_size": 8192}
+
+
 class HFFormatError(UserError, ValueError):
     """A folder or model that the NanoChat format (or our ModelConfig) cannot represent; names the option."""
 
@@ -124,6 +128,7 @@ def hf_config(cfg: ModelConfig, tokenizer: Tokenizer, dtype: str = "float32") ->
 
 def model_config_from_hf(config: dict, compute_dtype: str = "bfloat16") -> ModelConfig:
     """Our ModelConfig for a transformers NanoChat config.json; HFFormatError names what cannot be represented."""
+    config = {**HF_DEFAULTS, **config}  # a missing key means what transformers makes of it
 
     def need(key, ok: bool, why: str):
         if not ok:
@@ -153,7 +158,7 @@ def model_config_from_hf(config: dict, compute_dtype: str = "bfloat16") -> Model
                             "we implement only 'default' rotary embeddings")
     theta = rope.get("rope_theta", config.get("rope_theta", 10000.0))
     softcap = config.get("final_logit_softcapping")
-    eps = config.get("rms_norm_eps", EPS)
+    eps = config.get("rms_norm_eps")
     for key, value in (("rope_theta", theta), ("final_logit_softcapping", softcap or 0.0), ("rms_norm_eps", eps)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
             raise HFFormatError(f"config.json: {key} must be a number >= 0, got {value!r}")

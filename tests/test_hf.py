@@ -220,6 +220,21 @@ def test_other_eps_warns():
         hf.model_config_from_hf(base_hf_config(rms_norm_eps=1e-6))
 
 
+def test_missing_keys_mean_transformers_defaults():
+    """A config.json without final_logit_softcapping runs soft-capped at 15 in transformers (NanoChatConfig's
+    default); the import read it as no soft-cap (logits differed by 2.4 on a tiny model)."""
+    config = {k: v for k, v in base_hf_config().items() if k not in ("final_logit_softcapping", "rms_norm_eps")}
+    with pytest.warns(UserWarning, match=r"rms_norm_eps=1e-06 differs from ours"):
+        cfg = hf.model_config_from_hf(config)
+    assert cfg.softcap == 15.0
+    assert hf.model_config_from_hf(base_hf_config(final_logit_softcapping=None)).softcap == 0.0
+    del config["intermediate_size"]  # transformers: 8192, the MLP width of a 2048-wide model only
+    with pytest.raises(hf.HFFormatError, match=r"intermediate_size=8192 is not supported"):
+        hf.model_config_from_hf(config)
+    with pytest.warns(UserWarning, match=r"rms_norm_eps=1e-06"):
+        assert hf.model_config_from_hf({**config, "hidden_size": 2048, "num_attention_heads": 16}).n_embd == 2048
+
+
 def test_unrepresentable_weights_and_tokenizers_are_clear_errors(tok, tmp_path):
     cfg = tiny_cfg(tok)
     params = random_params(cfg)
