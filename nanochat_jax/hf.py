@@ -24,7 +24,7 @@ import numpy as np
 
 from nanochat_jax.common import UserError
 from nanochat_jax.config import RUNTIME_MODEL_FIELDS, ModelConfig
-from nanochat_jax.model import EPS
+from nanochat_jax.model import EPS, padded_vocab
 from nanochat_jax.tokenizer import SPECIAL_TOKENS, Tokenizer
 
 CONFIG_FILE = "config.json"
@@ -36,8 +36,8 @@ GENERATION_CONFIG_FILE = "generation_config.json"
 DTYPES = ("float32", "bfloat16")
 
 # ModelConfig fields that only change how the forward runs or is stored (or how the weights were initialised), not
-# what it computes: not exported.
-RUNTIME_FIELDS = {*RUNTIME_MODEL_FIELDS, "param_dtype", "init"}
+# what it computes: not exported (pad_vocab_to's padding rows and columns are cut off).
+RUNTIME_FIELDS = {*RUNTIME_MODEL_FIELDS, "param_dtype", "init", "pad_vocab_to"}
 # ModelConfig fields that the exported config.json encodes.
 ARCH_FIELDS = {"depth", "aspect_ratio", "head_dim", "n_kv_head", "vocab_size", "sequence_len", "softcap", "rope_theta"}
 
@@ -202,8 +202,10 @@ def params_to_hf(params: dict, cfg: ModelConfig, dtype: str = "float32") -> dict
     extra = sorted(set(params) - known) + [f"blocks.{i}" for i in params.get("blocks", {}) if not 0 <= i < cfg.n_layer]
     if extra:
         raise HFFormatError(f"parameters {', '.join(map(str, extra))} have no equivalent in the NanoChat format")
-    out = {"model.embed_tokens.weight": np.asarray(params["wte"]["embedding"]),
-           "lm_head.weight": np.asarray(params["lm_head"]["kernel"]).T}
+    wte, lm_head = np.asarray(params["wte"]["embedding"]), np.asarray(params["lm_head"]["kernel"])
+    if wte.shape[0] == lm_head.shape[-1] == padded_vocab(cfg):  # pad_vocab_to's padding: the logits never see it
+        wte, lm_head = wte[:cfg.vocab_size], lm_head[:, :cfg.vocab_size]
+    out = {"model.embed_tokens.weight": wte, "lm_head.weight": lm_head.T}
     for i in range(cfg.n_layer):
         block = params["blocks"][i]
         for key, (module, name) in LAYER_KEYS.items():

@@ -114,6 +114,20 @@ def test_export_import_round_trip_is_exact(tok, tmp_path):
     assert (tmp_path / "bf16" / "model.safetensors").stat().st_size < 0.6 * (tmp_path / "f32" / "model.safetensors").stat().st_size
 
 
+def test_export_cuts_off_the_vocabulary_padding(tok, tmp_path):
+    """pad_vocab_to only pads the tables (the logits are sliced back): a first-release model trained with it was
+    refused ('model.pad_vocab_to=64 has no equivalent')."""
+    cfg = tiny_cfg(tok, pad_vocab_to=64)
+    params = random_params(cfg, seed=3)
+    assert params["wte"]["embedding"].shape[0] == 640 != tok.vocab_size
+    hf.export_hf(params, cfg, tok, tmp_path)
+    got_cfg, got, _ = hf.import_hf(tmp_path, compute_dtype="float32")
+    assert got_cfg == dataclasses.replace(cfg, pad_vocab_to=1)
+    np.testing.assert_array_equal(got["wte"]["embedding"], params["wte"]["embedding"][:tok.vocab_size])
+    ids = random_ids(cfg)
+    np.testing.assert_allclose(our_logits(got_cfg, got, ids), our_logits(cfg, params, ids), rtol=0, atol=1e-5)
+
+
 def test_import_reads_sharded_safetensors(tok, tmp_path):
     from safetensors.numpy import save_file
 
