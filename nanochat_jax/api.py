@@ -6,10 +6,12 @@
     GET  /health                status and slot use (no key needed)
 
 Requests get the web chat's limits (web.check_request, the model's context); a refused request is HTTP 400 with
-OpenAI's {"error": {"message", "type"}}, a full queue 429, a missing or wrong key 401 (with --api-key). A reply's
-text is the page's Markdown view without the escaping: a calculator call shows as a python block and "→ `result`";
-other special tokens the model emits are not shown. `stream: true` sends OpenAI's chat.completion.chunk events
-(server-sent events) ending with `data: [DONE]`; a client that goes away cancels its requests.
+OpenAI's {"error": {"message", "type", "param", "code"}}, and so is a parameter it cannot honour (UNSUPPORTED:
+logprobs, tools, response_format, logit_bias, the penalties...) unless it asks for nothing; a full queue is 429, a
+missing or wrong key 401 (with --api-key). A reply's text is the page's Markdown view without the escaping: a
+calculator call shows as a python block and "→ `result`"; other special tokens the model emits are not shown.
+`stream: true` sends OpenAI's chat.completion.chunk events (server-sent events) ending with `data: [DONE]`; a client
+that goes away cancels its requests.
 """
 
 from __future__ import annotations
@@ -32,10 +34,24 @@ MAX_STOPS = 4
 MAX_STOP_CHARS = 256
 DISCONNECT_POLL_S = 0.5  # how often a reply that is not streamed checks that its client is still there
 DEFAULT_MAX_TOKENS = 512
+# OpenAI parameters this server cannot honour, with the values that ask for nothing (null always does): any other
+# value is refused, since a reply without the logprobs, tool call, JSON or penalties asked for would look like one
+UNSUPPORTED = {"logprobs": (False,), "top_logprobs": (0,), "tools": ([],), "tool_choice": ("none", "auto"),
+               "functions": ([],), "function_call": ("none", "auto"), "response_format": ({"type": "text"},),
+               "logit_bias": ({},), "presence_penalty": (0,), "frequency_penalty": (0,), "modalities": (["text"],),
+               "audio": ()}
 
 
-def error(status: int, message: str, kind: str = "invalid_request_error") -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": kind, "param": None, "code": None}}, status_code=status)
+class Unsupported(web.ChatError):
+    """A parameter the server cannot honour (its name is the error's param)."""
+
+    def __init__(self, param: str):
+        super().__init__(f"'{param}' is not supported by this server; leave it out.")
+        self.param = param
+
+
+def error(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": None}}, status_code=status)
 
 
 def reply_text(tokenizer, tokens: list[int], final: bool) -> str:
@@ -74,6 +90,9 @@ def _parse(body, defaults: dict) -> dict:
     """The request's settings, or web.ChatError saying what is wrong."""
     if not isinstance(body, dict):
         raise web.ChatError("The request body must be a JSON object.")
+    for name, neutral in UNSUPPORTED.items():
+        if body.get(name) is not None and body[name] not in neutral:
+            raise Unsupported(name)
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise web.ChatError("'messages' must be a non-empty list of {role, content} objects.")
@@ -161,7 +180,7 @@ def api_router(scheduler, tokenizer, *, model: str, api_key: str | None = None, 
             settings = _parse(body, defaults)
             prompt = web.completion_prompt(tokenizer, settings["messages"], base, scheduler.context_len)
         except ValueError as e:  # web.ChatError, or the renderer's complaint about the order of the roles
-            return error(400, str(e))
+            return error(400, str(e), param=getattr(e, "param", None))
 
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
         requests = []

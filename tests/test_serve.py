@@ -452,6 +452,25 @@ def test_each_limit_is_a_clear_400(server, body, message):
     assert message in error["message"] and error["type"] == "invalid_request_error" and "\n" not in error["message"]
 
 
+@pytest.mark.parametrize("param, value", [
+    ("logprobs", True), ("top_logprobs", 2), ("tool_choice", "required"), ("response_format", {"type": "json_object"}),
+    ("tools", [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}]),
+    ("logit_bias", {"65": 100}), ("presence_penalty", 1.5), ("frequency_penalty", -0.5),
+])
+def test_parameters_it_cannot_honour_are_a_400_naming_them(client, param, value):
+    """logprobs=True was answered with logprobs None (and tools, response_format, logit_bias, the penalties were
+    dropped): a reply that looks like what was asked for. Their neutral values are still accepted."""
+    openai = pytest.importorskip("openai")
+    hi = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(**hi, **{param: value})
+    assert refused.value.body == {"message": f"'{param}' is not supported by this server; leave it out.",
+                                  "type": "invalid_request_error", "param": param, "code": None}
+    reply = client.chat.completions.create(**hi, logprobs=False, tools=[], tool_choice="none", logit_bias={},
+                                           response_format={"type": "text"}, presence_penalty=0.0, frequency_penalty=0)
+    assert reply.usage.completion_tokens == 2
+
+
 def test_null_parameters_are_not_given():
     """OpenAI's SDK sends a parameter given as None as null: max_tokens=5 with max_completion_tokens=None asked for 5
     tokens and got the server's default; stream=None was refused."""
