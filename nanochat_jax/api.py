@@ -17,6 +17,7 @@ that goes away cancels its requests.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import json
 import secrets
 import time
@@ -76,6 +77,15 @@ def apply_stops(text: str, stops: list[str], final: bool) -> tuple[str, bool]:
                    default=0)
         text = text[:len(text) - held]
     return text, False
+
+
+def tokens_to_stop(tokenizer, tokens: list[int], stops: list[str], final: bool) -> int:
+    """How many of a reply's tokens it took to show a stop string: the reply's completion tokens (the decode chunk
+    that showed it ran on past it)."""
+    def shows(k):
+        return any(s in reply_text(tokenizer, tokens[:k], final and k == len(tokens)) for s in stops)
+
+    return bisect.bisect_left(range(len(tokens) + 1), True, key=shows)
 
 
 async def cancel_when_gone(request: Request, requests: list) -> None:
@@ -216,12 +226,14 @@ def api_router(scheduler, tokenizer, *, model: str, api_key: str | None = None, 
                         raise RuntimeError(f"generation failed: {scheduler.error or finish}")
                     text, stopped = apply_stops(reply_text(tokenizer, tokens[i], finish is not None),
                                                 settings["stops"], finish is not None)
+                    count = len(tokens[i])
                     if stopped:
                         requests[i].cancel()
+                        count = tokens_to_stop(tokenizer, tokens[i], settings["stops"], finish is not None)
                         finish = "stop"
                     if finish is not None:
                         open_.discard(i)
-                    yield i, text, finish, len(tokens[i])
+                    yield i, text, finish, count
             finally:
                 for r in requests:
                     r.cancel()

@@ -379,6 +379,8 @@ def expected_text(engine, tokenizer, text, max_tokens):
 
 
 def test_openai_client_completion_and_stream(engine, tokenizer, client):
+    from nanochat_jax.api import reply_text
+
     reply = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi there"}],
                                            temperature=0, max_tokens=10)
     expected = expected_text(engine, tokenizer, "hi there", 10)
@@ -403,6 +405,18 @@ def test_openai_client_completion_and_stream(engine, tokenizer, client):
                                          temperature=0, max_tokens=10, stop=[expected[3:5]])
     assert cut.choices[0].message.content == expected[:expected.find(expected[3:5])]
     assert cut.choices[0].finish_reason == "stop"
+    tokens = alone(engine, chat_prompt(tokenizer, "hi there"), 10, temperature=0.0)
+    shown = [k for k in range(11) if expected[3:5] in reply_text(tokenizer, tokens[:k], final=False)]
+    assert cut.usage.completion_tokens == shown[0] < 8  # (was 8: the whole decode chunk that showed the stop)
+
+
+def test_a_stop_string_counts_the_tokens_it_took_to_show_it(tokenizer):
+    from nanochat_jax.api import tokens_to_stop
+
+    tokens = tokenizer.encode("hello world")
+    assert tokens_to_stop(tokenizer, tokens, ["o w"], final=False) == 7  # "hello w"
+    assert tokens_to_stop(tokenizer, tokens, ["zz", "ld"], final=True) == 11
+    assert tokens_to_stop(tokenizer, tokenizer.encode("é!"), ["é"], final=False) == 2  # both bytes of the é
 
 
 def test_models_health_and_the_api_key(server, client):
