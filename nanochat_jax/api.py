@@ -2,7 +2,7 @@
 
     POST /v1/chat/completions   messages, temperature, top_p, top_k (ours), max_tokens, n, stop, seed, stream,
                                 stream_options.include_usage
-    GET  /v1/models             the one model served
+    GET  /v1/models             the one model served (and /v1/models/{id}, its card)
     GET  /health                status and slot use (no key needed)
 
 Requests get the web chat's limits (web.check_request, the model's context); a refused request is HTTP 400 with
@@ -171,10 +171,18 @@ def api_router(scheduler, tokenizer, *, model: str, api_key: str | None = None, 
         return {"status": "ok" if scheduler.error is None else f"error: {scheduler.error}", "model": model,
                 "slots": scheduler.slots, "busy_slots": scheduler.busy_slots(), "queued": len(scheduler.waiting)}
 
+    card = {"id": model, "object": "model", "created": created, "owned_by": "nanochat-jax"}
+
     @router.get("/v1/models")
     def models(request: Request):
-        return refused(request) or {"object": "list", "data": [
-            {"id": model, "object": "model", "created": created, "owned_by": "nanochat-jax"}]}
+        return refused(request) or {"object": "list", "data": [card]}
+
+    @router.get("/v1/models/{name:path}")
+    def model_card(name: str, request: Request):
+        if (no := refused(request)) is not None:
+            return no
+        return card if name == model else error(404, f"The model '{name}' does not exist; this server has '{model}'.",
+                                                param="model")
 
     @router.post("/v1/chat/completions")
     async def chat_completions(request: Request):

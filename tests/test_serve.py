@@ -424,12 +424,18 @@ def test_models_health_and_the_api_key(server, client):
 
     url, scheduler = server
     assert [m.id for m in client.models.list().data] == ["tiny"]
+    assert client.models.retrieve("tiny").id == "tiny"  # (was a 404 {"detail": "Not Found"})
+    with pytest.raises(__import__("openai").NotFoundError) as missing:
+        client.models.retrieve("gpt-4o")
+    assert missing.value.body == {"message": "The model 'gpt-4o' does not exist; this server has 'tiny'.",
+                                  "type": "invalid_request_error", "param": "model", "code": None}
     health = httpx.get(url + "/health").json()
     assert health == {"status": "ok", "model": "tiny", "slots": 4, "busy_slots": 0, "queued": 0}
     body = {"messages": [{"role": "user", "content": "hi"}]}
     for headers in ({}, {"Authorization": "Bearer wrong"}):
         for response in (httpx.post(url + "/v1/chat/completions", json=body, headers=headers),
-                         httpx.get(url + "/v1/models", headers=headers)):
+                         httpx.get(url + "/v1/models", headers=headers),
+                         httpx.get(url + "/v1/models/tiny", headers=headers)):
             assert response.status_code == 401 and "API key" in response.json()["error"]["message"]
     assert httpx.get(url + "/", timeout=30).status_code == 200  # the page is on the same port
 
@@ -677,7 +683,7 @@ def test_the_api_routes_are_part_of_the_app_from_its_start(engine, tokenizer):
     try:
         load_chat_web().launch(app, api_router(scheduler, tokenizer, model="tiny"), args)
         paths = [getattr(route, "path", None) for route in app.app.router.routes]
-        assert paths[:3] == ["/health", "/v1/models", "/v1/chat/completions"] and "/" in paths
+        assert paths[:4] == ["/health", "/v1/models", "/v1/models/{name:path}", "/v1/chat/completions"] and "/" in paths
         assert httpx.get(f"http://127.0.0.1:{args.port}/health").json()["status"] == "ok"
     finally:
         app.close()
