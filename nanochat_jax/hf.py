@@ -8,8 +8,10 @@ first-release forward: its q/k/v/o_proj, fc1/fc2, embed_tokens and lm_head are o
 c_fc/c_proj, wte and lm_head; its RMSNorms carry no weights; its rotate_half convention equals ours.
 
 Nothing here needs torch or transformers: weights go through `safetensors.numpy`, the rest is plain JSON.
-Known difference: a Hugging Face tokenizer turns text that spells a special token (e.g. "<|bos|>") into that
-token, while our `encode` never does.
+Known differences: a Hugging Face tokenizer turns text that spells a special token (e.g. "<|bos|>") into that
+token, while our `encode` never does; the chat template renders a message's parts as one string, while
+`render_conversation` (as nanochat's) encodes each part on its own, so two text parts in a row (SpellingBee's
+answers) can merge into other tokens at their seam.
 """
 
 from __future__ import annotations
