@@ -128,6 +128,8 @@ class Scheduler:
         self.cond = threading.Condition()
         self.closed, self.error = False, None
         self.cache = engine._empty_cache(slots, self.cache_len)
+        if engine.mesh is None:  # committed to its device as the decode leaves it (else every insert compiles twice)
+            self.cache = jax.device_put(self.cache, self.cache.lengths.sharding)
         # the per-slot state lives where the decode leaves it (split like the cache's rows), so the programs that
         # insert prompts compile once for each group size, not again after the first decode has moved it
         self.row_sharding = self.cache.lengths.sharding

@@ -688,3 +688,27 @@ def test_the_api_routes_are_part_of_the_app_from_its_start(engine, tokenizer):
     finally:
         app.close()
         scheduler.close()
+
+
+def test_a_one_device_scheduler_compiles_each_program_once(tokenizer):
+    """As above for a scheduler on one device (every accelerator, and a CPU not split): its empty cache was not
+    committed to the device, so the first insert compiled again once the first decode had committed it."""
+    import jax
+
+    compiles = []
+
+    def listen(event, _, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    scheduler = Scheduler(serving_engine(random_model(), tokenizer, slots=2, cpu_devices=1), slots=2)
+    try:
+        assert scheduler.engine.mesh is None
+        tokens_of(scheduler, PROMPTS[0], 20, temperature=0.0)
+        first = len(compiles)
+        tokens_of(scheduler, PROMPTS[0], 20, temperature=0.0)
+        assert first > 0 and len(compiles) == first
+    finally:
+        scheduler.close()
+        jax.monitoring.unregister_event_duration_listener(listen)
