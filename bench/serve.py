@@ -201,6 +201,8 @@ def main(argv=None) -> list[dict] | dict:
         parser.error("--load compares --slots >= 2 with one slot, over --repeats >= 1 rounds")
     if args.load:
         return load_test(args)
+    if args.turns < 1 or args.max_tokens < 2:
+        parser.error("--turns must be at least 1 and --max-tokens at least 2 (the gaps are between streamed tokens)")
 
     import numpy as np
 

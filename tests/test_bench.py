@@ -157,6 +157,16 @@ def test_serve_bench_streams_in_bursts_of_one_chunk():
     assert eight["gap_median_s"] < 0.1 * eight["gap_max_s"]
 
 
+def test_serve_bench_refuses_turns_without_gaps(capsys):
+    import serve  # bench/serve.py
+
+    for flags in (["--turns", "0"], ["--max-tokens", "1"]):  # no warm turn or no gap to take a median of
+        with pytest.raises(SystemExit) as exit_:
+            serve.main(["--depth", "1", "--vocab-size", "256", *flags])
+        assert exit_.value.code == 2
+        assert "--turns must be at least 1 and --max-tokens at least 2" in capsys.readouterr().err
+
+
 def test_gpu_suite_stages_run_on_cpu(tmp_path):
     """bench/gpu_suite.sh's train and decode stages, shrunk by overrides, run end to end here (CPU backend), so
     the one-call-per-stage GPU script does not rot between the sessions that have a GPU. The GPU machine's Python
