@@ -22,6 +22,7 @@ Prints the table, the final values and their ratio, a JSON line starting with `J
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import subprocess
@@ -67,11 +68,13 @@ def recipe_plan(config: str, flops: float) -> dict:
     cfg.model.vocab_size = cfg.tokenizer.vocab_size  # base_train takes it from the trained tokenizer
     fpt, per_step = flops_per_token(cfg.model), cfg.train.total_batch_size
     steps = max(1, round(flops / (fpt * per_step)))  # = base_train.training_horizon with train.target_flops
+    warmup, warmdown = cfg.optim.warmup_steps, cfg.optim.warmdown_ratio  # TrainRun refuses fewer steps than they take
+    least = next(n for n in itertools.count(1) if warmup + round(warmdown * n) <= n)
     scalars = 2 * cfg.model.n_layer * cfg.model.layer_lambdas + cfg.model.smear + cfg.model.backout
     total, matmul = num_params(cfg.model), matmul_params(cfg.model)
     return {"config": config, "params": total, "matmul_params": matmul, "table_params": total - matmul - scalars,
             "scalar_params": scalars, "flops_per_token": fpt, "tokens_per_step": per_step, "steps": steps,
-            "flops": steps * fpt * per_step}
+            "flops": steps * fpt * per_step, "least_steps": least}
 
 
 def plans(flops: float, points: int, eval_every: int = 0) -> tuple[dict, int]:
@@ -155,6 +158,11 @@ def main(argv=None) -> dict:
 
     flops, processor = budget(args), cpu_model() or "?"
     recipes, eval_every = plans(flops, args.points, args.eval_every)
+    for p in recipes.values():  # refused here, not by base_train after the first recipe has trained
+        if p["steps"] < p["least_steps"]:
+            raise SystemExit(f"recipe.py: {p['config']} would train {p['steps']} steps, fewer than its LR warm-up and "
+                             f"warm-down take ({p['least_steps']}): use --flops "
+                             f"{p['least_steps'] * p['flops_per_token'] * p['tokens_per_step']:.2e} or more")
     print(f"processor: {processor} ({os.cpu_count()} CPUs) | budget {flops:.3e} training FLOPs per recipe"
           + ("" if args.flops else f" ({args.minutes:g} min at {CPU_TRAIN_FLOPS:.1e} FLOP/s)"))
     for name, p in recipes.items():

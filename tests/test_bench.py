@@ -300,3 +300,9 @@ def test_recipe_bench_gives_both_recipes_the_same_flops():
     assert default["modern"]["flops"] / default["first_release"]["flops"] == pytest.approx(1.0006, abs=1e-4)
     with pytest.raises(SystemExit):
         recipe.parse_args(["--points", "0"])
+    # a budget too small for the modern recipe's 40 warm-up steps is refused before either recipe trains (base_train
+    # refused it after the first recipe had trained): 113 steps is the least with 40 + round(0.65 x steps) <= steps
+    assert (first["least_steps"], modern["least_steps"]) == (1, 113)
+    with pytest.raises(SystemExit, match=r"^recipe.py: configs/cpu_modern.toml would train 2 steps, fewer than its "
+                                         r"LR warm-up and warm-down take \(113\): use --flops 1.11e\+13 or more$"):
+        recipe.main(["--flops", "2e11"])
