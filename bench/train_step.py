@@ -203,9 +203,12 @@ def main(argv=None) -> dict:
           f"step {1e3 * step_s:.1f} ms | {tok_s:,.0f} tok/s | MFU {100 * result['mfu_measured']:.1f}% of measured "
           f"{peak_measured / 1e12:.2f} TFLOP/s ({size}^3 {dtype}) | {ds} of datasheet")
     if theirs is not None:
-        ratio = tok_s / n_dev / theirs["tokens_per_sec"]  # per device: nanochat's step runs on one
+        # per device: nanochat's step runs on one; a CPU's host devices share the cores nanochat's step has to itself,
+        # so there the whole CPU against nanochat's step on the whole mesh's rows (run_nanochat)
+        per, what = (1, "on the whole CPU") if platform == "cpu" else (n_dev, "per device")
+        ratio = tok_s / per / theirs["tokens_per_sec"]
         result["nanochat"] = {**theirs, "ratio": ratio}
-        print(f"RATIO ours/nanochat tokens/s per device = {ratio:.3f} ({tok_s / n_dev:,.0f} vs "
+        print(f"RATIO ours/nanochat tokens/s {what} = {ratio:.3f} ({tok_s / per:,.0f} vs "
               f"{theirs['tokens_per_sec']:,.0f}); flops/token ours {flops:.4e} nanochat {theirs['flops_per_token']:.4e}")
     print("JSON " + json.dumps(result))
     if args.profile or args.breakdown:
@@ -322,15 +325,22 @@ def breakdown(args, graphdef, state, shardings, mesh, batch, step_s: float) -> d
 
 
 def run_nanochat(args, cfg) -> dict:
-    """Times karpathy/nanochat's own step (bench/nanochat_ref.py train, one device) on our shapes per device."""
+    """Times karpathy/nanochat's own step (bench/nanochat_ref.py train, one device) on our shapes per device (on a
+    CPU split into host devices: on all their rows, as they share the CPU)."""
     from nanochat_ref import run
+
+    from nanochat_jax.sharding import mesh_shape
     device = "cpu" if os.environ.get("JAX_PLATFORMS", "").startswith("cpu") else ""  # "": a GPU if torch sees one
-    m = cfg.model
+    m, rows = cfg.model, cfg.train.device_batch_size
+    if device == "cpu":  # the rows of all host devices, which share this CPU (ours is timed on the whole CPU)
+        count = re.search(r"--xla_force_host_platform_device_count=(\d+)", os.environ.get("XLA_FLAGS", ""))
+        data, fsdp, _ = mesh_shape(cfg.mesh, int(count.group(1)) if count else 1)
+        rows *= data * fsdp
     return run(args.nanochat_python, "train", [
         "--nanochat-dir", args.nanochat_dir, "--depth", str(m.depth), "--width", str(m.n_embd), "--heads", str(m.n_head),
         "--dtype", "float32" if m.compute_dtype == "float32" else "bfloat16", "--vocab", str(m.vocab_size),
         "--ns-dtype", "float32" if cfg.optim.ns_dtype == "float32" else "bfloat16",
-        "--device-batch-size", str(cfg.train.device_batch_size), "--seq", str(m.sequence_len),
+        "--device-batch-size", str(rows), "--seq", str(m.sequence_len),
         "--micro-steps", str(args.micro_steps), "--steps", str(args.steps), "--warmup", str(args.warmup),
         *(["--device", device] if device else [])])
 

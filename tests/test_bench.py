@@ -57,6 +57,27 @@ def test_train_step_bench_json(tmp_path):
     assert list(tmp_path.rglob("*.trace.json.gz"))
 
 
+def test_train_step_bench_compares_the_whole_cpu_with_nanochat(monkeypatch):
+    """The 8 host devices of this test process share one CPU: nanochat's step (one process, the whole CPU) gets
+    all 8 devices' rows and the ratio is of the whole CPU's tokens/s (it was ours / 8 against 4 rows)."""
+    import nanochat_ref  # bench/nanochat_ref.py
+
+    calls = []
+
+    def fake_run(python, mode, options):
+        calls.append(options)
+        return {"tokens_per_sec": 1000.0, "flops_per_token": 1.0}
+
+    monkeypatch.setattr(nanochat_ref, "run", fake_run)
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    monkeypatch.setenv("XLA_FLAGS", cpu_xla_flags(8))
+    r = train_step.main([*TINY[:-1], "--steps", "1", "--warmup", "0", "--matmul-size", "128", "--nanochat-dir", "x"])
+    (options,) = calls
+    assert r["num_devices"] == 8 and r["tokens_per_step"] == 8 * 4 * 64
+    assert options[options.index("--device-batch-size") + 1] == "32" and options[options.index("--device") + 1] == "cpu"
+    assert r["nanochat"]["ratio"] == pytest.approx(r["tokens_per_sec"] / 1000.0)
+
+
 def test_trace_summary_counts_device_kernels(tmp_path):
     meta = lambda kind, pid, tid, name: {"ph": "M", "name": kind, "pid": pid, "tid": tid, "args": {"name": name}}  # noqa: E731
     kernel = lambda name, ts, dur: {"ph": "X", "pid": 2, "tid": 7, "name": name, "ts": ts, "dur": dur}  # noqa: E731
