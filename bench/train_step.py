@@ -32,6 +32,9 @@ _ROOT = Path(__file__).resolve().parents[1]
 if str(_ROOT) not in sys.path:
     sys.path.insert(0, str(_ROOT))
 
+# the model fields that nanochat's first release has fixed (bench/nanochat_ref.py builds its GPT from the shapes alone)
+FIRST_RELEASE_FIELDS = ("softcap", "param_dtype", "window_pattern", "value_embeds", "smear", "backout", "layer_lambdas",
+                        "qk_scale", "pad_vocab_to")
 COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
 
 
@@ -112,12 +115,20 @@ def main(argv=None) -> dict:
     import numpy as np
 
     from nanochat_jax.common import device_info, measured_peak_flops, peak_flops_per_device
-    from nanochat_jax.config import load_config
+    from nanochat_jax.config import ModelConfig, load_config
     from nanochat_jax.model import flops_per_token, num_params, runnable_on
     from nanochat_jax.sharding import make_mesh
     from nanochat_jax.train import TrainRun, global_batch
 
     cfg = load_config(overrides)
+    if args.nanochat_dir:  # nanochat's step is its first release's model: a ratio against another model is no ratio
+        first = ModelConfig()
+        differ = [f"model.{f}={getattr(cfg.model, f)!r}" for f in FIRST_RELEASE_FIELDS
+                  if getattr(cfg.model, f) != getattr(first, f)]
+        differ += [f"model.n_kv_head={cfg.model.n_kv_head}"] if cfg.model.n_kv_heads != cfg.model.n_head else []
+        if differ:
+            raise SystemExit(f"train_step.py: --nanochat-dir times nanochat's first-release model, which has no "
+                             f"{', '.join(differ)}")
     # nanochat's torch step first, in its own process: once JAX starts it holds most of the GPU's memory
     theirs = run_nanochat(args, cfg) if args.nanochat_dir else None
     info = device_info()

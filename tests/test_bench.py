@@ -78,6 +78,16 @@ def test_train_step_bench_compares_the_whole_cpu_with_nanochat(monkeypatch):
     assert r["nanochat"]["ratio"] == pytest.approx(r["tokens_per_sec"] / 1000.0)
 
 
+def test_train_step_bench_compares_only_nanochats_model(capsys):
+    """nanochat's step is its first release's model: cpu_modern's model (windows, value embeddings, ...) or GQA
+    against it is refused before anything is timed (the ratio compared two different models)."""
+    with pytest.raises(SystemExit, match=r"^train_step.py: --nanochat-dir times nanochat's first-release model, which "
+                                         r"has no model.window_pattern='SSSL', model.value_embeds=True, model.smear=True"):
+        train_step.main(["--config", str(ROOT / "configs" / "cpu_modern.toml"), "--nanochat-dir", "x"])
+    with pytest.raises(SystemExit, match=r"which has no model.n_kv_head=1$"):
+        train_step.main([*TINY, "--model.n_kv_head=1", "--nanochat-dir", "x"])
+
+
 def test_trace_summary_counts_device_kernels(tmp_path):
     meta = lambda kind, pid, tid, name: {"ph": "M", "name": kind, "pid": pid, "tid": tid, "args": {"name": name}}  # noqa: E731
     kernel = lambda name, ts, dur: {"ph": "X", "pid": 2, "tid": 7, "name": name, "ts": ts, "dur": dur}  # noqa: E731
