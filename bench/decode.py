@@ -78,15 +78,16 @@ def main(argv=None) -> None:
     if args.max_tokens < 2:
         parser.error("--max-tokens must be at least 2 (decode time is the time past the first token)")
     split_cpu(args.cpu_devices)  # before JAX starts
+    cfg = ModelConfig(depth=args.depth, vocab_size=args.vocab_size, sequence_len=args.prompt_len + args.max_tokens,
+                      compute_dtype=args.compute_dtype)
+    # nanochat's Engine first, in its own process: once JAX starts it holds most of a GPU's memory
+    theirs = run_nanochat(args, cfg) if args.nanochat_dir else {}
     if args.bandwidth_gbs is None:
         args.bandwidth_gbs = 4800.0
         if jax.default_backend() == "cpu":
             print("note: the bandwidth bound below is for an H200 (4800 GB/s); this CPU's is unknown, "
                   "pass --bandwidth-gbs")
 
-    cfg = ModelConfig(depth=args.depth, vocab_size=args.vocab_size, sequence_len=args.prompt_len + args.max_tokens,
-                      compute_dtype=args.compute_dtype)
-    theirs = run_nanochat(args, cfg) if args.nanochat_dir else {}
     model = init_model(cfg)
     tokenizer = _NoSpecialsTokenizer(cfg.vocab_size)
     print(f"backend={jax.default_backend()} device={jax.devices()[0].device_kind} depth={cfg.depth} width={cfg.n_embd} "

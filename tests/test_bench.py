@@ -88,6 +88,24 @@ def test_train_step_bench_compares_only_nanochats_model(capsys):
         train_step.main([*TINY, "--model.n_kv_head=1", "--nanochat-dir", "x"])
 
 
+def test_benches_time_nanochat_before_jax_starts():
+    """nanochat's torch process runs before this process starts JAX's backends (on a GPU they take most of its
+    memory); bench/decode.py started them first to ask for the backend's name."""
+    code = ("import sys; sys.path.insert(0, 'bench'); import nanochat_ref; from jax._src import xla_bridge\n"
+            "def run(python, mode, options):\n"
+            "    print(mode, xla_bridge.backends_are_initialized()); raise SystemExit(0)\n"
+            "nanochat_ref.run = run\n"
+            "import decode, train_step\n"
+            "module = decode if sys.argv[1] == 'decode' else train_step\n"
+            "module.main(sys.argv[2:])\n")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=cpu_xla_flags(1))
+    for argv in (["decode", "--depth", "1", "--vocab-size", "256", "--nanochat-dir", "x"],
+                 ["train", *TINY, "--nanochat-dir", "x"]):
+        out = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, env=env, cwd=ROOT,
+                             timeout=120)
+        assert out.stdout.strip() == f"{argv[0]} False", out.stderr[-2000:]
+
+
 def test_trace_summary_counts_device_kernels(tmp_path):
     meta = lambda kind, pid, tid, name: {"ph": "M", "name": kind, "pid": pid, "tid": tid, "args": {"name": name}}  # noqa: E731
     kernel = lambda name, ts, dur: {"ph": "X", "pid": 2, "tid": 7, "name": name, "ts": ts, "dur": dur}  # noqa: E731
