@@ -57,7 +57,10 @@ def parse_args(argv):
                         "tokens/s ratio")
     parser.add_argument("--nanochat-python", default=sys.executable, help="the Python that runs nanochat's step (one "
                         "with torch; default this one)")
-    return parser.parse_known_args(argv)  # the rest are config overrides: --config FILE --section.key=value
+    args, overrides = parser.parse_known_args(argv)  # the rest are config overrides: --config FILE --section.key=value
+    if args.steps < 1 or args.warmup < 0 or args.micro_steps < 1 or args.cpu_devices < 0 or args.matmul_size < 0:
+        parser.error("--steps and --micro-steps must be at least 1; --warmup, --cpu-devices and --matmul-size >= 0")
+    return args, overrides
 
 
 def _set_xla_flags(args) -> None:

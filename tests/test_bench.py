@@ -106,6 +106,13 @@ def test_benches_time_nanochat_before_jax_starts():
         assert out.stdout.strip() == f"{argv[0]} False", out.stderr[-2000:]
 
 
+def test_train_step_bench_refuses_counts_it_cannot_time(capsys):
+    for flags in (["--steps", "0"], ["--micro-steps", "0"], ["--warmup", "-1"]):  # no median; no batch to lower
+        with pytest.raises(SystemExit) as exit_:
+            train_step.parse_args(flags)
+        assert exit_.value.code == 2 and "--steps and --micro-steps must be at least 1" in capsys.readouterr().err
+
+
 def test_trace_summary_counts_device_kernels(tmp_path):
     meta = lambda kind, pid, tid, name: {"ph": "M", "name": kind, "pid": pid, "tid": tid, "args": {"name": name}}  # noqa: E731
     kernel = lambda name, ts, dur: {"ph": "X", "pid": 2, "tid": 7, "name": name, "ts": ts, "dur": dur}  # noqa: E731
