@@ -79,7 +79,9 @@ def sendable(text: str) -> str:
 
 FENCE = re.compile(r" {0,3}(`{3,}|~{3,})(.*)")
 CODE_SPAN = re.compile(r"(?<!`)(`+)(?!`).*?(?<!`)\1(?!`)", re.S)
-MARKUP = re.compile(r"(?m)^ {0,3}#|<(?=[A-Za-z/!?])")  # a heading, an HTML tag (or comment) the page would hide
+# a heading, an HTML tag (or comment) the page would hide; not an autolink (<https://x.org>, <a@b.org>), which it shows
+MARKUP = re.compile(r"(?m)^ {0,3}#|<(?=[A-Za-z/!?])(?![A-Za-z][\w+.-]{1,31}:[^\s<>]*>|[\w.+-]+@[\w.-]+>)")
+LIST_ITEM = re.compile(r" {0,3}(?:[-*+]|\d{1,9}[.)])(?:\s|$)")
 
 
 def plain(text: str) -> str:
@@ -101,13 +103,33 @@ def plain(text: str) -> str:
     return "\n".join(out + ([_escaped("\n".join(prose))] if prose else []))
 
 
+def _code_lines(text: str) -> set[int]:
+    """Where the lines of indented code blocks start: indented lines after a blank line (or at the start), outside a
+    list, and the indented lines that follow them; other indented lines (a nested list item, a paragraph's next
+    line) are text."""
+    starts, at, blank, code, listed = set(), 0, True, False, False
+    for line in text.split("\n"):
+        indented = line.startswith(("    ", "\t"))
+        if line.strip():
+            code = indented and (code or (blank and not listed))
+            if code:
+                starts.add(at)
+            elif LIST_ITEM.match(line):
+                listed = True
+            elif not indented and blank:  # a paragraph after a blank line ends a list
+                listed = False
+        blank = not line.strip()
+        at += len(line) + 1
+    return starts
+
+
 def _escaped(text: str) -> str:
     spans = [m.span() for m in CODE_SPAN.finditer(text)]  # (in order, apart)
+    code_lines = _code_lines(text)
 
     def escape(m):
         i = bisect.bisect(spans, (m.start(), math.inf)) - 1
-        indented = text.startswith(("    ", "\t"), text.rfind("\n", 0, m.start()) + 1)
-        if (i >= 0 and m.start() < spans[i][1]) or (m[0] == "<" and indented):
+        if (i >= 0 and m.start() < spans[i][1]) or (m[0] == "<" and text.rfind("\n", 0, m.start()) + 1 in code_lines):
             return m[0]
         return m[0][:-1] + "\\" + m[0][-1]
 

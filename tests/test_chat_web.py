@@ -453,6 +453,16 @@ def test_html_tags_are_text_and_code_is_shown_as_written():
     assert web.plain("    if a<b:\n        # c") == "    if a<b:\n        # c"  # indented code
 
 
+def test_autolinks_stay_links_and_indented_text_that_is_not_code_is_escaped():
+    """'<https://example.com>' (a link before the escaping of '<') showed as text with its brackets; and an indented
+    line that Markdown reads as text (a nested list item, a paragraph's next line) kept its tags hidden."""
+    assert web.plain("see <https://example.com/a?b=1> or <me@example.org>, not <b>") == \
+        "see <https://example.com/a?b=1> or <me@example.org>, not \\<b>"
+    assert web.plain("1. Step\n    - use the <div> element") == "1. Step\n    - use the \\<div> element"
+    assert web.plain("a line\n    then a<b>c") == "a line\n    then a\\<b>c"
+    assert web.plain("- a\n\nText\n\n    x<b>y") == "- a\n\nText\n\n    x<b>y"  # code again after the list
+
+
 def test_a_message_over_the_context_on_its_own_is_told_to_be_shortened(tokenizer):
     """A first message (or, for a base model, any message: it never reads earlier turns) over the context said "Start
     a new conversation", which refuses the same message again."""
