@@ -246,7 +246,8 @@ def test_script_loads_once_and_launches_on_localhost(home, model, tokenizer, cap
     assert chat_web.main(["-i", "sft", "-k", "7"]) == 0
     app, router, args = launched[0]
     assert (args.host, args.port, args.share, args.api_key) == ("127.0.0.1", 8000, False, None)
-    assert {route.path for route in router.routes} == {"/v1/chat/completions", "/v1/models", "/health"}
+    assert {route.path for route in router.routes} == {"/v1/chat/completions", "/v1/models", "/v1/models/{name:path}",
+                                                      "/health"}
     assert app.title == "nanochat-jax · sft d2 step 3" and "http://127.0.0.1:8000" in capsys.readouterr().out
     assert {(fn.concurrency_id, fn.concurrency_limit) for fn in app.fns.values() if fn.name == "submit"} == \
         {("engine", None)}  # every request goes to the scheduler's queue, which bounds them
