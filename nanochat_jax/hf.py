@@ -97,6 +97,8 @@ def hf_config(cfg: ModelConfig, tokenizer: Tokenizer, dtype: str = "float32") ->
     """config.json of a transformers NanoChatForCausalLM computing the same forward as our model."""
     defaults = type(cfg)()
     for f in dataclasses.fields(cfg):
+        if f.name == "window_pattern" and set(cfg.window_pattern) == {"L"}:  # "LL": full context everywhere, as "L"
+            continue
         if f.name not in RUNTIME_FIELDS | ARCH_FIELDS and getattr(cfg, f.name) != getattr(defaults, f.name):
             raise HFFormatError(f"model.{f.name}={getattr(cfg, f.name)!r} has no equivalent in the Hugging Face "
                                 "NanoChat format; export supports nanochat's first-release architecture only")

@@ -256,6 +256,9 @@ def test_unrepresentable_weights_and_tokenizers_are_clear_errors(tok, tmp_path):
         hf.export_hf(params, dataclasses.replace(cfg, value_embeds=True), tok, tmp_path / "x")
     hf.hf_config(dataclasses.replace(cfg, value_embeds=False), tok)  # at its default the option changes nothing
     hf.hf_config(dataclasses.replace(cfg, init="master"), tok)  # how the weights began does not change the forward
+    hf.hf_config(dataclasses.replace(cfg, window_pattern="LL"), tok)  # every layer full context, as "L" (was refused)
+    with pytest.raises(hf.HFFormatError, match=r"model.window_pattern='SL' has no equivalent"):
+        hf.hf_config(dataclasses.replace(cfg, window_pattern="SL"), tok)
     with pytest.raises(hf.HFFormatError, match=r"parameters value_embeds have no equivalent"):
         hf.params_to_hf({**params, "value_embeds": np.zeros(3)}, cfg)
     with pytest.raises(hf.HFFormatError, match=r"dtype='float16' is not one of float32, bfloat16"):
