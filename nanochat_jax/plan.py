@@ -264,7 +264,8 @@ def plan_programs(cfg: Config, target: Target, devices, decode_rows: int = 32, p
     from nanochat_jax import splash
     from nanochat_jax.engine import _decode_chunk, _prefill, bucket, cache_shardings, per_device_mesh, prompt_bucket
     from nanochat_jax.evaluation import make_bpb_step
-    from nanochat_jax.model import KVCache, flops_per_token, head_dim, init_model, matmul_params, runnable_on
+    from nanochat_jax.model import (KVCache, flops_per_token, head_dim, init_model, matmul_params, padded_vocab,
+                                     runnable_on)
     from nanochat_jax.sharding import batch_sharding, make_mesh, named_sharding, param_shardings
     from nanochat_jax.train import TrainRun, microbatch_sharding, resolve_depth_scaling, rows_and_accum
 
@@ -311,7 +312,10 @@ def plan_programs(cfg: Config, target: Target, devices, decode_rows: int = 32, p
             return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=kv if x.ndim == 4 else rows),
                                 empty)
 
-        matmul_flops = 2 * matmul_params(model_cfg)
+        matmul_flops, head_flops = 2 * matmul_params(model_cfg), 2 * padded_vocab(model_cfg) * model_cfg.n_embd
+        # a prompt's tokens through the blocks and its attention, computed whole (the causal half masked, as XLA
+        # does); the lm_head only at its last position
+        prefill_flops = (matmul_flops - head_flops + 4 * model_cfg.n_layer * model_cfg.n_embd * L) * L + head_flops
         if "prefill" in programs:
             row = named_sharding(mesh, ("batch",), (decode_rows,))
             prompts = jax.ShapeDtypeStruct((decode_rows, L), jnp.int32,
@@ -319,7 +323,7 @@ def plan_programs(cfg: Config, target: Target, devices, decode_rows: int = 32, p
             lengths = jax.ShapeDtypeStruct((decode_rows,), jnp.int32, sharding=row)
             plans["prefill"] = _compile("prefill", lambda: _prefill.lower(
                 engine_graphdef, engine_state, cache(decode_rows), prompts, lengths),
-                decode_rows * L, matmul_flops * decode_rows * L / n, slice_of)
+                decode_rows * L, prefill_flops * decode_rows / n, slice_of)
         if "decode" in programs:
             chunk = 16
             B = decode_rows

@@ -196,6 +196,17 @@ def test_tiny_model_compiles_for_a_tpu_slice_with_fsdp_and_tensor_parallelism(tm
 
 
 @needs_plan_extra
+def test_prefill_flops_match_the_tpu_compilers_count(tmp_path):
+    """The prompt through the blocks and its attention, the lm_head at the last position only (as the Engine's
+    prefill runs it): it counted the lm_head at every position and no attention (+28% here, ~15% at d20)."""
+    plans, _ = run_plan(tmp_path, "--target", "v5e-4", "--programs", "prefill", "--decode-rows", "4",
+                        "--prompt-len", "128", *TINY, "--model.sequence_len=256", "--mesh.data=4")
+    prefill = plans["prefill"]
+    assert prefill["flops"] == (2 * 2 * 12 * 128 * 128 + 4 * 2 * 128 * 128) * 128 + 2 * 1024 * 128  # one row each
+    assert prefill["compiler_flops"] == pytest.approx(prefill["flops"], rel=0.05)  # (+ norms, softmax, rotary)
+
+
+@needs_plan_extra
 def test_tiny_model_compiles_for_eight_h100s_with_cudnn_attention(tmp_path):
     plans, stdout = run_plan(tmp_path, "--target", "8xh100", "--programs", "train,decode", "--decode-rows", "8",
                              "--prompt-len", "32", *TINY, "--model.attention_impl=cudnn",
