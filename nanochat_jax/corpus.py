@@ -168,6 +168,16 @@ def _a(noun: str) -> str:
     return f"{'an' if noun[0] in 'aeiou' else 'a'} {noun}"
 
 
+def _n(n: int, singular: str, plural: str) -> str:
+    """'1 apple', '3 apples', '0 apples': the count with its noun in the right number."""
+    return f"{n} {singular if n == 1 else plural}"
+
+
+def _left(n: int, singular: str, plural: str) -> str:
+    """'There is 1 plum left.', 'There are 0 plums left.'"""
+    return f"There {'is' if n == 1 else 'are'} {_n(n, singular, plural)} left."
+
+
 def _story(rng: random.Random) -> str:
     name, he, his, job, town, pet, pet_name, food = rng.choice(PEOPLE)
     friend = rng.choice([p for p in PEOPLE if p[0] != name])
@@ -258,12 +268,12 @@ def _arithmetic(rng: random.Random) -> str:
             fruit = rng.choice(FOODS)
             x, y = rng.randint(1, 20), rng.randint(1, 20)
             if rng.random() < 0.5:
-                lines.append(f"{name} has {x} {fruit[1]} and buys {y} more. How many {fruit[1]} does "
+                lines.append(f"{name} has {_n(x, *fruit[:2])} and buys {y} more. How many {fruit[1]} does "
                              f"{name} have now?\nAnswer: {x} + {y} = {x + y}. {name} has {x + y} {fruit[1]}.")
             else:
                 x, y = max(x, y), min(x, y)
-                lines.append(f"{name} has {x} {fruit[1]} and eats {y}. How many are left?\n"
-                             f"Answer: {x} - {y} = {x - y}. There are {x - y} {fruit[1]} left.")
+                lines.append(f"{name} has {_n(x, *fruit[:2])} and eats {y}. How many are left?\n"
+                             f"Answer: {x} - {y} = {x - y}. {_left(x - y, *fruit[:2])}")
         else:
             n = rng.randint(0, 12)
             parity = "even" if n % 2 == 0 else "odd"

@@ -135,15 +135,15 @@ def _problem(rng: random.Random) -> tuple[str, str, str, str, int]:
     kind = rng.randrange(5)
     if kind == 0:
         x, y = rng.randint(1, 60), rng.randint(1, 60)
-        return (f"{name} has {x} {plural} and buys {y} more. How many {plural} does {name} have now?",
-                f"{name} starts with {x} {plural} and buys {y} more, so we add them: ", f"{x} + {y}",
+        return (f"{name} has {corpus._n(x, food, plural)} and buys {y} more. How many {plural} does {name} have now?",
+                f"{name} starts with {corpus._n(x, food, plural)} and buys {y} more, so we add them: ", f"{x} + {y}",
                 f"{name} has {{n}} {plural} now.", x + y)
     if kind == 1:
         x = rng.randint(5, 80)
         y = rng.randint(1, x)
         return (f"{name} has {x} {plural} and gives {y} to {other}. How many {plural} are left?",
                 f"{name} gives away {y} of the {x} {plural}, so we subtract: ", f"{x} - {y}",
-                f"There are {{n}} {plural} left.", x - y)
+                f"There {'is {n} ' + food if x - y == 1 else 'are {n} ' + plural} left.", x - y)
     if kind == 2:
         x, y = rng.randint(2, 12), rng.randint(2, 12)
         return (f"{name} has {x} baskets with {y} {plural} in each basket. How many {plural} is that in total?",
@@ -157,10 +157,12 @@ def _problem(rng: random.Random) -> tuple[str, str, str, str, int]:
                 f"Each friend gets {{n}} {plural}.", each)
     price, count = rng.randint(1, 9), rng.randint(2, 8)
     paid = price * count + rng.randint(0, 20)
-    return (f"One {food} costs {price} coins. {name} buys {count} and pays "
+    coins = corpus._n(price, "coin", "coins")
+    change = paid - count * price
+    return (f"One {food} costs {coins}. {name} buys {count} and pays "
             f"with {paid} coins. How much change does {name} get?",
-            f"{count} at {price} coins cost {count} * {price} coins, and the change is what is left of {paid}: ",
-            f"{paid} - {count} * {price}", f"{name} gets {{n}} coins of change.", paid - count * price)
+            f"{count} at {coins} cost {count} * {price} coins, and the change is what is left of {paid}: ",
+            f"{paid} - {count} * {price}", f"{name} gets {{n}} {'coin' if change == 1 else 'coins'} of change.", change)
 
 
 class WordProblems(_Generated):
