@@ -141,6 +141,8 @@ LANGUAGES = ("French", "Spanish", "German", "Japanese")
 WEATHER = [
     ("sunny", "☀️"), ("rainy", "🌧️"), ("cloudy", "☁️"), ("windy", "🌬️"), ("snowy", "❄️"), ("foggy", "🌫️"),
 ]
+# the diary's temperature range (°C) where the town's description promises one; other towns -10..35
+CLIMATE = {"Sunport": (15, 35), "Frostholm": (-15, 10)}  # "always warm", "a cold town"
 MOODS = ["happy", "tired", "excited", "calm", "curious", "hungry", "cheerful", "sleepy"]
 EMOJI = ["🙂", "😄", "👍", "🎉", "🍎", "📚", "🐾", "⭐"]
 OBJECTS = [
@@ -178,11 +180,20 @@ def _left(n: int, singular: str, plural: str) -> str:
     return f"There {'is' if n == 1 else 'are'} {_n(n, singular, plural)} left."
 
 
+def _climate(town: str) -> tuple[int, int]:
+    return CLIMATE.get(town, (-10, 35))
+
+
+def _weather(rng: random.Random, town: str) -> tuple[str, str]:
+    """(weather, icon) of a day in town: never snowy in Sunport, where it is always warm."""
+    return rng.choice([w for w in WEATHER if w[0] != "snowy" or _climate(town)[0] <= 0])
+
+
 def _story(rng: random.Random) -> str:
     name, he, his, job, town, pet, pet_name, food = rng.choice(PEOPLE)
     friend = rng.choice([p for p in PEOPLE if p[0] != name])
     desc, landmark = TOWNS[town]
-    weather, icon = rng.choice(WEATHER)
+    weather, icon = _weather(rng, town)
     weekday = rng.choice(["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"])
     place = rng.choice(PLACES)
     thing = rng.choice(OBJECTS)
@@ -311,7 +322,7 @@ def _list(rng: random.Random) -> str:
 
 def _dialogue(rng: random.Random) -> str:
     a, b = rng.sample(PEOPLE, 2)
-    weather, icon = rng.choice(WEATHER)
+    weather, icon = _weather(rng, b[4])
     lines = [f"{a[0]}: Hello, {b[0]}! {rng.choice(EMOJI)}",
              f"{b[0]}: Hi, {a[0]}. I am {rng.choice(MOODS)} today. It is {weather} here {icon}"]
     for _ in range(rng.randint(1, 4)):
@@ -337,8 +348,8 @@ def _dialogue(rng: random.Random) -> str:
 def _diary(rng: random.Random) -> str:
     name, he, his, job, town, pet, pet_name, food = rng.choice(PEOPLE)
     day = datetime.date(1990, 1, 1) + datetime.timedelta(days=rng.randrange(40 * 365))
-    weather, icon = rng.choice(WEATHER)
-    temp = rng.randint(-10, 35) if weather != "snowy" else rng.randint(-15, 0)
+    weather, icon = _weather(rng, town)
+    temp = rng.randint(-15, 0) if weather == "snowy" else rng.randint(*_climate(town))
     hour, minute = rng.randint(6, 9), rng.choice([0, 15, 30, 45])
     price = rng.randint(1, 20) + rng.choice([0, 0.25, 0.5, 0.75])
     lines = [

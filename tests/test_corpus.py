@@ -117,3 +117,25 @@ def test_counted_nouns_agree_with_the_count(train_docs):
         assert not re.findall(r"\bare 1 ", text) and not re.findall(r"There is (?!1 )\d", text)
         assert re.search(r"There is 1 [a-z]+ left\.", text) and re.search(r"There are \d+ [a-z]+s left\.", text)
     assert re.search(r"costs 1 coin\.", "\n".join(chats)) and re.search(r"gets 1 coin of change\.", "\n".join(chats))
+
+
+def test_weather_agrees_with_the_towns(train_docs, val_docs):
+    """Sunport is 'a busy harbour town where it is always warm' and Frostholm 'a cold town high in the mountains':
+    diaries said 'The weather in Sunport was snowy ❄️ and it was -8 °C' (~100 documents) and Frostholm 35 °C."""
+    from nanochat_jax.tasks.corpuschat import SmallTalk
+
+    docs, _ = train_docs
+    text = "\n".join(docs + val_docs)
+    temps = collections.defaultdict(list)
+    for town, weather, temp in re.findall(r"The weather in (\w+) was (\w+) \S+ and it was (-?\d+) °C", text):
+        temps[town].append(int(temp))
+        assert weather != "snowy" or int(temp) <= 0
+    assert min(temps["Sunport"]) >= 15 and max(temps["Frostholm"]) <= 10 and max(temps["Oakford"]) > 25
+    talk = SmallTalk(3000, "train")
+    chats = "\n".join(m["content"] for i in range(len(talk)) for m in talk[i]["messages"])
+    for town_text in (text, chats):
+        assert not re.search(r"snowy here in Sunport|in Sunport was snowy", town_text)
+    sunport_people = {p[0] for p in corpus.PEOPLE if p[4] == "Sunport"}
+    for doc in docs:  # a story's weather is its hero's town's
+        for name, weather in re.findall(r"(\w+) was a \w+ who lived in \w+\.[^\n]*? the weather was (\w+), so \1", doc):
+            assert not (name in sunport_people and weather == "snowy"), doc

@@ -200,7 +200,7 @@ def _translation(rng):
 
 def _weather(rng):
     name, he, his, job, town = rng.choice(corpus.PEOPLE)[:5]
-    weather, icon = rng.choice(corpus.WEATHER)
+    weather, icon = corpus._weather(rng, town)
     return (f"It is {weather} here in {town} today.",
             rng.choice([f"A {weather} day in {town}! {icon} I hope you enjoy it.",
                         f"Thanks for telling me. {corpus._cap(weather)} days in {town} sound nice {icon}"]))
