@@ -101,3 +101,16 @@ def test_nanochat_mixture_offline_is_one_clear_line(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
     assert out.stdout.startswith("cannot load allenai/ai2_arc (ARC-Easy) split 'train' from the Hugging Face hub")
     assert out.stdout.count("\n") == 1
+
+
+def test_facts_whose_subject_is_the_answer_need_the_answer():
+    """'What colour is a ripe orange?' / 'What kind of animal is the fish?': restating the subject scored 1."""
+    task = WorldFacts(2000, "test")
+    orange = next(task[i] for i in range(2000) if task[i]["messages"][0]["content"].endswith("a ripe orange?"))
+    assert task.evaluate(orange, "A ripe orange is orange.") == 1
+    assert task.evaluate(orange, "A ripe orange is red.") == 0
+    fish = next(task[i] for i in range(2000) if task[i]["messages"][0]["content"].endswith("animal is the fish?"))
+    assert task.evaluate(fish, "The fish is a fish.") == 1
+    assert task.evaluate(fish, "The fish is a mammal.") == 0
+    for i in range(2000):  # every reference answer still scores 1
+        assert task.evaluate(task[i], task[i]["messages"][-1]["content"]) == 1

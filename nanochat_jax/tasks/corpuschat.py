@@ -118,9 +118,11 @@ class WorldFacts(_Generated):
         return _chat(question, answer, answer_key=key, subject=subject)
 
     def evaluate(self, conversation: dict, completion: str) -> int:
-        """1 if the key fact (e.g. the capital's name) appears in the completion as whole words, else 0."""
-        key = re.escape(conversation["answer_key"])
-        return int(re.search(rf"(?<!\w){key}(?!\w)", completion) is not None)
+        """1 if the key fact (e.g. the capital's name) appears in the completion as whole words, else 0. Where
+        the reference says it twice ("A ripe orange is orange.", "The fish is a fish.") it must appear twice."""
+        key = re.compile(rf"(?<!\w){re.escape(conversation['answer_key'])}(?!\w)")
+        needed = max(1, len(key.findall(conversation["messages"][-1]["content"])))
+        return int(len(key.findall(completion)) >= needed)
 
 
 # ---------------------------------------------------------------------------------------------
