@@ -290,7 +290,8 @@ def _depth_dirs(stage: str) -> tuple[Path, list[Path]]:
 
 
 def find_checkpoint(stage: str, depth: int | None = None, step: int | None = None) -> tuple[Path, int]:
-    """(run directory, step): the given depth or the most recently written one; the given step or the latest."""
+    """(run directory, step): the given depth or the most recently written one (with only a step given: the most
+    recently written one that has it); the given step or the latest."""
     root, dirs = _depth_dirs(stage)
     hint = f"; run {STAGE_SCRIPTS[stage]} first" if stage in STAGE_SCRIPTS else ""
     present = sorted((d.name for d in dirs), key=lambda name: int(name[1:]))
@@ -300,6 +301,8 @@ def find_checkpoint(stage: str, depth: int | None = None, step: int | None = Non
         what = f"stage '{stage}'" + (f" at depth {depth}" if depth is not None else "")
         there = f" (depths there: {', '.join(present)})" if present else ""
         raise CheckpointError(f"no checkpoints for {what} under {root}{there}{hint}")
+    if depth is None and step is not None:  # --step alone: the newest depth that has that step
+        dirs = [d for d in dirs if (d / str(step)).is_dir()] or dirs
     directory = max(dirs, key=lambda d: max(s.stat().st_mtime for s in d.iterdir() if s.name.isdigit()))
     steps = sorted(int(s.name) for s in directory.iterdir() if s.is_dir() and s.name.isdigit())
     if step is None:

@@ -446,3 +446,19 @@ def test_resuming_with_optimizer_settings_that_reshape_its_state_is_refused_and_
         ckpt.restore(3, abstract_on(params, make_mesh(1, 1, 1)), abstract_on(other, make_mesh(1, 1, 1)))
     assert ckpt.all_steps() == [3] and not (tmp_path / "run.broken").exists()
     ckpt.close()
+
+
+def test_a_step_alone_is_found_in_the_depth_that_has_it(home):
+    """--step without --depth: the most recently written depth that holds that step, not an error because a newer
+    depth lacks it; a step no depth has is still refused, naming the newest depth's steps."""
+    for depth, step in ((2, 10), (1, 3)):  # d1 is written last
+        directory = checkpoint.checkpoint_dir("base", depth)
+        ckpt = Checkpointer(directory, async_save=False)
+        ckpt.save(step, {"w": jnp.arange(4.0)}, None, None, {"step": step})
+        ckpt.close()
+    assert checkpoint.find_checkpoint("base") == (checkpoint.checkpoint_dir("base", 1), 3)
+    assert checkpoint.find_checkpoint("base", step=10) == (checkpoint.checkpoint_dir("base", 2), 10)
+    with pytest.raises(CheckpointError, match=r"no checkpoint for step 7 in .*d1 \(steps: 3\)"):
+        checkpoint.find_checkpoint("base", step=7)
+    with pytest.raises(CheckpointError, match=r"no checkpoint for step 10 in .*d1 \(steps: 3\)"):
+        checkpoint.find_checkpoint("base", depth=1, step=10)
