@@ -312,11 +312,11 @@ def find_checkpoint(stage: str, depth: int | None = None, step: int | None = Non
     return directory, step
 
 
-def depth_or_latest(stage: str, depth: int) -> int | None:
-    """`depth` when the stage has checkpoints at that depth, else None (find_checkpoint then takes the most
-    recently written depth: an imported model, or a run trained with another --model.depth)."""
+def depth_or_latest(stage: str, depth: int, step: int | None = None) -> int | None:
+    """`depth` when the stage has checkpoints (of `step`, when given) at that depth, else None (find_checkpoint then
+    takes the most recently written depth: an imported model, or a run trained with another --model.depth)."""
     try:
-        find_checkpoint(stage, depth)
+        find_checkpoint(stage, depth, step)
         return depth
     except CheckpointError:
         return None

@@ -206,21 +206,21 @@ def load_script(name):
     return module
 
 
-def save_tiny_checkpoint(home, stage):
+def save_tiny_checkpoint(home, stage, depth=1, step=3):
     from nanochat_jax import checkpoint
 
     tok = Tokenizer({bytes([i]): i for i in range(256)})
     tok.save(home / "tok")
-    cfg = Config(model=ModelConfig(depth=1, aspect_ratio=32, head_dim=16, vocab_size=V, sequence_len=64,
+    cfg = Config(model=ModelConfig(depth=depth, aspect_ratio=32, head_dim=16, vocab_size=V, sequence_len=64,
                                    compute_dtype="float32"))
     model = init_model(cfg.model, seed=0)
     for i, (_, module) in enumerate(m for m in nnx.iter_modules(model) if isinstance(m[1], Linear)):
         module.kernel[...] = jax.random.normal(jax.random.key(i), module.kernel.shape) / np.sqrt(module.kernel.shape[0])
     params = nnx.to_pure_dict(nnx.split(model, nnx.Param)[1])
-    meta = {"step": 3, "stage": stage, "config": to_dict(cfg), "model": dataclasses.asdict(cfg.model),
+    meta = {"step": step, "stage": stage, "config": to_dict(cfg), "model": dataclasses.asdict(cfg.model),
             "tokenizer": str(home / "tok")}
-    ckpt = checkpoint.Checkpointer(checkpoint.checkpoint_dir(stage, 1), async_save=False)
-    ckpt.save(3, params, optax.sgd(0.1).init(params), {}, meta)
+    ckpt = checkpoint.Checkpointer(checkpoint.checkpoint_dir(stage, depth), async_save=False)
+    ckpt.save(step, params, optax.sgd(0.1).init(params), {}, meta)
     ckpt.close()
     return model
 
@@ -239,6 +239,20 @@ def test_chat_eval_script(home, tmp_path):
     assert out["results"]["ARC-Easy"] == out["counts"]["ARC-Easy"][0] / 3 and out["ChatCORE"] is None
     saved = json.loads((home / "report" / "chat_eval_sft.json").read_text())
     assert saved["results"] == out["results"] and saved["step"] == 3 and saved["eval"]["num_samples"] == 2
+
+
+def test_chat_eval_takes_the_depth_the_training_stages_take(home, tmp_path):
+    """Without --depth, chat_eval evaluates the stage at --model.depth when it has it, as chat_sft / chat_rl /
+    base_loss start from it (run_gpu.sh passes the same overrides to every stage); else the newest depth."""
+    save_tiny_checkpoint(home, "mid", depth=1, step=3)
+    save_tiny_checkpoint(home, "mid", depth=2, step=5)  # written last
+    shutil.copy(TASKS / "arc.jsonl", tmp_path / "ARC-Easy.jsonl")
+    chat_eval = load_script("chat_eval")
+    args = ["-i", "mid", "-a", "ARC-Easy", "--data-dir", str(tmp_path), "-x", "1"]
+    assert chat_eval.main(args + ["--model.depth=1"])["step"] == 3
+    assert chat_eval.main(args + ["--model.depth=7"])["step"] == 5
+    assert chat_eval.main(args + ["--model.depth=1", "--depth", "2"])["step"] == 5
+    assert chat_eval.main(args + ["--model.depth=1", "--step", "5"])["step"] == 5
 
 
 def test_base_eval_script(home):
