@@ -6,8 +6,9 @@
 
 The folder needs config.json, model.safetensors (or a safetensors index with its shards) and tokenizer.json
 (no pickles are read). The tokenizer is written in our format to
-<home>/imported/<stage>_d<depth>/tokenizer and recorded in the checkpoint's metadata. The checkpoint holds
-no optimizer state. Refuses to write into a run directory that already holds checkpoints unless --force.
+<home>/imported/<stage>_d<depth>/tokenizer (tokenizer-2, ... when an earlier import left another one there) and
+recorded in the checkpoint's metadata. The checkpoint holds no optimizer state. Refuses to write into a run
+directory that already holds checkpoints unless --force.
 """
 
 from __future__ import annotations
@@ -33,6 +34,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def save_tokenizer(parent: Path, tokenizer) -> Path:
+    """Save an import's tokenizer as parent/tokenizer, else tokenizer-2, -3, ...: the first directory that holds no
+    tokenizer or this same one. An earlier import's other tokenizer is never overwritten: its checkpoints (set aside
+    by --force) and the stages trained from it name that directory, and refuse any other tokenizer there."""
+    from nanochat_jax.tokenizer import TOKENIZER_FILE
+
+    staged, n = tokenizer.save(parent / ".staged"), 1
+    while (path := parent / ("tokenizer" if n == 1 else f"tokenizer-{n}") / TOKENIZER_FILE).exists() \
+            and path.read_bytes() != staged.read_bytes():
+        n += 1
+    path.parent.mkdir(exist_ok=True)
+    staged.replace(path)
+    staged.parent.rmdir()
+    return path.parent
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     import jax
@@ -52,12 +69,10 @@ def main(argv=None) -> int:
     if existing and not args.force:
         raise UserError(f"{directory} already holds checkpoints (steps {', '.join(existing)}); "
                         "choose another --stage or pass --force")
-    tok_dir = artifacts_dir("imported", f"{args.stage}_d{cfg.depth}", "tokenizer")
-    tokenizer.save(tok_dir)
+    tok_dir = save_tokenizer(artifacts_dir("imported", f"{args.stage}_d{cfg.depth}"), tokenizer)
     meta = checkpoint_meta(args.stage, args.step, Config(model=cfg), cfg, tokenizer_record(tok_dir),
                            imported_from=str(Path(args.folder).absolute()))
-    # --force: the checkpoints there are set aside to <directory>.previous-<n> (their tokenizer is replaced below, and
-    # the fingerprint in their metadata then refuses to load them with it)
+    # --force: the checkpoints there are set aside to <directory>.previous-<n> (their tokenizer stays, see save_tokenizer)
     if args.force:
         set_aside_previous_run(directory)
     ckpt = Checkpointer(directory, keep=2, async_save=False)

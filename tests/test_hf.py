@@ -444,3 +444,29 @@ def test_autotokenizer_encodes_and_renders_like_ours(tok, tmp_path, torch_and_tr
         prompt = auto.apply_chat_template(conversation["messages"][:-1], tokenize=True, add_generation_prompt=True,
                                           return_dict=True)["input_ids"]
         assert prompt == tok.render_for_completion(conversation)
+
+
+def test_a_forced_import_keeps_the_tokenizer_of_the_one_it_replaces(home, tmp_path):
+    """import_hf --force of another model (other tokenizer) at the same stage and depth: the earlier import's
+    tokenizer stays where its checkpoints, and a stage trained from it, name it (it was overwritten: they no longer
+    loaded, and that tokenizer was nowhere on disk); the new one goes to tokenizer-2; the same tokenizer is reused."""
+    from nanochat_jax.checkpoint import Checkpointer, checkpoint_dir, load_model
+
+    tok_a = Tokenizer.train_from_iterator(SAMPLES * 20, vocab_size=300)
+    tok_b = Tokenizer.train_from_iterator(["zebras quietly juggle xylophones"] * 60, vocab_size=300)
+    folders = {name: hf.export_hf(random_params(tiny_cfg(t)), tiny_cfg(t), t, tmp_path / name)
+               for name, t in (("a", tok_a), ("b", tok_b))}
+    import_hf = load_script("import_hf")
+    assert import_hf.main([str(folders["a"]), "--stage", "base", "--compute-dtype", "float32"]) == 0
+    model, _, meta = load_model("base")
+    ckpt = Checkpointer(checkpoint_dir("mid", 2), async_save=False)  # a mid run trained from import a
+    ckpt.save(3, nnx.to_pure_dict(nnx.state(model, nnx.Param)), None, None, {**meta, "stage": "mid", "step": 3})
+    ckpt.close()
+    assert import_hf.main([str(folders["b"]), "--stage", "base", "--force", "--compute-dtype", "float32"]) == 0
+    _, got_b, meta_b = load_model("base")
+    assert meta_b["tokenizer"] == "imported/base_d2/tokenizer-2" and got_b.encode("zebras") == tok_b.encode("zebras")
+    _, got_a, meta_a = load_model("mid")
+    assert meta_a["tokenizer"] == "imported/base_d2/tokenizer" and got_a.encode(SAMPLES[0]) == tok_a.encode(SAMPLES[0])
+    assert import_hf.main([str(folders["a"]), "--stage", "base", "--force", "--compute-dtype", "float32"]) == 0
+    assert load_model("base")[2]["tokenizer"] == "imported/base_d2/tokenizer"
+    assert sorted(p.name for p in (home / "imported" / "base_d2").iterdir()) == ["tokenizer", "tokenizer-2"]
