@@ -6,8 +6,9 @@ its real micro-batch shape and shardings, the bits-per-byte step, and the Engine
 (data, fsdp, tensor) mesh of compile-only devices (targets.py) and compiles each with the target's real compiler.
 Nothing runs on a device. From each compiled program:
 - memory: `memory_analysis()` per device (arguments, outputs, temporaries; donated buffers counted once);
-- FLOPs: the model's formula (flops_per_token, as MFU counts them), and `cost_analysis()`'s where the backend
-  gives it (TPU; it counts a loop body once and no Pallas kernel);
+- FLOPs: the model's formula (flops_per_token, as MFU counts them; prefill: the lm_head at each prompt's last
+  position only, decode: attention over the whole cache), and `cost_analysis()`'s where the backend gives it (TPU;
+  it counts a loop body once and no Pallas kernel);
 - collectives: bytes each kind moves per device per call, read from the partitioned HLO (loop bodies multiplied
   by their trip counts) and converted to ring-algorithm traffic; groups that span nodes (a ring over m GPUs per
   node runs m channels, one NIC each: 1/m of a device's traffic per NIC), and the sends a multi-slice TPU program
