@@ -222,10 +222,13 @@ def test_slots_split_over_two_cpu_devices_give_each_request_its_tokens_alone(eng
         scheduler.close()
 
 
-def test_a_split_scheduler_compiles_each_program_once(tokenizer):
+@pytest.mark.parametrize("slots,cpu_devices", [(6, 2), (2, 1)])
+def test_a_scheduler_compiles_each_program_once(tokenizer, slots, cpu_devices):
     """The slots' logits and keys start where the decode leaves them (split over the devices like the cache rows):
     a second request of the same shape, after decode chunks have run, compiles nothing (they were made on one
-    device and then replicated, so each prompt-group size compiled its insert again after the first decode)."""
+    device and then replicated, so each prompt-group size compiled its insert again after the first decode). On
+    one device (every accelerator, and a CPU not split) the empty cache was not committed to the device, so the
+    first insert compiled again once the first decode had committed it."""
     import jax
 
     compiles = []
@@ -235,8 +238,9 @@ def test_a_split_scheduler_compiles_each_program_once(tokenizer):
             compiles.append(event)
 
     jax.monitoring.register_event_duration_secs_listener(listen)
-    scheduler = Scheduler(serving_engine(random_model(), tokenizer, slots=6, cpu_devices=2), slots=6)
+    scheduler = Scheduler(serving_engine(random_model(), tokenizer, slots=slots, cpu_devices=cpu_devices), slots=slots)
     try:
+        assert (scheduler.engine.mesh is None) == (cpu_devices == 1)
         tokens_of(scheduler, PROMPTS[0], 20, temperature=0.0)
         first = len(compiles)
         tokens_of(scheduler, PROMPTS[0], 20, temperature=0.0)
@@ -688,27 +692,3 @@ def test_the_api_routes_are_part_of_the_app_from_its_start(engine, tokenizer):
     finally:
         app.close()
         scheduler.close()
-
-
-def test_a_one_device_scheduler_compiles_each_program_once(tokenizer):
-    """As above for a scheduler on one device (every accelerator, and a CPU not split): its empty cache was not
-    committed to the device, so the first insert compiled again once the first decode had committed it."""
-    import jax
-
-    compiles = []
-
-    def listen(event, _, **kwargs):
-        if event == "/jax/core/compile/backend_compile_duration":
-            compiles.append(event)
-
-    jax.monitoring.register_event_duration_secs_listener(listen)
-    scheduler = Scheduler(serving_engine(random_model(), tokenizer, slots=2, cpu_devices=1), slots=2)
-    try:
-        assert scheduler.engine.mesh is None
-        tokens_of(scheduler, PROMPTS[0], 20, temperature=0.0)
-        first = len(compiles)
-        tokens_of(scheduler, PROMPTS[0], 20, temperature=0.0)
-        assert first > 0 and len(compiles) == first
-    finally:
-        scheduler.close()
-        jax.monitoring.unregister_event_duration_listener(listen)
