@@ -289,12 +289,18 @@ def _depth_dirs(stage: str) -> tuple[Path, list[Path]]:
     return root, dirs
 
 
-def find_checkpoint(stage: str, depth: int | None = None, step: int | None = None) -> tuple[Path, int]:
-    """(run directory, step): the given depth or the most recently written one (with only a step given: the most
-    recently written one that has it); the given step or the latest."""
+def find_checkpoint(stage: str, depth: int | None = None, step: int | None = None,
+                    preferred_depth: int | None = None) -> tuple[Path, int]:
+    """(run directory, step): the given depth; else preferred_depth when the stage has it (with that step, when given:
+    a run's --model.depth); else the most recently written depth (with only a step given: the most recently written
+    one that has it: an imported model, or a run trained with another --model.depth); the given step or the latest."""
     root, dirs = _depth_dirs(stage)
     hint = f"; run {STAGE_SCRIPTS[stage]} first" if stage in STAGE_SCRIPTS else ""
     present = sorted((d.name for d in dirs), key=lambda name: int(name[1:]))
+    if depth is None and preferred_depth is not None:
+        preferred = root / f"d{preferred_depth}"
+        if preferred in dirs and (step is None or (preferred / str(step)).is_dir()):
+            depth = preferred_depth
     if depth is not None:
         dirs = [d for d in dirs if d.name == f"d{depth}"]
     if not dirs:
@@ -312,16 +318,6 @@ def find_checkpoint(stage: str, depth: int | None = None, step: int | None = Non
     return directory, step
 
 
-def depth_or_latest(stage: str, depth: int, step: int | None = None) -> int | None:
-    """`depth` when the stage has checkpoints (of `step`, when given) at that depth, else None (find_checkpoint then
-    takes the most recently written depth: an imported model, or a run trained with another --model.depth)."""
-    try:
-        find_checkpoint(stage, depth, step)
-        return depth
-    except CheckpointError:
-        return None
-
-
 def check_tokenizer(meta: dict, directory, checkpoint: Path) -> None:
     """CheckpointError unless the tokenizer in `directory` (as metadata names it; None: the trained one) is the
     one the checkpoint recorded; a retrained or replaced one would feed the model other token ids. Checkpoints
@@ -335,7 +331,8 @@ def check_tokenizer(meta: dict, directory, checkpoint: Path) -> None:
                               "other token ids: restore that tokenizer or train the model again")
 
 
-def load_model(stage: str, step: int | None = None, depth: int | None = None, mesh=None):
+def load_model(stage: str, step: int | None = None, depth: int | None = None, mesh=None,
+               preferred_depth: int | None = None):
     """(model, tokenizer, meta) from a checkpoint of a stage ('base', 'mid', 'sft', 'rl'); see find_checkpoint."""
     from flax import nnx
 
@@ -344,7 +341,7 @@ def load_model(stage: str, step: int | None = None, depth: int | None = None, me
     from nanochat_jax.sharding import make_mesh, param_shardings
     from nanochat_jax.tokenizer import load_tokenizer, tokenizer_dir
 
-    directory, step = find_checkpoint(stage, depth, step)
+    directory, step = find_checkpoint(stage, depth, step, preferred_depth)
     ckpt = Checkpointer(directory, async_save=False)
     try:
         meta = ckpt.read_meta(step)

@@ -35,9 +35,9 @@ def load_source(stage: str, cfg: Config, mesh):
     """(params as a pure dict sharded on the mesh, tokenizer, model config, source meta) of a stage's latest
     checkpoint at the run's --model.depth, or, when the stage has none at that depth (an imported model, say),
     in its most recently written depth directory. The architecture comes from the checkpoint."""
-    from nanochat_jax.checkpoint import depth_or_latest, load_model
+    from nanochat_jax.checkpoint import load_model
 
-    model, tokenizer, meta = load_model(stage, depth=depth_or_latest(stage, cfg.model.depth), mesh=mesh)
+    model, tokenizer, meta = load_model(stage, preferred_depth=cfg.model.depth, mesh=mesh)
     model_cfg = source_model_config(meta["model"], cfg.model)
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     print0(f"starting from the {stage} checkpoint, step {meta.get('step')} (depth {model_cfg.depth}, "

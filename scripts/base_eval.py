@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from nanochat_jax.checkpoint import depth_or_latest, load_model
+from nanochat_jax.checkpoint import load_model
 from nanochat_jax.common import print0, run_script
 from nanochat_jax.config import flag_overrides, load_config, to_toml
 from nanochat_jax.core_eval import EVAL_BUNDLE_URL, ensure_bundle, evaluate_core, make_scorer
@@ -42,9 +42,9 @@ def main(argv: list[str] | None = None) -> dict:
     ev = cfg.eval
     bundle = ensure_bundle(ev.bundle_dir or None, ev.bundle_url or EVAL_BUNDLE_URL)
     mesh = eval_mesh(cfg.mesh)
-    # without --depth: --model.depth when that stage has it (as base_loss and the training stages take it)
-    depth = args.depth if args.depth is not None else depth_or_latest("base", cfg.model.depth, args.step)
-    model, tokenizer, meta = load_model("base", step=args.step, depth=depth, mesh=mesh)
+    # without --depth: the run's --model.depth when the stage has it, else the most recently written depth
+    model, tokenizer, meta = load_model("base", step=args.step, depth=args.depth, mesh=mesh,
+                                        preferred_depth=cfg.model.depth)
     print0(f"base model: step {meta['step']} | depth {meta['model']['depth']} | mesh {dict(mesh.shape)} | "
            f"bundle {bundle}")
     t0 = time.perf_counter()

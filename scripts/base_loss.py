@@ -11,7 +11,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 from flax import nnx
 
-from nanochat_jax.checkpoint import depth_or_latest, load_model
+from nanochat_jax.checkpoint import load_model
 from nanochat_jax.common import print0, run_script
 from nanochat_jax.config import load_config, to_toml
 from nanochat_jax.distributed import init_distributed
@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> dict:
     print0(to_toml(cfg))
     mesh = make_mesh(cfg.mesh)
     check_rows_per_process(mesh)  # each process feeds its own rows of the evaluation batches
-    model, tokenizer, meta = load_model("base", depth=depth_or_latest("base", cfg.model.depth), mesh=mesh)
+    model, tokenizer, meta = load_model("base", preferred_depth=cfg.model.depth, mesh=mesh)
     cfg.model = type(cfg.model)(**meta["model"])
     graphdef, params = nnx.split(model, nnx.Param)
     params = nnx.to_pure_dict(params)

@@ -15,7 +15,7 @@ import time
 
 from nanochat_jax.chat_eval import (CHAT_TASKS, KNOWN_TASKS, chatcore, load_task, make_answer_logits,
                                     run_categorical_eval, run_generative_eval)
-from nanochat_jax.checkpoint import depth_or_latest, load_model
+from nanochat_jax.checkpoint import load_model
 from nanochat_jax.common import print0, run_script
 from nanochat_jax.config import ConfigError, flag_overrides, load_config, to_dict, to_toml
 from nanochat_jax.distributed import eval_mesh, init_distributed
@@ -59,9 +59,9 @@ def main(argv: list[str] | None = None) -> dict:
     print0(to_toml(cfg.eval))
     ev, names = cfg.eval, task_names(cfg.eval.tasks)
     mesh = eval_mesh(cfg.mesh)
-    # without --depth: --model.depth when that stage has it (as base_loss and the training stages take it)
-    depth = args.depth if args.depth is not None else depth_or_latest(args.source, cfg.model.depth, args.step)
-    model, tokenizer, meta = load_model(args.source, step=args.step, depth=depth, mesh=mesh)
+    # without --depth: the run's --model.depth when the stage has it, else the most recently written depth
+    model, tokenizer, meta = load_model(args.source, step=args.step, depth=args.depth, mesh=mesh,
+                                        preferred_depth=cfg.model.depth)
     print0(f"{args.source} model: step {meta['step']} | depth {meta['model']['depth']} | mesh {dict(mesh.shape)}")
     engine = Engine(model, tokenizer, mesh=mesh)
     rows = batch_shards(mesh)

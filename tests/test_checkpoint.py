@@ -258,7 +258,6 @@ def test_load_model_end_to_end(home, make_mesh):
         checkpoint.load_model("base", step=8)
     with pytest.raises(CheckpointError, match=r"no checkpoints for stage 'base' at depth 7 under .* \(depths there: d1\)"):
         checkpoint.load_model("base", depth=7)
-    assert checkpoint.depth_or_latest("base", 7) is None and checkpoint.depth_or_latest("base", 1) == 1
 
     # trained on TPUs (or GPUs): that backend's attention kernel becomes XLA's attention on this CPU
     for impl, native in (("cudnn", "cuda"), ("splash", "tpu")):
@@ -462,3 +461,8 @@ def test_a_step_alone_is_found_in_the_depth_that_has_it(home):
         checkpoint.find_checkpoint("base", step=7)
     with pytest.raises(CheckpointError, match=r"no checkpoint for step 10 in .*d1 \(steps: 3\)"):
         checkpoint.find_checkpoint("base", depth=1, step=10)
+    # a preferred depth (the run's --model.depth) wins when it holds the step, else the rules above apply
+    assert checkpoint.find_checkpoint("base", preferred_depth=2) == (checkpoint.checkpoint_dir("base", 2), 10)
+    assert checkpoint.find_checkpoint("base", step=3, preferred_depth=2) == (checkpoint.checkpoint_dir("base", 1), 3)
+    assert checkpoint.find_checkpoint("base", preferred_depth=7) == (checkpoint.checkpoint_dir("base", 1), 3)
+    assert checkpoint.find_checkpoint("base", depth=1, preferred_depth=2) == (checkpoint.checkpoint_dir("base", 1), 3)
