@@ -359,54 +359,15 @@ def test_a_moved_artifacts_home_still_finds_its_tokenizer(home, monkeypatch, tmp
     assert tokenizer_dir(str(tmp_path / "own_tok")) == tmp_path / "own_tok"
 
 
-def test_a_periodic_save_survives_an_evaluation_that_crashes_after_it(tmp_path):
-    """run_stage saves every checkpoint_every steps asynchronously, then evaluates: when that evaluation raises,
-    the save still being written completes before the error ends the process."""
-    program = (
-        "import sys, numpy as np\n"
-        "import nanochat_jax.checkpoint as C\n"
-        "C.checkpoint_meta = lambda stage, step, *args, **kw: {'step': step}\n"
-        "from nanochat_jax.tokenizer import Tokenizer, default_tokenizer_dir\n"
-        "Tokenizer.train_from_iterator(['ab ab'], 270).save(default_tokenizer_dir())  # (run_stage fingerprints it)\n"
-        "from nanochat_jax.config import Config, MeshConfig, ModelConfig\n"
-        "from nanochat_jax.sharding import make_mesh\n"
-        "from nanochat_jax.train import TrainRun, global_batch, run_stage\n"
-        "cfg = Config()\n"
-        "cfg.model = ModelConfig(depth=1, aspect_ratio=32, head_dim=32, vocab_size=64, sequence_len=8,\n"
-        "                        compute_dtype='float32')\n"
-        "cfg.train.checkpoint_every, cfg.train.log_every = 2, 100\n"
-        "mesh = make_mesh(MeshConfig())\n"
-        "class Data:\n"
-        "    i = 0\n"
-        "    def get_state(self): return {'i': self.i}\n"
-        "    def next(self):\n"
-        "        self.i += 1\n"
-        "        x = np.random.default_rng(self.i).integers(0, 64, (8, 9)).astype(np.int32)\n"
-        "        return global_batch([{'inputs': x[:, :-1], 'targets': x[:, 1:]}], mesh)\n"
-        "def evaluate(step, last, progress):\n"
-        "    if step == 4: raise RuntimeError('the evaluation at step 4 failed')\n"
-        "data = Data()\n"
-        "run_stage(TrainRun(cfg.model, cfg.optim, 6, mesh), 'base', cfg, data, data.next, evaluate)\n")
-    proc = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=300, cwd=ROOT,
-                          env=dict(os.environ, JAX_PLATFORMS="cpu", NANOCHAT_JAX_HOME=str(tmp_path)))
-    assert "the evaluation at step 4 failed" in proc.stderr and proc.returncode == 1
-    run_dir = tmp_path / "checkpoints" / "base" / "d1"
-    assert sorted(p.name for p in run_dir.iterdir()) == ["2", "4", "config.toml"]
-    assert Checkpointer(run_dir).read_meta(4) == {"step": 4}
-
-
-def test_a_tokenizer_retrained_during_a_run_is_not_stamped_on_its_checkpoints(tmp_path):
-    """tok_train run again while a stage trains replaces tokenizer.json; the run still encodes with the tokenizer
-    it loaded, so its later checkpoints record that one's fingerprint (they recorded the new file's, and loading
-    them with the new tokenizer passed the check: a model reading other token ids)."""
-    program = (
+def run_tiny_stage(home, setup: str, evaluate: str, iterations: int) -> subprocess.CompletedProcess:
+    """run_stage over random tokens on a depth-1 model (vocab 270, checkpoint_every 2) in a fresh process with
+    NANOCHAT_JAX_HOME=home: `setup` runs first (it saves the tokenizer), `evaluate` is the body of the eval hook."""
+    program = setup + (
         "import numpy as np\n"
         "from nanochat_jax.config import Config, MeshConfig, ModelConfig\n"
         "from nanochat_jax.sharding import make_mesh\n"
         "from nanochat_jax.tokenizer import Tokenizer, default_tokenizer_dir, tokenizer_fingerprint\n"
         "from nanochat_jax.train import TrainRun, global_batch, run_stage\n"
-        "Tokenizer.train_from_iterator(['hello hello world'], 270).save(default_tokenizer_dir())\n"
-        "print('loaded', tokenizer_fingerprint())\n"
         "cfg = Config()\n"
         "cfg.model = ModelConfig(depth=1, aspect_ratio=32, head_dim=32, vocab_size=270, sequence_len=8,\n"
         "                        compute_dtype='float32')\n"
@@ -420,13 +381,41 @@ def test_a_tokenizer_retrained_during_a_run_is_not_stamped_on_its_checkpoints(tm
         "        x = np.random.default_rng(self.i).integers(0, 270, (8, 9)).astype(np.int32)\n"
         "        return global_batch([{'inputs': x[:, :-1], 'targets': x[:, 1:]}], mesh)\n"
         "def evaluate(step, last, progress):\n"
+        f"{evaluate}"
+        "data = Data()\n"
+        f"run_stage(TrainRun(cfg.model, cfg.optim, {iterations}, mesh), 'base', cfg, data, data.next, evaluate)\n")
+    return subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=300, cwd=ROOT,
+                          env=dict(os.environ, JAX_PLATFORMS="cpu", NANOCHAT_JAX_HOME=str(home)))
+
+
+def test_a_periodic_save_survives_an_evaluation_that_crashes_after_it(tmp_path):
+    """run_stage saves every checkpoint_every steps asynchronously, then evaluates: when that evaluation raises,
+    the save still being written completes before the error ends the process."""
+    proc = run_tiny_stage(
+        tmp_path,
+        "import nanochat_jax.checkpoint as C\n"
+        "C.checkpoint_meta = lambda stage, step, *args, **kw: {'step': step}\n"
+        "from nanochat_jax.tokenizer import Tokenizer, default_tokenizer_dir\n"
+        "Tokenizer.train_from_iterator(['ab ab'], 270).save(default_tokenizer_dir())  # (run_stage fingerprints it)\n",
+        "    if step == 4: raise RuntimeError('the evaluation at step 4 failed')\n", iterations=6)
+    assert "the evaluation at step 4 failed" in proc.stderr and proc.returncode == 1
+    run_dir = tmp_path / "checkpoints" / "base" / "d1"
+    assert sorted(p.name for p in run_dir.iterdir()) == ["2", "4", "config.toml"]
+    assert Checkpointer(run_dir).read_meta(4) == {"step": 4}
+
+
+def test_a_tokenizer_retrained_during_a_run_is_not_stamped_on_its_checkpoints(tmp_path):
+    """tok_train run again while a stage trains replaces tokenizer.json; the run still encodes with the tokenizer
+    it loaded, so its later checkpoints record that one's fingerprint (they recorded the new file's, and loading
+    them with the new tokenizer passed the check: a model reading other token ids)."""
+    proc = run_tiny_stage(
+        tmp_path,
+        "from nanochat_jax.tokenizer import Tokenizer, default_tokenizer_dir, tokenizer_fingerprint\n"
+        "Tokenizer.train_from_iterator(['hello hello world'], 270).save(default_tokenizer_dir())\n"
+        "print('loaded', tokenizer_fingerprint())\n",
         "    if step == 2:  # tok_train again, elsewhere\n"
         "        Tokenizer.train_from_iterator(['other text other text'], 270).save(default_tokenizer_dir())\n"
-        "        print('retrained', tokenizer_fingerprint())\n"
-        "data = Data()\n"
-        "run_stage(TrainRun(cfg.model, cfg.optim, 4, mesh), 'base', cfg, data, data.next, evaluate)\n")
-    proc = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=300, cwd=ROOT,
-                          env=dict(os.environ, JAX_PLATFORMS="cpu", NANOCHAT_JAX_HOME=str(tmp_path)))
+        "        print('retrained', tokenizer_fingerprint())\n", iterations=4)
     assert proc.returncode == 0, proc.stderr[-2000:]
     printed = dict(line.split() for line in proc.stdout.splitlines() if line.startswith(("loaded", "retrained")))
     assert printed["loaded"] != printed["retrained"]
