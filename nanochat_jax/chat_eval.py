@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections import Counter
 from functools import partial
 from pathlib import Path
 from typing import Callable
@@ -208,6 +209,20 @@ def run_generative_eval(task, tokenizer, engine, num_samples: int = 1, max_new_t
         print0()
     passed, total = sum_over_processes(np.array([passed, total], np.int64)).tolist()
     return int(passed), int(total)
+
+
+def most_common_answer(task, max_problems: int | None = None) -> tuple[str, float] | None:
+    """(answer, share) for a task whose references end in '#### n' (GSM8K, WordProblems, SpellingBee): the most
+    common reference number among the problems evaluated and the share of them it answers, which is what a model
+    that gives that answer every time scores. None when some reference has no '#### n'."""
+    from nanochat_jax.tasks.gsm8k import reference_answer
+
+    n = len(task) if max_problems is None else min(len(task), max_problems)
+    answers = [reference_answer(task[i]) for i in range(n)]
+    if not answers or None in answers:
+        return None
+    answer, count = Counter(answers).most_common(1)[0]
+    return answer, count / n
 
 
 # ---------------------------------------------------------------------------------------------

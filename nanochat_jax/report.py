@@ -280,7 +280,12 @@ def chat_eval_section(directory: Path, stage: str) -> str | None:
     data = read_json(directory / f"chat_eval_{stage}.json")
     if data is None:
         return None
-    info = {"step": data.get("step"), **data.get("results", {})}
+    info = {"step": data.get("step")}
+    for name, accuracy in data.get("results", {}).items():
+        info[name] = accuracy
+        constant = data.get("constant_answer", {}).get(name)  # what answering one number every time scores
+        if constant:
+            info[f"{name} (answering {constant['answer']} every time)"] = constant["accuracy"]
     if data.get("ChatCORE") is not None:
         info["ChatCORE metric"] = data["ChatCORE"]
     info["wall_time_s"] = data.get("wall_time_s")

@@ -14,7 +14,7 @@ import argparse
 import time
 
 from nanochat_jax.chat_eval import (CHAT_TASKS, KNOWN_TASKS, chatcore, load_task, make_answer_logits,
-                                    run_categorical_eval, run_generative_eval)
+                                    most_common_answer, run_categorical_eval, run_generative_eval)
 from nanochat_jax.checkpoint import load_model
 from nanochat_jax.common import print0, run_script
 from nanochat_jax.config import ConfigError, flag_overrides, load_config, to_dict, to_toml
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> dict:
     batch_size = -(-ev.batch_size // rows) * rows
     max_problems = ev.max_problems or None
     answer_logits = None
-    results, counts, unavailable = {}, {}, {}
+    results, counts, unavailable, constant = {}, {}, {}, {}
     t0 = time.perf_counter()
     for name in names:
         try:
@@ -85,12 +85,17 @@ def main(argv: list[str] | None = None) -> dict:
                                                 ev.temperature, ev.top_k, max_problems, batch_size, args.seed)
         results[name] = passed / max(1, total)
         counts[name] = [passed, total]
-        print0(f"{name} accuracy: {passed}/{total} = {100 * results[name]:.2f}%")
+        common = most_common_answer(task, max_problems) if task.eval_type == "generative" else None
+        if common:
+            constant[name] = {"answer": common[0], "accuracy": common[1]}
+        print0(f"{name} accuracy: {passed}/{total} = {100 * results[name]:.2f}%"
+               + (f" (answering {common[0]} every time: {100 * common[1]:.2f}%)" if common else ""))
     score = chatcore(results)
     if score is not None:
         print0(f"ChatCORE: {score:.4f}")
     out = {"source": args.source, "step": meta["step"], "eval": to_dict(ev), "results": results, "counts": counts,
-           "unavailable": unavailable, "ChatCORE": score, "wall_time_s": time.perf_counter() - t0}
+           "constant_answer": constant, "unavailable": unavailable, "ChatCORE": score,
+           "wall_time_s": time.perf_counter() - t0}
     return save_summary(f"chat_eval_{args.source}", out)
 
 

@@ -239,6 +239,25 @@ def test_chat_eval_script(home, tmp_path):
     assert out["results"]["ARC-Easy"] == out["counts"]["ARC-Easy"][0] / 3 and out["ChatCORE"] is None
     saved = json.loads((home / "report" / "chat_eval_sft.json").read_text())
     assert saved["results"] == out["results"] and saved["step"] == 3 and saved["eval"]["num_samples"] == 2
+    # GSM8K's two fixture problems answer 26 and 3000: a model answering 26 every time scores 1/2
+    assert saved["constant_answer"] == {"GSM8K": {"answer": "26", "accuracy": 0.5}}
+
+
+def test_most_common_answer_is_the_score_of_a_constant_answer():
+    """SpellingBee's first 64 test problems: 40 answer 1, 17 answer 2, 5 answer 0, 2 answer 3, so a model saying 1
+    to every one of them scores 62.5% (run_cpu.sh's depth-4 model does); tasks not scored on '#### n' have none."""
+    from nanochat_jax.chat_eval import most_common_answer
+    from nanochat_jax.tasks import SpellingBee
+    from nanochat_jax.tasks.corpuschat import WordProblems, WorldFacts
+
+    task = SpellingBee(256, "test")
+    assert most_common_answer(task, 64) == ("1", 40 / 64)
+    scores = [task.evaluate(task[i], "#### 1") for i in range(64)]
+    assert sum(scores) == 40
+    assert most_common_answer(WorldFacts(16, "test")) is None
+    problems = WordProblems(64, "test")
+    answer, share = most_common_answer(problems)
+    assert share < 0.1 and sum(problems.evaluate(c, f"#### {answer}") for c in problems) == share * 64
 
 
 def test_chat_eval_takes_the_depth_the_training_stages_take(home, tmp_path):

@@ -58,6 +58,8 @@ def test_generate_from_fixture_files(filled):
     assert "| english | 1000 | 4.55 | 4.35 |" in text
     assert "| arc_easy | 0.5000 | 0.3333 |" in text and "- CORE metric: 0.2219" in text
     assert "- HumanEval: unavailable (cannot load openai/openai_humaneval" in text
+    # a final-number task's score sits beside what answering its most common number every time scores
+    assert "- SpellingBee: 0.1200\n- SpellingBee (answering 1 every time): 0.6250\n" in text
     assert '- `Once upon a \\"time\\"\\nthere was`' in text  # samples stay on one line
     assert "- `Björn waves 🙂`" in text  # the characters themselves, not JSON escapes
     summary = text.split("## Summary\n", 1)[1]

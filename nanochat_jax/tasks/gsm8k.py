@@ -39,12 +39,16 @@ def answer_to_parts(answer: str) -> list[dict]:
     return parts
 
 
+def reference_answer(conversation: dict) -> str | None:
+    """The '#### n' number of the reference answer's last part (None when it has none)."""
+    reference = conversation["messages"][-1]["content"]
+    return extract_answer(reference[-1]["text"] if isinstance(reference, list) else reference)
+
+
 def evaluate_final_number(conversation: dict, completion: str) -> int:
     """1 if the completion's '#### n' matches the one in the reference answer's last part, else 0. Calculator outputs
     in the completion are not the model's answer: the calculator evaluates string literals ('#### 7' prints #### 7)."""
-    reference = conversation["messages"][-1]["content"]
-    ref_text = reference[-1]["text"] if isinstance(reference, list) else reference
-    return int(extract_answer(TOOL_OUTPUT_RE.sub("", completion)) == extract_answer(ref_text))
+    return int(extract_answer(TOOL_OUTPUT_RE.sub("", completion)) == reference_answer(conversation))
 
 
 class GSM8K(HubTask):
