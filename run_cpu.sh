@@ -24,9 +24,15 @@ step "3/9 base pretraining"
 "$PY" scripts/base_train.py --config "$CONFIG" "$@"
 step "4/9 base model: bits-per-byte and samples"
 "$PY" scripts/base_loss.py --config "$CONFIG" "$@"
-step "5/9 mid-training on generated conversations, and its chat eval"
-"$PY" scripts/mid_train.py --config "$CONFIG" "$@"
-"$PY" scripts/chat_eval.py --config "$CONFIG" -i mid -a "$CPU_TASKS" -x "$EVAL_PROBLEMS" -m "$EVAL_TOKENS"
+SFT_SOURCE=$("$PY" -c "import sys; from nanochat_jax.config import load_config
+print(load_config(['--config', *sys.argv[1:]]).sft.source)" "$CONFIG" "$@" | tail -1)
+if [ "$SFT_SOURCE" = base ]; then  # nanochat master's recipe (cpu_modern.toml): one post-training stage
+  step "5/9 mid-training: none (sft.source = base: SFT starts from the base model)"
+else
+  step "5/9 mid-training on generated conversations, and its chat eval"
+  "$PY" scripts/mid_train.py --config "$CONFIG" "$@"
+  "$PY" scripts/chat_eval.py --config "$CONFIG" -i mid -a "$CPU_TASKS" -x "$EVAL_PROBLEMS" -m "$EVAL_TOKENS"
+fi
 step "6/9 supervised fine-tuning, and its chat eval"
 "$PY" scripts/chat_sft.py --config "$CONFIG" "$@"
 "$PY" scripts/chat_eval.py --config "$CONFIG" -i sft -a "$CPU_TASKS" -x "$EVAL_PROBLEMS" -m "$EVAL_TOKENS"

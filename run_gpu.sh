@@ -21,9 +21,10 @@ source scripts/gpu_env.sh
 
 # --- the config's data size and batch rows (with any overrides), and the GPUs' memory
 SIZES=$("$PY" -c "import sys; from nanochat_jax.config import load_config
-c = load_config(['--config', *sys.argv[1:]]); print(c.data.source, c.data.num_shards, c.train.device_batch_size, c.mid.device_batch_size)" \
+c = load_config(['--config', *sys.argv[1:]])
+print(c.data.source, c.data.num_shards, c.train.device_batch_size, c.mid.device_batch_size, c.sft.device_batch_size)" \
   "$CONFIG" "$@" | tail -1)  # (a bad config or override stops the script here)
-read -r SOURCE NUM_SHARDS TRAIN_ROWS MID_ROWS <<< "$SIZES"
+read -r SOURCE NUM_SHARDS TRAIN_ROWS MID_ROWS SFT_ROWS <<< "$SIZES"
 GPU_GIB=$("$PY" -c "import jax; d = jax.devices(); gib = (d[0].memory_stats() or {}).get('bytes_limit', -2**30) // 2**30
 print(f'{len(d)} x {d[0].device_kind}, {gib} GiB usable each (-1: not reported)', file=__import__('sys').stderr); print(gib)")
 # scripts/plan.py (H100 compiler, 2026-12-05): d20 at 32 rows and d26 at 16 need 65 GB per GPU, which fits an
@@ -31,6 +32,7 @@ print(f'{len(d)} x {d[0].device_kind}, {gib} GiB usable each (-1: not reported)'
 ROWS=""
 if [ "$GPU_GIB" -ge 0 ] && [ "$GPU_GIB" -lt 64 ] && [ "${FULL_ROWS:-0}" != 1 ]; then
   ROWS="--train.device_batch_size=$(( (TRAIN_ROWS + 1) / 2 )) --mid.device_batch_size=$(( (MID_ROWS + 1) / 2 ))"
+  ROWS="$ROWS --sft.device_batch_size=$(( (SFT_ROWS + 1) / 2 ))"
   echo "GPUs under 64 GiB: $ROWS (gradient accumulation keeps the batch size; FULL_ROWS=1 keeps the config's)"
 fi
 

@@ -19,7 +19,7 @@ case "${RECIPE:-first_release}" in  # RECIPE=modern: nanochat master's recipe, d
   first_release) CONFIG=${CONFIG:-configs/tpu_v6e_8.toml} ;;
   modern) CONFIG=${CONFIG:-configs/d24_modern.toml}  # 4 rows: 20.8 GB per v6e chip, 8 rows 32.9 (scripts/plan.py)
           set -- --model.attention_impl=splash --mesh.data=1 --mesh.fsdp=-1 --train.device_batch_size=4 \
-                 --mid.device_batch_size=4 "$@" ;;
+                 --sft.device_batch_size=4 "$@" ;;  # (its SFT packs rows of 2048 tokens like pretraining)
   *) echo "RECIPE=${RECIPE} is not one of: first_release, modern" >&2; exit 1 ;;
 esac
 

@@ -1,7 +1,7 @@
-"""Batches of conversations for the chat stages: packed rows for mid-training, padded rows for SFT.
+"""Batches of conversations for the chat stages: packed rows for mid-training, padded or best-fit rows for SFT.
 
-Both walk a task (any sliceable list of conversations) with process p of P taking examples p, p + P, ...,
-and both have a small JSON state for exact resume (`get_state` / `set_state`, saved in checkpoints).
+Each walks a task (any sliceable list of conversations) with process p of P taking examples p, p + P, ...,
+and each has a small JSON state for exact resume (`get_state` / `set_state`, saved in checkpoints).
 
 - `PackedConversations` (mid-training, as nanochat): each conversation is rendered (`render_conversation`,
   ids only: every token is trained, the mask is ignored), the ids are concatenated into one stream and the
@@ -13,6 +13,12 @@ and both have a small JSON state for exact resume (`get_state` / `set_state`, sa
   loss counts only the assistant's tokens). `next_step(accum)` returns `accum` micro-batches padded to one
   common width: the next power of two of the longest row (at least 16, at most seq_len), agreed by all
   processes, so the train step compiles once per width. State: examples consumed by this process.
+- `BestFitConversations` (SFT with sft.recipe = "master", as nanochat master's SFT loader): rows of exactly
+  seq_len + 1 tokens, each filled with whole conversations (cut to seq_len + 1 tokens, as SFTBatches cuts them;
+  master never cuts and leaves a longer one in its buffer) chosen best fit from a buffer of BESTFIT_BUFFER: the
+  longest that fits the space left, the first of equals; when none fits, the rest of the row is <|bos|> padding.
+  Targets are -1 wherever the render mask is 0 and on the padding. `next()` gives one micro-batch (rows, seq_len).
+  State: conversations fetched by this process and the fetch numbers of those still in the buffer.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from nanochat_jax.distributed import max_over_processes
 from nanochat_jax.engine import bucket
 
 MIN_WIDTH = 16
+BESTFIT_BUFFER = 100  # conversations to choose from (nanochat master's buffer_size)
 
 
 def _process(process_index: int | None, process_count: int | None) -> tuple[int, int]:
@@ -180,3 +187,67 @@ class SFTBatches:
         longest = max(len(ids) - 1 for micro in rendered for ids, _ in micro)
         width = max_over_processes(min(self.seq_len, bucket(longest, MIN_WIDTH)))
         return [collate_sft(micro, width, self.pad_id) for micro in rendered]
+
+
+class BestFitConversations:
+    """SFT micro-batches of best-fit packed conversations (module docstring).
+
+    rows: the GLOBAL rows per micro-batch; this process collates rows // process_count of them."""
+
+    def __init__(self, task, tokenizer, rows: int, seq_len: int, *, process_index: int | None = None,
+                 process_count: int | None = None):
+        self.task, self.tokenizer, self.capacity = task, tokenizer, seq_len + 1
+        index, count = _process(process_index, process_count)
+        if rows % count:
+            raise ConfigError(f"rows={rows} is not divisible by the {count} processes")
+        self.local_rows = rows // count
+        self.mine = range(index, len(task), count)
+        if len(self.mine) == 0:
+            raise ConfigError(f"BestFitConversations: process {index} of {count} gets none of the task's "
+                              f"{len(task)} examples")
+        self.pad_id = tokenizer.encode_special("<|bos|>")
+        self.set_state({"fetched": 0, "buffer": [], "conversations": len(task)})
+
+    def _fetch(self, number: int) -> tuple[int, list[int], list[int]]:
+        """(number, ids, mask) of this process's conversation `number` (counting on through the epochs)."""
+        conversation = self.task[self.mine[number % len(self.mine)]]
+        return (number, *self.tokenizer.render_conversation(conversation, max_tokens=self.capacity))
+
+    def get_state(self) -> dict:
+        return {"fetched": self.fetched, "buffer": [number for number, _, _ in self.buffer],
+                "conversations": len(self.task)}
+
+    def set_state(self, state: dict) -> None:
+        if _task_changed(state, self.task):
+            state = {"fetched": 0, "buffer": []}
+        self.fetched = int(state["fetched"])
+        self.buffer = [self._fetch(int(number)) for number in state["buffer"]]
+
+    @property
+    def epoch(self) -> float:
+        """Epochs of this process's conversations trained on (fetched and no longer in the buffer)."""
+        return (self.fetched - len(self.buffer)) / len(self.mine)
+
+    def _row(self) -> tuple[list[int], list[int]]:
+        ids: list[int] = []
+        mask: list[int] = []
+        while len(ids) < self.capacity:
+            while len(self.buffer) < BESTFIT_BUFFER:
+                self.buffer.append(self._fetch(self.fetched))
+                self.fetched += 1
+            space = self.capacity - len(ids)
+            fits = [i for i, (_, conv, _) in enumerate(self.buffer) if len(conv) <= space]
+            if not fits:
+                ids += [self.pad_id] * space
+                mask += [0] * space
+                break
+            _, conv, conv_mask = self.buffer.pop(max(fits, key=lambda i: len(self.buffer[i][1])))
+            ids += conv
+            mask += conv_mask
+        return ids, mask
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        return collate_sft([self._row() for _ in range(self.local_rows)], self.capacity - 1, self.pad_id)

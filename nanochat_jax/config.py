@@ -321,13 +321,18 @@ class MidConfig(ChatStageConfig):
 
 @dataclass
 class SFTConfig(ChatStageConfig):
-    """Supervised fine-tuning: padded conversations, loss only on the assistant's tokens.
+    """Supervised fine-tuning, loss only on the assistant's tokens. recipe "first_release": one padded conversation
+    per row, target_examples_per_step per step, LR decaying to 0 over the run; "master" (nanochat master's single
+    post-training stage): conversations best-fit into full rows, total_batch_size tokens per step, LR constant then
+    decaying to 0 over the last half, Muon momentum 0.85 -> 0.95 over 300 steps.
     num_iterations -1: num_epochs passes over the mixture."""
 
+    recipe: str = "first_release"  # first_release | master
     source: str = "mid"
-    mixture: str = "nanochat"  # nanochat | cpu
-    device_batch_size: int = 4  # conversations per device per micro-batch
-    target_examples_per_step: int = 32
+    mixture: str = "nanochat"  # nanochat | cpu | master (master's: SmolTalk, MMLU x3, GSM8K x4)
+    device_batch_size: int = 4  # rows per device per micro-batch (first_release: one conversation each)
+    target_examples_per_step: int = 32  # first_release: conversations per step
+    total_batch_size: int = 524288  # master: tokens per step
     num_epochs: int = 1
     init_lr_frac: float = 0.02
     eval_every: int = 100  # steps between validation loss
@@ -335,9 +340,10 @@ class SFTConfig(ChatStageConfig):
     eval_metrics_every: int = 200  # steps between quick chat-task accuracies
 
     def validate(self) -> None:
+        _choice(self, "sft", "recipe", ("first_release", "master"))
         _choice(self, "sft", "source", ("base", "mid", "sft"))
-        _choice(self, "sft", "mixture", ("nanochat", "cpu"))
-        self._validate("sft", "target_examples_per_step", "num_epochs", "eval_steps")
+        _choice(self, "sft", "mixture", ("nanochat", "cpu", "master"))
+        self._validate("sft", "target_examples_per_step", "total_batch_size", "num_epochs", "eval_steps")
 
 
 @dataclass

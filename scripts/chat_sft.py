@@ -1,24 +1,29 @@
-"""Supervised fine-tuning: one padded conversation per row, loss only on the assistant's tokens.
+"""Supervised fine-tuning, loss only on the assistant's tokens.
 
     python scripts/chat_sft.py --config configs/cpu_tiny.toml [--sft.mixture=cpu --sft.num_iterations=60 ...]
 
 Starts from the latest [sft] source checkpoint (architecture from its metadata) with a fresh optimizer at
-[optim] learning rates x sft.init_lr_frac, decaying linearly to 0 over the run (no Muon momentum warm-up).
-sft.target_examples_per_step conversations per step (gradient accumulation over micro-batches of
-sft.device_batch_size per device). Every sft.eval_every steps: mean validation loss over sft.eval_steps
-micro-batches; every sft.eval_metrics_every steps (and at the end): quick accuracies on checkable tasks.
-[train] resume / checkpoint_every / keep_checkpoints / log_every apply here too (seed does not: the model comes
-from the source checkpoint and the mixture's order is fixed).
+[optim] learning rates x sft.init_lr_frac. sft.recipe "first_release" (nanochat 3a5e0bc): one padded conversation
+per row, sft.target_examples_per_step conversations per step, LR decaying linearly to 0 over the run, no Muon
+momentum warm-up. "master" (nanochat master's one post-training stage, from the base model): conversations packed
+best fit into full rows (chat_data.BestFitConversations), sft.total_batch_size tokens per step, LR constant then
+decaying to 0 over the last half, Muon momentum 0.85 -> 0.95 over 300 steps. Both accumulate gradients over
+micro-batches of sft.device_batch_size rows per device. Every sft.eval_every steps: mean validation loss over
+sft.eval_steps micro-batches; every sft.eval_metrics_every steps (and at the end): quick accuracies on checkable
+tasks. [train] resume / checkpoint_every / keep_checkpoints / log_every apply here too (seed does not: the model
+comes from the source checkpoint and the mixture's order is fixed).
 Writes <home>/checkpoints/sft/d<depth>/ and <home>/report/sft_train.{jsonl,json}.
 """
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from nanochat_jax.chat_data import SFTBatches
+from nanochat_jax.chat_data import BestFitConversations, SFTBatches, mean_tokens_per_conversation
 from nanochat_jax.checkpoint import checkpoint_dir
 from nanochat_jax.common import device_info, print0, run_script
 from nanochat_jax.config import load_config, to_toml
@@ -89,40 +94,63 @@ def sft_evals(cfg, run: TrainRun, tokenizer, val_batches: list[dict]):
     return evaluate, latest
 
 
+def sft_data(cfg, tokenizer, seq_len: int, mesh):
+    """(train task, train iterator, next_step() -> the step's global batch, validation micro-batches,
+    num_iterations, a line describing the batches) for sft.recipe."""
+    sft = cfg.sft
+    train_task, val_task = sft_mixture(sft.mixture, "train"), sft_mixture(sft.mixture, "val")
+    if sft.recipe == "master":
+        rows, accum = rows_and_accum(sft.device_batch_size, sft.total_batch_size, seq_len, mesh, "sft.total_batch_size")
+        train_iter, val_iter = (BestFitConversations(t, tokenizer, rows, seq_len) for t in (train_task, val_task))
+        next_step = lambda: global_batch([next(train_iter) for _ in range(accum)], mesh)  # noqa: E731
+        val_batches = [global_batch([next(val_iter)], mesh) for _ in range(sft.eval_steps)]
+        num_iterations = sft.num_iterations
+        if num_iterations <= 0:  # num_epochs passes from the mean rendered length (the padding not counted)
+            mean_len = min(mean_tokens_per_conversation(train_task, tokenizer), seq_len + 1)
+            num_iterations = max(1, math.ceil(len(train_task) * mean_len * sft.num_epochs / sft.total_batch_size))
+        batches = (f"{rows} rows x {seq_len} tokens x {accum} micro-steps = {sft.total_batch_size:,} tokens/step, "
+                   f"conversations packed best fit | {num_iterations} steps")
+    else:
+        rows, accum = rows_and_accum(sft.device_batch_size, sft.target_examples_per_step, 1, mesh,
+                                     "sft.target_examples_per_step")
+        train_iter, val_iter = (SFTBatches(t, tokenizer, rows, seq_len) for t in (train_task, val_task))
+        next_step = lambda: global_batch(train_iter.next_step(accum), mesh)  # noqa: E731
+        val_batches = [global_batch(val_iter.next_step(1), mesh) for _ in range(sft.eval_steps)]
+        num_iterations = sft.num_iterations
+        if num_iterations <= 0:
+            num_iterations = max(1, len(train_task) // sft.target_examples_per_step * sft.num_epochs)
+        epochs = num_iterations * sft.target_examples_per_step / len(train_task)
+        batches = (f"{rows} rows x {accum} micro-steps = {sft.target_examples_per_step} conversations/step (each "
+                   f"<= {seq_len} tokens) | {num_iterations} steps ({epochs:.2f} epochs)")
+    print0(f"sft mixture '{sft.mixture}': {len(train_task):,} train / {len(val_task):,} val conversations | {batches}")
+    return train_task, train_iter, next_step, val_batches, num_iterations
+
+
 def main(argv: list[str] | None = None) -> dict:
     init_distributed()
     cfg = load_config(argv)
     print0(to_toml(cfg))
     mesh = make_mesh(cfg.mesh)
     params, tokenizer, model_cfg, source_meta = load_source(cfg.sft.source, cfg, mesh)
-    seq_len = model_cfg.sequence_len
-    rows, accum = rows_and_accum(cfg.sft.device_batch_size, cfg.sft.target_examples_per_step, 1, mesh,
-                                 "sft.target_examples_per_step")
-    train_task, val_task = sft_mixture(cfg.sft.mixture, "train"), sft_mixture(cfg.sft.mixture, "val")
-    num_iterations = cfg.sft.num_iterations
-    if num_iterations <= 0:
-        num_iterations = max(1, len(train_task) // cfg.sft.target_examples_per_step * cfg.sft.num_epochs)
-    optim = stage_optim(cfg.optim, cfg.sft.init_lr_frac, warmdown_ratio=1.0, final_lr_frac=0.0,
-                        muon_momentum_start=cfg.optim.muon_momentum, grad_clip=cfg.sft.grad_clip)
-    epochs = num_iterations * cfg.sft.target_examples_per_step / len(train_task)
-    print0(f"sft mixture '{cfg.sft.mixture}': {len(train_task):,} train / {len(val_task):,} val conversations | "
-           f"{rows} rows x {accum} micro-steps = {cfg.sft.target_examples_per_step} conversations/step (each "
-           f"<= {seq_len} tokens) | {num_iterations} steps ({epochs:.2f} epochs)")
+    train_task, train_iter, next_step, val_batches, num_iterations = sft_data(cfg, tokenizer,
+                                                                              model_cfg.sequence_len, mesh)
+    if cfg.sft.recipe == "master":
+        schedule = dict(warmdown_ratio=0.5, muon_momentum_start=0.85, muon_momentum=0.95,
+                        muon_momentum_warmup_steps=300)
+    else:
+        schedule = dict(warmdown_ratio=1.0, muon_momentum_start=cfg.optim.muon_momentum)
+    optim = stage_optim(cfg.optim, cfg.sft.init_lr_frac, final_lr_frac=0.0, grad_clip=cfg.sft.grad_clip, **schedule)
 
     run = TrainRun(model_cfg, optim, num_iterations, mesh, cfg.train.seed, params=params)
     del params
-    val_iter = SFTBatches(val_task, tokenizer, rows, seq_len)
-    evaluate, latest = sft_evals(cfg, run, tokenizer,
-                                 [global_batch(val_iter.next_step(1), mesh) for _ in range(cfg.sft.eval_steps)])
-    train_iter = SFTBatches(train_task, tokenizer, rows, seq_len)
-    progress = run_stage(run, "sft", cfg, train_iter, lambda: global_batch(train_iter.next_step(accum), mesh),
-                         evaluate, flops_per_token(model_cfg), source_meta)
+    evaluate, latest = sft_evals(cfg, run, tokenizer, val_batches)
+    progress = run_stage(run, "sft", cfg, train_iter, next_step, evaluate, flops_per_token(model_cfg), source_meta)
 
     samples = chat_samples(run.graphdef, run.params, tokenizer)
     summary = save_summary("sft_train", {
-        "stage": "sft", "run": cfg.run, "mixture": cfg.sft.mixture, "source": cfg.sft.source,
-        "params": num_params(model_cfg), **progress.run_record(), "train_conversations": len(train_task),
-        "epochs": train_iter.epoch, "train_loss": progress.last.get("loss"),
+        "stage": "sft", "run": cfg.run, "recipe": cfg.sft.recipe, "mixture": cfg.sft.mixture,
+        "source": cfg.sft.source, "params": num_params(model_cfg), **progress.run_record(),
+        "train_conversations": len(train_task), "epochs": train_iter.epoch, "train_loss": progress.last.get("loss"),
         "val_loss": latest["val_loss"], **latest["metrics"], "samples": samples, "device": device_info(),
         "mesh": dict(mesh.shape), "checkpoint": str(checkpoint_dir("sft", model_cfg.depth) / str(num_iterations))})
     print0(f"done: {num_iterations} steps in {progress.elapsed / 60:.1f} min | val loss {latest['val_loss']:.4f}")

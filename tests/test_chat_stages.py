@@ -1,12 +1,13 @@
 """Mid-training and SFT batches: packing, padding, assistant-only targets, resume. (The stage scripts end to end are
 tested on the run_cpu.sh smoke run, in test_run_cpu.py.)"""
 
+import itertools
 import json
 
 import numpy as np
 import pytest
 
-from nanochat_jax.chat_data import PackedConversations, SFTBatches, collate_sft
+from nanochat_jax.chat_data import BESTFIT_BUFFER, BestFitConversations, PackedConversations, SFTBatches, collate_sft
 from nanochat_jax.tasks.corpuschat import SmallTalk, WordProblems
 from nanochat_jax.tasks.base import TaskMixture
 from nanochat_jax.tokenizer import Tokenizer
@@ -105,6 +106,75 @@ def test_mid_packing_resumes_exactly_and_wraps(tok, task):
     np.testing.assert_array_equal(first["inputs"][1], odd[51:101])
 
 
+def master_bestfit(rendered, rows: int, capacity: int, pad: int) -> list[tuple[list[int], list[int]]]:
+    """nanochat master's SFT packing, as its loader states it: refill a buffer to BESTFIT_BUFFER conversations,
+    put the longest one that fits the space left (the first of equal lengths), else pad the row's rest."""
+    buffer: list = []
+    out = []
+    for _ in range(rows):
+        row, mask = [], []
+        while len(row) < capacity:
+            while len(buffer) < BESTFIT_BUFFER:
+                buffer.append(next(rendered))
+            space = capacity - len(row)
+            best, best_len = -1, 0
+            for i, (ids, _) in enumerate(buffer):
+                if best_len < len(ids) <= space:
+                    best, best_len = i, len(ids)
+            if best < 0:
+                row, mask = row + [pad] * space, mask + [0] * space
+                break
+            ids, conv_mask = buffer.pop(best)
+            row, mask = row + ids, mask + conv_mask
+        out.append((row, mask))
+    return out
+
+
+def test_bestfit_rows_are_nanochat_masters_packing(tok, task):
+    """sft.recipe = "master": whole conversations best fit into rows of seq_len + 1, padded (never cut) when none
+    fits; targets are the assistant's tokens only, padding never is one."""
+    seq_len, rows, bos = 300, 3, tok.bos_token_id
+    it = BestFitConversations(task, tok, rows=rows, seq_len=seq_len, process_index=0, process_count=1)
+    rendered = itertools.cycle([tok.render_conversation(task[i], max_tokens=seq_len + 1) for i in range(len(task))])
+    expected = master_bestfit(rendered, 6 * rows, seq_len + 1, bos)
+    padded = 0
+    for k in range(6):
+        batch = next(it)
+        assert batch["inputs"].shape == batch["targets"].shape == (rows, seq_len)
+        for r in range(rows):
+            ids, mask = (np.asarray(a) for a in expected[k * rows + r])
+            np.testing.assert_array_equal(batch["inputs"][r], ids[:-1])
+            np.testing.assert_array_equal(batch["targets"][r], np.where(mask[1:] == 1, ids[1:], -1))
+            assert batch["inputs"][r][0] == bos  # every row starts a conversation
+            padded += ids[-1] == bos and batch["targets"][r][-1] == -1
+    assert padded > 0  # some rows end in padding, none cut a conversation
+    assert 0 < it.epoch < it.fetched / len(task)  # the buffer's conversations are not trained on yet
+
+    cut = next(BestFitConversations(task, tok, rows=2, seq_len=24, process_index=0, process_count=1))
+    for r in range(2):  # a conversation longer than a row is cut to it (master leaves it in the buffer for good)
+        ids, mask = tok.render_conversation(task[r], max_tokens=25)
+        np.testing.assert_array_equal(cut["inputs"][r], ids[:-1])
+
+
+def test_bestfit_strides_processes_and_resumes_exactly(tok, task):
+    it = BestFitConversations(task, tok, rows=4, seq_len=128, process_index=1, process_count=2)
+    for _ in range(3):
+        next(it)
+    state = json.loads(json.dumps(it.get_state()))  # as stored in a checkpoint
+    expected = [next(it) for _ in range(40)]  # well past an epoch of the 20 odd conversations
+    again = BestFitConversations(task, tok, rows=4, seq_len=128, process_index=1, process_count=2)
+    again.set_state(state)
+    for e in expected:
+        b = next(again)
+        assert b["inputs"].shape == (2, 128)  # rows are global: each of the 2 processes yields half
+        np.testing.assert_array_equal(b["inputs"], e["inputs"])
+        np.testing.assert_array_equal(b["targets"], e["targets"])
+    odd = itertools.cycle([tok.render_conversation(task[i], max_tokens=129) for i in range(1, len(task), 2)])
+    first = next(BestFitConversations(task, tok, rows=4, seq_len=128, process_index=1, process_count=2))
+    for r, (ids, _) in enumerate(master_bestfit(odd, 2, 129, tok.bos_token_id)):  # process 1: the odd ones
+        np.testing.assert_array_equal(first["inputs"][r], ids[:-1])
+
+
 def test_a_position_saved_for_another_mixture_size_restarts_the_order(tok, task, capsys):
     """A mixture that shrank (or grew) since the checkpoint: the saved cursor would point past the end or at other
     conversations, so both iterators warn and start over."""
@@ -125,3 +195,9 @@ def test_a_position_saved_for_another_mixture_size_restarts_the_order(tok, task,
     moved = SFTBatches(smaller, tok, rows=2, seq_len=64, process_index=0, process_count=1)
     moved.set_state(sft.get_state())
     assert moved.position == 0 and "its order starts from the beginning" in capsys.readouterr().err
+
+    bestfit = BestFitConversations(task, tok, rows=2, seq_len=64, process_index=0, process_count=1)
+    next(bestfit)
+    moved = BestFitConversations(smaller, tok, rows=2, seq_len=64, process_index=0, process_count=1)
+    moved.set_state(bestfit.get_state())
+    assert moved.fetched == 0 and moved.buffer == [] and "saved for a mixture of 40" in capsys.readouterr().err

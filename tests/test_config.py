@@ -133,7 +133,7 @@ def test_scripts_print_user_errors_on_one_line_and_help(tmp_path):
     assert "no checkpoints for stage 'mid'" in missing.stderr and "scripts/mid_train.py first" in missing.stderr
     helped = script("--help")
     assert helped.returncode == 0 and helped.stdout.startswith("usage: python chat_sft.py [--config FILE.toml]")
-    assert "Supervised fine-tuning: one padded conversation per row" in helped.stdout
+    assert "Supervised fine-tuning, loss only on the assistant's tokens." in helped.stdout
     assert from_dict(__import__("tomllib").loads(helped.stdout.split("override them):\n\n", 1)[1])) == Config()
 
 

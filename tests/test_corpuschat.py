@@ -90,8 +90,10 @@ def test_cpu_mixtures():
     assert all(t.split == "test" for t in mid_mixture("cpu", "val").tasks)
     assert len(mid_mixture("cpu", "val")) == len(mid) // 20
     assert set(cpu_eval_tasks(8)) == {"WorldFacts", "WordProblems", "SimpleSpelling"}
-    with pytest.raises(ValueError, match="unknown mixture"):
+    with pytest.raises(ValueError, match="unknown mid mixture 'web'; mid mixtures are: nanochat, cpu"):
         mid_mixture("web", "train")
+    with pytest.raises(ValueError, match="unknown mid mixture 'master'"):  # master's mixture is its SFT's
+        mid_mixture("master", "train")
 
 
 def test_nanochat_mixture_offline_is_one_clear_line(tmp_path):

@@ -6,6 +6,8 @@
   mid val: SmolTalk test + MMLU test[:5200] + GSM8K main test[:420] (about the train ratios);
   sft train: ARC-Easy train + ARC-Challenge train + GSM8K main train + SmolTalk train[:10000];
   sft val: SmolTalk test.
+- "master": nanochat master's single post-training stage (SFT from the base model, sft.recipe = "master"):
+  sft train: SmolTalk train + MMLU auxiliary_train x3 + GSM8K main train x4; sft val: as nanochat's mid val.
 - "cpu": generated offline from the embedded corpus's world (tasks/corpuschat.py) plus the spelling tasks,
   sized for minutes of CPU training.
 """
@@ -20,14 +22,14 @@ from nanochat_jax.tasks.mmlu import MMLU
 from nanochat_jax.tasks.smoltalk import SmolTalk
 from nanochat_jax.tasks.spellingbee import SimpleSpelling, SpellingBee
 
-MIXTURES = ("nanochat", "cpu")
+MIXTURES = {"mid": ("nanochat", "cpu"), "sft": ("nanochat", "cpu", "master")}
 SPLITS = ("train", "val")
 VAL_FRACTION = 20  # the cpu mixtures' val split is 1/20 the size of train
 
 
-def _check(name: str, split: str) -> None:
-    if name not in MIXTURES:
-        raise ValueError(f"unknown mixture {name!r}; mixtures are: {', '.join(MIXTURES)}")
+def _check(stage: str, name: str, split: str) -> None:
+    if name not in MIXTURES[stage]:
+        raise ValueError(f"unknown {stage} mixture {name!r}; {stage} mixtures are: {', '.join(MIXTURES[stage])}")
     if split not in SPLITS:
         raise ValueError(f"mixture split must be one of {SPLITS}, got {split!r}")
 
@@ -51,20 +53,26 @@ def _offline_hint(stage: str, build):
 
 def mid_mixture(name: str, split: str) -> Task:
     """The mid-training conversations of a mixture ('nanochat' | 'cpu') and split ('train' | 'val')."""
-    _check(name, split)
+    _check("mid", name, split)
     if name == "cpu":
         return TaskMixture(_cpu_tasks(split, facts=8000, arithmetic=4000, talk=3000, identity=400, spelling=1000))
+    return _offline_hint("mid", lambda: _nanochat_mid(split))
+
+
+def _nanochat_mid(split: str, mmlu_epochs: int = 1, gsm8k_epochs: int = 1) -> Task:
     if split == "train":
-        return _offline_hint("mid", lambda: TaskMixture([SmolTalk(split="train"),
-                                                         MMLU(subset="all", split="auxiliary_train"),
-                                                         GSM8K(subset="main", split="train")]))
-    return _offline_hint("mid", lambda: TaskMixture([SmolTalk(split="test"), MMLU(subset="all", split="test", stop=5200),
-                                                     GSM8K(subset="main", split="test", stop=420)]))
+        return TaskMixture([SmolTalk(split="train"),
+                            *[MMLU(subset="all", split="auxiliary_train") for _ in range(mmlu_epochs)],
+                            *[GSM8K(subset="main", split="train") for _ in range(gsm8k_epochs)]])
+    return TaskMixture([SmolTalk(split="test"), MMLU(subset="all", split="test", stop=5200),
+                        GSM8K(subset="main", split="test", stop=420)])
 
 
 def sft_mixture(name: str, split: str) -> Task:
-    """The SFT conversations of a mixture ('nanochat' | 'cpu') and split ('train' | 'val')."""
-    _check(name, split)
+    """The SFT conversations of a mixture ('nanochat' | 'cpu' | 'master') and split ('train' | 'val')."""
+    _check("sft", name, split)
+    if name == "master":  # nanochat master's chat_sft defaults: --mmlu-epochs 3 --gsm8k-epochs 4
+        return _offline_hint("sft", lambda: _nanochat_mid(split, mmlu_epochs=3, gsm8k_epochs=4))
     if name == "cpu":
         return TaskMixture(_cpu_tasks(split, facts=2000, arithmetic=1000, talk=800, identity=200, spelling=300))
     if split == "train":
