@@ -324,7 +324,7 @@ class SFTConfig(ChatStageConfig):
     """Supervised fine-tuning, loss only on the assistant's tokens. recipe "first_release": one padded conversation
     per row, target_examples_per_step per step, LR decaying to 0 over the run; "master" (nanochat master's single
     post-training stage): conversations best-fit into full rows, total_batch_size tokens per step, LR constant then
-    decaying to 0 over the last half, Muon momentum 0.85 -> 0.95 over 300 steps.
+    decaying to 0 over the last half, Muon momentum 0.85 -> 0.95 over 300 steps, the source's optimizer moments.
     num_iterations -1: num_epochs passes over the mixture."""
 
     recipe: str = "first_release"  # first_release | master

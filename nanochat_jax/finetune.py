@@ -45,6 +45,24 @@ def load_source(stage: str, cfg: Config, mesh):
     return params, tokenizer, model_cfg, meta
 
 
+def warm_start(run, stage: str, meta: dict) -> None:
+    """nanochat master's SFT: the run's optimizer moments from the source checkpoint (TrainRun.warm_start) with
+    its own learning rates and step counts; a source without an optimizer state (an imported model) or with one
+    that does not restore leaves the optimizer fresh, with a warning (as master's)."""
+    from nanochat_jax.checkpoint import CheckpointError, Checkpointer, checkpoint_dir
+    from nanochat_jax.config import from_dict
+
+    ckpt = Checkpointer(checkpoint_dir(stage, meta["model"]["depth"]), async_save=False)
+    try:
+        taken = run.warm_start(ckpt, meta["step"], from_dict(meta["config"]).optim)
+        print0(f"optimizer: {taken} moment arrays from the {stage} checkpoint, step {meta['step']} (learning rates "
+               "and step counts fresh)")
+    except CheckpointError as e:
+        print0(f"WARNING: the optimizer starts fresh: {e}")
+    finally:
+        ckpt.close()
+
+
 def stage_optim(optim: OptimConfig, init_lr_frac: float, **schedule) -> OptimConfig:
     """A copy of [optim] for a stage after base training: every learning rate times init_lr_frac, the stage's
     schedule fields set, and what only pretraining has switched off (as nanochat master's SFT and RL do): no LR

@@ -246,6 +246,32 @@ class TrainRun:
     def save(self, ckpt, step: int, data_state: dict | None, meta: dict, wait: bool = False) -> None:
         ckpt.save(step, self.state.params, self.state.opt_state, data_state, meta, wait=wait)
 
+    def warm_start(self, ckpt, step: int, source_optim: OptimConfig) -> int:
+        """nanochat master's SFT warm start: the optimizer moments (momentum and second-moment buffers) of step
+        `step` of another run's checkpoints, whose optimizer was built from source_optim, restored into this run's
+        shardings. A moment is taken where this state has one at the same path with the same shape and dtype;
+        step counts and hyperparameters (learning rates, betas, weight decay) stay this run's. Returns how many
+        arrays were taken; CheckpointError when the checkpoint has no optimizer state or another structure."""
+        source = build_optimizer(source_optim, self.model_cfg.n_embd, self.num_iterations)
+        params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), self.state.params)
+        shapes = jax.eval_shape(source.init, params)
+        abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes,
+                                like_params(shapes, self.shardings.params, self.mesh))
+        loaded = {jax.tree_util.keystr(path): leaf for path, leaf in
+                  jax.tree_util.tree_leaves_with_path(ckpt.restore(step, params, abstract)["opt_state"])}
+        taken = []
+
+        def take(path, fresh):
+            key, old = jax.tree_util.keystr(path), loaded.get(jax.tree_util.keystr(path))
+            if (old is None or "hyperparams" in key or not jnp.issubdtype(fresh.dtype, jnp.floating)
+                    or (old.shape, old.dtype) != (fresh.shape, fresh.dtype)):
+                return fresh
+            taken.append(key)
+            return old
+
+        self.state = self.state.replace(opt_state=jax.tree_util.tree_map_with_path(take, self.state.opt_state))
+        return len(taken)
+
     def resume(self, ckpt, data_iter, tokenizer_dir=None, seed: int | None = None) -> int:
         """Continue from the checkpointer's newest complete step: parameters and optimizer state restored into
         this run's shardings (any mesh), the step counter, and the data iterator's position when the checkpoint

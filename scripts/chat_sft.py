@@ -2,12 +2,13 @@
 
     python scripts/chat_sft.py --config configs/cpu_tiny.toml [--sft.mixture=cpu --sft.num_iterations=60 ...]
 
-Starts from the latest [sft] source checkpoint (architecture from its metadata) with a fresh optimizer at
-[optim] learning rates x sft.init_lr_frac. sft.recipe "first_release" (nanochat 3a5e0bc): one padded conversation
+Starts from the latest [sft] source checkpoint (architecture from its metadata) with an optimizer at [optim]
+learning rates x sft.init_lr_frac. sft.recipe "first_release" (nanochat 3a5e0bc): one padded conversation
 per row, sft.target_examples_per_step conversations per step, LR decaying linearly to 0 over the run, no Muon
 momentum warm-up. "master" (nanochat master's one post-training stage, from the base model): conversations packed
 best fit into full rows (chat_data.BestFitConversations), sft.total_batch_size tokens per step, LR constant then
-decaying to 0 over the last half, Muon momentum 0.85 -> 0.95 over 300 steps. Both accumulate gradients over
+decaying to 0 over the last half, Muon momentum 0.85 -> 0.95 over 300 steps, and the optimizer's moments taken
+from the source checkpoint (finetune.warm_start; not on --train.resume). Both accumulate gradients over
 micro-batches of sft.device_batch_size rows per device. Every sft.eval_every steps: mean validation loss over
 sft.eval_steps micro-batches; every sft.eval_metrics_every steps (and at the end): quick accuracies on checkable
 tasks. [train] resume / checkpoint_every / keep_checkpoints / log_every apply here too (seed does not: the model
@@ -28,7 +29,7 @@ from nanochat_jax.checkpoint import checkpoint_dir
 from nanochat_jax.common import device_info, print0, run_script
 from nanochat_jax.config import load_config, to_toml
 from nanochat_jax.distributed import eval_mesh, init_distributed, replicated_on
-from nanochat_jax.finetune import chat_samples, load_source, stage_optim
+from nanochat_jax.finetune import chat_samples, load_source, stage_optim, warm_start
 from nanochat_jax.model import flops_per_token, num_params
 from nanochat_jax.progress import save_summary
 from nanochat_jax.sharding import make_mesh
@@ -143,6 +144,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     run = TrainRun(model_cfg, optim, num_iterations, mesh, cfg.train.seed, params=params)
     del params
+    if cfg.sft.recipe == "master" and not cfg.train.resume:
+        warm_start(run, cfg.sft.source, source_meta)  # (a resume restores this run's own optimizer state)
     evaluate, latest = sft_evals(cfg, run, tokenizer, val_batches)
     progress = run_stage(run, "sft", cfg, train_iter, next_step, evaluate, flops_per_token(model_cfg), source_meta)
 

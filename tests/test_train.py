@@ -122,6 +122,45 @@ def test_init_from_given_params_on_another_mesh():
     assert all(float(jnp.abs(x).max()) == 0.0 for x in jax.tree.leaves(mu) if x.ndim >= 2)
 
 
+def test_warm_start_takes_the_moments_of_another_runs_checkpoint(tmp_path):
+    """nanochat master's SFT warm start: the base run's momentum and second-moment buffers, restored onto another
+    mesh, into an optimizer whose schedules differ (no weight decay: two state arrays fewer); this run keeps its own
+    step counts and hyperparameters. A checkpoint without an optimizer state is refused in one line."""
+    from nanochat_jax.checkpoint import Checkpointer, CheckpointError
+    from nanochat_jax.finetune import stage_optim
+
+    base_optim = dataclasses.replace(OPTIM, muon_weight_decay=0.2, muon_weight_decay_schedule="cosine", normuon=True)
+    base = TrainRun(TINY, base_optim, 3, make_mesh(MeshConfig(1, 1, 1), devices=jax.devices()[:1]), seed=0)
+    for batch in _batches(3, 1, 4, 16, 128):
+        base.step(batch)
+    ckpt = Checkpointer(tmp_path / "base", async_save=False)
+    base.save(ckpt, 3, None, {"step": 3})
+
+    sft_optim = stage_optim(base_optim, 0.8, warmdown_ratio=0.5, final_lr_frac=0.0, muon_momentum_start=0.85)
+    sft = TrainRun(TINY, sft_optim, 5, make_mesh(MeshConfig(2, 2, 2)), params=jax.device_get(base.params))
+    fresh = sft.state.opt_state
+    assert len(jax.tree.leaves(fresh)) == len(jax.tree.leaves(base.state.opt_state)) - 2
+    taken = sft.warm_start(ckpt, 3, base_optim)
+    ckpt.close()
+    old = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(base.state.opt_state)}
+    moments = 0
+    for (path, got), want in zip(jax.tree_util.tree_leaves_with_path(sft.state.opt_state), jax.tree.leaves(fresh)):
+        key = jax.tree_util.keystr(path)
+        if jnp.issubdtype(got.dtype, jnp.floating) and "hyperparams" not in key:
+            np.testing.assert_array_equal(np.asarray(got), np.asarray(old[key]))  # the base run's moment
+            moments += int(np.abs(np.asarray(got)).max() > 0)
+        else:  # counts and hyperparameters: this run's own
+            np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    assert taken > 0 and moments > 0 and int(sft.state.step) == 0
+    sft.step(jax.device_put(_batches(1, 1, 4, 16, 128, seed=1)[0], microbatch_sharding(sft.mesh)))  # and it trains
+
+    bare = Checkpointer(tmp_path / "imported", async_save=False)
+    bare.save(1, jax.device_get(base.params), None, None, {"step": 1})
+    with pytest.raises(CheckpointError, match="has no optimizer state"):
+        sft.warm_start(bare, 1, base_optim)
+    bare.close()
+
+
 def test_newton_schulz_work_is_split_over_the_mesh():
     """Muon stacks every same-shaped matrix (wide orientation) and splits the stack over all devices: on a
     2-device data-parallel mesh each device's NS matmuls hold half of the 16 square and 8 wide matrices of
