@@ -12,7 +12,8 @@ import dataclasses
 from flax import nnx
 
 from nanochat_jax.common import print0
-from nanochat_jax.config import RUNTIME_MODEL_FIELDS, Config, ModelConfig, OptimConfig, model_config_from_dict
+from nanochat_jax.config import (RUNTIME_MODEL_FIELDS, Config, ConfigError, ModelConfig, OptimConfig, from_dict,
+                                 model_config_from_dict)
 
 SAMPLE_QUESTIONS = [
     "What is the capital of Gorsica?",
@@ -50,14 +51,13 @@ def warm_start(run, stage: str, meta: dict) -> None:
     its own learning rates and step counts; a source without an optimizer state (an imported model) or with one
     that does not restore leaves the optimizer fresh, with a warning (as master's)."""
     from nanochat_jax.checkpoint import CheckpointError, Checkpointer, checkpoint_dir
-    from nanochat_jax.config import from_dict
 
     ckpt = Checkpointer(checkpoint_dir(stage, meta["model"]["depth"]), async_save=False)
     try:
         taken = run.warm_start(ckpt, meta["step"], from_dict(meta["config"]).optim)
         print0(f"optimizer: {taken} moment arrays from the {stage} checkpoint, step {meta['step']} (learning rates "
                "and step counts fresh)")
-    except CheckpointError as e:
+    except (CheckpointError, ConfigError) as e:  # (ConfigError: a source config this version cannot read)
         print0(f"WARNING: the optimizer starts fresh: {e}")
     finally:
         ckpt.close()
