@@ -209,6 +209,24 @@ def test_two_process_chat_stages(two_process_base, tmp_path):
     assert sorted(p.name for p in (home / "checkpoints" / "rl" / "d2").iterdir() if p.name.isdigit()) == ["2"]
 
 
+@pytest.mark.slow  # ~40 s: CI runs master's SFT in one process (test_run_cpu.py) and its packing per process
+def test_two_process_master_sft_from_base(two_process_base, tmp_path):
+    """sft.recipe = "master" over two processes: each packs its own conversations best fit into its rows, the
+    optimizer moments come from the base checkpoint sharded over both, and the run checkpoints and reports."""
+    import shutil
+
+    home = tmp_path / "home"
+    shutil.copytree(two_process_base[0], home)
+    outputs = launch([str(ROOT / "scripts" / "chat_sft.py"), *MODEL_AND_MESH, "--sft.recipe=master",
+                      "--sft.source=base", "--sft.mixture=cpu", "--sft.device_batch_size=2",
+                      "--sft.total_batch_size=512", "--sft.num_iterations=3", "--sft.eval_steps=2",
+                      "--sft.eval_every=3"], processes=2, devices_per_process=2, home=home)
+    assert "moment arrays from the base checkpoint, step 8" in outputs[0]
+    sft = json.loads((home / "report" / "sft_train.json").read_text())
+    assert sft["recipe"] == "master" and sft["steps"] == 3 and sft["val_loss"] < 20
+    assert sorted(p.name for p in (home / "checkpoints" / "sft" / "d2").iterdir() if p.name.isdigit()) == ["3"]
+
+
 def test_two_process_base_evals(two_process_base):
     """base_eval over two processes (CORE items split between them, counts summed) gives exactly the numbers of
     one process; base_loss too runs over two processes, on other documents (each process reads its own share
