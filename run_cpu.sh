@@ -24,8 +24,7 @@ step "3/9 base pretraining"
 "$PY" scripts/base_train.py --config "$CONFIG" "$@"
 step "4/9 base model: bits-per-byte and samples"
 "$PY" scripts/base_loss.py --config "$CONFIG" "$@"
-SFT_SOURCE=$("$PY" -c "import sys; from nanochat_jax.config import load_config
-print(load_config(['--config', *sys.argv[1:]]).sft.source)" "$CONFIG" "$@" | tail -1)
+SFT_SOURCE=$("$PY" -m nanochat_jax.config sft.source -- --config "$CONFIG" "$@" | tail -1)
 if [ "$SFT_SOURCE" = base ]; then  # nanochat master's recipe (cpu_modern.toml): one post-training stage
   step "5/9 mid-training: none (sft.source = base: SFT starts from the base model)"
 else

@@ -20,10 +20,8 @@ PY=$(EXTRAS=gpu,dev bash scripts/ensure_env.sh)
 source scripts/gpu_env.sh
 
 # --- the config's data size and batch rows (with any overrides), and the GPUs' memory
-SIZES=$("$PY" -c "import sys; from nanochat_jax.config import load_config
-c = load_config(['--config', *sys.argv[1:]])
-print(c.data.source, c.data.num_shards, c.train.device_batch_size, c.mid.device_batch_size, c.sft.device_batch_size)" \
-  "$CONFIG" "$@" | tail -1)  # (a bad config or override stops the script here)
+SIZES=$("$PY" -m nanochat_jax.config data.source data.num_shards train.device_batch_size mid.device_batch_size \
+  sft.device_batch_size -- --config "$CONFIG" "$@" | tail -1)  # (a bad config or override stops the script here)
 read -r SOURCE NUM_SHARDS TRAIN_ROWS MID_ROWS SFT_ROWS <<< "$SIZES"
 GPU_GIB=$("$PY" -c "import jax; d = jax.devices(); gib = (d[0].memory_stats() or {}).get('bytes_limit', -2**30) // 2**30
 print(f'{len(d)} x {d[0].device_kind}, {gib} GiB usable each (-1: not reported)', file=__import__('sys').stderr); print(gib)")

@@ -28,9 +28,8 @@ PY=$(EXTRAS=tpu,dev bash scripts/ensure_env.sh)
 
 export NANOCHAT_JAX_DISTRIBUTED=${NANOCHAT_JAX_DISTRIBUTED:-1}
 export JAX_PLATFORMS=${JAX_PLATFORMS:-tpu}
-SIZES=$(NANOCHAT_JAX_DISTRIBUTED=0 JAX_PLATFORMS=cpu "$PY" -c "import sys
-from nanochat_jax.config import load_config
-c = load_config(['--config', *sys.argv[1:]]); print(c.data.source, c.data.num_shards)" "$CONFIG" "$@" | tail -1)
+SIZES=$(NANOCHAT_JAX_DISTRIBUTED=0 JAX_PLATFORMS=cpu "$PY" -m nanochat_jax.config data.source data.num_shards \
+  -- --config "$CONFIG" "$@" | tail -1)
 read -r SOURCE NUM_SHARDS <<< "$SIZES"  # (a bad config or override stops the script above)
 
 ROWS=""  # the config's rows per device (run_gpu.sh halves them on GPUs under 64 GiB)

@@ -633,3 +633,26 @@ def model_config_from_dict(table: dict) -> ModelConfig:
     cfg.validate()
     return cfg
 
+
+def config_values(keys: list[str], argv: list[str]) -> str:
+    """The resolved values of `section.key` names under a config file and overrides, space-separated: what the
+    launchers read before they start (`python -m nanochat_jax.config data.source sft.source -- --config FILE ...`)."""
+    cfg = load_config(argv)
+    values = []
+    for key in keys:
+        section, _, name = key.partition(".")
+        table = getattr(cfg, section) if section in _fields(cfg) else None
+        if not dataclasses.is_dataclass(table) or name not in _fields(table):
+            raise ConfigError(f"unknown config key {key!r}")
+        values.append(str(getattr(table, name)))
+    return " ".join(values)
+
+
+if __name__ == "__main__":
+    args = sys.argv[1:]
+    split = args.index("--") if "--" in args else len(args)
+    try:
+        print(config_values(args[:split], args[split + 1:]))
+    except ConfigError as e:
+        sys.exit(f"config: {e}")
+

@@ -9,8 +9,8 @@ run() {  # run SCRIPT ARGS...: a pipeline step, echoed first
 }
 
 sft_source() {  # the config's sft.source with the overrides: "base" skips mid-training
-  NANOCHAT_JAX_DISTRIBUTED=0 JAX_PLATFORMS=cpu "$PY" -c "import sys; from nanochat_jax.config import load_config
-print(load_config(['--config', *sys.argv[1:]]).sft.source)" "$CONFIG" "$@" | tail -1
+  NANOCHAT_JAX_DISTRIBUTED=0 JAX_PLATFORMS=cpu "$PY" -m nanochat_jax.config sft.source -- --config "$CONFIG" "$@" |
+    tail -1
 }
 
 speedrun_stages() {

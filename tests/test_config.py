@@ -1,4 +1,5 @@
 import re
+from pathlib import Path
 
 import pytest
 
@@ -221,3 +222,27 @@ def test_a_warm_up_that_leaves_no_room_for_the_warm_down_is_refused(make_mesh):
     with pytest.raises(ConfigError, match=r"optim.warmup_steps=40 and the warm-down's 20 steps \(optim.warmdown_"
                                           r"ratio=0.65\) do not fit in 30 steps"):
         TrainRun(model, OptimConfig(warmup_steps=40, warmdown_ratio=0.65), 30, make_mesh(1, 1, 1), abstract=True)
+
+
+def test_config_values_are_what_the_launchers_read():
+    """python -m nanochat_jax.config KEY... -- [--config FILE] [overrides]: the resolved values, space-separated;
+    an unknown key or a bad override is one line and exit code 1."""
+    import subprocess
+    import sys
+
+    from nanochat_jax.config import config_values
+
+    root = Path(__file__).resolve().parents[1]
+    assert config_values(["sft.source", "mid.device_batch_size"], ["--config", str(root / "configs" / "d20.toml")]) \
+        == "mid 32"
+    assert config_values(["sft.source", "train.device_batch_size"],
+                         ["--config", str(root / "configs" / "d24_modern.toml"), "--train.device_batch_size=4"]) \
+        == "base 4"
+    with pytest.raises(ConfigError, match="unknown config key 'sft.nope'"):
+        config_values(["sft.nope"], [])
+    with pytest.raises(ConfigError, match="unknown config key 'run.x'"):
+        config_values(["run.x"], [])
+    out = subprocess.run([sys.executable, "-m", "nanochat_jax.config", "data.source", "--", "--data.source=web"],
+                         capture_output=True, text=True, cwd=root, timeout=60)
+    assert out.returncode == 1 and out.stderr.strip().startswith("config: data.source=")
+

@@ -91,7 +91,7 @@ def test_speedrun_stages_skip_mid_training_when_sft_starts_from_base(tmp_path, c
     import sys
 
     py = tmp_path / "py"
-    py.write_text(f'#!/bin/bash\nif [ "$1" = -c ]; then exec {sys.executable} "$@"; fi\necho "STAGE $1"\n')
+    py.write_text(f'#!/bin/bash\ncase "$1" in -c|-m) exec {sys.executable} "$@" ;; esac\necho "STAGE $1"\n')
     py.chmod(0o755)
     out = subprocess.run(["bash", "-c", f'set -euo pipefail; source scripts/speedrun.sh; PY={py}; CONFIG={config}; '
                           'ROWS=""; speedrun_stages --train.num_iterations=1'], cwd=ROOT, capture_output=True,
@@ -109,6 +109,25 @@ def test_a_bad_override_stops_the_launchers_before_anything_runs():
         text = (ROOT / launcher).read_text()
         assert re.search(r"^SIZES=\$\(", text, re.M) and 'read -r SOURCE NUM_SHARDS' in text, launcher
         assert not re.search(r'<<<\s*"\$\(', text), launcher
+
+
+@pytest.mark.parametrize("launcher, want", [("run_gpu.sh", "climbmix 171 8 8 8"), ("run_tpu.sh", "climbmix 171")])
+def test_the_launchers_read_their_sizes_from_the_config(launcher, want):
+    """The SIZES line (python -m nanochat_jax.config) as the launcher runs it, on the modern preset with an
+    override; a bad override fails it (set -e then stops the launcher before anything runs)."""
+    import subprocess
+    import sys
+
+    line = re.search(r"^(SIZES=\$\(.*?\| tail -1\))", (ROOT / launcher).read_text(), re.M | re.S).group(1)
+
+    def sizes(*overrides: str) -> subprocess.CompletedProcess:
+        script = f'set -euo pipefail; PY={sys.executable}; CONFIG=configs/d24_modern.toml; {line}; echo "$SIZES"'
+        return subprocess.run(["bash", "-c", script, "launcher", *overrides], cwd=ROOT, capture_output=True,
+                              text=True, timeout=120)
+
+    assert sizes("--data.num_shards=171").stdout.split() == want.split()
+    bad = sizes("--sft.device_batch_size=abc")
+    assert bad.returncode != 0 and "sft.device_batch_size='abc' is not a valid int" in bad.stderr
 
 
 def test_gpu_launcher_halves_rows_with_real_config_keys():
