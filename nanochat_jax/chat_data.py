@@ -251,3 +251,17 @@ class BestFitConversations:
 
     def __next__(self) -> dict:
         return collate_sft([self._row() for _ in range(self.local_rows)], self.capacity - 1, self.pad_id)
+
+
+def bestfit_rows_per_epoch(task, tokenizer, seq_len: int, samples: int = 2000) -> float:
+    """The rows one pass over the task fills when BestFitConversations packs it: counted on up to `samples`
+    conversations spread evenly over the task (all of a smaller one), scaled to its size."""
+    n = len(task)
+    sample = [task[int(i)] for i in np.unique(np.linspace(0, n - 1, min(n, samples)).astype(int))]
+    packer = BestFitConversations(sample, tokenizer, 1, seq_len, process_index=0, process_count=1)
+    rows = 0
+    while packer.epoch < 1:
+        next(packer)
+        rows += 1
+    return rows * n / len(sample)
+

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from nanochat_jax.chat_data import BestFitConversations, SFTBatches, mean_tokens_per_conversation
+from nanochat_jax.chat_data import BestFitConversations, SFTBatches, bestfit_rows_per_epoch
 from nanochat_jax.checkpoint import checkpoint_dir
 from nanochat_jax.common import device_info, print0, run_script
 from nanochat_jax.config import load_config, to_toml
@@ -106,9 +106,9 @@ def sft_data(cfg, tokenizer, seq_len: int, mesh):
         next_step = lambda: global_batch([next(train_iter) for _ in range(accum)], mesh)  # noqa: E731
         val_batches = [global_batch([next(val_iter)], mesh) for _ in range(sft.eval_steps)]
         num_iterations = sft.num_iterations
-        if num_iterations <= 0:  # num_epochs passes from the mean rendered length (the padding not counted)
-            mean_len = min(mean_tokens_per_conversation(train_task, tokenizer), seq_len + 1)
-            num_iterations = max(1, math.ceil(len(train_task) * mean_len * sft.num_epochs / sft.total_batch_size))
+        if num_iterations <= 0:  # num_epochs passes, packed as the run packs them (master: until consumed)
+            rows_per_epoch = bestfit_rows_per_epoch(train_task, tokenizer, seq_len)
+            num_iterations = max(1, math.ceil(rows_per_epoch * seq_len * sft.num_epochs / sft.total_batch_size))
         batches = (f"{rows} rows x {seq_len} tokens x {accum} micro-steps = {sft.total_batch_size:,} tokens/step, "
                    f"conversations packed best fit | {num_iterations} steps")
     else:

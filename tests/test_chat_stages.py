@@ -7,7 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from nanochat_jax.chat_data import BESTFIT_BUFFER, BestFitConversations, PackedConversations, SFTBatches, collate_sft
+from nanochat_jax.chat_data import (BESTFIT_BUFFER, BestFitConversations, PackedConversations, SFTBatches,
+                                   bestfit_rows_per_epoch, collate_sft)
 from nanochat_jax.tasks.corpuschat import SmallTalk, WordProblems
 from nanochat_jax.tasks.base import TaskMixture
 from nanochat_jax.tokenizer import Tokenizer
@@ -154,6 +155,19 @@ def test_bestfit_rows_are_nanochat_masters_packing(tok, task):
     for r in range(2):  # a conversation longer than a row is cut to it (master leaves it in the buffer for good)
         ids, mask = tok.render_conversation(task[r], max_tokens=25)
         np.testing.assert_array_equal(cut["inputs"][r], ids[:-1])
+
+
+def test_bestfit_rows_per_epoch_counts_the_padding(tok, task):
+    """sft.num_iterations = -1 with the master recipe: the rows one pass fills as the run packs it (padding
+    included, as master trains until its loader has consumed the mixture), not the mean length's estimate."""
+    seq_len, bos, user = 600, tok.bos_token_id, tok.encode_special("<|user_start|>")  # ~2 conversations a row
+    rendered = itertools.cycle([tok.render_conversation(task[i], max_tokens=seq_len + 1) for i in range(len(task))])
+    starts = [sum(row[i] == bos and row[i + 1] == user for i in range(len(row) - 1))  # conversations per row
+              for row, _ in master_bestfit(rendered, 40, seq_len + 1, bos)]
+    rows = next(r for r in range(1, 41) if sum(starts[:r]) >= len(task))
+    assert bestfit_rows_per_epoch(task, tok, seq_len) == rows == 19
+    total = sum(len(tok.render_conversation(task[i], max_tokens=seq_len + 1)[0]) for i in range(len(task)))
+    assert rows > total / (seq_len + 1)  # the padding costs rows
 
 
 def test_bestfit_strides_processes_and_resumes_exactly(tok, task):
