@@ -171,16 +171,22 @@ def main(argv: list[str] | None = None) -> dict:
         ckpt.close(quiet=sys.exc_info()[1] is not None)  # a save still being written completes, also after an error
     evals = evaluate(rl, seed, policy(run, tokenizer, gen_mesh), tokenizer, test_task, num_iterations, rows_local, logger)
     logger.close()
-    # (a process other than 0 has no earlier sessions' rewards; only process 0 writes the summary)
-    rewards_per_step = rewards_per_step or [float("nan")]
+    return save_rl_summary(cfg, meta, logger, rewards_per_step, evals, mesh, ckpt.directory / str(num_iterations))
+
+
+def save_rl_summary(cfg, meta: dict, logger, rewards_per_step: list[float], evals: dict, mesh, checkpoint) -> dict:
+    """rl_train.json (written by process 0): the run's record, the mean reward of its first step and of its last
+    10 % of steps, pass@k of the final evaluation; and the closing line."""
+    rl = cfg.rl
+    rewards_per_step = rewards_per_step or [float("nan")]  # (a process other than 0 has no earlier sessions' rewards)
     summary = save_summary("rl_train", {
         "stage": "rl", "run": cfg.run, "source": rl.source, "source_step": meta["step"], "task": rl.task,
         **logger.run_record(), "examples_per_step": rl.examples_per_step, "num_samples": rl.num_samples,
         "reward_first_step": rewards_per_step[0],
         "reward_last_10pct": float(np.mean(rewards_per_step[-max(1, len(rewards_per_step) // 10):])),
         **evals["passk"], "device": device_info(), "mesh": dict(mesh.shape), "samples": evals["samples"],
-        "checkpoint": str(ckpt.directory / str(num_iterations))})
-    print0(f"done: {num_iterations} steps in {logger.elapsed / 60:.1f} min | reward {rewards_per_step[0]:.3f} -> "
+        "checkpoint": str(checkpoint)})
+    print0(f"done: {logger.total} steps in {logger.elapsed / 60:.1f} min | reward {rewards_per_step[0]:.3f} -> "
            f"{summary['reward_last_10pct']:.3f} | pass@1 {summary['pass@1']:.4f} | "
            f"pass@{rl.device_batch_size} {summary[f'pass@{rl.device_batch_size}']:.4f}")
     return summary
