@@ -42,6 +42,17 @@ def _process(process_index: int | None, process_count: int | None) -> tuple[int,
             jax.process_count() if process_count is None else process_count)
 
 
+def _share(kind: str, task, rows: int, process_index: int | None, process_count: int | None) -> tuple[int, range]:
+    """(rows this process collates of a micro-batch's global `rows`, the task indices it takes: p, p + P, ...)."""
+    index, count = _process(process_index, process_count)
+    if rows % count:
+        raise ConfigError(f"rows={rows} is not divisible by the {count} processes")
+    mine = range(index, len(task), count)
+    if len(mine) == 0:
+        raise ConfigError(f"{kind}: process {index} of {count} gets none of the task's {len(task)} examples")
+    return rows // count, mine
+
+
 def _task_changed(state: dict, task) -> bool:
     """True (with a warning) when a saved position belongs to a mixture of another size: it would point at other
     conversations, or past the end, so the order restarts instead."""
@@ -156,13 +167,7 @@ class SFTBatches:
     def __init__(self, task, tokenizer, rows: int, seq_len: int, *, process_index: int | None = None,
                  process_count: int | None = None):
         self.task, self.tokenizer, self.seq_len = task, tokenizer, seq_len
-        index, count = _process(process_index, process_count)
-        if rows % count:
-            raise ConfigError(f"rows={rows} is not divisible by the {count} processes")
-        self.local_rows = rows // count
-        self.mine = range(index, len(task), count)
-        if len(self.mine) == 0:
-            raise ConfigError(f"SFTBatches: process {index} of {count} gets none of the task's {len(task)} examples")
+        self.local_rows, self.mine = _share("SFTBatches", task, rows, process_index, process_count)
         self.pad_id = tokenizer.encode_special("<|assistant_end|>")
         self.position = 0
 
@@ -197,14 +202,7 @@ class BestFitConversations:
     def __init__(self, task, tokenizer, rows: int, seq_len: int, *, process_index: int | None = None,
                  process_count: int | None = None):
         self.task, self.tokenizer, self.capacity = task, tokenizer, seq_len + 1
-        index, count = _process(process_index, process_count)
-        if rows % count:
-            raise ConfigError(f"rows={rows} is not divisible by the {count} processes")
-        self.local_rows = rows // count
-        self.mine = range(index, len(task), count)
-        if len(self.mine) == 0:
-            raise ConfigError(f"BestFitConversations: process {index} of {count} gets none of the task's "
-                              f"{len(task)} examples")
+        self.local_rows, self.mine = _share("BestFitConversations", task, rows, process_index, process_count)
         self.pad_id = tokenizer.encode_special("<|bos|>")
         self.set_state({"fetched": 0, "buffer": [], "conversations": len(task)})
 
