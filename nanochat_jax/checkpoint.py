@@ -212,9 +212,7 @@ class Checkpointer:
         items = dict(params=ocp.args.StandardRestore(abstract_params), data=ocp.args.JsonRestore(),
                      meta=ocp.args.JsonRestore())
         if abstract_opt_state is not None:
-            if not (self._check_step(step) / "opt_state").exists():
-                raise CheckpointError(f"checkpoint {self.directory / str(step)} has no optimizer state (an imported "
-                                      "model): it loads as a model but cannot resume training")
+            self._check_opt_state(step)
             items["opt_state"] = ocp.args.StandardRestore(abstract_opt_state)
         restored = self._restore(step, **items)
         data = restored["data"]
@@ -227,6 +225,17 @@ class Checkpointer:
                   file=sys.stderr, flush=True)
         return {"params": restored["params"], "opt_state": restored.get("opt_state"), "data": state,
                 "meta": dict(restored["meta"])}
+
+    def restore_opt_state(self, step: int, abstract_opt_state):
+        """The optimizer state of `step` alone, into abstract_opt_state's shardings (another run's moments to start
+        from: its parameters and data position are not read)."""
+        self._check_opt_state(step)
+        return self._restore(step, opt_state=ocp.args.StandardRestore(abstract_opt_state))["opt_state"]
+
+    def _check_opt_state(self, step: int) -> None:
+        if not (self._check_step(step) / "opt_state").exists():
+            raise CheckpointError(f"checkpoint {self.directory / str(step)} has no optimizer state (an imported "
+                                  "model): it loads as a model but cannot resume training")
 
     def set_aside(self, step: int, why: str) -> None:
         """Move step `step` (a broken one) to `<directory>.broken/`, saying so in one line; its step number is

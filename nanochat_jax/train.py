@@ -258,11 +258,12 @@ class TrainRun:
         abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes,
                                 like_params(shapes, self.shardings.params, self.mesh))
         loaded = {jax.tree_util.keystr(path): leaf for path, leaf in
-                  jax.tree_util.tree_leaves_with_path(ckpt.restore(step, params, abstract)["opt_state"])}
+                  jax.tree_util.tree_leaves_with_path(ckpt.restore_opt_state(step, abstract))}
         taken = []
 
         def take(path, fresh):
-            key, old = jax.tree_util.keystr(path), loaded.get(jax.tree_util.keystr(path))
+            key = jax.tree_util.keystr(path)
+            old = loaded.get(key)
             if (old is None or "hyperparams" in key or not jnp.issubdtype(fresh.dtype, jnp.floating)
                     or (old.shape, old.dtype) != (fresh.shape, fresh.dtype)):
                 return fresh
