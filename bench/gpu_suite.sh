@@ -7,6 +7,8 @@
 #                                        #   kernel profile, and with NANOCHAT_DIR set, nanochat's torch step
 #                                        #   on the same shapes and the tokens/s ratio
 #   bash bench/gpu_suite.sh decode       # d20 batch-1 and batch-32 decode against the bandwidth bound
+#   bash bench/gpu_suite.sh fp8 DEPTH    # the train step without and with train.fp8 (master's --fp8), one
+#                                        #   process each, and the tokens/s ratio (Hopper and newer)
 # NANOCHAT_DIR: a checkout of karpathy/nanochat kept outside this repository (its nanochat/ package).
 # Logs and JSON go to $OUT (the device tool's folder) or bench_out/.
 set -uo pipefail
@@ -57,7 +59,20 @@ decode)
   $PY bench/decode.py --depth 20 --compute-dtype bfloat16 --prompt-len 128 --max-tokens 256 --batch-sizes 1,32 \
     --bandwidth-gbs "${BANDWIDTH_GBS:-4800}" "${@:2}" 2>&1 | log  # H200 datasheet (H100: 3350)
   ;;
+fp8)
+  for fp8 in false true; do
+    $PY bench/train_step.py --config configs/d20.toml --model.depth="$depth" --steps 10 --warmup 3 \
+      --train.fp8=$fp8 "${@:3}" > "$OUT/fp8_$fp8.txt" 2>&1
+    grep -E "^fp8 training|tok/s|Error" "$OUT/fp8_$fp8.txt" | sed "s/^/fp8=$fp8: /" | log
+  done
+  $PY - "$OUT/fp8_false.txt" "$OUT/fp8_true.txt" <<'EOF' 2>&1 | log
+import json, sys
+bf16, fp8 = (json.loads(next(l for l in open(f) if l.startswith("JSON "))[5:]) for f in sys.argv[1:])
+print(f"RATIO fp8/bf16 tokens/s = {fp8['tokens_per_sec'] / bf16['tokens_per_sec']:.3f} ({fp8['tokens_per_sec']:,.0f} "
+      f"vs {bf16['tokens_per_sec']:,.0f}); loss after the steps {fp8['loss_last']:.4f} vs {bf16['loss_last']:.4f}")
+EOF
+  ;;
 *)
-  echo "unknown stage '$stage' (env, train, decode)" >&2; exit 2
+  echo "unknown stage '$stage' (env, train, decode, fp8)" >&2; exit 2
   ;;
 esac

@@ -145,7 +145,7 @@ def main(argv=None) -> dict:
     T, V, A = cfg.model.sequence_len, cfg.model.vocab_size, args.micro_steps
     tokens_per_step = A * rows * T
 
-    run = TrainRun(cfg.model, cfg.optim, 1000, mesh, cfg.train.seed)
+    run = TrainRun(cfg.model, cfg.optim, 1000, mesh, cfg.train.seed, fp8=cfg.train.fp8)
     state = run.state
     rng = np.random.default_rng(0)
     micro = [{"inputs": rng.integers(0, V, (rows, T), dtype=np.int32),

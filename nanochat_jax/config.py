@@ -240,6 +240,7 @@ class TrainConfig(StageConfig):
     log_every: int = 1
     seed: int = 0
     resume: bool = False  # continue from the latest checkpoint of this stage and depth
+    fp8: bool = False  # the train step's matmuls in fp8 (master's --fp8; NVIDIA compute capability >= 8.9)
 
     def validate(self) -> None:
         self._validate("train", "eval_tokens", "keep_checkpoints", "log_every", "core_max_per_task")

@@ -20,8 +20,9 @@ nanochat master's options (ModelConfig; all off by default, when the forward is 
   vocab_size); init = "master" is master's initialisation of the first release's parameters.
 
 Parameters are stored in cfg.param_dtype and cast to cfg.compute_dtype inside the forward; softmax and
-the loss run in fp32. Kernels are stored (in, out). Every nnx.Param carries `axes`, a tuple of logical
-axis names that the sharding rules map onto the device mesh.
+the loss run in fp32. Kernels are stored (in, out). Every nnx.Param carries `axes`, a tuple of logical axis
+names that the sharding rules map onto the device mesh. `train_in_fp8` switches a model's large Linear layers to
+fp8 products (`fp8_matmul`, master's --fp8), which the train step's copy of the model uses under train.fp8.
 """
 
 from __future__ import annotations
@@ -132,15 +133,76 @@ def _matmul_bwd(residuals, g):
 matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 
+def to_fp8(x: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
+    """Tensor-wise dynamic scaling: (x * scale rounded to the fp8 `dtype`, saturating, and 1 / scale), the scale
+    mapping max |x| to the format's largest value (448 for float8_e4m3fn, 57344 for float8_e5m2)."""
+    largest = float(jnp.finfo(dtype).max)
+    scale = largest / jnp.maximum(jnp.max(jnp.abs(x)).astype(jnp.float32), 1e-12)
+    return jnp.clip(x.astype(jnp.float32) * scale, -largest, largest).astype(dtype), 1.0 / scale
+
+
+def fp8_product(a, b, contract: tuple[int, int], dtype) -> jax.Array:
+    """The product of two `to_fp8` results contracting dimension contract[0] of a with contract[1] of b, in `dtype`:
+    the fp8 operands go into the dot as they are (on Hopper XLA's GEMM then runs on the fp8 tensor cores), its
+    result comes out in `dtype` (so a sum over devices, e.g. of the weight gradients, moves what the plain product's
+    would, not fp32) and is unscaled in fp32."""
+    (aq, a_inv), (bq, b_inv) = a, b
+    out = jax.lax.dot_general(aq, bq, (((contract[0],), (contract[1],)), ((), ())), preferred_element_type=dtype)
+    return (out.astype(jnp.float32) * (a_inv * b_inv)).astype(dtype)
+
+
+@jax.custom_vjp
+def fp8_matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """matmul's three products with fp8 operands, as nanochat master's --fp8 (its "tensorwise" recipe): x and the
+    kernel in float8_e4m3fn, the output gradient in float8_e5m2, each under one scale per tensor computed from the
+    tensor itself. On CPUs XLA emulates the same rounding. The backward pass keeps the fp8 tensors as residuals."""
+    return _fp8_matmul_fwd(x, kernel)[0]
+
+
+def _fp8_matmul_fwd(x, kernel):
+    xq, kq = to_fp8(x, jnp.float8_e4m3fn), to_fp8(kernel, jnp.float8_e4m3fn)
+    return fp8_product(xq, kq, (x.ndim - 1, 0), x.dtype), (xq, kq)
+
+
+def _fp8_matmul_bwd(residuals, g):
+    (xq, x_inv), kq = residuals
+    gq, g_inv = to_fp8(g, jnp.float8_e5m2)
+    flat = lambda q: q.reshape(-1, q.shape[-1])  # noqa: E731  (tokens, features)
+    dx = fp8_product((gq, g_inv), kq, (g.ndim - 1, 1), g.dtype)  # g @ kernel^T
+    dkernel = fp8_product((flat(gq), g_inv), (flat(xq), x_inv), (0, 0), g.dtype).T  # (g^T x)^T, as matmul's
+    return dx, dkernel
+
+
+fp8_matmul.defvjp(_fp8_matmul_fwd, _fp8_matmul_bwd)
+
+
 class Linear(nnx.Module):
-    """A bias-free linear layer with an (in, out) kernel, initialised by `initial(init, std, ...)`."""
+    """A bias-free linear layer with an (in, out) kernel, initialised by `initial(init, std, ...)`. fp8 (set by
+    `train_in_fp8`, never by a config): its products are `fp8_matmul`'s."""
 
     def __init__(self, fan_in: int, fan_out: int, axes: tuple, cfg: ModelConfig, *, init: tuple[str, float],
                  rngs: nnx.Rngs):
         self.kernel = nnx.Param(initial(*init, (fan_in, fan_out), rngs).astype(cfg.param_dtype), axes=axes)
+        self.fp8 = False
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return matmul(x, self.kernel[...].astype(x.dtype))
+        return self.product(x, self.kernel[...])
+
+    def product(self, x: jax.Array, kernel: jax.Array) -> jax.Array:
+        """x @ kernel (this layer's kernel, or a view of it) in x's dtype, in fp8 where this layer trains so."""
+        return (fp8_matmul if self.fp8 else matmul)(x, kernel.astype(x.dtype))
+
+
+def train_in_fp8(model: nnx.Module) -> tuple[int, int]:
+    """Switch the model's Linear layers to fp8 products where both sides are multiples of 16 and at least 128 wide
+    (master's filter: the fp8 GEMM's alignment, and no gain on small ones): every block matrix and the lm_head of a
+    real model, not the gates. Only the training step's copy of the model is switched (master evaluates in bf16).
+    Returns (layers switched, Linear layers)."""
+    layers = [m for _, m in nnx.iter_graph(model) if isinstance(m, Linear)]
+    for layer in layers:
+        fan_in, fan_out = layer.kernel.shape
+        layer.fp8 = fan_in % 16 == 0 and fan_out % 16 == 0 and min(fan_in, fan_out) >= 128
+    return sum(layer.fp8 for layer in layers), len(layers)
 
 
 class Embedding(nnx.Module):
@@ -350,7 +412,7 @@ class GPT(nnx.Module):
 
     def _head(self, x, kernel):
         """Soft-capped fp32 logits (..., vocab_size) from hidden states x (..., C) and an lm_head kernel (C, V)."""
-        logits = matmul(x, kernel.astype(x.dtype))[..., :self.vocab_size].astype(jnp.float32)
+        logits = self.lm_head.product(x, kernel)[..., :self.vocab_size].astype(jnp.float32)
         cap = self.softcap
         return cap * jnp.tanh(logits / cap) if cap > 0 else logits
 

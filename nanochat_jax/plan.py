@@ -59,6 +59,8 @@ class ProgramPlan:
     network_bytes: float = 0.0  # of which over the slower network (groups spanning slices / nodes)
     tokens: int = 0  # tokens per call over all devices
     passes: int = 1  # times a call reads its arguments (a decode chunk reads the weights and cache once per token)
+    dots: int = 0  # matrix products in the compiled program (its loop bodies once)
+    fp8_dots: int = 0  # of which with fp8 operands (train.fp8), which Hopper runs on its fp8 tensor cores
     error: str = ""  # the compiler's refusal (e.g. out of memory), when it did not compile
 
     @property
@@ -237,8 +239,18 @@ def _read(name: str, compiled, tokens: int, formula_flops: float, slice_of: list
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     plan.flops = formula_flops
     plan.compiler_flops = float(cost.get("flops", 0.0)) if cost else 0.0
-    plan.collectives, plan.network_bytes = collective_bytes(compiled.as_text(), slice_of)
+    hlo = compiled.as_text()
+    plan.collectives, plan.network_bytes = collective_bytes(hlo, slice_of)
+    plan.dots, plan.fp8_dots = dot_operand_types(hlo)
     return plan
+
+
+def dot_operand_types(hlo: str) -> tuple[int, int]:
+    """(dots, dots whose two operands are fp8) in an HLO module's text."""
+    types = dict(re.findall(r"%([\w.\-]+) = (\w+)\[", hlo))
+    operands = re.findall(r" dot\(%([\w.\-]+), %([\w.\-]+)\)", hlo)
+    return len(operands), sum(types.get(a, "").startswith("f8") and types.get(b, "").startswith("f8")
+                              for a, b in operands)
 
 
 def _compile(name: str, lower, tokens: int, formula_flops: float, slice_of: list[int]) -> ProgramPlan:
@@ -283,7 +295,7 @@ def plan_programs(cfg: Config, target: Target, devices, decode_rows: int = 32, p
     per_token = flops_per_token(model_cfg)
     plans = {}
 
-    run = TrainRun(model_cfg, optim_cfg, 1000, mesh, abstract=True)
+    run = TrainRun(model_cfg, optim_cfg, 1000, mesh, abstract=True, fp8=cfg.train.fp8)
     if "train" in programs:
         tokens = jax.ShapeDtypeStruct((accum, rows, T), jnp.int32, sharding=microbatch_sharding(mesh))
 

@@ -31,7 +31,7 @@ from nanochat_jax.common import artifacts_dir, device_info, is_main_process, pea
 from nanochat_jax.config import (RUNTIME_MODEL_FIELDS, Config, ConfigError, ModelConfig, OptimConfig,
                                  model_config_from_dict, to_dict, to_toml)
 from nanochat_jax.distributed import errors_anywhere
-from nanochat_jax.model import NATIVE_PLATFORMS, init_model
+from nanochat_jax.model import NATIVE_PLATFORMS, init_model, train_in_fp8
 from nanochat_jax.optim import build_optimizer, depth_scaling, lr_multiplier, scaling_param_count
 from nanochat_jax.progress import StepLogger
 from nanochat_jax.sharding import (batch_shards, check_rows_per_process, like_params, named_sharding, param_shardings,
@@ -140,6 +140,19 @@ def summed_grads(graphdef, params, batch: dict, objective: Callable = lm_loss):
     return jax.lax.scan(accumulate, jax.tree.map(jnp.zeros_like, params), batch)
 
 
+def fp8_capable(device) -> bool:
+    """Whether train.fp8 applies on this device (prints why not): NVIDIA GPUs with fp8 tensor cores (compute
+    capability >= 8.9: Ada, Hopper, Blackwell) run the GEMMs in fp8, CPUs emulate them (tests, the planner's
+    checks); elsewhere (TPUs, older GPUs) training stays in the compute dtype, as master ignores --fp8 off CUDA."""
+    capability = getattr(device, "compute_capability", None)
+    if device.platform == "cpu" or (device.platform in ("gpu", "cuda") and
+                                    (capability is None or tuple(map(int, str(capability).split("."))) >= (8, 9))):
+        return True
+    print0(f"WARNING: train.fp8 ignored: {device.device_kind} has no fp8 matmuls this port uses (NVIDIA compute "
+           "capability >= 8.9); training in the compute dtype")
+    return False
+
+
 def out_of_memory_advice(shape: tuple[int, int, int], mesh: Mesh, error: str) -> str:
     """What to change when a train step of batch shape (micro_steps, rows, T) does not fit in device memory."""
     rows = batch_shards(mesh)
@@ -175,10 +188,13 @@ class TrainRun:
     metrics (on device); `resume` continues from a checkpoint. params: start from these (a pure dict, e.g. a
     loaded checkpoint's) instead of a fresh init; the optimizer state always starts fresh. objective(model, micro)
     -> scalar loss, lm_loss by default (RL passes a policy-gradient one). abstract=True builds everything but
-    the arrays: the state is ShapeDtypeStructs carrying their shardings, for lowering the step (the planner)."""
+    the arrays: the state is ShapeDtypeStructs carrying their shardings, for lowering the step (the planner).
+    fp8=True (train.fp8): the step's products in fp8 (model.train_in_fp8); `graphdef`, what evaluations and
+    samples merge the parameters into, keeps the compute dtype."""
 
     def __init__(self, model_cfg: ModelConfig, optim_cfg: OptimConfig, num_iterations: int, mesh: Mesh,
-                 seed: int = 0, params=None, objective: Callable = lm_loss, abstract: bool = False):
+                 seed: int = 0, params=None, objective: Callable = lm_loss, abstract: bool = False,
+                 fp8: bool = False):
         self.model_cfg, self.optim_cfg, self.num_iterations, self.mesh = model_cfg, optim_cfg, num_iterations, mesh
         self.objective = objective
         warmdown = round(optim_cfg.warmdown_ratio * num_iterations)
@@ -196,7 +212,14 @@ class TrainRun:
         check_rows_per_process(mesh)  # (each process feeds its own rows)
         splash.prepare(model_cfg, mesh)  # the kernel built outside the step's trace serves every mesh
         self.optimizer = build_optimizer(optim_cfg, model_cfg.n_embd, num_iterations)
-        self.graphdef, abstract_params = nnx.split(nnx.eval_shape(lambda: init_model(model_cfg, seed)), nnx.Param)
+        model = nnx.eval_shape(lambda: init_model(model_cfg, seed))
+        self.graphdef, abstract_params = nnx.split(model, nnx.Param)
+        self.step_graphdef = self.graphdef
+        if fp8 and fp8_capable(mesh.devices.flat[0]):
+            switched, layers = train_in_fp8(model)
+            self.step_graphdef = nnx.graphdef(model)
+            print0(f"fp8 training: {switched} of {layers} linear layers (the others: under 128 wide or not a multiple "
+                   f"of 16){'; on CPU it is emulated: slower, for checking the numbers' if platform == 'cpu' else ''}")
         shapes = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=nnx.to_pure_dict(abstract_params),
                             opt_state=jax.eval_shape(self.optimizer.init, nnx.to_pure_dict(abstract_params)))
         params_sh = param_shardings(abstract_params, mesh)
@@ -219,7 +242,7 @@ class TrainRun:
 
     def _train_step(self, state: TrainState, batch: dict):
         num_micro = batch["inputs"].shape[0]
-        grads, losses = summed_grads(self.graphdef, state.params, batch, self.objective)
+        grads, losses = summed_grads(self.step_graphdef, state.params, batch, self.objective)
         grads = jax.tree.map(lambda g: g / num_micro, grads)
         updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
         metrics = {"loss": jnp.mean(losses), "grad_norm": optax.tree.norm(grads),

@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> dict:
            f"{cfg.train.total_batch_size:,} tokens/step | {num_iterations:,} steps | {total_tokens:,} tokens "
            f"({total_tokens / n_params:.1f} tokens/param) | {flops * total_tokens:.3e} FLOPs")
 
-    run = TrainRun(cfg.model, optim_cfg, num_iterations, mesh, cfg.train.seed)
+    run = TrainRun(cfg.model, optim_cfg, num_iterations, mesh, cfg.train.seed, fp8=cfg.train.fp8)
     # everything that can refuse the run comes before run_stage, which sets a previous run's checkpoints aside
     train_source, val_source = make_source(cfg.data, "train"), make_source(cfg.data, "val")
     check_same_on_all_processes({"tokenizer fingerprint": tokenizer_fingerprint(),  # (all processes, or none, fail)

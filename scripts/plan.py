@@ -69,7 +69,8 @@ def describe(name: str, plan, target) -> list[str]:
     lines = [f"{name:8s} {plan.total / GB:7.2f} GB of {target.chip.memory / GB:.1f} ({verdict}, "
              f"{1 - plan.total / target.chip.memory:.0%} free) | arguments {plan.arguments / GB:.2f} GB, "
              f"temporaries {plan.temporaries / GB:.2f} GB | {plan.flops / 1e12:.2f} TFLOP"
-             + (f" (compiler counts {plan.compiler_flops / 1e12:.2f})" if plan.compiler_flops else "")]
+             + (f" (compiler counts {plan.compiler_flops / 1e12:.2f})" if plan.compiler_flops else "")
+             + (f" | fp8 GEMMs: {plan.fp8_dots} of {plan.dots} products" if plan.fp8_dots else "")]
     moved = ", ".join(f"{k} {v / GB:.3f}" for k, v in sorted(plan.collectives.items()) if v) or "none"
     lines.append(f"{'':8s} collectives GB sent per device: {moved}"
                  + (f" ({plan.network_bytes / GB:.3f} over the network between slices/nodes)"

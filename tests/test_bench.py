@@ -6,6 +6,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -246,6 +247,12 @@ def test_gpu_suite_stages_run_on_cpu(tmp_path):
                              "--max-tokens", "8", "--batch-sizes", "1", "--compute-dtype", "float32"],
                             env=env, capture_output=True, text=True, timeout=300)
     assert decode.returncode == 0 and "bandwidth bound at 4800 GB/s" in (tmp_path / "decode.log").read_text()
+    fp8 = subprocess.run([*suite, "fp8", "1", "--model.sequence_len=32", "--train.device_batch_size=2",
+                          "--model.vocab_size=256", "--model.aspect_ratio=128", "--steps", "1", "--warmup", "0",
+                          "--matmul-size", "128"], env=env, capture_output=True, text=True, timeout=300)
+    log = (tmp_path / "fp8.log").read_text()
+    assert fp8.returncode == 0 and "fp8=true: fp8 training: 7 of 7 linear layers" in log, log[-2000:]
+    assert re.search(r"RATIO fp8/bf16 tokens/s = [0-9.]+ \([0-9,]+ vs [0-9,]+\)", log), log[-2000:]
     unknown = subprocess.run([*suite, "nonsense"], env=env, capture_output=True, text=True, timeout=60)
     assert unknown.returncode == 2 and "unknown stage 'nonsense'" in unknown.stderr
 

@@ -6,12 +6,14 @@ import re
 import chex
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import pytest
 from flax import nnx
 
 from nanochat_jax.config import ConfigError, ModelConfig
-from nanochat_jax.model import GPT, KVCache, apply_rotary, flops_per_token, init_model, num_params, rotary_cos_sin
+from nanochat_jax.model import (GPT, KVCache, apply_rotary, flops_per_token, fp8_matmul, init_model, num_params,
+                                rotary_cos_sin, train_in_fp8)
 
 V = 97
 EPS32 = float(np.finfo(np.float32).eps)
@@ -352,3 +354,50 @@ def test_loss_gradient_scatters_only_into_the_embedding():
     program = grad.lower(params).as_text()  # StableHLO, before a backend rewrites scatters (XLA:CPU into loops)
     scatters = re.findall(r'"stablehlo.scatter".*?-> (tensor<[^>]*>)', program, flags=re.DOTALL)
     assert scatters == [f"tensor<{cfg.vocab_size}x{cfg.n_embd}xf32>"], scatters
+
+
+def _fp8_reference(a: np.ndarray, dtype, largest: float) -> tuple[np.ndarray, np.float32]:
+    """ml_dtypes' rounding of a under one tensor-wide scale (max |a| -> the format's largest), and 1 / scale."""
+    scale = np.float32(largest / max(np.abs(a).max(), 1e-12))
+    return np.clip(a * scale, -largest, largest).astype(dtype).astype(np.float32), np.float32(1 / scale)
+
+
+def test_fp8_matmul_equals_masters_tensorwise_recipe():
+    """Forward x @ w from e4m3 x and w, backward from the e5m2 output gradient, each scaled by its own max |.|:
+    equal to a NumPy version built on ml_dtypes' fp8 rounding; within fp8's error of the exact products."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((3, 8, 256)).astype(np.float32)
+    w = (rng.standard_normal((256, 128)) * 0.05).astype(np.float32)
+    g = rng.standard_normal((3, 8, 128)).astype(np.float32)
+    (xq, x_inv), (wq, w_inv) = (_fp8_reference(a, ml_dtypes.float8_e4m3fn, 448.0) for a in (x, w))
+    gq, g_inv = _fp8_reference(g, ml_dtypes.float8_e5m2, 57344.0)
+    y, vjp = jax.vjp(fp8_matmul, jnp.asarray(x), jnp.asarray(w))
+    dx, dw = vjp(jnp.asarray(g))
+    chex.assert_trees_all_close((y, dx, dw), ((xq @ wq) * (x_inv * w_inv), (gq @ wq.T) * (g_inv * w_inv),
+                                              (xq.reshape(-1, 256).T @ gq.reshape(-1, 128)) * (x_inv * g_inv)),
+                                rtol=1e-6, atol=1e-6)
+    exact_dw = x.reshape(-1, 256).T @ g.reshape(-1, 128)
+    for got, exact, bound in ((y, x @ w, 0.05), (dx, g @ w.T, 0.08), (dw, exact_dw, 0.08)):
+        err = np.linalg.norm(np.asarray(got) - exact) / np.linalg.norm(exact)
+        assert 0.01 < err < bound, err  # (e4m3 keeps 3 mantissa bits, e5m2 2)
+    y16 = fp8_matmul(jnp.asarray(x, jnp.bfloat16), jnp.asarray(w, jnp.bfloat16))
+    chex.assert_type(y16, jnp.bfloat16)
+    assert np.linalg.norm(np.asarray(y16, np.float32) - x @ w) / np.linalg.norm(x @ w) < 0.05
+
+
+def test_train_in_fp8_takes_the_layers_masters_filter_takes():
+    """Multiples of 16 at least 128 wide: every block matrix and the lm_head, not the value-embedding and smear
+    gates, nor an lm_head over a vocabulary of 97; a model narrower than 128 keeps all its products as they were."""
+    wide = dict(aspect_ratio=64, head_dim=64, vocab_size=128)  # width 128
+    model = init_model(tiny(**wide, value_embeds=True, smear=True))
+    assert train_in_fp8(model) == (2 * 6 + 1, 2 * 6 + 1 + 1 + 1)  # blocks, lm_head | + one ve gate, smear gate
+    assert model.lm_head.fp8 and not model.smear_gate.fp8 and not model.blocks[1].attn.ve_gate.fp8
+    assert train_in_fp8(init_model(tiny(aspect_ratio=64, head_dim=64))) == (12, 13)
+    assert train_in_fp8(init_model(tiny())) == (0, 13)  # width 64
+    tokens = tokens_for((2, 16), seed=3)
+    fp8_model = random_model(tiny(**wide), seed=3)
+    plain = nnx.merge(*nnx.split(fp8_model))
+    train_in_fp8(fp8_model)
+    exact, rounded = forward_jit(plain, tokens), forward_jit(fp8_model, tokens)
+    err = float(jnp.max(jnp.abs(rounded - exact)) / jnp.max(jnp.abs(exact)))
+    assert 0 < err < 0.1, err

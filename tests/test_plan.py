@@ -207,13 +207,17 @@ def test_prefill_flops_match_the_tpu_compilers_count(tmp_path):
 
 
 @needs_plan_extra
-def test_tiny_model_compiles_for_eight_h100s_with_cudnn_attention(tmp_path):
+def test_tiny_model_compiles_for_eight_h100s_with_cudnn_attention_and_fp8(tmp_path):
+    """train.fp8: the compiled step's products of the 13 linear layers take fp8 operands (forward, input and
+    weight gradients), the Muon iterations stay in bf16."""
     plans, stdout = run_plan(tmp_path, "--target", "8xh100", "--programs", "train,decode", "--decode-rows", "8",
-                             "--prompt-len", "32", *TINY, "--model.attention_impl=cudnn",
+                             "--prompt-len", "32", *TINY, "--model.attention_impl=cudnn", "--train.fp8=true",
                              "--train.total_batch_size=4096")  # 8 GPUs x 4 rows x 128
-    assert "8 x H100" in stdout
+    assert "8 x H100" in stdout and "fp8 training: 13 of 13 linear layers" in stdout
     train, decode = plans["train"], plans["decode"]
     assert train["error"] == "" and decode["error"] == ""
+    assert train["fp8_dots"] >= 3 * 13 and train["dots"] > train["fp8_dots"] and decode["fp8_dots"] == 0
+    assert f"fp8 GEMMs: {train['fp8_dots']} of {train['dots']} products" in stdout
     assert train["compiler_flops"] == 0 and train["flops"] > 0 and train["temporaries"] > 0  # no cost model on GPU
     assert train["collectives"].get("all-reduce", 0) > 0  # data parallel over 8 GPUs: gradients all-reduced
     assert decode["passes"] == 16 and decode["tokens"] == 8 * 16
@@ -237,6 +241,20 @@ def test_tiny_model_with_masters_options_compiles(tmp_path, target, extra):
     """cuDNN's sliding window (and the KV cache's) on 8 H100s, splash's local mask on a v5e slice."""
     plans, _ = run_plan(tmp_path, "--target", target, *TINY, *MODERN, *extra)
     assert plans and all(p["error"] == "" for p in plans.values())
+
+
+@needs_plan_extra
+@pytest.mark.slow
+def test_fp8_sums_the_weight_gradients_over_gpus_in_bf16(tmp_path):
+    """The fp8 products' results come out in bf16, so the weight gradients are summed over the GPUs in bf16 as
+    without fp8 (in fp32 they moved 2.3x the bytes here). One group of them is summed in every micro-step rather
+    than once after the last (its per-micro-step scale keeps XLA from moving the sum out of the loop): 1.44x here."""
+    args = ["--target", "8xh100", "--programs", "train", *TINY, "--model.attention_impl=cudnn",
+            "--train.total_batch_size=8192"]  # 2 micro-steps
+    bf16, _ = run_plan(tmp_path / "bf16", *args)
+    fp8, _ = run_plan(tmp_path / "fp8", *args, "--train.fp8=true")
+    assert fp8["train"]["fp8_dots"] > 0 and bf16["train"]["fp8_dots"] == 0
+    assert fp8["train"]["collectives"]["all-reduce"] < 1.5 * bf16["train"]["collectives"]["all-reduce"]
 
 
 @needs_plan_extra

@@ -2,15 +2,18 @@
 
 import dataclasses
 import re
+from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from nanochat_jax.config import ConfigError, MeshConfig, ModelConfig, OptimConfig
+from nanochat_jax.model import Linear
 from nanochat_jax.sharding import make_mesh
-from nanochat_jax.train import TrainRun, microbatch_sharding
+from nanochat_jax.train import TrainRun, fp8_capable, microbatch_sharding
 
 TINY = ModelConfig(depth=2, aspect_ratio=32, head_dim=16, vocab_size=128, sequence_len=16, compute_dtype="float32")
 OPTIM = OptimConfig(warmdown_ratio=0.5, ns_dtype="float32")  # bf16 NS is not bit-stable across meshes
@@ -252,3 +255,40 @@ def test_settings_that_cannot_train_here_are_refused_in_one_line(change, message
     mesh = make_mesh(MeshConfig(1, 1, 1), devices=jax.devices()[:1])  # (the tests' CPU devices)
     with pytest.raises(ConfigError, match=re.escape(message)):
         TrainRun(dataclasses.replace(TINY, **change), OPTIM, 3, mesh)
+
+
+FP8 = ModelConfig(depth=2, aspect_ratio=64, head_dim=64, vocab_size=128, sequence_len=32, compute_dtype="float32")
+
+
+def _fp8_run(mesh_shape, batches, fp8=True):
+    mesh = make_mesh(MeshConfig(*mesh_shape), devices=jax.devices()[: int(np.prod(mesh_shape))])
+    run = TrainRun(FP8, OPTIM, len(batches), mesh, seed=0, fp8=fp8)
+    losses = [float(run.step(jax.device_put(b, microbatch_sharding(mesh)))["loss"]) for b in batches]
+    return np.array(losses), run
+
+
+def test_fp8_training_tracks_full_precision_and_evaluates_without_it(capsys):
+    """train.fp8 (master's --fp8): the step's products in fp8 follow fp32 training to within fp8's rounding, the
+    scales are whole-tensor maxima on any mesh (a sharded run gives the single device's numbers), and run.graphdef,
+    which the evaluations and samples use, keeps every product in the compute dtype."""
+    batches = _batches(1, 1, 8, FP8.sequence_len, FP8.vocab_size, seed=5) * 12  # one batch, learnt by heart
+    exact, _ = _fp8_run((1, 1, 1), batches, fp8=False)
+    rounded, run = _fp8_run((1, 1, 1), batches)
+    assert "fp8 training: 13 of 13 linear layers" in capsys.readouterr().out
+    assert not np.array_equal(rounded, exact)
+    np.testing.assert_allclose(rounded, exact, rtol=0.05)  # (3.6% apart after 12 steps)
+    assert rounded[-1] < rounded[0] / 5
+    linears = lambda graphdef: [m.fp8 for _, m in nnx.iter_graph(nnx.merge(graphdef, run.params))  # noqa: E731
+                                if isinstance(m, Linear)]
+    assert all(linears(run.step_graphdef)) and not any(linears(run.graphdef))
+    sharded, _ = _fp8_run((2, 2, 2), batches[:4])
+    np.testing.assert_allclose(sharded, rounded[:4], rtol=1e-4)
+
+
+@pytest.mark.parametrize("platform, kind, capability, applies", [
+    ("cpu", "cpu", None, True), ("gpu", "NVIDIA H100 80GB HBM3", "9.0", True), ("gpu", "NVIDIA L4", "8.9", True),
+    ("gpu", "NVIDIA A100-SXM4-80GB", "8.0", False), ("tpu", "TPU v6 lite", None, False)])
+def test_fp8_is_ignored_with_a_warning_where_there_are_no_fp8_matmuls(platform, kind, capability, applies, capsys):
+    device = SimpleNamespace(platform=platform, device_kind=kind, compute_capability=capability)
+    assert fp8_capable(device) is applies
+    assert ("train.fp8 ignored" in capsys.readouterr().out) is not applies
