@@ -1,0 +1,113 @@
+"""scripts/scaling_laws.py: the isoFLOP fit on rows from a known law, resuming a sweep from its results.csv, the
+options it refuses, and (slow) a real sweep of base_train.py runs on CPU."""
+
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("scaling_laws", ROOT / "scripts" / "scaling_laws.py")
+scaling_laws = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(scaling_laws)
+
+
+def law_rows(budgets, params, exponent=0.5, n0=1e6):
+    """Rows whose val bpb is a parabola in log N around N*(C) = n0 (C / 1e15)^exponent, tokens = C / (6 N)."""
+    rows = []
+    for c in budgets:
+        best = n0 * (c / 1e15) ** exponent
+        for depth, n in enumerate(params, 1):
+            rows.append({"flops_budget": c, "depth": depth, "width": 64 * depth, "matmul_params": n, "params": n,
+                         "flops_per_token": 6 * n, "steps": 10, "tokens": c / (6 * n),
+                         "val_bpb": 1.0 + 0.05 * math.log(n / best) ** 2 - 0.01 * math.log(c), "core_metric": None,
+                         "wall_time_s": 1.0, "tokens_per_sec": 1.0, "mfu": 0.5})
+    return rows
+
+
+def test_fit_finds_each_budgets_optimum_and_the_exponents():
+    budgets, params = [1e15, 4e15, 1.6e16], np.geomspace(2e5, 2e7, 7)
+    result = scaling_laws.fit(law_rows(budgets, params))
+    for c in budgets:
+        optimum = result["budgets"][c]["optimum"]
+        assert optimum["inside"] and optimum["params"] == pytest.approx(1e6 * (c / 1e15) ** 0.5, rel=1e-6)
+        assert optimum["tokens"] == pytest.approx(c / (6 * optimum["params"]), rel=1e-6)
+    assert result["law"]["params_exponent"] == pytest.approx(0.5, abs=1e-6)
+    assert result["law"]["tokens_exponent"] == pytest.approx(0.5, abs=1e-6)  # D* = C / 6N*
+    lines = scaling_laws.describe(law_rows(budgets, params), result)
+    assert lines[-1] == "scaling: N* ~ C^0.500, D* ~ C^0.500"
+
+
+def test_fit_says_when_a_budget_has_no_optimum_inside_its_depths():
+    rows = law_rows([1e15], np.geomspace(2e6, 2e7, 3))  # all larger than N* = 1e6: bpb rises with N
+    rows += law_rows([1e16], [1e6, 2e6])  # two depths only
+    result = scaling_laws.fit(rows)
+    assert result["budgets"][1e15]["optimum"]["inside"] is False and result["budgets"][1e16]["optimum"] is None
+    text = "\n".join(scaling_laws.describe(rows, result))
+    assert "(outside the depths tried: extend them that way)" in text
+    assert "budget 1e+16: no optimum (fewer than 3 depths)" in text
+    assert "scaling: needs two budgets or more" in text
+
+
+def test_a_rerun_trains_only_the_pairs_missing_from_results_csv(home, monkeypatch, capsys):
+    (home / "tokenizer").mkdir(parents=True)
+    sweep = home / "scaling" / "s"
+    sweep.mkdir(parents=True)
+    for row in law_rows([1e15], [2e5, 1e6]):
+        scaling_laws.append_row(sweep / "results.csv", row)
+    trained = []
+
+    def train_one(flops, depth, passthrough, folder, keep):
+        trained.append((flops, depth, passthrough))
+        return law_rows([flops], [[2e5, 1e6, 5e6][depth - 1]])[0] | {"depth": depth}
+
+    monkeypatch.setattr(scaling_laws, "train_one", train_one)
+    result = scaling_laws.main(["--flops", "1e15", "--depths", "1,2,3", "--label", "s", "--config", "x.toml"])
+    assert trained == [(1e15, 3, ["--config", "x.toml"])]
+    assert [int(r["depth"]) for r in scaling_laws.read_rows(sweep / "results.csv")] == [1, 2, 3]
+    assert result["budgets"][1e15]["optimum"]["inside"]
+    assert json.loads((sweep / "fit.json").read_text())["budgets"]["1e+15"]["depths"] == [1, 2, 3]
+    assert (sweep / "isoflop.png").stat().st_size > 0
+    assert "1 to train" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--flops", "1e15", "--depths", "2,x"], "must be comma-separated numbers"),
+    (["--flops", "1e15", "--depths", "0"], "must be positive"),
+    (["--flops", "1e15", "--depths", "2", "--model.depth=4"], "--model.depth is the sweep's to set"),
+])
+def test_bad_options_are_one_line(args, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        scaling_laws.parse_args(args)
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_without_a_tokenizer_it_says_what_to_run_first(home):
+    with pytest.raises(scaling_laws.UserError, match="train one first"):
+        scaling_laws.main(["--flops", "1e15", "--depths", "2"])
+
+
+@pytest.mark.slow
+def test_a_cpu_sweep_trains_each_depth_at_each_budget(home, tmp_path):
+    """Two budgets x three depths of real base_train.py runs on the embedded corpus; checkpoints deleted."""
+    env = {"NANOCHAT_JAX_HOME": str(home), "JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"}
+    config = ["--config", "configs/cpu_tiny.toml", "--train.eval_tokens=8192", "--train.device_batch_size=4",
+              "--train.total_batch_size=1024", "--model.sequence_len=128", "--tokenizer.vocab_size=512"]
+    subprocess.run([sys.executable, "scripts/tok_train.py", *config], cwd=ROOT, env=env, check=True,
+                   capture_output=True)
+    proc = subprocess.run([sys.executable, "scripts/scaling_laws.py", "--flops", "5e10,1e11", "--depths", "1,2,3",
+                           *config], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = scaling_laws.read_rows(home / "scaling" / "sweep" / "results.csv")
+    pairs = sorted((r["flops_budget"], int(r["depth"])) for r in rows)
+    assert pairs == [(c, d) for c in (5e10, 1e11) for d in (1, 2, 3)]
+    for r in rows:  # each run spent its budget, to within a step
+        assert abs(r["steps"] * 1024 * r["flops_per_token"] - r["flops_budget"]) <= 1024 * r["flops_per_token"] / 2
+        assert 0 < r["val_bpb"] < 8
+    assert not list((home / "scaling" / "sweep").glob("*/checkpoints"))
+    assert "scaling:" in proc.stdout and (home / "scaling" / "sweep" / "isoflop.png").stat().st_size > 0
