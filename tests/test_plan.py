@@ -233,14 +233,17 @@ MODERN = ["--model.depth=3", "--model.sequence_len=512", "--model.window_pattern
 @pytest.mark.slow
 @pytest.mark.parametrize("target,extra", [
     ("8xh100", ["--programs", "train,prefill,decode", "--decode-rows", "8", "--prompt-len", "32",
-                "--model.attention_impl=cudnn", "--train.total_batch_size=16384"]),
+                "--model.attention_impl=cudnn", "--train.total_batch_size=16384", "--model.loss_chunk=64",
+                "--train.fp8=true"]),  # as d24_modern: chunked loss, fp8
     ("v5e-4", ["--programs", "train", "--mesh.data=1", "--mesh.fsdp=2", "--mesh.tensor=2", "--model.attention_impl=splash",
                "--train.total_batch_size=4096"]),
 ])
 def test_tiny_model_with_masters_options_compiles(tmp_path, target, extra):
-    """cuDNN's sliding window (and the KV cache's) on 8 H100s, splash's local mask on a v5e slice."""
+    """cuDNN's sliding window (and the KV cache's) on 8 H100s with fp8 products, splash's local mask on a v5e slice
+    (where train.fp8 would be ignored)."""
     plans, _ = run_plan(tmp_path, "--target", target, *TINY, *MODERN, *extra)
     assert plans and all(p["error"] == "" for p in plans.values())
+    assert (plans["train"]["fp8_dots"] > 0) == (target == "8xh100")
 
 
 @needs_plan_extra
