@@ -67,7 +67,10 @@ fp8)
   done
   $PY - "$OUT/fp8_false.txt" "$OUT/fp8_true.txt" <<'EOF' 2>&1 | log
 import json, sys
-bf16, fp8 = (json.loads(next(l for l in open(f) if l.startswith("JSON "))[5:]) for f in sys.argv[1:])
+runs = [[line for line in open(f) if line.startswith("JSON ")] for f in sys.argv[1:]]
+if not all(runs):
+    sys.exit(f"no figures: a run failed (its output: {' '.join(f for f, r in zip(sys.argv[1:], runs) if not r)})")
+bf16, fp8 = (json.loads(r[0][5:]) for r in runs)
 print(f"RATIO fp8/bf16 tokens/s = {fp8['tokens_per_sec'] / bf16['tokens_per_sec']:.3f} ({fp8['tokens_per_sec']:,.0f} "
       f"vs {bf16['tokens_per_sec']:,.0f}); loss after the steps {fp8['loss_last']:.4f} vs {bf16['loss_last']:.4f}")
 EOF

@@ -230,7 +230,7 @@ def main(argv=None) -> dict:
             result["profile"] = profile_steps(args.profile, compiled, state, batch)
             state = result["profile"].pop("state")
         if args.breakdown:
-            result["breakdown"] = breakdown(args, run.graphdef, state, run.shardings, mesh, batch, step_s)
+            result["breakdown"] = breakdown(args, run.step_graphdef, state, run.shardings, mesh, batch, step_s)
         print("JSON " + json.dumps(result))  # again, with the profile and breakdown
     return result
 

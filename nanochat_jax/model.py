@@ -145,7 +145,7 @@ def fp8_product(a, b, contract: tuple[int, int], dtype) -> jax.Array:
     """The product of two `to_fp8` results contracting dimension contract[0] of a with contract[1] of b, in `dtype`:
     the fp8 operands go into the dot as they are (on Hopper XLA's GEMM then runs on the fp8 tensor cores), its
     result comes out in `dtype` (so a sum over devices, e.g. of the weight gradients, moves what the plain product's
-    would, not fp32) and is unscaled in fp32."""
+    would, not fp32) and is unscaled in fp32: in bf16 a second rounding, which master's kernel does not make."""
     (aq, a_inv), (bq, b_inv) = a, b
     out = jax.lax.dot_general(aq, bq, (((contract[0],), (contract[1],)), ((), ())), preferred_element_type=dtype)
     return (out.astype(jnp.float32) * (a_inv * b_inv)).astype(dtype)
@@ -155,7 +155,10 @@ def fp8_product(a, b, contract: tuple[int, int], dtype) -> jax.Array:
 def fp8_matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
     """matmul's three products with fp8 operands, as nanochat master's --fp8 (its "tensorwise" recipe): x and the
     kernel in float8_e4m3fn, the output gradient in float8_e5m2, each under one scale per tensor computed from the
-    tensor itself. On CPUs XLA emulates the same rounding. The backward pass keeps the fp8 tensors as residuals."""
+    tensor itself (under model.loss_chunk the lm_head's x and gradient get one per chunk). On CPUs XLA emulates the
+    same rounding. Two differences from master's torch._scaled_mm: the kernel is rounded to the compute dtype before
+    fp8 (as every product here casts it), and a bf16 product is rounded to bf16 before it is unscaled (see
+    fp8_product). The backward pass keeps the fp8 tensors as residuals."""
     return _fp8_matmul_fwd(x, kernel)[0]
 
 

@@ -6,9 +6,10 @@ budget, record validation bits per byte, and find the compute-optimal model size
 
 Each (budget, depth) is scripts/base_train.py in a subprocess with --model.depth, --train.target_flops and
 --train.num_iterations=-1, after every other argument (--config and config overrides, passed through). It runs in
-its own home, <home>/scaling/<label>/d<depth>_<budget>, which shares the home's tokenizer (train it first:
-tok_train.py) and compile cache; its checkpoints are deleted when it ends (--keep-checkpoints keeps them). Its row
-goes to <home>/scaling/<label>/results.csv as soon as it ends, so a rerun skips the pairs already there.
+its own home, <home>/scaling/<label>/d<depth>_<budget>, linked to the home's tokenizer (train it first:
+tok_train.py), data shards, eval bundle and compile cache, so each downloads once; its checkpoints are deleted when
+it ends (--keep-checkpoints keeps them). Its row goes to <home>/scaling/<label>/results.csv as soon as it ends, so a
+rerun with the same base_train arguments (sweep.json keeps them) trains only the pairs not there yet.
 
 Then, for each budget with three depths or more, a parabola of val bpb over log(N), N the matmul parameters (the
 blocks' matrices, the gates and the lm_head: master's scaling count, near enough), gives the compute-optimal N* (its
@@ -35,6 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from nanochat_jax.common import UserError, artifacts_dir, run_script  # noqa: E402
 
+SHARED = ("tokenizer", "data", "eval_bundle", "cpu_peak_flops.json")  # what every run's home links to the home's
 COLUMNS = ("flops_budget", "depth", "width", "matmul_params", "params", "flops_per_token", "steps", "tokens",
            "val_bpb", "core_metric", "wall_time_s", "tokens_per_sec", "mfu")
 
@@ -61,10 +63,15 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
 
 
 def read_rows(path: Path) -> list[dict]:
+    """results.csv's complete rows (a line cut short by a kill is left out, and its run trained again)."""
     if not path.exists():
         return []
     with path.open() as f:
-        return [{k: float(v) if v else None for k, v in row.items()} for row in csv.DictReader(f)]
+        rows = [{k: float(v) if v else None for k, v in row.items() if k} for row in csv.DictReader(f)]
+    complete = [r for r in rows if all(r.get(k) is not None for k in COLUMNS if k != "core_metric")]
+    if len(complete) < len(rows):
+        print(f"{path}: {len(rows) - len(complete)} incomplete row(s) left out", flush=True)
+    return complete
 
 
 def append_row(path: Path, row: dict) -> None:
@@ -82,20 +89,23 @@ def train_one(flops: float, depth: int, passthrough: list[str], sweep: Path, kee
     from nanochat_jax.model import matmul_params
     from nanochat_jax.tokenizer import load_tokenizer
 
-    home = sweep / f"d{depth}_{flops:.3g}"
+    home = sweep / f"d{depth}_{flops:.6g}"
     home.mkdir(parents=True, exist_ok=True)
-    if not (home / "tokenizer").exists():
-        (home / "tokenizer").symlink_to(artifacts_dir("tokenizer", create=False).resolve())
-    overrides = [*passthrough, f"--model.depth={depth}", f"--train.target_flops={flops:g}",
+    for name in SHARED:
+        shared, link = artifacts_dir(create=False) / name, home / name
+        if shared.exists() and not (link.exists() or link.is_symlink()):
+            link.symlink_to(shared.resolve())
+    overrides = [*passthrough, f"--model.depth={depth}", f"--train.target_flops={flops!r}",
                  "--train.num_iterations=-1"]
     cfg = load_config(overrides)
     cfg.model.vocab_size = load_tokenizer().vocab_size
-    env = {**os.environ, "NANOCHAT_JAX_HOME": str(home),
+    env = {**os.environ, "NANOCHAT_JAX_HOME": str(home), "PYTHONPATH": os.pathsep.join(
+               filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
            "JAX_COMPILATION_CACHE_DIR": os.environ.get("JAX_COMPILATION_CACHE_DIR", str(artifacts_dir("xla_cache")))}
     log = home / "base_train.log"
     print(f"=== budget {flops:.3g} FLOPs, depth {depth} (width {cfg.model.n_embd}): log {log}", flush=True)
     with log.open("w") as f, subprocess.Popen([sys.executable, str(ROOT / "scripts" / "base_train.py"), *overrides],
-                                              env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                               text=True) as proc:
         for line in proc.stdout:
             f.write(line)
@@ -196,7 +206,24 @@ def main(argv: list[str] | None = None) -> dict:
     if not artifacts_dir("tokenizer", create=False).is_dir():
         raise UserError(f"no tokenizer in {artifacts_dir(create=False)}: train one first (scripts/tok_train.py with "
                         "the same --config)")
+    from nanochat_jax.config import load_config
+    from nanochat_jax.core_eval import EVAL_BUNDLE_URL, BundleError, ensure_bundle
+
+    cfg = load_config(passthrough)  # (a bad override fails here, before any training)
     sweep = artifacts_dir("scaling", args.label)
+    record = sweep / "sweep.json"
+    if record.exists() and json.loads(record.read_text())["base_train_args"] != passthrough:
+        raise UserError(f"sweep '{args.label}' was run with base_train.py "
+                        f"{' '.join(json.loads(record.read_text())['base_train_args']) or '(no arguments)'}; its rows "
+                        f"would not compare with {' '.join(passthrough) or '(no arguments)'}: pass those, or another "
+                        "--label")
+    record.write_text(json.dumps({"base_train_args": passthrough}))
+    (artifacts_dir(create=False) / "data").mkdir(exist_ok=True)  # the runs' shard downloads land in the home
+    if cfg.train.core_every > 0 and not cfg.eval.bundle_dir:  # (fetched here once, not by every run)
+        try:
+            ensure_bundle(None, cfg.eval.bundle_url or EVAL_BUNDLE_URL)
+        except BundleError as e:
+            print(f"no CORE estimates in the runs: {e}", flush=True)
     results = sweep / "results.csv"
     rows = read_rows(results)
     done = {(r["flops_budget"], int(r["depth"])) for r in rows}

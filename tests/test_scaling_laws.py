@@ -54,12 +54,18 @@ def test_fit_says_when_a_budget_has_no_optimum_inside_its_depths():
     assert "scaling: needs two budgets or more" in text
 
 
+CONFIG = ["--config", str(ROOT / "configs" / "cpu_tiny.toml")]
+
+
 def test_a_rerun_trains_only_the_pairs_missing_from_results_csv(home, monkeypatch, capsys):
     (home / "tokenizer").mkdir(parents=True)
     sweep = home / "scaling" / "s"
     sweep.mkdir(parents=True)
     for row in law_rows([1e15], [2e5, 1e6]):
         scaling_laws.append_row(sweep / "results.csv", row)
+    with (sweep / "results.csv").open("a") as f:
+        f.write("1e+15,3,192,5000000.0,5000000")  # a row cut short by a kill
+    (sweep / "sweep.json").write_text(json.dumps({"base_train_args": CONFIG}))
     trained = []
 
     def train_one(flops, depth, passthrough, folder, keep):
@@ -67,13 +73,48 @@ def test_a_rerun_trains_only_the_pairs_missing_from_results_csv(home, monkeypatc
         return law_rows([flops], [[2e5, 1e6, 5e6][depth - 1]])[0] | {"depth": depth}
 
     monkeypatch.setattr(scaling_laws, "train_one", train_one)
-    result = scaling_laws.main(["--flops", "1e15", "--depths", "1,2,3", "--label", "s", "--config", "x.toml"])
-    assert trained == [(1e15, 3, ["--config", "x.toml"])]
+    result = scaling_laws.main(["--flops", "1e15", "--depths", "1,2,3", "--label", "s", *CONFIG])
+    assert trained == [(1e15, 3, CONFIG)]
     assert [int(r["depth"]) for r in scaling_laws.read_rows(sweep / "results.csv")] == [1, 2, 3]
     assert result["budgets"][1e15]["optimum"]["inside"]
     assert json.loads((sweep / "fit.json").read_text())["budgets"]["1e+15"]["depths"] == [1, 2, 3]
     assert (sweep / "isoflop.png").stat().st_size > 0
-    assert "1 to train" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "1 incomplete row(s) left out" in out and "1 to train" in out
+    with pytest.raises(scaling_laws.UserError, match="would not compare with .* --train.fp8=true: pass those"):
+        scaling_laws.main(["--flops", "1e15", "--depths", "1,2,3", "--label", "s", *CONFIG, "--train.fp8=true"])
+
+
+def test_each_run_links_the_homes_tokenizer_data_and_bundle(home, monkeypatch):
+    """A run's home reads the home's tokenizer, data shards and eval bundle (downloads land there once; the runs
+    downloaded every shard into their own homes) and the budget names it exactly."""
+    for name in ("tokenizer", "data/fineweb", "eval_bundle"):
+        (home / name).mkdir(parents=True)
+    seen = {}
+
+    class Finished:
+        returncode, stdout = 0, iter(["done: 1 steps\n"])
+
+        def __init__(self, cmd, env, **kwargs):
+            seen.update(cmd=cmd, home=Path(env["NANOCHAT_JAX_HOME"]))
+            (seen["home"] / "report").mkdir()
+            (seen["home"] / "report" / "base_train.json").write_text(json.dumps(
+                {"params": 1, "flops_per_token": 1.0, "steps": 1, "tokens": 1, "val_bpb": 1.0,
+                 "core_metric_estimate": None, "wall_time_s": 1.0, "tokens_per_sec": 1.0, "mfu": 0.1}))
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(scaling_laws.subprocess, "Popen", Finished)
+    monkeypatch.setattr("nanochat_jax.tokenizer.load_tokenizer", lambda: type("T", (), {"vocab_size": 512})())
+    row = scaling_laws.train_one(2.154e18, 3, CONFIG, home / "scaling" / "s", keep_checkpoints=False)
+    assert seen["home"].name == "d3_2.154e+18" and "--train.target_flops=2.154e+18" in seen["cmd"]
+    for name in ("tokenizer", "data", "eval_bundle"):
+        assert (seen["home"] / name).resolve() == (home / name).resolve()
+    assert row["depth"] == 3 and row["width"] == 192 and row["val_bpb"] == 1.0
 
 
 @pytest.mark.parametrize("args, message", [
@@ -89,7 +130,7 @@ def test_bad_options_are_one_line(args, message, capsys):
 
 def test_without_a_tokenizer_it_says_what_to_run_first(home):
     with pytest.raises(scaling_laws.UserError, match="train one first"):
-        scaling_laws.main(["--flops", "1e15", "--depths", "2"])
+        scaling_laws.main(["--flops", "1e15", "--depths", "2", *CONFIG])
 
 
 @pytest.mark.slow
