@@ -189,8 +189,9 @@ class TrainRun:
     loaded checkpoint's) instead of a fresh init; the optimizer state always starts fresh. objective(model, micro)
     -> scalar loss, lm_loss by default (RL passes a policy-gradient one). abstract=True builds everything but
     the arrays: the state is ShapeDtypeStructs carrying their shardings, for lowering the step (the planner).
-    fp8=True (train.fp8): the step's products in fp8 (model.train_in_fp8); `graphdef`, what evaluations and
-    samples merge the parameters into, keeps the compute dtype."""
+    fp8=True (train.fp8): the step's products in fp8 (model.train_in_fp8; `fp8_layers` counts the layers switched,
+    0 where fp8 does not apply); `graphdef`, what evaluations and samples merge the parameters into, keeps the
+    compute dtype."""
 
     def __init__(self, model_cfg: ModelConfig, optim_cfg: OptimConfig, num_iterations: int, mesh: Mesh,
                  seed: int = 0, params=None, objective: Callable = lm_loss, abstract: bool = False,
@@ -214,12 +215,13 @@ class TrainRun:
         self.optimizer = build_optimizer(optim_cfg, model_cfg.n_embd, num_iterations)
         model = nnx.eval_shape(lambda: init_model(model_cfg, seed))
         self.graphdef, abstract_params = nnx.split(model, nnx.Param)
-        self.step_graphdef = self.graphdef
+        self.step_graphdef, self.fp8_layers = self.graphdef, 0
         if fp8 and fp8_capable(mesh.devices.flat[0]):
-            switched, layers = train_in_fp8(model)
+            self.fp8_layers, layers = train_in_fp8(model)
             self.step_graphdef = nnx.graphdef(model)
-            print0(f"fp8 training: {switched} of {layers} linear layers (the others: under 128 wide or not a multiple "
-                   f"of 16){'; on CPU it is emulated: slower, for checking the numbers' if platform == 'cpu' else ''}")
+            emulated = "; on CPU it is emulated: slower, for checking the numbers" if platform == "cpu" else ""
+            print0(f"fp8 training: {self.fp8_layers} of {layers} linear layers (the others: under 128 wide or not a "
+                   f"multiple of 16){emulated}")
         shapes = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=nnx.to_pure_dict(abstract_params),
                             opt_state=jax.eval_shape(self.optimizer.init, nnx.to_pure_dict(abstract_params)))
         params_sh = param_shardings(abstract_params, mesh)

@@ -102,6 +102,7 @@ def main(argv: list[str] | None = None) -> dict:
         "total_flops": flops * total_tokens, **progress.run_record(cfg.train.total_batch_size),
         "val_bpb": latest["val_bpb"], "core_metric_estimate": latest["core_metric_estimate"],
         "samples": latest["samples"], "device": info, "mesh": dict(mesh.shape),
+        **({"fp8_layers": run.fp8_layers} if run.fp8_layers else {}),  # (train.fp8, where it applied)
         "checkpoint": str(checkpoint_dir("base", cfg.model.depth) / str(num_iterations))})
     print0(f"done: {num_iterations} steps in {progress.elapsed / 60:.1f} min | val bpb {latest['val_bpb']:.4f} | "
            f"{summary['tokens_per_sec']:,.0f} tok/s in this session, compilation included")

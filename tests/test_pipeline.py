@@ -188,3 +188,19 @@ def test_the_speedrun_data_path_on_local_fineweb_shards(tmp_path):
     result = json.loads((home / "report" / "base_loss.json").read_text())
     summary = json.loads((home / "report" / "base_train.json").read_text())
     assert result["step"] == 4 and result["val_bpb"] == pytest.approx(summary["val_bpb"], rel=1e-4)  # shard_01822
+
+
+def test_fp8_base_training_through_the_script(trained, tmp_path):
+    """--train.fp8=true from the command line: the step's 13 linear layers in fp8 (emulated on CPU), said in the log
+    and recorded in the summary; it learns as the compute-dtype run does (the evaluations stay in that dtype)."""
+    home = tmp_path / "home"
+    shutil.copytree(trained / "tokenizer", home / "tokenizer")
+    wide = [*TINY, "--model.aspect_ratio=64", "--model.head_dim=64", "--train.num_iterations=20",
+            "--train.eval_every=0"]
+    out = run("base_train.py", *wide, "--train.fp8=true", home=home)
+    assert "fp8 training: 13 of 13 linear layers" in out
+    fp8 = json.loads((home / "report" / "base_train.json").read_text())
+    run("base_train.py", *wide, home=home)
+    plain = json.loads((home / "report" / "base_train.json").read_text())
+    assert fp8["fp8_layers"] == 13 and "fp8_layers" not in plain
+    assert fp8["val_bpb"] == pytest.approx(plain["val_bpb"], rel=0.03), (fp8["val_bpb"], plain["val_bpb"])

@@ -274,7 +274,7 @@ def test_fp8_training_tracks_full_precision_and_evaluates_without_it(capsys):
     batches = _batches(1, 1, 8, FP8.sequence_len, FP8.vocab_size, seed=5) * 12  # one batch, learnt by heart
     exact, _ = _fp8_run((1, 1, 1), batches, fp8=False)
     rounded, run = _fp8_run((1, 1, 1), batches)
-    assert "fp8 training: 13 of 13 linear layers" in capsys.readouterr().out
+    assert "fp8 training: 13 of 13 linear layers" in capsys.readouterr().out and run.fp8_layers == 13
     assert not np.array_equal(rounded, exact)
     np.testing.assert_allclose(rounded, exact, rtol=0.05)  # (3.6% apart after 12 steps)
     assert rounded[-1] < rounded[0] / 5
