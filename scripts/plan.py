@@ -91,7 +91,7 @@ def train_plan(trial, target, devices, cache: dict, cache_file: Path):
 
     key = hashlib.sha256(json.dumps([target.name, jax.__version__, dataclasses.asdict(trial.model),
                                      dataclasses.asdict(trial.mesh), trial.train.device_batch_size,
-                                     trial.train.total_batch_size, dataclasses.asdict(trial.optim)],
+                                     trial.train.total_batch_size, trial.train.fp8, dataclasses.asdict(trial.optim)],
                                     sort_keys=True).encode()).hexdigest()
     if key in cache:
         return ProgramPlan(**cache[key])

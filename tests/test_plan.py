@@ -345,3 +345,24 @@ def test_a_sweep_where_nothing_fits_exits_3(tmp_path):
     assert proc.returncode == 3, proc.stderr[-3000:]
     assert proc.stdout.count("does not compile") >= 3
     assert proc.stdout.rstrip().endswith("no mesh fits: try a smaller model or sequence, or more devices")
+
+
+def test_the_sweep_cache_tells_fp8_from_bf16(tmp_path):
+    """A train step cached by a sweep without train.fp8 is not the answer for one with it (it was: the key left the
+    setting out). The compiler is replaced by a counter, so nothing compiles."""
+    script = ROOT / "scripts" / "plan.py"
+    code = ("import sys, json, importlib.util; from pathlib import Path; "
+            f"spec = importlib.util.spec_from_file_location('plan_script', {str(script)!r}); "
+            "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m); "
+            "import nanochat_jax.plan as plan; from nanochat_jax.config import load_config; "
+            "from nanochat_jax.targets import parse_target; calls = []; "
+            "plan.plan_programs = lambda cfg, *a, **k: calls.append(cfg.train.fp8) or "
+            "{'train': plan.ProgramPlan('train', fp8_dots=int(cfg.train.fp8))}; "
+            "cache, path = {}, Path(sys.argv[1]); "
+            "got = [m.train_plan(load_config(sys.argv[2:] + [f'--train.fp8={f}']), parse_target('8xh100'), [], cache, "
+            "path).fp8_dots for f in ('false', 'true', 'false', 'true')]; "
+            "print(json.dumps({'calls': calls, 'got': got}))")
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "cache.json"), *TINY], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.splitlines()[-1]) == {"calls": [False, True], "got": [0, 1, 0, 1]}
