@@ -76,13 +76,18 @@ def write_atomically(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def compilation_cache_dir() -> str:
+    """Where compiled XLA programs are kept: $JAX_COMPILATION_CACHE_DIR, or else <home>/xla_cache."""
+    return os.environ.get("JAX_COMPILATION_CACHE_DIR") or str(artifacts_dir("xla_cache"))
+
+
 def enable_compilation_cache() -> None:
     """Keep compiled XLA programs on disk, in $JAX_COMPILATION_CACHE_DIR or else <home>/xla_cache: a stage reuses
     what an earlier one compiled (the chat evals of mid, SFT and RL; base_loss after base_train), SFT and RL their
     steps of each padded width, and a chat launched again does not stall mid-reply compiling its prefill and decode
     shapes. Before jax is imported this only sets the variable jax reads then (a script that never uses jax, or
     --help, does not pay for importing it)."""
-    directory = os.environ.get("JAX_COMPILATION_CACHE_DIR") or str(artifacts_dir("xla_cache"))
+    directory = compilation_cache_dir()
     if "jax" not in sys.modules:
         os.environ["JAX_COMPILATION_CACHE_DIR"] = directory
         return

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -34,7 +35,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from nanochat_jax.common import UserError, artifacts_dir, run_script  # noqa: E402
+from nanochat_jax.common import UserError, artifacts_dir, compilation_cache_dir, run_script  # noqa: E402
 
 SHARED = ("tokenizer", "data", "eval_bundle", "cpu_peak_flops.json")  # what every run's home links to the home's
 COLUMNS = ("flops_budget", "depth", "width", "matmul_params", "params", "flops_per_token", "steps", "tokens",
@@ -83,12 +84,12 @@ def append_row(path: Path, row: dict) -> None:
         writer.writerow({k: "" if row[k] is None else row[k] for k in COLUMNS})
 
 
-def train_one(flops: float, depth: int, passthrough: list[str], sweep: Path, keep_checkpoints: bool) -> dict:
-    """base_train.py at this depth for this budget in its own home; returns its results.csv row."""
-    from nanochat_jax.config import load_config
+def train_one(flops: float, depth: int, passthrough: list[str], model, sweep: Path, keep_checkpoints: bool) -> dict:
+    """base_train.py at this depth for this budget in its own home; returns its results.csv row. model: the
+    passthrough's ModelConfig at the tokenizer's vocabulary (the row's width and matmul parameters come from it)."""
     from nanochat_jax.model import matmul_params
-    from nanochat_jax.tokenizer import load_tokenizer
 
+    model = dataclasses.replace(model, depth=depth)
     home = sweep / f"d{depth}_{flops:.6g}"
     home.mkdir(parents=True, exist_ok=True)
     for name in SHARED:
@@ -97,13 +98,11 @@ def train_one(flops: float, depth: int, passthrough: list[str], sweep: Path, kee
             link.symlink_to(shared.resolve())
     overrides = [*passthrough, f"--model.depth={depth}", f"--train.target_flops={flops!r}",
                  "--train.num_iterations=-1"]
-    cfg = load_config(overrides)
-    cfg.model.vocab_size = load_tokenizer().vocab_size
     env = {**os.environ, "NANOCHAT_JAX_HOME": str(home), "PYTHONPATH": os.pathsep.join(
                filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-           "JAX_COMPILATION_CACHE_DIR": os.environ.get("JAX_COMPILATION_CACHE_DIR", str(artifacts_dir("xla_cache")))}
+           "JAX_COMPILATION_CACHE_DIR": compilation_cache_dir()}
     log = home / "base_train.log"
-    print(f"=== budget {flops:.3g} FLOPs, depth {depth} (width {cfg.model.n_embd}): log {log}", flush=True)
+    print(f"=== budget {flops:.3g} FLOPs, depth {depth} (width {model.n_embd}): log {log}", flush=True)
     with log.open("w") as f, subprocess.Popen([sys.executable, str(ROOT / "scripts" / "base_train.py"), *overrides],
                                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                               text=True) as proc:
@@ -118,7 +117,7 @@ def train_one(flops: float, depth: int, passthrough: list[str], sweep: Path, kee
     summary = json.loads((home / "report" / "base_train.json").read_text())
     if not keep_checkpoints:
         shutil.rmtree(home / "checkpoints", ignore_errors=True)
-    return {"flops_budget": flops, "depth": depth, "width": cfg.model.n_embd, "matmul_params": matmul_params(cfg.model),
+    return {"flops_budget": flops, "depth": depth, "width": model.n_embd, "matmul_params": matmul_params(model),
             "params": summary["params"], "flops_per_token": summary["flops_per_token"], "steps": summary["steps"],
             "tokens": summary["tokens"], "val_bpb": summary["val_bpb"], "core_metric": summary["core_metric_estimate"],
             "wall_time_s": summary["wall_time_s"], "tokens_per_sec": summary["tokens_per_sec"], "mfu": summary["mfu"]}
@@ -208,6 +207,7 @@ def main(argv: list[str] | None = None) -> dict:
                         "the same --config)")
     from nanochat_jax.config import load_config
     from nanochat_jax.core_eval import EVAL_BUNDLE_URL, BundleError, ensure_bundle
+    from nanochat_jax.tokenizer import load_tokenizer
 
     cfg = load_config(passthrough)  # (a bad override fails here, before any training)
     sweep = artifacts_dir("scaling", args.label)
@@ -230,8 +230,10 @@ def main(argv: list[str] | None = None) -> dict:
     todo = [(f, d) for f in args.flops for d in args.depths if (f, d) not in done]
     print(f"sweep {args.label}: {len(args.flops)} budgets x {len(args.depths)} depths, {len(done)} done earlier, "
           f"{len(todo)} to train | base_train.py {' '.join(passthrough)} | {results}", flush=True)
+    if todo:  # base_train takes the vocabulary from the tokenizer
+        model = dataclasses.replace(cfg.model, vocab_size=load_tokenizer().vocab_size)
     for flops, depth in todo:
-        row = train_one(flops, depth, passthrough, sweep, args.keep_checkpoints)
+        row = train_one(flops, depth, passthrough, model, sweep, args.keep_checkpoints)
         append_row(results, row)
         rows.append(row)
     wanted = [r for r in rows if r["flops_budget"] in args.flops and int(r["depth"]) in args.depths]

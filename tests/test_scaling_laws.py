@@ -1,6 +1,7 @@
 """scripts/scaling_laws.py: the isoFLOP fit on rows from a known law, resuming a sweep from its results.csv, the
 options it refuses, and (slow) a real sweep of base_train.py runs on CPU."""
 
+import dataclasses
 import importlib.util
 import json
 import math
@@ -10,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from nanochat_jax.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 spec = importlib.util.spec_from_file_location("scaling_laws", ROOT / "scripts" / "scaling_laws.py")
@@ -68,11 +71,12 @@ def test_a_rerun_trains_only_the_pairs_missing_from_results_csv(home, monkeypatc
     (sweep / "sweep.json").write_text(json.dumps({"base_train_args": CONFIG}))
     trained = []
 
-    def train_one(flops, depth, passthrough, folder, keep):
+    def train_one(flops, depth, passthrough, model, folder, keep):
         trained.append((flops, depth, passthrough))
         return law_rows([flops], [[2e5, 1e6, 5e6][depth - 1]])[0] | {"depth": depth}
 
     monkeypatch.setattr(scaling_laws, "train_one", train_one)
+    monkeypatch.setattr("nanochat_jax.tokenizer.load_tokenizer", lambda: type("T", (), {"vocab_size": 512})())
     result = scaling_laws.main(["--flops", "1e15", "--depths", "1,2,3", "--label", "s", *CONFIG])
     assert trained == [(1e15, 3, CONFIG)]
     assert [int(r["depth"]) for r in scaling_laws.read_rows(sweep / "results.csv")] == [1, 2, 3]
@@ -109,8 +113,8 @@ def test_each_run_links_the_homes_tokenizer_data_and_bundle(home, monkeypatch):
             return False
 
     monkeypatch.setattr(scaling_laws.subprocess, "Popen", Finished)
-    monkeypatch.setattr("nanochat_jax.tokenizer.load_tokenizer", lambda: type("T", (), {"vocab_size": 512})())
-    row = scaling_laws.train_one(2.154e18, 3, CONFIG, home / "scaling" / "s", keep_checkpoints=False)
+    model = dataclasses.replace(load_config(CONFIG).model, vocab_size=512)
+    row = scaling_laws.train_one(2.154e18, 3, CONFIG, model, home / "scaling" / "s", keep_checkpoints=False)
     assert seen["home"].name == "d3_2.154e+18" and "--train.target_flops=2.154e+18" in seen["cmd"]
     for name in ("tokenizer", "data", "eval_bundle"):
         assert (seen["home"] / name).resolve() == (home / name).resolve()
