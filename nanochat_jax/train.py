@@ -219,7 +219,7 @@ class TrainRun:
         if fp8 and fp8_capable(mesh.devices.flat[0]):
             self.fp8_layers, layers = train_in_fp8(model)
             self.step_graphdef = nnx.graphdef(model)
-            emulated = "; on CPU it is emulated: slower, for checking the numbers" if platform == "cpu" else ""
+            emulated = "; on CPU it is emulated: for checking the numbers, not for speed" if platform == "cpu" else ""
             print0(f"fp8 training: {self.fp8_layers} of {layers} linear layers (the others: under 128 wide or not a "
                    f"multiple of 16){emulated}")
         shapes = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=nnx.to_pure_dict(abstract_params),
