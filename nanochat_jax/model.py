@@ -144,8 +144,8 @@ def to_fp8(x: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
 def fp8_product(a, b, contract: tuple[int, int], dtype) -> jax.Array:
     """The product of two `to_fp8` results contracting dimension contract[0] of a with contract[1] of b, in `dtype`:
     the fp8 operands go into the dot as they are (on Hopper XLA's GEMM then runs on the fp8 tensor cores), its
-    result comes out in `dtype` (so a sum over devices, e.g. of the weight gradients, moves what the plain product's
-    would, not fp32) and is unscaled in fp32: in bf16 a second rounding, which master's kernel does not make."""
+    result comes out in `dtype` (so a sum over devices under tensor parallelism moves what the plain product's would,
+    not fp32) and is unscaled in fp32: in bf16 a second rounding, which master's kernel does not make."""
     (aq, a_inv), (bq, b_inv) = a, b
     out = jax.lax.dot_general(aq, bq, (((contract[0],), (contract[1],)), ((), ())), preferred_element_type=dtype)
     return (out.astype(jnp.float32) * (a_inv * b_inv)).astype(dtype)
@@ -157,8 +157,9 @@ def fp8_matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
     kernel in float8_e4m3fn, the output gradient in float8_e5m2, each under one scale per tensor computed from the
     tensor itself (under model.loss_chunk the lm_head's x and gradient get one per chunk). On CPUs XLA emulates the
     same rounding. Two differences from master's torch._scaled_mm: the kernel is rounded to the compute dtype before
-    fp8 (as every product here casts it), and a bf16 product is rounded to bf16 before it is unscaled (see
-    fp8_product). The backward pass keeps the fp8 tensors as residuals."""
+    fp8 (as every product here casts it), and in bf16 the output and the input gradient are rounded to bf16 before
+    they are unscaled (see fp8_product; the weight gradient is rounded once). The backward pass keeps the fp8 tensors
+    as residuals."""
     return _fp8_matmul_fwd(x, kernel)[0]
 
 
@@ -175,15 +176,17 @@ def _fp8_matmul_bwd(residuals, g):
 
 
 def fp8_weight_gradient(g, x, dtype) -> jax.Array:
-    """The kernel's gradient (g^T x)^T (as matmul's) from fp8 g and x, unscaled on each shard of the batch rows
-    before the shards are summed: the sum over devices then carries no per-micro-step scale, so XLA moves it out of
-    the gradient accumulation loop as it does for bf16 products (unscaling after the sum kept one all-reduce of the
-    weight gradients in every micro-step: 3.2x the bytes at d24 on 8 GPUs, bench/RESULTS.md)."""
+    """The kernel's gradient (g^T x)^T (as matmul's) from fp8 g and x, in `dtype`: the product of each shard of the
+    batch rows comes out in fp32, is unscaled and rounded to `dtype` once, and then the shards are summed. The sum
+    over devices so carries no per-micro-step scale, and XLA moves it out of the gradient accumulation loop as it
+    does for plain products (unscaling after the sum kept one all-reduce of the weight gradients in every
+    micro-step: 3.2x the bytes at d24 on 8 GPUs, bench/RESULTS.md)."""
     (gq, g_inv), (xq, x_inv) = g, x
     n = shard_count("batch")
     shards = lambda q: q.reshape(n, -1, q.shape[-1])  # noqa: E731
-    per_shard = jax.lax.dot_general(shards(gq), shards(xq), (((1,), (1,)), ((0,), (0,))), preferred_element_type=dtype)
-    unscaled = (per_shard.astype(jnp.float32) * (g_inv * x_inv)).astype(dtype)
+    dims = (((1,), (1,)), ((0,), (0,)))
+    per_shard = jax.lax.dot_general(shards(gq), shards(xq), dims, preferred_element_type=jnp.float32)
+    unscaled = (per_shard * (g_inv * x_inv)).astype(dtype)
     return jax.lax.reduce(unscaled, jnp.zeros((), dtype), jax.lax.add, (0,)).T  # in dtype (jnp.sum sums bf16 in fp32)
 
 
