@@ -544,6 +544,32 @@ def num_params(cfg: ModelConfig) -> int:
     return matmul_params(cfg) + tables + scalars
 
 
+def attended_positions(cfg: ModelConfig, context: int) -> list[int]:
+    """Per layer, the key positions a query at `context` attends to: all of them, or its sliding window's."""
+    return [context if w is None else min(w, context) for w in attention_windows(cfg)]
+
+
+def decode_flops_per_token(cfg: ModelConfig, context: int) -> float:
+    """Forward FLOPs of one new token after `context` positions: 2 per matmul parameter, and the scores and the
+    weighted values over the attended positions (4 * heads * head_dim each)."""
+    return float(2 * matmul_params(cfg) + 4 * cfg.n_head * head_dim(cfg) * sum(attended_positions(cfg, context)))
+
+
+def prefill_flops(cfg: ModelConfig, prompt_len: int) -> float:
+    """Forward FLOPs of a causal prompt of prompt_len tokens (position t attends to min(t + 1, window) positions),
+    the lm_head at its last position only, as the Engine's prefill runs it."""
+    head = 2 * padded_vocab(cfg) * cfg.n_embd
+    attended = sum(sum(min(t + 1, a) for t in range(prompt_len)) for a in attended_positions(cfg, prompt_len))
+    return float((2 * matmul_params(cfg) - head) * prompt_len + head + 4 * cfg.n_head * head_dim(cfg) * attended)
+
+
+def kv_bytes(cfg: ModelConfig, positions: list[int] | int) -> int:
+    """Bytes of keys and values (in the compute dtype, as the KV cache holds them) of one row: `positions` per layer
+    (a list, e.g. attended_positions), or the same number in every layer."""
+    per_layer = [positions] * cfg.n_layer if isinstance(positions, int) else positions
+    return 2 * cfg.n_kv_heads * head_dim(cfg) * jnp.dtype(cfg.compute_dtype).itemsize * sum(per_layer)
+
+
 def flops_per_token(cfg: ModelConfig) -> float:
     """nanochat's estimate (master's, window-aware): 6 * matmul params + 12 * heads * head_dim * (the positions a
     query attends to at most: sequence_len, or the layer's sliding window) summed over layers."""

@@ -57,6 +57,17 @@ CHIPS = {
                 "cloud.google.com/tpu/docs/v6e"),
 }
 
+# device kinds as jax names a running device -> CHIPS (the first name found counts; an H100 PCIe is no SXM)
+DEVICE_KINDS = {"H100 PCIe": None, "H100": "h100", "H200": "h200", "TPU v4": "v4", "TPU v5 lite": "v5e",
+                "TPU v5": "v5p", "TPU v6 lite": "v6e"}
+
+
+def chip_of(device_kind: str) -> Chip | None:
+    """The datasheet figures of a running device's kind (jax's `device.device_kind`), None when not in CHIPS."""
+    key = next((k for name, k in DEVICE_KINDS.items() if name.lower() in device_kind.lower()), None)
+    return CHIPS.get(key) if key else None
+
+
 # chips of a v5e / v6e slice -> its 2D topology; v4 / v5p slices are named by TensorCores (2 per chip)
 TORUS_2D = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16", 256: "16x16"}
 TORUS_3D = {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8", 256: "4x8x8"}

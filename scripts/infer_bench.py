@@ -1,0 +1,207 @@
+"""What a trained checkpoint costs to run (nanochat master's infer_bench): latency, throughput and how close
+decoding gets to the device's memory bandwidth, over a sweep of batch sizes. An evaluation beside the scores:
+GQA, sliding windows or a wider model show up here.
+
+    python scripts/infer_bench.py -i base                          # the latest base checkpoint
+    python scripts/infer_bench.py -i sft --batch-sizes 1,4,16 --decode-tokens 128
+    python scripts/infer_bench.py -i base | tail -1 | jq .sweep    # the last line is all of it as JSON
+
+First a card of what the architecture implies: the bytes a decode step must read (the weights in the Engine's
+compute dtype, embedding tables only by the rows looked up, and each row's keys and values at the middle of the
+generation, sliding windows capping theirs), the batch-1 ceiling (peak bandwidth / those bytes) and how many
+full-context rows fit beside the weights. Then the prompt's prefill at batch 1 (tokens/s, MFU), and per batch
+size (`batch` samples of one prompt, as the Engine and nanochat's run them): TTFT (the prompt to its first token),
+TPOT (per further token: the Engine decodes `chunk` tokens per compiled call and streams them together, so TPOT
+is (the time for N tokens - the time for 1) / (N - 1), not a median of single steps), decode tokens/s, MBU (the
+bytes a step must read over the step's time, against the peak bandwidth) and MFU (decode FLOPs against the peak),
+and the device's peak memory so far. Each time is the best of two runs after one that compiles. Greedy decoding
+by default; every row decodes exactly --decode-tokens tokens (the Engine is given the special tokens as ids past
+the vocabulary, so no row ends its turn early or calls the calculator).
+
+Peaks: the datasheet figures of targets.CHIPS for a known GPU / TPU kind; on a CPU the measured ones (a jitted
+sum over 256 MiB for the bandwidth, common.cpu_peak_flops for FLOP/s).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+
+from nanochat_jax.common import UserError, add_checkpoint_flags, load_checkpoint, peak_flops_per_device, run_script
+from nanochat_jax.config import model_config_from_dict
+from nanochat_jax.engine import Engine
+from nanochat_jax.model import (attended_positions, decode_flops_per_token, kv_bytes, matmul_params, num_params,
+                                prefill_flops)
+from nanochat_jax.targets import chip_of
+
+PARAGRAPH = ("A river carries water from the hills to the sea. Along its banks people built farms, mills and "
+             "towns, and the river gave them fish, power and a road for their boats. ")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_checkpoint_flags(parser, default="base")
+    parser.add_argument("--prompt-tokens", type=int, default=2048, help="prompt length (cut to fit the context)")
+    parser.add_argument("--decode-tokens", type=int, default=256, help="tokens generated per row")
+    parser.add_argument("--batch-sizes", default="1,8,32,128", help="comma-separated decode batch sizes")
+    parser.add_argument("-t", "--temperature", type=float, default=0.0)
+    parser.add_argument("--chunk", type=int, default=16, help="the Engine's decode steps per compiled call")
+    args = parser.parse_args(argv)
+    try:
+        args.batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    except ValueError:
+        parser.error(f"--batch-sizes takes whole numbers separated by commas, got {args.batch_sizes!r}")
+    if min(args.batch_sizes) < 1 or args.prompt_tokens < 1 or args.decode_tokens < 2 or args.chunk < 1:
+        parser.error("need batch sizes >= 1, --prompt-tokens >= 1, --decode-tokens >= 2 and --chunk >= 1")
+    if not args.temperature >= 0:
+        parser.error(f"--temperature must be >= 0, got {args.temperature}")
+    return args
+
+
+def measured_bandwidth(size: int = 2 ** 26, rounds: int = 5) -> float:
+    """Bytes/s one device reads: a jitted sum over `size` float32 values (256 MiB), best of `rounds`."""
+    x = jnp.ones((size,), jnp.float32)
+    total = jax.jit(jnp.sum)
+    total(x).block_until_ready()
+    best = float("inf")
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        total(x).block_until_ready()
+        best = min(best, time.perf_counter() - t0)
+    return 4 * size / best
+
+
+def device_peaks(compute_dtype: str) -> dict:
+    """The first device's kind, peak bandwidth (bytes/s), peak FLOP/s and memory (bytes; None where unknown)."""
+    device = jax.devices()[0]
+    chip = chip_of(device.device_kind)
+    cpu = device.platform == "cpu"
+    bandwidth = measured_bandwidth() if cpu else chip.hbm_bandwidth if chip else None
+    memory = (device.memory_stats() or {}).get("bytes_limit")
+    return {"device": device.device_kind, "peak_bandwidth": bandwidth, "peak_flops":
+            peak_flops_per_device(device.device_kind, compute_dtype), "memory": memory}
+
+
+def prompt_tokens(tokenizer, length: int) -> list[int]:
+    """A natural-language prompt of `length` tokens after <|bos|> (random ids would do for the speed, but a real
+    prompt keeps greedy decoding from settling on a stop token)."""
+    tokens = [tokenizer.bos_token_id]
+    while len(tokens) < length:
+        tokens += tokenizer.encode(PARAGRAPH)
+    return tokens[:length]
+
+
+class NoStops:
+    """The checkpoint's tokenizer with every special token moved past the vocabulary (whose logits the Engine
+    never samples): no row ends early, none calls the calculator."""
+
+    def __init__(self, tokenizer):
+        self.vocab_size = self.bos_token_id = tokenizer.vocab_size
+
+    def encode_special(self, name: str) -> int:
+        return self.vocab_size + 1
+
+
+def timed_generation(engine, prompt, batch: int, max_tokens: int, temperature: float) -> float:
+    """Best seconds of two runs generating max_tokens tokens for each of `batch` samples of the prompt."""
+    best = float("inf")
+    for _ in range(2):
+        t0 = time.perf_counter()
+        rows, _ = engine.generate_batch(prompt, num_samples=batch, max_tokens=max_tokens, temperature=temperature)
+        best = min(best, time.perf_counter() - t0)
+        assert all(len(r) == len(prompt) + max_tokens for r in rows)
+    return best
+
+
+def card(cfg, peaks: dict, prompt_len: int, decode_tokens: int) -> dict:
+    """What the architecture implies for decoding, before any timing."""
+    itemsize = jnp.dtype(cfg.compute_dtype).itemsize
+    weights = matmul_params(cfg) * itemsize  # the Engine holds the parameters in the compute dtype
+    context = prompt_len + decode_tokens // 2  # the middle of a generation
+    kv_read = kv_bytes(cfg, attended_positions(cfg, context))
+    bandwidth, memory = peaks["peak_bandwidth"], peaks["memory"]
+    rows = int((memory - num_params(cfg) * itemsize) // kv_bytes(cfg, cfg.sequence_len)) if memory else None
+    return {"num_params": num_params(cfg), "compute_dtype": cfg.compute_dtype, "weight_bytes_per_step": weights,
+            "kv_bytes_per_token": kv_bytes(cfg, 1), "kv_read_bytes_per_step": kv_read, "context_mid": context,
+            "decode_flops_per_token": decode_flops_per_token(cfg, context),
+            "ceiling_batch1_tok_per_sec": bandwidth / (weights + kv_read) if bandwidth else None,
+            "max_full_context_rows": rows}
+
+
+def sweep_row(engine, prompt, batch: int, args, costs: dict, peaks: dict) -> dict:
+    """One batch size: TTFT, TPOT, tokens/s, MBU, MFU, peak memory."""
+    timed_generation(engine, prompt, batch, args.decode_tokens, args.temperature)  # compiles every window used
+    ttft = timed_generation(engine, prompt, batch, 1, args.temperature)
+    total = timed_generation(engine, prompt, batch, args.decode_tokens, args.temperature)
+    tpot = (total - ttft) / (args.decode_tokens - 1)
+    step_bytes = costs["weight_bytes_per_step"] + batch * costs["kv_read_bytes_per_step"]
+    step_flops = batch * costs["decode_flops_per_token"]
+    stats = jax.devices()[0].memory_stats() or {}
+    return {"batch_size": batch, "ttft_sec": ttft, "tpot_sec": tpot, "tok_per_sec": batch / tpot,
+            "mbu_percent": 100 * step_bytes / tpot / peaks["peak_bandwidth"] if peaks["peak_bandwidth"] else None,
+            "mfu_percent": 100 * step_flops / tpot / peaks["peak_flops"] if peaks["peak_flops"] else None,
+            "peak_memory_bytes": stats.get("peak_bytes_in_use")}
+
+
+def show(value, fmt: str) -> str:
+    return "n/a" if value is None else format(value, fmt)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    print(f"settings: {json.dumps(vars(args))}")
+    model, tokenizer, meta = load_checkpoint(args)
+    cfg = model_config_from_dict(meta["model"])
+    prompt_len = min(args.prompt_tokens, cfg.sequence_len - args.decode_tokens)
+    if prompt_len < 1:
+        raise UserError(f"--decode-tokens {args.decode_tokens} leaves no room for a prompt in the model's context "
+                        f"of {cfg.sequence_len} tokens")
+    if prompt_len < args.prompt_tokens:
+        print(f"note: prompt cut to {prompt_len} tokens so that it and the generation fit the context "
+              f"({cfg.sequence_len})")
+    prompt = prompt_tokens(tokenizer, prompt_len)
+    engine = Engine(model, NoStops(tokenizer), chunk=args.chunk)
+    peaks = device_peaks(cfg.compute_dtype)
+    costs = card(cfg, peaks, prompt_len, args.decode_tokens)
+    print(f"model: {args.source} step {meta['step']} | depth {cfg.depth}, width {cfg.n_embd}, heads {cfg.n_head}, "
+          f"kv heads {cfg.n_kv_heads}, windows {cfg.window_pattern} | {costs['num_params']:,} parameters, "
+          f"{cfg.compute_dtype}")
+    bandwidth, flops, memory = (peaks[k] and peaks[k] / unit for k, unit in
+                                (("peak_bandwidth", 1e9), ("peak_flops", 1e12), ("memory", 2 ** 30)))
+    print(f"device: {peaks['device']} | peak bandwidth {show(bandwidth, ',.0f')} GB/s | peak {show(flops, ',.1f')} "
+          f"TFLOP/s | memory {show(memory, '.1f')}{' GiB' if memory else ''}")
+    print(f"per decode step: weights {costs['weight_bytes_per_step'] / 2 ** 20:,.1f} MiB + per row "
+          f"{costs['kv_read_bytes_per_step'] / 2 ** 20:,.2f} MiB of keys/values at context {costs['context_mid']} "
+          f"({costs['kv_bytes_per_token']:,} bytes per token) | batch-1 ceiling "
+          f"{show(costs['ceiling_batch1_tok_per_sec'], ',.0f')} tok/s | full-context rows that fit: "
+          f"{show(costs['max_full_context_rows'], ',')}")
+
+    timed_generation(engine, prompt, 1, 1, args.temperature)  # compiles
+    prefill_time = timed_generation(engine, prompt, 1, 1, args.temperature)
+    prefill_mfu = prefill_flops(cfg, prompt_len) / prefill_time / peaks["peak_flops"] if peaks["peak_flops"] else None
+    print(f"prefill (batch 1, {prompt_len} tokens): {prompt_len / prefill_time:,.0f} tok/s | MFU "
+          f"{show(prefill_mfu and 100 * prefill_mfu, '.1f')}%")
+    header = " ".join(f"{name:>{width}}" for name, width in (("batch", 6), ("TTFT ms", 9), ("TPOT ms", 9), ("tok/s", 10),
+                                                             ("MBU %", 7), ("MFU %", 7), ("peak GiB", 9)))
+    print(header + "\n" + "-" * len(header))
+    sweep = []
+    for batch in args.batch_sizes:
+        row = sweep_row(engine, prompt, batch, args, costs, peaks)
+        sweep.append(row)
+        print(f"{batch:>6} {row['ttft_sec'] * 1e3:>9.1f} {row['tpot_sec'] * 1e3:>9.2f} {row['tok_per_sec']:>10,.0f} "
+              f"{show(row['mbu_percent'], '.1f'):>7} {show(row['mfu_percent'], '.2f'):>7} "
+              f"{show(row['peak_memory_bytes'] and row['peak_memory_bytes'] / 2 ** 30, '.2f'):>9}")
+    print(json.dumps({"source": args.source, "step": meta["step"], "model": meta["model"], **peaks, **costs,
+                      "prompt_tokens": prompt_len, "decode_tokens": args.decode_tokens, "chunk": args.chunk,
+                      "temperature": args.temperature, "prefill": {
+                          "tok_per_sec": prompt_len / prefill_time, "time_sec": prefill_time,
+                          "mfu_percent": prefill_mfu and 100 * prefill_mfu}, "sweep": sweep}))
+    return 0
+
+
+if __name__ == "__main__":
+    run_script(main)
