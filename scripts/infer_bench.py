@@ -46,7 +46,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_checkpoint_flags(parser, default="base")
     parser.add_argument("--prompt-tokens", type=int, default=2048, help="prompt length (cut to fit the context)")
-    parser.add_argument("--decode-tokens", type=int, default=256, help="tokens generated per row")
+    parser.add_argument("--decode-tokens", type=int, default=None,
+                        help="tokens generated per row (default 256, or half the context where that is less)")
     parser.add_argument("--batch-sizes", default="1,8,32,128", help="comma-separated decode batch sizes")
     parser.add_argument("-t", "--temperature", type=float, default=0.0)
     parser.add_argument("--chunk", type=int, default=16, help="the Engine's decode steps per compiled call")
@@ -55,7 +56,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     except ValueError:
         parser.error(f"--batch-sizes takes whole numbers separated by commas, got {args.batch_sizes!r}")
-    if min(args.batch_sizes) < 1 or args.prompt_tokens < 1 or args.decode_tokens < 2 or args.chunk < 1:
+    if min(args.batch_sizes) < 1 or args.prompt_tokens < 1 or (args.decode_tokens or 2) < 2 or args.chunk < 1:
         parser.error("need batch sizes >= 1, --prompt-tokens >= 1, --decode-tokens >= 2 and --chunk >= 1")
     if not args.temperature >= 0:
         parser.error(f"--temperature must be >= 0, got {args.temperature}")
@@ -153,9 +154,10 @@ def show(value, fmt: str) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    print(f"settings: {json.dumps(vars(args))}")
     model, tokenizer, meta = load_checkpoint(args)
     cfg = model_config_from_dict(meta["model"])
+    args.decode_tokens = args.decode_tokens or min(256, cfg.sequence_len // 2)
+    print(f"settings: {json.dumps(vars(args))}")
     prompt_len = min(args.prompt_tokens, cfg.sequence_len - args.decode_tokens)
     if prompt_len < 1:
         raise UserError(f"--decode-tokens {args.decode_tokens} leaves no room for a prompt in the model's context "

@@ -85,3 +85,7 @@ def test_settings_that_cannot_run_are_refused(home, capsys):
     save_tiny_checkpoint(home, random_model(), byte_tokenizer(), stage="base", step=1)
     with pytest.raises(bench.UserError, match="leaves no room for a prompt in the model's context of 128 tokens"):
         bench.main(["--decode-tokens", "128"])
+    capsys.readouterr()
+    assert bench.main(["--batch-sizes", "2"]) == 0  # by default half the context (128) is generated
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (result["prompt_tokens"], result["decode_tokens"]) == (64, 64)
