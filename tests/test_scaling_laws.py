@@ -89,9 +89,36 @@ def test_a_rerun_trains_only_the_pairs_missing_from_results_csv(home, monkeypatc
         scaling_laws.main(["--flops", "1e15", "--depths", "1,2,3", "--label", "s", *CONFIG, "--train.fp8=true"])
 
 
-def test_each_run_links_the_homes_tokenizer_data_and_bundle(home, monkeypatch):
+def test_a_miniseries_trains_each_depth_once_to_the_configs_horizon(home, monkeypatch, capsys):
+    """Without --flops (master's miniseries.sh): one run per depth, in the "miniseries" folder, a table and
+    miniseries.png; a rerun trains nothing, and an isoFLOP sweep is refused that folder."""
+    (home / "tokenizer").mkdir(parents=True)
+    trained = []
+
+    def train_one(flops, depth, passthrough, model, folder, keep):
+        trained.append((flops, depth))
+        row = law_rows([1e15], [[2e5, 1e6][depth - 1]])[0] | {"depth": depth, "core_metric": 0.01 * depth}
+        return row | {"flops_budget": row["flops_per_token"] * row["tokens"]}
+
+    monkeypatch.setattr(scaling_laws, "train_one", train_one)
+    monkeypatch.setattr("nanochat_jax.tokenizer.load_tokenizer", lambda: type("T", (), {"vocab_size": 512})())
+    result = scaling_laws.main(["--depths", "2,1", *CONFIG, "--train.num_iterations=50"])
+    assert trained == [(None, 1), (None, 2)] and [int(r["depth"]) for r in result["series"]] == [1, 2]
+    folder = home / "scaling" / "miniseries"
+    assert (folder / "miniseries.png").stat().st_size > 0 and not (folder / "fit.json").exists()
+    out = capsys.readouterr().out
+    assert "miniseries of 2 depths, 0 done earlier, 2 to train" in out and "  0.0200 " in out  # depth 2's CORE
+    scaling_laws.main(["--depths", "1,2", *CONFIG, "--train.num_iterations=50"])
+    assert len(trained) == 2 and "2 done earlier, 0 to train" in capsys.readouterr().out
+    with pytest.raises(scaling_laws.UserError, match="sweep 'miniseries' is a miniseries: pass another --label"):
+        scaling_laws.main(["--flops", "1e15", "--depths", "1,2", "--label", "miniseries", *CONFIG])
+
+
+@pytest.mark.parametrize("flops, folder", [(2.154e18, "d3_2.154e+18"), (None, "d3")])
+def test_each_run_links_the_homes_tokenizer_data_and_bundle(home, monkeypatch, flops, folder):
     """A run's home reads the home's tokenizer, data shards and eval bundle (downloads land there once; the runs
-    downloaded every shard into their own homes) and the budget names it exactly."""
+    downloaded every shard into their own homes) and the budget names it exactly; a miniseries run keeps the
+    config's horizon and records the FLOPs it trained for."""
     for name in ("tokenizer", "data/fineweb", "eval_bundle"):
         (home / name).mkdir(parents=True)
     seen = {}
@@ -103,7 +130,7 @@ def test_each_run_links_the_homes_tokenizer_data_and_bundle(home, monkeypatch):
             seen.update(cmd=cmd, home=Path(env["NANOCHAT_JAX_HOME"]))
             (seen["home"] / "report").mkdir()
             (seen["home"] / "report" / "base_train.json").write_text(json.dumps(
-                {"params": 1, "flops_per_token": 1.0, "steps": 1, "tokens": 1, "val_bpb": 1.0,
+                {"params": 1, "flops_per_token": 3.0, "steps": 1, "tokens": 7, "val_bpb": 1.0,
                  "core_metric_estimate": None, "wall_time_s": 1.0, "tokens_per_sec": 1.0, "mfu": 0.1}))
 
         def __enter__(self):
@@ -114,8 +141,10 @@ def test_each_run_links_the_homes_tokenizer_data_and_bundle(home, monkeypatch):
 
     monkeypatch.setattr(scaling_laws.subprocess, "Popen", Finished)
     model = dataclasses.replace(load_config(CONFIG).model, vocab_size=512)
-    row = scaling_laws.train_one(2.154e18, 3, CONFIG, model, home / "scaling" / "s", keep_checkpoints=False)
-    assert seen["home"].name == "d3_2.154e+18" and "--train.target_flops=2.154e+18" in seen["cmd"]
+    row = scaling_laws.train_one(flops, 3, CONFIG, model, home / "scaling" / "s", keep_checkpoints=False)
+    assert seen["home"].name == folder and ("--train.target_flops=2.154e+18" in seen["cmd"]) == bool(flops)
+    assert ("--train.num_iterations=-1" in seen["cmd"]) == bool(flops) and "--model.depth=3" in seen["cmd"]
+    assert row["flops_budget"] == (flops or 3.0 * 7)  # flops_per_token x tokens
     for name in ("tokenizer", "data", "eval_bundle"):
         assert (seen["home"] / name).resolve() == (home / name).resolve()
     assert row["depth"] == 3 and row["width"] == 192 and row["val_bpb"] == 1.0
@@ -125,6 +154,8 @@ def test_each_run_links_the_homes_tokenizer_data_and_bundle(home, monkeypatch):
     (["--flops", "1e15", "--depths", "2,x"], "must be comma-separated numbers"),
     (["--flops", "1e15", "--depths", "0"], "must be positive"),
     (["--flops", "1e15", "--depths", "2", "--model.depth=4"], "--model.depth is the sweep's to set"),
+    (["--flops", "1e15", "--depths", "2", "--train.num_iterations=9"], "--train.num_iterations is the sweep's to set"),
+    (["--depths", "2", "--model.depth=4"], "--model.depth is the sweep's to set"),  # a miniseries
 ])
 def test_bad_options_are_one_line(args, message, capsys):
     with pytest.raises(SystemExit) as exit_:
@@ -156,3 +187,23 @@ def test_a_cpu_sweep_trains_each_depth_at_each_budget(home, tmp_path):
         assert 0 < r["val_bpb"] < 8
     assert not list((home / "scaling" / "sweep").glob("*/checkpoints"))
     assert "scaling:" in proc.stdout and (home / "scaling" / "sweep" / "isoflop.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_a_cpu_miniseries_trains_each_depth_to_the_configs_horizon(home):
+    """Two depths of real base_train.py runs of 12 steps each (the config's horizon), recorded with their FLOPs."""
+    env = {"NANOCHAT_JAX_HOME": str(home), "JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"}
+    config = ["--config", "configs/cpu_tiny.toml", "--train.eval_tokens=8192", "--train.device_batch_size=4",
+              "--train.total_batch_size=1024", "--model.sequence_len=128", "--tokenizer.vocab_size=512",
+              "--train.num_iterations=12"]
+    subprocess.run([sys.executable, "scripts/tok_train.py", *config], cwd=ROOT, env=env, check=True,
+                   capture_output=True)
+    proc = subprocess.run([sys.executable, "scripts/scaling_laws.py", "--depths", "1,2", *config], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = scaling_laws.read_rows(home / "scaling" / "miniseries" / "results.csv")
+    assert [(int(r["depth"]), int(r["steps"])) for r in rows] == [(1, 12), (2, 12)]
+    for r in rows:
+        assert r["flops_budget"] == r["flops_per_token"] * r["tokens"] and r["tokens"] == 12 * 1024
+    assert rows[1]["flops_budget"] > rows[0]["flops_budget"]
+    assert (home / "scaling" / "miniseries" / "miniseries.png").stat().st_size > 0
