@@ -182,8 +182,8 @@ def fp8_weight_gradient(g, x, dtype) -> jax.Array:
     does for plain products (unscaling after the sum kept one all-reduce of the weight gradients in every
     micro-step: 3.2x the bytes at d24 on 8 GPUs, bench/RESULTS.md)."""
     (gq, g_inv), (xq, x_inv) = g, x
-    n = shard_count("batch")
-    shards = lambda q: q.reshape(n, -1, q.shape[-1])  # noqa: E731
+    n = shard_count("batch") if gq.shape[0] % shard_count("batch") == 0 else 1  # (rows the mesh does not split)
+    shards = lambda q: q.reshape(n, -1, q.shape[-1])  # noqa: E731  (rows first: each shard its own rows)
     dims = (((1,), (1,)), ((0,), (0,)))
     per_shard = jax.lax.dot_general(shards(gq), shards(xq), dims, preferred_element_type=jnp.float32)
     unscaled = (per_shard * (g_inv * x_inv)).astype(dtype)

@@ -57,9 +57,11 @@ CHIPS = {
                 "cloud.google.com/tpu/docs/v6e"),
 }
 
-# device kinds as jax names a running device -> CHIPS (the first name found counts; an H100 PCIe is no SXM)
-DEVICE_KINDS = {"H100 PCIe": None, "H100": "h100", "H200": "h200", "TPU v4": "v4", "TPU v5 lite": "v5e",
-                "TPU v5": "v5p", "TPU v6 lite": "v6e"}
+# device kinds as jax names a running device -> CHIPS: the first name found counts (the other H100 and H200 parts,
+# PCIe, NVL and Grace Hopper, have other bandwidths; "TPU v5" alone is a v5p)
+DEVICE_KINDS = {"GH200": None, "H100 PCIe": None, "H100 NVL": None, "H100": "h100", "H200 NVL": None, "H200": "h200",
+                "TPU v4": "v4", "TPU v5 lite": "v5e", "TPU v5e": "v5e", "TPU v5p": "v5p", "TPU v5": "v5p",
+                "TPU v6 lite": "v6e", "TPU v6e": "v6e"}
 
 
 def chip_of(device_kind: str) -> Chip | None:

@@ -1,22 +1,24 @@
 """What a trained checkpoint costs to run (nanochat master's infer_bench): latency, throughput and how close
 decoding gets to the device's memory bandwidth, over a sweep of batch sizes. An evaluation beside the scores:
-GQA, sliding windows or a wider model show up here.
+GQA or a wider model show up here (sliding windows in the card: the Engine reads a power-of-two window of the cache
+in every layer and masks, so its steps do not get cheaper with them).
 
     python scripts/infer_bench.py -i base                          # the latest base checkpoint
     python scripts/infer_bench.py -i sft --batch-sizes 1,4,16 --decode-tokens 128
     python scripts/infer_bench.py -i base | tail -1 | jq .sweep    # the last line is all of it as JSON
 
-First a card of what the architecture implies: the bytes a decode step must read (the weights in the Engine's
-compute dtype, embedding tables only by the rows looked up, and each row's keys and values at the middle of the
+First a card of what the architecture implies: the bytes a decode step must read (the matrices in the Engine's
+compute dtype, the embedding lookups' few rows left out, and each row's keys and values at the middle of the
 generation, sliding windows capping theirs), the batch-1 ceiling (peak bandwidth / those bytes) and how many
-full-context rows fit beside the weights. Then the prompt's prefill at batch 1 (tokens/s, MFU), and per batch
-size (`batch` samples of one prompt, as the Engine and nanochat's run them): TTFT (the prompt to its first token),
-TPOT (per further token: the Engine decodes `chunk` tokens per compiled call and streams them together, so TPOT
-is (the time for N tokens - the time for 1) / (N - 1), not a median of single steps), decode tokens/s, MBU (the
-bytes a step must read over the step's time, against the peak bandwidth) and MFU (decode FLOPs against the peak),
-and the device's peak memory so far. Each time is the best of two runs after one that compiles. Greedy decoding
-by default; every row decodes exactly --decode-tokens tokens (the Engine is given the special tokens as ids past
-the vocabulary, so no row ends its turn early or calls the calculator).
+full-context rows fit beside the weights. Then per batch size (`batch` samples of one prompt, as the Engine and
+nanochat's run them), from the times of one streamed generation: the first column (the Engine decodes `chunk`
+tokens per compiled call and streams them together: when a chat user sees the first `chunk` tokens), TPOT (per
+token after it: (end - first column) / (N - chunk), so every chunk of the timed part runs on the same cache),
+TTFT (prefill and the first token: the first column less `chunk` TPOTs), decode tokens/s, MBU (the bytes a step
+must read over TPOT, against the peak bandwidth), MFU (decode FLOPs against the peak) and the device's peak memory
+so far in the process. Prefill (tokens/s, MFU) is batch 1's TTFT. Each figure is from the faster of two runs after
+one that compiles. Greedy by default; every row decodes exactly --decode-tokens tokens (the Engine is given the
+special tokens as ids past the vocabulary, so no row ends its turn early or calls the calculator).
 
 Peaks: the datasheet figures of targets.CHIPS for a known GPU / TPU kind; on a CPU the measured ones (a jitted
 sum over 256 MiB for the bandwidth, common.cpu_peak_flops for FLOP/s).
@@ -25,6 +27,7 @@ sum over 256 MiB for the bandwidth, common.cpu_peak_flops for FLOP/s).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 
@@ -56,7 +59,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     except ValueError:
         parser.error(f"--batch-sizes takes whole numbers separated by commas, got {args.batch_sizes!r}")
-    if min(args.batch_sizes) < 1 or args.prompt_tokens < 1 or (args.decode_tokens or 2) < 2 or args.chunk < 1:
+    if (min(args.batch_sizes) < 1 or args.prompt_tokens < 1 or args.chunk < 1
+            or (args.decode_tokens is not None and args.decode_tokens < 2)):
         parser.error("need batch sizes >= 1, --prompt-tokens >= 1, --decode-tokens >= 2 and --chunk >= 1")
     if not args.temperature >= 0:
         parser.error(f"--temperature must be >= 0, got {args.temperature}")
@@ -107,14 +111,17 @@ class NoStops:
         return self.vocab_size + 1
 
 
-def timed_generation(engine, prompt, batch: int, max_tokens: int, temperature: float) -> float:
-    """Best seconds of two runs generating max_tokens tokens for each of `batch` samples of the prompt."""
-    best = float("inf")
+def timed_stream(engine, prompt, batch: int, max_tokens: int, temperature: float) -> tuple[float, float]:
+    """(seconds to the first streamed column, seconds to the last) of the faster of two runs streaming max_tokens
+    columns of `batch` samples of the prompt."""
+    best = (float("inf"), float("inf"))
     for _ in range(2):
-        t0 = time.perf_counter()
-        rows, _ = engine.generate_batch(prompt, num_samples=batch, max_tokens=max_tokens, temperature=temperature)
-        best = min(best, time.perf_counter() - t0)
-        assert all(len(r) == len(prompt) + max_tokens for r in rows)
+        t0, first, columns = time.perf_counter(), None, 0
+        for _ in engine.generate(prompt, num_samples=batch, max_tokens=max_tokens, temperature=temperature):
+            first = first or time.perf_counter() - t0
+            columns += 1
+        assert columns == max_tokens
+        best = min(best, (first, time.perf_counter() - t0), key=lambda times: times[1])
     return best
 
 
@@ -134,15 +141,17 @@ def card(cfg, peaks: dict, prompt_len: int, decode_tokens: int) -> dict:
 
 
 def sweep_row(engine, prompt, batch: int, args, costs: dict, peaks: dict) -> dict:
-    """One batch size: TTFT, TPOT, tokens/s, MBU, MFU, peak memory."""
-    timed_generation(engine, prompt, batch, args.decode_tokens, args.temperature)  # compiles every window used
-    ttft = timed_generation(engine, prompt, batch, 1, args.temperature)
-    total = timed_generation(engine, prompt, batch, args.decode_tokens, args.temperature)
-    tpot = (total - ttft) / (args.decode_tokens - 1)
+    """One batch size: first column, TPOT, TTFT, tokens/s, MBU, MFU, peak memory."""
+    engine.generate_batch(prompt, num_samples=batch, max_tokens=args.decode_tokens,  # compiles every window used
+                          temperature=args.temperature)
+    first, end = timed_stream(engine, prompt, batch, args.decode_tokens, args.temperature)
+    tpot = (end - first) / (args.decode_tokens - args.chunk)
+    ttft = max(first - args.chunk * tpot, 0.0)
     step_bytes = costs["weight_bytes_per_step"] + batch * costs["kv_read_bytes_per_step"]
     step_flops = batch * costs["decode_flops_per_token"]
     stats = jax.devices()[0].memory_stats() or {}
-    return {"batch_size": batch, "ttft_sec": ttft, "tpot_sec": tpot, "tok_per_sec": batch / tpot,
+    return {"batch_size": batch, "ttft_sec": ttft, "first_column_sec": first, "tpot_sec": tpot,
+            "tok_per_sec": batch / tpot,
             "mbu_percent": 100 * step_bytes / tpot / peaks["peak_bandwidth"] if peaks["peak_bandwidth"] else None,
             "mfu_percent": 100 * step_flops / tpot / peaks["peak_flops"] if peaks["peak_flops"] else None,
             "peak_memory_bytes": stats.get("peak_bytes_in_use")}
@@ -155,9 +164,12 @@ def show(value, fmt: str) -> str:
 def main(argv=None) -> int:
     args = parse_args(argv)
     model, tokenizer, meta = load_checkpoint(args)
-    cfg = model_config_from_dict(meta["model"])
+    cfg = dataclasses.replace(model_config_from_dict(meta["model"]), compute_dtype=model.compute_dtype)  # as run here
     args.decode_tokens = args.decode_tokens or min(256, cfg.sequence_len // 2)
     print(f"settings: {json.dumps(vars(args))}")
+    if args.decode_tokens <= args.chunk:
+        raise UserError(f"--decode-tokens {args.decode_tokens} must be more than --chunk {args.chunk}: TPOT is timed "
+                        "over the chunks after the first")
     prompt_len = min(args.prompt_tokens, cfg.sequence_len - args.decode_tokens)
     if prompt_len < 1:
         raise UserError(f"--decode-tokens {args.decode_tokens} leaves no room for a prompt in the model's context "
@@ -182,19 +194,21 @@ def main(argv=None) -> int:
           f"{show(costs['ceiling_batch1_tok_per_sec'], ',.0f')} tok/s | full-context rows that fit: "
           f"{show(costs['max_full_context_rows'], ',')}")
 
-    timed_generation(engine, prompt, 1, 1, args.temperature)  # compiles
-    prefill_time = timed_generation(engine, prompt, 1, 1, args.temperature)
+    batch1 = sweep_row(engine, prompt, 1, args, costs, peaks)
+    prefill_time = batch1["ttft_sec"]
     prefill_mfu = prefill_flops(cfg, prompt_len) / prefill_time / peaks["peak_flops"] if peaks["peak_flops"] else None
     print(f"prefill (batch 1, {prompt_len} tokens): {prompt_len / prefill_time:,.0f} tok/s | MFU "
           f"{show(prefill_mfu and 100 * prefill_mfu, '.1f')}%")
-    header = " ".join(f"{name:>{width}}" for name, width in (("batch", 6), ("TTFT ms", 9), ("TPOT ms", 9), ("tok/s", 10),
-                                                             ("MBU %", 7), ("MFU %", 7), ("peak GiB", 9)))
+    header = " ".join(f"{name:>{width}}" for name, width in (
+        ("batch", 6), ("TTFT ms", 9), ("1st column ms", 13), ("TPOT ms", 9), ("tok/s", 10), ("MBU %", 7),
+        ("MFU %", 7), ("peak GiB", 9)))
     print(header + "\n" + "-" * len(header))
     sweep = []
     for batch in args.batch_sizes:
-        row = sweep_row(engine, prompt, batch, args, costs, peaks)
+        row = batch1 if batch == 1 else sweep_row(engine, prompt, batch, args, costs, peaks)
         sweep.append(row)
-        print(f"{batch:>6} {row['ttft_sec'] * 1e3:>9.1f} {row['tpot_sec'] * 1e3:>9.2f} {row['tok_per_sec']:>10,.0f} "
+        print(f"{batch:>6} {row['ttft_sec'] * 1e3:>9.1f} {row['first_column_sec'] * 1e3:>13.1f} "
+              f"{row['tpot_sec'] * 1e3:>9.2f} {row['tok_per_sec']:>10,.0f} "
               f"{show(row['mbu_percent'], '.1f'):>7} {show(row['mfu_percent'], '.2f'):>7} "
               f"{show(row['peak_memory_bytes'] and row['peak_memory_bytes'] / 2 ** 30, '.2f'):>9}")
     print(json.dumps({"source": args.source, "step": meta["step"], "model": meta["model"], **peaks, **costs,

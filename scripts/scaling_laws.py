@@ -13,8 +13,8 @@ tok_train.py), data shards, eval bundle and compile cache, so each downloads onc
 it ends (--keep-checkpoints keeps them). Its row goes to <home>/scaling/<label>/results.csv as soon as it ends, so a
 rerun with the same base_train arguments (sweep.json keeps them) trains only the pairs not there yet.
 
-A miniseries runs base_train.py with --model.depth only (the horizon is the config's: train.num_iterations, or
-train.target_param_data_ratio when it is -1), in <home>/scaling/<label>/d<depth>, and ends with the table, val bpb
+A miniseries runs base_train.py with --model.depth only (the horizon is the config's: train.num_iterations,
+train.target_flops or train.target_param_data_ratio, as base_train.py picks), in <home>/scaling/<label>/d<depth>, and ends with the table, val bpb
 and CORE over training FLOPs in miniseries.png; its rows' flops_budget is the FLOPs each run trained for.
 
 Then, for each budget with three depths or more, a parabola of val bpb over log(N), N the matmul parameters (the
@@ -51,7 +51,7 @@ COLUMNS = ("flops_budget", "depth", "width", "matmul_params", "params", "flops_p
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     """(the sweep's own options, the arguments passed through to base_train.py)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
-    p.add_argument("--flops", default="", help="training-FLOPs budgets, comma-separated (e.g. 1e18,1e19); none: a "
+    p.add_argument("--flops", default=None, help="training-FLOPs budgets, comma-separated (e.g. 1e18,1e19); none: a "
                    "miniseries")
     p.add_argument("--depths", required=True, help="model depths, comma-separated (e.g. 10,12,14)")
     p.add_argument("--label", default=None, help="the sweep's folder under <home>/scaling (default: sweep, or "
@@ -59,7 +59,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--keep-checkpoints", action="store_true")
     args, rest = p.parse_known_args(argv)
     try:
-        args.flops = sorted({float(f) for f in args.flops.split(",")}) if args.flops else []
+        args.flops = sorted({float(f) for f in args.flops.split(",")}) if args.flops is not None else []
         args.depths = sorted({int(d) for d in args.depths.split(",")})
     except ValueError:
         p.error(f"--flops {args.flops!r} and --depths {args.depths!r} must be comma-separated numbers")

@@ -41,9 +41,11 @@ def test_decode_and_prefill_costs_follow_the_windows():
 
 
 @pytest.mark.parametrize("kind, chip", [("NVIDIA H100 80GB HBM3", "h100"), ("NVIDIA H200", "h200"),
-                                        ("NVIDIA H100 PCIe", None), ("NVIDIA A100-SXM4-80GB", None),
-                                        ("TPU v6 lite", "v6e"), ("TPU v5 lite", "v5e"), ("TPU v5", "v5p"),
-                                        ("TPU v4", "v4"), ("cpu", None)])
+                                        ("NVIDIA H100 PCIe", None), ("NVIDIA H100 NVL", None),
+                                        ("NVIDIA GH200 480GB", None), ("NVIDIA A100-SXM4-80GB", None),
+                                        ("TPU v6 lite", "v6e"), ("TPU v6e", "v6e"), ("TPU v5 lite", "v5e"),
+                                        ("TPU v5e", "v5e"), ("TPU v5", "v5p"), ("TPU v5p", "v5p"), ("TPU v4", "v4"),
+                                        ("cpu", None)])
 def test_device_kinds_find_their_datasheet(kind, chip):
     assert chip_of(kind) is (CHIPS[chip] if chip else None)
 
@@ -66,11 +68,14 @@ def test_sweep_on_a_checkpoint_prints_a_card_a_table_and_json(home, capsys):
     assert [row["batch_size"] for row in result["sweep"]] == [1, 3]
     for row in result["sweep"]:
         batch, tpot = row["batch_size"], row["tpot_sec"]
-        assert 0 < tpot < row["ttft_sec"] * 10 and row["tok_per_sec"] == pytest.approx(batch / tpot)
+        assert 0 < tpot and 0 <= row["ttft_sec"] < row["first_column_sec"] and row["tok_per_sec"] == pytest.approx(
+            batch / tpot)
+        assert row["ttft_sec"] == pytest.approx(row["first_column_sec"] - 8 * tpot, abs=1e-12)  # chunk 8
         step_bytes = result["weight_bytes_per_step"] + batch * result["kv_read_bytes_per_step"]
         assert row["mbu_percent"] == pytest.approx(100 * step_bytes / tpot / result["peak_bandwidth"])
         flops = batch * decode_flops_per_token(cfg, 116)
         assert row["mfu_percent"] == pytest.approx(100 * flops / tpot / result["peak_flops"])
+    assert result["prefill"]["time_sec"] == result["sweep"][0]["ttft_sec"]  # batch 1's
     assert result["prefill"]["mfu_percent"] == pytest.approx(
         100 * prefill_flops(cfg, 104) / result["prefill"]["time_sec"] / result["peak_flops"])
 
@@ -80,11 +85,14 @@ def test_settings_that_cannot_run_are_refused(home, capsys):
     with pytest.raises(SystemExit):
         bench.parse_args(["--batch-sizes", "1,x"])
     assert "--batch-sizes takes whole numbers" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        bench.parse_args(["--decode-tokens", "1"])
+    for tokens in ("0", "1"):
+        with pytest.raises(SystemExit):
+            bench.parse_args(["--decode-tokens", tokens])
     save_tiny_checkpoint(home, random_model(), byte_tokenizer(), stage="base", step=1)
     with pytest.raises(bench.UserError, match="leaves no room for a prompt in the model's context of 128 tokens"):
         bench.main(["--decode-tokens", "128"])
+    with pytest.raises(bench.UserError, match="--decode-tokens 16 must be more than --chunk 16"):
+        bench.main(["--decode-tokens", "16"])
     capsys.readouterr()
     assert bench.main(["--batch-sizes", "2"]) == 0  # by default half the context (128) is generated
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

@@ -156,6 +156,7 @@ def test_each_run_links_the_homes_tokenizer_data_and_bundle(home, monkeypatch, f
     (["--flops", "1e15", "--depths", "2", "--model.depth=4"], "--model.depth is the sweep's to set"),
     (["--flops", "1e15", "--depths", "2", "--train.num_iterations=9"], "--train.num_iterations is the sweep's to set"),
     (["--depths", "2", "--model.depth=4"], "--model.depth is the sweep's to set"),  # a miniseries
+    (["--flops", "", "--depths", "2"], "must be comma-separated numbers"),  # (an empty variable: not a miniseries)
 ])
 def test_bad_options_are_one_line(args, message, capsys):
     with pytest.raises(SystemExit) as exit_:
