@@ -1,9 +1,11 @@
 """Test set-up: every test process sees 8 simulated CPU devices; fixtures build meshes and temp homes."""
 
 import atexit
+import importlib.util
 import os
 import shutil
 import tempfile
+from pathlib import Path
 
 # The tests' programs are tiny: LLVM's optimisations (level 2, XLA's default) cost more compile time than they save
 # at run time (the suite: about a third less CPU time at level 0), and so do XLA:CPU's fusion emitters (a tiny
@@ -33,6 +35,14 @@ from hypothesis import settings  # noqa: E402
 
 settings.register_profile("repeatable", derandomize=True)  # the same examples every run: CI cannot flake on a new one
 settings.load_profile("repeatable")
+
+
+def load_script(name: str, folder: str = "scripts"):
+    """The repo's folder/name.py imported as a module (its functions, not its `__main__`)."""
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / folder / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture

@@ -2,7 +2,6 @@
 step counts, and init_distributed staying off without its environment."""
 
 import gzip
-import importlib.util
 import json
 import logging
 import os
@@ -15,6 +14,7 @@ import jax
 import pytest
 
 from conftest import cpu_xla_flags
+from conftest import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
@@ -348,9 +348,7 @@ def test_recipe_bench_gives_both_recipes_the_same_flops():
     assert (first["matmul_params"], modern["matmul_params"]) == (3_670_016, 3_670_136)
     assert (first["table_params"], modern["table_params"]) == (2048 * 256, 3 * 2048 * 256)
     assert (first["params"], modern["params"]) == (4_194_304, 5_243_010)
-    spec = importlib.util.spec_from_file_location("base_train", ROOT / "scripts" / "base_train.py")
-    base_train = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(base_train)
+    base_train = load_script("base_train")
     for p in recipes.values():
         assert p["flops"] == p["steps"] * p["flops_per_token"] * 4096
         assert abs(p["flops"] - 8e12) <= p["flops_per_token"] * 4096 / 2  # within half a step of the budget

@@ -3,7 +3,6 @@ batches, a mesh), pass@k, ChatCORE arithmetic, task loading, and the base_eval /
 tiny checkpoint (including unavailable tasks and the offline bundle error)."""
 
 import dataclasses
-import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -24,6 +23,7 @@ from nanochat_jax.model import Linear, init_model
 from nanochat_jax.tasks import ARC, MMLU, Task, TaskDataError
 from nanochat_jax.tasks.base import read_jsonl
 from nanochat_jax.tokenizer import Tokenizer
+from conftest import load_script
 
 ROOT = Path(__file__).parent.parent
 TASKS = ROOT / "tests" / "fixtures" / "tasks"
@@ -197,13 +197,6 @@ def test_an_empty_task_file_is_unavailable_not_zero_percent(tmp_path):
 
 # ---------------------------------------------------------------------------------------------
 # The scripts on a tiny checkpoint
-
-
-def load_script(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def save_tiny_checkpoint(home, stage, depth=1, step=3):

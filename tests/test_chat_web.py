@@ -1,14 +1,13 @@
 """The web chat: streamed replies equal the Engine's greedy generation, multi-turn and tool-call rendering,
 request validation, the Gradio app served over HTTP, and scripts/chat_web.py's start-up."""
 
-import importlib.util
 import json
 import os
 import socket
 import urllib.request
-from pathlib import Path
 
 import pytest
+from conftest import load_script
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
@@ -223,11 +222,7 @@ def test_app_serves_its_page_and_chats_over_http(model, tokenizer):
 
 
 def load_chat_web():
-    path = Path(__file__).resolve().parents[1] / "scripts" / "chat_web.py"
-    spec = importlib.util.spec_from_file_location("chat_web", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("chat_web")
 
 
 def test_script_loads_once_and_launches_on_localhost(home, model, tokenizer, capsys, monkeypatch):

@@ -2,9 +2,7 @@
 sampling filters, and the calculator tool-use state machine."""
 
 import dataclasses
-import importlib.util
 import io
-from pathlib import Path
 
 import chex
 import jax
@@ -20,6 +18,7 @@ from nanochat_jax import engine as engine_module
 from nanochat_jax.engine import Engine, _decode_chunk, bucket, per_device_mesh, greedy, prompt_bucket, sample_tokens
 from nanochat_jax.model import GPT, Linear, init_model
 from nanochat_jax.tokenizer import Tokenizer
+from conftest import load_script
 
 N_BYTES = 256  # byte-level tokenizer: ids 0..255 are bytes, 256.. are the special tokens
 
@@ -373,11 +372,7 @@ def test_max_tokens_stops_inside_forced_output(tokenizer):
 
 
 def load_chat_cli():
-    path = Path(__file__).resolve().parents[1] / "scripts" / "chat_cli.py"
-    spec = importlib.util.spec_from_file_location("chat_cli", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("chat_cli")
 
 
 def test_chat_respond_keeps_tool_calls_as_parts(tokenizer):

@@ -3,7 +3,6 @@ clear errors for what the format cannot hold, the two scripts; and, where torch 
 logits and token ids equal to transformers' own NanoChat."""
 
 import dataclasses
-import importlib.util
 import itertools
 import json
 from pathlib import Path
@@ -20,6 +19,7 @@ from nanochat_jax.common import UserError
 from nanochat_jax.config import ModelConfig
 from nanochat_jax.model import EPS, init_model
 from nanochat_jax.tokenizer import SPECIAL_TOKENS, Tokenizer
+from conftest import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 600
@@ -73,13 +73,6 @@ def our_logits(cfg, params, ids) -> np.ndarray:
 
 def random_ids(cfg, seed=0, shape=(3, 48)) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, cfg.vocab_size, shape)
-
-
-def load_script(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 # ---------------------------------------------------------------------------------------------

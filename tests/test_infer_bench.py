@@ -1,9 +1,7 @@
 """scripts/infer_bench.py and the cost accounting it reads from model.py: FLOPs and KV bytes by formula, checked
 against each other and by hand; the sweep on a saved tiny checkpoint; the device table it takes peaks from."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
@@ -12,17 +10,10 @@ from nanochat_jax.model import (attended_positions, decode_flops_per_token, head
                                 padded_vocab, prefill_flops)
 from nanochat_jax.targets import CHIPS, chip_of
 from test_engine import byte_tokenizer, random_model, save_tiny_checkpoint, tiny_config
+from conftest import load_script
 
 WINDOWED = ModelConfig(depth=4, aspect_ratio=32, head_dim=32, n_kv_head=1, vocab_size=300, sequence_len=1024,
                        window_pattern="SL", compute_dtype="bfloat16")  # short window: 1024 / 4 = 256 positions
-
-
-def load_infer_bench():
-    path = Path(__file__).resolve().parents[1] / "scripts" / "infer_bench.py"
-    spec = importlib.util.spec_from_file_location("infer_bench", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_decode_and_prefill_costs_follow_the_windows():
@@ -54,7 +45,7 @@ def test_sweep_on_a_checkpoint_prints_a_card_a_table_and_json(home, capsys):
     """Every row decodes exactly --decode-tokens (no early stop on the random model's special tokens); the JSON
     line carries the card and the sweep, MBU and MFU follow from the card's bytes and FLOPs and the timings."""
     save_tiny_checkpoint(home, random_model(), byte_tokenizer(), stage="sft", step=3)
-    bench = load_infer_bench()
+    bench = load_script("infer_bench")
     assert bench.main(["-i", "sft", "--batch-sizes", "1,3", "--decode-tokens", "24", "--chunk", "8"]) == 0
     out = capsys.readouterr().out
     assert "prompt cut to 104 tokens" in out and "prefill (batch 1, 104 tokens)" in out  # 128 - 24
@@ -81,7 +72,7 @@ def test_sweep_on_a_checkpoint_prints_a_card_a_table_and_json(home, capsys):
 
 
 def test_settings_that_cannot_run_are_refused(home, capsys):
-    bench = load_infer_bench()
+    bench = load_script("infer_bench")
     with pytest.raises(SystemExit):
         bench.parse_args(["--batch-sizes", "1,x"])
     assert "--batch-sizes takes whole numbers" in capsys.readouterr().err

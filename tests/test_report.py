@@ -1,13 +1,13 @@
 """report.md from fixture stage files: the summary table cell by cell, PNG plots, sections, wall time and
 cost; log_section; reset; the scripts/report.py entry point."""
 
-import importlib.util
 import shutil
 from pathlib import Path
 
 import pytest
 
 from nanochat_jax import report
+from conftest import load_script
 
 ROOT = Path(__file__).parent.parent
 FIXTURES = ROOT / "tests" / "fixtures" / "report"
@@ -113,9 +113,7 @@ def test_log_section_is_included(home):
 
 
 def test_script_generate_and_reset(filled, capsys):
-    spec = importlib.util.spec_from_file_location("report_script", ROOT / "scripts" / "report.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("report")
     script.main(["generate"])  # base training ran on 8 GPUs: $3 per GPU-hour, nanochat's $24/hour
     assert "Estimated cost: $86.00 (at $24.00/hour)" in (filled / "report.md").read_text()
     script.main(["generate", "--hourly-price", "12"])
@@ -145,9 +143,7 @@ def test_plot_curves_per_stage_metrics(tmp_path):
 @pytest.mark.parametrize("price", ["-5", "nan", "inf"])
 def test_script_refuses_a_price_that_is_no_price(filled, capsys, price):
     """--hourly-price -5 wrote "Estimated cost: $-17.92 (at $-5.00/hour)" (nan, inf: $nan, $inf) into report.md."""
-    spec = importlib.util.spec_from_file_location("report_script", ROOT / "scripts" / "report.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("report")
     with pytest.raises(SystemExit) as exit_info:
         script.main(["generate", f"--hourly-price={price}"])
     assert exit_info.value.code == 2

@@ -2,7 +2,6 @@
 that learns its rewarded answer, the cpu task's rewards, and chat_rl.py end to end on a tiny checkpoint."""
 
 import dataclasses
-import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -23,6 +22,7 @@ from nanochat_jax.tasks.corpuschat import WordProblems
 from nanochat_jax.tasks.gsm8k import extract_answer
 from nanochat_jax.tokenizer import Tokenizer
 from nanochat_jax.train import TrainRun
+from conftest import load_script
 
 ROOT = Path(__file__).resolve().parent.parent
 V = 256 + 9  # byte tokenizer + special tokens
@@ -202,10 +202,7 @@ def save_tiny_checkpoint(home, model, tokenizer, stage="sft", step=3):
 
 
 def load_chat_rl():
-    spec = importlib.util.spec_from_file_location("chat_rl", ROOT / "scripts" / "chat_rl.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("chat_rl")
 
 
 def test_chat_rl_end_to_end_and_resume(home, tokenizer, monkeypatch):

@@ -7,7 +7,6 @@ take the highest count, ties going to the smallest (left_id, right_id) pair.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -20,6 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import rust_bpe
+from conftest import load_script
 
 tiktoken = pytest.importorskip("tiktoken")
 
@@ -69,10 +69,7 @@ def train(texts, vocab_size, **kw):
 
 
 def load_bench():
-    spec = importlib.util.spec_from_file_location("bench_tokenizer", ROOT / "bench" / "tokenizer.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("tokenizer", "bench")
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,6 @@
 options it refuses, and (slow) a real sweep of base_train.py runs on CPU."""
 
 import dataclasses
-import importlib.util
 import json
 import math
 import subprocess
@@ -13,11 +12,10 @@ import numpy as np
 import pytest
 
 from nanochat_jax.config import load_config
+from conftest import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("scaling_laws", ROOT / "scripts" / "scaling_laws.py")
-scaling_laws = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(scaling_laws)
+scaling_laws = load_script("scaling_laws")
 
 
 def law_rows(budgets, params, exponent=0.5, n0=1e6):

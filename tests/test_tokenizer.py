@@ -1,7 +1,6 @@
 """Tokenizer: training, save/load, encoding vs independent references, token bytes, chat rendering, scripts."""
 
 import copy
-import importlib.util
 import itertools
 import json
 import types
@@ -19,6 +18,7 @@ from nanochat_jax.tokenizer import (
     SPECIAL_TOKENS, SPLIT_PATTERN, Tokenizer, TokenizerCorrupt, load_tokenizer, token_bytes,
 )
 from nanochat_jax.common import UserError
+from conftest import load_script
 
 VOCAB = 700
 ROOT = Path(__file__).resolve().parents[1]
@@ -246,13 +246,6 @@ def test_render_for_completion_needs_assistant_last(tok):
 
 # ---------------------------------------------------------------------------------------------
 # Scripts
-
-
-def load_script(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_capped_texts():
