@@ -9,6 +9,9 @@
 #   bash bench/gpu_suite.sh decode       # d20 batch-1 and batch-32 decode against the bandwidth bound
 #   bash bench/gpu_suite.sh fp8 DEPTH    # the train step without and with train.fp8 (master's --fp8), one
 #                                        #   process each, and the tokens/s ratio (Hopper and newer)
+#   bash bench/gpu_suite.sh infer DEPTH  # scripts/infer_bench.py on a freshly initialised d20-shaped model
+#                                        #   (bf16) saved as a base checkpoint with a stand-in tokenizer of the
+#                                        #   same vocabulary (bytes and byte pairs): TTFT, TPOT, MBU per batch size
 # NANOCHAT_DIR: a checkout of karpathy/nanochat kept outside this repository (its nanochat/ package).
 # Logs and JSON go to $OUT (the device tool's folder) or bench_out/.
 set -uo pipefail
@@ -75,7 +78,32 @@ print(f"RATIO fp8/bf16 tokens/s = {fp8['tokens_per_sec'] / bf16['tokens_per_sec'
       f"vs {bf16['tokens_per_sec']:,.0f}); loss after the steps {fp8['loss_last']:.4f} vs {bf16['loss_last']:.4f}")
 EOF
   ;;
+infer)
+  # a scratch home (its checkpoints and tokenizer are replaced); config overrides after DEPTH shrink it for tests
+  export NANOCHAT_JAX_HOME=${INFER_HOME:-/tmp/gpu_suite_infer_home}
+  rm -rf "$NANOCHAT_JAX_HOME/checkpoints" "$NANOCHAT_JAX_HOME/tokenizer"
+  $PY - "$depth" "${@:3}" <<'EOF' 2>&1 | log || exit 1
+import dataclasses, itertools, sys
+import jax, optax
+from flax import nnx
+from nanochat_jax.checkpoint import Checkpointer, checkpoint_dir
+from nanochat_jax.config import load_config
+from nanochat_jax.model import init_model, runnable_on
+from nanochat_jax.tokenizer import SPECIAL_TOKENS, Tokenizer, default_tokenizer_dir
+cfg = load_config(["--config", "configs/d20.toml", "--model.compute_dtype=bfloat16", *sys.argv[2:]])
+model_cfg = runnable_on(dataclasses.replace(cfg.model, depth=int(sys.argv[1])), jax.devices()[0].platform)
+tokens = [bytes([i]) for i in range(256)] + [bytes(p) for p in itertools.product(range(256), repeat=2)]
+tokenizer = Tokenizer({t: i for i, t in enumerate(tokens[:model_cfg.vocab_size - len(SPECIAL_TOKENS)])})
+tokenizer.save(default_tokenizer_dir())
+params = nnx.to_pure_dict(nnx.split(init_model(model_cfg), nnx.Param)[1])
+ckpt = Checkpointer(checkpoint_dir("base", model_cfg.depth))
+ckpt.save(0, params, optax.sgd(0.1).init(params), {}, {"step": 0, "stage": "base", "model": dataclasses.asdict(model_cfg)})
+ckpt.close()
+print(f"saved a fresh depth-{model_cfg.depth} model ({model_cfg.vocab_size:,}-token vocabulary) as a base checkpoint")
+EOF
+  $PY scripts/infer_bench.py -i base --depth "$depth" --batch-sizes "${BATCH_SIZES:-1,8,32,128}" 2>&1 | log
+  ;;
 *)
-  echo "unknown stage '$stage' (env, train, decode, fp8)" >&2; exit 2
+  echo "unknown stage '$stage' (env, train, decode, fp8, infer)" >&2; exit 2
   ;;
 esac

@@ -16,7 +16,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-import rust_bpe
 import tiktoken
 
 from nanochat_jax.common import UserError, artifacts_dir, write_atomically
@@ -62,6 +61,8 @@ class Tokenizer:
         if n_merged < 256:
             raise ValueError(f"vocab_size={vocab_size} must be >= {256 + len(SPECIAL_TOKENS)} "
                              f"(256 byte tokens + {len(SPECIAL_TOKENS)} special tokens)")
+        import rust_bpe  # (only training needs the Rust trainer: a machine that only loads tokenizers may lack it)
+
         trainer = rust_bpe.Tokenizer()
         trainer.train_from_iterator(texts, n_merged, buffer_size=buffer_size, pattern=SPLIT_PATTERN)
         ranks = {bytes(token): rank for token, rank in trainer.get_mergeable_ranks()}

@@ -225,7 +225,7 @@ def test_serve_bench_refuses_turns_without_gaps(capsys):
 
 
 def test_gpu_suite_stages_run_on_cpu(tmp_path):
-    """bench/gpu_suite.sh's train and decode stages, shrunk by overrides, run end to end here (CPU backend), so
+    """bench/gpu_suite.sh's train, decode, fp8 and infer stages, shrunk by overrides, run end to end here (CPU backend), so
     the one-call-per-stage GPU script does not rot between the sessions that have a GPU. The GPU machine's Python
     has no rust_bpe, grain, gradio or datasets: stubs that refuse to import stand in for them here."""
     missing = tmp_path / "missing"
@@ -253,6 +253,14 @@ def test_gpu_suite_stages_run_on_cpu(tmp_path):
     log = (tmp_path / "fp8.log").read_text()
     assert fp8.returncode == 0 and "fp8=true: fp8 training: 7 of 7 linear layers" in log, log[-2000:]
     assert re.search(r"RATIO fp8/bf16 tokens/s = [0-9.]+ \([0-9,]+ vs [0-9,]+\)", log), log[-2000:]
+    infer = subprocess.run([*suite, "infer", "1", "--model.sequence_len=64", "--model.vocab_size=1024",
+                            "--model.aspect_ratio=32", "--model.compute_dtype=float32"],
+                           env={**env, "BATCH_SIZES": "1,2", "INFER_HOME": str(tmp_path / "home")},
+                           capture_output=True, text=True, timeout=300)
+    log = (tmp_path / "infer.log").read_text()
+    assert infer.returncode == 0 and "a fresh depth-1 model (1,024-token vocabulary)" in log, log[-2000:]
+    result = json.loads(log.strip().splitlines()[-1])  # infer_bench's last line
+    assert [row["batch_size"] for row in result["sweep"]] == [1, 2] and result["decode_tokens"] == 32
     unknown = subprocess.run([*suite, "nonsense"], env=env, capture_output=True, text=True, timeout=60)
     assert unknown.returncode == 2 and "unknown stage 'nonsense'" in unknown.stderr
 
