@@ -81,10 +81,11 @@ EOF
 infer)
   # a scratch home (its checkpoints and tokenizer are replaced); config overrides after DEPTH shrink it for tests
   export NANOCHAT_JAX_HOME=${INFER_HOME:-/tmp/gpu_suite_infer_home}
+  unset NANOCHAT_JAX_CHECKPOINTS  # (the checkpoint goes into the scratch home, not a real run's folder)
   rm -rf "$NANOCHAT_JAX_HOME/checkpoints" "$NANOCHAT_JAX_HOME/tokenizer"
   $PY - "$depth" "${@:3}" <<'EOF' 2>&1 | log || exit 1
 import dataclasses, itertools, sys
-import jax, optax
+import jax
 from flax import nnx
 from nanochat_jax.checkpoint import Checkpointer, checkpoint_dir
 from nanochat_jax.config import load_config
@@ -97,11 +98,11 @@ tokenizer = Tokenizer({t: i for i, t in enumerate(tokens[:model_cfg.vocab_size -
 tokenizer.save(default_tokenizer_dir())
 params = nnx.to_pure_dict(nnx.split(init_model(model_cfg), nnx.Param)[1])
 ckpt = Checkpointer(checkpoint_dir("base", model_cfg.depth))
-ckpt.save(0, params, optax.sgd(0.1).init(params), {}, {"step": 0, "stage": "base", "model": dataclasses.asdict(model_cfg)})
+ckpt.save(0, params, None, {}, {"step": 0, "stage": "base", "model": dataclasses.asdict(model_cfg)})
 ckpt.close()
 print(f"saved a fresh depth-{model_cfg.depth} model ({model_cfg.vocab_size:,}-token vocabulary) as a base checkpoint")
 EOF
-  $PY scripts/infer_bench.py -i base --depth "$depth" --batch-sizes "${BATCH_SIZES:-1,8,32,128}" 2>&1 | log
+  $PY scripts/infer_bench.py -i base --depth "$depth" -s 0 --batch-sizes "${BATCH_SIZES:-1,8,32,128}" 2>&1 | log
   ;;
 *)
   echo "unknown stage '$stage' (env, train, decode, fp8, infer)" >&2; exit 2

@@ -60,6 +60,7 @@ def make_mesh():
 
 @pytest.fixture
 def home(tmp_path, monkeypatch):
-    """A fresh artifacts home for the test."""
+    """A fresh artifacts home for the test (checkpoints in it too, whatever the developer's environment says)."""
     monkeypatch.setenv("NANOCHAT_JAX_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("NANOCHAT_JAX_CHECKPOINTS", raising=False)
     return tmp_path / "home"
