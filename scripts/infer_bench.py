@@ -11,14 +11,15 @@ First a card of what the architecture implies: the bytes a decode step must read
 compute dtype, the embedding lookups' few rows left out, and each row's keys and values at the middle of the
 generation, sliding windows capping theirs), the batch-1 ceiling (peak bandwidth / those bytes) and how many
 full-context rows fit beside the weights. Then per batch size (`batch` samples of one prompt, as the Engine and
-nanochat's run them), from the times of one streamed generation: the first column (the Engine decodes `chunk`
-tokens per compiled call and streams them together: when a chat user sees the first `chunk` tokens), TPOT (per
-token after it: (end - first column) / (N - chunk), so every chunk of the timed part runs on the same cache),
-TTFT (prefill and the first token: the first column less `chunk` TPOTs), decode tokens/s, MBU (the bytes a step
-must read over TPOT, against the peak bandwidth), MFU (decode FLOPs against the peak) and the device's peak memory
-so far in the process. Prefill (tokens/s, MFU) is batch 1's TTFT. Each figure is from the faster of two runs after
-one that compiles. Greedy by default; every row decodes exactly --decode-tokens tokens (the Engine is given the
-special tokens as ids past the vocabulary, so no row ends its turn early or calls the calculator).
+nanochat's run them): TTFT (until an Engine that streams every token, chunk 1, yields the first one: prefill and
+one decode step, with the KV cache of the whole generation), the first column (the Engine decodes `chunk` tokens
+per compiled call and streams them together: when a chat user sees the first `chunk` tokens), TPOT (per token after
+it in the same stream: (end - first column) / (N - chunk), every chunk on the same cache), decode tokens/s, MBU (the
+bytes a step must read over TPOT, against the peak bandwidth), MFU (decode FLOPs against the peak) and the device's
+peak memory so far in the process. Prefill (tokens/s, MFU) is batch 1's TTFT (so with one decode step in it).
+Each figure is from the faster of two runs after one that compiles. Greedy by default; every row decodes exactly
+--decode-tokens tokens (the Engines are given the special tokens as ids past the vocabulary, so no row ends its
+turn early or calls the calculator).
 
 Peaks: the datasheet figures of targets.CHIPS for a known GPU / TPU kind; on a CPU the measured ones (a jitted
 sum over 256 MiB for the bandwidth, common.cpu_peak_flops for FLOP/s).
@@ -140,13 +141,28 @@ def card(cfg, peaks: dict, prompt_len: int, decode_tokens: int) -> dict:
             "max_full_context_rows": rows}
 
 
-def sweep_row(engine, prompt, batch: int, args, costs: dict, peaks: dict) -> dict:
-    """One batch size: first column, TPOT, TTFT, tokens/s, MBU, MFU, peak memory."""
+def first_token_seconds(engine, prompt, batch: int, max_tokens: int, temperature: float) -> float:
+    """Seconds until `engine` streams its first column (of `batch` samples of the prompt, max_tokens each), the
+    faster of two runs after one that compiles."""
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        stream = engine.generate(prompt, num_samples=batch, max_tokens=max_tokens, temperature=temperature)
+        next(stream)
+        times.append(time.perf_counter() - t0)
+        stream.close()
+    return min(times[1:])
+
+
+def sweep_row(engines, prompt, batch: int, args, costs: dict, peaks: dict) -> dict:
+    """One batch size: TTFT (the chunk-1 Engine of `engines`), first column, TPOT, tokens/s, MBU, MFU, peak
+    memory."""
+    engine, token_by_token = engines
     engine.generate_batch(prompt, num_samples=batch, max_tokens=args.decode_tokens,  # compiles every window used
                           temperature=args.temperature)
     first, end = timed_stream(engine, prompt, batch, args.decode_tokens, args.temperature)
     tpot = (end - first) / (args.decode_tokens - args.chunk)
-    ttft = max(first - args.chunk * tpot, 0.0)
+    ttft = first_token_seconds(token_by_token, prompt, batch, args.decode_tokens, args.temperature)
     step_bytes = costs["weight_bytes_per_step"] + batch * costs["kv_read_bytes_per_step"]
     step_flops = batch * costs["decode_flops_per_token"]
     stats = jax.devices()[0].memory_stats() or {}
@@ -178,7 +194,7 @@ def main(argv=None) -> int:
         print(f"note: prompt cut to {prompt_len} tokens so that it and the generation fit the context "
               f"({cfg.sequence_len})")
     prompt = prompt_tokens(tokenizer, prompt_len)
-    engine = Engine(model, NoStops(tokenizer), chunk=args.chunk)
+    engines = Engine(model, NoStops(tokenizer), chunk=args.chunk), Engine(model, NoStops(tokenizer), chunk=1)
     peaks = device_peaks(cfg.compute_dtype)
     costs = card(cfg, peaks, prompt_len, args.decode_tokens)
     print(f"model: {args.source} step {meta['step']} | depth {cfg.depth}, width {cfg.n_embd}, heads {cfg.n_head}, "
@@ -194,7 +210,7 @@ def main(argv=None) -> int:
           f"{show(costs['ceiling_batch1_tok_per_sec'], ',.0f')} tok/s | full-context rows that fit: "
           f"{show(costs['max_full_context_rows'], ',')}")
 
-    batch1 = sweep_row(engine, prompt, 1, args, costs, peaks)
+    batch1 = sweep_row(engines, prompt, 1, args, costs, peaks)
     prefill_time = batch1["ttft_sec"]
     prefill_mfu = prefill_flops(cfg, prompt_len) / prefill_time / peaks["peak_flops"] if peaks["peak_flops"] else None
     print(f"prefill (batch 1, {prompt_len} tokens): {prompt_len / prefill_time:,.0f} tok/s | MFU "
@@ -205,7 +221,7 @@ def main(argv=None) -> int:
     print(header + "\n" + "-" * len(header))
     sweep = []
     for batch in args.batch_sizes:
-        row = batch1 if batch == 1 else sweep_row(engine, prompt, batch, args, costs, peaks)
+        row = batch1 if batch == 1 else sweep_row(engines, prompt, batch, args, costs, peaks)
         sweep.append(row)
         print(f"{batch:>6} {row['ttft_sec'] * 1e3:>9.1f} {row['first_column_sec'] * 1e3:>13.1f} "
               f"{row['tpot_sec'] * 1e3:>9.2f} {row['tok_per_sec']:>10,.0f} "
