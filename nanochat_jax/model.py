@@ -28,6 +28,7 @@ fp8 products (`fp8_matmul`, master's --fp8), which the train step's copy of the 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import flax.struct
@@ -37,7 +38,7 @@ from flax import nnx
 
 from nanochat_jax import splash
 from nanochat_jax.config import ConfigError, ModelConfig
-from nanochat_jax.sharding import constrain, shard_count
+from nanochat_jax.sharding import constrain, shard_count, tensor_shards
 
 VE_GATE_CHANNELS, SMEAR_GATE_CHANNELS = 12, 24  # the leading channels the value-embedding and smear gates read
 ACTIVATION_AXES = ("batch", "sequence", "embed_act")  # the residual stream (B, T, C): rows over (data, fsdp)
@@ -151,28 +152,44 @@ def fp8_product(a, b, contract: tuple[int, int], dtype) -> jax.Array:
     return (out.astype(jnp.float32) * (a_inv * b_inv)).astype(dtype)
 
 
-@jax.custom_vjp
-def fp8_matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def fp8_matmul(x: jax.Array, kernel: jax.Array, out_axis: str | None = None) -> jax.Array:
     """matmul's three products with fp8 operands, as nanochat master's --fp8 (its "tensorwise" recipe): x and the
     kernel in float8_e4m3fn, the output gradient in float8_e5m2, each under one scale per tensor computed from the
     tensor itself (under model.loss_chunk the lm_head's x and gradient get one per chunk). On CPUs XLA emulates the
     same rounding. Two differences from master's torch._scaled_mm: the kernel is rounded to the compute dtype before
     fp8 (as every product here casts it), and in bf16 the output and the input gradient are rounded to bf16 before
     they are unscaled (see fp8_product; the weight gradient is rounded once). The backward pass keeps the fp8 tensors
-    as residuals."""
-    return _fp8_matmul_fwd(x, kernel)[0]
+    as residuals. out_axis: the logical axis name of the kernel's output features (see fp8_input_gradient)."""
+    return _fp8_matmul_fwd(x, kernel, out_axis)[0]
 
 
-def _fp8_matmul_fwd(x, kernel):
+def _fp8_matmul_fwd(x, kernel, out_axis):
     xq, kq = to_fp8(x, jnp.float8_e4m3fn), to_fp8(kernel, jnp.float8_e4m3fn)
     return fp8_product(xq, kq, (x.ndim - 1, 0), x.dtype), (xq, kq)
 
 
-def _fp8_matmul_bwd(residuals, g):
+def _fp8_matmul_bwd(out_axis, residuals, g):
     (xq, x_inv), kq = residuals
     gq, g_inv = to_fp8(g, jnp.float8_e5m2)
-    dx = fp8_product((gq, g_inv), kq, (g.ndim - 1, 1), g.dtype)  # g @ kernel^T
+    dx = fp8_input_gradient((gq, g_inv), kq, out_axis, g.dtype)
     return dx, fp8_weight_gradient((gq, g_inv), (xq, x_inv), g.dtype)
+
+
+def fp8_input_gradient(g, kernel, out_axis: str | None, dtype) -> jax.Array:
+    """g @ kernel^T from fp8 g and kernel, in `dtype`. Where tensor parallelism splits the output features
+    (out_axis), the product of each device's part comes out in fp32, is unscaled and rounded, and then the parts are
+    summed: XLA then adds the parts of the products of one input (q, k and v) before it sums them over devices, as
+    for plain products (unscaled after the sum, each was all-reduced on its own)."""
+    (gq, g_inv), (kq, k_inv) = g, kernel
+    n = tensor_shards(out_axis) if out_axis else 1
+    if n == 1 or kq.shape[1] % n:
+        return fp8_product(g, kernel, (gq.ndim - 1, 1), dtype)
+    parts = gq.reshape(*gq.shape[:-1], n, -1), kq.reshape(kq.shape[0], n, -1)  # (..., n, out / n), (in, n, out / n)
+    dims = (((gq.ndim,), (2,)), ((gq.ndim - 1,), (1,)))
+    per_part = jax.lax.dot_general(*parts, dims, preferred_element_type=jnp.float32)  # (n, ..., in)
+    unscaled = (per_part * (g_inv * k_inv)).astype(dtype)
+    return jax.lax.reduce(unscaled, jnp.zeros((), dtype), jax.lax.add, (0,))
 
 
 def fp8_weight_gradient(g, x, dtype) -> jax.Array:
@@ -207,7 +224,9 @@ class Linear(nnx.Module):
 
     def product(self, x: jax.Array, kernel: jax.Array) -> jax.Array:
         """x @ kernel (this layer's kernel, or a view of it) in x's dtype, in fp8 where this layer trains so."""
-        return (fp8_matmul if self.fp8 else matmul)(x, kernel.astype(x.dtype))
+        if self.fp8:
+            return fp8_matmul(x, kernel.astype(x.dtype), self.kernel.axes[1])
+        return matmul(x, kernel.astype(x.dtype))
 
 
 def train_in_fp8(model: nnx.Module) -> tuple[int, int]:

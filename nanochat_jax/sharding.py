@@ -143,6 +143,12 @@ def shard_count(name: str) -> int:
     return 1 if mesh.empty else _axis_size(mesh, LOGICAL_RULES[name])
 
 
+def tensor_shards(name: str) -> int:
+    """How many ways tensor parallelism splits the logical axis `name` under the current `jax.set_mesh`: a product
+    over it is summed across devices (FSDP's splits of a weight are gathered before use, not summed); 1 otherwise."""
+    return shard_count(name) if LOGICAL_RULES.get(name) == "tensor" else 1
+
+
 def constrain(x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
     """Pin an activation's sharding by logical names while tracing under `jax.set_mesh(mesh)`; else (and inside
     a shard_map, whose code sees one device's part) a no-op.

@@ -393,15 +393,16 @@ def test_fp8_matmul_equals_masters_tensorwise_recipe():
                                   bf16((xq16.reshape(-1, 256).T @ gq16.reshape(-1, 128)) * (x16_inv * g16_inv)))
 
 
-@pytest.mark.parametrize("rows", [4, 3])
-def test_fp8_weight_gradient_on_a_mesh_equals_one_device(make_mesh, rows):
+@pytest.mark.parametrize("rows, mesh", [(4, (2, 2, 1)), (3, (2, 2, 1)), (4, (2, 1, 2))])
+def test_fp8_gradients_on_a_mesh_equal_one_device(make_mesh, rows, mesh):
     """Under a mesh the weight gradient is unscaled per shard of the rows before the shards are summed (4 rows on
-    data x fsdp = 2 x 2); rows the mesh does not split (3) are one shard. Both give the single device's gradient."""
+    data x fsdp = 2 x 2; rows the mesh does not split, 3, are one shard), and the input gradient per part of the
+    output features tensor parallelism splits (data x tensor = 2 x 2). All give the single device's gradients."""
     x = jax.random.normal(jax.random.key(0), (rows, 5, 128))
     w = jax.random.normal(jax.random.key(1), (128, 128)) * 0.05
-    grad = jax.jit(jax.grad(lambda x, w: jnp.sum(jnp.sin(fp8_matmul(x, w))), argnums=(0, 1)))
+    grad = jax.jit(jax.grad(lambda x, w: jnp.sum(jnp.sin(fp8_matmul(x, w, "heads"))), argnums=(0, 1)))
     single = grad(x, w)
-    with jax.set_mesh(make_mesh(data=2, fsdp=2)):
+    with jax.set_mesh(make_mesh(*mesh)):
         sharded = grad(x, w)
     chex.assert_trees_all_close(sharded, single, rtol=1e-5, atol=1e-5)
 
