@@ -34,7 +34,7 @@ import numpy as np  # noqa: E402
 
 from nanochat_jax import engine as engine_lib  # noqa: E402
 from nanochat_jax.config import ModelConfig  # noqa: E402
-from nanochat_jax.model import head_dim, init_model, matmul_params, num_params  # noqa: E402
+from nanochat_jax.model import decode_weight_bytes, init_model, kv_bytes, num_params  # noqa: E402
 from nanochat_jax.scheduler import serving_engine, split_cpu  # noqa: E402
 
 
@@ -54,10 +54,7 @@ class _NoSpecialsTokenizer:
 def bandwidth_bound(cfg: ModelConfig, batch: int, live_len: float, bandwidth_gbs: float) -> float:
     """Decode tokens/s if every step only had to stream the weights and the live part of the KV cache (live_len
     positions per row, the average over the generation) from memory."""
-    param_bytes = min(jnp.dtype(cfg.param_dtype).itemsize, jnp.dtype(cfg.compute_dtype).itemsize)  # engine casts
-    weight_bytes = matmul_params(cfg) * param_bytes  # embedding tables: gathered rows only
-    cache_bytes = 2 * cfg.n_layer * batch * live_len * cfg.n_kv_heads * head_dim(cfg) * jnp.dtype(cfg.compute_dtype).itemsize
-    return batch * bandwidth_gbs * 1e9 / (weight_bytes + cache_bytes)
+    return batch * bandwidth_gbs * 1e9 / (decode_weight_bytes(cfg) + batch * live_len * kv_bytes(cfg, 1))
 
 
 def main(argv=None) -> None:

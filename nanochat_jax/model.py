@@ -188,8 +188,7 @@ def fp8_input_gradient(g, kernel, out_axis: str | None, dtype) -> jax.Array:
     parts = gq.reshape(*gq.shape[:-1], n, -1), kq.reshape(kq.shape[0], n, -1)  # (..., n, out / n), (in, n, out / n)
     dims = (((gq.ndim,), (2,)), ((gq.ndim - 1,), (1,)))
     per_part = jax.lax.dot_general(*parts, dims, preferred_element_type=jnp.float32)  # (n, ..., in)
-    unscaled = (per_part * (g_inv * k_inv)).astype(dtype)
-    return jax.lax.reduce(unscaled, jnp.zeros((), dtype), jax.lax.add, (0,))
+    return _sum_unscaled(per_part, g_inv * k_inv, dtype)
 
 
 def fp8_weight_gradient(g, x, dtype) -> jax.Array:
@@ -199,12 +198,18 @@ def fp8_weight_gradient(g, x, dtype) -> jax.Array:
     does for plain products (unscaling after the sum kept one all-reduce of the weight gradients in every
     micro-step: 3.2x the bytes at d24 on 8 GPUs, bench/RESULTS.md)."""
     (gq, g_inv), (xq, x_inv) = g, x
-    n = shard_count("batch") if gq.shape[0] % shard_count("batch") == 0 else 1  # (rows the mesh does not split)
+    n = shard_count("batch")
+    n = n if gq.shape[0] % n == 0 else 1  # (rows the mesh does not split: one shard)
     shards = lambda q: q.reshape(n, -1, q.shape[-1])  # noqa: E731  (rows first: each shard its own rows)
     dims = (((1,), (1,)), ((0,), (0,)))
     per_shard = jax.lax.dot_general(shards(gq), shards(xq), dims, preferred_element_type=jnp.float32)
-    unscaled = (per_shard * (g_inv * x_inv)).astype(dtype)
-    return jax.lax.reduce(unscaled, jnp.zeros((), dtype), jax.lax.add, (0,)).T  # in dtype (jnp.sum sums bf16 in fp32)
+    return _sum_unscaled(per_shard, g_inv * x_inv, dtype).T
+
+
+def _sum_unscaled(parts: jax.Array, inverse_scale: jax.Array, dtype) -> jax.Array:
+    """The sum over the leading axis of fp32 `parts`, each unscaled and rounded to `dtype` first, summed in `dtype`
+    (jnp.sum would sum bf16 in fp32): where the parts are on different devices, what crosses is `dtype`."""
+    return jax.lax.reduce((parts * inverse_scale).astype(dtype), jnp.zeros((), dtype), jax.lax.add, (0,))
 
 
 fp8_matmul.defvjp(_fp8_matmul_fwd, _fp8_matmul_bwd)
@@ -580,6 +585,12 @@ def prefill_flops(cfg: ModelConfig, prompt_len: int) -> float:
     head = 2 * padded_vocab(cfg) * cfg.n_embd
     attended = sum(sum(min(t + 1, a) for t in range(prompt_len)) for a in attended_positions(cfg, prompt_len))
     return float((2 * matmul_params(cfg) - head) * prompt_len + head + 4 * cfg.n_head * head_dim(cfg) * attended)
+
+
+def decode_weight_bytes(cfg: ModelConfig) -> int:
+    """Bytes of the matrices one decode step reads, each once, in the smaller of the parameter and compute dtypes
+    (the Engine casts wider parameters once); the embedding tables give only the rows looked up, left out."""
+    return matmul_params(cfg) * min(jnp.dtype(cfg.param_dtype).itemsize, jnp.dtype(cfg.compute_dtype).itemsize)
 
 
 def kv_bytes(cfg: ModelConfig, positions: list[int] | int) -> int:

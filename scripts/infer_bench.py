@@ -38,8 +38,8 @@ import jax.numpy as jnp
 from nanochat_jax.common import UserError, add_checkpoint_flags, load_checkpoint, peak_flops_per_device, run_script
 from nanochat_jax.config import model_config_from_dict
 from nanochat_jax.engine import Engine
-from nanochat_jax.model import (attended_positions, decode_flops_per_token, kv_bytes, matmul_params, num_params,
-                                prefill_flops)
+from nanochat_jax.model import (attended_positions, decode_flops_per_token, decode_weight_bytes, kv_bytes,
+                                matmul_params, num_params, prefill_flops)
 from nanochat_jax.targets import chip_of
 
 PARAGRAPH = ("A river carries water from the hills to the sea. Along its banks people built farms, mills and "
@@ -128,8 +128,8 @@ def timed_stream(engine, prompt, batch: int, max_tokens: int, temperature: float
 
 def card(cfg, peaks: dict, prompt_len: int, decode_tokens: int) -> dict:
     """What the architecture implies for decoding, before any timing."""
-    itemsize = jnp.dtype(cfg.compute_dtype).itemsize
-    weights = matmul_params(cfg) * itemsize  # the Engine holds the parameters in the compute dtype
+    weights = decode_weight_bytes(cfg)
+    itemsize = weights // matmul_params(cfg)  # (bytes per parameter as the Engine holds them)
     context = prompt_len + decode_tokens // 2  # the middle of a generation
     kv_read = kv_bytes(cfg, attended_positions(cfg, context))
     bandwidth, memory = peaks["peak_bandwidth"], peaks["memory"]
